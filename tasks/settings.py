@@ -1,0 +1,68 @@
+"""Environment settings: AWS location, staging, polling and the Bedrock batch quotas."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class QuotaSettings(BaseSettings):
+    """Bedrock batch quotas; per model and adjustable in AWS, so every one is a setting."""
+
+    model_config = SettingsConfigDict(env_prefix="BEDROCK_BATCH_QUOTA_")
+
+    min_records_per_job: int = Field(
+        100, description="Fewest records Bedrock accepts in one job (1,000 on older accounts)."
+    )
+    max_records_per_job: int = Field(50_000, description="Most records Bedrock accepts in one job.")
+    max_file_bytes: int = Field(1_000_000_000, description="Largest input file Bedrock accepts.")
+    max_job_bytes: int = Field(5_000_000_000, description="Largest total input of one job.")
+    max_jobs_per_model: int = Field(
+        10, description="Jobs submitted or in progress per model and region before Bedrock refuses."
+    )
+
+
+class AwsSettings(BaseSettings):
+    """Where the flows talk to AWS; endpoints come from the standard AWS_ENDPOINT_URL_* vars."""
+
+    model_config = SettingsConfigDict(env_prefix="BEDROCK_BATCH_")
+
+    region: str | None = Field(
+        None, description="AWS region; falls back to AWS_DEFAULT_REGION / the AWS profile."
+    )
+    staging_uri: str | None = Field(
+        None,
+        description="s3:// prefix for job input and output when output_uri is a local folder.",
+    )
+    role_arn: str | None = Field(
+        None, description="Default Bedrock service role when a run does not name one."
+    )
+
+
+class PollSettings(BaseSettings):
+    """How often job status is asked for: ~60 s on AWS, ~1 s on the local stack."""
+
+    model_config = SettingsConfigDict(env_prefix="BEDROCK_BATCH_POLL_")
+
+    interval_seconds: float = Field(60.0, description="First wait between two status polls.")
+    max_interval_seconds: float = Field(300.0, description="Longest wait after backing off.")
+    backoff: float = Field(1.5, description="Factor the wait grows by while nothing changes.")
+    lease_seconds: int = Field(
+        3600, description="Length of a concurrency-slot lease; renewed while the job is polled."
+    )
+
+
+class Settings(BaseSettings):
+    """All settings of the project, one concern each."""
+
+    aws: AwsSettings = Field(default_factory=AwsSettings)
+    quotas: QuotaSettings = Field(default_factory=QuotaSettings)
+    poll: PollSettings = Field(default_factory=PollSettings)
+
+
+@lru_cache
+def get_settings() -> Settings:
+    """Settings read once from the environment; tests call `get_settings.cache_clear()`."""
+    return Settings()
