@@ -1,0 +1,51 @@
+"""Session-wide fixtures: one Prefect test server and one local AWS stack for the whole suite."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW", "ignore")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def prefect_server():
+    """One Prefect test server per session; flow heartbeats off so a small flow takes ~0.2 s."""
+    from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
+    from prefect.testing.utilities import prefect_test_harness
+
+    with (
+        temporary_settings({PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}),
+        prefect_test_harness(server_startup_timeout=60),
+    ):
+        yield
+
+
+@pytest.fixture(scope="session")
+def local_stack():
+    """moto (S3, CloudWatch) and the Bedrock emulator over HTTP; the process env points at them."""
+    from emulator import LocalStack
+    from tasks.aws_clients import reset_clients
+    from tasks.settings import get_settings
+
+    saved = dict(os.environ)
+    with LocalStack() as stack:
+        os.environ.update(stack.env)
+        get_settings.cache_clear()
+        reset_clients()
+        try:
+            yield stack
+        finally:
+            os.environ.clear()
+            os.environ.update(saved)
+            get_settings.cache_clear()
+            reset_clients()
+
+
+@pytest.fixture
+def stack(local_stack):
+    """The shared local stack, with faults and emulator config put back after the test."""
+    yield local_stack
+    local_stack.reset_faults()
