@@ -1,0 +1,181 @@
+"""Prefect events of the batch flow and of the monitor: names, resources and emit helpers."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prefect.events import emit_event
+
+# Lifecycle of a batch run (emitted by flows/batch_inference.py).
+JOB_SUBMITTED = "bedrock.batch.job.submitted"
+JOB_STATUS_CHANGED = "bedrock.batch.job.status-changed"
+JOB_MERGED = "bedrock.batch.job.merged"
+RUN_FINISHED = "bedrock.batch.run.finished"
+RUN_FAILED = "bedrock.batch.run.failed"
+
+# Emitted by the monitor (flows/monitor.py).
+METRICS = "bedrock.batch.metrics"
+ALERT_PREFIX = "bedrock.batch.alert."
+RESOLVED_SUFFIX = ".resolved"
+
+RUN_RESOURCE_PREFIX = "bedrock.batch.run."
+JOB_RESOURCE_PREFIX = "bedrock.batch.job."
+MODEL_RESOURCE_PREFIX = "bedrock.model."
+
+
+def alert_event_name(rule: str, resolved: bool = False) -> str:
+    """`bedrock.batch.alert.<rule>`, or `...<rule>.resolved` when the condition ended."""
+    return ALERT_PREFIX + rule + (RESOLVED_SUFFIX if resolved else "")
+
+
+def job_id_from_arn(job_arn: str) -> str:
+    """The job id: the last path segment of a model-invocation-job ARN (or the id itself)."""
+    return job_arn.rsplit("/", 1)[-1]
+
+
+def run_resource(run_name: str, model_id: str | None = None) -> dict[str, str]:
+    """The primary resource of every run event: `bedrock.batch.run.<run_name>`."""
+    resource = {
+        "prefect.resource.id": RUN_RESOURCE_PREFIX + run_name,
+        "prefect.resource.name": run_name,
+    }
+    if model_id:
+        resource["bedrock.model-id"] = model_id
+    return resource
+
+
+def model_resource(model_id: str) -> dict[str, str]:
+    """The primary resource of monitor events: `bedrock.model.<modelId>`."""
+    return {
+        "prefect.resource.id": MODEL_RESOURCE_PREFIX + model_id,
+        "prefect.resource.name": model_id,
+        "bedrock.model-id": model_id,
+    }
+
+
+def _model_related(model_id: str | None) -> list[dict[str, str]]:
+    if not model_id:
+        return []
+    return [
+        {
+            "prefect.resource.id": MODEL_RESOURCE_PREFIX + model_id,
+            "prefect.resource.role": "bedrock-model",
+            "prefect.resource.name": model_id,
+        }
+    ]
+
+
+def _job_related(job_arn: str, shard: str) -> list[dict[str, str]]:
+    job_id = job_id_from_arn(job_arn)
+    return [
+        {
+            "prefect.resource.id": JOB_RESOURCE_PREFIX + job_id,
+            "prefect.resource.role": "bedrock-batch-job",
+            "prefect.resource.name": shard or job_id,
+            "bedrock.job-arn": job_arn,
+        }
+    ]
+
+
+def _emit(
+    event: str,
+    resource: dict[str, str],
+    payload: dict[str, Any],
+    related: list[dict[str, str]],
+) -> None:
+    emit_event(event=event, resource=resource, related=related, payload=payload)
+
+
+def emit_job_submitted(
+    run_name: str, job_arn: str, shard: str, model_id: str, records: int
+) -> None:
+    """A shard became a Bedrock batch job."""
+    _emit(
+        JOB_SUBMITTED,
+        run_resource(run_name, model_id),
+        {"job_arn": job_arn, "shard": shard, "model_id": model_id, "records": records},
+        _job_related(job_arn, shard) + _model_related(model_id),
+    )
+
+
+def emit_job_status(
+    run_name: str,
+    job_arn: str,
+    shard: str,
+    model_id: str,
+    status: str,
+    previous: str | None,
+    counters: dict,
+) -> None:
+    """A job's status changed; `counters` holds the progress counters of GetModelInvocationJob."""
+    _emit(
+        JOB_STATUS_CHANGED,
+        run_resource(run_name, model_id),
+        {
+            "job_arn": job_arn,
+            "shard": shard,
+            "model_id": model_id,
+            "status": status,
+            "previous": previous,
+            "counters": dict(counters),
+        },
+        _job_related(job_arn, shard) + _model_related(model_id),
+    )
+
+
+def emit_job_merged(run_name: str, job_arn: str, shard: str, stats: dict, part_uri: str) -> None:
+    """A finished job's output was merged into a Parquet part."""
+    _emit(
+        JOB_MERGED,
+        run_resource(run_name),
+        {"job_arn": job_arn, "shard": shard, "stats": dict(stats), "part_uri": part_uri},
+        _job_related(job_arn, shard),
+    )
+
+
+def emit_run_finished(
+    run_name: str, model_id: str, counts: dict, tokens: dict, output_uri: str
+) -> None:
+    """Every job of the run reached a final status and its output is merged at `output_uri`."""
+    _emit(
+        RUN_FINISHED,
+        run_resource(run_name, model_id),
+        {
+            "run_name": run_name,
+            "model_id": model_id,
+            "counts": dict(counts),
+            "tokens": dict(tokens),
+            "output_uri": output_uri,
+        },
+        _model_related(model_id),
+    )
+
+
+def emit_run_failed(run_name: str, model_id: str, reason: str) -> None:
+    """The run stopped without a usable result."""
+    _emit(
+        RUN_FAILED,
+        run_resource(run_name, model_id),
+        {"run_name": run_name, "model_id": model_id, "reason": reason},
+        _model_related(model_id),
+    )
+
+
+def emit_metrics(model_id: str, latest: dict[str, float | None], window: dict[str, Any]) -> None:
+    """The monitor's reading of one model: the latest value of each metric and the window."""
+    _emit(METRICS, model_resource(model_id), {"model_id": model_id, **latest, **window}, [])
+
+
+def emit_alert(model_id: str, rule: str, resolved: bool, detail: dict[str, Any]) -> None:
+    """An alert rule started (`bedrock.batch.alert.<rule>`) or ended (`....resolved`)."""
+    _emit(
+        alert_event_name(rule, resolved),
+        model_resource(model_id),
+        {
+            "model_id": model_id,
+            "rule": rule,
+            "state": "resolved" if resolved else "firing",
+            **detail,
+        },
+        [],
+    )
