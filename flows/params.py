@@ -1,0 +1,83 @@
+"""The batch flow's parameters: one typed model, so the Prefect UI shows a proper form."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class InferenceOverrides(BaseModel):
+    """Inference parameters that override the prompt template's; unset ones keep its values."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_tokens: int | None = Field(None, ge=1, description="Most tokens to generate per record.")
+    temperature: float | None = Field(None, ge=0, le=1, description="Sampling temperature.")
+    top_p: float | None = Field(None, ge=0, le=1, description="Nucleus sampling mass.")
+    stop_sequences: list[str] | None = Field(None, description="Texts that end generation.")
+    dimensions: int | None = Field(None, description="Embedding size (Titan v2: 256/512/1024).")
+    normalize: bool | None = Field(None, description="Unit-norm embeddings (Titan v2).")
+    input_type: str | None = Field(None, description="Cohere Embed input_type.")
+
+    def as_dict(self) -> dict:
+        """Only the fields that were set."""
+        return self.model_dump(exclude_none=True)
+
+
+class BatchParams(BaseModel):
+    """One batch inference run."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    source: str = Field(
+        ...,
+        description=(
+            "hf://<dataset>?split=train&config=<name>, s3://bucket/key, a local path or a glob "
+            "of CSV / Parquet / JSONL files."
+        ),
+    )
+    model_id: str = Field(
+        ..., description="Bedrock model id, e.g. anthropic.claude-3-haiku-20240307-v1:0."
+    )
+    output_uri: str = Field(
+        ..., description="s3://bucket/prefix or a local folder; the run writes <run_name>/ in it."
+    )
+    prompt_id: str | None = Field(
+        None, description="A key of prompt_templates.prompt_id_to_template; none for embeddings."
+    )
+    text_column: str | None = Field(
+        None, description="Column to embed when there is no prompt (default: input_text)."
+    )
+    id_column: str | None = Field(
+        None, description="Your own unique id column, kept beside the record id."
+    )
+    run_name: str | None = Field(
+        None,
+        description=(
+            "Stable name of the run: re-running with it resumes or reports the finished run. "
+            "{date} becomes today's date. Default: derived from source, prompt and model."
+        ),
+    )
+    role_arn: str | None = Field(
+        None, description="Service role Bedrock assumes (default: BEDROCK_BATCH_ROLE_ARN)."
+    )
+    max_concurrent_jobs: int = Field(
+        10, ge=1, le=100, description="Jobs in flight at once for this model (the gate)."
+    )
+    max_records_per_job: int | None = Field(
+        None, ge=1, description="Cap per job; default spreads the rows over the gate."
+    )
+    invocation_type: Literal["InvokeModel", "Converse"] = Field(
+        "InvokeModel", description="InvokeModel bodies, or Converse requests for text models."
+    )
+    inference: InferenceOverrides = Field(default_factory=InferenceOverrides)
+    on_missing: Literal["fail", "skip"] = Field(
+        "fail",
+        description="Rows with empty prompt columns: stop the run, or skip them with an error.",
+    )
+    timeout_hours: int | None = Field(
+        None, ge=24, le=168, description="Bedrock job timeout (24-168 h; default 72 h)."
+    )
+    tags: dict[str, str] = Field(default_factory=dict, description="Tags put on every job.")
+    kms_key_id: str | None = Field(None, description="KMS key for the job outputs.")

@@ -1,0 +1,107 @@
+"""The durable state of a run, kept beside its data in ``<run_dir>/state.json``.
+
+Written atomically before and after every side effect (a slot taken, a job created, a status
+seen, a part merged), so a re-run with the same run name picks up where a crash left off, even
+with a fresh Prefect database.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from typing import Any
+
+from tasks import storage
+
+FINAL_STATUSES = frozenset({"Completed", "PartiallyCompleted", "Failed", "Stopped", "Expired"})
+STATE_FILE = "state.json"
+
+
+def now_iso() -> str:
+    """UTC now, ISO 8601."""
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+@dataclass
+class JobAttempt:
+    """One Bedrock job created (or about to be) for a shard."""
+
+    attempt: int
+    job_name: str
+    client_token: str
+    lease_id: str | None = None
+    job_arn: str | None = None
+    status: str | None = None
+    message: str | None = None
+    submitted_at: str | None = None
+    ended_at: str | None = None
+    counters: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def job_id(self) -> str | None:
+        """The id Bedrock puts in the output path: the last part of the ARN."""
+        return self.job_arn.rsplit("/", 1)[-1] if self.job_arn else None
+
+    @property
+    def is_final(self) -> bool:
+        return self.status in FINAL_STATUSES
+
+
+@dataclass
+class ShardState:
+    """What happened to one shard: its job attempts and its merged part."""
+
+    name: str
+    attempts: list[JobAttempt] = field(default_factory=list)
+    part_uri: str | None = None
+    merge_stats: dict[str, Any] | None = None
+
+    @property
+    def current(self) -> JobAttempt | None:
+        return self.attempts[-1] if self.attempts else None
+
+
+@dataclass
+class RunState:
+    """Every shard's state plus whether the run finished."""
+
+    run_name: str
+    shards: dict[str, ShardState] = field(default_factory=dict)
+    finished_at: str | None = None
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> RunState:
+        shards = {
+            name: ShardState(
+                name=name,
+                attempts=[JobAttempt(**a) for a in shard["attempts"]],
+                part_uri=shard.get("part_uri"),
+                merge_stats=shard.get("merge_stats"),
+            )
+            for name, shard in data.get("shards", {}).items()
+        }
+        return cls(data["run_name"], shards, data.get("finished_at"))
+
+
+class RunStateStore:
+    """Thread-safe holder of a run's state that writes it through on every change."""
+
+    def __init__(self, run_dir: str, run_name: str) -> None:
+        self.uri = storage.join(run_dir, STATE_FILE)
+        self._lock = threading.Lock()
+        if storage.exists(self.uri):
+            self.state = RunState.from_dict(json.loads(storage.read_bytes(self.uri)))
+        else:
+            self.state = RunState(run_name)
+
+    def shard(self, name: str) -> ShardState:
+        with self._lock:
+            return self.state.shards.setdefault(name, ShardState(name))
+
+    def save(self) -> None:
+        """Write the whole state atomically; call after every change."""
+        with self._lock:
+            data = json.dumps(asdict(self.state), indent=1, sort_keys=True).encode()
+            storage.write_bytes(self.uri, data)

@@ -1,0 +1,113 @@
+"""The end of a run: the exactly-once check over all parts, and the summary artifacts."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import polars as pl
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+
+from tasks import storage
+from tasks.aws_clients import polars_storage_options
+from tasks.columns import ERROR_CODE, INPUT_TOKENS, OUTPUT_TOKENS, RECORD_ID
+from tasks.errors import IncompleteOutputError
+
+if TYPE_CHECKING:
+    from tasks.jobs import RunContext, ShardResult
+    from tasks.plan import RunPlan
+
+SHOWN_IDS = 20
+
+
+def _scan(uris: list[str]) -> pl.LazyFrame:
+    options = polars_storage_options() if uris and storage.is_s3(uris[0]) else None
+    return pl.scan_parquet(uris, storage_options=options, missing_columns="insert")
+
+
+def check_output(run_dir: str, plan: RunPlan) -> dict[str, Any]:
+    """Every input record id exactly once in the output, or IncompleteOutputError naming ids."""
+    inputs = storage.list_files(storage.join(run_dir, "rows"), ".parquet")
+    parts = storage.list_files(storage.join(run_dir, "output"), ".parquet")
+    expected = _scan(inputs).select(RECORD_ID)
+    if not parts:
+        msg = f"No output parts under {storage.join(run_dir, 'output')}; nothing was merged."
+        raise IncompleteOutputError(msg)
+    out = _scan(parts)
+    names = out.collect_schema().names()
+    got = out.select(
+        RECORD_ID,
+        pl.col(ERROR_CODE) if ERROR_CODE in names else pl.lit(None, pl.String).alias(ERROR_CODE),
+        *(pl.col(c) for c in (INPUT_TOKENS, OUTPUT_TOKENS) if c in names),
+    ).collect()
+    dup = got.group_by(RECORD_ID).len().filter(pl.col("len") > 1).get_column(RECORD_ID)
+    expected_ids = expected.collect()
+    missing = expected_ids.join(got, on=RECORD_ID, how="anti").get_column(RECORD_ID)
+    extra = got.join(expected_ids, on=RECORD_ID, how="anti").get_column(RECORD_ID)
+    if len(dup) or len(missing) or len(extra):
+        msg = (
+            f"The output of {run_dir} does not hold every input record exactly once: "
+            f"{len(missing)} missing {missing.head(SHOWN_IDS).to_list()}, "
+            f"{len(dup)} duplicated {dup.head(SHOWN_IDS).to_list()}, "
+            f"{len(extra)} unexpected {extra.head(SHOWN_IDS).to_list()}."
+        )
+        raise IncompleteOutputError(msg)
+    failed = got.get_column(ERROR_CODE).is_not_null().sum()
+    return {
+        "records": got.height,
+        "succeeded": got.height - failed,
+        "failed": int(failed),
+        "input_tokens": int(got[INPUT_TOKENS].sum() or 0) if INPUT_TOKENS in got.columns else 0,
+        "output_tokens": int(got[OUTPUT_TOKENS].sum() or 0) if OUTPUT_TOKENS in got.columns else 0,
+        "parts": parts,
+    }
+
+
+def summary_artifacts(
+    ctx: RunContext, plan: RunPlan, results: list[ShardResult], check: dict[str, Any]
+) -> dict[str, Any]:
+    """A table of jobs and a markdown note of where the output is; returns the summary."""
+    rows = [
+        {
+            "shard": r.shard,
+            "job": (r.job_arn or "").rsplit("/", 1)[-1],
+            "status": r.status,
+            "records": r.records,
+            "ok": r.stats.get("succeeded", 0),
+            "failed": r.stats.get("failed", 0),
+            "input_tokens": r.stats.get("input_tokens", 0),
+            "output_tokens": r.stats.get("output_tokens", 0),
+            "attempts": r.attempts,
+            "submitted": r.submitted_at,
+            "ended": r.ended_at,
+        }
+        for r in results
+    ]
+    create_table_artifact(rows, key=_key(ctx.run_name, "jobs"), description="Bedrock jobs")
+    output_dir = storage.join(ctx.run_dir, "output")
+    markdown = "\n".join(
+        [
+            f"# Run `{ctx.run_name}`",
+            "",
+            f"- Output: `{output_dir}/` ({len(check['parts'])} Parquet files)",
+            f"- Model: `{ctx.model_id}` ({ctx.invocation_type})",
+            f"- Records: {check['records']} — ok {check['succeeded']}, failed {check['failed']}"
+            f" (skipped before submit: {plan.skipped_records})",
+            f"- Tokens: {check['input_tokens']} in, {check['output_tokens']} out",
+            "- Every input record is in the output exactly once (checked).",
+        ]
+    )
+    create_markdown_artifact(markdown, key=_key(ctx.run_name, "output"), description="Output")
+    return {
+        "run_name": ctx.run_name,
+        "output_uri": output_dir,
+        "parts": check["parts"],
+        "counts": {k: check[k] for k in ("records", "succeeded", "failed")},
+        "tokens": {"input": check["input_tokens"], "output": check["output_tokens"]},
+        "jobs": rows,
+    }
+
+
+def _key(run_name: str, what: str) -> str:
+    """Artifact keys allow lowercase letters, digits and dashes only."""
+    safe = "".join(c if c.isalnum() else "-" for c in run_name.lower())
+    return f"bedrock-batch-{safe}-{what}"[:100].strip("-")
