@@ -1,0 +1,47 @@
+.DEFAULT_GOAL := help
+SHELL := /bin/bash
+
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+MODEL ?= anthropic.claude-3-haiku-20240307-v1:0
+OUT ?= out
+
+export PREFECT_SERVER_ANALYTICS_ENABLED := false
+
+help: ## list the targets
+	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  %-12s %s\n", $$1, $$2}'
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP) ## create .venv and install the project with its dev extras
+
+run: $(STAMP) ## run the batch flow on the bundled sample data, on the local stack
+	$(BIN)/bedrock-batch run --local-stack \
+		--source data/topics.csv --prompt-id joke_about_topic --model-id $(MODEL) \
+		--output-uri $(OUT) --run-name sample-jokes --max-concurrent-jobs 2
+
+test: $(STAMP) ## run the test suite (local stack and Prefect test server included)
+	$(BIN)/pytest -q
+
+lint: $(STAMP) ## ruff check and format check
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+local: $(STAMP) ## start the local stack and print the export lines
+	$(BIN)/python -m emulator
+
+bench: $(STAMP) ## speed and memory benchmarks (prints figures, appends CSV)
+	$(BIN)/python benchmarks/bench_preprocess.py
+	$(BIN)/python benchmarks/bench_merge.py
+	$(BIN)/python benchmarks/bench_emulator.py
+
+clean: ## remove outputs (keeps .venv)
+	rm -rf $(OUT) .pytest_cache
+
+.PHONY: help install run test lint local bench clean

@@ -1,0 +1,193 @@
+"""The `bedrock-batch` command: run the flow, dry-run preprocess, merge offline, local stack."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from contextlib import ExitStack
+from pathlib import Path
+
+DEFAULT_MODEL = "anthropic.claude-3-haiku-20240307-v1:0"
+
+
+def _add_data_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--source", required=True, help="hf://id?split=..., s3:// URI, path, glob")
+    parser.add_argument("--prompt-id", help="template from prompt_templates.py (none: embeddings)")
+    parser.add_argument("--model-id", default=DEFAULT_MODEL, help="Bedrock model id")
+    parser.add_argument("--text-column", help="column to embed when there is no prompt")
+    parser.add_argument("--id-column", help="your own unique id column")
+    parser.add_argument("--invocation-type", choices=["InvokeModel", "Converse"])
+    parser.add_argument("--max-concurrent-jobs", type=int, help="jobs in flight (the gate)")
+    parser.add_argument("--max-records-per-job", type=int)
+    parser.add_argument("--on-missing", choices=["fail", "skip"])
+    parser.add_argument("--max-tokens", type=int)
+    parser.add_argument("--temperature", type=float)
+    parser.add_argument("--top-p", type=float)
+    parser.add_argument("--dimensions", type=int, help="embedding size (Titan v2)")
+
+
+def _params(args: argparse.Namespace):
+    from flows.params import BatchParams, InferenceOverrides
+
+    inference = InferenceOverrides(
+        max_tokens=args.max_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        dimensions=args.dimensions,
+    )
+    fields = {
+        "source": args.source,
+        "prompt_id": args.prompt_id,
+        "model_id": args.model_id,
+        "output_uri": getattr(args, "output_uri", None) or "out",
+        "text_column": args.text_column,
+        "id_column": args.id_column,
+        "invocation_type": args.invocation_type,
+        "max_concurrent_jobs": args.max_concurrent_jobs,
+        "max_records_per_job": args.max_records_per_job,
+        "on_missing": args.on_missing,
+        "run_name": getattr(args, "run_name", None),
+        "role_arn": getattr(args, "role_arn", None),
+        "timeout_hours": getattr(args, "timeout_hours", None),
+        "kms_key_id": getattr(args, "kms_key_id", None),
+        "tags": dict(tag.split("=", 1) for tag in getattr(args, "tag", None) or []),
+        "inference": inference,
+    }
+    return BatchParams(**{k: v for k, v in fields.items() if v is not None})
+
+
+def _show_output(summary: dict) -> None:
+    import polars as pl
+
+    print(f"\nOutput: {summary['output_uri']}/  ({len(summary['parts'])} Parquet files)")
+    counts, tokens = summary["counts"], summary["tokens"]
+    print(
+        f"Records: {counts['records']}  ok: {counts['succeeded']}  failed: {counts['failed']}  "
+        f"tokens in/out: {tokens['input']}/{tokens['output']}"
+    )
+    if summary["parts"] and not summary["parts"][0].startswith("s3://"):
+        frame = pl.read_parquet(summary["parts"][0]).head(5)
+        with pl.Config(fmt_str_lengths=60, tbl_cols=8, tbl_width_chars=160):
+            print(frame)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    """Run the batch flow now, optionally on an in-process local stack."""
+    with ExitStack() as stack:
+        if args.local_stack:
+            from emulator import EmulatorConfig, LocalStack
+
+            local = stack.enter_context(LocalStack(EmulatorConfig.demo()))
+            os.environ.update(local.env)
+            print(f"Local stack: Bedrock emulator {local.bedrock_url}, S3 {local.moto_url}")
+        from flows.batch_inference import batch_inference
+
+        summary = batch_inference(_params(args))
+        _show_output(summary)
+    return 0
+
+
+def cmd_preprocess(args: argparse.Namespace) -> int:
+    """Dry run: write the shards under --out and print the plan; no AWS call."""
+    from rich.console import Console
+
+    from tasks.plan import format_plan
+    from tasks.preprocess import preprocess
+
+    params = _params(args)
+    with Console(stderr=True).status("Rendering, validating and sharding…"):
+        plan = preprocess.fn(
+            params.source,
+            model_id=params.model_id,
+            out_dir=Path(args.out),
+            prompt_id=params.prompt_id,
+            text_column=params.text_column,
+            id_column=params.id_column,
+            invocation_type=params.invocation_type,
+            inference_overrides=params.inference.as_dict(),
+            on_missing=params.on_missing,
+            max_records_per_job=params.max_records_per_job,
+            max_concurrent_jobs=params.max_concurrent_jobs,
+        )
+    print(format_plan(plan))
+    print(f"Shards written under {args.out}/input/")
+    return 0
+
+
+def cmd_merge(args: argparse.Namespace) -> int:
+    """Offline merge of Bedrock outputs downloaded under --outputs into the run folder."""
+    from rich.console import Console
+
+    from tasks.merge import merge_offline
+
+    with Console(stderr=True).status("Merging outputs…"):
+        parts = merge_offline(Path(args.run_dir), Path(args.outputs))
+    print(f"Wrote {len(parts)} Parquet parts under {Path(args.run_dir) / 'output'}")
+    return 0
+
+
+def cmd_local(args: argparse.Namespace) -> int:
+    """Start the local stack, like `python -m emulator`."""
+    from emulator.__main__ import main as emulator_main
+
+    return emulator_main(args.emulator_args) or 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="bedrock-batch", description="Amazon Bedrock batch inference with Prefect."
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="run the batch flow now")
+    _add_data_args(run)
+    run.add_argument("--output-uri", required=True, help="s3://bucket/prefix or a local folder")
+    run.add_argument("--run-name", help="stable name; re-running it resumes")
+    run.add_argument("--role-arn")
+    run.add_argument("--timeout-hours", type=int)
+    run.add_argument("--kms-key-id")
+    run.add_argument("--tag", action="append", help="key=value, repeatable")
+    run.add_argument(
+        "--local-stack", action="store_true", help="start the local stack for this run"
+    )
+    run.set_defaults(func=cmd_run)
+
+    pre = sub.add_parser("preprocess", help="dry run: write shards and print the plan")
+    _add_data_args(pre)
+    pre.add_argument("--out", required=True, help="local folder for the shards")
+    pre.set_defaults(func=cmd_preprocess)
+
+    merge = sub.add_parser("merge", help="merge downloaded Bedrock outputs offline")
+    merge.add_argument("--run-dir", required=True, help="folder `preprocess` wrote")
+    merge.add_argument("--outputs", required=True, help="folder with <jobId>/<file>.out files")
+    merge.set_defaults(func=cmd_merge)
+
+    local = sub.add_parser("local", help="start the local stack (moto + Bedrock emulator)")
+    local.add_argument("emulator_args", nargs=argparse.REMAINDER)
+    local.set_defaults(func=cmd_local)
+
+    try:
+        from flows.monitor_cli import add_subcommands
+    except ImportError:  # the monitor commands are optional extras of the CLI
+        pass
+    else:
+        add_subcommands(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except Exception as exc:
+        from tasks.errors import BedrockBatchError
+
+        if isinstance(exc, BedrockBatchError):
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())
