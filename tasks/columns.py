@@ -1,0 +1,36 @@
+"""Column names shared by preprocess, merge and the output Parquet files."""
+
+from __future__ import annotations
+
+# Identity of a record; Bedrock's recordId is an 11-character alphanumeric string.
+RECORD_ID = "record_id"
+
+# Results of a text model.
+RESPONSE_TEXT = "response_text"
+STOP_REASON = "stop_reason"
+INPUT_TOKENS = "input_tokens"
+OUTPUT_TOKENS = "output_tokens"
+
+# Result of an embedding model: list[float32].
+EMBEDDING = "embedding"
+
+# Failure of a record (its own error, its job's error, or a skip by on_missing="skip").
+ERROR_CODE = "error_code"
+ERROR_MESSAGE = "error_message"
+
+# Provenance: which job served the row, how ("batch", "on_demand", "skipped"), after how many tries.
+JOB_ID = "job_id"
+SERVED_BY = "served_by"
+ATTEMPTS = "attempts"
+
+SERVED_BATCH = "batch"
+SERVED_ON_DEMAND = "on_demand"
+SERVED_SKIPPED = "skipped"
+
+# Error codes the project writes itself (Bedrock's own record errors keep their numeric code).
+MISSING_OUTPUT = "MissingOutput"
+MISSING_INPUT = "MissingInput"
+
+TEXT_RESULT_COLUMNS = (RESPONSE_TEXT, STOP_REASON, INPUT_TOKENS, OUTPUT_TOKENS)
+EMBEDDING_RESULT_COLUMNS = (EMBEDDING, INPUT_TOKENS)
+STATUS_COLUMNS = (ERROR_CODE, ERROR_MESSAGE, JOB_ID, SERVED_BY, ATTEMPTS)

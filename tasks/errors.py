@@ -1,0 +1,79 @@
+"""Exceptions raised by the project."""
+
+from __future__ import annotations
+
+
+class BedrockBatchError(Exception):
+    """Base of every error the project raises on purpose."""
+
+
+class TemplateError(BedrockBatchError, ValueError):
+    """A prompt template is malformed or unknown."""
+
+
+class UnknownModelError(BedrockBatchError, ValueError):
+    """A model id matches no registered model family."""
+
+
+class InvalidOptionsError(BedrockBatchError, ValueError):
+    """Inference parameters do not fit the model family's options."""
+
+
+class SourceError(BedrockBatchError, ValueError):
+    """A source URI is malformed, matches no file, or cannot be read."""
+
+
+class SourceEncodingError(SourceError):
+    """A CSV source is not UTF-8."""
+
+
+class OutputUriError(BedrockBatchError, ValueError):
+    """An output URI is malformed."""
+
+
+class InputValidationError(BedrockBatchError, ValueError):
+    """The input rows cannot be sent to Bedrock as they are."""
+
+
+class MissingColumnsError(InputValidationError):
+    """Columns the template or settings refer to are not in the source."""
+
+
+class MissingValuesError(InputValidationError):
+    """Rows have nulls or empty strings in the columns the prompt needs."""
+
+
+class EmptyDatasetError(InputValidationError):
+    """The source has no rows to send."""
+
+
+class TooFewRecordsError(InputValidationError):
+    """Fewer records than one batch job accepts."""
+
+
+class RecordTooLargeError(InputValidationError):
+    """A record is over the model's input limit or the input file limit."""
+
+
+class DuplicateIdError(InputValidationError):
+    """The user id column holds the same id more than once."""
+
+
+class ShardingError(InputValidationError):
+    """The records cannot be cut into jobs within the quotas."""
+
+
+class PlanError(BedrockBatchError):
+    """A run folder has no readable plan, or its outputs do not match it."""
+
+
+class RunSettingsError(BedrockBatchError, ValueError):
+    """A run parameter or setting is missing or invalid (named in the message)."""
+
+
+class JobLostError(BedrockBatchError):
+    """Bedrock no longer answers for a job the run created."""
+
+
+class IncompleteOutputError(BedrockBatchError):
+    """The output does not hold every input record exactly once."""
