@@ -1,0 +1,278 @@
+"""Merge Bedrock batch outputs onto a shard's input rows: one Parquet row per input row."""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import polars as pl
+from prefect import task
+
+from tasks import columns as C
+from tasks.errors import PlanError
+from tasks.model_formats import ModelFamily, family_for
+from tasks.plan import OUTPUT_DIR, SKIPPED_FILE, RunPlan, part_name
+
+logger = logging.getLogger(__name__)
+
+ERROR_DTYPE = pl.Struct({"errorCode": pl.String, "errorMessage": pl.String})
+_OK = "__ok"
+_MATCHED = "__matched"
+
+
+@dataclass(frozen=True)
+class MergeStats:
+    """Counts of one merged shard."""
+
+    records: int
+    succeeded: int
+    failed: int
+    input_tokens: int
+    output_tokens: int
+
+
+def result_schema(family: ModelFamily) -> dict[str, pl.DataType]:
+    """The columns merge adds after the input columns and record_id, with their dtypes."""
+    return {
+        **family.result_schema,
+        C.ERROR_CODE: pl.String(),
+        C.ERROR_MESSAGE: pl.String(),
+        C.JOB_ID: pl.String(),
+        C.SERVED_BY: pl.String(),
+        C.ATTEMPTS: pl.Int32(),
+    }
+
+
+def _scan_outputs(outputs: list[Path | bytes], family: ModelFamily) -> pl.LazyFrame:
+    # Only the fields we need are decoded; the echoed modelInput is skipped by the schema.
+    schema = {"recordId": pl.String, "modelOutput": family.output_dtype, "error": ERROR_DTYPE}
+    scans = [
+        pl.scan_ndjson(
+            io.BytesIO(out) if isinstance(out, bytes | bytearray) else out, schema=schema
+        )
+        for out in outputs
+        if not isinstance(out, bytes | bytearray) or out.strip()
+    ]
+    if not scans:
+        return pl.LazyFrame(schema=schema)
+    return pl.concat(scans, how="vertical")
+
+
+def parse_outputs(outputs: list[Path | bytes], family: ModelFamily) -> pl.LazyFrame:
+    """One row per record id: the parsed result or the record's error (success wins duplicates)."""
+    output = pl.col("modelOutput")
+    error = pl.col("error")
+    ok = output.is_not_null() & error.is_null()
+    return (
+        _scan_outputs(outputs, family)
+        .filter(pl.col("recordId").is_not_null())
+        .select(
+            pl.col("recordId").alias(C.RECORD_ID),
+            *family.parse_exprs(output),
+            pl.when(ok)
+            .then(None)
+            .otherwise(pl.coalesce(error.struct.field("errorCode"), pl.lit("InvalidOutput")))
+            .alias(C.ERROR_CODE),
+            pl.when(ok)
+            .then(None)
+            .otherwise(
+                pl.coalesce(
+                    error.struct.field("errorMessage"),
+                    pl.lit("The output line has neither modelOutput nor error."),
+                )
+            )
+            .alias(C.ERROR_MESSAGE),
+            ok.alias(_OK),
+        )
+        .sort(_OK, descending=True, maintain_order=True)
+        .unique(C.RECORD_ID, keep="first", maintain_order=True)
+        .drop(_OK)
+        .with_columns(pl.lit(True).alias(_MATCHED))
+    )
+
+
+def merged_frame(
+    rows: pl.LazyFrame,
+    outputs: list[Path | bytes],
+    family: ModelFamily,
+    job_id: str | None = None,
+    job_error: tuple[str, str] | None = None,
+) -> pl.LazyFrame:
+    """The shard's input rows left-joined with their outputs, with status columns filled in."""
+    if job_error is not None:
+        code, message = job_error
+    else:
+        code = C.MISSING_OUTPUT
+        message = "No output line for this record in the job's output" + (
+            f" (job {job_id})." if job_id else "."
+        )
+    input_columns = rows.collect_schema().names()
+    matched = pl.col(_MATCHED).fill_null(False)
+    schema = result_schema(family)
+    return (
+        rows.join(parse_outputs(outputs, family), on=C.RECORD_ID, how="left", maintain_order="left")
+        .with_columns(
+            pl.when(matched).then(pl.col(C.ERROR_CODE)).otherwise(pl.lit(code)).alias(C.ERROR_CODE),
+            pl.when(matched)
+            .then(pl.col(C.ERROR_MESSAGE))
+            .otherwise(pl.lit(message))
+            .alias(C.ERROR_MESSAGE),
+            pl.lit(job_id, dtype=pl.String).alias(C.JOB_ID),
+            pl.lit(C.SERVED_BATCH).alias(C.SERVED_BY),
+            pl.lit(1, dtype=pl.Int32).alias(C.ATTEMPTS),
+        )
+        .select(
+            *[c for c in input_columns],
+            *[pl.col(name).cast(dtype) for name, dtype in schema.items()],
+        )
+    )
+
+
+def _write_atomic(frame: pl.DataFrame, dest: Path) -> None:
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_name(dest.name + ".tmp")
+    frame.write_parquet(tmp, compression="zstd", compression_level=1, statistics=False)
+    os.replace(tmp, dest)
+
+
+def _stats(frame: pl.DataFrame) -> MergeStats:
+    has_output = C.OUTPUT_TOKENS in frame.columns
+    row = frame.select(
+        pl.len().alias("records"),
+        pl.col(C.ERROR_CODE).is_null().sum().alias("succeeded"),
+        pl.col(C.INPUT_TOKENS).sum().alias("input_tokens"),
+        (pl.col(C.OUTPUT_TOKENS).sum() if has_output else pl.lit(0)).alias("output_tokens"),
+    ).row(0, named=True)
+    return MergeStats(
+        records=row["records"],
+        succeeded=row["succeeded"],
+        failed=row["records"] - row["succeeded"],
+        input_tokens=int(row["input_tokens"] or 0),
+        output_tokens=int(row["output_tokens"] or 0),
+    )
+
+
+def merge_shard(
+    rows_file: Path,
+    outputs: list[Path | bytes],
+    model_id: str,
+    invocation_type: str,
+    dest: Path,
+    job_id: str | None = None,
+    job_error: tuple[str, str] | None = None,
+) -> MergeStats:
+    """Write `dest` Parquet: every row of `rows_file` once, with its output or its error.
+
+    Args:
+        rows_file: the shard's rows Parquet written by preprocess.
+        outputs: the job's `.out` JSONL files (paths or their bytes); may be empty.
+        model_id: the model the job ran, to pick the output parser.
+        invocation_type: "InvokeModel" or "Converse".
+        dest: Parquet file to write (atomically: a temp file, then a rename).
+        job_id: the Bedrock job id, written to the job_id column.
+        job_error: (code, message) for rows without output, e.g. a Failed or Expired job.
+
+    Returns:
+        Counts of records, successes, failures and tokens.
+    """
+    family = family_for(model_id, invocation_type)
+    frame = merged_frame(
+        pl.scan_parquet(rows_file), outputs, family, job_id=job_id, job_error=job_error
+    ).collect()
+    _write_atomic(frame, dest)
+    return _stats(frame)
+
+
+def merge_skipped(rows_file: Path, model_id: str, invocation_type: str, dest: Path) -> MergeStats:
+    """Write the rows preprocess skipped (on_missing="skip") with the output's columns."""
+    family = family_for(model_id, invocation_type)
+    rows = pl.scan_parquet(rows_file)
+    names = rows.collect_schema().names()
+    schema = result_schema(family)
+    frame = (
+        rows.with_columns(
+            pl.lit(C.SERVED_SKIPPED).alias(C.SERVED_BY), pl.lit(0, dtype=pl.Int32).alias(C.ATTEMPTS)
+        )
+        .select(
+            *[c for c in names if c not in schema],
+            *[
+                (pl.col(n) if n in names or n in (C.SERVED_BY, C.ATTEMPTS) else pl.lit(None))
+                .cast(dtype)
+                .alias(n)
+                for n, dtype in schema.items()
+            ],
+        )
+        .collect()
+    )
+    _write_atomic(frame, dest)
+    return _stats(frame)
+
+
+def merge_offline(run_dir: Path, outputs_dir: Path) -> list[Path]:
+    """Merge the `*.jsonl.out` files under `outputs_dir` onto the shards of `run_dir`.
+
+    Outputs are found at any depth (Bedrock writes `<jobId>/<input file>.out`) and matched to
+    shards by input file name; the job id is the folder they sit in. A shard without output
+    gets MissingOutput errors, so every input row is in `run_dir/output/`.
+
+    Returns:
+        The Parquet files written: `output/part-NNNNN.parquet` per shard, plus
+        `output/skipped.parquet` when preprocess skipped rows.
+    """
+    run_dir, outputs_dir = Path(run_dir), Path(outputs_dir)
+    plan = RunPlan.load(run_dir)
+    if not outputs_dir.is_dir():
+        msg = f"Outputs folder {outputs_dir} does not exist; point --outputs at the job outputs."
+        raise PlanError(msg)
+    by_name = {Path(s.input_file).name + ".out": s for s in plan.shards}
+    found: dict[int, list[Path]] = {}
+    job_ids: dict[int, str] = {}
+    for path in sorted(outputs_dir.rglob("*.jsonl.out")):
+        shard = by_name.get(path.name)
+        if shard is None:
+            logger.warning("%s matches no shard of %s; skipped", path, run_dir)
+            continue
+        found.setdefault(shard.index, []).append(path)
+        if path.parent != outputs_dir:
+            job_ids[shard.index] = path.parent.name
+    if not found:
+        msg = (
+            f"No output under {outputs_dir} matches the shards of {run_dir} (expected files "
+            f"named like {next(iter(by_name), 'shard-00000.jsonl.out')})."
+        )
+        raise PlanError(msg)
+    written = []
+    for shard in plan.shards:
+        dest = run_dir / OUTPUT_DIR / part_name(shard.index)
+        merge_shard(
+            run_dir / shard.rows_file,
+            found.get(shard.index, []),
+            plan.model_id,
+            plan.invocation_type,
+            dest,
+            job_id=job_ids.get(shard.index),
+        )
+        written.append(dest)
+    if plan.skipped_file:
+        dest = run_dir / OUTPUT_DIR / SKIPPED_FILE
+        merge_skipped(run_dir / plan.skipped_file, plan.model_id, plan.invocation_type, dest)
+        written.append(dest)
+    return written
+
+
+@task(name="merge-shard")
+def merge_shard_task(
+    rows_file: Path,
+    outputs: list[Path | bytes],
+    model_id: str,
+    invocation_type: str,
+    dest: Path,
+    job_id: str | None = None,
+    job_error: tuple[str, str] | None = None,
+) -> MergeStats:
+    """Merge one finished job's output onto its shard's rows (see `merge_shard`)."""
+    return merge_shard(rows_file, outputs, model_id, invocation_type, dest, job_id, job_error)

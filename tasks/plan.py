@@ -1,0 +1,147 @@
+"""The run plan preprocess writes: what each shard (one future Bedrock job) holds, as plan.json."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from tasks.errors import PlanError
+
+PLAN_FILE = "plan.json"
+INPUT_DIR = "input"
+ROWS_DIR = "rows"
+OUTPUT_DIR = "output"
+SKIPPED_FILE = "skipped.parquet"
+
+
+def shard_name(index: int) -> str:
+    """Stem of a shard's files; Bedrock names its output `<jobId>/<stem>.jsonl.out`."""
+    return f"shard-{index:05d}"
+
+
+def part_name(index: int) -> str:
+    """File name of a shard's merged output."""
+    return f"part-{index:05d}.parquet"
+
+
+@dataclass(frozen=True)
+class ShardPlan:
+    """One shard: its JSONL for Bedrock and the input rows kept for the merge (relative paths)."""
+
+    index: int
+    name: str
+    records: int
+    bytes: int
+    est_input_tokens: int
+    input_file: str
+    rows_file: str
+
+
+@dataclass
+class RunPlan:
+    """Everything later steps need to submit, merge and resume a run."""
+
+    model_id: str
+    family: str
+    invocation_type: str
+    prompt_id: str | None
+    text_column: str | None
+    id_column: str | None
+    source: str
+    total_records: int
+    skipped_records: int
+    columns: list[str]
+    shards: list[ShardPlan] = field(default_factory=list)
+    skipped_file: str | None = None
+    quotas: dict[str, int] = field(default_factory=dict)
+    options: dict[str, object] = field(default_factory=dict)
+    version: int = 1
+
+    @property
+    def batch_records(self) -> int:
+        """Records sent to Bedrock (total minus skipped)."""
+        return sum(s.records for s in self.shards)
+
+    @property
+    def total_bytes(self) -> int:
+        """Bytes of every JSONL shard."""
+        return sum(s.bytes for s in self.shards)
+
+    @property
+    def est_input_tokens(self) -> int:
+        """Rough input tokens of every shard (characters / 4)."""
+        return sum(s.est_input_tokens for s in self.shards)
+
+    def to_json(self) -> str:
+        """The plan as JSON (with totals, for people and other tools)."""
+        data = asdict(self)
+        data["totals"] = {
+            "jobs": len(self.shards),
+            "batch_records": self.batch_records,
+            "bytes": self.total_bytes,
+            "est_input_tokens": self.est_input_tokens,
+        }
+        return json.dumps(data, indent=2)
+
+    @classmethod
+    def from_json(cls, text: str) -> RunPlan:
+        """A plan from `to_json` output."""
+        data = json.loads(text)
+        data.pop("totals", None)
+        data["shards"] = [ShardPlan(**s) for s in data.get("shards", [])]
+        return cls(**data)
+
+    def save(self, out_dir: Path) -> Path:
+        """Write plan.json atomically under `out_dir`."""
+        path = Path(out_dir) / PLAN_FILE
+        tmp = path.with_suffix(".json.tmp")
+        tmp.write_text(self.to_json())
+        os.replace(tmp, path)
+        return path
+
+    @classmethod
+    def load(cls, out_dir: Path) -> RunPlan:
+        """The plan preprocess wrote under `out_dir`."""
+        path = Path(out_dir) / PLAN_FILE
+        try:
+            return cls.from_json(path.read_text())
+        except FileNotFoundError:
+            msg = f"No {PLAN_FILE} in {out_dir}; run preprocess with this folder as out_dir first."
+            raise PlanError(msg) from None
+        except (json.JSONDecodeError, TypeError, KeyError) as exc:
+            msg = f"{path} is not a readable plan ({exc}); run preprocess again into a new folder."
+            raise PlanError(msg) from None
+
+
+def _human_bytes(n: int) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
+            return f"{n:,.0f} {unit}" if unit == "B" else f"{n:,.1f} {unit}"
+        n /= 1000
+    return f"{n} B"
+
+
+def format_plan(plan: RunPlan) -> str:
+    """A table of the plan for the CLI dry run: one line per job, then the totals."""
+    header = f"{'job':>5}  {'shard':<12} {'records':>10} {'bytes':>12} {'est. tokens':>14}"
+    lines = [
+        f"model {plan.model_id} ({plan.family}, {plan.invocation_type}), "
+        f"prompt {plan.prompt_id or plan.text_column}",
+        f"source {plan.source}: {plan.total_records:,} records, {plan.skipped_records:,} skipped",
+        "",
+        header,
+        "-" * len(header),
+    ]
+    for s in plan.shards:
+        lines.append(
+            f"{s.index:>5}  {s.name:<12} {s.records:>10,} {_human_bytes(s.bytes):>12} "
+            f"{s.est_input_tokens:>14,}"
+        )
+    lines.append("-" * len(header))
+    lines.append(
+        f"{len(plan.shards):>5}  {'total':<12} {plan.batch_records:>10,} "
+        f"{_human_bytes(plan.total_bytes):>12} {plan.est_input_tokens:>14,}"
+    )
+    return "\n".join(lines)

@@ -1,0 +1,187 @@
+"""Load a source (Hugging Face dataset, or CSV / Parquet / JSONL on disk or S3) as a LazyFrame.
+
+Source syntax:
+
+- ``hf://<dataset_id>[?split=<split>&config=<config>]``, e.g.
+  ``hf://KaiserWhoLearns/SimpleCoT?split=train``; split defaults to ``train``. Loaded with
+  ``datasets.load_dataset`` and handed to Polars through Arrow.
+- ``s3://bucket/key.parquet``, ``s3://bucket/prefix/*.jsonl``: read with Polars' object store,
+  reaching the same S3 (and endpoint) as boto3.
+- A local file, a glob (``data/part-*.csv``) or a folder (every supported file directly in it).
+
+Formats follow the extension: ``.csv``, ``.parquet`` / ``.pq``, ``.jsonl`` / ``.ndjson``.
+"""
+
+from __future__ import annotations
+
+import codecs
+import glob as globlib
+import os
+from pathlib import Path
+from urllib.parse import parse_qs, urlsplit
+
+import polars as pl
+
+from tasks.errors import SourceEncodingError, SourceError
+
+FORMATS = {
+    ".csv": "csv",
+    ".parquet": "parquet",
+    ".pq": "parquet",
+    ".jsonl": "jsonl",
+    ".ndjson": "jsonl",
+}
+_SNIFF_BYTES = 1 << 20
+
+
+def load_source(source: str) -> pl.LazyFrame:
+    """A LazyFrame over every row of `source` (see the module docstring for the syntax).
+
+    Args:
+        source: ``hf://`` dataset id with query, ``s3://`` URI, or local path / glob / folder.
+
+    Returns:
+        A LazyFrame; nothing is read beyond schemas until it is collected.
+    """
+    if not isinstance(source, str) or not source.strip():
+        msg = "source is empty; give an hf://dataset_id?split=..., an s3:// URI or a local path."
+        raise SourceError(msg)
+    source = source.strip()
+    if source.startswith("hf://"):
+        return _load_hf(source)
+    if source.startswith("s3://"):
+        return _load_s3(source)
+    if "://" in source:
+        scheme = source.split("://", 1)[0]
+        msg = (
+            f"source {source!r} has the unsupported scheme {scheme!r}; use hf://, s3:// or a "
+            "local path."
+        )
+        raise SourceError(msg)
+    return _load_local(source)
+
+
+def parse_hf_source(source: str) -> tuple[str, str | None, str]:
+    """(dataset_id, config, split) from ``hf://<dataset_id>[?split=..&config=..]``."""
+    parts = urlsplit(source)
+    dataset_id = (parts.netloc + parts.path).strip("/")
+    query = parse_qs(parts.query, keep_blank_values=True)
+    unknown = sorted(set(query) - {"split", "config", "name"})
+    if not dataset_id or unknown or any(len(v) != 1 for v in query.values()):
+        msg = (
+            f"Malformed Hugging Face source {source!r}: write "
+            "hf://<owner>/<dataset>?split=<split>&config=<config> (split defaults to train"
+            + (f"; unknown keys: {', '.join(unknown)}" if unknown else "")
+            + ")."
+        )
+        raise SourceError(msg)
+    config = (query.get("config") or query.get("name") or [None])[0] or None
+    split = (query.get("split") or ["train"])[0] or "train"
+    return dataset_id, config, split
+
+
+def _load_hf(source: str) -> pl.LazyFrame:
+    import datasets
+
+    dataset_id, config, split = parse_hf_source(source)
+    try:
+        dataset = datasets.load_dataset(dataset_id, config, split=split)
+    except Exception as exc:
+        msg = (
+            f"Could not load Hugging Face dataset {dataset_id!r} (config={config!r}, "
+            f"split={split!r}): {exc}. Check the id, config and split on the Hub, and HF_TOKEN "
+            "for gated datasets."
+        )
+        raise SourceError(msg) from exc
+    if isinstance(dataset, datasets.DatasetDict):
+        msg = f"{source!r} names no single split; add ?split=<one of {', '.join(dataset)}>."
+        raise SourceError(msg)
+    # The Arrow table behind the dataset (memory-mapped from the cache): no row loop, no copy.
+    table = dataset.flatten_indices().data.table if dataset._indices else dataset.data.table
+    frame = pl.from_arrow(table, rechunk=False)
+    if isinstance(frame, pl.Series):
+        frame = frame.to_frame()
+    return frame.lazy()
+
+
+def _format_of(path: str, source: str) -> str:
+    suffix = Path(path.split("?", 1)[0]).suffix.lower()
+    if suffix not in FORMATS:
+        msg = (
+            f"source {source!r}: unknown file extension {suffix or '(none)'!r}; supported "
+            f"extensions: {', '.join(FORMATS)}."
+        )
+        raise SourceError(msg)
+    return FORMATS[suffix]
+
+
+def _scan(fmt: str, paths: str | list[str], storage_options: dict | None) -> pl.LazyFrame:
+    if fmt == "parquet":
+        return pl.scan_parquet(paths, storage_options=storage_options)
+    if fmt == "csv":
+        # Empty fields stay empty strings so validation can tell them from missing values.
+        return pl.scan_csv(paths, storage_options=storage_options, empty_string_is_null=False)
+    return pl.scan_ndjson(paths, storage_options=storage_options, infer_schema_length=1000)
+
+
+def _load_s3(source: str) -> pl.LazyFrame:
+    from tasks.aws_clients import polars_storage_options
+
+    parts = urlsplit(source)
+    if not parts.netloc or not parts.path.strip("/"):
+        msg = f"Malformed S3 source {source!r}: write s3://<bucket>/<key or glob>."
+        raise SourceError(msg)
+    fmt = _format_of(parts.path, source)
+    return _scan(fmt, source, polars_storage_options())
+
+
+def _load_local(source: str) -> pl.LazyFrame:
+    path = Path(source).expanduser()
+    if path.is_dir():
+        files = sorted(str(p) for p in path.iterdir() if p.suffix.lower() in FORMATS)
+    elif globlib.has_magic(source):
+        files = sorted(f for f in globlib.glob(os.path.expanduser(source)) if Path(f).is_file())
+    elif path.is_file():
+        files = [str(path)]
+    else:
+        files = []
+    if not files:
+        msg = (
+            f"source {source!r} matches no file; give an existing file, folder or glob of "
+            f"{', '.join(FORMATS)} files."
+        )
+        raise SourceError(msg)
+    formats = {_format_of(f, source) for f in files}
+    if len(formats) > 1:
+        msg = f"source {source!r} mixes formats ({', '.join(sorted(formats))}); use one per run."
+        raise SourceError(msg)
+    fmt = formats.pop()
+    if fmt == "csv":
+        for file in files:
+            check_utf8(file)
+    return _scan(fmt, files, None)
+
+
+def check_utf8(file: str | Path, limit: int | None = _SNIFF_BYTES) -> None:
+    """Raise SourceEncodingError if the start of `file` (or all of it) is not UTF-8."""
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    offset = 0
+    with open(file, "rb") as handle:
+        while limit is None or offset < limit:
+            chunk = handle.read(1 << 16)
+            if not chunk:
+                break
+            try:
+                decoder.decode(chunk, final=False)
+            except UnicodeDecodeError as exc:
+                raise SourceEncodingError(encoding_message(str(file), offset + exc.start)) from None
+            offset += len(chunk)
+
+
+def encoding_message(file: str, offset: int | None = None) -> str:
+    """The message for a CSV that is not UTF-8, with the fix."""
+    where = f" (first bad byte at offset {offset})" if offset is not None else ""
+    return (
+        f"CSV file {file!r} is not UTF-8{where}. Re-encode it, e.g. "
+        f"`iconv -f latin1 -t utf-8 {file} > fixed.csv`, or save it as Parquet."
+    )
