@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+from datetime import datetime
 from typing import Any
 
-from prefect.events import emit_event
+from prefect.events import Event, emit_event
 
 # Lifecycle of a batch run (emitted by flows/batch_inference.py).
 JOB_SUBMITTED = "bedrock.batch.job.submitted"
@@ -179,3 +180,46 @@ def emit_alert(model_id: str, rule: str, resolved: bool, detail: dict[str, Any])
         },
         [],
     )
+
+
+def read_events(
+    names: list[str] | None = None,
+    prefixes: list[str] | None = None,
+    resource_ids: list[str] | None = None,
+    since: datetime | None = None,
+    limit: int = 500,
+) -> list[Event]:
+    """Events stored by the Prefect server, oldest first (for checks, the CLI and tests).
+
+    Args:
+        names: Exact event names to include.
+        prefixes: Event-name prefixes to include.
+        resource_ids: Primary resource ids to include.
+        since: Earliest occurrence; the server's default (one day back) when None.
+        limit: Most events to return (read in pages of 50, the server's page limit).
+
+    Returns:
+        The matching events.
+    """
+    from prefect.client.orchestration import get_client
+    from prefect.events.filters import (
+        EventFilter,
+        EventNameFilter,
+        EventOccurredFilter,
+        EventResourceFilter,
+    )
+
+    event_filter = EventFilter(
+        event=EventNameFilter(name=names, prefix=prefixes),
+        resource=EventResourceFilter(id=resource_ids) if resource_ids else None,
+    )
+    if since is not None:
+        event_filter.occurred = EventOccurredFilter(since=since)
+    events: list[Event] = []
+    with get_client(sync_client=True) as prefect_client:
+        page = prefect_client.read_events(filter=event_filter, limit=min(limit, 50))
+        events.extend(page.events)
+        while page.next_page and len(events) < limit:
+            page = prefect_client.read_events_page(page.next_page)
+            events.extend(page.events)
+    return sorted(events[:limit], key=lambda event: event.occurred)
