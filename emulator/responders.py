@@ -1,0 +1,371 @@
+"""Vectorised model responders: one Polars pass turns a frame of modelInput JSON into outputs."""
+
+from __future__ import annotations
+
+import numpy as np
+import polars as pl
+
+from .catalog import ANTHROPIC, COHERE_EMBED, LLAMA, MISTRAL, NOVA, TITAN_EMBED, ModelSpec
+
+# Columns of the frames the runner hands in and gets back.
+RECORD_ID = "recordId"
+MODEL_INPUT = "modelInput"
+MODEL_OUTPUT = "modelOutput"
+ERROR_CODE = "errorCode"
+ERROR_MESSAGE = "errorMessage"
+INPUT_TOKENS = "inputTokens"
+OUTPUT_TOKENS = "outputTokens"
+OUTPUT_COLUMNS = [
+    RECORD_ID,
+    MODEL_INPUT,
+    MODEL_OUTPUT,
+    ERROR_CODE,
+    ERROR_MESSAGE,
+    INPUT_TOKENS,
+    OUTPUT_TOKENS,
+]
+
+INVOKE_MODEL = "InvokeModel"
+CONVERSE = "Converse"
+
+_HASH = "_hash"
+_POOL = (
+    "this is an emulated answer from the local bedrock batch emulator and not a real model "
+    "output the words are drawn deterministically from the request so that the same input "
+    "always gives the same reply which lets tests assert exact values while the token "
+    "counts stay plausible for cost estimates and throughput metrics the emulator keeps "
+    "shapes statuses quotas and output layout faithful to amazon bedrock batch inference "
+    "so a pipeline can be dry run end to end before any money is spent on real jobs "
+) * 4
+_COHERE_INPUT_TYPES = ["search_document", "search_query", "classification", "clustering"]
+
+
+def _path(expr: pl.Expr, path: str) -> pl.Expr:
+    return expr.str.json_path_match(path)
+
+
+def _malformed(detail: str) -> str:
+    return f"Malformed input request: {detail}, please reformat your input and try again."
+
+
+def _missing(key: str) -> str:
+    return _malformed(f"#: required key [{key}] not found")
+
+
+def _bad_value(key: str, value: pl.Expr, constraint: str) -> pl.Expr:
+    """Message naming the key, the bad value and the constraint it breaks."""
+    return pl.concat_str(
+        pl.lit(f"Malformed input request: #/{key}: "),
+        value,
+        pl.lit(f" {constraint}, please reformat your input and try again."),
+    )
+
+
+def _checks(spec: ModelSpec, invocation_type: str) -> list[tuple[pl.Expr, str | pl.Expr]]:
+    """(is_bad, message) pairs, first match wins; the message names the key and constraint."""
+    mi = pl.col(MODEL_INPUT)
+    checks: list[tuple[pl.Expr, str | pl.Expr]] = [
+        (~mi.str.starts_with("{") | _path(mi, "$").is_null(), _malformed("#: expected an object")),
+    ]
+    if invocation_type == CONVERSE:
+        return [
+            *checks,
+            (_path(mi, "$.messages").is_null(), _missing("messages")),
+            (
+                _path(mi, "$.messages[0].role").is_null(),
+                _malformed("#/messages: expected a non-empty array of {role, content}"),
+            ),
+        ]
+    family = spec.family
+    if family == ANTHROPIC:
+        version = _path(mi, "$.anthropic_version")
+        checks += [
+            (version.is_null(), _missing("anthropic_version")),
+            (
+                version != "bedrock-2023-05-31",
+                _bad_value(
+                    "anthropic_version",
+                    version,
+                    "is not a valid enum value, expected bedrock-2023-05-31",
+                ),
+            ),
+            (_path(mi, "$.max_tokens").is_null(), _missing("max_tokens")),
+            (_path(mi, "$.messages").is_null(), _missing("messages")),
+            (
+                _path(mi, "$.messages[0].role").is_null(),
+                _malformed("#/messages: expected a non-empty array of {role, content}"),
+            ),
+        ]
+    elif family == NOVA:
+        checks += [
+            (_path(mi, "$.messages").is_null(), _missing("messages")),
+            (
+                _path(mi, "$.messages[0].content[0]").is_null(),
+                _malformed("#/messages: expected a non-empty array of {role, content: [{text}]}"),
+            ),
+        ]
+    elif family == TITAN_EMBED:
+        dims = _path(mi, "$.dimensions")
+        allowed = [str(d) for d in spec.dimensions]
+        checks += [
+            (_path(mi, "$.inputText").is_null(), _missing("inputText")),
+            (
+                dims.is_not_null() & ~dims.is_in(allowed),
+                _bad_value(
+                    "dimensions",
+                    dims,
+                    f"is not a valid enum value, expected one of {', '.join(allowed)}",
+                ),
+            ),
+        ]
+    elif family == COHERE_EMBED:
+        input_type = _path(mi, "$.input_type")
+        checks += [
+            (_path(mi, "$.texts").is_null(), _missing("texts")),
+            (
+                ~_path(mi, "$.texts").str.starts_with("["),
+                _malformed("#/texts: expected type: JSONArray"),
+            ),
+            (input_type.is_null(), _missing("input_type")),
+            (
+                ~input_type.is_in(_COHERE_INPUT_TYPES),
+                _bad_value(
+                    "input_type",
+                    input_type,
+                    f"is not a valid enum value, expected one of {', '.join(_COHERE_INPUT_TYPES)}",
+                ),
+            ),
+        ]
+    elif family in (LLAMA, MISTRAL):
+        checks += [(_path(mi, "$.prompt").is_null(), _missing("prompt"))]
+    return checks
+
+
+def _error_message(spec: ModelSpec, invocation_type: str) -> pl.Expr:
+    chain = None
+    for bad, message in _checks(spec, invocation_type):
+        value = pl.lit(message) if isinstance(message, str) else message
+        bad = bad.fill_null(True)
+        chain = pl.when(bad).then(value) if chain is None else chain.when(bad).then(value)
+    return chain.otherwise(pl.lit(None, dtype=pl.Utf8))
+
+
+def _prompt_text(spec: ModelSpec, invocation_type: str) -> tuple[pl.Expr, pl.Expr]:
+    """(text that counts as input, snippet quoted in the reply)."""
+    mi = pl.col(MODEL_INPUT)
+    if invocation_type == CONVERSE or spec.family in (ANTHROPIC, NOVA):
+        counted = pl.concat_str(
+            _path(mi, "$.system").fill_null(""), _path(mi, "$.messages").fill_null("")
+        )
+        snippet = pl.coalesce(
+            _path(mi, "$.messages[0].content[0].text"), _path(mi, "$.messages[0].content")
+        )
+        return counted, snippet
+    if spec.family == TITAN_EMBED:
+        text = _path(mi, "$.inputText")
+        return text, text
+    if spec.family == COHERE_EMBED:
+        text = _path(mi, "$.texts")
+        return text, text
+    text = _path(mi, "$.prompt")
+    return text, text
+
+
+def _max_tokens(spec: ModelSpec, invocation_type: str) -> pl.Expr:
+    mi = pl.col(MODEL_INPUT)
+    if invocation_type == CONVERSE or spec.family == NOVA:
+        path = "$.inferenceConfig.maxTokens"
+    elif spec.family == LLAMA:
+        path = "$.max_gen_len"
+    else:
+        path = "$.max_tokens"
+    limit = _path(mi, path).cast(pl.Int64, strict=False)
+    return limit.fill_null(spec.max_output_tokens).clip(1, spec.max_output_tokens)
+
+
+def _text_output(spec: ModelSpec, invocation_type: str) -> pl.Expr:
+    """modelOutput JSON for a text model, shaped like the family's real response."""
+    h = pl.col(_HASH)
+    in_tok = pl.col(INPUT_TOKENS)
+    wanted = (h % 48 + 12).cast(pl.Int64)
+    limit = _max_tokens(spec, invocation_type)
+    out_tok = pl.min_horizontal(wanted, limit)
+    truncated = wanted > limit
+    _, snippet = _prompt_text(spec, invocation_type)
+    body_chars = (out_tok * 4).cast(pl.Int64)
+    text = pl.concat_str(
+        pl.lit(f"[emulated {spec.short_name}] Reply to: "),
+        snippet.fill_null("").str.slice(0, 40),
+        pl.lit(" | "),
+        pl.lit(_POOL).str.slice((h % 300).cast(pl.Int64), body_chars),
+    )
+    message_id = pl.concat_str(pl.lit("msg_bdrk_"), (h % 10**15).cast(pl.Utf8).str.zfill(15))
+    if invocation_type == CONVERSE or spec.family == NOVA:
+        stop = pl.when(truncated).then(pl.lit("max_tokens")).otherwise(pl.lit("end_turn"))
+        fields = {
+            "output": pl.struct(
+                message=pl.struct(
+                    role=pl.lit("assistant"),
+                    content=pl.concat_list(pl.struct(text=text)),
+                )
+            ),
+            "stopReason": stop,
+            "usage": pl.struct(
+                inputTokens=in_tok, outputTokens=out_tok, totalTokens=in_tok + out_tok
+            ),
+        }
+        if invocation_type == CONVERSE:
+            fields["metrics"] = pl.struct(latencyMs=(h % 900 + 100).cast(pl.Int64))
+        return pl.struct(**fields).struct.json_encode(), out_tok
+    if spec.family == ANTHROPIC:
+        stop = pl.when(truncated).then(pl.lit("max_tokens")).otherwise(pl.lit("end_turn"))
+        out = pl.struct(
+            id=message_id,
+            type=pl.lit("message"),
+            role=pl.lit("assistant"),
+            model=pl.lit(spec.model_id),
+            content=pl.concat_list(pl.struct(type=pl.lit("text"), text=text)),
+            stop_reason=stop,
+            stop_sequence=pl.lit(None, dtype=pl.Utf8),
+            usage=pl.struct(input_tokens=in_tok, output_tokens=out_tok),
+        )
+        return out.struct.json_encode(), out_tok
+    stop = pl.when(truncated).then(pl.lit("length")).otherwise(pl.lit("stop"))
+    if spec.family == LLAMA:
+        out = pl.struct(
+            generation=text,
+            prompt_token_count=in_tok,
+            generation_token_count=out_tok,
+            stop_reason=stop,
+        )
+        return out.struct.json_encode(), out_tok
+    out = pl.struct(outputs=pl.concat_list(pl.struct(text=text, stop_reason=stop)))
+    return out.struct.json_encode(), out_tok
+
+
+def _embed_matrix(hashes: np.ndarray, dims: int, normalize: np.ndarray) -> np.ndarray:
+    """Deterministic pseudo-random vectors from input hashes; unit norm where asked."""
+    seed = (hashes % np.uint64(1 << 20)).astype(np.float64) + 1.0
+    j = np.arange(1, dims + 1, dtype=np.float64)
+    vectors = np.sin(np.outer(seed, j) * 0.6180339887 + np.outer(seed * 1e-3, j * j) * 1e-2)
+    norms = np.linalg.norm(vectors, axis=1, keepdims=True)
+    norms[norms == 0] = 1.0
+    scale = np.where(normalize[:, None], 1.0 / norms, 0.05)
+    return np.round(vectors * scale, 7).astype(np.float32)
+
+
+def _titan_outputs(ok: pl.DataFrame, spec: ModelSpec) -> pl.DataFrame:
+    mi = pl.col(MODEL_INPUT)
+    ok = ok.with_columns(
+        _dims=_path(mi, "$.dimensions")
+        .cast(pl.Int64, strict=False)
+        .fill_null(spec.default_dimension),
+        _norm=_path(mi, "$.normalize").fill_null("true") != "false",
+    )
+    parts = []
+    for dims, part in ok.group_by("_dims", maintain_order=True):
+        matrix = _embed_matrix(
+            part[_HASH].to_numpy(), int(dims[0]), part["_norm"].to_numpy().astype(bool)
+        )
+        parts.append(
+            part.with_columns(
+                pl.struct(
+                    embedding=pl.Series(matrix).arr.to_list(),
+                    inputTextTokenCount=pl.col(INPUT_TOKENS),
+                )
+                .struct.json_encode()
+                .alias(MODEL_OUTPUT),
+                pl.lit(0, dtype=pl.Int64).alias(OUTPUT_TOKENS),
+            )
+        )
+    return pl.concat(parts).drop("_dims", "_norm")
+
+
+def _cohere_outputs(ok: pl.DataFrame, spec: ModelSpec) -> pl.DataFrame:
+    texts = (
+        ok.select(
+            pl.int_range(pl.len()).alias("_row"),
+            pl.col(MODEL_INPUT).str.json_decode(pl.Struct({"texts": pl.List(pl.Utf8)})),
+        )
+        .select("_row", pl.col(MODEL_INPUT).struct.field("texts").alias("_text"))
+        .explode("_text")
+        .with_columns(pl.col("_text").fill_null("").hash(seed=7).alias("_h"))
+    )
+    matrix = _embed_matrix(
+        texts["_h"].to_numpy(), spec.default_dimension, np.ones(texts.height, dtype=bool)
+    )
+    per_row = (
+        texts.with_columns(pl.Series("_vec", matrix).arr.to_list())
+        .group_by("_row", maintain_order=True)
+        .agg(pl.col("_text").alias("texts"), pl.col("_vec").alias("embeddings"))
+        .sort("_row")
+    )
+    return ok.with_columns(
+        pl.struct(
+            id=pl.concat_str(
+                pl.lit("emulated-"), (pl.col(_HASH) % 10**12).cast(pl.Utf8).str.zfill(12)
+            ),
+            texts=per_row["texts"],
+            embeddings=per_row["embeddings"],
+            response_type=pl.lit("embeddings_floats"),
+        )
+        .struct.json_encode()
+        .alias(MODEL_OUTPUT),
+        pl.lit(0, dtype=pl.Int64).alias(OUTPUT_TOKENS),
+    )
+
+
+def respond(frame: pl.DataFrame, spec: ModelSpec, invocation_type: str = INVOKE_MODEL):
+    """Answer every record of `frame` (recordId, modelInput as JSON text) in one pass.
+
+    Args:
+        frame: one row per record; modelInput is the raw JSON of the request body.
+        spec: the catalog entry of the model the job runs.
+        invocation_type: InvokeModel (the family's body) or Converse.
+
+    Returns:
+        The frame with modelOutput (JSON text or null), errorCode/errorMessage (set for
+        records whose body does not fit the model: 400) and input/output token counts.
+    """
+    counted, _ = _prompt_text(spec, invocation_type)
+    base = frame.select(RECORD_ID, MODEL_INPUT).with_columns(
+        pl.col(MODEL_INPUT).hash(seed=0).alias(_HASH),
+        _error_message(spec, invocation_type).alias(ERROR_MESSAGE),
+        (counted.fill_null("").str.len_chars() // 4 + 8).cast(pl.Int64).alias(INPUT_TOKENS),
+    )
+    bad = base.filter(pl.col(ERROR_MESSAGE).is_not_null()).with_columns(
+        pl.lit(None, dtype=pl.Utf8).alias(MODEL_OUTPUT),
+        pl.lit(400, dtype=pl.Int64).alias(ERROR_CODE),
+        pl.lit(0, dtype=pl.Int64).alias(INPUT_TOKENS),
+        pl.lit(0, dtype=pl.Int64).alias(OUTPUT_TOKENS),
+    )
+    ok = base.filter(pl.col(ERROR_MESSAGE).is_null())
+    if ok.height and spec.family == TITAN_EMBED and invocation_type == INVOKE_MODEL:
+        ok = _titan_outputs(ok, spec)
+    elif ok.height and spec.family == COHERE_EMBED and invocation_type == INVOKE_MODEL:
+        ok = _cohere_outputs(ok, spec)
+    else:
+        output, out_tokens = _text_output(spec, invocation_type)
+        ok = ok.with_columns(output.alias(MODEL_OUTPUT), out_tokens.alias(OUTPUT_TOKENS))
+    ok = ok.with_columns(pl.lit(None, dtype=pl.Int64).alias(ERROR_CODE))
+    return pl.concat(
+        [ok.select(OUTPUT_COLUMNS), bad.select(OUTPUT_COLUMNS)], how="vertical_relaxed"
+    )
+
+
+def output_lines(frame: pl.DataFrame) -> pl.Series:
+    """One Bedrock output line per record: modelOutput, or error{errorCode, errorMessage}."""
+    head = pl.struct(pl.col(RECORD_ID)).struct.json_encode().str.strip_suffix("}")
+    error = pl.struct(
+        errorCode=pl.col(ERROR_CODE), errorMessage=pl.col(ERROR_MESSAGE)
+    ).struct.json_encode()
+    line = pl.concat_str(
+        head,
+        pl.lit(',"modelInput":'),
+        pl.col(MODEL_INPUT),
+        pl.when(pl.col(ERROR_CODE).is_null())
+        .then(pl.concat_str(pl.lit(',"modelOutput":'), pl.col(MODEL_OUTPUT)))
+        .otherwise(pl.concat_str(pl.lit(',"error":'), error)),
+        pl.lit("}"),
+    )
+    return frame.select(line.alias("line")).to_series()

@@ -1,0 +1,152 @@
+"""HTTP handlers: parse a request, call the backend, answer with the JSON botocore expects."""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+
+import polars as pl
+from werkzeug.wrappers import Request, Response
+
+from .catalog import CATALOG, lookup
+from .exceptions import BedrockError, ResourceNotFoundException, ValidationException
+from .models import EmulatorServerState
+from .responders import CONVERSE, ERROR_MESSAGE, INVOKE_MODEL, MODEL_OUTPUT, respond
+
+_REGION = re.compile(r"Credential=[^/]+/\d{8}/(?P<region>[a-z0-9-]+)/")
+
+
+def _json(payload, status: int = 200) -> Response:
+    return Response(json.dumps(payload), status=status, content_type="application/json")
+
+
+def error_response(error: BedrockError) -> Response:
+    """The error document and headers botocore maps to client.exceptions.<Code>."""
+    return Response(error.body(), status=error.status, headers=error.headers())
+
+
+def _body(request: Request) -> dict:
+    raw = request.get_data()
+    if not raw:
+        return {}
+    try:
+        body = json.loads(raw)
+    except ValueError:
+        msg = "The request body is not valid JSON"
+        raise ValidationException(msg) from None
+    if not isinstance(body, dict):
+        msg = "The request body must be a JSON object"
+        raise ValidationException(msg)
+    return body
+
+
+class BedrockResponses:
+    """Handlers for the bedrock control plane, bedrock-runtime and the /_emulator admin API."""
+
+    def __init__(self, state: EmulatorServerState):
+        self.state = state
+
+    def _backend(self, request: Request):
+        match = _REGION.search(request.headers.get("Authorization", ""))
+        return self.state.backend(match.group("region") if match else None)
+
+    def _latency(self) -> None:
+        delay = self.state.config.faults.latency_ms
+        if delay:
+            # Added latency is the fault itself: the call is meant to be slow.
+            time.sleep(delay / 1000)
+
+    # -- bedrock ------------------------------------------------------------------------
+
+    def create_model_invocation_job(self, request: Request) -> Response:
+        self._latency()
+        job = self._backend(request).create_model_invocation_job(_body(request))
+        return _json({"jobArn": job.arn})
+
+    def get_model_invocation_job(self, request: Request, job_identifier: str) -> Response:
+        self._latency()
+        job = self._backend(request).get_job(job_identifier)
+        with self._backend(request).lock:
+            return _json(job.describe())
+
+    def list_model_invocation_jobs(self, request: Request) -> Response:
+        self._latency()
+        backend = self._backend(request)
+        jobs, token = backend.list_jobs(request.args.to_dict())
+        with backend.lock:
+            payload = {"invocationJobSummaries": [j.describe() for j in jobs]}
+        if token:
+            payload["nextToken"] = token
+        return _json(payload)
+
+    def stop_model_invocation_job(self, request: Request, job_identifier: str) -> Response:
+        self._latency()
+        self._backend(request).stop_job(job_identifier)
+        return _json({})
+
+    # -- bedrock-runtime ----------------------------------------------------------------
+
+    def _runtime(self, model_id: str, model_input: dict, invocation_type: str) -> str:
+        self._latency()
+        self.state.check_throttle("invoke")
+        spec = lookup(model_id)
+        if spec is None:
+            msg = (
+                f"The provided model identifier {model_id!r} is invalid. Known model ids: "
+                f"{', '.join(sorted(CATALOG))}"
+            )
+            raise ValidationException(msg)
+        if invocation_type == CONVERSE and not spec.converse:
+            msg = f"This action doesn't support the model that you provided ({model_id})."
+            raise ValidationException(msg)
+        frame = pl.DataFrame({"recordId": ["runtime"], "modelInput": [json.dumps(model_input)]})
+        row = respond(frame, spec, invocation_type).row(0, named=True)
+        if row[ERROR_MESSAGE] is not None:
+            raise ValidationException(row[ERROR_MESSAGE])
+        return row[MODEL_OUTPUT]
+
+    def invoke_model(self, request: Request, model_id: str) -> Response:
+        body = _body(request)
+        output = self._runtime(model_id, body, INVOKE_MODEL)
+        return Response(output, status=200, content_type="application/json")
+
+    def converse(self, request: Request, model_id: str) -> Response:
+        body = _body(request)
+        body.pop("modelId", None)
+        output = self._runtime(model_id, body, CONVERSE)
+        return Response(output, status=200, content_type="application/json")
+
+    # -- admin --------------------------------------------------------------------------
+
+    def admin_ledger(self, request: Request) -> Response:
+        return _json(self.state.ledger_entries(request.args.get("nameContains")))
+
+    def admin_state(self, request: Request) -> Response:
+        return _json(self.state.config.to_dict())
+
+    def admin_faults(self, request: Request) -> Response:
+        try:
+            self.state.set_faults(**_body(request))
+        except (TypeError, ValueError) as exc:
+            raise ValidationException(str(exc)) from None
+        return _json(self.state.config.to_dict())
+
+    def admin_config(self, request: Request) -> Response:
+        try:
+            self.state.configure(**_body(request))
+        except (TypeError, ValueError) as exc:
+            raise ValidationException(str(exc)) from None
+        return _json(self.state.config.to_dict())
+
+    def admin_reset(self, request: Request) -> Response:
+        self.state.reset()
+        return _json(self.state.config.to_dict())
+
+    def admin_health(self, request: Request) -> Response:
+        return _json({"status": "ok"})
+
+
+def not_found(path: str) -> BedrockError:
+    """What an unknown route answers."""
+    return ResourceNotFoundException(f"No emulated operation at {path}")

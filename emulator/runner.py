@@ -1,0 +1,203 @@
+"""The job runner's data work: read input JSONL from S3, answer it in one pass, write outputs."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from urllib.parse import urlparse
+
+import numpy as np
+import polars as pl
+
+from .catalog import ModelSpec
+from .faults import Faults
+from .responders import (
+    ERROR_CODE,
+    ERROR_MESSAGE,
+    INPUT_TOKENS,
+    MODEL_INPUT,
+    OUTPUT_TOKENS,
+    RECORD_ID,
+    output_lines,
+    respond,
+)
+
+FILE = "file"
+LINE = "line"
+
+
+class InputError(Exception):
+    """The job's input breaks a Bedrock rule; the job fails with this message."""
+
+
+@dataclass(frozen=True)
+class InputFile:
+    """One input object: its key, the name its output takes, and its size."""
+
+    bucket: str
+    key: str
+    name: str
+    size: int
+
+
+@dataclass
+class JobResults:
+    """A job's answered records in processing order, with running totals for the counters."""
+
+    frame: pl.DataFrame  # file, line, errorCode, inputTokens, outputTokens
+    cum_errors: np.ndarray
+    cum_input_tokens: np.ndarray
+    cum_output_tokens: np.ndarray
+
+    @property
+    def total(self) -> int:
+        """Number of records."""
+        return self.frame.height
+
+    def counters(self, processed: int) -> tuple[int, int, int, int]:
+        """(success, error, input tokens, output tokens) once the first `processed` are done."""
+        if processed <= 0:
+            return 0, 0, 0, 0
+        i = processed - 1
+        errors = int(self.cum_errors[i])
+        return (
+            processed - errors,
+            errors,
+            int(self.cum_input_tokens[i]),
+            int(self.cum_output_tokens[i]),
+        )
+
+
+def split_s3_uri(uri: str) -> tuple[str, str]:
+    """s3://bucket/key → (bucket, key)."""
+    parsed = urlparse(uri)
+    return parsed.netloc, parsed.path.lstrip("/")
+
+
+def list_inputs(s3, uri: str) -> list[InputFile]:
+    """The .jsonl objects a job reads: the object itself, or every .jsonl under the prefix."""
+    bucket, key = split_s3_uri(uri)
+    if key and not key.endswith("/"):
+        try:
+            head = s3.head_object(Bucket=bucket, Key=key)
+        except Exception:  # noqa: BLE001 - a missing object means "treat it as a prefix"
+            head = None
+        if head is not None:
+            return [InputFile(bucket, key, key.rsplit("/", 1)[-1], head["ContentLength"])]
+    prefix = key if not key or key.endswith("/") else key + "/"
+    files = []
+    for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
+        for obj in page.get("Contents", []):
+            if obj["Key"].endswith(".jsonl"):
+                name = obj["Key"][len(prefix) :]
+                files.append(InputFile(bucket, obj["Key"], name, obj["Size"]))
+    return files
+
+
+def parse_input(data: bytes, source: str, first_index: int = 0) -> pl.DataFrame:
+    """Lines of one input file → (recordId, modelInput); a malformed line fails the job.
+
+    Records without a recordId get an 11-character one, as Bedrock assigns.
+    """
+    lines = pl.Series(LINE, data.decode("utf-8", errors="replace").splitlines())
+    frame = (
+        lines.to_frame()
+        .with_row_index("_n", offset=1)
+        .filter(pl.col(LINE).str.strip_chars() != "")
+        .with_columns(
+            pl.col(LINE).str.json_path_match("$").alias("_whole"),
+            pl.col(LINE).str.json_path_match("$.modelInput").alias(MODEL_INPUT),
+            pl.col(LINE).str.json_path_match("$.recordId").alias(RECORD_ID),
+        )
+    )
+    bad = frame.filter(
+        pl.col("_whole").is_null()
+        | ~pl.col(LINE).str.strip_chars().str.starts_with("{")
+        | pl.col(MODEL_INPUT).is_null()
+    )
+    if bad.height:
+        first = bad.row(0, named=True)
+        reason = "not valid JSON" if first["_whole"] is None else "no modelInput"
+        msg = (
+            f"Malformed input: {bad.height} line(s) in {source} are not "
+            f'{{"recordId": "...", "modelInput": {{...}}}} objects; first at line '
+            f"{first['_n']} ({reason})."
+        )
+        raise InputError(msg)
+    assigned = pl.concat_str(
+        pl.lit("REC"),
+        (pl.int_range(pl.len()) + first_index).cast(pl.Utf8).str.zfill(8),
+    )
+    return frame.select(
+        pl.coalesce(pl.col(RECORD_ID), assigned).alias(RECORD_ID), pl.col(MODEL_INPUT)
+    )
+
+
+def answer(
+    inputs: list[tuple[str, pl.DataFrame]],
+    spec: ModelSpec,
+    invocation_type: str,
+    faults: Faults,
+    job_name: str,
+    order_seed: int,
+) -> JobResults:
+    """Answer every record of a job at once and fix the (unordered) processing order."""
+    parts = []
+    for name, frame in inputs:
+        answered = respond(frame, spec, invocation_type)
+        injected = faults.record_errors(job_name, answered[RECORD_ID])
+        hit = injected[ERROR_CODE].is_not_null() & answered[ERROR_CODE].is_null()
+        answered = answered.with_columns(
+            pl.when(hit).then(injected[ERROR_CODE]).otherwise(pl.col(ERROR_CODE)).alias(ERROR_CODE),
+            pl.when(hit)
+            .then(injected[ERROR_MESSAGE])
+            .otherwise(pl.col(ERROR_MESSAGE))
+            .alias(ERROR_MESSAGE),
+            pl.when(hit).then(0).otherwise(pl.col(INPUT_TOKENS)).alias(INPUT_TOKENS),
+            pl.when(hit).then(0).otherwise(pl.col(OUTPUT_TOKENS)).alias(OUTPUT_TOKENS),
+        )
+        parts.append(
+            answered.select(
+                pl.lit(name).alias(FILE),
+                output_lines(answered),
+                ERROR_CODE,
+                INPUT_TOKENS,
+                OUTPUT_TOKENS,
+            )
+        )
+    frame = pl.concat(parts)
+    order = np.random.default_rng(order_seed).permutation(frame.height)
+    frame = frame[order]
+    return JobResults(
+        frame=frame,
+        cum_errors=np.cumsum(frame[ERROR_CODE].is_not_null().to_numpy()),
+        cum_input_tokens=np.cumsum(frame[INPUT_TOKENS].to_numpy()),
+        cum_output_tokens=np.cumsum(frame[OUTPUT_TOKENS].to_numpy()),
+    )
+
+
+def write_outputs(
+    s3, output_uri: str, job_id: str, files: list[InputFile], results: JobResults, processed: int
+) -> None:
+    """Write `<outputUri>/<jobId>/<input>.out` for the processed records and the manifest."""
+    bucket, prefix = split_s3_uri(output_uri)
+    prefix = prefix.rstrip("/")
+    base = f"{prefix}/{job_id}" if prefix else job_id
+    done = results.frame.head(processed)
+    by_file = {name: group for (name,), group in done.group_by(FILE)}
+    for file in files:
+        group = by_file.get(file.name)
+        body = "" if group is None else "\n".join(group[LINE].to_list()) + "\n"
+        s3.put_object(Bucket=bucket, Key=f"{base}/{file.name}.out", Body=body.encode())
+    success, errors, input_tokens, output_tokens = results.counters(processed)
+    manifest = {
+        "totalRecordCount": results.total,
+        "processedRecordCount": processed,
+        "successRecordCount": success,
+        "errorRecordCount": errors,
+        "inputTokenCount": input_tokens,
+        "outputTokenCount": output_tokens,
+    }
+    s3.put_object(
+        Bucket=bucket, Key=f"{base}/manifest.json.out", Body=json.dumps(manifest).encode()
+    )
