@@ -97,7 +97,7 @@ def cmd_preprocess(args: argparse.Namespace) -> int:
 
     params = _params(args)
     with Console(stderr=True).status("Rendering, validating and sharding…"):
-        plan = preprocess.fn(
+        plan = preprocess(
             params.source,
             model_id=params.model_id,
             out_dir=Path(args.out),

@@ -16,7 +16,7 @@ from prefect.cache_policies import NO_CACHE
 
 from tasks import events, gate, storage
 from tasks.merge import merge_shard
-from tasks.plan import ShardPlan
+from tasks.plan import OUTPUT_DIR, ShardPlan, part_name
 from tasks.poll import COUNTERS, wait_for_job
 from tasks.progress import RunProgress
 from tasks.run_state import JobAttempt, RunStateStore, ShardState, now_iso
@@ -60,7 +60,7 @@ class RunContext:
         return storage.join(self.run_dir, shard.rows_file)
 
     def part_uri(self, shard: ShardPlan) -> str:
-        return storage.join(self.run_dir, "output", f"part-{shard.index:05d}.parquet")
+        return storage.join(self.run_dir, OUTPUT_DIR, part_name(shard.index))
 
 
 @dataclass

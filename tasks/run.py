@@ -14,7 +14,8 @@ from prefect.cache_policies import NO_CACHE
 
 from tasks import events, gate, storage
 from tasks.layout import RunLayout, expand_run_name, resolve_layout, resolve_role_arn
-from tasks.plan import PLAN_FILE, RunPlan
+from tasks.merge import merge_skipped
+from tasks.plan import OUTPUT_DIR, PLAN_FILE, SKIPPED_FILE, RunPlan
 from tasks.preprocess import preprocess
 from tasks.run_state import RunStateStore, now_iso
 from tasks.summary import check_output, summary_artifacts
@@ -85,7 +86,7 @@ def prepare_run(params: BatchParams, layout: RunLayout) -> RunPlan:
         logger.info("Resuming run %s: plan of %d shards found", layout.run_name, len(plan.shards))
         return plan
     with storage.local_dir_for(layout.run_dir) as out_dir:
-        plan = preprocess.fn(
+        plan = preprocess(
             params.source,
             model_id=params.model_id,
             out_dir=out_dir,
@@ -99,6 +100,8 @@ def prepare_run(params: BatchParams, layout: RunLayout) -> RunPlan:
             max_concurrent_jobs=params.max_concurrent_jobs,
         )
         _upload_inputs(plan, out_dir, layout)
+        if plan.skipped_file:
+            _write_skipped_part(plan, out_dir, params)
         if storage.is_s3(layout.run_dir):
             _upload_run_files(plan, out_dir, layout)
     logger.info(
@@ -118,10 +121,21 @@ def _upload_inputs(plan: RunPlan, out_dir: Path, layout: RunLayout) -> None:
             storage.upload_file(out_dir / shard.input_file, uri)
 
 
+def _write_skipped_part(plan: RunPlan, out_dir: Path, params: BatchParams) -> None:
+    """Rows skipped by on_missing="skip" go straight to the output, with their error."""
+    merge_skipped(
+        out_dir / plan.skipped_file,
+        params.model_id,
+        params.invocation_type,
+        out_dir / OUTPUT_DIR / SKIPPED_FILE,
+    )
+
+
 def _upload_run_files(plan: RunPlan, out_dir: Path, layout: RunLayout) -> None:
     """Rows and plan to an S3 run folder; the plan last, as the mark that all else is there."""
-    for path in sorted((out_dir / "rows").glob("*.parquet")):
-        storage.upload_file(path, storage.join(layout.run_dir, "rows", path.name))
+    for folder in ("rows", OUTPUT_DIR):
+        for path in sorted((out_dir / folder).glob("*.parquet")):
+            storage.upload_file(path, storage.join(layout.run_dir, folder, path.name))
     storage.upload_file(out_dir / PLAN_FILE, storage.join(layout.run_dir, PLAN_FILE))
 
 

@@ -11,6 +11,7 @@ from tasks import storage
 from tasks.aws_clients import polars_storage_options
 from tasks.columns import ERROR_CODE, INPUT_TOKENS, OUTPUT_TOKENS, RECORD_ID
 from tasks.errors import IncompleteOutputError
+from tasks.plan import OUTPUT_DIR
 
 if TYPE_CHECKING:
     from tasks.jobs import RunContext, ShardResult
@@ -27,10 +28,10 @@ def _scan(uris: list[str]) -> pl.LazyFrame:
 def check_output(run_dir: str, plan: RunPlan) -> dict[str, Any]:
     """Every input record id exactly once in the output, or IncompleteOutputError naming ids."""
     inputs = storage.list_files(storage.join(run_dir, "rows"), ".parquet")
-    parts = storage.list_files(storage.join(run_dir, "output"), ".parquet")
+    parts = storage.list_files(storage.join(run_dir, OUTPUT_DIR), ".parquet")
     expected = _scan(inputs).select(RECORD_ID)
     if not parts:
-        msg = f"No output parts under {storage.join(run_dir, 'output')}; nothing was merged."
+        msg = f"No output parts under {storage.join(run_dir, OUTPUT_DIR)}; nothing was merged."
         raise IncompleteOutputError(msg)
     out = _scan(parts)
     names = out.collect_schema().names()
@@ -83,7 +84,7 @@ def summary_artifacts(
         for r in results
     ]
     create_table_artifact(rows, key=_key(ctx.run_name, "jobs"), description="Bedrock jobs")
-    output_dir = storage.join(ctx.run_dir, "output")
+    output_dir = storage.join(ctx.run_dir, OUTPUT_DIR)
     markdown = "\n".join(
         [
             f"# Run `{ctx.run_name}`",

@@ -1,0 +1,167 @@
+"""End-to-end runs of the batch flow on the local stack (moto + the Bedrock emulator)."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from pathlib import Path
+
+import boto3
+import polars as pl
+import pytest
+
+from flows.batch_inference import batch_inference
+from flows.params import BatchParams, InferenceOverrides
+from tasks import gate
+from tasks.columns import EMBEDDING, ERROR_CODE, RECORD_ID, RESPONSE_TEXT
+from tasks.errors import MissingColumnsError
+
+CLAUDE = "anthropic.claude-3-haiku-20240307-v1:0"
+TITAN = "amazon.titan-embed-text-v2:0"
+
+
+def _topics(tmp_path: Path, n: int) -> Path:
+    path = tmp_path / "topics.csv"
+    pl.DataFrame({"topic": [f"topic number {i} {{with braces}}" for i in range(n)]}).write_csv(path)
+    return path
+
+
+def _bedrock(stack):
+    return boto3.client("bedrock", endpoint_url=stack.bedrock_url)
+
+
+def _max_in_flight(stack, jobs: list[dict]) -> int:
+    """The most jobs that were between submit and end at one moment, from Bedrock's own times."""
+    bedrock = _bedrock(stack)
+    edges: list[tuple[datetime, int]] = []
+    for entry in jobs:
+        job = bedrock.get_model_invocation_job(jobIdentifier=entry["jobArn"])
+        edges += [(job["submitTime"], 1), (job["endTime"], -1)]
+    in_flight = peak = 0
+    for _, step in sorted(edges, key=lambda e: (e[0], e[1])):
+        in_flight += step
+        peak = max(peak, in_flight)
+    return peak
+
+
+def test_batch_inference_text_never_exceeds_gate_and_returns_every_row(stack, tmp_path):
+    # Each 100-record job takes ~0.5 s, so without the gate all three would overlap.
+    stack.configure(records_per_second=200)
+    params = BatchParams(
+        source=str(_topics(tmp_path, 300)),
+        prompt_id="joke_about_topic",
+        model_id=CLAUDE,
+        output_uri=str(tmp_path / "out"),
+        run_name="gate-test",
+        max_concurrent_jobs=2,
+        max_records_per_job=100,
+    )
+
+    summary = batch_inference(params)
+
+    jobs = stack.ledger(name_contains="gate-test")
+    assert len(jobs) == 3
+    assert _max_in_flight(stack, jobs) == 2
+    assert gate.active_slots(gate.gate_name(CLAUDE)) == 0
+    out = pl.read_parquet(summary["parts"])
+    assert out.height == 300
+    assert out[RECORD_ID].n_unique() == 300
+    assert out["topic"].sort().to_list() == sorted(
+        f"topic number {i} {{with braces}}" for i in range(300)
+    )
+    assert out[RESPONSE_TEXT].null_count() == 0
+    assert summary["counts"] == {"records": 300, "succeeded": 300, "failed": 0}
+    assert summary["tokens"]["input"] > 0 and summary["tokens"]["output"] > 0
+
+
+def test_batch_inference_embeddings_are_float32_lists(stack, tmp_path):
+    source = tmp_path / "reviews.jsonl"
+    pl.DataFrame({"input_text": [f"review {i}: fine product" for i in range(120)]}).write_ndjson(
+        source
+    )
+    params = BatchParams(
+        source=str(source),
+        model_id=TITAN,
+        output_uri=str(tmp_path / "out"),
+        run_name="embed-test",
+        inference=InferenceOverrides(dimensions=256),
+    )
+
+    summary = batch_inference(params)
+
+    out = pl.read_parquet(summary["parts"])
+    assert out.height == 120
+    assert out.schema[EMBEDDING] == pl.List(pl.Float32)
+    assert out[EMBEDDING].list.len().unique().to_list() == [256]
+
+
+def test_batch_inference_record_errors_become_columns(stack, tmp_path):
+    stack.set_faults(record_error_rate=0.2, seed=7)
+    params = BatchParams(
+        source=str(_topics(tmp_path, 200)),
+        prompt_id="joke_about_topic",
+        model_id=CLAUDE,
+        output_uri=str(tmp_path / "out"),
+        run_name="record-errors",
+    )
+
+    summary = batch_inference(params)
+
+    out = pl.read_parquet(summary["parts"])
+    failed = out.filter(pl.col(ERROR_CODE).is_not_null())
+    assert out.height == 200
+    assert 10 < failed.height < 80
+    assert failed[RESPONSE_TEXT].null_count() == failed.height
+    assert summary["counts"]["failed"] == failed.height
+
+
+def test_batch_inference_failed_job_marks_its_rows(stack, tmp_path):
+    stack.set_faults(fail_job_names_containing="shard-00001")
+    params = BatchParams(
+        source=str(_topics(tmp_path, 200)),
+        prompt_id="joke_about_topic",
+        model_id=CLAUDE,
+        output_uri=str(tmp_path / "out"),
+        run_name="failed-job",
+        max_records_per_job=100,
+    )
+
+    summary = batch_inference(params)
+
+    out = pl.read_parquet(summary["parts"])
+    assert out.height == 200
+    assert out.filter(pl.col(ERROR_CODE) == "Failed").height == 100
+    assert {job["status"] for job in summary["jobs"]} == {"Completed", "Failed"}
+
+
+def test_batch_inference_rerun_of_finished_run_creates_no_job(stack, tmp_path):
+    params = BatchParams(
+        source=str(_topics(tmp_path, 150)),
+        prompt_id="joke_about_topic",
+        model_id=CLAUDE,
+        output_uri=str(tmp_path / "out"),
+        run_name="rerun",
+    )
+    first = batch_inference(params)
+
+    second = batch_inference(params)
+
+    assert len(stack.ledger(name_contains="rerun")) == 1
+    assert second["parts"] == first["parts"]
+
+
+def test_batch_inference_missing_column_creates_no_job(stack, tmp_path):
+    source = tmp_path / "wrong.csv"
+    pl.DataFrame({"subject": ["a"] * 150}).write_csv(source)
+    params = BatchParams(
+        source=str(source),
+        prompt_id="joke_about_topic",
+        model_id=CLAUDE,
+        output_uri=str(tmp_path / "out"),
+        run_name="bad-input",
+    )
+
+    with pytest.raises(MissingColumnsError, match="topic") as excinfo:
+        batch_inference(params)
+
+    assert "subject" in str(excinfo.value)
+    assert stack.ledger(name_contains="bad-input") == []
