@@ -1,0 +1,66 @@
+"""An example downstream flow: summarise a finished run's Parquet output in a markdown artifact."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import polars as pl
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_markdown_artifact
+
+from tasks.aws_clients import polars_storage_options
+from tasks.columns import ERROR_CODE, INPUT_TOKENS, OUTPUT_TOKENS, RESPONSE_TEXT
+
+
+def _parquet_glob(output_uri: str) -> str:
+    return output_uri.rstrip("/") + "/**/*.parquet"
+
+
+@task
+def summarize_output(output_uri: str) -> dict[str, Any]:
+    """Row, error and token counts of every Parquet part under `output_uri`.
+
+    Args:
+        output_uri: The run's output folder, local or s3://, as in `bedrock.batch.run.finished`.
+
+    Returns:
+        Counts and, for text outputs, the mean response length.
+    """
+    options = polars_storage_options() if output_uri.startswith("s3://") else None
+    frame = pl.scan_parquet(_parquet_glob(output_uri), storage_options=options)
+    names = frame.collect_schema().names()
+    exprs = [pl.len().alias("rows")]
+    if ERROR_CODE in names:
+        exprs.append(pl.col(ERROR_CODE).is_not_null().sum().alias("errors"))
+    for column in (INPUT_TOKENS, OUTPUT_TOKENS):
+        if column in names:
+            exprs.append(pl.col(column).sum().alias(column))
+    if RESPONSE_TEXT in names:
+        exprs.append(pl.col(RESPONSE_TEXT).str.len_chars().mean().alias("mean_response_chars"))
+    stats = frame.select(exprs).collect().row(0, named=True)
+    return {"output_uri": output_uri, "columns": names, **stats}
+
+
+@flow(name="summarize-run")
+def summarize_run(output_uri: str, run_name: str | None = None) -> dict[str, Any]:
+    """Summarise a finished batch run; started by the run-finished automation.
+
+    Args:
+        output_uri: Where the run's Parquet parts are (the event payload's `output_uri`).
+        run_name: The run's name, for the artifact's title.
+
+    Returns:
+        The summary counts.
+    """
+    logger = get_run_logger()
+    summary = summarize_output(output_uri)
+    logger.info("Run %s: %s", run_name or output_uri, summary)
+    lines = [f"# Summary of {run_name or output_uri}", ""]
+    lines += [f"- **{key}**: {value}" for key, value in summary.items() if key != "columns"]
+    lines.append(f"- **columns**: {', '.join(f'`{c}`' for c in summary['columns'])}")
+    create_markdown_artifact(
+        key="bedrock-batch-run-summary",
+        markdown="\n".join(lines),
+        description=f"Summary of {run_name or output_uri}",
+    )
+    return summary

@@ -1,0 +1,95 @@
+"""CloudWatch alarms, SNS topic and dashboard setup/teardown against moto."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+from tasks import cloudwatch_alarms
+from tasks.aws_clients import client, reset_clients
+from tasks.settings import get_settings
+
+# moto keeps state per process, account and region: one region per test keeps tests apart.
+REGIONS = iter(["eu-west-3", "eu-north-1", "ap-south-1", "sa-east-1", "ca-central-1", "ap-east-1"])
+MODELS = ["anthropic.claude-3-haiku-20240307-v1:0", "amazon.nova-lite-v1:0"]
+
+
+@pytest.fixture
+def aws():
+    """moto (CloudWatch and SNS) on a free port; the process env points boto3 at it."""
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    saved = dict(os.environ)
+    url = f"http://{host}:{port}"
+    os.environ.pop("BEDROCK_BATCH_REGION", None)
+    os.environ.update(
+        {
+            "AWS_ENDPOINT_URL_CLOUDWATCH": url,
+            "AWS_ENDPOINT_URL_SNS": url,
+            "AWS_ACCESS_KEY_ID": "testing",
+            "AWS_SECRET_ACCESS_KEY": "testing",
+            "AWS_DEFAULT_REGION": next(REGIONS),
+        }
+    )
+    get_settings.cache_clear()
+    reset_clients()
+    try:
+        yield
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+        get_settings.cache_clear()
+        reset_clients()
+        server.stop()
+
+
+def test_setup_creates_topic_alarms_and_dashboard(aws):
+    result = cloudwatch_alarms.setup(MODELS, sns_email="ops@example.com")
+    alarms = client("cloudwatch").describe_alarms(AlarmNamePrefix="bedrock-batch-")["MetricAlarms"]
+    by_name = {a["AlarmName"]: a for a in alarms}
+    assert sorted(by_name) == sorted(result["alarms"])
+    tokens = by_name[cloudwatch_alarms.alarm_names(MODELS[0])["input-tokens-high"]]
+    assert tokens["Threshold"] == 1_000_000
+    assert tokens["Period"] == 6 * 3600
+    assert tokens["AlarmActions"] == [result["topic_arn"]]
+    stalled = by_name[cloudwatch_alarms.alarm_names(MODELS[0])["stalled"]]
+    expressions = [m.get("Expression") for m in stalled["Metrics"]]
+    assert "IF(pending > 0 AND FILL(tokens, 0) == 0, 1, 0)" in expressions
+    subs = client("sns").list_subscriptions_by_topic(TopicArn=result["topic_arn"])
+    assert [s["Endpoint"] for s in subs["Subscriptions"]] == ["ops@example.com"]
+    body = json.loads(
+        client("cloudwatch").get_dashboard(DashboardName=result["dashboard"])["DashboardBody"]
+    )
+    assert len(body["widgets"]) == 4
+    assert {row[3] for row in body["widgets"][0]["properties"]["metrics"]} == set(MODELS)
+
+
+def test_setup_twice_keeps_one_alarm_each(aws):
+    cloudwatch_alarms.setup(MODELS[:1])
+    cloudwatch_alarms.setup(MODELS[:1])
+    alarms = client("cloudwatch").describe_alarms(AlarmNamePrefix="bedrock-batch-")["MetricAlarms"]
+    assert len(alarms) == 2
+
+
+def test_setup_without_models_names_the_flag(aws):
+    with pytest.raises(ValueError, match="--model-id"):
+        cloudwatch_alarms.setup([])
+
+
+def test_teardown_removes_alarms_then_dashboard_and_topic(aws):
+    cloudwatch_alarms.setup(MODELS)
+    partial = cloudwatch_alarms.teardown(MODELS[:1])
+    assert partial["dashboard"] is None
+    assert len(partial["remaining_alarms"]) == 2
+
+    final = cloudwatch_alarms.teardown(MODELS[1:])
+    cw = client("cloudwatch")
+    assert cw.describe_alarms(AlarmNamePrefix="bedrock-batch-")["MetricAlarms"] == []
+    assert final["dashboard"] == cloudwatch_alarms.DASHBOARD_NAME
+    assert cw.list_dashboards()["DashboardEntries"] == []
+    assert client("sns").list_topics()["Topics"] == []
