@@ -96,7 +96,9 @@ class JobCancelled(Exception):
 
 
 def _now() -> datetime:
-    return datetime.now(timezone.utc)
+    """Now, to the millisecond: what the API shows is what filters compare."""
+    now = datetime.now(timezone.utc)
+    return now.replace(microsecond=now.microsecond // 1000 * 1000)
 
 
 @dataclass
