@@ -170,13 +170,17 @@ def _deployment_id(name: str) -> UUID | None:
 
 
 def _deployment_has_own_trigger(deployment_id: UUID, event: str) -> bool:
-    """True when the deployment carries a trigger for `event` (prefect.yaml or serve)."""
-    owner = f"prefect.deployment.{deployment_id}"
+    """True when another automation already runs the deployment on `event` (prefect.yaml/serve)."""
     with get_client(sync_client=True) as client:
-        for automation in client.read_automations():
-            trigger = automation.trigger
-            if automation.owner_resource == owner and event in getattr(trigger, "expect", ()):
-                return True
+        automations = client.read_automations()
+    for automation in automations:
+        if automation.name == SUMMARIZE_AUTOMATION:
+            continue
+        runs_it = any(
+            getattr(action, "deployment_id", None) == deployment_id for action in automation.actions
+        )
+        if runs_it and event in getattr(automation.trigger, "expect", ()):
+            return True
     return False
 
 
