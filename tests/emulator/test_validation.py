@@ -1,0 +1,141 @@
+"""Create-time and validation-time errors: botocore exception class, Code and Message."""
+
+from __future__ import annotations
+
+import pytest
+from botocore.config import Config
+from emu_helpers import HAIKU, anthropic_body, create_job, put_jsonl, records, unique, wait_for
+
+
+def _raises(stack, exception: str, **kwargs):
+    client = kwargs.pop("client", None) or stack.client("bedrock")
+    with pytest.raises(getattr(client.exceptions, exception)) as err:
+        create_job(stack, kwargs.pop("name", unique("bad")), client=client, **kwargs)
+    assert err.value.response["Error"]["Code"] == exception
+    return err.value.response["Error"]["Message"]
+
+
+@pytest.fixture
+def input_uri(stack):
+    return put_jsonl(stack, f"in/{unique('valid')}.jsonl", records(100))
+
+
+def test_create_model_invocation_job_bad_job_name(stack, input_uri):
+    message = _raises(stack, "ValidationException", name="bad_name!", input_uri=input_uri)
+    assert "Value 'bad_name!' at 'jobName'" in message and "regular expression" in message
+
+
+def test_create_model_invocation_job_bad_role_arn(stack, input_uri):
+    client = stack.client("bedrock")
+    with pytest.raises(client.exceptions.ValidationException) as err:
+        client.create_model_invocation_job(
+            jobName=unique("role"),
+            roleArn="not-a-role",
+            modelId=HAIKU,
+            inputDataConfig={"s3InputDataConfig": {"s3Uri": input_uri}},
+            outputDataConfig={"s3OutputDataConfig": {"s3Uri": f"s3://{stack.bucket}/out/"}},
+        )
+    assert "Value 'not-a-role' at 'roleArn'" in err.value.response["Error"]["Message"]
+
+
+def test_create_model_invocation_job_unknown_model(stack, input_uri):
+    message = _raises(stack, "ValidationException", input_uri=input_uri, model_id="acme.gpt-9")
+    assert "'acme.gpt-9' is invalid" in message and HAIKU in message
+
+
+def test_create_model_invocation_job_timeout_above_168_hours(stack, input_uri):
+    message = _raises(stack, "ValidationException", input_uri=input_uri, timeoutDurationInHours=200)
+    assert "Value 200 at 'timeoutDurationInHours'" in message and "between 24 and 168" in message
+
+
+def test_create_model_invocation_job_timeout_below_24_hours(stack, input_uri):
+    client = stack.client("bedrock", config=Config(parameter_validation=False))
+    message = _raises(
+        stack, "ValidationException", client=client, input_uri=input_uri, timeoutDurationInHours=1
+    )
+    assert "Value 1 at 'timeoutDurationInHours'" in message
+
+
+def test_create_model_invocation_job_missing_input(stack):
+    uri = f"s3://{stack.bucket}/in/{unique('nothing')}/"
+    message = _raises(stack, "ValidationException", input_uri=uri)
+    assert uri in message and ".jsonl" in message
+
+
+def test_create_model_invocation_job_bad_s3_uri(stack):
+    message = _raises(stack, "ValidationException", input_uri="https://example.com/in.jsonl")
+    assert "'https://example.com/in.jsonl' at 'inputDataConfig.s3InputDataConfig.s3Uri'" in message
+
+
+def test_create_model_invocation_job_converse_for_embedding_model(stack):
+    uri = put_jsonl(
+        stack, f"in/{unique('embconv')}.jsonl", records(100, body=lambda i: {"inputText": "x"})
+    )
+    message = _raises(
+        stack,
+        "ValidationException",
+        input_uri=uri,
+        model_id="amazon.titan-embed-text-v2:0",
+        modelInvocationType="Converse",
+    )
+    assert "does not support the Converse invocation type" in message
+
+
+def test_create_model_invocation_job_missing_required_member(stack, input_uri):
+    client = stack.client("bedrock", config=Config(parameter_validation=False))
+    with pytest.raises(client.exceptions.ValidationException) as err:
+        client.create_model_invocation_job(
+            jobName=unique("norole"),
+            modelId=HAIKU,
+            inputDataConfig={"s3InputDataConfig": {"s3Uri": input_uri}},
+            outputDataConfig={"s3OutputDataConfig": {"s3Uri": f"s3://{stack.bucket}/out/"}},
+        )
+    assert "Value null at 'roleArn'" in err.value.response["Error"]["Message"]
+
+
+def _failed_job(stack, name, rows=None, body=None):
+    if body is not None:
+        stack.client("s3").put_object(Bucket=stack.bucket, Key=f"in/{name}.jsonl", Body=body)
+        uri = f"s3://{stack.bucket}/in/{name}.jsonl"
+    else:
+        uri = put_jsonl(stack, f"in/{name}.jsonl", rows)
+    job = wait_for(stack, create_job(stack, name, uri))
+    assert job["status"] == "Failed"
+    assert stack.ledger(name)[0]["statusHistory"] == ["Submitted", "Validating", "Failed"]
+    return job["message"]
+
+
+def test_create_model_invocation_job_too_few_records_fails_in_validation(stack):
+    message = _failed_job(stack, unique("few"), records(99))
+    assert "99 records" in message and "minimum of 100" in message
+
+
+def test_create_model_invocation_job_too_many_records_fails_in_validation(stack):
+    stack.configure(max_records_per_job=120)
+    message = _failed_job(stack, unique("many"), records(121))
+    assert "121 records" in message and "maximum of 120" in message
+
+
+def test_create_model_invocation_job_file_over_size_quota_fails_in_validation(stack):
+    stack.configure(max_file_bytes=1000)
+    message = _failed_job(stack, unique("bigfile"), records(100))
+    assert "over the quota of 1000 bytes per file" in message
+
+
+def test_create_model_invocation_job_job_over_size_quota_fails_in_validation(stack):
+    stack.configure(max_job_bytes=1000)
+    message = _failed_job(stack, unique("bigjob"), records(100))
+    assert "over the quota of 1000 bytes per job" in message
+
+
+def test_create_model_invocation_job_malformed_line_fails_in_validation(stack):
+    lines = [f'{{"recordId": "r{i}", "modelInput": {{"prompt": "x"}}}}' for i in range(120)]
+    lines[6] = "{not json"
+    message = _failed_job(stack, unique("malformed"), body="\n".join(lines).encode())
+    assert "Malformed input" in message and "line 7" in message
+
+
+def test_create_model_invocation_job_line_without_model_input_fails_in_validation(stack):
+    rows = records(100) + [{"recordId": "x", "body": anthropic_body(1)}]
+    message = _failed_job(stack, unique("nomodelinput"), rows)
+    assert "line 101 (no modelInput)" in message
