@@ -1,0 +1,86 @@
+"""Automations applied from code: idempotent by name, and the run-finished one really fires."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from datetime import timedelta
+
+import pytest
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId
+from prefect.client.schemas.objects import StateType
+from prefect.events.schemas.automations import Posture
+
+from flows.automations import (
+    STALLED_AUTOMATION,
+    SUMMARIZE_AUTOMATION,
+    ZOMBIE_AUTOMATION,
+    apply_automations,
+    zombie_automation,
+)
+from flows.summarize import summarize_run
+from tasks.events import emit_run_finished
+
+SUMMARIZE_TEST_DEPLOYMENT = "summarize-run-automations-test"
+
+
+@pytest.fixture(scope="module")
+def applied():
+    """A summarize-run deployment of its own, then apply_automations twice."""
+    deployment_id = summarize_run.to_deployment(name=SUMMARIZE_TEST_DEPLOYMENT).apply()
+    kwargs = {
+        "notification_block": "bedrock-batch-alerts-test",
+        "webhook_url": "http://127.0.0.1:9/alerts",
+        "summarize_deployment": f"summarize-run/{SUMMARIZE_TEST_DEPLOYMENT}",
+    }
+    first = apply_automations(**kwargs)
+    second = apply_automations(**kwargs)
+    return deployment_id, first, second
+
+
+def _flow_runs(deployment_id):
+    with get_client(sync_client=True) as client:
+        return client.read_flow_runs(
+            deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[deployment_id]))
+        )
+
+
+def test_apply_automations_creates_each_automation_once(applied):
+    _, first, second = applied
+    assert set(first.values()) == {"applied"}
+    assert second == first
+    with get_client(sync_client=True) as client:
+        for name in (STALLED_AUTOMATION, SUMMARIZE_AUTOMATION, ZOMBIE_AUTOMATION):
+            assert len(client.read_automations_by_name(name)) == 1, name
+
+
+def test_apply_automations_without_block_says_how_to_make_one(applied):
+    result = apply_automations(notification_block=f"missing-{uuid.uuid4().hex[:6]}")
+    assert "no notification block" in result[STALLED_AUTOMATION]
+    assert "--webhook-url" in result[STALLED_AUTOMATION]
+
+
+def test_run_finished_event_runs_summarize_with_the_output_uri(applied):
+    deployment_id, _, _ = applied
+    output_uri = f"s3://bucket/out/run-{uuid.uuid4().hex[:6]}"
+    emit_run_finished("nightly-x", "m", {"records": 3}, {"input": 1}, output_uri)
+    deadline = time.monotonic() + 30
+    runs = []
+    while time.monotonic() < deadline and not runs:
+        runs = [
+            r for r in _flow_runs(deployment_id) if r.parameters.get("output_uri") == output_uri
+        ]
+        time.sleep(0.25)
+    assert len(runs) == 1
+    assert runs[0].parameters["run_name"] == "nightly-x"
+
+
+def test_zombie_automation_is_the_documented_proactive_heartbeat_trigger():
+    automation = zombie_automation(heartbeat_seconds=120)
+    trigger = automation.trigger
+    assert trigger.posture == Posture.Proactive
+    assert trigger.after == {"prefect.flow-run.heartbeat"}
+    assert "prefect.flow-run.Crashed" in trigger.expect
+    assert trigger.within == timedelta(seconds=120)
+    assert automation.actions[0].state == StateType.CRASHED
