@@ -1,0 +1,146 @@
+"""End to end on the local stack: a stuck Bedrock job → one stalled alert → automation → resolve."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+import uuid
+
+from prefect import flow
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId
+from prefect.events.schemas.automations import EventTrigger, Posture
+
+from flows.automations import run_deployment_automation, upsert_automation
+from flows.monitor import MonitorParameters, bedrock_batch_monitor
+from tasks.alerts import STALLED
+from tasks.aws_clients import client
+from tasks.events import MODEL_RESOURCE_PREFIX, alert_event_name, read_events
+
+# A model no other test runs jobs on, so its metrics are this test's job alone.
+MODEL_ID = "anthropic.claude-3-opus-20240229-v1:0"
+RECORDS = 120
+
+
+@flow(name="stalled-alert-target")
+def stalled_alert_target(model_id: str = "") -> str:
+    """What the automation runs; the test only checks that a run of it was created."""
+    return model_id
+
+
+def _until(condition, timeout: float, interval: float = 0.3):
+    """Bounded polling: call `condition` until it returns something truthy or time runs out."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value or time.monotonic() > deadline:
+            return value
+        time.sleep(interval)
+
+
+def _write_input(bucket: str, prefix: str) -> str:
+    lines = [
+        json.dumps(
+            {
+                "recordId": f"r{i:05d}",
+                "modelInput": {
+                    "anthropic_version": "bedrock-2023-05-31",
+                    "max_tokens": 64,
+                    "messages": [{"role": "user", "content": f"Tell me a joke about topic {i}"}],
+                },
+            }
+        )
+        for i in range(RECORDS)
+    ]
+    key = f"{prefix}/input/records.jsonl"
+    client("s3").put_object(Bucket=bucket, Key=key, Body="\n".join(lines).encode())
+    return f"s3://{bucket}/{key}"
+
+
+def _flow_runs(deployment_id):
+    with get_client(sync_client=True) as prefect_client:
+        return prefect_client.read_flow_runs(
+            deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[deployment_id]))
+        )
+
+
+def _alerts(name: str) -> list:
+    return read_events(names=[name], resource_ids=[MODEL_RESOURCE_PREFIX + MODEL_ID])
+
+
+def test_stuck_job_alerts_once_fires_automation_and_resolves_once(stack):
+    run_id = uuid.uuid4().hex[:8]
+    job_name = f"monitor-e2e-{run_id}"
+    stack.set_faults(stuck_job_names_containing=job_name, stuck_after_fraction=0.5)
+
+    # An automation: stalled alert for this model → run a test deployment.
+    deployment_id = stalled_alert_target.to_deployment(name=f"target-{run_id}").apply()
+    upsert_automation(
+        run_deployment_automation(
+            f"test: stalled → target {run_id}",
+            EventTrigger(
+                match={"prefect.resource.id": MODEL_RESOURCE_PREFIX + MODEL_ID},
+                expect={alert_event_name(STALLED)},
+                posture=Posture.Reactive,
+                threshold=1,
+            ),
+            deployment_id,
+            {"model_id": "{{ event.resource['bedrock.model-id'] }}"},
+        )
+    )
+
+    # A real batch job through plain boto3 against the emulator; it sticks at half way.
+    input_uri = _write_input(stack.bucket, f"monitor-e2e/{run_id}")
+    job_arn = client("bedrock").create_model_invocation_job(
+        jobName=job_name,
+        roleArn=os.environ["BEDROCK_BATCH_ROLE_ARN"],
+        modelId=MODEL_ID,
+        inputDataConfig={"s3InputDataConfig": {"s3Uri": input_uri, "s3InputFormat": "JSONL"}},
+        outputDataConfig={
+            "s3OutputDataConfig": {"s3Uri": f"s3://{stack.bucket}/monitor-e2e/{run_id}/out/"}
+        },
+    )["jobArn"]
+
+    # Seconds instead of minutes: 1 s points, stalled after 3 s without input tokens.
+    params = MonitorParameters(
+        model_ids=[MODEL_ID],
+        period_seconds=1,
+        lookback_minutes=1,
+        stall_minutes=3 / 60,
+        throughput_window_minutes=1,
+        backlog_window_minutes=1,
+        state_prefix=f"e2e-{run_id}",
+    )
+
+    def transitions(resolved: bool) -> list:
+        result = bedrock_batch_monitor(params)
+        return [
+            t for t in result["transitions"] if t["rule"] == STALLED and t["resolved"] == resolved
+        ]
+
+    started = _until(lambda: transitions(False), timeout=40)
+    assert len(started) == 1
+    # The condition goes on: more runs, no second alert.
+    assert transitions(False) == []
+    assert transitions(False) == []
+
+    stalled_events = _until(lambda: _alerts(alert_event_name(STALLED)), timeout=20)
+    assert len(stalled_events) == 1
+    assert stalled_events[0].payload["pending_records"] > 0
+
+    # The automation's action happened: a flow run of the target deployment exists.
+    runs = _until(lambda: _flow_runs(deployment_id), timeout=30)
+    assert len(runs) == 1
+    assert runs[0].parameters == {"model_id": MODEL_ID}
+
+    # The job moves again → exactly one resolved event.
+    stack.set_faults(stuck_job_names_containing=None)
+    resolved = _until(lambda: transitions(True), timeout=30)
+    assert len(resolved) == 1
+    assert transitions(True) == []
+    resolved_events = _until(lambda: _alerts(alert_event_name(STALLED, resolved=True)), timeout=20)
+    assert len(resolved_events) == 1
+    assert len(_alerts(alert_event_name(STALLED))) == 1
+    status = client("bedrock").get_model_invocation_job(jobIdentifier=job_arn)["status"]
+    assert status in {"InProgress", "Completed"}
