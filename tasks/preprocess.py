@@ -5,7 +5,8 @@ from __future__ import annotations
 import math
 import os
 import shutil
-from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
@@ -35,7 +36,7 @@ from tasks.plan import (
     shard_name,
 )
 from tasks.settings import QuotaSettings, get_settings
-from tasks.sharding import cut_shards
+from tasks.sharding import cut_shards, even_bounds, shard_count
 from tasks.sources import encoding_message, load_source
 
 DEFAULT_TEXT_COLUMN = "input_text"
@@ -46,8 +47,8 @@ _MISSING = "__missing"
 _BYTES = "__bytes"
 _CHARS = "__chars"
 _SHOW_IDS = 5
-# Rows per streamed batch: big enough for vectorised speed, small enough to bound memory.
-_BATCH_ROWS = 50_000
+# The rows files are read back once, by the merge: writing speed matters more than their size.
+ROWS_COMPRESSION = "uncompressed"
 RESERVED_COLUMNS = (
     C.RECORD_ID,
     C.RESPONSE_TEXT,
@@ -138,7 +139,13 @@ def _source_error(exc: Exception, source: str) -> Exception:
 
 
 def _first_ids(frame: pl.DataFrame, mask: pl.Expr) -> list[str]:
-    return frame.filter(mask).head(_SHOW_IDS)[C.RECORD_ID].to_list()
+    return (
+        frame.filter(mask)
+        .head(_SHOW_IDS)
+        .select(record_id_expr(pl.col(_ROW)))
+        .to_series()
+        .to_list()
+    )
 
 
 def _missing_message(lf: pl.LazyFrame, needed: tuple[str, ...], schema: pl.Schema, n: int) -> str:
@@ -199,6 +206,119 @@ def _check_ids(lf: pl.LazyFrame, id_column: str, source: str) -> None:
         raise DuplicateIdError(msg)
 
 
+_RID_SENTINEL = "RIDSENTINELQXZ"
+_PROMPT_SENTINEL = "PROMPTSENTINELQXZ"
+
+
+def _escaped(value: pl.Expr) -> pl.Expr:
+    """The JSON-escaped text of `value` (no quotes), escaped by Polars' own JSON encoder."""
+    encoded = pl.struct(value.cast(pl.String).alias("s")).struct.json_encode()
+    return encoded.str.head(-2).str.tail(-6)
+
+
+def _escape_literal(text: str) -> str:
+    return pl.select(_escaped(pl.lit(text, dtype=pl.String))).item()
+
+
+@dataclass(frozen=True)
+class LineFormat:
+    """How one JSONL line `{"recordId":..,"modelInput":..}` is built for a family and template.
+
+    The family's body is encoded once with `struct.json_encode` around placeholders; each row
+    then only escapes its own column values into that skeleton, which gives the same bytes as
+    encoding the whole struct per row at a fraction of the cost (checked in the tests).
+    """
+
+    pieces: tuple[tuple[str, str], ...]  # ("const", json text) | ("column", name) | ("id", "")
+    reference: pl.Expr  # the plain per-row struct encoding, used when no skeleton applies
+    literal_chars: int
+
+    @property
+    def const_bytes(self) -> int:
+        """Bytes of every line that do not depend on the row (record id included)."""
+        return 11 + sum(len(v.encode()) for k, v in self.pieces if k == "const")
+
+    @property
+    def columns(self) -> list[str]:
+        """The columns whose escaped values go into the line."""
+        return [v for k, v in self.pieces if k == "column"]
+
+    def expr(self, record_id: pl.Expr) -> pl.Expr:
+        """The JSONL line of every row."""
+        if not self.pieces:
+            return self.reference
+        parts = []
+        for kind, value in self.pieces:
+            if kind == "const":
+                parts.append(pl.lit(value, dtype=pl.String))
+            elif kind == "id":
+                parts.append(record_id)
+            else:
+                parts.append(_escaped(pl.col(value)))
+        return pl.concat_str(parts)
+
+    def value_bytes_upper(self) -> pl.Expr:
+        """An upper bound of the row-dependent bytes (an escape is at most 6 bytes a byte)."""
+        return pl.sum_horizontal(
+            [pl.col(c).cast(pl.String).str.len_bytes().cast(pl.UInt64) * 6 for c in self.columns]
+            or [pl.lit(0, dtype=pl.UInt64)]
+        )
+
+    def value_bytes(self) -> pl.Expr:
+        """The exact row-dependent bytes."""
+        return pl.sum_horizontal(
+            [_escaped(pl.col(c)).str.len_bytes().cast(pl.UInt64) for c in self.columns]
+            or [pl.lit(0, dtype=pl.UInt64)]
+        )
+
+
+def compile_line(family: ModelFamily, template: PromptTemplate, options) -> LineFormat:
+    """The LineFormat of `family` with `template` and `options`."""
+    body = family.body_expr(template.render_expr(), template.system, options)
+    reference = pl.struct(
+        record_id_expr(pl.col(_ROW)).alias("recordId"), body.alias("modelInput")
+    ).struct.json_encode()
+    literal_chars = sum(len(literal) for literal, _ in template.parts)
+    skeleton_body = family.body_expr(pl.lit(_PROMPT_SENTINEL), template.system, options)
+    skeleton = pl.select(
+        pl.struct(
+            pl.lit(_RID_SENTINEL).alias("recordId"), skeleton_body.alias("modelInput")
+        ).struct.json_encode()
+    ).item()
+    if skeleton.count(_RID_SENTINEL) != 1 or skeleton.count(_PROMPT_SENTINEL) != 1:
+        return LineFormat((), reference, literal_chars)
+    head, rest = skeleton.split(_RID_SENTINEL)
+    mid, tail = rest.split(_PROMPT_SENTINEL)
+    pieces: list[tuple[str, str]] = [("const", head), ("id", ""), ("const", mid)]
+    for literal, column in template.parts:
+        if literal:
+            pieces.append(("const", _escape_literal(literal)))
+        if column is not None:
+            pieces.append(("column", column))
+    pieces.append(("const", tail))
+    merged: list[tuple[str, str]] = []
+    for kind, value in pieces:
+        if kind == "const" and merged and merged[-1][0] == "const":
+            merged[-1] = ("const", merged[-1][1] + value)
+        else:
+            merged.append((kind, value))
+    return LineFormat(tuple(merged), reference, literal_chars)
+
+
+def _sliceable(source: str) -> bool:
+    """Whether row ranges of the source can be read without re-reading it from the start."""
+    if source.startswith("hf://"):
+        return True
+    path = source.split("?", 1)[0].lower()
+    return (
+        path.endswith((".parquet", ".pq"))
+        or Path(source).is_dir()
+        and not any(
+            p.suffix.lower() in (".csv", ".jsonl", ".ndjson") for p in Path(source).iterdir()
+        )
+    )
+
+
 def preprocess(
     source: str,
     *,
@@ -219,7 +339,7 @@ def preprocess(
     Args:
         source: hf:// dataset, s3:// URI or local path / glob (see tasks.sources).
         model_id: Bedrock model id or inference profile id.
-        out_dir: local folder for input/, rows/ and plan.json (replaced if it holds a plan).
+        out_dir: local folder for input/, rows/ and plan.json (its input/ and rows/ are replaced).
         prompt_id: template from prompt_templates.py; None sends `text_column` verbatim.
         text_column: column sent verbatim (embeddings); defaults to `input_text`.
         id_column: the user's own id column, checked for duplicates and kept.
@@ -259,22 +379,43 @@ def preprocess(
     needed = template.columns
     what = f"prompt template {prompt_id!r}" if prompt_id else "the text column"
     _check_columns(schema, needed, id_column, what)
-
-    prompt = template.render_expr()
-    body = family.body_expr(prompt, template.system, options)
-    row = pl.col(_ROW)
-    line = pl.struct(record_id_expr(row).alias("recordId"), body.alias("modelInput"))
+    line = compile_line(family, template, options)
     missing = _missing_expr(needed, schema)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    staged = out_dir / "source.parquet.tmp"
+    try:
+        if not _sliceable(source):
+            # CSV and JSONL cannot be read from a row offset; stage them once as Parquet.
+            try:
+                lf.sink_parquet(staged, compression="lz4", statistics=False, engine="streaming")
+            except pl.exceptions.ComputeError as exc:
+                raise _source_error(exc, source) from None
+            lf = pl.scan_parquet(staged)
+        return _preprocess(
+            lf, schema, source, family, template, line, missing, out_dir, quotas, max_bytes,
+            max_records, max_records_per_job, max_concurrent_jobs, on_missing, model_id,
+            invocation_type, prompt_id, text_column, id_column, options,
+        )  # fmt: skip
+    finally:
+        staged.unlink(missing_ok=True)
 
+
+def _preprocess(
+    lf, schema, source, family, template, line, missing, out_dir, quotas, max_bytes,
+    max_records, max_records_per_job, max_concurrent_jobs, on_missing, model_id,
+    invocation_type, prompt_id, text_column, id_column, options,
+) -> RunPlan:  # fmt: skip
+    needed = template.columns
     # 1. Validate everything before writing anything: one streaming pass of small columns.
+    chars = pl.sum_horizontal(
+        [pl.col(c).cast(pl.String).str.len_chars().cast(pl.UInt32) for c in needed]
+    ) + pl.lit(line.literal_chars, dtype=pl.UInt32)
     stats = _collect(
-        lf.with_row_index(_ROW).select(
+        lf.select(
             missing.alias(_MISSING),
-            pl.when(~missing)
-            .then(line.struct.json_encode().str.len_bytes())
-            .cast(pl.UInt32)
-            .alias(_BYTES),
-            prompt.str.len_chars().cast(pl.UInt32).alias(_CHARS),
+            chars.alias(_CHARS),
+            (line.value_bytes_upper() + line.const_bytes).alias(_BYTES),
         ),
         source,
     )
@@ -285,77 +426,104 @@ def preprocess(
     n_missing = int(stats[_MISSING].sum())
     if n_missing and on_missing == "fail":
         raise MissingValuesError(_missing_message(lf, needed, schema, n_missing))
-    stats = stats.with_row_index(_ROW).with_columns(record_id_expr(row).alias(C.RECORD_ID))
+    row = pl.col(_ROW)
     ok = ~pl.col(_MISSING)
+    stats = stats.with_row_index(_ROW)
     if family.max_input_chars is not None:
         over = ok & (pl.col(_CHARS) > family.max_input_chars)
-        ids = _first_ids(stats, over)
-        if ids:
+        if stats.select(over.any()).item():
+            ids = _first_ids(stats, over)
             worst = stats.filter(over)[_CHARS].max()
             msg = (
                 f"Record(s) {', '.join(ids)} have prompts over the {family.name} input limit of "
                 f"{family.max_input_chars:,} characters (longest {worst:,}). Shorten or split "
-                "those texts before embedding them."
+                "those texts before sending them."
             )
             raise RecordTooLargeError(msg)
-    over = ok & (pl.col(_BYTES) > max_bytes)
-    ids = _first_ids(stats, over)
-    if ids:
-        worst = stats.filter(over)[_BYTES].max()
-        msg = (
-            f"Record(s) {', '.join(ids)} are over the input file limit of {max_bytes:,} bytes "
-            f"(largest {worst:,} bytes as a JSONL line). Shorten them, or raise "
-            "BEDROCK_BATCH_QUOTA_MAX_FILE_BYTES if your quota allows."
-        )
-        raise RecordTooLargeError(msg)
     if id_column is not None:
         _check_ids(lf, id_column, source)
 
     valid = stats.filter(ok)
     target_jobs = 1 if max_records_per_job is not None else max_concurrent_jobs
-    ranges = cut_shards(
-        valid[_BYTES].to_numpy(),
-        min_records=quotas.min_records_per_job,
-        max_records=max_records,
-        max_bytes=max_bytes,
-        target_jobs=target_jobs,
-    )
+    ranges = _cut(valid, max_records, max_bytes, target_jobs, quotas)
+    if ranges is None:
+        # The cheap bound says a limit may bind: measure the exact line sizes.
+        exact = _collect(lf.select((line.value_bytes() + line.const_bytes).alias(_BYTES)), source)
+        stats = stats.with_columns(exact[_BYTES])
+        valid = stats.filter(ok)
+        over = ok & (pl.col(_BYTES) > max_bytes)
+        if stats.select(over.any()).item():
+            ids = _first_ids(stats, over)
+            worst = stats.filter(over)[_BYTES].max()
+            msg = (
+                f"Record(s) {', '.join(ids)} are over the input file limit of {max_bytes:,} "
+                f"bytes (largest {worst:,} bytes as a JSONL line). Shorten them, or raise "
+                "BEDROCK_BATCH_QUOTA_MAX_FILE_BYTES if your quota allows."
+            )
+            raise RecordTooLargeError(msg)
+        ranges = cut_shards(
+            valid[_BYTES].to_numpy(),
+            min_records=quotas.min_records_per_job,
+            max_records=max_records,
+            max_bytes=max_bytes,
+            target_jobs=target_jobs,
+        )
     valid_rows = valid[_ROW].to_numpy()
-    cum_bytes = np.concatenate([[0], np.cumsum(valid[_BYTES].to_numpy(), dtype=np.int64)])
     cum_chars = np.concatenate([[0], np.cumsum(valid[_CHARS].to_numpy(), dtype=np.int64)])
-    starts = np.array([valid_rows[a] for a, _ in ranges], dtype=np.int64)
-    del stats, valid
+    bounds = [int(valid_rows[a]) for a, _ in ranges] + [total]
+    del stats, valid, valid_rows
 
-    # 2. Write: stream the source once more, batch by batch, appending to the open shard.
-    out_dir = Path(out_dir)
+    # 2. Write each shard from its own row range: memory follows the shard, not the dataset.
     for sub in (INPUT_DIR, ROWS_DIR):
         shutil.rmtree(out_dir / sub, ignore_errors=True)
         (out_dir / sub).mkdir(parents=True, exist_ok=True)
-    shards = [
-        ShardPlan(
-            index=i,
-            name=shard_name(i),
-            records=b - a,
-            bytes=int(cum_bytes[b] - cum_bytes[a]),
-            est_input_tokens=math.ceil(int(cum_chars[b] - cum_chars[a]) / CHARS_PER_TOKEN),
-            input_file=f"{INPUT_DIR}/{shard_name(i)}.jsonl",
-            rows_file=f"{ROWS_DIR}/{shard_name(i)}.parquet",
-        )
-        for i, (a, b) in enumerate(ranges)
-    ]
     input_columns = list(schema.names())
-    batches = (
-        lf.with_row_index(_ROW)
-        .with_columns(missing.alias(_MISSING))
-        .with_columns(
-            record_id_expr(row).alias(C.RECORD_ID),
-            pl.when(~pl.col(_MISSING)).then(line.struct.json_encode()).alias(_LINE),
-            (pl.lit(pl.Series(starts)).search_sorted(row, side="right").cast(pl.Int64) - 1).alias(
-                "__shard"
-            ),
-        )
-    )
-    skipped = _write_shards(batches, shards, out_dir, input_columns, source)
+    keep = [*input_columns, C.RECORD_ID]
+    shards = []
+    skipped: list[pl.DataFrame] = []
+    writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="shard-writer")
+    writes: list[Future] = []
+    try:
+        for i, (a, b) in enumerate(ranges):
+            first, stop = bounds[i], bounds[i + 1]
+            frame = _collect(
+                lf.slice(first, stop - first)
+                .with_row_index(_ROW, offset=first)
+                .with_columns(missing.alias(_MISSING), record_id_expr(row).alias(C.RECORD_ID))
+                .with_columns(line.expr(pl.col(C.RECORD_ID)).alias(_LINE)),
+                source,
+            )
+            if n_missing:
+                skipped.append(frame.filter(pl.col(_MISSING)).select(keep))
+                frame = frame.filter(~pl.col(_MISSING))
+            if frame.height != b - a:
+                msg = f"Shard {i} has {frame.height} rows, planned {b - a}: did the source change?"
+                raise SourceError(msg)
+            name = shard_name(i)
+            shard = ShardPlan(
+                index=i,
+                name=name,
+                records=b - a,
+                bytes=int(frame[_LINE].str.len_bytes().sum()) + frame.height,
+                est_input_tokens=math.ceil(int(cum_chars[b] - cum_chars[a]) / CHARS_PER_TOKEN),
+                input_file=f"{INPUT_DIR}/{name}.jsonl",
+                rows_file=f"{ROWS_DIR}/{name}.parquet",
+            )
+            # Files are written in the background while the next shard is computed.
+            writes.append(
+                writer.submit(_write_lines, frame.get_column(_LINE), out_dir / shard.input_file)
+            )
+            writes.append(
+                writer.submit(_write_parquet, frame.select(keep), out_dir / shard.rows_file)
+            )
+            shards.append(shard)
+            del frame
+            while len(writes) > 2:
+                writes.pop(0).result()
+        for pending in writes:
+            pending.result()
+    finally:
+        writer.shutdown(wait=True)
     skipped_file = None
     if n_missing:
         skipped_file = f"{ROWS_DIR}/{SKIPPED_FILE}"
@@ -381,55 +549,34 @@ def preprocess(
     return plan
 
 
-def _batches(lf: pl.LazyFrame, source: str) -> Iterator[pl.DataFrame]:
-    try:
-        yield from lf.collect_batches(chunk_size=_BATCH_ROWS, engine="streaming")
-    except pl.exceptions.ComputeError as exc:
-        raise _source_error(exc, source) from None
+def _cut(
+    valid: pl.DataFrame, max_records: int, max_bytes: int, target_jobs: int, quotas: QuotaSettings
+) -> list[tuple[int, int]] | None:
+    """Shards cut by count when the byte bound cannot bind, else None (sizes are needed)."""
+    n = valid.height
+    k = shard_count(
+        n,
+        min_records=quotas.min_records_per_job,
+        max_records=max_records,
+        target_jobs=target_jobs,
+    )
+    bounds = even_bounds(n, k)
+    cum = np.zeros(n + 1, dtype=np.int64)
+    np.cumsum(valid[_BYTES].to_numpy(), out=cum[1:])
+    if int(np.max(cum[bounds[1:]] - cum[bounds[:-1]])) > max_bytes:
+        return None
+    return [(int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
 
 
-def _write_shards(
-    batches: pl.LazyFrame,
-    shards: list[ShardPlan],
-    out_dir: Path,
-    input_columns: list[str],
-    source: str,
-) -> list[pl.DataFrame]:
-    """Write each shard's JSONL and rows Parquet; return the skipped rows."""
-    keep = [*input_columns, C.RECORD_ID]
-    pending: list[pl.DataFrame] = []
-    current = 0
-    skipped: list[pl.DataFrame] = []
-    for batch in _batches(batches, source):
-        if batch[_MISSING].any():
-            skipped.append(batch.filter(pl.col(_MISSING)).select(keep))
-            batch = batch.filter(~pl.col(_MISSING))
-        for (shard_index,), part in batch.partition_by("__shard", as_dict=True).items():
-            while shard_index > current:
-                _flush(pending, shards[current], out_dir)
-                pending, current = [], current + 1
-            pending.append(part.select([*keep, _LINE]))
-    if shards:
-        _flush(pending, shards[current], out_dir)
-    return skipped
-
-
-def _flush(parts: list[pl.DataFrame], shard: ShardPlan, out_dir: Path) -> None:
-    frame = pl.concat(parts, how="vertical", rechunk=False) if parts else None
-    if frame is None or frame.height != shard.records:
-        got = 0 if frame is None else frame.height
-        msg = f"{shard.name}: wrote {got} rows, planned {shard.records}; the source changed?"
-        raise SourceError(msg)
-    input_path = out_dir / shard.input_file
-    tmp = input_path.with_name(input_path.name + ".tmp")
-    frame.select(_LINE).write_csv(tmp, include_header=False, quote_style="never")
-    os.replace(tmp, input_path)
-    _write_parquet(frame.drop(_LINE), out_dir / shard.rows_file)
+def _write_lines(lines: pl.Series, path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    lines.to_frame().write_csv(tmp, include_header=False, quote_style="never")
+    os.replace(tmp, path)
 
 
 def _write_parquet(frame: pl.DataFrame, path: Path) -> None:
     tmp = path.with_name(path.name + ".tmp")
-    frame.write_parquet(tmp, compression="zstd", compression_level=1, statistics=False)
+    frame.write_parquet(tmp, compression=ROWS_COMPRESSION, statistics=False)
     os.replace(tmp, path)
 
 
