@@ -103,20 +103,25 @@ class ModelFamily:
         self, template_params: dict[str, Any] | None = None, overrides: dict[str, Any] | None = None
     ) -> Options:
         """Options from a template's params (those this family knows) and strict overrides."""
-        known = set()
+        canonical: dict[str, str] = {}
         for name, info in self.options_model.model_fields.items():
-            known.add(name)
+            canonical[name] = name
             if isinstance(info.validation_alias, AliasChoices):
-                known.update(a for a in info.validation_alias.choices if isinstance(a, str))
-        values = {k: v for k, v in (template_params or {}).items() if k in known}
-        unknown = sorted(set(overrides or {}) - known)
+                canonical.update(
+                    (alias, name)
+                    for alias in info.validation_alias.choices
+                    if isinstance(alias, str)
+                )
+        unknown = sorted(set(overrides or {}) - set(canonical))
         if unknown:
             msg = (
                 f"Inference parameter(s) {', '.join(unknown)} are not accepted by the "
-                f"{self.name} family; accepted: {', '.join(sorted(known))}."
+                f"{self.name} family; accepted: {', '.join(sorted(canonical))}."
             )
             raise InvalidOptionsError(msg)
-        values.update(overrides or {})
+        # Template params the family does not know (a max_tokens for an embedding) are dropped.
+        values = {canonical[k]: v for k, v in (template_params or {}).items() if k in canonical}
+        values.update({canonical[k]: v for k, v in (overrides or {}).items()})
         try:
             return self.options_model.model_validate(values)
         except ValidationError as exc:
