@@ -84,3 +84,24 @@ def test_zombie_automation_is_the_documented_proactive_heartbeat_trigger():
     assert "prefect.flow-run.Crashed" in trigger.expect
     assert trigger.within == timedelta(seconds=120)
     assert automation.actions[0].state == StateType.CRASHED
+
+
+def test_summarize_run_counts_rows_errors_and_tokens(tmp_path):
+    import polars as pl
+
+    part = tmp_path / "out" / "part-0.parquet"
+    part.parent.mkdir()
+    pl.DataFrame(
+        {
+            "record_id": ["a", "b", "c"],
+            "response_text": ["hi", "hello", None],
+            "input_tokens": [3, 4, None],
+            "output_tokens": [5, 6, None],
+            "error_code": [None, None, 400],
+        }
+    ).write_parquet(part)
+    summary = summarize_run(str(tmp_path / "out"), run_name="r")
+    assert summary["rows"] == 3
+    assert summary["errors"] == 1
+    assert summary["input_tokens"] == 7
+    assert summary["output_tokens"] == 11
