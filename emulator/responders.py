@@ -37,6 +37,7 @@ _POOL = (
     "shapes statuses quotas and output layout faithful to amazon bedrock batch inference "
     "so a pipeline can be dry run end to end before any money is spent on real jobs "
 ) * 4
+_FIRST_TEXT = r'"(?:text|content)"\s*:\s*"((?:[^"\\]|\\.){0,60})'
 _COHERE_INPUT_TYPES = ["search_document", "search_query", "classification", "clustering"]
 
 
@@ -65,12 +66,13 @@ def _checks(spec: ModelSpec, invocation_type: str) -> list[tuple[pl.Expr, str | 
     """(is_bad, message) pairs, first match wins; the message names the key and constraint."""
     mi = pl.col(MODEL_INPUT)
     checks: list[tuple[pl.Expr, str | pl.Expr]] = [
-        (~mi.str.starts_with("{") | _path(mi, "$").is_null(), _malformed("#: expected an object")),
+        # Lines were checked to be JSON when the input was read: an object starts with "{".
+        (~mi.str.strip_chars_start().str.starts_with("{"), _malformed("#: expected an object")),
     ]
     if invocation_type == CONVERSE:
         return [
             *checks,
-            (_path(mi, "$.messages").is_null(), _missing("messages")),
+            (~mi.str.contains('"messages"', literal=True), _missing("messages")),
             (
                 _path(mi, "$.messages[0].role").is_null(),
                 _malformed("#/messages: expected a non-empty array of {role, content}"),
@@ -90,7 +92,7 @@ def _checks(spec: ModelSpec, invocation_type: str) -> list[tuple[pl.Expr, str | 
                 ),
             ),
             (_path(mi, "$.max_tokens").is_null(), _missing("max_tokens")),
-            (_path(mi, "$.messages").is_null(), _missing("messages")),
+            (~mi.str.contains('"messages"', literal=True), _missing("messages")),
             (
                 _path(mi, "$.messages[0].role").is_null(),
                 _malformed("#/messages: expected a non-empty array of {role, content}"),
@@ -98,7 +100,7 @@ def _checks(spec: ModelSpec, invocation_type: str) -> list[tuple[pl.Expr, str | 
         ]
     elif family == NOVA:
         checks += [
-            (_path(mi, "$.messages").is_null(), _missing("messages")),
+            (~mi.str.contains('"messages"', literal=True), _missing("messages")),
             (
                 _path(mi, "$.messages[0].content[0]").is_null(),
                 _malformed("#/messages: expected a non-empty array of {role, content: [{text}]}"),
@@ -154,13 +156,10 @@ def _prompt_text(spec: ModelSpec, invocation_type: str) -> tuple[pl.Expr, pl.Exp
     """(text that counts as input, snippet quoted in the reply)."""
     mi = pl.col(MODEL_INPUT)
     if invocation_type == CONVERSE or spec.family in (ANTHROPIC, NOVA):
-        counted = pl.concat_str(
-            _path(mi, "$.system").fill_null(""), _path(mi, "$.messages").fill_null("")
-        )
-        snippet = pl.coalesce(
-            _path(mi, "$.messages[0].content[0].text"), _path(mi, "$.messages[0].content")
-        )
-        return counted, snippet
+        # Each JSON-path lookup re-parses the body, so the chat families count tokens on the
+        # whole body and quote the first text value found by a regex: one parse fewer each.
+        snippet = mi.str.extract(_FIRST_TEXT, 1).str.replace_all(r"\\(.)", "$1")
+        return mi, snippet
     if spec.family == TITAN_EMBED:
         text = _path(mi, "$.inputText")
         return text, text
@@ -328,10 +327,16 @@ def respond(frame: pl.DataFrame, spec: ModelSpec, invocation_type: str = INVOKE_
         records whose body does not fit the model: 400) and input/output token counts.
     """
     counted, _ = _prompt_text(spec, invocation_type)
-    base = frame.select(RECORD_ID, MODEL_INPUT).with_columns(
-        pl.col(MODEL_INPUT).hash(seed=0).alias(_HASH),
-        _error_message(spec, invocation_type).alias(ERROR_MESSAGE),
-        (counted.fill_null("").str.len_chars() // 4 + 8).cast(pl.Int64).alias(INPUT_TOKENS),
+    # Lazy so repeated JSON-path lookups are computed once (common subexpression elimination).
+    base = (
+        frame.lazy()
+        .select(RECORD_ID, MODEL_INPUT)
+        .with_columns(
+            pl.col(MODEL_INPUT).hash(seed=0).alias(_HASH),
+            _error_message(spec, invocation_type).alias(ERROR_MESSAGE),
+            (counted.fill_null("").str.len_chars() // 4 + 8).cast(pl.Int64).alias(INPUT_TOKENS),
+        )
+        .collect()
     )
     bad = base.filter(pl.col(ERROR_MESSAGE).is_not_null()).with_columns(
         pl.lit(None, dtype=pl.Utf8).alias(MODEL_OUTPUT),
@@ -346,7 +351,11 @@ def respond(frame: pl.DataFrame, spec: ModelSpec, invocation_type: str = INVOKE_
         ok = _cohere_outputs(ok, spec)
     else:
         output, out_tokens = _text_output(spec, invocation_type)
-        ok = ok.with_columns(output.alias(MODEL_OUTPUT), out_tokens.alias(OUTPUT_TOKENS))
+        ok = (
+            ok.lazy()
+            .with_columns(output.alias(MODEL_OUTPUT), out_tokens.alias(OUTPUT_TOKENS))
+            .collect()
+        )
     ok = ok.with_columns(pl.lit(None, dtype=pl.Int64).alias(ERROR_CODE))
     return pl.concat(
         [ok.select(OUTPUT_COLUMNS), bad.select(OUTPUT_COLUMNS)], how="vertical_relaxed"

@@ -36,7 +36,7 @@ def test_python_m_emulator_prints_exports_and_serves():
             exports[key] = value
             if key == "BEDROCK_BATCH_POLL_INTERVAL_SECONDS":
                 break
-        assert EXPECTED <= set(exports)
+        assert set(exports) >= EXPECTED
         bedrock = boto3.client(
             "bedrock",
             endpoint_url=exports["AWS_ENDPOINT_URL_BEDROCK"],
