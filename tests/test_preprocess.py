@@ -1,0 +1,258 @@
+"""Preprocess: validation messages, stable ids, JSONL lines, shards on disk, the plan."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import polars as pl
+import pytest
+from polars.testing import assert_frame_equal
+
+from prompt_templates import PromptTemplate, get_template
+from tasks import columns as C
+from tasks.errors import (
+    DuplicateIdError,
+    EmptyDatasetError,
+    InputValidationError,
+    MissingColumnsError,
+    MissingValuesError,
+    RecordTooLargeError,
+    TooFewRecordsError,
+    UnknownModelError,
+)
+from tasks.model_formats import family_for
+from tasks.plan import RunPlan, format_plan
+from tasks.preprocess import _ROW, compile_line, preprocess, record_id_expr
+from tasks.settings import QuotaSettings
+
+CLAUDE = "anthropic.claude-3-haiku-20240307-v1:0"
+TITAN = "amazon.titan-embed-text-v2:0"
+QUOTAS = QuotaSettings(min_records_per_job=3, max_records_per_job=1000)
+TRICKY = ["plain", 'quote " and \\ back', "new\nline\ttab", "ctrl \x01 \x1f", "é 中 😀", "{x} }{"]
+
+
+def write_csv(tmp_path: Path, frame: pl.DataFrame, name="src.csv") -> str:
+    path = tmp_path / name
+    frame.write_csv(path)
+    return str(path)
+
+
+def topics(n: int) -> pl.DataFrame:
+    return pl.DataFrame({"topic": [f"topic {i}" for i in range(n)], "n": list(range(n))})
+
+
+def run(tmp_path, source, **kwargs):
+    kwargs.setdefault("model_id", CLAUDE)
+    kwargs.setdefault("prompt_id", "joke_about_topic")
+    kwargs.setdefault("quotas", QUOTAS)
+    return preprocess(source, out_dir=tmp_path / "run", **kwargs)
+
+
+def read_lines(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_preprocess_writes_shards_rows_and_plan(tmp_path):
+    plan = run(tmp_path, write_csv(tmp_path, topics(10)), max_concurrent_jobs=3)
+    out = tmp_path / "run"
+    assert [s.records for s in plan.shards] == [3, 3, 4]
+    assert plan.total_records == 10 and plan.skipped_records == 0
+    assert plan.family == "anthropic" and plan.columns == ["topic", "n"]
+    for shard in plan.shards:
+        lines = read_lines(out / shard.input_file)
+        rows = pl.read_parquet(out / shard.rows_file)
+        assert len(lines) == shard.records == rows.height
+        assert [line["recordId"] for line in lines] == rows[C.RECORD_ID].to_list()
+        assert shard.bytes == (out / shard.input_file).stat().st_size
+    assert RunPlan.load(out) == plan
+
+
+def test_preprocess_line_is_model_body_with_rendered_prompt(tmp_path):
+    plan = run(tmp_path, write_csv(tmp_path, topics(3)))
+    line = read_lines(tmp_path / "run" / plan.shards[0].input_file)[1]
+    template = get_template("joke_about_topic")
+    assert line == {
+        "recordId": "R0000000001",
+        "modelInput": {
+            "anthropic_version": "bedrock-2023-05-31",
+            "max_tokens": template.max_tokens,
+            "system": template.system,
+            "messages": [{"role": "user", "content": template.text.format(topic="topic 1")}],
+            "temperature": template.temperature,
+        },
+    }
+
+
+def test_preprocess_record_ids_are_stable_and_bedrock_shaped(tmp_path):
+    source = write_csv(tmp_path, topics(5))
+    first = run(tmp_path, source)
+    ids = pl.read_parquet(tmp_path / "run" / first.shards[0].rows_file)[C.RECORD_ID].to_list()
+    run(tmp_path, source)
+    again = pl.read_parquet(tmp_path / "run" / first.shards[0].rows_file)[C.RECORD_ID].to_list()
+    assert ids == again == [f"R{i:010d}" for i in range(5)]
+    assert all(len(i) == 11 and i.isalnum() for i in ids)
+
+
+@pytest.mark.parametrize(
+    ("model_id", "invocation_type"),
+    [
+        (CLAUDE, "InvokeModel"),
+        ("amazon.nova-lite-v1:0", "InvokeModel"),
+        ("meta.llama3-8b-instruct-v1:0", "InvokeModel"),
+        ("mistral.mistral-7b-instruct-v0:2", "InvokeModel"),
+        (CLAUDE, "Converse"),
+        (TITAN, "InvokeModel"),
+        ("cohere.embed-english-v3", "InvokeModel"),
+    ],
+)
+def test_compile_line_matches_struct_json_encode_for_tricky_text(model_id, invocation_type):
+    family = family_for(model_id, invocation_type)
+    template = PromptTemplate(text='Q "{a}" \\ {{lit}} {b}\n', system='S "x"\n')
+    options = family.options(template.inference_params())
+    line = compile_line(family, template, options)
+    frame = pl.DataFrame({"a": TRICKY, "b": list(reversed(TRICKY))}).with_row_index(_ROW)
+    got = frame.select(line.expr(record_id_expr(pl.col(_ROW)))).to_series()
+    expected = frame.select(line.reference).to_series()
+    assert got.to_list() == expected.to_list()
+    sizes = frame.select(line.value_bytes() + line.const_bytes).to_series()
+    assert sizes.to_list() == got.str.len_bytes().to_list()
+
+
+def test_preprocess_missing_template_column_lists_columns_found(tmp_path):
+    source = write_csv(tmp_path, pl.DataFrame({"subject": ["a"] * 5, "other": [1] * 5}))
+    with pytest.raises(MissingColumnsError) as exc:
+        run(tmp_path, source)
+    message = str(exc.value)
+    assert "'topic'" in message and "joke_about_topic" in message
+    assert "Columns found: subject, other" in message
+
+
+def test_preprocess_nulls_and_empties_fail_with_counts_ids_and_skip_hint(tmp_path):
+    frame = pl.DataFrame({"topic": ["a", None, "b", "", "  ", "c"]})
+    with pytest.raises(MissingValuesError) as exc:
+        run(tmp_path, write_csv(tmp_path, frame))
+    message = str(exc.value)
+    assert "column 'topic': 3 null or empty" in message
+    assert "R0000000001, R0000000003, R0000000004" in message
+    assert 'on_missing="skip"' in message
+    assert not (tmp_path / "run" / "input").exists()
+
+
+def test_preprocess_skip_leaves_rows_out_of_jobs_and_keeps_them_with_an_error(tmp_path):
+    frame = pl.DataFrame({"topic": ["a", None, "b", "", "c", "d"], "k": [0, 1, 2, 3, 4, 5]})
+    plan = run(tmp_path, write_csv(tmp_path, frame), on_missing="skip")
+    assert plan.skipped_records == 2 and plan.batch_records == 4
+    sent = [line["recordId"] for line in read_lines(tmp_path / "run" / plan.shards[0].input_file)]
+    assert sent == ["R0000000000", "R0000000002", "R0000000004", "R0000000005"]
+    skipped = pl.read_parquet(tmp_path / "run" / plan.skipped_file)
+    assert skipped[C.RECORD_ID].to_list() == ["R0000000001", "R0000000003"]
+    assert skipped[C.ERROR_CODE].to_list() == [C.MISSING_INPUT] * 2
+    assert "on_missing='skip'" in skipped[C.ERROR_MESSAGE][0]
+
+
+def test_preprocess_empty_dataset_fails(tmp_path):
+    source = tmp_path / "empty.parquet"
+    pl.DataFrame({"topic": []}, schema={"topic": pl.String}).write_parquet(source)
+    with pytest.raises(EmptyDatasetError, match="no rows"):
+        run(tmp_path, str(source))
+
+
+def test_preprocess_fewer_records_than_job_minimum_explains_quota(tmp_path):
+    with pytest.raises(TooFewRecordsError) as exc:
+        run(tmp_path, write_csv(tmp_path, topics(50)), quotas=QuotaSettings())
+    message = str(exc.value)
+    assert "Only 50 records" in message and "at least 100" in message
+    assert "BEDROCK_BATCH_QUOTA_MIN_RECORDS_PER_JOB" in message
+
+
+def test_preprocess_record_over_model_limit_names_record_and_size(tmp_path):
+    texts = ["short"] * 4 + ["x" * 3000]
+    source = write_csv(tmp_path, pl.DataFrame({"input_text": texts}))
+    with pytest.raises(RecordTooLargeError) as exc:
+        run(tmp_path, source, model_id="cohere.embed-english-v3", prompt_id=None)
+    message = str(exc.value)
+    assert "R0000000004" in message and "2,048 characters" in message and "3,000" in message
+
+
+def test_preprocess_record_over_file_limit_names_record_and_setting(tmp_path):
+    texts = ["short"] * 4 + ["y" * 5000]
+    quotas = QuotaSettings(min_records_per_job=1, max_file_bytes=2000)
+    source = write_csv(tmp_path, pl.DataFrame({"input_text": texts}))
+    with pytest.raises(RecordTooLargeError) as exc:
+        run(tmp_path, source, model_id=TITAN, prompt_id=None, quotas=quotas)
+    message = str(exc.value)
+    assert "R0000000004" in message and "2,000 bytes" in message
+    assert "BEDROCK_BATCH_QUOTA_MAX_FILE_BYTES" in message
+
+
+def test_preprocess_byte_limit_cuts_more_shards(tmp_path):
+    quotas = QuotaSettings(min_records_per_job=2, max_file_bytes=1500)
+    source = write_csv(tmp_path, pl.DataFrame({"input_text": [f"text {i}" for i in range(40)]}))
+    plan = run(tmp_path, source, model_id=TITAN, prompt_id=None, quotas=quotas)
+    assert len(plan.shards) > 1
+    assert all(s.bytes <= 1500 and s.records >= 2 for s in plan.shards)
+    assert plan.batch_records == 40
+
+
+def test_preprocess_duplicate_user_ids_are_listed(tmp_path):
+    frame = topics(6).with_columns(pl.Series("my_id", ["a", "b", "a", "c", "b", "d"]))
+    with pytest.raises(DuplicateIdError) as exc:
+        run(tmp_path, write_csv(tmp_path, frame), id_column="my_id")
+    assert "'my_id'" in str(exc.value) and "a, b" in str(exc.value)
+
+
+def test_preprocess_keeps_user_id_column_as_a_normal_column(tmp_path):
+    frame = topics(4).with_columns(pl.Series("my_id", ["w", "x", "y", "z"]))
+    plan = run(tmp_path, write_csv(tmp_path, frame), id_column="my_id")
+    rows = pl.read_parquet(tmp_path / "run" / plan.shards[0].rows_file)
+    expected = pl.DataFrame(
+        {"my_id": ["w", "x", "y", "z"], C.RECORD_ID: [f"R{i:010d}" for i in range(4)]}
+    )
+    assert_frame_equal(rows.select("my_id", C.RECORD_ID), expected)
+
+
+def test_preprocess_unknown_model_fails_before_reading(tmp_path):
+    with pytest.raises(UnknownModelError, match="acme.x"):
+        run(tmp_path, str(tmp_path / "never-read.csv"), model_id="acme.x")
+
+
+def test_preprocess_text_model_without_prompt_asks_for_prompt_id(tmp_path):
+    with pytest.raises(InputValidationError, match="needs a prompt_id"):
+        run(tmp_path, write_csv(tmp_path, topics(5)), prompt_id=None)
+
+
+def test_preprocess_source_with_output_column_names_is_refused(tmp_path):
+    frame = topics(5).with_columns(pl.lit("x").alias(C.RESPONSE_TEXT))
+    with pytest.raises(InputValidationError, match="response_text"):
+        run(tmp_path, write_csv(tmp_path, frame))
+
+
+def test_preprocess_explicit_max_records_per_job_is_respected(tmp_path):
+    plan = run(tmp_path, write_csv(tmp_path, topics(25)), max_records_per_job=10)
+    assert [s.records for s in plan.shards] == [8, 8, 9]
+
+
+def test_preprocess_parquet_source_and_embedding_text_column(tmp_path):
+    source = tmp_path / "reviews.parquet"
+    pl.DataFrame({"body": ["good", "bad", "fine", "meh"]}).write_parquet(source)
+    plan = run(tmp_path, str(source), model_id=TITAN, prompt_id=None, text_column="body")
+    line = read_lines(tmp_path / "run" / plan.shards[0].input_file)[2]
+    assert line == {
+        "recordId": "R0000000002",
+        "modelInput": {"inputText": "fine", "dimensions": 1024, "normalize": True},
+    }
+
+
+def test_format_plan_shows_jobs_records_bytes_and_tokens(tmp_path):
+    plan = run(tmp_path, write_csv(tmp_path, topics(10)), max_concurrent_jobs=2)
+    table = format_plan(plan)
+    assert "shard-00000" in table and "shard-00001" in table
+    assert "est. tokens" in table and "total" in table
+    assert f"{plan.est_input_tokens:,}" in table
+
+
+def test_run_plan_round_trips_through_json(tmp_path):
+    plan = run(tmp_path, write_csv(tmp_path, topics(6)))
+    assert RunPlan.from_json(plan.to_json()) == plan
+    assert json.loads(plan.to_json())["totals"]["jobs"] == len(plan.shards)
