@@ -67,6 +67,10 @@ def batch_inference(params: BatchParams) -> dict[str, Any]:
         kms_key_id=params.kms_key_id,
         tags=params.tags,
         flow_run_id=runtime.flow_run.id,
+        max_attempts=params.max_attempts,
+        retry_stopped=params.retry_stopped,
+        on_demand=params.on_demand,
+        on_demand_rps=params.on_demand_rps,
     )
     results = run_shard.map(unmapped(ctx), plan.shards).result()
 

@@ -76,6 +76,28 @@ class BatchParams(BaseModel):
         "fail",
         description="Rows with empty prompt columns: stop the run, or skip them with an error.",
     )
+    max_attempts: int = Field(
+        3,
+        ge=1,
+        le=10,
+        description=(
+            "Tries per record: failed jobs and records that failed for reasons not their own "
+            "(throttling, timeouts, 5xx, missing from partial or expired jobs) are sent again."
+        ),
+    )
+    retry_stopped: bool = Field(
+        False, description="Also resubmit the records of jobs someone stopped."
+    )
+    on_demand: bool = Field(
+        True,
+        description=(
+            "Serve a retry remainder smaller than the job minimum through bedrock-runtime "
+            "(InvokeModel or Converse) instead of leaving it failed."
+        ),
+    )
+    on_demand_rps: float = Field(
+        5.0, gt=0, description="Rate limit of on-demand calls, requests per second per model."
+    )
     timeout_hours: int | None = Field(
         None, ge=24, le=168, description="Bedrock job timeout (24-168 h; default 72 h)."
     )

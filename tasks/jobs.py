@@ -1,7 +1,9 @@
-"""One shard's life as a Bedrock job: take a slot, create the job, wait, give the slot back, merge.
+"""One shard's life: jobs through the gate, retries of what failed, and its merged Parquet part.
 
 Every step reads and writes the run state first, so a re-run after a crash continues the shard
-from where it stopped instead of paying for it again.
+from where it stopped instead of paying for it again. The first attempt sends the whole shard;
+later attempts send only the records still unserved: as a batch job while they reach the job
+minimum, else through bedrock-runtime on demand.
 """
 
 from __future__ import annotations
@@ -14,8 +16,10 @@ from uuid import UUID
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
+from tasks import columns as C
 from tasks import events, gate, storage
-from tasks.merge import merge_shard
+from tasks.attempts import AttemptOutput, merge_attempts, records_to_retry
+from tasks.on_demand import record_ids_of, select_lines, serve_on_demand
 from tasks.plan import OUTPUT_DIR, ShardPlan, part_name
 from tasks.poll import COUNTERS, wait_for_job
 from tasks.progress import RunProgress
@@ -30,6 +34,8 @@ from tasks.submit import (
 )
 
 MERGEABLE_STATUSES = frozenset({"Completed", "PartiallyCompleted"})
+# Statuses whose unserved records go to another attempt; Stopped only when asked.
+RETRYABLE_JOB_ERRORS = frozenset({"Failed", "Expired"})
 
 
 @dataclass
@@ -49,9 +55,13 @@ class RunContext:
     kms_key_id: str | None = None
     tags: dict[str, str] = field(default_factory=dict)
     flow_run_id: UUID | None = None
+    max_attempts: int = 3
+    retry_stopped: bool = False
+    on_demand: bool = True
+    on_demand_rps: float = 5.0
 
-    def input_uri(self, shard: ShardPlan) -> str:
-        return storage.join(self.job_prefix, shard.input_file)
+    def job_uri(self, relative: str) -> str:
+        return storage.join(self.job_prefix, relative)
 
     def output_prefix(self, shard: ShardPlan) -> str:
         return storage.join(self.job_prefix, "bedrock-output", shard.name) + "/"
@@ -85,7 +95,7 @@ def _request(ctx: RunContext, shard: ShardPlan, attempt: JobAttempt) -> JobReque
         client_token=attempt.client_token,
         model_id=ctx.model_id,
         role_arn=ctx.role_arn,
-        input_uri=ctx.input_uri(shard),
+        input_uri=ctx.job_uri(attempt.input_file),
         output_uri=ctx.output_prefix(shard),
         invocation_type=ctx.invocation_type,
         timeout_hours=ctx.timeout_hours,
@@ -109,37 +119,43 @@ def _hold_slot(ctx: RunContext, attempt: JobAttempt, logger: logging.LoggerAdapt
     ctx.store.save()
 
 
-def _submit(ctx: RunContext, shard: ShardPlan, state: ShardState, logger) -> JobAttempt:
-    """Create the shard's job (or find the one a crashed run already created)."""
-    attempt = state.current
-    resumed = attempt is not None
-    if attempt is None:
-        number = 1
-        attempt = JobAttempt(
-            attempt=number,
-            job_name=job_name_for(ctx.run_name, shard.name, number),
-            client_token=client_token_for(ctx.run_name, shard.name, number),
-        )
-        state.attempts.append(attempt)
-        ctx.store.save()
-    _hold_slot(ctx, attempt, logger)
-    if attempt.job_arn is None:
-        # A crash between create and saving the ARN leaves a job we must not pay for twice:
-        # look it up by its deterministic name; the idempotency token covers the rest.
-        existing = find_job_by_name(attempt.job_name) if resumed else None
-        if existing:
-            logger.info("Found job %s created before a restart", attempt.job_name)
-        attempt.job_arn = existing or create_job(_request(ctx, shard, attempt))
-        attempt.submitted_at = attempt.submitted_at or now_iso()
-        attempt.status = attempt.status or "Submitted"
-        ctx.store.save()
-        events.emit_job_submitted(
-            ctx.run_name, attempt.job_arn, shard.name, ctx.model_id, shard.records
-        )
+def _new_attempt(
+    ctx: RunContext, shard: ShardPlan, state: ShardState, input_file: str, records: int, how: str
+) -> JobAttempt:
+    number = len(state.attempts) + 1
+    attempt = JobAttempt(
+        attempt=number,
+        job_name=job_name_for(ctx.run_name, shard.name, number),
+        client_token=client_token_for(ctx.run_name, shard.name, number),
+        input_file=input_file,
+        records=records,
+        served_by=how,
+    )
+    state.attempts.append(attempt)
+    ctx.store.save()
     return attempt
 
 
-def _watch(ctx: RunContext, shard: ShardPlan, attempt: JobAttempt) -> dict[str, Any]:
+def _submit(ctx: RunContext, shard: ShardPlan, attempt: JobAttempt, resumed: bool, logger) -> None:
+    """Create the attempt's job, or find the one a crashed run already created."""
+    _hold_slot(ctx, attempt, logger)
+    if attempt.job_arn is not None:
+        return
+    # A crash between create and saving the ARN leaves a job we must not pay for twice:
+    # look it up by its deterministic name; the idempotency token covers the rest.
+    existing = find_job_by_name(attempt.job_name) if resumed else None
+    if existing:
+        logger.info("Found job %s created before a restart", attempt.job_name)
+    attempt.job_arn = existing or create_job(_request(ctx, shard, attempt))
+    attempt.submitted_at = attempt.submitted_at or now_iso()
+    attempt.status = attempt.status or "Submitted"
+    ctx.store.save()
+    events.emit_job_submitted(
+        ctx.run_name, attempt.job_arn, shard.name, ctx.model_id, attempt.records
+    )
+
+
+def _watch(ctx: RunContext, shard: ShardPlan, attempt: JobAttempt) -> None:
     def on_change(job: dict[str, Any], previous: str | None) -> None:
         attempt.status = job["status"]
         attempt.message = job.get("message")
@@ -147,7 +163,8 @@ def _watch(ctx: RunContext, shard: ShardPlan, attempt: JobAttempt) -> dict[str, 
         if attempt.is_final:
             attempt.ended_at = now_iso()
         ctx.store.save()
-        ctx.progress.update(shard.name, attempt.counters.get("processedRecordCount", 0))
+        if attempt.attempt == 1:
+            ctx.progress.update(shard.name, attempt.counters.get("processedRecordCount", 0))
         events.emit_job_status(
             ctx.run_name,
             attempt.job_arn,
@@ -162,54 +179,120 @@ def _watch(ctx: RunContext, shard: ShardPlan, attempt: JobAttempt) -> dict[str, 
         attempt.lease_id = lease_id
         ctx.store.save()
 
-    return wait_for_job(
+    job = wait_for_job(
         attempt.job_arn, attempt.job_name, attempt.lease_id, ctx.gate_name, on_change, on_lease
     )
+    attempt.status = job["status"]
+
+
+def _release(ctx: RunContext, attempt: JobAttempt) -> None:
+    if attempt.lease_id:
+        gate.release_slot(attempt.lease_id)
+        attempt.lease_id = None
+        ctx.store.save()
+
+
+def _on_demand_uri(ctx: RunContext, attempt: JobAttempt) -> str:
+    return storage.join(ctx.run_dir, "on-demand", attempt.job_name + ".jsonl.out")
+
+
+def _run_on_demand(ctx: RunContext, attempt: JobAttempt) -> None:
+    lines = storage.read_bytes(ctx.job_uri(attempt.input_file))
+    out = serve_on_demand(
+        attempt.job_name, ctx.model_id, ctx.invocation_type, lines, ctx.on_demand_rps
+    )
+    storage.write_bytes(_on_demand_uri(ctx, attempt), out)
+    attempt.status = "Completed"
+    attempt.ended_at = now_iso()
+    ctx.store.save()
+
+
+def _outputs(ctx: RunContext, shard: ShardPlan, state: ShardState) -> list[AttemptOutput]:
+    """What every attempt so far produced, read back from S3 (or the run folder)."""
+    results = []
+    for attempt in state.attempts:
+        job_error = None
+        if attempt.served_by == C.SERVED_ON_DEMAND:
+            outputs = [storage.read_bytes(_on_demand_uri(ctx, attempt))]
+        elif attempt.status in MERGEABLE_STATUSES:
+            prefix = storage.join(ctx.output_prefix(shard), attempt.job_id or "")
+            outputs = [storage.read_bytes(u) for u in storage.list_files(prefix, ".jsonl.out")]
+        else:
+            outputs = []
+            job_error = (attempt.status or "Unknown", attempt.message or "the job did not finish")
+        ids = None
+        if attempt.attempt > 1:
+            ids = record_ids_of(storage.read_bytes(ctx.job_uri(attempt.input_file)))
+        results.append(
+            AttemptOutput(
+                attempt.attempt,
+                outputs,
+                record_ids=ids,
+                job_id=attempt.job_id,
+                served_by=attempt.served_by,
+                job_error=job_error,
+            )
+        )
+    return results
+
+
+def _plan_retry(
+    ctx: RunContext, shard: ShardPlan, state: ShardState, outputs: list[AttemptOutput], logger
+) -> JobAttempt | None:
+    """The next attempt for records that failed for reasons not their own, if any is due."""
+    if len(state.attempts) >= ctx.max_attempts:
+        return None
+    last = state.current
+    if last.status == "Stopped" and not ctx.retry_stopped:
+        return None
+    also = RETRYABLE_JOB_ERRORS | ({"Stopped"} if ctx.retry_stopped else set())
+    with storage.local_copy(ctx.rows_uri(shard)) as rows:
+        ids = records_to_retry(rows, outputs, ctx.model_id, ctx.invocation_type, also)
+    if not ids:
+        return None
+    minimum = get_settings().quotas.min_records_per_job
+    how = C.SERVED_BATCH if len(ids) >= minimum else C.SERVED_ON_DEMAND
+    if how == C.SERVED_ON_DEMAND and not ctx.on_demand:
+        logger.warning(
+            "%d records of %s need a retry but are fewer than a job's minimum (%d) and "
+            "on-demand serving is off; they keep their errors",
+            len(ids),
+            shard.name,
+            minimum,
+        )
+        return None
+    number = len(state.attempts) + 1
+    input_file = f"input/{shard.name}-a{number}.jsonl"
+    original = storage.read_bytes(ctx.job_uri(shard.input_file))
+    storage.write_bytes(ctx.job_uri(input_file), select_lines(original, ids))
+    logger.info("Retrying %d records of %s (attempt %d, %s)", len(ids), shard.name, number, how)
+    return _new_attempt(ctx, shard, state, input_file, len(ids), how)
 
 
 @task(task_run_name="merge-{shard.name}", cache_policy=NO_CACHE)
-def merge_job_output(ctx: RunContext, shard: ShardPlan, attempt: JobAttempt) -> dict[str, Any]:
-    """Read the job's ``.out`` files and write the shard's Parquet part right away.
+def merge_shard_output(
+    ctx: RunContext, shard: ShardPlan, outputs: list[AttemptOutput]
+) -> dict[str, Any]:
+    """Write the shard's Parquet part from all its attempts, right as the shard finishes.
 
     Args:
         ctx: the run.
-        shard: the shard the job ran.
-        attempt: the job, at its final status.
+        shard: the shard.
+        outputs: what each attempt produced.
 
     Returns:
         The merge statistics (records, succeeded, failed, tokens).
     """
-    job_error = None
-    outputs: list[bytes] = []
-    if attempt.status in MERGEABLE_STATUSES:
-        prefix = storage.join(ctx.output_prefix(shard), attempt.job_id or "")
-        outputs = [storage.read_bytes(uri) for uri in storage.list_files(prefix, ".jsonl.out")]
-    else:
-        job_error = (attempt.status or "Unknown", attempt.message or "the job did not finish")
     part = ctx.part_uri(shard)
     with (
         storage.local_copy(ctx.rows_uri(shard)) as rows,
-        storage.local_dir_for(storage.join(ctx.run_dir, "output")) as out_dir,
+        storage.local_dir_for(storage.join(ctx.run_dir, OUTPUT_DIR)) as out_dir,
     ):
         dest = out_dir / part.rsplit("/", 1)[-1]
-        stats = merge_shard(
-            rows,
-            outputs,
-            model_id=ctx.model_id,
-            invocation_type=ctx.invocation_type,
-            dest=dest,
-            job_id=attempt.job_id,
-            job_error=job_error,
-        )
+        stats = merge_attempts(rows, outputs, ctx.model_id, ctx.invocation_type, dest)
         if storage.is_s3(part):
             storage.upload_file(dest, part)
-    return _as_dict(stats)
-
-
-def _as_dict(stats: Any) -> dict[str, Any]:
-    if isinstance(stats, dict):
-        return stats
-    return {k: v for k, v in vars(stats).items() if not k.startswith("_")}
+    return vars(stats).copy()
 
 
 @task(task_run_name="shard-{shard.name}", cache_policy=NO_CACHE)
@@ -225,34 +308,37 @@ def run_shard(ctx: RunContext, shard: ShardPlan) -> ShardResult:
     """
     logger = get_run_logger()
     state = ctx.store.shard(shard.name)
+    resumed = bool(state.attempts)
     if state.part_uri is None:
-        attempt = _submit(ctx, shard, state, logger) if not _final(state) else state.current
-        if not attempt.is_final:
-            job = _watch(ctx, shard, attempt)
-            attempt.status = job["status"]
-        if attempt.lease_id:
-            gate.release_slot(attempt.lease_id)
-            attempt.lease_id = None
-            ctx.store.save()
-        state.merge_stats = merge_job_output(ctx, shard, attempt)
+        attempt = state.current or _new_attempt(
+            ctx, shard, state, shard.input_file, shard.records, C.SERVED_BATCH
+        )
+        while attempt is not None:
+            if attempt.served_by == C.SERVED_ON_DEMAND:
+                if not attempt.is_final:
+                    _run_on_demand(ctx, attempt)
+            elif not attempt.is_final:
+                _submit(ctx, shard, attempt, resumed, logger)
+                _watch(ctx, shard, attempt)
+            _release(ctx, attempt)
+            outputs = _outputs(ctx, shard, state)
+            attempt = _plan_retry(ctx, shard, state, outputs, logger)
+        state.merge_stats = merge_shard_output(ctx, shard, outputs)
         state.part_uri = ctx.part_uri(shard)
         ctx.store.save()
+        ctx.progress.update(shard.name, shard.records)
         events.emit_job_merged(
-            ctx.run_name, attempt.job_arn or "", shard.name, state.merge_stats, state.part_uri
+            ctx.run_name, state.current.job_arn or "", shard.name, state.merge_stats, state.part_uri
         )
-    current = state.current
+    first, last = state.attempts[0], state.current
     return ShardResult(
         shard=shard.name,
         records=shard.records,
-        job_arn=current.job_arn if current else None,
-        status=current.status if current else None,
+        job_arn=first.job_arn,
+        status=first.status,
         part_uri=state.part_uri,
         stats=state.merge_stats or {},
         attempts=len(state.attempts),
-        submitted_at=current.submitted_at if current else None,
-        ended_at=current.ended_at if current else None,
+        submitted_at=first.submitted_at,
+        ended_at=last.ended_at,
     )
-
-
-def _final(state: ShardState) -> bool:
-    return state.current is not None and state.current.is_final

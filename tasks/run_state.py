@@ -31,6 +31,9 @@ class JobAttempt:
     attempt: int
     job_name: str
     client_token: str
+    input_file: str = ""
+    records: int = 0
+    served_by: str = "batch"
     lease_id: str | None = None
     job_arn: str | None = None
     status: str | None = None

@@ -12,7 +12,15 @@ import pytest
 from flows.batch_inference import batch_inference
 from flows.params import BatchParams, InferenceOverrides
 from tasks import gate
-from tasks.columns import EMBEDDING, ERROR_CODE, RECORD_ID, RESPONSE_TEXT
+from tasks.columns import (
+    ATTEMPTS,
+    EMBEDDING,
+    ERROR_CODE,
+    ERROR_MESSAGE,
+    RECORD_ID,
+    RESPONSE_TEXT,
+    SERVED_BY,
+)
 from tasks.errors import MissingColumnsError
 
 CLAUDE = "anthropic.claude-3-haiku-20240307-v1:0"
@@ -102,6 +110,7 @@ def test_batch_inference_record_errors_become_columns(stack, tmp_path):
         model_id=CLAUDE,
         output_uri=str(tmp_path / "out"),
         run_name="record-errors",
+        max_attempts=1,
     )
 
     summary = batch_inference(params)
@@ -111,7 +120,53 @@ def test_batch_inference_record_errors_become_columns(stack, tmp_path):
     assert out.height == 200
     assert 10 < failed.height < 80
     assert failed[RESPONSE_TEXT].null_count() == failed.height
+    assert failed[ERROR_MESSAGE].null_count() == 0
     assert summary["counts"]["failed"] == failed.height
+
+
+def test_batch_inference_retries_throttled_records_on_demand(stack, tmp_path):
+    stack.set_faults(record_error_rate=0.1, seed=3)
+    params = BatchParams(
+        source=str(_topics(tmp_path, 200)),
+        prompt_id="joke_about_topic",
+        model_id=CLAUDE,
+        output_uri=str(tmp_path / "out"),
+        run_name="retry-on-demand",
+        on_demand_rps=100,
+    )
+
+    summary = batch_inference(params)
+
+    out = pl.read_parquet(summary["parts"])
+    on_demand = out.filter(pl.col(SERVED_BY) == "on_demand")
+    assert out.height == 200
+    assert out[ERROR_CODE].null_count() == 200
+    assert 0 < on_demand.height < 60
+    assert on_demand[ATTEMPTS].unique().to_list() == [2]
+    jobs = stack.ledger(name_contains="retry-on-demand")
+    assert [job["jobName"].rsplit("-", 1)[-1] for job in jobs] == ["a1", "a1"]
+
+
+def test_batch_inference_retry_of_large_remainder_is_a_batch_job(stack, tmp_path):
+    stack.set_faults(partial_job_names_containing="-a1", partial_fraction=0.5)
+    params = BatchParams(
+        source=str(_topics(tmp_path, 300)),
+        prompt_id="joke_about_topic",
+        model_id=CLAUDE,
+        output_uri=str(tmp_path / "out"),
+        run_name="retry-batch",
+        max_concurrent_jobs=1,
+        on_demand=False,
+    )
+
+    summary = batch_inference(params)
+
+    out = pl.read_parquet(summary["parts"])
+    assert out.height == 300
+    assert out[ERROR_CODE].null_count() == 300
+    assert out.filter(pl.col(ATTEMPTS) == 2).height == 150
+    jobs = stack.ledger(name_contains="retry-batch")
+    assert sorted(j["recordCount"] for j in jobs) == [150, 300]
 
 
 def test_batch_inference_failed_job_marks_its_rows(stack, tmp_path):
@@ -129,8 +184,11 @@ def test_batch_inference_failed_job_marks_its_rows(stack, tmp_path):
 
     out = pl.read_parquet(summary["parts"])
     assert out.height == 200
-    assert out.filter(pl.col(ERROR_CODE) == "Failed").height == 100
+    failed = out.filter(pl.col(ERROR_CODE) == "Failed")
+    assert failed.height == 100
+    assert failed[ATTEMPTS].unique().to_list() == [3]
     assert {job["status"] for job in summary["jobs"]} == {"Completed", "Failed"}
+    assert len(stack.ledger(name_contains="failed-job-shard-00001")) == 3
 
 
 def test_batch_inference_rerun_of_finished_run_creates_no_job(stack, tmp_path):

@@ -1,0 +1,141 @@
+"""Combining a shard's attempts: which records still need a retry, and the final merged part.
+
+A shard's first job covers all its rows; each retry job (or the on-demand pass) covers only
+the records still unserved. A record's outcome is decided by the latest attempt that included
+it: its output line, else that attempt's job error, else MissingOutput.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import polars as pl
+
+from tasks import columns as C
+from tasks.merge import MergeStats, _stats, _write_atomic, parse_outputs, result_schema
+from tasks.model_formats import family_for
+
+# Record errors that say nothing about the record itself: throttling, timeouts, server faults.
+RETRYABLE_RECORD_ERRORS = frozenset(
+    {"408", "424", "429", "500", "502", "503", "504", C.MISSING_OUTPUT}
+    | {"ThrottlingException", "ModelTimeoutException", "InternalServerException"}
+    | {"ServiceUnavailableException", "ModelErrorException"}
+)
+
+_ATTEMPT = "__attempt"
+
+
+@dataclass
+class AttemptOutput:
+    """What one attempt of a shard produced."""
+
+    number: int
+    outputs: list[bytes | Path]
+    record_ids: list[str] | None = None  # None: every row of the shard
+    job_id: str | None = None
+    served_by: str = C.SERVED_BATCH
+    job_error: tuple[str, str] | None = None
+    extra: dict = field(default_factory=dict)
+
+
+def _included(rows: pl.LazyFrame, attempts: list[AttemptOutput]) -> pl.LazyFrame:
+    """(record_id, attempt, job_id, served_by, default error) for every record an attempt had."""
+    frames = []
+    for a in attempts:
+        ids = (
+            rows.select(C.RECORD_ID)
+            if a.record_ids is None
+            else pl.LazyFrame({C.RECORD_ID: a.record_ids}, schema={C.RECORD_ID: pl.String})
+        )
+        code, message = a.job_error or (
+            C.MISSING_OUTPUT,
+            f"No output line for this record (attempt {a.number}, job {a.job_id}).",
+        )
+        frames.append(
+            ids.with_columns(
+                pl.lit(a.number, pl.Int32).alias(_ATTEMPT),
+                pl.lit(a.job_id, pl.String).alias(C.JOB_ID),
+                pl.lit(a.served_by, pl.String).alias(C.SERVED_BY),
+                pl.lit(code, pl.String).alias("__code"),
+                pl.lit(message, pl.String).alias("__message"),
+            )
+        )
+    return pl.concat(frames)
+
+
+def outcomes(
+    rows: pl.LazyFrame, attempts: list[AttemptOutput], model_id: str, invocation_type: str
+) -> pl.LazyFrame:
+    """Each input row with the result of the latest attempt that included it."""
+    family = family_for(model_id, invocation_type)
+    included = _included(rows, attempts)
+    latest = (
+        included.sort(_ATTEMPT)
+        .group_by(C.RECORD_ID)
+        .agg(pl.len().cast(pl.Int32).alias(C.ATTEMPTS), pl.all().last())
+    )
+    lines = pl.concat(
+        [
+            parse_outputs(a.outputs, family).with_columns(
+                pl.lit(a.number, pl.Int32).alias(_ATTEMPT)
+            )
+            for a in attempts
+        ]
+    )
+    matched = pl.col("__matched").fill_null(False)
+    schema = result_schema(family)
+    input_columns = rows.collect_schema().names()
+    return (
+        rows.join(latest, on=C.RECORD_ID, how="left", maintain_order="left")
+        .join(lines, on=[C.RECORD_ID, _ATTEMPT], how="left", maintain_order="left")
+        .with_columns(
+            pl.when(matched)
+            .then(pl.col(C.ERROR_CODE))
+            .otherwise(pl.col("__code"))
+            .alias(C.ERROR_CODE),
+            pl.when(matched)
+            .then(pl.col(C.ERROR_MESSAGE))
+            .otherwise(pl.col("__message"))
+            .alias(C.ERROR_MESSAGE),
+        )
+        .select(
+            *input_columns,
+            *[pl.col(name).cast(dtype) for name, dtype in schema.items()],
+        )
+    )
+
+
+def records_to_retry(
+    rows_file: Path,
+    attempts: list[AttemptOutput],
+    model_id: str,
+    invocation_type: str,
+    job_errors: frozenset[str] | set[str] = frozenset(),
+) -> list[str]:
+    """Record ids whose latest outcome is a retryable failure (not a fault of the record).
+
+    ``job_errors`` names the job statuses (Failed, Expired, ...) whose records count too.
+    """
+    frame = outcomes(pl.scan_parquet(rows_file), attempts, model_id, invocation_type)
+    retryable = list(RETRYABLE_RECORD_ERRORS | set(job_errors))
+    return (
+        frame.filter(pl.col(C.ERROR_CODE).is_in(retryable))
+        .select(C.RECORD_ID)
+        .collect()
+        .get_column(C.RECORD_ID)
+        .to_list()
+    )
+
+
+def merge_attempts(
+    rows_file: Path,
+    attempts: list[AttemptOutput],
+    model_id: str,
+    invocation_type: str,
+    dest: Path,
+) -> MergeStats:
+    """Write the shard's Parquet part from all its attempts: every row once."""
+    frame = outcomes(pl.scan_parquet(rows_file), attempts, model_id, invocation_type).collect()
+    _write_atomic(frame, dest)
+    return _stats(frame)

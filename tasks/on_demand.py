@@ -1,0 +1,117 @@
+"""Finishing a remainder too small for a batch job through bedrock-runtime, rate-limited."""
+
+from __future__ import annotations
+
+import io
+import json
+import time
+
+import polars as pl
+from botocore.exceptions import ClientError
+from prefect import get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+from prefect.client.orchestration import get_client
+from prefect.concurrency.sync import rate_limit
+
+from tasks.aws_clients import client
+from tasks.gate import gate_name
+from tasks.submit import error_code
+
+# Throttling on demand is expected at the batch tail; these are tried again after a pause.
+_RETRYABLE = frozenset(
+    {"ThrottlingException", "ServiceUnavailableException", "ModelTimeoutException"}
+)
+_TRIES = 5
+
+
+def read_jsonl_lines(data: bytes) -> pl.DataFrame:
+    """Raw JSONL lines with their recordId, without decoding the bodies."""
+    # JSON escapes control characters, so 0x1F never occurs inside a line.
+    lines = pl.read_csv(
+        io.BytesIO(data),
+        has_header=False,
+        separator="\x1f",
+        quote_char=None,
+        schema={"line": pl.String},
+    )
+    return lines.with_columns(pl.col("line").str.json_path_match("$.recordId").alias("recordId"))
+
+
+def select_lines(data: bytes, record_ids: list[str]) -> bytes:
+    """The JSONL lines of ``data`` whose recordId is in ``record_ids``."""
+    lines = read_jsonl_lines(data).filter(pl.col("recordId").is_in(record_ids))
+    return ("\n".join(lines.get_column("line").to_list()) + "\n").encode()
+
+
+def record_ids_of(data: bytes) -> list[str]:
+    """Every recordId in a JSONL input."""
+    return read_jsonl_lines(data).get_column("recordId").to_list()
+
+
+def ensure_rate_limit(model_id: str, requests_per_second: float) -> str:
+    """A Prefect rate limit (slots that decay) for on-demand calls to one model."""
+    name = gate_name(model_id) + "-on-demand"
+    limit = max(1, int(round(requests_per_second)))
+    with get_client(sync_client=True) as prefect:
+        prefect.upsert_global_concurrency_limit_by_name(
+            name, limit, slot_decay_per_second=requests_per_second
+        )
+    return name
+
+
+def _invoke(model_id: str, invocation_type: str, model_input: dict) -> dict:
+    runtime = client("bedrock-runtime")
+    if invocation_type == "Converse":
+        response = runtime.converse(modelId=model_id, **model_input)
+        return {k: response[k] for k in ("output", "stopReason", "usage") if k in response}
+    response = runtime.invoke_model(
+        modelId=model_id,
+        body=json.dumps(model_input),
+        contentType="application/json",
+        accept="application/json",
+    )
+    return json.loads(response["body"].read())
+
+
+def _serve_line(model_id: str, invocation_type: str, limit: str, line: str) -> dict:
+    record = json.loads(line)
+    out = {"recordId": record["recordId"], "modelInput": record["modelInput"]}
+    for attempt in range(_TRIES):
+        rate_limit(limit, strict=True)
+        try:
+            out["modelOutput"] = _invoke(model_id, invocation_type, record["modelInput"])
+            return out
+        except ClientError as exc:
+            code = error_code(exc)
+            status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 400)
+            if code in _RETRYABLE and attempt < _TRIES - 1:
+                time.sleep(min(2**attempt, 30))
+                continue
+            message = exc.response.get("Error", {}).get("Message", str(exc))
+            out["error"] = {"errorCode": status, "errorMessage": f"{code}: {message}"}
+            return out
+    return out
+
+
+@task(task_run_name="on-demand-{label}", cache_policy=NO_CACHE)
+def serve_on_demand(
+    label: str, model_id: str, invocation_type: str, lines: bytes, requests_per_second: float
+) -> bytes:
+    """Invoke the model once per record; returns output lines shaped like a batch ``.out``.
+
+    Args:
+        label: names the task run (the shard and attempt).
+        model_id: the model.
+        invocation_type: InvokeModel or Converse.
+        lines: the records' JSONL input lines.
+        requests_per_second: the rate limit for this model's on-demand calls.
+
+    Returns:
+        JSONL: one output or error line per record.
+    """
+    limit = ensure_rate_limit(model_id, requests_per_second)
+    records = read_jsonl_lines(lines).get_column("line").to_list()
+    get_run_logger().info("Serving %d records on demand through bedrock-runtime", len(records))
+    # A handful of records (fewer than one job's minimum): a loop of API calls is the job here.
+    served = [_serve_line(model_id, invocation_type, limit, line) for line in records]
+    return ("\n".join(json.dumps(s) for s in served) + "\n").encode()

@@ -1,0 +1,87 @@
+"""Combining a shard's attempts: latest attempt wins, retryable failures are picked for retry."""
+
+from __future__ import annotations
+
+import json
+
+import polars as pl
+import pytest
+
+from tasks import columns as C
+from tasks.attempts import AttemptOutput, merge_attempts, records_to_retry
+
+CLAUDE = "anthropic.claude-3-haiku-20240307-v1:0"
+
+
+def _ok(record_id: str, text: str) -> dict:
+    return {
+        "recordId": record_id,
+        "modelInput": {},
+        "modelOutput": {
+            "content": [{"type": "text", "text": text}],
+            "stop_reason": "end_turn",
+            "usage": {"input_tokens": 3, "output_tokens": 2},
+        },
+    }
+
+
+def _err(record_id: str, code: int) -> dict:
+    return {
+        "recordId": record_id,
+        "modelInput": {},
+        "error": {"errorCode": code, "errorMessage": "x"},
+    }
+
+
+def _lines(*records: dict) -> bytes:
+    return "\n".join(json.dumps(r) for r in records).encode()
+
+
+@pytest.fixture
+def rows_file(tmp_path):
+    path = tmp_path / "rows.parquet"
+    pl.DataFrame(
+        {"topic": ["a", "b", "c", "d"], C.RECORD_ID: ["R1", "R2", "R3", "R4"]}
+    ).write_parquet(path)
+    return path
+
+
+def test_records_to_retry_takes_throttled_and_missing_not_bad_requests(rows_file):
+    first = AttemptOutput(
+        1, [_lines(_ok("R1", "x"), _err("R2", 429), _err("R3", 400))], job_id="j1"
+    )
+
+    retry = records_to_retry(rows_file, [first], CLAUDE, "InvokeModel")
+
+    assert sorted(retry) == ["R2", "R4"]
+
+
+def test_merge_attempts_latest_attempt_decides_and_counts_attempts(rows_file, tmp_path):
+    first = AttemptOutput(
+        1, [_lines(_ok("R1", "one"), _err("R2", 429), _err("R3", 400))], job_id="j1"
+    )
+    second = AttemptOutput(
+        2, [_lines(_ok("R2", "two"))], record_ids=["R2", "R4"], job_id=None, served_by="on_demand"
+    )
+    dest = tmp_path / "part.parquet"
+
+    stats = merge_attempts(rows_file, [first, second], CLAUDE, "InvokeModel", dest)
+
+    out = pl.read_parquet(dest).sort(C.RECORD_ID)
+    assert out[C.RECORD_ID].to_list() == ["R1", "R2", "R3", "R4"]
+    assert out[C.RESPONSE_TEXT].to_list() == ["one", "two", None, None]
+    assert out[C.ATTEMPTS].to_list() == [1, 2, 1, 2]
+    assert out[C.SERVED_BY].to_list() == ["batch", "on_demand", "batch", "on_demand"]
+    assert out[C.ERROR_CODE].to_list() == [None, None, "400", C.MISSING_OUTPUT]
+    assert (stats.records, stats.succeeded, stats.failed) == (4, 2, 2)
+
+
+def test_merge_attempts_failed_job_error_applies_to_its_records(rows_file, tmp_path):
+    failed = AttemptOutput(1, [], job_id="j1", job_error=("Failed", "internal error"))
+    dest = tmp_path / "part.parquet"
+
+    merge_attempts(rows_file, [failed], CLAUDE, "InvokeModel", dest)
+
+    out = pl.read_parquet(dest)
+    assert out[C.ERROR_CODE].unique().to_list() == ["Failed"]
+    assert out[C.ERROR_MESSAGE].unique().to_list() == ["internal error"]
