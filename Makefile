@@ -22,6 +22,7 @@ $(STAMP): pyproject.toml
 install: $(STAMP) ## create .venv and install the project with its dev extras
 
 run: $(STAMP) ## run the batch flow on the bundled sample data, on the local stack
+	rm -rf $(OUT)/sample-jokes  # the local stack is new each time, so is the run
 	$(BIN)/bedrock-batch run --local-stack \
 		--source data/topics.csv --prompt-id joke_about_topic --model-id $(MODEL) \
 		--output-uri $(OUT) --run-name sample-jokes --max-concurrent-jobs 2
