@@ -1,0 +1,116 @@
+"""Sources: local files, globs, folders, hf:// datasets, and their errors."""
+
+from __future__ import annotations
+
+import polars as pl
+import pytest
+from polars.testing import assert_frame_equal
+
+from tasks.errors import SourceEncodingError, SourceError
+from tasks.sources import load_source, parse_hf_source
+
+FRAME = pl.DataFrame({"topic": ["a", "b", "c"], "n": [1, 2, 3]})
+
+
+@pytest.mark.parametrize("name", ["x.csv", "x.parquet", "x.jsonl", "x.ndjson"])
+def test_load_source_reads_each_format(tmp_path, name):
+    path = tmp_path / name
+    if name.endswith(".csv"):
+        FRAME.write_csv(path)
+    elif name.endswith(".parquet"):
+        FRAME.write_parquet(path)
+    else:
+        FRAME.write_ndjson(path)
+    assert_frame_equal(load_source(str(path)).collect(), FRAME)
+
+
+def test_load_source_glob_and_folder_read_all_files(tmp_path):
+    FRAME.write_parquet(tmp_path / "a.parquet")
+    FRAME.write_parquet(tmp_path / "b.parquet")
+    assert load_source(str(tmp_path / "*.parquet")).collect().height == 6
+    assert load_source(str(tmp_path)).collect().height == 6
+
+
+def test_load_source_csv_keeps_empty_strings_apart_from_nulls(tmp_path):
+    path = tmp_path / "x.csv"
+    path.write_text('topic\n""\nb\n')
+    assert load_source(str(path)).collect()["topic"].to_list() == ["", "b"]
+
+
+def test_load_source_unknown_extension_lists_supported(tmp_path):
+    path = tmp_path / "x.xlsx"
+    path.write_text("nope")
+    with pytest.raises(SourceError) as exc:
+        load_source(str(path))
+    assert "'.xlsx'" in str(exc.value) and ".parquet" in str(exc.value)
+
+
+def test_load_source_no_matching_files_says_so(tmp_path):
+    with pytest.raises(SourceError, match="matches no file"):
+        load_source(str(tmp_path / "missing-*.csv"))
+
+
+def test_load_source_non_utf8_csv_names_file_and_fix(tmp_path):
+    path = tmp_path / "latin.csv"
+    path.write_bytes("topic\ncaf\xe9\n".encode("latin-1"))
+    with pytest.raises(SourceEncodingError) as exc:
+        load_source(str(path))
+    assert "latin.csv" in str(exc.value) and "not UTF-8" in str(exc.value)
+    assert "iconv" in str(exc.value)
+
+
+@pytest.mark.parametrize("source", ["ftp://x/y.csv", "", "s3://bucket-only", "s3:///key.csv"])
+def test_load_source_malformed_uri_is_refused(source):
+    with pytest.raises(SourceError):
+        load_source(source)
+
+
+def test_parse_hf_source_reads_split_and_config():
+    assert parse_hf_source("hf://owner/ds?split=test&config=en") == ("owner/ds", "en", "test")
+    assert parse_hf_source("hf://owner/ds") == ("owner/ds", None, "train")
+
+
+def test_parse_hf_source_unknown_key_shows_syntax():
+    with pytest.raises(SourceError, match=r"hf://<owner>/<dataset>\?split="):
+        parse_hf_source("hf://owner/ds?splt=train")
+
+
+def test_load_source_hf_goes_through_load_dataset_and_arrow(monkeypatch):
+    import datasets
+
+    calls = []
+
+    def fake_load_dataset(path, name=None, split=None):
+        calls.append((path, name, split))
+        return datasets.Dataset.from_dict({"source": ["q1", "q2"], "target": ["a", "b"]})
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
+    frame = load_source("hf://KaiserWhoLearns/SimpleCoT?split=train").collect()
+    assert calls == [("KaiserWhoLearns/SimpleCoT", None, "train")]
+    assert_frame_equal(frame, pl.DataFrame({"source": ["q1", "q2"], "target": ["a", "b"]}))
+
+
+def test_load_source_hf_from_saved_dataset_folder(tmp_path, monkeypatch):
+    import datasets
+
+    saved = tmp_path / "ds"
+    datasets.Dataset.from_dict({"input_text": ["x", "y", "z"]}).save_to_disk(str(saved))
+    monkeypatch.setattr(
+        datasets,
+        "load_dataset",
+        lambda path, name=None, split=None: datasets.load_from_disk(str(saved / ".." / path)),
+    )
+    frame = load_source("hf://ds?split=train").collect()
+    assert frame["input_text"].to_list() == ["x", "y", "z"]
+
+
+def test_load_source_hf_failure_names_dataset_and_hint(monkeypatch):
+    import datasets
+
+    def boom(path, name=None, split=None):
+        raise FileNotFoundError("not on the hub")
+
+    monkeypatch.setattr(datasets, "load_dataset", boom)
+    with pytest.raises(SourceError) as exc:
+        load_source("hf://owner/missing?split=train")
+    assert "'owner/missing'" in str(exc.value) and "HF_TOKEN" in str(exc.value)
