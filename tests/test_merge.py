@@ -1,0 +1,212 @@
+"""Merge: outputs joined onto shard rows, exactly once per input row."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import polars as pl
+import pytest
+from polars.testing import assert_frame_equal
+
+from tasks import columns as C
+from tasks.errors import PlanError
+from tasks.merge import MergeStats, merge_offline, merge_shard
+from tasks.preprocess import preprocess
+from tasks.settings import QuotaSettings
+
+CLAUDE = "anthropic.claude-3-haiku-20240307-v1:0"
+TITAN = "amazon.titan-embed-text-v2:0"
+
+
+def claude_ok(record_id: str, text: str, tokens=(10, 2)) -> str:
+    output = {
+        "content": [{"type": "text", "text": text}],
+        "stop_reason": "end_turn",
+        "usage": {"input_tokens": tokens[0], "output_tokens": tokens[1]},
+    }
+    return json.dumps({"recordId": record_id, "modelInput": {"big": "echo"}, "modelOutput": output})
+
+
+def error_line(record_id: str, code=400, message="Malformed input") -> str:
+    error = {"errorCode": code, "errorMessage": message}
+    return json.dumps({"recordId": record_id, "modelInput": {}, "error": error})
+
+
+@pytest.fixture
+def rows_file(tmp_path) -> Path:
+    path = tmp_path / "rows.parquet"
+    pl.DataFrame({"topic": ["a", "b", "c"], C.RECORD_ID: ["R0", "R1", "R2"]}).write_parquet(path)
+    return path
+
+
+def merge(rows_file, lines, tmp_path, model_id=CLAUDE, **kwargs):
+    dest = tmp_path / "out" / "part-00000.parquet"
+    data = ("\n".join(lines) + "\n").encode()
+    stats = merge_shard(rows_file, [data], model_id, "InvokeModel", dest, **kwargs)
+    return stats, pl.read_parquet(dest)
+
+
+def test_merge_shard_joins_outputs_and_marks_missing_records(rows_file, tmp_path):
+    lines = [claude_ok("R2", "joke c", (7, 3)), claude_ok("R0", "joke a")]
+    stats, frame = merge(rows_file, lines, tmp_path, job_id="job1")
+    expected = pl.DataFrame(
+        {
+            "topic": ["a", "b", "c"],
+            C.RECORD_ID: ["R0", "R1", "R2"],
+            C.RESPONSE_TEXT: ["joke a", None, "joke c"],
+            C.STOP_REASON: ["end_turn", None, "end_turn"],
+            C.INPUT_TOKENS: [10, None, 7],
+            C.OUTPUT_TOKENS: [2, None, 3],
+            C.ERROR_CODE: [None, C.MISSING_OUTPUT, None],
+            C.ERROR_MESSAGE: [
+                None,
+                "No output line for this record in the job's output (job job1).",
+                None,
+            ],
+            C.JOB_ID: ["job1"] * 3,
+            C.SERVED_BY: [C.SERVED_BATCH] * 3,
+            C.ATTEMPTS: pl.Series([1, 1, 1], dtype=pl.Int32),
+        },
+        schema_overrides={C.INPUT_TOKENS: pl.Int64, C.OUTPUT_TOKENS: pl.Int64},
+    )
+    assert_frame_equal(frame, expected)
+    assert stats == MergeStats(records=3, succeeded=2, failed=1, input_tokens=17, output_tokens=5)
+
+
+def test_merge_shard_record_errors_become_columns(rows_file, tmp_path):
+    lines = [claude_ok("R0", "x"), error_line("R1", 400, "Bad body"), error_line("R2", 429, "Slow")]
+    stats, frame = merge(rows_file, lines, tmp_path)
+    assert frame[C.ERROR_CODE].to_list() == [None, "400", "429"]
+    assert frame[C.ERROR_MESSAGE].to_list() == [None, "Bad body", "Slow"]
+    assert frame[C.RESPONSE_TEXT].to_list() == ["x", None, None]
+    assert stats.failed == 2
+
+
+def test_merge_shard_duplicate_lines_collapse_preferring_success(rows_file, tmp_path):
+    lines = [error_line("R0"), claude_ok("R0", "won"), claude_ok("R1", "b"), error_line("R2")]
+    lines += [error_line("R2", 500, "again")]
+    _, frame = merge(rows_file, lines, tmp_path)
+    assert frame.height == 3
+    assert frame[C.RECORD_ID].to_list() == ["R0", "R1", "R2"]
+    assert frame[C.RESPONSE_TEXT].to_list() == ["won", "b", None]
+    assert frame[C.ERROR_CODE][2] in ("400", "500")
+
+
+def test_merge_shard_ignores_output_lines_of_unknown_records(rows_file, tmp_path):
+    _, frame = merge(rows_file, [claude_ok("R9", "stray"), claude_ok("R0", "a")], tmp_path)
+    assert frame.height == 3 and "stray" not in frame[C.RESPONSE_TEXT].to_list()
+
+
+def test_merge_shard_job_error_marks_rows_without_output(rows_file, tmp_path):
+    job_error = ("Expired", "The job expired before these records were processed.")
+    stats, frame = merge(rows_file, [claude_ok("R1", "done")], tmp_path, job_error=job_error)
+    assert frame[C.ERROR_CODE].to_list() == ["Expired", None, "Expired"]
+    assert frame[C.ERROR_MESSAGE][0] == job_error[1]
+    assert stats.succeeded == 1 and stats.failed == 2
+
+
+def test_merge_shard_with_no_outputs_keeps_every_row(rows_file, tmp_path):
+    dest = tmp_path / "p.parquet"
+    stats = merge_shard(rows_file, [], CLAUDE, "InvokeModel", dest, job_error=("Failed", "x"))
+    assert pl.read_parquet(dest)[C.ERROR_CODE].to_list() == ["Failed"] * 3
+    assert stats.records == 3 and stats.succeeded == 0
+
+
+def test_merge_shard_embeddings_are_float32_lists(rows_file, tmp_path):
+    lines = [
+        json.dumps(
+            {"recordId": r, "modelOutput": {"embedding": [0.5, 1.5], "inputTextTokenCount": 2}}
+        )
+        for r in ("R0", "R1", "R2")
+    ]
+    stats, frame = merge(rows_file, lines, tmp_path, model_id=TITAN)
+    assert frame.schema[C.EMBEDDING] == pl.List(pl.Float32)
+    assert frame[C.EMBEDDING].to_list() == [[0.5, 1.5]] * 3
+    assert C.RESPONSE_TEXT not in frame.columns
+    assert stats == MergeStats(records=3, succeeded=3, failed=0, input_tokens=6, output_tokens=0)
+
+
+def test_merge_shard_writes_atomically_leaving_no_temp_file(rows_file, tmp_path):
+    merge(rows_file, [claude_ok("R0", "a")], tmp_path)
+    assert [p.name for p in (tmp_path / "out").iterdir()] == ["part-00000.parquet"]
+
+
+def test_merge_offline_matches_outputs_to_shards_at_any_depth(tmp_path):
+    source = tmp_path / "topics.csv"
+    pl.DataFrame({"topic": [f"t{i}" for i in range(9)]}).write_csv(source)
+    quotas = QuotaSettings(min_records_per_job=3)
+    run_dir = tmp_path / "run"
+    plan = preprocess(
+        str(source),
+        model_id=CLAUDE,
+        prompt_id="joke_about_topic",
+        out_dir=run_dir,
+        max_concurrent_jobs=3,
+        quotas=quotas,
+    )
+    outputs = tmp_path / "outputs"
+    for shard in plan.shards[:2]:
+        job_dir = outputs / "prefix" / f"job{shard.index}"
+        job_dir.mkdir(parents=True)
+        ids = pl.read_parquet(run_dir / shard.rows_file)[C.RECORD_ID].to_list()
+        lines = [claude_ok(r, f"joke {r}") for r in ids]
+        (job_dir / (Path(shard.input_file).name + ".out")).write_text("\n".join(lines) + "\n")
+    (outputs / "prefix" / "job0" / "manifest.json.out").write_text("{}")
+    written = merge_offline(run_dir, outputs)
+    assert [p.name for p in written] == [
+        "part-00000.parquet",
+        "part-00001.parquet",
+        "part-00002.parquet",
+    ]
+    merged = pl.concat([pl.read_parquet(p) for p in written])
+    assert merged.height == 9 and merged[C.RECORD_ID].n_unique() == 9
+    assert merged[C.JOB_ID].to_list() == ["job0"] * 3 + ["job1"] * 3 + [None] * 3
+    assert merged[C.ERROR_CODE].to_list() == [None] * 6 + [C.MISSING_OUTPUT] * 3
+
+
+def test_merge_offline_writes_skipped_rows_with_their_error(tmp_path):
+    source = tmp_path / "topics.csv"
+    pl.DataFrame({"topic": ["a", None, "b", "c"]}).write_csv(source)
+    run_dir = tmp_path / "run"
+    plan = preprocess(
+        str(source),
+        model_id=CLAUDE,
+        prompt_id="joke_about_topic",
+        out_dir=run_dir,
+        on_missing="skip",
+        max_concurrent_jobs=1,
+        quotas=QuotaSettings(min_records_per_job=1),
+    )
+    outputs = tmp_path / "outputs" / "j"
+    outputs.mkdir(parents=True)
+    lines = [claude_ok(r, "ok") for r in ("R0000000000", "R0000000002", "R0000000003")]
+    (outputs / "shard-00000.jsonl.out").write_text("\n".join(lines))
+    written = merge_offline(run_dir, tmp_path / "outputs")
+    assert [p.name for p in written] == ["part-00000.parquet", "skipped.parquet"]
+    skipped = pl.read_parquet(written[1])
+    assert skipped[C.RECORD_ID].to_list() == ["R0000000001"]
+    assert skipped[C.SERVED_BY].to_list() == [C.SERVED_SKIPPED]
+    assert skipped.columns == pl.read_parquet(written[0]).columns
+    assert plan.skipped_records == 1
+
+
+def test_merge_offline_without_matching_outputs_names_expected_files(tmp_path):
+    source = tmp_path / "topics.csv"
+    pl.DataFrame({"topic": ["a", "b"]}).write_csv(source)
+    run_dir = tmp_path / "run"
+    preprocess(
+        str(source),
+        model_id=CLAUDE,
+        prompt_id="joke_about_topic",
+        out_dir=run_dir,
+        quotas=QuotaSettings(min_records_per_job=1),
+    )
+    (tmp_path / "outputs").mkdir()
+    with pytest.raises(PlanError, match="shard-00000.jsonl.out"):
+        merge_offline(run_dir, tmp_path / "outputs")
+
+
+def test_merge_offline_without_plan_says_to_run_preprocess(tmp_path):
+    with pytest.raises(PlanError, match="run preprocess"):
+        merge_offline(tmp_path, tmp_path)
