@@ -19,6 +19,7 @@ from prefect.cache_policies import NO_CACHE
 from tasks import columns as C
 from tasks import events, gate, storage
 from tasks.attempts import AttemptOutput, merge_attempts, records_to_retry
+from tasks.failpoints import failpoint
 from tasks.on_demand import record_ids_of, select_lines, serve_on_demand
 from tasks.plan import OUTPUT_DIR, ShardPlan, part_name
 from tasks.poll import COUNTERS, wait_for_job
@@ -28,6 +29,7 @@ from tasks.settings import get_settings
 from tasks.submit import (
     JobRequest,
     client_token_for,
+    create_backoff,
     create_job,
     find_job_by_name,
     job_name_for,
@@ -146,7 +148,12 @@ def _submit(ctx: RunContext, shard: ShardPlan, attempt: JobAttempt, resumed: boo
     existing = find_job_by_name(attempt.job_name) if resumed else None
     if existing:
         logger.info("Found job %s created before a restart", attempt.job_name)
-    attempt.job_arn = existing or create_job(_request(ctx, shard, attempt))
+    backoff = create_backoff(get_settings().poll.create_backoff_seconds)
+    job_arn = existing or create_job.with_options(retry_delay_seconds=backoff)(
+        _request(ctx, shard, attempt)
+    )
+    failpoint("after-create")
+    attempt.job_arn = job_arn
     attempt.submitted_at = attempt.submitted_at or now_iso()
     attempt.status = attempt.status or "Submitted"
     ctx.store.save()
@@ -163,6 +170,8 @@ def _watch(ctx: RunContext, shard: ShardPlan, attempt: JobAttempt) -> None:
         if attempt.is_final:
             attempt.ended_at = now_iso()
         ctx.store.save()
+        if not attempt.is_final:
+            failpoint("polling")
         if attempt.attempt == 1:
             ctx.progress.update(shard.name, attempt.counters.get("processedRecordCount", 0))
         events.emit_job_status(
@@ -292,6 +301,7 @@ def merge_shard_output(
         stats = merge_attempts(rows, outputs, ctx.model_id, ctx.invocation_type, dest)
         if storage.is_s3(part):
             storage.upload_file(dest, part)
+    failpoint("merge")
     return vars(stats).copy()
 
 

@@ -13,6 +13,7 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from tasks import events, gate, storage
+from tasks.failpoints import failpoint
 from tasks.layout import RunLayout, expand_run_name, resolve_layout, resolve_role_arn
 from tasks.merge import merge_skipped
 from tasks.plan import OUTPUT_DIR, PLAN_FILE, SKIPPED_FILE, RunPlan
@@ -84,6 +85,9 @@ def prepare_run(params: BatchParams, layout: RunLayout) -> RunPlan:
     if storage.exists(plan_uri):
         plan = RunPlan.from_json(storage.read_bytes(plan_uri).decode())
         logger.info("Resuming run %s: plan of %d shards found", layout.run_name, len(plan.shards))
+        if not storage.is_s3(layout.run_dir):
+            # A crash may have come between writing the shards and putting them on S3.
+            _upload_inputs(plan, Path(layout.run_dir), layout)
         return plan
     with storage.local_dir_for(layout.run_dir) as out_dir:
         plan = preprocess(
@@ -99,6 +103,7 @@ def prepare_run(params: BatchParams, layout: RunLayout) -> RunPlan:
             max_records_per_job=params.max_records_per_job,
             max_concurrent_jobs=params.max_concurrent_jobs,
         )
+        failpoint("preprocess")
         _upload_inputs(plan, out_dir, layout)
         if plan.skipped_file:
             _write_skipped_part(plan, out_dir, params)
@@ -114,10 +119,10 @@ def prepare_run(params: BatchParams, layout: RunLayout) -> RunPlan:
 
 
 def _upload_inputs(plan: RunPlan, out_dir: Path, layout: RunLayout) -> None:
-    """The JSONL shards go where Bedrock reads them."""
+    """The JSONL shards go where Bedrock reads them (those already there are kept)."""
     for shard in plan.shards:
         uri = storage.join(layout.job_prefix, shard.input_file)
-        if uri != str(out_dir / shard.input_file):
+        if not storage.exists(uri):
             storage.upload_file(out_dir / shard.input_file, uri)
 
 
@@ -164,6 +169,7 @@ def finish_run(ctx: RunContext, plan: RunPlan, results: list[ShardResult]) -> di
     Returns:
         The summary: output location, parts, counts and tokens.
     """
+    failpoint("finish")
     check = check_output(ctx.run_dir, plan)
     summary = summary_artifacts(ctx, plan, results, check)
     storage.write_bytes(

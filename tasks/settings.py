@@ -52,6 +52,13 @@ class PollSettings(BaseSettings):
     lease_seconds: int = Field(
         3600, description="Length of a concurrency-slot lease; renewed while the job is polled."
     )
+    create_backoff_seconds: float = Field(
+        5.0,
+        description=(
+            "First wait after CreateModelInvocationJob is throttled or over quota; doubles on "
+            "each of up to 12 retries, capped at 5 minutes."
+        ),
+    )
 
 
 class Settings(BaseSettings):

@@ -8,7 +8,6 @@ from dataclasses import dataclass, field
 
 from botocore.exceptions import ClientError
 from prefect import task
-from prefect.tasks import exponential_backoff
 
 from tasks.aws_clients import client
 
@@ -89,10 +88,19 @@ def _retry_create(task, task_run, state) -> bool:
     return False
 
 
+CREATE_RETRIES = 12
+MAX_BACKOFF_SECONDS = 300.0
+
+
+def create_backoff(base_seconds: float) -> list[float]:
+    """Doubling waits from ``base_seconds``, capped: a busy quota can take many minutes."""
+    return [min(base_seconds * 2**n, MAX_BACKOFF_SECONDS) for n in range(CREATE_RETRIES)]
+
+
 @task(
     task_run_name="create-job-{request.job_name}",
-    retries=12,
-    retry_delay_seconds=exponential_backoff(backoff_factor=5),
+    retries=CREATE_RETRIES,
+    retry_delay_seconds=create_backoff(5.0),
     retry_jitter_factor=0.5,
     retry_condition_fn=_retry_create,
 )
