@@ -34,6 +34,11 @@ def _series(stack, model_id: str, metric: str, stat: str = "Maximum") -> list[fl
     return result["MetricDataResults"][0]["Values"]
 
 
+def _wait_max(stack, model_id: str, metric: str, check) -> None:
+    """Poll until the series' largest value passes `check`."""
+    poll(lambda: check(max(_series(stack, model_id, metric), default=0.0)))
+
+
 def test_metrics_show_a_stuck_job_as_pending_with_zero_throughput(stack):
     name = unique("metricsstuck")
     stack.configure(metrics_interval_seconds=0.2)
@@ -41,17 +46,15 @@ def test_metrics_show_a_stuck_job_as_pending_with_zero_throughput(stack):
     uri = put_jsonl(stack, f"in/{name}.jsonl", records(200))
     arn = create_job(stack, name, uri, model_id=STUCK_MODEL)
     wait_for(stack, arn, {"InProgress"}, predicate=lambda j: j["processedRecordCount"] == 100)
-    pending = poll(lambda: _series(stack, STUCK_MODEL, "NumberOfRecordsPendingProcessing"))
-    assert max(pending) == 100
-    tokens = poll(lambda: _series(stack, STUCK_MODEL, "NumberOfTokensPendingProcessing"))
-    assert max(tokens) > 0
+    _wait_max(stack, STUCK_MODEL, "NumberOfRecordsPendingProcessing", lambda v: v == 100)
+    _wait_max(stack, STUCK_MODEL, "NumberOfTokensPendingProcessing", lambda v: v > 0)
     # Once stuck, a put with zero tokens per minute arrives: the minimum drops to 0.
     poll(
         lambda: (
             0.0 in _series(stack, STUCK_MODEL, "NumberOfInputTokensProcessedPerMinute", "Minimum")
         )
     )
-    assert max(_series(stack, STUCK_MODEL, "NumberOfInputTokensProcessedPerMinute")) > 0
+    _wait_max(stack, STUCK_MODEL, "NumberOfInputTokensProcessedPerMinute", lambda v: v > 0)
     stack.set_faults(stuck_job_names_containing=None)
     wait_for(stack, arn)
 
@@ -62,10 +65,9 @@ def test_metrics_publish_tokens_per_minute_for_each_model(stack):
     body = lambda i: {"messages": [{"role": "user", "content": [{"text": f"q{i}"}]}]}  # noqa: E731
     uri = put_jsonl(stack, f"in/{name}.jsonl", records(100, body=body))
     wait_for(stack, create_job(stack, name, uri, model_id=NOVA_MODEL))
-    assert (
-        max(poll(lambda: _series(stack, NOVA_MODEL, "NumberOfOutputTokensProcessedPerMinute"))) > 0
-    )
-    assert max(_series(stack, NOVA_MODEL, "NumberOfInputTokensProcessedPerMinute")) > 0
+    # The first put may come while the job is still validating (zeros): wait for tokens.
+    _wait_max(stack, NOVA_MODEL, "NumberOfOutputTokensProcessedPerMinute", lambda v: v > 0)
+    _wait_max(stack, NOVA_MODEL, "NumberOfInputTokensProcessedPerMinute", lambda v: v > 0)
     # Token backlog is an Anthropic-only metric.
     assert _series(stack, NOVA_MODEL, "NumberOfTokensPendingProcessing") == []
 
