@@ -46,19 +46,33 @@ def result_schema(family: ModelFamily) -> dict[str, pl.DataType]:
     }
 
 
+def _lines(out: Path | bytes) -> pl.LazyFrame:
+    # One string per line: JSON never holds a raw \x01, so it is a safe "separator".
+    return pl.scan_csv(
+        io.BytesIO(out) if isinstance(out, bytes | bytearray) else out,
+        has_header=False,
+        separator="\x01",
+        quote_char=None,
+        schema={"line": pl.String},
+    )
+
+
 def _scan_outputs(outputs: list[Path | bytes], family: ModelFamily) -> pl.LazyFrame:
-    # Only the fields we need are decoded; the echoed modelInput is skipped by the schema.
-    schema = {"recordId": pl.String, "modelOutput": family.output_dtype, "error": ERROR_DTYPE}
+    # Only the fields we need are decoded; the echoed modelInput is skipped by the dtype.
+    dtype = pl.Struct(
+        {"recordId": pl.String, "modelOutput": family.output_dtype, "error": ERROR_DTYPE}
+    )
     scans = [
-        pl.scan_ndjson(
-            io.BytesIO(out) if isinstance(out, bytes | bytearray) else out, schema=schema
-        )
-        for out in outputs
-        if not isinstance(out, bytes | bytearray) or out.strip()
+        _lines(out) for out in outputs if not isinstance(out, bytes | bytearray) or out.strip()
     ]
     if not scans:
-        return pl.LazyFrame(schema=schema)
-    return pl.concat(scans, how="vertical")
+        return pl.LazyFrame(schema=dict(dtype.to_schema()))
+    line = pl.col("line")
+    return (
+        pl.concat(scans, how="vertical")
+        .filter(line.str.strip_chars_end().str.len_bytes() > 0)
+        .select(line.str.json_decode(dtype).struct.unnest())
+    )
 
 
 def parse_outputs(outputs: list[Path | bytes], family: ModelFamily) -> pl.LazyFrame:
@@ -182,7 +196,7 @@ def merge_shard(
     family = family_for(model_id, invocation_type)
     frame = merged_frame(
         pl.scan_parquet(rows_file), outputs, family, job_id=job_id, job_error=job_error
-    ).collect()
+    ).collect(engine="streaming")
     _write_atomic(frame, dest)
     return _stats(frame)
 
