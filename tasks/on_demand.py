@@ -77,7 +77,8 @@ def _serve_line(model_id: str, invocation_type: str, limit: str, line: str) -> d
     record = json.loads(line)
     out = {"recordId": record["recordId"], "modelInput": record["modelInput"]}
     for attempt in range(_TRIES):
-        rate_limit(limit, strict=True)
+        if attempt:
+            rate_limit(limit, strict=True)
         try:
             out["modelOutput"] = _invoke(model_id, invocation_type, record["modelInput"])
             return out
@@ -113,5 +114,11 @@ def serve_on_demand(
     records = read_jsonl_lines(lines).get_column("line").to_list()
     get_run_logger().info("Serving %d records on demand through bedrock-runtime", len(records))
     # A handful of records (fewer than one job's minimum): a loop of API calls is the job here.
-    served = [_serve_line(model_id, invocation_type, limit, line) for line in records]
+    # Slots are taken a second's worth at a time; one server round trip per call is too slow.
+    chunk = max(1, int(requests_per_second))
+    served = []
+    for start in range(0, len(records), chunk):
+        batch = records[start : start + chunk]
+        rate_limit(limit, occupy=len(batch), strict=True)
+        served += [_serve_line(model_id, invocation_type, limit, line) for line in batch]
     return ("\n".join(json.dumps(s) for s in served) + "\n").encode()

@@ -33,6 +33,9 @@ def local_stack():
     saved = dict(os.environ)
     with LocalStack() as stack:
         os.environ.update(stack.env)
+        # Back off in tenths of a second: the emulator answers at once.
+        os.environ["BEDROCK_BATCH_POLL_CREATE_BACKOFF_SECONDS"] = "0.1"
+        os.environ["BEDROCK_BATCH_POLL_MAX_INTERVAL_SECONDS"] = "1"
         get_settings.cache_clear()
         reset_clients()
         try:
