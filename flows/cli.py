@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from contextlib import ExitStack
 from pathlib import Path
+
+from flows.monitor_cli import add_subcommands
 
 DEFAULT_MODEL = "anthropic.claude-3-haiku-20240307-v1:0"
 
@@ -134,6 +137,30 @@ def cmd_local(args: argparse.Namespace) -> int:
     return emulator_main(args.emulator_args) or 0
 
 
+def cmd_iam_policy(args: argparse.Namespace) -> int:
+    """Print the service role's trust and permission policies and the runner's policy."""
+    import boto3
+
+    from tasks import iam
+    from tasks.layout import check_s3_uri, resolve_role_arn
+
+    role = resolve_role_arn(args.role_arn)
+    check_s3_uri(args.job_prefix, "--job-prefix")
+    account = role.split(":")[4] or "<account-id>"
+    region = args.region or boto3.session.Session().region_name or "<region>"
+    policies = {
+        "service_role_trust_policy": iam.service_role_trust_policy(account),
+        "service_role_policy": iam.service_role_policy(
+            args.job_prefix, args.model_id, region, account, args.kms_key_id
+        ),
+        "runner_policy": iam.runner_policy(
+            args.job_prefix, args.output_uri, role, args.model_id, region, account
+        ),
+    }
+    print(json.dumps(policies, indent=2))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="bedrock-batch", description="Amazon Bedrock batch inference with Prefect."
@@ -167,12 +194,18 @@ def build_parser() -> argparse.ArgumentParser:
     local.add_argument("emulator_args", nargs=argparse.REMAINDER)
     local.set_defaults(func=cmd_local)
 
-    try:
-        from flows.monitor_cli import add_subcommands
-    except ImportError:  # the monitor commands are optional extras of the CLI
-        pass
-    else:
-        add_subcommands(sub)
+    iam = sub.add_parser("iam-policy", help="print least-privilege IAM policies")
+    iam.add_argument("--role-arn", required=True, help="the Bedrock service role")
+    iam.add_argument("--model-id", action="append", required=True, help="repeatable")
+    iam.add_argument(
+        "--job-prefix", required=True, help="s3:// prefix Bedrock reads and writes (staging)"
+    )
+    iam.add_argument("--output-uri", help="s3:// output_uri of the runs, if not the job prefix")
+    iam.add_argument("--region", default=None)
+    iam.add_argument("--kms-key-id")
+    iam.set_defaults(func=cmd_iam_policy)
+
+    add_subcommands(sub)
     return parser
 
 

@@ -1,0 +1,117 @@
+"""Bad input stops the run before any job exists, with an error that names the problem and fix."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import polars as pl
+import pytest
+
+from flows.batch_inference import batch_inference
+from flows.params import BatchParams
+from tasks.errors import (
+    DuplicateIdError,
+    EmptyDatasetError,
+    MissingColumnsError,
+    MissingValuesError,
+    OutputUriError,
+    RecordTooLargeError,
+    RunSettingsError,
+    SourceEncodingError,
+    UnknownModelError,
+)
+
+CLAUDE = "anthropic.claude-3-haiku-20240307-v1:0"
+TITAN = "amazon.titan-embed-text-v2:0"
+
+
+def _csv(path: Path, frame: pl.DataFrame) -> str:
+    frame.write_csv(path)
+    return str(path)
+
+
+def _topics(n: int = 150) -> pl.DataFrame:
+    return pl.DataFrame({"topic": [f"topic {i}" for i in range(n)]})
+
+
+def _case(name: str, tmp: Path) -> tuple[dict, type[Exception], list[str]]:
+    """Parameters, the error class and the words its message must carry."""
+    if name == "missing-columns":
+        src = _csv(tmp / "a.csv", pl.DataFrame({"subject": ["x"] * 150}))
+        return {"source": src}, MissingColumnsError, ["topic", "subject"]
+    if name == "nulls":
+        frame = _topics().with_columns(
+            pl.when(pl.int_range(pl.len()) < 3).then(None).otherwise("topic").alias("topic")
+        )
+        src = _csv(tmp / "a.csv", frame)
+        return {"source": src}, MissingValuesError, ["3", "topic", "on_missing"]
+    if name == "empty-dataset":
+        src = _csv(tmp / "a.csv", _topics(0))
+        return {"source": src}, EmptyDatasetError, ["no rows"]
+    if name == "non-utf8-csv":
+        path = tmp / "latin1.csv"
+        path.write_bytes(b"topic\n" + "caf\xe9 cr\xe8me\n".encode("latin-1") * 150)
+        return {"source": str(path)}, SourceEncodingError, ["UTF-8", "latin1.csv"]
+    if name == "duplicate-ids":
+        frame = _topics().with_columns(pl.Series("id", [i % 140 for i in range(150)]))
+        src = _csv(tmp / "a.csv", frame)
+        return {"source": src, "id_column": "id"}, DuplicateIdError, ["id", "duplicate"]
+    if name == "oversize-record":
+        frame = pl.DataFrame({"input_text": ["x"] * 149 + ["word " * 20_000]})
+        src = str(tmp / "a.jsonl")
+        frame.write_ndjson(src)
+        return (
+            {"source": src, "prompt_id": None, "model_id": TITAN},
+            RecordTooLargeError,
+            ["R0000000149"],
+        )
+    if name == "unknown-model":
+        src = _csv(tmp / "a.csv", _topics())
+        return {"source": src, "model_id": "acme.unknown-v1"}, UnknownModelError, ["anthropic"]
+    if name == "invalid-role-arn":
+        src = _csv(tmp / "a.csv", _topics())
+        return {"source": src, "role_arn": "my-role"}, RunSettingsError, ["my-role", "arn:aws:iam"]
+    if name == "missing-bucket":
+        src = _csv(tmp / "a.csv", _topics())
+        return (
+            {"source": src, "output_uri": "s3://no-such-bucket-here/runs"},
+            OutputUriError,
+            ["no-such-bucket-here", "does not exist"],
+        )
+    raise AssertionError(name)
+
+
+CASES = [
+    "missing-columns",
+    "nulls",
+    "empty-dataset",
+    "non-utf8-csv",
+    "duplicate-ids",
+    "oversize-record",
+    "unknown-model",
+    "invalid-role-arn",
+    "missing-bucket",
+]
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_batch_inference_bad_input_fails_before_any_job(stack, tmp_path, case):
+    overrides, error, words = _case(case, tmp_path)
+    run_name = f"bad-{case}"
+    params = BatchParams(
+        **{
+            "prompt_id": "joke_about_topic",
+            "model_id": CLAUDE,
+            "output_uri": str(tmp_path / "out"),
+            "run_name": run_name,
+            **overrides,
+        }
+    )
+
+    with pytest.raises(error) as excinfo:
+        batch_inference(params)
+
+    message = str(excinfo.value)
+    for word in words:
+        assert word.lower() in message.lower(), message
+    assert stack.ledger(name_contains=run_name) == []
