@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from datetime import datetime
 from pathlib import Path
 
@@ -22,6 +23,15 @@ from tasks.columns import (
     SERVED_BY,
 )
 from tasks.errors import MissingColumnsError
+from tasks.events import (
+    JOB_MERGED,
+    JOB_RESOURCE_PREFIX,
+    JOB_STATUS_CHANGED,
+    JOB_SUBMITTED,
+    RUN_FINISHED,
+    RUN_RESOURCE_PREFIX,
+    read_events,
+)
 
 CLAUDE = "anthropic.claude-3-haiku-20240307-v1:0"
 TITAN = "amazon.titan-embed-text-v2:0"
@@ -223,3 +233,42 @@ def test_batch_inference_missing_column_creates_no_job(stack, tmp_path):
 
     assert "subject" in str(excinfo.value)
     assert stack.ledger(name_contains="bad-input") == []
+
+
+def _wait_for_events(resource_id: str, expected: dict[str, int]) -> dict[str, list]:
+    """Events are stored by the server shortly after they are emitted: poll, bounded."""
+    deadline = time.monotonic() + 30
+    while True:
+        by_name: dict[str, list] = {}
+        for event in read_events(prefixes=["bedrock.batch."], resource_ids=[resource_id]):
+            by_name.setdefault(event.event, []).append(event)
+        done = all(len(by_name.get(name, [])) >= n for name, n in expected.items())
+        if done or time.monotonic() > deadline:
+            return by_name
+        time.sleep(0.2)
+
+
+def test_batch_inference_emits_lifecycle_events(stack, tmp_path):
+    params = BatchParams(
+        source=str(_topics(tmp_path, 200)),
+        prompt_id="joke_about_topic",
+        model_id=CLAUDE,
+        output_uri=str(tmp_path / "out"),
+        run_name="events-test",
+        max_records_per_job=100,
+    )
+
+    summary = batch_inference(params)
+
+    resource = RUN_RESOURCE_PREFIX + "events-test"
+    by_name = _wait_for_events(resource, {JOB_SUBMITTED: 2, JOB_MERGED: 2, RUN_FINISHED: 1})
+    assert len(by_name[JOB_SUBMITTED]) == 2
+    assert len(by_name[JOB_MERGED]) == 2
+    finished = by_name[RUN_FINISHED]
+    assert len(finished) == 1
+    assert finished[0].payload["counts"] == summary["counts"]
+    assert finished[0].payload["output_uri"] == summary["output_uri"]
+    statuses = {e.payload["status"] for e in by_name[JOB_STATUS_CHANGED]}
+    assert "Completed" in statuses
+    job_ids = {r.id for e in by_name[JOB_SUBMITTED] for r in e.related}
+    assert any(i.startswith(JOB_RESOURCE_PREFIX) for i in job_ids)
