@@ -38,9 +38,9 @@ local: $(STAMP) ## start the local stack and print the export lines
 	$(BIN)/python -m emulator
 
 bench: $(STAMP) ## speed and memory benchmarks (prints figures, appends CSV)
-	$(BIN)/python benchmarks/bench_preprocess.py
-	$(BIN)/python benchmarks/bench_merge.py
-	$(BIN)/python benchmarks/bench_emulator.py
+	$(BIN)/python -m benchmarks.bench_preprocess
+	$(BIN)/python -m benchmarks.bench_merge
+	$(BIN)/python -m benchmarks.bench_emulator
 
 clean: ## remove outputs (keeps .venv)
 	rm -rf $(OUT) .pytest_cache

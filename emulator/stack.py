@@ -55,6 +55,8 @@ class LocalStack:
 
     def start(self) -> LocalStack:
         """Start both servers and create the demo bucket."""
+        # One access-log line per S3 call drowns the flow's own logs.
+        logging.getLogger("werkzeug").setLevel(logging.WARNING)
         self._moto = ThreadedMotoServer(ip_address=self.host, port=self._moto_port, verbose=False)
         self._moto.start()
         host, port = self._moto.get_host_and_port()
@@ -97,6 +99,8 @@ class LocalStack:
         return {
             "AWS_ENDPOINT_URL_S3": self.moto_url,
             "AWS_ENDPOINT_URL_CLOUDWATCH": self.moto_url,
+            # moto serves SNS too: `bedrock-batch cloudwatch setup` creates its topic there.
+            "AWS_ENDPOINT_URL_SNS": self.moto_url,
             "AWS_ENDPOINT_URL_BEDROCK": self.bedrock_url,
             "AWS_ENDPOINT_URL_BEDROCK_RUNTIME": self.bedrock_url,
             "AWS_DEFAULT_REGION": self.region,

@@ -96,23 +96,11 @@ def cmd_preprocess(args: argparse.Namespace) -> int:
     from rich.console import Console
 
     from tasks.plan import format_plan
-    from tasks.preprocess import preprocess
+    from tasks.run import preprocess_params
 
     params = _params(args)
     with Console(stderr=True).status("Rendering, validating and sharding…"):
-        plan = preprocess(
-            params.source,
-            model_id=params.model_id,
-            out_dir=Path(args.out),
-            prompt_id=params.prompt_id,
-            text_column=params.text_column,
-            id_column=params.id_column,
-            invocation_type=params.invocation_type,
-            inference_overrides=params.inference.as_dict(),
-            on_missing=params.on_missing,
-            max_records_per_job=params.max_records_per_job,
-            max_concurrent_jobs=params.max_concurrent_jobs,
-        )
+        plan = preprocess_params(params, Path(args.out))
     print(format_plan(plan))
     print(f"Shards written under {args.out}/input/")
     return 0

@@ -110,6 +110,9 @@ def _hold_slot(ctx: RunContext, attempt: JobAttempt, logger: logging.LoggerAdapt
     """Make sure the attempt holds a live lease: renew the stored one or take a new one."""
     lease_seconds = get_settings().poll.lease_seconds
     if attempt.lease_id and gate.renew_slot(attempt.lease_id, lease_seconds):
+        logger.info(
+            "Kept the gate slot %s held for %s before a restart", attempt.lease_id, attempt.job_name
+        )
         return
     if attempt.lease_id:
         logger.warning(

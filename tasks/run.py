@@ -45,6 +45,23 @@ def default_run_name(params: BatchParams) -> str:
     return f"{label}-{hashlib.sha256(key.encode()).hexdigest()[:10]}"
 
 
+def preprocess_params(params: BatchParams, out_dir: Path) -> RunPlan:
+    """Preprocess with a run's parameters into a local folder (the flow and the dry run)."""
+    return preprocess(
+        params.source,
+        model_id=params.model_id,
+        out_dir=out_dir,
+        prompt_id=params.prompt_id,
+        text_column=params.text_column,
+        id_column=params.id_column,
+        invocation_type=params.invocation_type,
+        inference_overrides=params.inference.as_dict(),
+        on_missing=params.on_missing,
+        max_records_per_job=params.max_records_per_job,
+        max_concurrent_jobs=params.max_concurrent_jobs,
+    )
+
+
 @dataclass
 class ResolvedRun:
     """A run's layout, role and state, and its summary if it already finished."""
@@ -90,19 +107,7 @@ def prepare_run(params: BatchParams, layout: RunLayout) -> RunPlan:
             _upload_inputs(plan, Path(layout.run_dir), layout)
         return plan
     with storage.local_dir_for(layout.run_dir) as out_dir:
-        plan = preprocess(
-            params.source,
-            model_id=params.model_id,
-            out_dir=out_dir,
-            prompt_id=params.prompt_id,
-            text_column=params.text_column,
-            id_column=params.id_column,
-            invocation_type=params.invocation_type,
-            inference_overrides=params.inference.as_dict(),
-            on_missing=params.on_missing,
-            max_records_per_job=params.max_records_per_job,
-            max_concurrent_jobs=params.max_concurrent_jobs,
-        )
+        plan = preprocess_params(params, out_dir)
         failpoint("preprocess")
         _upload_inputs(plan, out_dir, layout)
         if plan.skipped_file:
