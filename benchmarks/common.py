@@ -32,12 +32,23 @@ class BenchSettings(BaseSettings):
 
 
 def measure(fn, *args) -> dict:
-    """Run `fn(*args)` here and report seconds and this process's peak RSS in MB."""
+    """Run `fn(*args)` here and report seconds, CPU seconds and this process's peak RSS in MB.
+
+    CPU seconds (user + system, all threads) move far less than wall time when other work
+    shares the cores, so they are the figure to compare changes by on a busy machine.
+    """
+    before = resource.getrusage(resource.RUSAGE_SELF)
     start = time.perf_counter()
     result = fn(*args)
     seconds = time.perf_counter() - start
-    peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return {"seconds": round(seconds, 3), "peak_rss_mb": round(peak_kb / 1024, 1), **result}
+    after = resource.getrusage(resource.RUSAGE_SELF)
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    return {
+        "seconds": round(seconds, 3),
+        "cpu_seconds": round(cpu, 3),
+        "peak_rss_mb": round(after.ru_maxrss / 1024, 1),
+        **result,
+    }
 
 
 def in_fresh_process(module: str) -> dict:
@@ -59,22 +70,32 @@ def record(name: str, settings: BenchSettings, figures: dict) -> Path:
         "when": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "rows": rows,
         "seconds": figures["seconds"],
+        "cpu_seconds": figures.get("cpu_seconds"),
         "rows_per_s": round(rows / figures["seconds"]),
         "peak_rss_mb": figures["peak_rss_mb"],
         "shards": figures.get("shards"),
         "cpus": os.cpu_count(),
+        "load_1m": round(os.getloadavg()[0], 2),
         "python": platform.python_version(),
     }
     print(
         f"{name}: {rows:,} rows in {figures['seconds']:.2f} s = {figures['rows_per_s']:,} rows/s, "
-        f"peak RSS {figures['peak_rss_mb']:,.0f} MB, {figures['shards']} shards"
+        f"{figures['cpu_seconds']} CPU s, peak RSS {figures['peak_rss_mb']:,.0f} MB, "
+        f"{figures['shards']} shards, load {figures['load_1m']}"
     )
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / f"{name}.csv"
-    new = not path.exists()
-    with path.open("a", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(figures))
-        if new:
+    old: list[dict] = []
+    if path.exists():
+        with path.open(newline="") as handle:
+            reader = csv.DictReader(handle)
+            if reader.fieldnames != list(figures):
+                old = list(reader)  # an older layout: rewrite it with the new columns
+    if old or not path.exists():
+        with path.open("w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=list(figures), restval="")
             writer.writeheader()
-        writer.writerow(figures)
+            writer.writerows({k: row.get(k, "") for k in figures} for row in old)
+    with path.open("a", newline="") as handle:
+        csv.DictWriter(handle, fieldnames=list(figures)).writerow(figures)
     return path

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import logging
 import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,6 +22,8 @@ logger = logging.getLogger(__name__)
 ERROR_DTYPE = pl.Struct({"errorCode": pl.String, "errorMessage": pl.String})
 _OK = "__ok"
 _MATCHED = "__matched"
+# Shards merge_offline merges at once.
+_MERGE_WORKERS = 2
 
 
 @dataclass(frozen=True)
@@ -259,18 +262,30 @@ def merge_offline(run_dir: Path, outputs_dir: Path) -> list[Path]:
             f"named like {next(iter(by_name), 'shard-00000.jsonl.out')})."
         )
         raise PlanError(msg)
-    written = []
-    for shard in plan.shards:
-        dest = run_dir / OUTPUT_DIR / part_name(shard.index)
-        merge_shard(
-            run_dir / shard.rows_file,
-            found.get(shard.index, []),
-            plan.model_id,
-            plan.invocation_type,
-            dest,
-            job_id=job_ids.get(shard.index),
-        )
-        written.append(dest)
+    written = [run_dir / OUTPUT_DIR / part_name(shard.index) for shard in plan.shards]
+    # One shard's plan does not keep every core busy (decoding, joining and writing Parquet
+    # are partly serial), so shards are merged side by side; memory grows with the workers,
+    # not with the number of shards.
+    with ThreadPoolExecutor(max_workers=_MERGE_WORKERS, thread_name_prefix="merge") as pool:
+        merges = [
+            pool.submit(
+                merge_shard,
+                run_dir / shard.rows_file,
+                found.get(shard.index, []),
+                plan.model_id,
+                plan.invocation_type,
+                dest,
+                job_id=job_ids.get(shard.index),
+            )
+            for shard, dest in zip(plan.shards, written, strict=True)
+        ]
+        try:
+            for merge in merges:
+                merge.result()
+        except BaseException:
+            for merge in merges:
+                merge.cancel()
+            raise
     if plan.skipped_file:
         dest = run_dir / OUTPUT_DIR / SKIPPED_FILE
         merge_skipped(run_dir / plan.skipped_file, plan.model_id, plan.invocation_type, dest)
