@@ -272,3 +272,30 @@ def test_batch_inference_emits_lifecycle_events(stack, tmp_path):
     assert "Completed" in statuses
     job_ids = {r.id for e in by_name[JOB_SUBMITTED] for r in e.related}
     assert any(i.startswith(JOB_RESOURCE_PREFIX) for i in job_ids)
+
+
+def test_batch_inference_s3_source_and_output(stack, tmp_path):
+    s3 = boto3.client("s3", endpoint_url=stack.moto_url)
+    body = _topics(tmp_path, 150).read_bytes()
+    s3.put_object(Bucket=stack.bucket, Key="sources/topics.csv", Body=body)
+    params = BatchParams(
+        source=f"s3://{stack.bucket}/sources/topics.csv",
+        prompt_id="joke_about_topic",
+        model_id=CLAUDE,
+        output_uri=f"s3://{stack.bucket}/runs",
+        run_name="s3-run",
+    )
+
+    summary = batch_inference(params)
+
+    assert summary["output_uri"] == f"s3://{stack.bucket}/runs/s3-run/output"
+    keys = {
+        obj["Key"]
+        for obj in s3.list_objects_v2(Bucket=stack.bucket, Prefix="runs/s3-run/")["Contents"]
+    }
+    assert "runs/s3-run/output/part-00000.parquet" in keys
+    assert {"runs/s3-run/plan.json", "runs/s3-run/state.json"} <= keys
+    part = s3.get_object(Bucket=stack.bucket, Key="runs/s3-run/output/part-00000.parquet")
+    out = pl.read_parquet(part["Body"].read())
+    assert out.height == 150
+    assert out[ERROR_CODE].null_count() == 150
