@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 from uuid import UUID
 
@@ -224,13 +225,15 @@ def _outputs(ctx: RunContext, shard: ShardPlan, state: ShardState) -> list[Attem
     results = []
     for attempt in state.attempts:
         job_error = None
+        outputs: list[bytes | Path] = []
         if attempt.served_by == C.SERVED_ON_DEMAND:
             outputs = [storage.read_bytes(_on_demand_uri(ctx, attempt))]
-        elif attempt.status in MERGEABLE_STATUSES:
-            prefix = storage.join(ctx.output_prefix(shard), attempt.job_id or "")
+        elif attempt.job_id:
+            # Expired and Stopped jobs keep the outputs of the records they processed:
+            # those are served and must not be paid for again.
+            prefix = storage.join(ctx.output_prefix(shard), attempt.job_id)
             outputs = [storage.read_bytes(u) for u in storage.list_files(prefix, ".jsonl.out")]
-        else:
-            outputs = []
+        if attempt.served_by != C.SERVED_ON_DEMAND and attempt.status not in MERGEABLE_STATUSES:
             job_error = (attempt.status or "Unknown", attempt.message or "the job did not finish")
         ids = None
         if attempt.attempt > 1:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections import Counter
 
+import boto3
 import polars as pl
 import pytest
 
@@ -55,3 +56,10 @@ def test_batch_inference_under_fault_is_complete_and_pays_once(stack, tmp_path, 
     retried = sum(job["recordCount"] for job in jobs) - ROWS
     on_demand = out.filter(pl.col("served_by") == "on_demand").height
     assert out.filter(pl.col(ATTEMPTS) > 1).height == retried + on_demand
+    # No record Bedrock already answered is sent again: first-attempt successes stay put.
+    bedrock = boto3.client("bedrock", endpoint_url=stack.bedrock_url)
+    answered = sum(
+        bedrock.get_model_invocation_job(jobIdentifier=job["jobArn"])["successRecordCount"]
+        for job in first_attempts
+    )
+    assert out.filter(pl.col(ATTEMPTS) == 1).height == answered
