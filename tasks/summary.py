@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 import polars as pl
@@ -80,6 +81,7 @@ def summary_artifacts(
             "attempts": r.attempts,
             "submitted": r.submitted_at,
             "ended": r.ended_at,
+            "duration_s": _seconds_between(r.submitted_at, r.ended_at),
         }
         for r in results
     ]
@@ -106,6 +108,13 @@ def summary_artifacts(
         "tokens": {"input": check["input_tokens"], "output": check["output_tokens"]},
         "jobs": rows,
     }
+
+
+def _seconds_between(start: str | None, end: str | None) -> float | None:
+    if not start or not end:
+        return None
+    delta = datetime.fromisoformat(end) - datetime.fromisoformat(start)
+    return round(delta.total_seconds(), 1)
 
 
 def _key(run_name: str, what: str) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 from datetime import datetime
 from pathlib import Path
@@ -9,6 +10,8 @@ from pathlib import Path
 import boto3
 import polars as pl
 import pytest
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import ArtifactFilter
 
 from flows.batch_inference import batch_inference
 from flows.params import BatchParams, InferenceOverrides
@@ -45,6 +48,12 @@ def _topics(tmp_path: Path, n: int) -> Path:
 
 def _bedrock(stack):
     return boto3.client("bedrock", endpoint_url=stack.bedrock_url)
+
+
+def _artifact(key: str):
+    with get_client(sync_client=True) as client:
+        (artifact,) = client.read_artifacts(artifact_filter=ArtifactFilter(key={"any_": [key]}))
+    return artifact
 
 
 def _max_in_flight(stack, jobs: list[dict]) -> int:
@@ -88,6 +97,10 @@ def test_batch_inference_text_never_exceeds_gate_and_returns_every_row(stack, tm
     )
     assert out[RESPONSE_TEXT].null_count() == 0
     assert summary["counts"] == {"records": 300, "succeeded": 300, "failed": 0}
+    assert all(job["duration_s"] is not None and job["duration_s"] >= 0 for job in summary["jobs"])
+    table = json.loads(_artifact("bedrock-batch-gate-test-jobs").data)
+    assert sorted(row["ok"] for row in table) == [100, 100, 100]
+    assert "gate-test/output" in _artifact("bedrock-batch-gate-test-output").data
     assert summary["tokens"]["input"] > 0 and summary["tokens"]["output"] > 0
 
 
