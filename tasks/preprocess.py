@@ -481,7 +481,9 @@ def _preprocess(
     keep = [*input_columns, C.RECORD_ID]
     shards = []
     skipped: list[pl.DataFrame] = []
-    writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="shard-writer")
+    # A shard's two files are written side by side; at most two shards' writes are pending, so
+    # memory stays at a few shards whatever the row count.
+    writer = ThreadPoolExecutor(max_workers=2, thread_name_prefix="shard-writer")
     writes: list[Future] = []
     try:
         for i, (a, b) in enumerate(ranges):
@@ -489,7 +491,11 @@ def _preprocess(
             frame = _collect(
                 lf.slice(first, stop - first)
                 .with_row_index(_ROW, offset=first)
-                .with_columns(missing.alias(_MISSING), record_id_expr(row).alias(C.RECORD_ID))
+                .with_columns(
+                    # Without missing rows (the usual case) the flag need not be recomputed.
+                    (missing if n_missing else pl.lit(False)).alias(_MISSING),
+                    record_id_expr(row).alias(C.RECORD_ID),
+                )
                 .with_columns(line.expr(pl.col(C.RECORD_ID)).alias(_LINE)),
                 source,
             )
@@ -518,7 +524,7 @@ def _preprocess(
             )
             shards.append(shard)
             del frame
-            while len(writes) > 2:
+            while len(writes) > 4:
                 writes.pop(0).result()
         for pending in writes:
             pending.result()
