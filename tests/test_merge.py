@@ -93,6 +93,42 @@ def test_merge_shard_duplicate_lines_collapse_preferring_success(rows_file, tmp_
     assert frame[C.ERROR_CODE][2] in ("400", "500")
 
 
+def test_merge_shard_reads_output_lines_whatever_their_key_order(rows_file, tmp_path):
+    output = json.loads(claude_ok("R0", "first"))["modelOutput"]
+    error = {"errorCode": 400, "errorMessage": "Bad body"}
+    lines = [
+        json.dumps({"modelOutput": output, "modelInput": {"x": 1}, "recordId": "R0"}),
+        json.dumps({"error": error, "recordId": "R1", "modelInput": {}}),
+        '{ "modelInput" : {} , "recordId" : "R2" , "modelOutput" : '
+        + json.dumps({**output, "content": [{"type": "text", "text": "spaced"}]})
+        + " }",
+    ]
+    _, frame = merge(rows_file, lines, tmp_path)
+    assert frame[C.RESPONSE_TEXT].to_list() == ["first", None, "spaced"]
+    assert frame[C.ERROR_CODE].to_list() == [None, "400", None]
+
+
+def test_merge_shard_ignores_output_like_text_inside_the_echoed_input(rows_file, tmp_path):
+    # The prompt quotes output-shaped JSON: escaped quotes and braces must not be read as keys.
+    prompt = 'Repeat: {"recordId":"R2","modelOutput":{"content":[]},"error":{"errorCode":1}}'
+    line = json.loads(error_line("R0", 400, 'Bad "body" {x}'))
+    line["modelInput"] = {"messages": [{"role": "user", "content": prompt}]}
+    lines = [json.dumps(line), claude_ok("R1", 'said "}{"')]
+    _, frame = merge(rows_file, lines, tmp_path)
+    assert frame[C.ERROR_CODE].to_list() == ["400", None, C.MISSING_OUTPUT]
+    assert frame[C.ERROR_MESSAGE][0] == 'Bad "body" {x}'
+    assert frame[C.RESPONSE_TEXT].to_list() == [None, 'said "}{"', None]
+
+
+def test_merge_shard_nested_error_key_in_model_output_is_not_a_record_error(rows_file, tmp_path):
+    output = json.loads(claude_ok("R0", "ok"))["modelOutput"]
+    output["content"].append({"type": "tool_use", "input": {"error": {"errorCode": "x"}}})
+    lines = [json.dumps({"recordId": "R0", "modelInput": {}, "modelOutput": output})]
+    _, frame = merge(rows_file, lines, tmp_path)
+    assert frame[C.ERROR_CODE][0] is None
+    assert frame[C.RESPONSE_TEXT][0] == "ok"
+
+
 def test_merge_shard_ignores_output_lines_of_unknown_records(rows_file, tmp_path):
     _, frame = merge(rows_file, [claude_ok("R9", "stray"), claude_ok("R0", "a")], tmp_path)
     assert frame.height == 3 and "stray" not in frame[C.RESPONSE_TEXT].to_list()
