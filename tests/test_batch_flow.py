@@ -11,11 +11,12 @@ import boto3
 import polars as pl
 import pytest
 from prefect.client.orchestration import get_client
-from prefect.client.schemas.filters import ArtifactFilter
+from prefect.client.schemas.filters import ArtifactFilter, LogFilter
 
 from flows.batch_inference import batch_inference
 from flows.params import BatchParams, InferenceOverrides
 from tasks import gate
+from tasks.aws_clients import reset_clients
 from tasks.columns import (
     ATTEMPTS,
     EMBEDDING,
@@ -312,3 +313,38 @@ def test_batch_inference_s3_source_and_output(stack, tmp_path):
     out = pl.read_parquet(part["Body"].read())
     assert out.height == 150
     assert out[ERROR_CODE].null_count() == 150
+
+
+def test_batch_inference_logs_and_artifacts_hold_no_prompt_or_secret(stack, tmp_path, monkeypatch):
+    secret = "sk-ExampleSecretValue-0123456789"
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", secret)
+    reset_clients()
+    source = tmp_path / "private.csv"
+    pl.DataFrame({"topic": [f"PRIVATE-PROMPT-{i}" for i in range(120)]}).write_csv(source)
+    params = BatchParams(
+        source=str(source),
+        prompt_id="joke_about_topic",
+        model_id=CLAUDE,
+        output_uri=str(tmp_path / "out"),
+        run_name="no-leaks",
+    )
+
+    state = batch_inference(params, return_state=True)
+
+    flow_run_id = state.state_details.flow_run_id
+    log_filter = LogFilter(flow_run_id={"any_": [flow_run_id]})
+    deadline = time.monotonic() + 30
+    with get_client(sync_client=True) as client:
+        while True:
+            logs = client.read_logs(log_filter=log_filter, limit=200)
+            if any("Finished in state" in log.message for log in logs):
+                break
+            assert time.monotonic() < deadline, "the flow's logs never reached the server"
+            time.sleep(0.2)
+        artifacts = client.read_artifacts(
+            artifact_filter=ArtifactFilter(flow_run_id={"any_": [flow_run_id]})
+        )
+    text = "\n".join([log.message for log in logs] + [str(a.data) for a in artifacts])
+    assert "PRIVATE-PROMPT" not in text
+    assert secret not in text
+    assert "no-leaks" in text
