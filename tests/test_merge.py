@@ -246,3 +246,27 @@ def test_merge_offline_without_matching_outputs_names_expected_files(tmp_path):
 def test_merge_offline_without_plan_says_to_run_preprocess(tmp_path):
     with pytest.raises(PlanError, match="run preprocess"):
         merge_offline(tmp_path, tmp_path)
+
+
+def test_merge_offline_malformed_output_line_fails_the_merge(tmp_path):
+    source = tmp_path / "topics.csv"
+    pl.DataFrame({"topic": [f"t{i}" for i in range(9)]}).write_csv(source)
+    run_dir = tmp_path / "run"
+    plan = preprocess(
+        str(source),
+        model_id=CLAUDE,
+        prompt_id="joke_about_topic",
+        out_dir=run_dir,
+        max_concurrent_jobs=3,
+        quotas=QuotaSettings(min_records_per_job=3),
+    )
+    outputs = tmp_path / "outputs"
+    outputs.mkdir()
+    for shard in plan.shards:
+        ids = pl.read_parquet(run_dir / shard.rows_file)[C.RECORD_ID].to_list()
+        lines = [claude_ok(r, "joke") for r in ids]
+        if shard.index == 1:
+            lines[1] = lines[1][:-5]  # a truncated line
+        (outputs / (Path(shard.input_file).name + ".out")).write_text("\n".join(lines) + "\n")
+    with pytest.raises(pl.exceptions.ComputeError, match="JSON"):
+        merge_offline(run_dir, outputs)
