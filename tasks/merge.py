@@ -197,9 +197,11 @@ def merge_shard(
         Counts of records, successes, failures and tokens.
     """
     family = family_for(model_id, invocation_type)
+    # The whole shard is needed in memory (for the write and the counts) anyway; the in-memory
+    # engine takes about a tenth less CPU than streaming here.
     frame = merged_frame(
         pl.scan_parquet(rows_file), outputs, family, job_id=job_id, job_error=job_error
-    ).collect(engine="streaming")
+    ).collect()
     _write_atomic(frame, dest)
     return _stats(frame)
 
