@@ -443,14 +443,14 @@ def _preprocess(
     if id_column is not None:
         _check_ids(lf, id_column, source)
 
-    valid = stats.filter(ok)
+    valid = stats.filter(ok) if n_missing else stats
     target_jobs = 1 if max_records_per_job is not None else max_concurrent_jobs
     ranges = _cut(valid, max_records, max_bytes, target_jobs, quotas)
     if ranges is None:
         # The cheap bound says a limit may bind: measure the exact line sizes.
         exact = _collect(lf.select((line.value_bytes() + line.const_bytes).alias(_BYTES)), source)
         stats = stats.with_columns(exact[_BYTES])
-        valid = stats.filter(ok)
+        valid = stats.filter(ok) if n_missing else stats
         over = ok & (pl.col(_BYTES) > max_bytes)
         if stats.select(over.any()).item():
             ids = _first_ids(stats, over)
