@@ -6,7 +6,8 @@ import argparse
 import json
 import os
 import sys
-from contextlib import ExitStack
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 from flows.monitor_cli import add_subcommands
@@ -75,6 +76,21 @@ def _show_output(summary: dict) -> None:
             print(frame)
 
 
+@contextmanager
+def _progress(label: str) -> Iterator[Callable[[int, int], None]]:
+    """A progress bar on stderr; yields ``advance(done, total)`` for the step to call."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
+
+    columns = (*Progress.get_default_columns()[:1], BarColumn(), MofNCompleteColumn())
+    with Progress(*columns, TimeElapsedColumn(), transient=False) as bar:
+        task = bar.add_task(label, total=None)
+
+        def advance(done: int, total: int) -> None:
+            bar.update(task, completed=done, total=total)
+
+        yield advance
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     """Run the batch flow now, optionally on an in-process local stack."""
     with ExitStack() as stack:
@@ -93,14 +109,12 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_preprocess(args: argparse.Namespace) -> int:
     """Dry run: write the shards under --out and print the plan; no AWS call."""
-    from rich.console import Console
-
     from tasks.plan import format_plan
     from tasks.run import preprocess_params
 
     params = _params(args)
-    with Console(stderr=True).status("Rendering, validating and sharding…"):
-        plan = preprocess_params(params, Path(args.out))
+    with _progress("Validating, rendering and sharding") as advance:
+        plan = preprocess_params(params, Path(args.out), on_shard=advance)
     print(format_plan(plan))
     print(f"Shards written under {args.out}/input/")
     return 0
@@ -108,12 +122,10 @@ def cmd_preprocess(args: argparse.Namespace) -> int:
 
 def cmd_merge(args: argparse.Namespace) -> int:
     """Offline merge of Bedrock outputs downloaded under --outputs into the run folder."""
-    from rich.console import Console
-
     from tasks.merge import merge_offline
 
-    with Console(stderr=True).status("Merging outputs…"):
-        parts = merge_offline(Path(args.run_dir), Path(args.outputs))
+    with _progress("Merging outputs into Parquet") as advance:
+        parts = merge_offline(Path(args.run_dir), Path(args.outputs), on_part=advance)
     print(f"Wrote {len(parts)} Parquet parts under {Path(args.run_dir) / 'output'}")
     return 0
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import logging
 import os
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -231,12 +232,15 @@ def merge_skipped(rows_file: Path, model_id: str, invocation_type: str, dest: Pa
     return _stats(frame)
 
 
-def merge_offline(run_dir: Path, outputs_dir: Path) -> list[Path]:
+def merge_offline(
+    run_dir: Path, outputs_dir: Path, on_part: Callable[[int, int], None] | None = None
+) -> list[Path]:
     """Merge the `*.jsonl.out` files under `outputs_dir` onto the shards of `run_dir`.
 
     Outputs are found at any depth (Bedrock writes `<jobId>/<input file>.out`) and matched to
     shards by input file name; the job id is the folder they sit in. A shard without output
-    gets MissingOutput errors, so every input row is in `run_dir/output/`.
+    gets MissingOutput errors, so every input row is in `run_dir/output/`. ``on_part`` is
+    called with (parts done, parts in all) as each part is written, for progress.
 
     Returns:
         The Parquet files written: `output/part-NNNNN.parquet` per shard, plus
@@ -282,8 +286,10 @@ def merge_offline(run_dir: Path, outputs_dir: Path) -> list[Path]:
             for shard, dest in zip(plan.shards, written, strict=True)
         ]
         try:
-            for merge in merges:
+            for done, merge in enumerate(merges, start=1):
                 merge.result()
+                if on_part:
+                    on_part(done, len(merges))
         except BaseException:
             for merge in merges:
                 merge.cancel()

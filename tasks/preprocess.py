@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import os
 import shutil
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -333,6 +334,7 @@ def preprocess(
     max_records_per_job: int | None = None,
     max_concurrent_jobs: int = 10,
     quotas: QuotaSettings | None = None,
+    on_shard: Callable[[int, int], None] | None = None,
 ) -> RunPlan:
     """Validate `source`, then write Bedrock JSONL shards, their input rows and plan.json.
 
@@ -349,6 +351,7 @@ def preprocess(
         max_records_per_job: records per shard; default spreads rows over the gate.
         max_concurrent_jobs: the gate; shards default to about this many jobs.
         quotas: Bedrock quotas; default from settings.
+        on_shard: called with (shards done, shards in all) as each shard is cut, for progress.
 
     Returns:
         The RunPlan that was written to `out_dir/plan.json`.
@@ -395,7 +398,7 @@ def preprocess(
         return _preprocess(
             lf, schema, source, family, template, line, missing, out_dir, quotas, max_bytes,
             max_records, max_records_per_job, max_concurrent_jobs, on_missing, model_id,
-            invocation_type, prompt_id, text_column, id_column, options,
+            invocation_type, prompt_id, text_column, id_column, options, on_shard,
         )  # fmt: skip
     finally:
         staged.unlink(missing_ok=True)
@@ -404,7 +407,7 @@ def preprocess(
 def _preprocess(
     lf, schema, source, family, template, line, missing, out_dir, quotas, max_bytes,
     max_records, max_records_per_job, max_concurrent_jobs, on_missing, model_id,
-    invocation_type, prompt_id, text_column, id_column, options,
+    invocation_type, prompt_id, text_column, id_column, options, on_shard=None,
 ) -> RunPlan:  # fmt: skip
     needed = template.columns
     # 1. Validate everything before writing anything: one streaming pass of small columns.
@@ -523,6 +526,8 @@ def _preprocess(
                 writer.submit(_write_parquet, frame.select(keep), out_dir / shard.rows_file)
             )
             shards.append(shard)
+            if on_shard:
+                on_shard(len(shards), len(ranges))
             del frame
             while len(writes) > 4:
                 writes.pop(0).result()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -45,7 +46,9 @@ def default_run_name(params: BatchParams) -> str:
     return f"{label}-{hashlib.sha256(key.encode()).hexdigest()[:10]}"
 
 
-def preprocess_params(params: BatchParams, out_dir: Path) -> RunPlan:
+def preprocess_params(
+    params: BatchParams, out_dir: Path, on_shard: Callable[[int, int], None] | None = None
+) -> RunPlan:
     """Preprocess with a run's parameters into a local folder (the flow and the dry run)."""
     return preprocess(
         params.source,
@@ -59,6 +62,7 @@ def preprocess_params(params: BatchParams, out_dir: Path) -> RunPlan:
         on_missing=params.on_missing,
         max_records_per_job=params.max_records_per_job,
         max_concurrent_jobs=params.max_concurrent_jobs,
+        on_shard=on_shard,
     )
 
 
