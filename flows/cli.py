@@ -71,8 +71,13 @@ def _show_output(summary: dict) -> None:
         f"tokens in/out: {tokens['input']}/{tokens['output']}"
     )
     if summary["parts"] and not summary["parts"][0].startswith("s3://"):
+        from tasks import columns as C
+
         frame = pl.read_parquet(summary["parts"][0]).head(5)
-        with pl.Config(fmt_str_lengths=60, tbl_cols=8, tbl_width_chars=160):
+        # The columns that say what happened; the Parquet has the rest.
+        hidden = {C.JOB_ID, C.STOP_REASON, C.INPUT_TOKENS, C.OUTPUT_TOKENS, C.ERROR_MESSAGE}
+        frame = frame.select([c for c in frame.columns if c not in hidden])
+        with pl.Config(fmt_str_lengths=70, tbl_cols=8, tbl_width_chars=150):
             print(frame)
 
 
