@@ -11,7 +11,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import polars as pl
-from prefect import task
 
 from tasks import columns as C
 from tasks.errors import PlanError
@@ -299,17 +298,3 @@ def merge_offline(
         merge_skipped(run_dir / plan.skipped_file, plan.model_id, plan.invocation_type, dest)
         written.append(dest)
     return written
-
-
-@task(name="merge-shard")
-def merge_shard_task(
-    rows_file: Path,
-    outputs: list[Path | bytes],
-    model_id: str,
-    invocation_type: str,
-    dest: Path,
-    job_id: str | None = None,
-    job_error: tuple[str, str] | None = None,
-) -> MergeStats:
-    """Merge one finished job's output onto its shard's rows (see `merge_shard`)."""
-    return merge_shard(rows_file, outputs, model_id, invocation_type, dest, job_id, job_error)

@@ -13,7 +13,6 @@ from typing import Literal
 
 import numpy as np
 import polars as pl
-from prefect import task
 
 from prompt_templates import PromptTemplate, get_template
 from tasks import columns as C
@@ -599,9 +598,3 @@ def _skipped_rows(parts: list[pl.DataFrame], needed: tuple[str, ...]) -> pl.Data
             C.ERROR_MESSAGE
         ),
     )
-
-
-@task(name="preprocess")
-def preprocess_task(source: str, **kwargs) -> RunPlan:
-    """Validate the source and write job shards (see `preprocess`)."""
-    return preprocess(source, **kwargs)

@@ -47,6 +47,18 @@ def _topics(tmp_path: Path, n: int) -> Path:
     return path
 
 
+def _text_params(tmp_path: Path, run_name: str, rows: int, **overrides) -> BatchParams:
+    """A joke_about_topic run over `rows` generated topics, written under tmp_path/out."""
+    return BatchParams(
+        source=str(_topics(tmp_path, rows)),
+        prompt_id="joke_about_topic",
+        model_id=CLAUDE,
+        output_uri=str(tmp_path / "out"),
+        run_name=run_name,
+        **overrides,
+    )
+
+
 def _bedrock(stack):
     return boto3.client("bedrock", endpoint_url=stack.bedrock_url)
 
@@ -74,12 +86,10 @@ def _max_in_flight(stack, jobs: list[dict]) -> int:
 def test_batch_inference_text_never_exceeds_gate_and_returns_every_row(stack, tmp_path):
     # Each 100-record job takes ~0.5 s, so without the gate all three would overlap.
     stack.configure(records_per_second=200)
-    params = BatchParams(
-        source=str(_topics(tmp_path, 300)),
-        prompt_id="joke_about_topic",
-        model_id=CLAUDE,
-        output_uri=str(tmp_path / "out"),
-        run_name="gate-test",
+    params = _text_params(
+        tmp_path,
+        "gate-test",
+        300,
         max_concurrent_jobs=2,
         max_records_per_job=100,
     )
@@ -128,12 +138,10 @@ def test_batch_inference_embeddings_are_float32_lists(stack, tmp_path):
 
 def test_batch_inference_record_errors_become_columns(stack, tmp_path):
     stack.set_faults(record_error_rate=0.2, seed=7)
-    params = BatchParams(
-        source=str(_topics(tmp_path, 200)),
-        prompt_id="joke_about_topic",
-        model_id=CLAUDE,
-        output_uri=str(tmp_path / "out"),
-        run_name="record-errors",
+    params = _text_params(
+        tmp_path,
+        "record-errors",
+        200,
         max_attempts=1,
     )
 
@@ -150,12 +158,10 @@ def test_batch_inference_record_errors_become_columns(stack, tmp_path):
 
 def test_batch_inference_retries_throttled_records_on_demand(stack, tmp_path):
     stack.set_faults(record_error_rate=0.1, seed=3)
-    params = BatchParams(
-        source=str(_topics(tmp_path, 200)),
-        prompt_id="joke_about_topic",
-        model_id=CLAUDE,
-        output_uri=str(tmp_path / "out"),
-        run_name="retry-on-demand",
+    params = _text_params(
+        tmp_path,
+        "retry-on-demand",
+        200,
         on_demand_rps=100,
     )
 
@@ -173,12 +179,10 @@ def test_batch_inference_retries_throttled_records_on_demand(stack, tmp_path):
 
 def test_batch_inference_retry_of_large_remainder_is_a_batch_job(stack, tmp_path):
     stack.set_faults(partial_job_names_containing="-a1", partial_fraction=0.5)
-    params = BatchParams(
-        source=str(_topics(tmp_path, 300)),
-        prompt_id="joke_about_topic",
-        model_id=CLAUDE,
-        output_uri=str(tmp_path / "out"),
-        run_name="retry-batch",
+    params = _text_params(
+        tmp_path,
+        "retry-batch",
+        300,
         max_concurrent_jobs=1,
         on_demand=False,
     )
@@ -195,12 +199,10 @@ def test_batch_inference_retry_of_large_remainder_is_a_batch_job(stack, tmp_path
 
 def test_batch_inference_failed_job_marks_its_rows(stack, tmp_path):
     stack.set_faults(fail_job_names_containing="shard-00001")
-    params = BatchParams(
-        source=str(_topics(tmp_path, 200)),
-        prompt_id="joke_about_topic",
-        model_id=CLAUDE,
-        output_uri=str(tmp_path / "out"),
-        run_name="failed-job",
+    params = _text_params(
+        tmp_path,
+        "failed-job",
+        200,
         max_records_per_job=100,
     )
 
@@ -216,13 +218,7 @@ def test_batch_inference_failed_job_marks_its_rows(stack, tmp_path):
 
 
 def test_batch_inference_rerun_of_finished_run_creates_no_job(stack, tmp_path):
-    params = BatchParams(
-        source=str(_topics(tmp_path, 150)),
-        prompt_id="joke_about_topic",
-        model_id=CLAUDE,
-        output_uri=str(tmp_path / "out"),
-        run_name="rerun",
-    )
+    params = _text_params(tmp_path, "rerun", 150)
     first = batch_inference(params)
 
     second = batch_inference(params)
@@ -263,12 +259,10 @@ def _wait_for_events(resource_id: str, expected: dict[str, int]) -> dict[str, li
 
 
 def test_batch_inference_emits_lifecycle_events(stack, tmp_path):
-    params = BatchParams(
-        source=str(_topics(tmp_path, 200)),
-        prompt_id="joke_about_topic",
-        model_id=CLAUDE,
-        output_uri=str(tmp_path / "out"),
-        run_name="events-test",
+    params = _text_params(
+        tmp_path,
+        "events-test",
+        200,
         max_records_per_job=100,
     )
 
