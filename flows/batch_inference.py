@@ -11,6 +11,7 @@ from prefect.utilities.annotations import unmapped
 from flows.params import BatchParams
 from tasks import events
 from tasks.jobs import RunContext, run_shard
+from tasks.layout import expand_run_name
 from tasks.progress import RunProgress
 from tasks.run import default_run_name, finish_run, open_gate, prepare_run, resolve_run
 
@@ -20,9 +21,13 @@ MAX_SHARDS_IN_FLIGHT = 64
 
 def _emit_failed(flow, flow_run, state) -> None:
     """Flow failure hook: a `bedrock.batch.run.failed` event automations can act on."""
-    params = flow_run.parameters.get("params") or {}
-    run_name = params.get("run_name") or flow_run.name
-    events.emit_run_failed(run_name, params.get("model_id", ""), str(state.message))
+    raw = flow_run.parameters.get("params") or {}
+    try:
+        params = BatchParams.model_validate(raw)
+        run_name = expand_run_name(params.run_name or default_run_name(params))
+    except ValueError:  # the parameters themselves were the failure
+        run_name = flow_run.name
+    events.emit_run_failed(run_name, raw.get("model_id", ""), str(state.message))
 
 
 @flow(
@@ -42,6 +47,7 @@ def batch_inference(params: BatchParams) -> dict[str, Any]:
 
     # 1. Check where everything goes, before anything is spent.
     run = resolve_run(params, run_name)
+    run_name = run.layout.run_name  # with {date} filled in
     if run.finished_summary is not None:
         logger.info("Run %s already finished; its output is in %s", run_name, run.layout.run_dir)
         return run.finished_summary

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import time
-from datetime import datetime
+from datetime import datetime, timezone
 from pathlib import Path
 
 import boto3
@@ -342,3 +342,14 @@ def test_batch_inference_logs_and_artifacts_hold_no_prompt_or_secret(stack, tmp_
     assert "PRIVATE-PROMPT" not in text
     assert secret not in text
     assert "no-leaks" in text
+
+
+def test_batch_inference_run_name_date_placeholder_names_folder_and_jobs(stack, tmp_path):
+    today = datetime.now(timezone.utc).strftime("%Y%m%d")
+
+    summary = batch_inference(_text_params(tmp_path, "dated-{date}", 120))
+
+    assert summary["run_name"] == f"dated-{today}"
+    assert (tmp_path / "out" / f"dated-{today}" / "output").is_dir()
+    names = [job["jobName"] for job in stack.ledger(name_contains="dated-")]
+    assert names == [f"dated-{today}-shard-00000-a1"]
