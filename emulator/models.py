@@ -217,7 +217,7 @@ class BedrockBackend:
     # -- operations ---------------------------------------------------------------------
 
     def create_model_invocation_job(self, body: dict) -> Job:
-        """CreateModelInvocationJob. Unsupported: vpcConfig, s3EncryptionKeyId, s3BucketOwner."""
+        """CreateModelInvocationJob. Unsupported: vpcConfig, s3BucketOwner (stored only)."""
         self.server.check_throttle("create")
         for key in ("jobName", "roleArn", "modelId", "inputDataConfig", "outputDataConfig"):
             if key not in body:
@@ -770,8 +770,13 @@ class EmulatorServerState:
             return []
 
     def write_outputs(self, job: Job, files, results, processed: int) -> None:
-        """Write the job's outputs and manifest to S3."""
-        runner.write_outputs(self.s3, job.output_uri, job.job_id, files, results, processed)
+        """Write the job's outputs and manifest to S3 (with the job's KMS key, as Bedrock does)."""
+        key = (job.request["outputDataConfig"].get("s3OutputDataConfig") or {}).get(
+            "s3EncryptionKeyId"
+        )
+        runner.write_outputs(
+            self.s3, job.output_uri, job.job_id, files, results, processed, kms_key_id=key
+        )
 
     def set_faults(self, **faults) -> None:
         """Change faults at run time; running jobs see them on their next tick."""

@@ -174,9 +174,16 @@ def answer(
 
 
 def write_outputs(
-    s3, output_uri: str, job_id: str, files: list[InputFile], results: JobResults, processed: int
+    s3,
+    output_uri: str,
+    job_id: str,
+    files: list[InputFile],
+    results: JobResults,
+    processed: int,
+    kms_key_id: str | None = None,
 ) -> None:
     """Write `<outputUri>/<jobId>/<input>.out` for the processed records and the manifest."""
+    sse = {"ServerSideEncryption": "aws:kms", "SSEKMSKeyId": kms_key_id} if kms_key_id else {}
     bucket, prefix = split_s3_uri(output_uri)
     prefix = prefix.rstrip("/")
     base = f"{prefix}/{job_id}" if prefix else job_id
@@ -185,7 +192,7 @@ def write_outputs(
     for file in files:
         group = by_file.get(file.name)
         body = "" if group is None else group[LINE].str.join("\n").item() + "\n"
-        s3.put_object(Bucket=bucket, Key=f"{base}/{file.name}.out", Body=body.encode())
+        s3.put_object(Bucket=bucket, Key=f"{base}/{file.name}.out", Body=body.encode(), **sse)
     success, errors, input_tokens, output_tokens = results.counters(processed)
     manifest = {
         "totalRecordCount": results.total,
@@ -196,5 +203,5 @@ def write_outputs(
         "outputTokenCount": output_tokens,
     }
     s3.put_object(
-        Bucket=bucket, Key=f"{base}/manifest.json.out", Body=json.dumps(manifest).encode()
+        Bucket=bucket, Key=f"{base}/manifest.json.out", Body=json.dumps(manifest).encode(), **sse
     )

@@ -214,7 +214,7 @@ def _run_on_demand(ctx: RunContext, attempt: JobAttempt) -> None:
     out = serve_on_demand(
         attempt.job_name, ctx.model_id, ctx.invocation_type, lines, ctx.on_demand_rps
     )
-    storage.write_bytes(_on_demand_uri(ctx, attempt), out)
+    storage.write_bytes(_on_demand_uri(ctx, attempt), out, ctx.kms_key_id)
     attempt.status = "Completed"
     attempt.ended_at = now_iso()
     ctx.store.save()
@@ -279,7 +279,7 @@ def _plan_retry(
     number = len(state.attempts) + 1
     input_file = f"input/{shard.name}-a{number}.jsonl"
     original = storage.read_bytes(ctx.job_uri(shard.input_file))
-    storage.write_bytes(ctx.job_uri(input_file), select_lines(original, ids))
+    storage.write_bytes(ctx.job_uri(input_file), select_lines(original, ids), ctx.kms_key_id)
     logger.info("Retrying %d records of %s (attempt %d, %s)", len(ids), shard.name, number, how)
     return _new_attempt(ctx, shard, state, input_file, len(ids), how)
 
@@ -306,7 +306,7 @@ def merge_shard_output(
         dest = out_dir / part.rsplit("/", 1)[-1]
         stats = merge_attempts(rows, outputs, ctx.model_id, ctx.invocation_type, dest)
         if storage.is_s3(part):
-            storage.upload_file(dest, part)
+            storage.upload_file(dest, part, ctx.kms_key_id)
     failpoint("merge")
     return vars(stats).copy()
 

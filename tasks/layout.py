@@ -32,6 +32,7 @@ class RunLayout:
     run_name: str
     run_dir: str
     job_prefix: str
+    kms_key_id: str | None = None  # encrypts what the run writes to S3
 
 
 def expand_run_name(run_name: str, today: datetime | None = None) -> str:
@@ -72,7 +73,7 @@ def check_bucket(uri: str, setting: str) -> None:
         raise OutputUriError(msg) from exc
 
 
-def resolve_layout(output_uri: str, run_name: str) -> RunLayout:
+def resolve_layout(output_uri: str, run_name: str, kms_key_id: str | None = None) -> RunLayout:
     """Check ``output_uri`` and the staging setting and say where the run's files go."""
     if not output_uri or "://" in output_uri and not storage.is_s3(output_uri):
         msg = (
@@ -84,7 +85,7 @@ def resolve_layout(output_uri: str, run_name: str) -> RunLayout:
     if storage.is_s3(output_uri):
         check_s3_uri(output_uri, "output_uri")
         check_bucket(output_uri, "output_uri")
-        return RunLayout(run_name, run_dir, run_dir)
+        return RunLayout(run_name, run_dir, run_dir, kms_key_id)
     staging = get_settings().aws.staging_uri
     if not staging:
         msg = (
@@ -95,7 +96,7 @@ def resolve_layout(output_uri: str, run_name: str) -> RunLayout:
         raise RunSettingsError(msg)
     check_s3_uri(staging, "BEDROCK_BATCH_STAGING_URI")
     check_bucket(staging, "BEDROCK_BATCH_STAGING_URI")
-    return RunLayout(run_name, run_dir, storage.join(staging, run_name))
+    return RunLayout(run_name, run_dir, storage.join(staging, run_name), kms_key_id)
 
 
 def resolve_role_arn(role_arn: str | None) -> str:

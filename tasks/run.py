@@ -80,9 +80,9 @@ class ResolvedRun:
 def resolve_run(params: BatchParams, run_name: str) -> ResolvedRun:
     """Check the output location, staging bucket and role, and load any earlier state."""
     run_name = expand_run_name(run_name)
-    layout = resolve_layout(params.output_uri, run_name)
+    layout = resolve_layout(params.output_uri, run_name, params.kms_key_id)
     role_arn = resolve_role_arn(params.role_arn)
-    store = RunStateStore(layout.run_dir, run_name)
+    store = RunStateStore(layout.run_dir, run_name, params.kms_key_id)
     finished = None
     summary_uri = storage.join(layout.run_dir, SUMMARY_FILE)
     if store.state.finished_at and storage.exists(summary_uri):
@@ -132,7 +132,7 @@ def _upload_inputs(plan: RunPlan, out_dir: Path, layout: RunLayout) -> None:
     for shard in plan.shards:
         uri = storage.join(layout.job_prefix, shard.input_file)
         if not storage.exists(uri):
-            storage.upload_file(out_dir / shard.input_file, uri)
+            storage.upload_file(out_dir / shard.input_file, uri, layout.kms_key_id)
 
 
 def _write_skipped_part(plan: RunPlan, out_dir: Path, params: BatchParams) -> None:
@@ -149,8 +149,10 @@ def _upload_run_files(plan: RunPlan, out_dir: Path, layout: RunLayout) -> None:
     """Rows and plan to an S3 run folder; the plan last, as the mark that all else is there."""
     for folder in ("rows", OUTPUT_DIR):
         for path in sorted((out_dir / folder).glob("*.parquet")):
-            storage.upload_file(path, storage.join(layout.run_dir, folder, path.name))
-    storage.upload_file(out_dir / PLAN_FILE, storage.join(layout.run_dir, PLAN_FILE))
+            uri = storage.join(layout.run_dir, folder, path.name)
+            storage.upload_file(path, uri, layout.kms_key_id)
+    plan_uri = storage.join(layout.run_dir, PLAN_FILE)
+    storage.upload_file(out_dir / PLAN_FILE, plan_uri, layout.kms_key_id)
 
 
 @task
@@ -181,9 +183,8 @@ def finish_run(ctx: RunContext, plan: RunPlan, results: list[ShardResult]) -> di
     failpoint("finish")
     check = check_output(ctx.run_dir, plan)
     summary = summary_artifacts(ctx, plan, results, check)
-    storage.write_bytes(
-        storage.join(ctx.run_dir, SUMMARY_FILE), json.dumps(summary, indent=1).encode()
-    )
+    summary_json = json.dumps(summary, indent=1).encode()
+    storage.write_bytes(storage.join(ctx.run_dir, SUMMARY_FILE), summary_json, ctx.kms_key_id)
     ctx.store.state.finished_at = now_iso()
     ctx.store.save()
     events.emit_run_finished(

@@ -91,8 +91,9 @@ class RunState:
 class RunStateStore:
     """Thread-safe holder of a run's state that writes it through on every change."""
 
-    def __init__(self, run_dir: str, run_name: str) -> None:
+    def __init__(self, run_dir: str, run_name: str, kms_key_id: str | None = None) -> None:
         self.uri = storage.join(run_dir, STATE_FILE)
+        self.kms_key_id = kms_key_id
         self._lock = threading.Lock()
         if storage.exists(self.uri):
             self.state = RunState.from_dict(json.loads(storage.read_bytes(self.uri)))
@@ -107,4 +108,4 @@ class RunStateStore:
         """Write the whole state atomically; call after every change."""
         with self._lock:
             data = json.dumps(asdict(self.state), indent=1, sort_keys=True).encode()
-            storage.write_bytes(self.uri, data)
+            storage.write_bytes(self.uri, data, self.kms_key_id)

@@ -39,11 +39,16 @@ def read_bytes(uri: str) -> bytes:
     return Path(uri).read_bytes()
 
 
-def write_bytes(uri: str, data: bytes) -> None:
+def _encryption(kms_key_id: str | None) -> dict[str, str]:
+    """S3 arguments that encrypt an object with a KMS key (none: the bucket's default)."""
+    return {"ServerSideEncryption": "aws:kms", "SSEKMSKeyId": kms_key_id} if kms_key_id else {}
+
+
+def write_bytes(uri: str, data: bytes, kms_key_id: str | None = None) -> None:
     """Write atomically: an S3 PUT replaces whole; a local file is written aside and renamed."""
     if is_s3(uri):
         bucket, key = split_s3(uri)
-        client("s3").put_object(Bucket=bucket, Key=key, Body=data)
+        client("s3").put_object(Bucket=bucket, Key=key, Body=data, **_encryption(kms_key_id))
         return
     path = Path(uri)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -83,11 +88,12 @@ def list_files(prefix: str, suffix: str = "") -> list[str]:
     return sorted(str(p) for p in root.rglob(f"*{suffix}") if p.is_file())
 
 
-def upload_file(local: Path, uri: str) -> None:
+def upload_file(local: Path, uri: str, kms_key_id: str | None = None) -> None:
     """Copy a local file to a URI (multipart on S3 for large files)."""
     if is_s3(uri):
         bucket, key = split_s3(uri)
-        client("s3").upload_file(str(local), bucket, key)
+        extra = _encryption(kms_key_id)
+        client("s3").upload_file(str(local), bucket, key, ExtraArgs=extra or None)
         return
     dest = Path(uri)
     dest.parent.mkdir(parents=True, exist_ok=True)

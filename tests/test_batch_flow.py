@@ -353,3 +353,27 @@ def test_batch_inference_run_name_date_placeholder_names_folder_and_jobs(stack, 
     assert (tmp_path / "out" / f"dated-{today}" / "output").is_dir()
     names = [job["jobName"] for job in stack.ledger(name_contains="dated-")]
     assert names == [f"dated-{today}-shard-00000-a1"]
+
+
+def test_batch_inference_kms_key_encrypts_every_object_of_the_run(stack, tmp_path):
+    key = "arn:aws:kms:us-east-1:123456789012:key/1234abcd-12ab-34cd-56ef-1234567890ab"
+    s3 = boto3.client("s3", endpoint_url=stack.moto_url)
+    params = BatchParams(
+        source=str(_topics(tmp_path, 120)),
+        prompt_id="joke_about_topic",
+        model_id=CLAUDE,
+        output_uri=f"s3://{stack.bucket}/kms-runs",
+        run_name="kms-run",
+        kms_key_id=key,
+    )
+
+    batch_inference(params)
+
+    listing = s3.list_objects_v2(Bucket=stack.bucket, Prefix="kms-runs/kms-run/")["Contents"]
+    keys = [obj["Key"] for obj in listing]
+    assert any(k.endswith(".jsonl.out") for k in keys)  # Bedrock's own outputs
+    assert any(k.endswith("part-00000.parquet") for k in keys)
+    for name in keys:
+        head = s3.head_object(Bucket=stack.bucket, Key=name)
+        assert head.get("ServerSideEncryption") == "aws:kms", name
+        assert head.get("SSEKMSKeyId") == key, name
