@@ -104,6 +104,11 @@ def cmd_run(args: argparse.Namespace) -> int:
 
             local = stack.enter_context(LocalStack(EmulatorConfig.demo()))
             os.environ.update(local.env)
+            from tasks.aws_clients import reset_clients
+            from tasks.settings import get_settings
+
+            get_settings.cache_clear()  # the settings must see the stack's variables
+            reset_clients()
             print(f"Local stack: Bedrock emulator {local.bedrock_url}, S3 {local.moto_url}")
         from flows.batch_inference import batch_inference
 
