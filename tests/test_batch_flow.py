@@ -84,8 +84,9 @@ def _max_in_flight(stack, jobs: list[dict]) -> int:
 
 
 def test_batch_inference_text_never_exceeds_gate_and_returns_every_row(stack, tmp_path):
-    # Each 100-record job takes ~0.5 s, so without the gate all three would overlap.
-    stack.configure(records_per_second=200)
+    # Each 100-record job takes ~2 s: two overlap even on a loaded machine, and without the
+    # gate all three would.
+    stack.configure(records_per_second=50)
     params = _text_params(
         tmp_path,
         "gate-test",
