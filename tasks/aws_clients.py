@@ -7,6 +7,7 @@ from functools import lru_cache
 
 import boto3
 from botocore.config import Config
+from botocore.exceptions import ClientError
 
 from tasks.settings import get_settings
 
@@ -29,6 +30,24 @@ def client(service: str):
     # The endpoint is part of the cache key so tests that restart the local stack get new clients.
     env_name = "AWS_ENDPOINT_URL_" + service.upper().replace("-", "_")
     return _client(service, region, os.environ.get(env_name) or os.environ.get("AWS_ENDPOINT_URL"))
+
+
+def error_code(exc: BaseException) -> str | None:
+    """The AWS error code of a botocore ClientError, else None."""
+    return exc.response.get("Error", {}).get("Code") if isinstance(exc, ClientError) else None
+
+
+def retry_on_error_codes(codes: frozenset[str] | set[str]):
+    """A Prefect ``retry_condition_fn`` that retries only AWS errors with one of ``codes``."""
+
+    def should_retry(task, task_run, state) -> bool:
+        try:
+            state.result()
+        except Exception as exc:
+            return error_code(exc) in codes
+        return False
+
+    return should_retry
 
 
 def reset_clients() -> None:

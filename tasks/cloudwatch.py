@@ -5,10 +5,9 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from botocore.exceptions import ClientError
 from prefect import task
 
-from tasks.aws_clients import client
+from tasks.aws_clients import client, retry_on_error_codes
 
 NAMESPACE = "AWS/Bedrock/Batch"
 DIMENSION = "ModelId"
@@ -34,15 +33,8 @@ Series = list[tuple[datetime, float]]
 ModelSeries = dict[str, Series]
 
 
-def _throttled(task, task_run, state) -> bool:
-    """Retry only when CloudWatch throttled us; other errors are not going to heal on their own."""
-    try:
-        state.result()
-    except ClientError as exc:
-        return exc.response.get("Error", {}).get("Code") in _THROTTLING_CODES
-    except Exception:
-        return False
-    return False
+# Retry only when CloudWatch throttled us; other errors are not going to heal on their own.
+_throttled = retry_on_error_codes(_THROTTLING_CODES)
 
 
 def build_queries(

@@ -8,7 +8,7 @@ from typing import Any
 
 from botocore.exceptions import ClientError
 
-from tasks.aws_clients import client
+from tasks.aws_clients import client, error_code
 from tasks.cloudwatch import (
     DIMENSION,
     INPUT_TOKENS_PER_MINUTE,
@@ -195,7 +195,7 @@ def teardown(model_ids: list[str]) -> dict[str, Any]:
             cloudwatch.delete_dashboards(DashboardNames=[DASHBOARD_NAME])
             deleted["dashboard"] = DASHBOARD_NAME
         except ClientError as exc:
-            if exc.response.get("Error", {}).get("Code") not in _NOT_FOUND:
+            if error_code(exc) not in _NOT_FOUND:
                 raise
         sns = client("sns")
         for topic in sns.list_topics().get("Topics", []):

@@ -16,7 +16,7 @@ from datetime import datetime, timezone
 from botocore.exceptions import ClientError
 
 from tasks import storage
-from tasks.aws_clients import client
+from tasks.aws_clients import client, error_code
 from tasks.errors import OutputUriError, RunSettingsError
 from tasks.settings import get_settings
 
@@ -64,7 +64,7 @@ def check_bucket(uri: str, setting: str) -> None:
     try:
         client("s3").head_bucket(Bucket=bucket)
     except ClientError as exc:
-        code = exc.response.get("Error", {}).get("Code")
+        code = error_code(exc)
         reason = "does not exist" if code in ("404", "NoSuchBucket") else f"is not usable ({code})"
         msg = (
             f"The bucket {bucket!r} of {setting} {uri!r} {reason}. Create it, or point "

@@ -11,11 +11,10 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from tasks import gate
-from tasks.aws_clients import client
+from tasks.aws_clients import client, error_code
 from tasks.errors import JobLostError
 from tasks.run_state import FINAL_STATUSES
 from tasks.settings import get_settings
-from tasks.submit import error_code
 
 COUNTERS = ("totalRecordCount", "processedRecordCount", "successRecordCount", "errorRecordCount")
 # Get may be throttled under load; a poll can always wait longer.

@@ -6,21 +6,15 @@ import hashlib
 import re
 from dataclasses import dataclass, field
 
-from botocore.exceptions import ClientError
 from prefect import task
 
-from tasks.aws_clients import client
+from tasks.aws_clients import client, retry_on_error_codes
 
 # Bedrock refuses these when the account is busy; both clear up with time, so back off.
 RETRYABLE_CREATE_ERRORS = frozenset(
     {"ThrottlingException", "ServiceQuotaExceededException", "InternalServerException"}
 )
 _NAME_UNSAFE = re.compile(r"[^a-zA-Z0-9-]+")
-
-
-def error_code(exc: BaseException) -> str | None:
-    """The AWS error code of a botocore ClientError, else None."""
-    return exc.response.get("Error", {}).get("Code") if isinstance(exc, ClientError) else None
 
 
 def job_name_for(run_name: str, shard_name: str, attempt: int) -> str:
@@ -77,17 +71,6 @@ class JobRequest:
         return kwargs
 
 
-def _retry_create(task, task_run, state) -> bool:
-    """Retry only the refusals that clear up with time."""
-    try:
-        state.result()
-    except ClientError as exc:
-        return error_code(exc) in RETRYABLE_CREATE_ERRORS
-    except Exception:
-        return False
-    return False
-
-
 CREATE_RETRIES = 12
 MAX_BACKOFF_SECONDS = 300.0
 
@@ -102,7 +85,7 @@ def create_backoff(base_seconds: float) -> list[float]:
     retries=CREATE_RETRIES,
     retry_delay_seconds=create_backoff(5.0),
     retry_jitter_factor=0.5,
-    retry_condition_fn=_retry_create,
+    retry_condition_fn=retry_on_error_codes(RETRYABLE_CREATE_ERRORS),
 )
 def create_job(request: JobRequest) -> str:
     """CreateModelInvocationJob, idempotent through the request's token.
