@@ -220,35 +220,30 @@ def _run_on_demand(ctx: RunContext, attempt: JobAttempt) -> None:
     ctx.store.save()
 
 
-def _outputs(ctx: RunContext, shard: ShardPlan, state: ShardState) -> list[AttemptOutput]:
-    """What every attempt so far produced, read back from S3 (or the run folder)."""
-    results = []
-    for attempt in state.attempts:
-        job_error = None
-        outputs: list[bytes | Path] = []
-        if attempt.served_by == C.SERVED_ON_DEMAND:
-            outputs = [storage.read_bytes(_on_demand_uri(ctx, attempt))]
-        elif attempt.job_id:
-            # Expired and Stopped jobs keep the outputs of the records they processed:
-            # those are served and must not be paid for again.
-            prefix = storage.join(ctx.output_prefix(shard), attempt.job_id)
-            outputs = [storage.read_bytes(u) for u in storage.list_files(prefix, ".jsonl.out")]
-        if attempt.served_by != C.SERVED_ON_DEMAND and attempt.status not in MERGEABLE_STATUSES:
-            job_error = (attempt.status or "Unknown", attempt.message or "the job did not finish")
-        ids = None
-        if attempt.attempt > 1:
-            ids = record_ids_of(storage.read_bytes(ctx.job_uri(attempt.input_file)))
-        results.append(
-            AttemptOutput(
-                attempt.attempt,
-                outputs,
-                record_ids=ids,
-                job_id=attempt.job_id,
-                served_by=attempt.served_by,
-                job_error=job_error,
-            )
-        )
-    return results
+def _attempt_output(ctx: RunContext, shard: ShardPlan, attempt: JobAttempt) -> AttemptOutput:
+    """What one finished attempt produced, read back from S3 (or the run folder)."""
+    job_error = None
+    outputs: list[bytes | Path] = []
+    if attempt.served_by == C.SERVED_ON_DEMAND:
+        outputs = [storage.read_bytes(_on_demand_uri(ctx, attempt))]
+    elif attempt.job_id:
+        # Expired and Stopped jobs keep the outputs of the records they processed:
+        # those are served and must not be paid for again.
+        prefix = storage.join(ctx.output_prefix(shard), attempt.job_id)
+        outputs = [storage.read_bytes(u) for u in storage.list_files(prefix, ".jsonl.out")]
+    if attempt.served_by != C.SERVED_ON_DEMAND and attempt.status not in MERGEABLE_STATUSES:
+        job_error = (attempt.status or "Unknown", attempt.message or "the job did not finish")
+    ids = None
+    if attempt.attempt > 1:
+        ids = record_ids_of(storage.read_bytes(ctx.job_uri(attempt.input_file)))
+    return AttemptOutput(
+        attempt.attempt,
+        outputs,
+        record_ids=ids,
+        job_id=attempt.job_id,
+        served_by=attempt.served_by,
+        job_error=job_error,
+    )
 
 
 def _plan_retry(
@@ -329,6 +324,7 @@ def run_shard(ctx: RunContext, shard: ShardPlan) -> ShardResult:
         attempt = state.current or _new_attempt(
             ctx, shard, state, shard.input_file, shard.records, C.SERVED_BATCH
         )
+        outputs: list[AttemptOutput] = []  # of the finished attempts, each read once
         while attempt is not None:
             if attempt.served_by == C.SERVED_ON_DEMAND:
                 if not attempt.is_final:
@@ -337,7 +333,7 @@ def run_shard(ctx: RunContext, shard: ShardPlan) -> ShardResult:
                 _submit(ctx, shard, attempt, resumed, logger)
                 _watch(ctx, shard, attempt)
             _release(ctx, attempt)
-            outputs = _outputs(ctx, shard, state)
+            outputs += [_attempt_output(ctx, shard, a) for a in state.attempts[len(outputs) :]]
             attempt = _plan_retry(ctx, shard, state, outputs, logger)
         state.merge_stats = merge_shard_output(ctx, shard, outputs)
         state.part_uri = ctx.part_uri(shard)
