@@ -13,7 +13,7 @@ from pathlib import Path
 import polars as pl
 
 from tasks import columns as C
-from tasks.merge import MergeStats, _stats, _write_atomic, parse_outputs, result_schema
+from tasks.merge import MergeStats, parse_outputs, result_schema, write_part
 from tasks.model_formats import family_for
 
 # Record errors that say nothing about the record itself: throttling, timeouts, server faults.
@@ -137,5 +137,4 @@ def merge_attempts(
 ) -> MergeStats:
     """Write the shard's Parquet part from all its attempts: every row once."""
     frame = outcomes(pl.scan_parquet(rows_file), attempts, model_id, invocation_type).collect()
-    _write_atomic(frame, dest)
-    return _stats(frame)
+    return write_part(frame, dest)

@@ -156,6 +156,12 @@ def _write_atomic(frame: pl.DataFrame, dest: Path) -> None:
     os.replace(tmp, dest)
 
 
+def write_part(frame: pl.DataFrame, dest: Path) -> MergeStats:
+    """Write a merged part atomically and count what it holds."""
+    _write_atomic(frame, dest)
+    return _stats(frame)
+
+
 def _stats(frame: pl.DataFrame) -> MergeStats:
     has_output = C.OUTPUT_TOKENS in frame.columns
     row = frame.select(
@@ -202,8 +208,7 @@ def merge_shard(
     frame = merged_frame(
         pl.scan_parquet(rows_file), outputs, family, job_id=job_id, job_error=job_error
     ).collect()
-    _write_atomic(frame, dest)
-    return _stats(frame)
+    return write_part(frame, dest)
 
 
 def merge_skipped(rows_file: Path, model_id: str, invocation_type: str, dest: Path) -> MergeStats:
@@ -227,8 +232,7 @@ def merge_skipped(rows_file: Path, model_id: str, invocation_type: str, dest: Pa
         )
         .collect()
     )
-    _write_atomic(frame, dest)
-    return _stats(frame)
+    return write_part(frame, dest)
 
 
 def merge_offline(
