@@ -18,7 +18,7 @@ def outputs_dir(settings: BenchSettings):
 
 
 def _merge(settings: BenchSettings) -> dict:
-    from tasks.merge import merge_offline
+    from tasks.pipeline.merge import merge_offline
 
     parts = merge_offline(run_dir(settings), outputs_dir(settings))
     return {"rows": settings.rows, "shards": len(parts)}
@@ -27,12 +27,12 @@ def _merge(settings: BenchSettings) -> dict:
 def main() -> None:
     settings = BenchSettings()
     if "--measure" in sys.argv:
-        import tasks.merge  # noqa: F401  (imports are not part of the measured step)
+        import tasks.pipeline.merge  # noqa: F401  (imports are not part of the measured step)
 
         print(json.dumps(measure(_merge, settings)))
         return
     from benchmarks.generate import anthropic_outputs
-    from tasks.plan import PLAN_FILE
+    from tasks.pipeline.plan import PLAN_FILE
 
     if not (run_dir(settings) / PLAN_FILE).exists():
         prepare(settings)

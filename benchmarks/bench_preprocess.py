@@ -32,7 +32,7 @@ def prepare(settings: BenchSettings) -> None:
 
 
 def _preprocess(settings: BenchSettings) -> dict:
-    from tasks.preprocess import preprocess
+    from tasks.pipeline.preprocess import preprocess
 
     plan = preprocess(
         str(source_path(settings)),
@@ -47,7 +47,7 @@ def _preprocess(settings: BenchSettings) -> dict:
 def main() -> None:
     settings = BenchSettings()
     if "--measure" in sys.argv:
-        import tasks.preprocess  # noqa: F401  (imports are not part of the measured step)
+        import tasks.pipeline.preprocess  # noqa: F401  (imports are not part of the measured step)
 
         print(json.dumps(measure(_preprocess, settings)))
         return

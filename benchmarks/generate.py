@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
-from tasks.plan import RunPlan
+from tasks.pipeline.plan import RunPlan
 
 _WORDS = [
     "river",

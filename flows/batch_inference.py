@@ -8,12 +8,12 @@ from prefect import flow, get_run_logger, runtime
 from prefect.task_runners import ThreadPoolTaskRunner
 from prefect.utilities.annotations import unmapped
 
-from flows.params import BatchParams
-from tasks import events
-from tasks.jobs import RunContext, run_shard
-from tasks.layout import expand_run_name
-from tasks.progress import RunProgress
-from tasks.run import default_run_name, finish_run, open_gate, prepare_run, resolve_run
+from tasks.monitoring import events
+from tasks.run.layout import expand_run_name
+from tasks.run.lifecycle import default_run_name, finish_run, open_gate, prepare_run, resolve_run
+from tasks.run.params import BatchParams
+from tasks.run.progress import RunProgress
+from tasks.run.shard import RunContext, run_shard
 
 # A shard's thread mostly sleeps between polls; shards past this many wait their turn.
 MAX_SHARDS_IN_FLIGHT = 64

@@ -32,7 +32,7 @@ def _add_data_args(parser: argparse.ArgumentParser) -> None:
 
 
 def _params(args: argparse.Namespace):
-    from flows.params import BatchParams, InferenceOverrides
+    from tasks.run.params import BatchParams, InferenceOverrides
 
     inference = InferenceOverrides(
         max_tokens=args.max_tokens,
@@ -71,7 +71,7 @@ def _show_output(summary: dict) -> None:
         f"tokens in/out: {tokens['input']}/{tokens['output']}"
     )
     if summary["parts"] and not summary["parts"][0].startswith("s3://"):
-        from tasks import columns as C
+        from tasks.pipeline import columns as C
 
         frame = pl.read_parquet(summary["parts"][0]).head(5)
         # The columns that say what happened; the Parquet has the rest.
@@ -104,7 +104,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
             local = stack.enter_context(LocalStack(EmulatorConfig.demo()))
             os.environ.update(local.env)
-            from tasks.aws_clients import reset_clients
+            from tasks.aws.clients import reset_clients
             from tasks.settings import get_settings
 
             get_settings.cache_clear()  # the settings must see the stack's variables
@@ -119,8 +119,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_preprocess(args: argparse.Namespace) -> int:
     """Dry run: write the shards under --out and print the plan; no AWS call."""
-    from tasks.plan import format_plan
-    from tasks.run import preprocess_params
+    from tasks.pipeline.plan import format_plan
+    from tasks.run.lifecycle import preprocess_params
 
     params = _params(args)
     with _progress("Validating, rendering and sharding") as advance:
@@ -132,7 +132,7 @@ def cmd_preprocess(args: argparse.Namespace) -> int:
 
 def cmd_merge(args: argparse.Namespace) -> int:
     """Offline merge of Bedrock outputs downloaded under --outputs into the run folder."""
-    from tasks.merge import merge_offline
+    from tasks.pipeline.merge import merge_offline
 
     with _progress("Merging outputs into Parquet") as advance:
         parts = merge_offline(Path(args.run_dir), Path(args.outputs), on_part=advance)
@@ -151,8 +151,8 @@ def cmd_iam_policy(args: argparse.Namespace) -> int:
     """Print the service role's trust and permission policies and the runner's policy."""
     import boto3
 
-    from tasks import iam
-    from tasks.layout import check_s3_uri, resolve_role_arn
+    from tasks.aws import iam
+    from tasks.run.layout import check_s3_uri, resolve_role_arn
 
     role = resolve_role_arn(args.role_arn)
     check_s3_uri(args.job_prefix, "--job-prefix")

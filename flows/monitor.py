@@ -10,7 +10,7 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from pydantic import Field
 
-from tasks.alerts import (
+from tasks.monitoring.alerts import (
     AlertThresholds,
     Transition,
     evaluate_rules,
@@ -18,8 +18,13 @@ from tasks.alerts import (
     save_alert_state,
     transition,
 )
-from tasks.cloudwatch import METRIC_NAMES, ModelSeries, get_batch_metrics, list_batch_model_ids
-from tasks.events import emit_alert, emit_metrics
+from tasks.monitoring.cloudwatch import (
+    METRIC_NAMES,
+    ModelSeries,
+    get_batch_metrics,
+    list_batch_model_ids,
+)
+from tasks.monitoring.events import emit_alert, emit_metrics
 
 SPARK_BLOCKS = "▁▂▃▄▅▆▇█"
 

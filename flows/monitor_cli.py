@@ -8,7 +8,7 @@ import json
 
 def cmd_automations_apply(args: argparse.Namespace) -> int:
     """Create or update the project's automations by name."""
-    from flows.automations import apply_automations
+    from tasks.monitoring.automations import apply_automations
 
     result = apply_automations(
         notification_block=args.block,
@@ -23,7 +23,7 @@ def cmd_automations_apply(args: argparse.Namespace) -> int:
 
 def cmd_cloudwatch_setup(args: argparse.Namespace) -> int:
     """Create the CloudWatch alarms, the SNS topic and the dashboard."""
-    from tasks.cloudwatch_alarms import setup
+    from tasks.monitoring.alarms import setup
 
     print(
         json.dumps(setup(args.model_id, sns_email=args.email, threshold=args.threshold), indent=2)
@@ -33,7 +33,7 @@ def cmd_cloudwatch_setup(args: argparse.Namespace) -> int:
 
 def cmd_cloudwatch_teardown(args: argparse.Namespace) -> int:
     """Delete the alarms (and the dashboard and topic once none is left)."""
-    from tasks.cloudwatch_alarms import teardown
+    from tasks.monitoring.alarms import teardown
 
     print(json.dumps(teardown(args.model_id), indent=2))
     return 0
@@ -64,7 +64,7 @@ def cmd_monitor(args: argparse.Namespace) -> int:
 
 def add_subcommands(subparsers: argparse._SubParsersAction) -> None:
     """Add `automations apply`, `cloudwatch setup|teardown`, `serve` and `monitor`."""
-    from flows.automations import NOTIFICATION_BLOCK, SUMMARIZE_DEPLOYMENT
+    from tasks.monitoring.automations import NOTIFICATION_BLOCK, SUMMARIZE_DEPLOYMENT
 
     automations = subparsers.add_parser("automations", help="Prefect automations in code")
     automations_sub = automations.add_subparsers(dest="automations_command", required=True)

@@ -17,10 +17,10 @@ BATCH_DEFAULTS = {
 
 def build_deployments(monitor_interval_minutes: float = 5.0) -> list:
     """The runner deployments `serve_all` serves: batch-inference, the monitor, summarize-run."""
-    from flows.automations import summarize_deployment_trigger
     from flows.batch_inference import batch_inference
     from flows.monitor import bedrock_batch_monitor
     from flows.summarize import summarize_run
+    from tasks.monitoring.automations import summarize_deployment_trigger
 
     return [
         batch_inference.to_deployment(name="batch-inference", parameters=BATCH_DEFAULTS),

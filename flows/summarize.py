@@ -8,8 +8,8 @@ import polars as pl
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 
-from tasks.aws_clients import polars_storage_options
-from tasks.columns import ERROR_CODE, INPUT_TOKENS, OUTPUT_TOKENS, RESPONSE_TEXT
+from tasks.aws.clients import polars_storage_options
+from tasks.pipeline.columns import ERROR_CODE, INPUT_TOKENS, OUTPUT_TOKENS, RESPONSE_TEXT
 
 
 def _parquet_glob(output_uri: str) -> str:

@@ -29,7 +29,7 @@ def prefect_server():
 def local_stack():
     """moto (S3, CloudWatch) and the Bedrock emulator over HTTP; the process env points at them."""
     from emulator import LocalStack
-    from tasks.aws_clients import reset_clients
+    from tasks.aws.clients import reset_clients
     from tasks.settings import get_settings
 
     saved = dict(os.environ)

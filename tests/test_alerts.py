@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from datetime import datetime, timedelta, timezone
 
-from tasks.alerts import (
+from tasks.monitoring.alerts import (
     BACKLOG_GROWING,
     STALLED,
     THROUGHPUT_HIGH_INPUT,
@@ -18,7 +18,7 @@ from tasks.alerts import (
     state_variable_name,
     transition,
 )
-from tasks.cloudwatch import INPUT_TOKENS_PER_MINUTE, PENDING_RECORDS
+from tasks.monitoring.cloudwatch import INPUT_TOKENS_PER_MINUTE, PENDING_RECORDS
 
 NOW = datetime(2025, 1, 1, 12, 0, tzinfo=timezone.utc)
 

@@ -7,8 +7,8 @@ import json
 import polars as pl
 import pytest
 
-from tasks import columns as C
-from tasks.attempts import AttemptOutput, merge_attempts, records_to_retry
+from tasks.pipeline import columns as C
+from tasks.pipeline.attempts import AttemptOutput, merge_attempts, records_to_retry
 
 CLAUDE = "anthropic.claude-3-haiku-20240307-v1:0"
 

@@ -12,15 +12,15 @@ from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId
 from prefect.client.schemas.objects import StateType
 from prefect.events.schemas.automations import Posture
 
-from flows.automations import (
+from flows.summarize import summarize_run
+from tasks.monitoring.automations import (
     STALLED_AUTOMATION,
     SUMMARIZE_AUTOMATION,
     ZOMBIE_AUTOMATION,
     apply_automations,
     zombie_automation,
 )
-from flows.summarize import summarize_run
-from tasks.events import emit_run_finished
+from tasks.monitoring.events import emit_run_finished
 
 SUMMARIZE_TEST_DEPLOYMENT = "summarize-run-automations-test"
 

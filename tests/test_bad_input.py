@@ -8,7 +8,6 @@ import polars as pl
 import pytest
 
 from flows.batch_inference import batch_inference
-from flows.params import BatchParams
 from tasks.errors import (
     DuplicateIdError,
     EmptyDatasetError,
@@ -20,6 +19,7 @@ from tasks.errors import (
     SourceEncodingError,
     UnknownModelError,
 )
+from tasks.run.params import BatchParams
 
 CLAUDE = "anthropic.claude-3-haiku-20240307-v1:0"
 TITAN = "amazon.titan-embed-text-v2:0"

@@ -14,20 +14,9 @@ from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import ArtifactFilter, LogFilter
 
 from flows.batch_inference import batch_inference
-from flows.params import BatchParams, InferenceOverrides
-from tasks import gate
-from tasks.aws_clients import reset_clients
-from tasks.columns import (
-    ATTEMPTS,
-    EMBEDDING,
-    ERROR_CODE,
-    ERROR_MESSAGE,
-    RECORD_ID,
-    RESPONSE_TEXT,
-    SERVED_BY,
-)
+from tasks.aws.clients import reset_clients
 from tasks.errors import MissingColumnsError
-from tasks.events import (
+from tasks.monitoring.events import (
     JOB_MERGED,
     JOB_RESOURCE_PREFIX,
     JOB_STATUS_CHANGED,
@@ -36,6 +25,17 @@ from tasks.events import (
     RUN_RESOURCE_PREFIX,
     read_events,
 )
+from tasks.pipeline.columns import (
+    ATTEMPTS,
+    EMBEDDING,
+    ERROR_CODE,
+    ERROR_MESSAGE,
+    RECORD_ID,
+    RESPONSE_TEXT,
+    SERVED_BY,
+)
+from tasks.run import gate
+from tasks.run.params import BatchParams, InferenceOverrides
 
 CLAUDE = "anthropic.claude-3-haiku-20240307-v1:0"
 TITAN = "amazon.titan-embed-text-v2:0"

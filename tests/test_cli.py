@@ -7,7 +7,7 @@ import json
 import polars as pl
 
 from flows.cli import main
-from tasks.columns import ERROR_CODE, RESPONSE_TEXT
+from tasks.pipeline.columns import ERROR_CODE, RESPONSE_TEXT
 
 CLAUDE = "anthropic.claude-3-haiku-20240307-v1:0"
 

@@ -7,8 +7,8 @@ import os
 
 import pytest
 
-from tasks import cloudwatch_alarms
-from tasks.aws_clients import client, reset_clients
+from tasks.aws.clients import client, reset_clients
+from tasks.monitoring import alarms as cloudwatch_alarms
 from tasks.settings import get_settings
 
 # moto keeps state per process, account and region: one region per test keeps tests apart.

@@ -14,7 +14,7 @@ from prefect.client.schemas.actions import WorkPoolCreate
 from prefect.exceptions import ObjectAlreadyExists
 from prefect.settings import PREFECT_API_URL
 
-from flows.automations import SUMMARIZE_DEPLOYMENT_TRIGGER
+from tasks.monitoring.automations import SUMMARIZE_DEPLOYMENT_TRIGGER
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -9,8 +9,8 @@ import polars as pl
 import pytest
 
 from flows.batch_inference import batch_inference
-from flows.params import BatchParams
-from tasks.columns import ATTEMPTS, ERROR_CODE, RECORD_ID
+from tasks.pipeline.columns import ATTEMPTS, ERROR_CODE, RECORD_ID
+from tasks.run.params import BatchParams
 
 CLAUDE = "anthropic.claude-3-haiku-20240307-v1:0"
 ROWS = 400

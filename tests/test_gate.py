@@ -6,7 +6,7 @@ import threading
 
 from prefect.client.orchestration import get_client
 
-from tasks import gate
+from tasks.run import gate
 
 
 def test_ensure_gate_creates_then_resizes_the_model_limit():

@@ -7,7 +7,7 @@ from datetime import datetime, timezone
 import pytest
 
 from tasks.errors import OutputUriError, RunSettingsError
-from tasks.layout import expand_run_name, resolve_layout, resolve_role_arn
+from tasks.run.layout import expand_run_name, resolve_layout, resolve_role_arn
 from tasks.settings import get_settings
 
 

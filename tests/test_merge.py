@@ -9,10 +9,10 @@ import polars as pl
 import pytest
 from polars.testing import assert_frame_equal
 
-from tasks import columns as C
 from tasks.errors import PlanError
-from tasks.merge import MergeStats, merge_offline, merge_shard
-from tasks.preprocess import preprocess
+from tasks.pipeline import columns as C
+from tasks.pipeline.merge import MergeStats, merge_offline, merge_shard
+from tasks.pipeline.preprocess import preprocess
 from tasks.settings import QuotaSettings
 
 CLAUDE = "anthropic.claude-3-haiku-20240307-v1:0"

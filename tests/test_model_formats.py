@@ -8,9 +8,9 @@ import polars as pl
 import pytest
 from polars.testing import assert_frame_equal
 
-from tasks import columns as C
-from tasks import model_formats as mf
+from tasks.bedrock import families as mf
 from tasks.errors import InvalidOptionsError, UnknownModelError
+from tasks.pipeline import columns as C
 
 PROMPT = 'Say "hi"\n{x}'
 

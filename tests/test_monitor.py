@@ -10,9 +10,9 @@ from datetime import datetime, timedelta, timezone
 import pytest
 
 from flows.monitor import MonitorParameters, bedrock_batch_monitor, sparkline
-from tasks.alerts import STALLED, THROUGHPUT_HIGH_INPUT
-from tasks.aws_clients import client, reset_clients
-from tasks.cloudwatch import (
+from tasks.aws.clients import client, reset_clients
+from tasks.monitoring.alerts import STALLED, THROUGHPUT_HIGH_INPUT
+from tasks.monitoring.cloudwatch import (
     DIMENSION,
     INPUT_TOKENS_PER_MINUTE,
     MAX_QUERIES_PER_CALL,
@@ -23,7 +23,7 @@ from tasks.cloudwatch import (
     get_batch_metrics,
     list_batch_model_ids,
 )
-from tasks.events import METRICS, alert_event_name, read_events
+from tasks.monitoring.events import METRICS, alert_event_name, read_events
 from tasks.settings import get_settings
 
 NOW = datetime.now(timezone.utc).replace(second=0, microsecond=0)

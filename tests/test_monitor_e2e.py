@@ -12,11 +12,11 @@ from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId
 from prefect.events.schemas.automations import EventTrigger, Posture
 
-from flows.automations import run_deployment_automation, upsert_automation
 from flows.monitor import MonitorParameters, bedrock_batch_monitor
-from tasks.alerts import STALLED
-from tasks.aws_clients import client
-from tasks.events import MODEL_RESOURCE_PREFIX, alert_event_name, read_events
+from tasks.aws.clients import client
+from tasks.monitoring.alerts import STALLED
+from tasks.monitoring.automations import run_deployment_automation, upsert_automation
+from tasks.monitoring.events import MODEL_RESOURCE_PREFIX, alert_event_name, read_events
 
 # A model no other test runs jobs on, so its metrics are this test's job alone.
 MODEL_ID = "anthropic.claude-3-opus-20240229-v1:0"

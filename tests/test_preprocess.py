@@ -10,7 +10,7 @@ import pytest
 from polars.testing import assert_frame_equal
 
 from prompt_templates import PromptTemplate, get_template
-from tasks import columns as C
+from tasks.bedrock.families import family_for
 from tasks.errors import (
     DuplicateIdError,
     EmptyDatasetError,
@@ -21,9 +21,9 @@ from tasks.errors import (
     TooFewRecordsError,
     UnknownModelError,
 )
-from tasks.model_formats import family_for
-from tasks.plan import RunPlan, format_plan
-from tasks.preprocess import _ROW, compile_line, preprocess, record_id_expr
+from tasks.pipeline import columns as C
+from tasks.pipeline.plan import RunPlan, format_plan
+from tasks.pipeline.preprocess import _ROW, compile_line, preprocess, record_id_expr
 from tasks.settings import QuotaSettings
 
 CLAUDE = "anthropic.claude-3-haiku-20240307-v1:0"

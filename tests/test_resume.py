@@ -12,8 +12,8 @@ import polars as pl
 import pytest
 from prefect.settings import PREFECT_API_URL
 
-from tasks.columns import ERROR_CODE, RECORD_ID
-from tasks.failpoints import ENV, POINTS
+from tasks.pipeline.columns import ERROR_CODE, RECORD_ID
+from tasks.run.failpoints import ENV, POINTS
 
 CLAUDE = "anthropic.claude-3-haiku-20240307-v1:0"
 ROWS = 300

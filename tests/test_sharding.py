@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from tasks.errors import ShardingError, TooFewRecordsError
-from tasks.sharding import cut_shards, shard_count
+from tasks.pipeline.sharding import cut_shards, shard_count
 
 
 def sizes(shards):

@@ -7,7 +7,7 @@ import pytest
 from polars.testing import assert_frame_equal
 
 from tasks.errors import SourceEncodingError, SourceError
-from tasks.sources import load_source, parse_hf_source
+from tasks.pipeline.sources import load_source, parse_hf_source
 
 FRAME = pl.DataFrame({"topic": ["a", "b", "c"], "n": [1, 2, 3]})
 

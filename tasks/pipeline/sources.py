@@ -125,7 +125,7 @@ def _scan(fmt: str, paths: str | list[str], storage_options: dict | None) -> pl.
 
 
 def _load_s3(source: str) -> pl.LazyFrame:
-    from tasks.aws_clients import polars_storage_options
+    from tasks.aws.clients import polars_storage_options
 
     parts = urlsplit(source)
     if not parts.netloc or not parts.path.strip("/"):

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import polars as pl
 
-from tasks import columns as C
-from tasks.merge import MergeStats, parse_outputs, result_schema, write_part
-from tasks.model_formats import family_for
+from tasks.bedrock.families import family_for
+from tasks.pipeline import columns as C
+from tasks.pipeline.merge import MergeStats, parse_outputs, result_schema, write_part
 
 # Record errors that say nothing about the record itself: throttling, timeouts, server faults.
 RETRYABLE_RECORD_ERRORS = frozenset(

@@ -13,18 +13,20 @@ from typing import TYPE_CHECKING, Any
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from tasks import events, gate, storage
-from tasks.failpoints import failpoint
-from tasks.layout import RunLayout, expand_run_name, resolve_layout, resolve_role_arn
-from tasks.merge import merge_skipped
-from tasks.plan import OUTPUT_DIR, PLAN_FILE, SKIPPED_FILE, RunPlan
-from tasks.preprocess import preprocess
-from tasks.run_state import RunStateStore, now_iso
-from tasks.summary import check_output, summary_artifacts
+from tasks.aws import storage
+from tasks.monitoring import events
+from tasks.pipeline.merge import merge_skipped
+from tasks.pipeline.plan import OUTPUT_DIR, PLAN_FILE, SKIPPED_FILE, RunPlan
+from tasks.pipeline.preprocess import preprocess
+from tasks.pipeline.summary import check_output, summary_artifacts
+from tasks.run import gate
+from tasks.run.failpoints import failpoint
+from tasks.run.layout import RunLayout, expand_run_name, resolve_layout, resolve_role_arn
+from tasks.run.state import RunStateStore, now_iso
 
 if TYPE_CHECKING:
-    from flows.params import BatchParams
-    from tasks.jobs import RunContext, ShardResult
+    from tasks.run.params import BatchParams
+    from tasks.run.shard import RunContext, ShardResult
 
 SUMMARY_FILE = "summary.json"
 

@@ -9,7 +9,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from tasks.aws_clients import client
+from tasks.aws.clients import client
 
 
 def is_s3(uri: str) -> bool:

@@ -13,8 +13,8 @@ from prefect.cache_policies import NO_CACHE
 from prefect.client.orchestration import get_client
 from prefect.concurrency.sync import rate_limit
 
-from tasks.aws_clients import client, error_code
-from tasks.gate import gate_name
+from tasks.aws.clients import client, error_code
+from tasks.run.gate import gate_name
 
 # Throttling on demand is expected at the batch tail; these are tried again after a pause.
 _RETRYABLE = frozenset(

@@ -8,14 +8,14 @@ from typing import Any, ClassVar, Literal
 import polars as pl
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError
 
-from tasks.columns import (
+from tasks.errors import InvalidOptionsError, UnknownModelError
+from tasks.pipeline.columns import (
     EMBEDDING,
     INPUT_TOKENS,
     OUTPUT_TOKENS,
     RESPONSE_TEXT,
     STOP_REASON,
 )
-from tasks.errors import InvalidOptionsError, UnknownModelError
 
 INVOCATION_TYPES = ("InvokeModel", "Converse")
 
@@ -453,7 +453,7 @@ def family_for(model_id: str, invocation_type: str = "InvokeModel") -> ModelFami
             f"Unknown model id {model_id!r}: no registered model family matches it. "
             f"Registered families and id prefixes: {listed}. Inference-profile prefixes "
             "(us., eu., apac., global.) are allowed; to add a model, register a family in "
-            "tasks/model_formats.py."
+            "tasks/bedrock/families.py."
         )
         raise UnknownModelError(msg)
     family = max(matches, key=lambda m: m[0])[1]

@@ -10,10 +10,10 @@ from botocore.exceptions import ClientError
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from tasks import gate
-from tasks.aws_clients import client, error_code
+from tasks.aws.clients import client, error_code
 from tasks.errors import JobLostError
-from tasks.run_state import FINAL_STATUSES
+from tasks.run import gate
+from tasks.run.state import FINAL_STATUSES
 from tasks.settings import get_settings
 
 COUNTERS = ("totalRecordCount", "processedRecordCount", "successRecordCount", "errorRecordCount")

@@ -8,15 +8,15 @@ from typing import TYPE_CHECKING, Any
 import polars as pl
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
-from tasks import storage
-from tasks.aws_clients import polars_storage_options
-from tasks.columns import ERROR_CODE, INPUT_TOKENS, OUTPUT_TOKENS, RECORD_ID
+from tasks.aws import storage
+from tasks.aws.clients import polars_storage_options
 from tasks.errors import IncompleteOutputError
-from tasks.plan import OUTPUT_DIR
+from tasks.pipeline.columns import ERROR_CODE, INPUT_TOKENS, OUTPUT_TOKENS, RECORD_ID
+from tasks.pipeline.plan import OUTPUT_DIR
 
 if TYPE_CHECKING:
-    from tasks.jobs import RunContext, ShardResult
-    from tasks.plan import RunPlan
+    from tasks.pipeline.plan import RunPlan
+    from tasks.run.shard import RunContext, ShardResult
 
 SHOWN_IDS = 20
 

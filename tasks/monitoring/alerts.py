@@ -12,7 +12,7 @@ from prefect import task
 from prefect.variables import Variable
 from pydantic import BaseModel, ConfigDict, Field
 
-from tasks.cloudwatch import (
+from tasks.monitoring.cloudwatch import (
     INPUT_TOKENS_PER_MINUTE,
     OUTPUT_TOKENS_PER_MINUTE,
     PENDING_RECORDS,

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 from prefect import task
 
-from tasks.aws_clients import client, retry_on_error_codes
+from tasks.aws.clients import client, retry_on_error_codes
 
 # Bedrock refuses these when the account is busy; both clear up with time, so back off.
 RETRYABLE_CREATE_ERRORS = frozenset(

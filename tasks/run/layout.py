@@ -15,8 +15,8 @@ from datetime import datetime, timezone
 
 from botocore.exceptions import ClientError
 
-from tasks import storage
-from tasks.aws_clients import client, error_code
+from tasks.aws import storage
+from tasks.aws.clients import client, error_code
 from tasks.errors import OutputUriError, RunSettingsError
 from tasks.settings import get_settings
 

@@ -8,8 +8,8 @@ from typing import Any
 
 from botocore.exceptions import ClientError
 
-from tasks.aws_clients import client, error_code
-from tasks.cloudwatch import (
+from tasks.aws.clients import client, error_code
+from tasks.monitoring.cloudwatch import (
     DIMENSION,
     INPUT_TOKENS_PER_MINUTE,
     METRIC_NAMES,

@@ -15,8 +15,13 @@ from prefect.events.schemas.automations import EventTrigger, Posture
 from prefect.events.schemas.deployment_triggers import DeploymentEventTrigger
 from prefect.exceptions import ObjectNotFound
 
-from tasks.alerts import STALLED
-from tasks.events import MODEL_RESOURCE_PREFIX, RUN_FINISHED, RUN_RESOURCE_PREFIX, alert_event_name
+from tasks.monitoring.alerts import STALLED
+from tasks.monitoring.events import (
+    MODEL_RESOURCE_PREFIX,
+    RUN_FINISHED,
+    RUN_RESOURCE_PREFIX,
+    alert_event_name,
+)
 
 log = logging.getLogger(__name__)
 

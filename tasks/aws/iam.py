@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from tasks import storage
+from tasks.aws import storage
 
 # Geography prefixes of cross-region inference profiles.
 PROFILES = ("us", "eu", "apac", "global")

@@ -17,17 +17,10 @@ from uuid import UUID
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from tasks import columns as C
-from tasks import events, gate, storage
-from tasks.attempts import AttemptOutput, merge_attempts, records_to_retry
-from tasks.failpoints import failpoint
-from tasks.on_demand import record_ids_of, select_lines, serve_on_demand
-from tasks.plan import OUTPUT_DIR, ShardPlan, part_name
-from tasks.poll import COUNTERS, wait_for_job
-from tasks.progress import RunProgress
-from tasks.run_state import JobAttempt, RunStateStore, ShardState, now_iso
-from tasks.settings import get_settings
-from tasks.submit import (
+from tasks.aws import storage
+from tasks.aws.on_demand import record_ids_of, select_lines, serve_on_demand
+from tasks.aws.poll import COUNTERS, wait_for_job
+from tasks.aws.submit import (
     JobRequest,
     client_token_for,
     create_backoff,
@@ -35,6 +28,15 @@ from tasks.submit import (
     find_job_by_name,
     job_name_for,
 )
+from tasks.monitoring import events
+from tasks.pipeline import columns as C
+from tasks.pipeline.attempts import AttemptOutput, merge_attempts, records_to_retry
+from tasks.pipeline.plan import OUTPUT_DIR, ShardPlan, part_name
+from tasks.run import gate
+from tasks.run.failpoints import failpoint
+from tasks.run.progress import RunProgress
+from tasks.run.state import JobAttempt, RunStateStore, ShardState, now_iso
+from tasks.settings import get_settings
 
 MERGEABLE_STATUSES = frozenset({"Completed", "PartiallyCompleted"})
 # Statuses whose unserved records go to another attempt; Stopped only when asked.

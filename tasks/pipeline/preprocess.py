@@ -15,7 +15,7 @@ import numpy as np
 import polars as pl
 
 from prompt_templates import PromptTemplate, get_template
-from tasks import columns as C
+from tasks.bedrock.families import ModelFamily, family_for
 from tasks.errors import (
     DuplicateIdError,
     EmptyDatasetError,
@@ -26,8 +26,8 @@ from tasks.errors import (
     SourceEncodingError,
     SourceError,
 )
-from tasks.model_formats import ModelFamily, family_for
-from tasks.plan import (
+from tasks.pipeline import columns as C
+from tasks.pipeline.plan import (
     INPUT_DIR,
     ROWS_DIR,
     SKIPPED_FILE,
@@ -35,9 +35,9 @@ from tasks.plan import (
     ShardPlan,
     shard_name,
 )
+from tasks.pipeline.sharding import cut_shards, even_bounds, shard_count
+from tasks.pipeline.sources import encoding_message, load_source
 from tasks.settings import QuotaSettings, get_settings
-from tasks.sharding import cut_shards, even_bounds, shard_count
-from tasks.sources import encoding_message, load_source
 
 DEFAULT_TEXT_COLUMN = "input_text"
 CHARS_PER_TOKEN = 4
@@ -338,7 +338,7 @@ def preprocess(
     """Validate `source`, then write Bedrock JSONL shards, their input rows and plan.json.
 
     Args:
-        source: hf:// dataset, s3:// URI or local path / glob (see tasks.sources).
+        source: hf:// dataset, s3:// URI or local path / glob (see tasks.pipeline.sources).
         model_id: Bedrock model id or inference profile id.
         out_dir: local folder for input/, rows/ and plan.json (its input/ and rows/ are replaced).
         prompt_id: template from prompt_templates.py; None sends `text_column` verbatim.

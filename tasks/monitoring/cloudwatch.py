@@ -7,7 +7,7 @@ from typing import Any
 
 from prefect import task
 
-from tasks.aws_clients import client, retry_on_error_codes
+from tasks.aws.clients import client, retry_on_error_codes
 
 NAMESPACE = "AWS/Bedrock/Batch"
 DIMENSION = "ModelId"

@@ -12,10 +12,10 @@ from pathlib import Path
 
 import polars as pl
 
-from tasks import columns as C
+from tasks.bedrock.families import ModelFamily, family_for
 from tasks.errors import PlanError
-from tasks.model_formats import ModelFamily, family_for
-from tasks.plan import OUTPUT_DIR, SKIPPED_FILE, RunPlan, part_name
+from tasks.pipeline import columns as C
+from tasks.pipeline.plan import OUTPUT_DIR, SKIPPED_FILE, RunPlan, part_name
 
 logger = logging.getLogger(__name__)
 

@@ -1,0 +1,1 @@
+"""Facts about Amazon Bedrock: model families, and (next) the catalog, statuses and error codes."""

@@ -1,0 +1,1 @@
+"""Watching Bedrock: CloudWatch reads, alert rules, alarms, Prefect events and automations."""
