@@ -5,9 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from tasks.aws import storage
-
-# Geography prefixes of cross-region inference profiles.
-PROFILES = ("us", "eu", "apac", "global")
+from tasks.bedrock.model_ids import base_model_id
 
 
 def _object_arn(uri: str) -> str:
@@ -28,7 +26,7 @@ def _model_arns(model_ids: list[str], region: str, account: str) -> list[str]:
     """Foundation models, and inference profiles for ids with a geography prefix."""
     arns = []
     for model_id in model_ids:
-        base = model_id.split(".", 1)[1] if model_id.split(".", 1)[0] in PROFILES else model_id
+        base = base_model_id(model_id)
         arns.append(f"arn:aws:bedrock:*::foundation-model/{base}")
         if base != model_id:
             arns.append(f"arn:aws:bedrock:{region}:{account}:inference-profile/{model_id}")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 import json
 import time
 
@@ -14,32 +13,26 @@ from prefect.client.orchestration import get_client
 from prefect.concurrency.sync import rate_limit
 
 from tasks.aws.clients import client, error_code
+from tasks.bedrock.error_codes import RETRYABLE_RUNTIME
+from tasks.files import LINE, scan_lines
 from tasks.run.gate import gate_name
 
-# Throttling on demand is expected at the batch tail; these are tried again after a pause.
-_RETRYABLE = frozenset(
-    {"ThrottlingException", "ServiceUnavailableException", "ModelTimeoutException"}
-)
 _TRIES = 5
 
 
 def read_jsonl_lines(data: bytes) -> pl.DataFrame:
     """Raw JSONL lines with their recordId, without decoding the bodies."""
-    # JSON escapes control characters, so 0x1F never occurs inside a line.
-    lines = pl.read_csv(
-        io.BytesIO(data),
-        has_header=False,
-        separator="\x1f",
-        quote_char=None,
-        schema={"line": pl.String},
+    return (
+        scan_lines(data)
+        .collect()
+        .with_columns(pl.col(LINE).str.json_path_match("$.recordId").alias("recordId"))
     )
-    return lines.with_columns(pl.col("line").str.json_path_match("$.recordId").alias("recordId"))
 
 
 def select_lines(data: bytes, record_ids: list[str]) -> bytes:
     """The JSONL lines of ``data`` whose recordId is in ``record_ids``."""
     lines = read_jsonl_lines(data).filter(pl.col("recordId").is_in(record_ids))
-    return ("\n".join(lines.get_column("line").to_list()) + "\n").encode()
+    return ("\n".join(lines.get_column(LINE).to_list()) + "\n").encode()
 
 
 def record_ids_of(data: bytes) -> list[str]:
@@ -84,7 +77,7 @@ def _serve_line(model_id: str, invocation_type: str, limit: str, line: str) -> d
         except ClientError as exc:
             code = error_code(exc)
             status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 400)
-            if code in _RETRYABLE and attempt < _TRIES - 1:
+            if code in RETRYABLE_RUNTIME and attempt < _TRIES - 1:
                 time.sleep(min(2**attempt, 30))
                 continue
             message = exc.response.get("Error", {}).get("Message", str(exc))
@@ -110,7 +103,7 @@ def serve_on_demand(
         JSONL: one output or error line per record.
     """
     limit = ensure_rate_limit(model_id, requests_per_second)
-    records = read_jsonl_lines(lines).get_column("line").to_list()
+    records = read_jsonl_lines(lines).get_column(LINE).to_list()
     get_run_logger().info("Serving %d records on demand through bedrock-runtime", len(records))
     # A handful of records (fewer than one job's minimum): a loop of API calls is the job here.
     # Slots are taken a second's worth at a time; one server round trip per call is too slow.

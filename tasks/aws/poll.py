@@ -11,14 +11,13 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from tasks.aws.clients import client, error_code
+from tasks.bedrock.error_codes import RETRYABLE_GET
+from tasks.bedrock.statuses import FINAL_STATUSES
 from tasks.errors import JobLostError
 from tasks.run import gate
-from tasks.run.state import FINAL_STATUSES
 from tasks.settings import get_settings
 
 COUNTERS = ("totalRecordCount", "processedRecordCount", "successRecordCount", "errorRecordCount")
-# Get may be throttled under load; a poll can always wait longer.
-RETRYABLE_GET_ERRORS = frozenset({"ThrottlingException", "InternalServerException"})
 
 
 def describe_job(job_arn: str) -> dict[str, Any]:
@@ -59,7 +58,7 @@ def wait_for_job(
         try:
             job = describe_job(job_arn)
         except ClientError as exc:
-            if error_code(exc) not in RETRYABLE_GET_ERRORS:
+            if error_code(exc) not in RETRYABLE_GET:
                 msg = (
                     f"GetModelInvocationJob failed for {job_arn} (last status {last_status}): {exc}"
                 )

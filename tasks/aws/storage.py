@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -10,6 +9,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from tasks.aws.clients import client
+from tasks.files import atomic_path, write_bytes_atomic
 
 
 def is_s3(uri: str) -> bool:
@@ -50,14 +50,7 @@ def write_bytes(uri: str, data: bytes, kms_key_id: str | None = None) -> None:
         bucket, key = split_s3(uri)
         client("s3").put_object(Bucket=bucket, Key=key, Body=data, **_encryption(kms_key_id))
         return
-    path = Path(uri)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "wb") as handle:
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
+    write_bytes_atomic(uri, data)
 
 
 def exists(uri: str) -> bool:
@@ -96,11 +89,9 @@ def upload_file(local: Path, uri: str, kms_key_id: str | None = None) -> None:
         client("s3").upload_file(str(local), bucket, key, ExtraArgs=extra or None)
         return
     dest = Path(uri)
-    dest.parent.mkdir(parents=True, exist_ok=True)
     if dest.resolve() != Path(local).resolve():
-        tmp = dest.with_name(f".{dest.name}.tmp")
-        shutil.copyfile(local, tmp)
-        os.replace(tmp, dest)
+        with atomic_path(dest) as tmp:
+            shutil.copyfile(local, tmp)
 
 
 @contextmanager

@@ -9,11 +9,9 @@ from dataclasses import dataclass, field
 from prefect import task
 
 from tasks.aws.clients import client, retry_on_error_codes
+from tasks.bedrock.error_codes import RETRYABLE_CREATE
+from tasks.bedrock.jobs import JOB_NAME_MAX_LENGTH
 
-# Bedrock refuses these when the account is busy; both clear up with time, so back off.
-RETRYABLE_CREATE_ERRORS = frozenset(
-    {"ThrottlingException", "ServiceQuotaExceededException", "InternalServerException"}
-)
 _NAME_UNSAFE = re.compile(r"[^a-zA-Z0-9-]+")
 
 
@@ -21,7 +19,7 @@ def job_name_for(run_name: str, shard_name: str, attempt: int) -> str:
     """A valid jobName (≤ 63 chars, Bedrock's pattern) that is the same on every re-run."""
     suffix = f"-{shard_name}-a{attempt}"
     base = _NAME_UNSAFE.sub("-", run_name).strip("-") or "run"
-    room = 63 - len(suffix)
+    room = JOB_NAME_MAX_LENGTH - len(suffix)
     if len(base) > room:
         digest = hashlib.sha256(run_name.encode()).hexdigest()[:8]
         base = base[: room - 9].rstrip("-") + "-" + digest
@@ -85,7 +83,7 @@ def create_backoff(base_seconds: float) -> list[float]:
     retries=CREATE_RETRIES,
     retry_delay_seconds=create_backoff(5.0),
     retry_jitter_factor=0.5,
-    retry_condition_fn=retry_on_error_codes(RETRYABLE_CREATE_ERRORS),
+    retry_condition_fn=retry_on_error_codes(RETRYABLE_CREATE),
 )
 def create_job(request: JobRequest) -> str:
     """CreateModelInvocationJob, idempotent through the request's token.

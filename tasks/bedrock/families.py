@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import re
 from typing import Any, ClassVar, Literal
 
 import polars as pl
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError
 
+from tasks.bedrock.model_ids import INFERENCE_PROFILE_PREFIXES, base_model_id
 from tasks.errors import InvalidOptionsError, UnknownModelError
 from tasks.pipeline.columns import (
     EMBEDDING,
@@ -19,8 +19,6 @@ from tasks.pipeline.columns import (
 
 INVOCATION_TYPES = ("InvokeModel", "Converse")
 
-# Cross-region inference profiles put a geography before the model id (us.anthropic.claude-...).
-_PROFILE_PREFIX = re.compile(r"^(us|eu|apac|global|us-gov|jp|au|ca)\.")
 
 TEXT_RESULT_SCHEMA: dict[str, pl.DataType] = {
     RESPONSE_TEXT: pl.String(),
@@ -426,11 +424,6 @@ def families() -> list[ModelFamily]:
     return list(_registry.values())
 
 
-def base_model_id(model_id: str) -> str:
-    """The model id without an ARN path or an inference-profile geography prefix."""
-    return _PROFILE_PREFIX.sub("", model_id.rsplit("/", 1)[-1])
-
-
 def family_for(model_id: str, invocation_type: str = "InvokeModel") -> ModelFamily:
     """The family that builds bodies for `model_id` and `invocation_type`."""
     if invocation_type not in INVOCATION_TYPES:
@@ -452,7 +445,9 @@ def family_for(model_id: str, invocation_type: str = "InvokeModel") -> ModelFami
         msg = (
             f"Unknown model id {model_id!r}: no registered model family matches it. "
             f"Registered families and id prefixes: {listed}. Inference-profile prefixes "
-            "(us., eu., apac., global.) are allowed; to add a model, register a family in "
+            "("
+            + ", ".join(INFERENCE_PROFILE_PREFIXES)
+            + ") are allowed; to add a model, register a family in "
             "tasks/bedrock/families.py."
         )
         raise UnknownModelError(msg)

@@ -7,6 +7,8 @@ from typing import Any
 
 from prefect.events import Event, emit_event
 
+from tasks.bedrock.jobs import job_id_from_arn
+
 # Lifecycle of a batch run (emitted by flows/batch_inference.py).
 JOB_SUBMITTED = "bedrock.batch.job.submitted"
 JOB_STATUS_CHANGED = "bedrock.batch.job.status-changed"
@@ -27,11 +29,6 @@ MODEL_RESOURCE_PREFIX = "bedrock.model."
 def alert_event_name(rule: str, resolved: bool = False) -> str:
     """`bedrock.batch.alert.<rule>`, or `...<rule>.resolved` when the condition ended."""
     return ALERT_PREFIX + rule + (RESOLVED_SUFFIX if resolved else "")
-
-
-def job_id_from_arn(job_arn: str) -> str:
-    """The job id: the last path segment of a model-invocation-job ARN (or the id itself)."""
-    return job_arn.rsplit("/", 1)[-1]
 
 
 def run_resource(run_name: str, model_id: str | None = None) -> dict[str, str]:

@@ -12,16 +12,13 @@ from pathlib import Path
 
 import polars as pl
 
+from tasks.bedrock.error_codes import RETRYABLE_RECORD
 from tasks.bedrock.families import family_for
 from tasks.pipeline import columns as C
 from tasks.pipeline.merge import MergeStats, parse_outputs, result_schema, write_part
 
-# Record errors that say nothing about the record itself: throttling, timeouts, server faults.
-RETRYABLE_RECORD_ERRORS = frozenset(
-    {"408", "424", "429", "500", "502", "503", "504", C.MISSING_OUTPUT}
-    | {"ThrottlingException", "ModelTimeoutException", "InternalServerException"}
-    | {"ServiceUnavailableException", "ModelErrorException"}
-)
+# A record with no output line is retried like one that failed for reasons not its own.
+RETRYABLE_RECORD_ERRORS = RETRYABLE_RECORD | {C.MISSING_OUTPUT}
 
 _ATTEMPT = "__attempt"
 

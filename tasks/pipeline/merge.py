@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import io
 import logging
-import os
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -14,6 +12,7 @@ import polars as pl
 
 from tasks.bedrock.families import ModelFamily, family_for
 from tasks.errors import PlanError
+from tasks.files import LINE, atomic_path, scan_lines
 from tasks.pipeline import columns as C
 from tasks.pipeline.plan import OUTPUT_DIR, SKIPPED_FILE, RunPlan, part_name
 
@@ -49,32 +48,18 @@ def result_schema(family: ModelFamily) -> dict[str, pl.DataType]:
     }
 
 
-def _lines(out: Path | bytes) -> pl.LazyFrame:
-    # One string per line: JSON never holds a raw \x01, so it is a safe "separator".
-    return pl.scan_csv(
-        io.BytesIO(out) if isinstance(out, bytes | bytearray) else out,
-        has_header=False,
-        separator="\x01",
-        quote_char=None,
-        schema={"line": pl.String},
-    )
-
-
 def _scan_outputs(outputs: list[Path | bytes], family: ModelFamily) -> pl.LazyFrame:
     # Only the fields we need are decoded; the echoed modelInput is skipped by the dtype.
     dtype = pl.Struct(
         {"recordId": pl.String, "modelOutput": family.output_dtype, "error": ERROR_DTYPE}
     )
     scans = [
-        _lines(out) for out in outputs if not isinstance(out, bytes | bytearray) or out.strip()
+        scan_lines(out) for out in outputs if not isinstance(out, bytes | bytearray) or out.strip()
     ]
     if not scans:
         return pl.LazyFrame(schema=dict(dtype.to_schema()))
-    line = pl.col("line")
-    return (
-        pl.concat(scans, how="vertical")
-        .filter(line.str.strip_chars_end().str.len_bytes() > 0)
-        .select(line.str.json_decode(dtype).struct.unnest())
+    return pl.concat(scans, how="vertical").select(
+        pl.col(LINE).str.json_decode(dtype).struct.unnest()
     )
 
 
@@ -149,11 +134,8 @@ def merged_frame(
 
 
 def _write_atomic(frame: pl.DataFrame, dest: Path) -> None:
-    dest = Path(dest)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_name(dest.name + ".tmp")
-    frame.write_parquet(tmp, compression="zstd", compression_level=1, statistics=False)
-    os.replace(tmp, dest)
+    with atomic_path(dest) as tmp:
+        frame.write_parquet(tmp, compression="zstd", compression_level=1, statistics=False)
 
 
 def write_part(frame: pl.DataFrame, dest: Path) -> MergeStats:

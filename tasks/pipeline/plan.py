@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from tasks.errors import PlanError
+from tasks.files import write_bytes_atomic
 
 PLAN_FILE = "plan.json"
 INPUT_DIR = "input"
@@ -96,9 +96,7 @@ class RunPlan:
     def save(self, out_dir: Path) -> Path:
         """Write plan.json atomically under `out_dir`."""
         path = Path(out_dir) / PLAN_FILE
-        tmp = path.with_suffix(".json.tmp")
-        tmp.write_text(self.to_json())
-        os.replace(tmp, path)
+        write_bytes_atomic(path, self.to_json().encode())
         return path
 
     @classmethod

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import os
 import shutil
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -26,6 +25,7 @@ from tasks.errors import (
     SourceEncodingError,
     SourceError,
 )
+from tasks.files import atomic_path
 from tasks.pipeline import columns as C
 from tasks.pipeline.plan import (
     INPUT_DIR,
@@ -579,15 +579,13 @@ def _cut(
 
 
 def _write_lines(lines: pl.Series, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    lines.to_frame().write_csv(tmp, include_header=False, quote_style="never")
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        lines.to_frame().write_csv(tmp, include_header=False, quote_style="never")
 
 
 def _write_parquet(frame: pl.DataFrame, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    frame.write_parquet(tmp, compression=ROWS_COMPRESSION, statistics=False)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        frame.write_parquet(tmp, compression=ROWS_COMPRESSION, statistics=False)
 
 
 def _skipped_rows(parts: list[pl.DataFrame], needed: tuple[str, ...]) -> pl.DataFrame:

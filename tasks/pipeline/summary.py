@@ -10,6 +10,7 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from tasks.aws import storage
 from tasks.aws.clients import polars_storage_options
+from tasks.bedrock.jobs import job_id_from_arn
 from tasks.errors import IncompleteOutputError
 from tasks.pipeline.columns import ERROR_CODE, INPUT_TOKENS, OUTPUT_TOKENS, RECORD_ID
 from tasks.pipeline.plan import OUTPUT_DIR
@@ -71,7 +72,7 @@ def summary_artifacts(
     rows = [
         {
             "shard": r.shard,
-            "job": (r.job_arn or "").rsplit("/", 1)[-1],
+            "job": job_id_from_arn(r.job_arn or ""),
             "status": r.status,
             "records": r.records,
             "ok": r.stats.get("succeeded", 0),

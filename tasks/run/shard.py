@@ -28,6 +28,7 @@ from tasks.aws.submit import (
     find_job_by_name,
     job_name_for,
 )
+from tasks.bedrock.statuses import outcome, retry_statuses
 from tasks.monitoring import events
 from tasks.pipeline import columns as C
 from tasks.pipeline.attempts import AttemptOutput, merge_attempts, records_to_retry
@@ -37,10 +38,6 @@ from tasks.run.failpoints import failpoint
 from tasks.run.progress import RunProgress
 from tasks.run.state import JobAttempt, RunStateStore, ShardState, now_iso
 from tasks.settings import get_settings
-
-MERGEABLE_STATUSES = frozenset({"Completed", "PartiallyCompleted"})
-# Statuses whose unserved records go to another attempt; Stopped only when asked.
-RETRYABLE_JOB_ERRORS = frozenset({"Failed", "Expired"})
 
 
 @dataclass
@@ -233,7 +230,7 @@ def _attempt_output(ctx: RunContext, shard: ShardPlan, attempt: JobAttempt) -> A
         # those are served and must not be paid for again.
         prefix = storage.join(ctx.output_prefix(shard), attempt.job_id)
         outputs = [storage.read_bytes(u) for u in storage.list_files(prefix, ".jsonl.out")]
-    if attempt.served_by != C.SERVED_ON_DEMAND and attempt.status not in MERGEABLE_STATUSES:
+    if attempt.served_by != C.SERVED_ON_DEMAND and not outcome(attempt.status).mergeable:
         job_error = (attempt.status or "Unknown", attempt.message or "the job did not finish")
     ids = None
     if attempt.attempt > 1:
@@ -255,9 +252,9 @@ def _plan_retry(
     if len(state.attempts) >= ctx.max_attempts:
         return None
     last = state.current
-    if last.status == "Stopped" and not ctx.retry_stopped:
+    if outcome(last.status).stopped and not ctx.retry_stopped:
         return None
-    also = RETRYABLE_JOB_ERRORS | ({"Stopped"} if ctx.retry_stopped else set())
+    also = retry_statuses(ctx.retry_stopped)
     with storage.local_copy(ctx.rows_uri(shard)) as rows:
         ids = records_to_retry(rows, outputs, ctx.model_id, ctx.invocation_type, also)
     if not ids:

@@ -14,8 +14,9 @@ from datetime import datetime, timezone
 from typing import Any
 
 from tasks.aws import storage
+from tasks.bedrock.jobs import job_id_from_arn
+from tasks.bedrock.statuses import outcome
 
-FINAL_STATUSES = frozenset({"Completed", "PartiallyCompleted", "Failed", "Stopped", "Expired"})
 STATE_FILE = "state.json"
 
 
@@ -45,11 +46,11 @@ class JobAttempt:
     @property
     def job_id(self) -> str | None:
         """The id Bedrock puts in the output path: the last part of the ARN."""
-        return self.job_arn.rsplit("/", 1)[-1] if self.job_arn else None
+        return job_id_from_arn(self.job_arn) if self.job_arn else None
 
     @property
     def is_final(self) -> bool:
-        return self.status in FINAL_STATUSES
+        return outcome(self.status).final
 
 
 @dataclass
