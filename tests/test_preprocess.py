@@ -22,8 +22,10 @@ from tasks.errors import (
     UnknownModelError,
 )
 from tasks.pipeline import columns as C
+from tasks.pipeline.lines import ROW as _ROW
+from tasks.pipeline.lines import compile_line, record_id_expr
 from tasks.pipeline.plan import RunPlan, format_plan
-from tasks.pipeline.preprocess import _ROW, compile_line, preprocess, record_id_expr
+from tasks.pipeline.preprocess import preprocess
 from tasks.settings import QuotaSettings
 
 CLAUDE = "anthropic.claude-3-haiku-20240307-v1:0"
