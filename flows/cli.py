@@ -25,6 +25,9 @@ def _add_data_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-concurrent-jobs", type=int, help="jobs in flight (the gate)")
     parser.add_argument("--max-records-per-job", type=int)
     parser.add_argument("--on-missing", choices=["fail", "skip"])
+    parser.add_argument(
+        "--csv-types", choices=["text", "infer"], help="CSV values as text (default) or guessed"
+    )
     parser.add_argument("--max-tokens", type=int)
     parser.add_argument("--temperature", type=float)
     parser.add_argument("--top-p", type=float)
@@ -51,6 +54,7 @@ def _params(args: argparse.Namespace):
         "max_concurrent_jobs": args.max_concurrent_jobs,
         "max_records_per_job": args.max_records_per_job,
         "on_missing": args.on_missing,
+        "csv_types": args.csv_types,
         "run_name": getattr(args, "run_name", None),
         "role_arn": getattr(args, "role_arn", None),
         "timeout_hours": getattr(args, "timeout_hours", None),

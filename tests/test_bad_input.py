@@ -11,12 +11,14 @@ from flows.batch_inference import batch_inference
 from tasks.errors import (
     DuplicateIdError,
     EmptyDatasetError,
+    InputValidationError,
     MissingColumnsError,
     MissingValuesError,
     OutputUriError,
     RecordTooLargeError,
     RunSettingsError,
     SourceEncodingError,
+    SourceError,
     UnknownModelError,
 )
 from tasks.run.params import BatchParams
@@ -71,6 +73,18 @@ def _case(name: str, tmp: Path) -> tuple[dict, type[Exception], list[str]]:
     if name == "invalid-role-arn":
         src = _csv(tmp / "a.csv", _topics())
         return {"source": src, "role_arn": "my-role"}, RunSettingsError, ["my-role", "arn:aws:iam"]
+    if name == "nested-prompt-column":
+        src = str(tmp / "a.jsonl")
+        pl.DataFrame({"topic": [["a", "b"]] * 150}).write_ndjson(src)
+        return {"source": src}, InputValidationError, ["'topic'", "list", "flatten"]
+    if name == "glob-different-columns":
+        _csv(tmp / "a.csv", _topics())
+        _csv(tmp / "b.csv", _topics().rename({"topic": "subject"}))
+        return (
+            {"source": str(tmp / "*.csv")},
+            SourceError,
+            ["a.csv", "b.csv", "subject", "same columns"],
+        )
     if name == "missing-bucket":
         src = _csv(tmp / "a.csv", _topics())
         return (
@@ -91,6 +105,8 @@ CASES = [
     "unknown-model",
     "invalid-role-arn",
     "missing-bucket",
+    "nested-prompt-column",
+    "glob-different-columns",
 ]
 
 
@@ -115,3 +131,9 @@ def test_batch_inference_bad_input_fails_before_any_job(stack, tmp_path, case):
     for word in words:
         assert word.lower() in message.lower(), message
     assert stack.ledger(name_contains=run_name) == []
+
+
+def test_batch_params_trims_spaces_around_the_model_id():
+    params = BatchParams(source=" data.csv ", model_id="  " + CLAUDE + " ", output_uri="out")
+    assert params.model_id == CLAUDE
+    assert params.source == "data.csv"

@@ -258,3 +258,24 @@ def test_run_plan_round_trips_through_json(tmp_path):
     plan = run(tmp_path, write_csv(tmp_path, topics(6)))
     assert RunPlan.from_json(plan.to_json()) == plan
     assert json.loads(plan.to_json())["totals"]["jobs"] == len(plan.shards)
+
+
+def test_preprocess_keeps_csv_values_as_written_in_prompts_and_rows(tmp_path):
+    src = tmp_path / "zips.csv"
+    rows = "\n".join(f"{i:05d},{'0' * (1 + i % 3)}{i}" for i in range(120))
+    src.write_text("topic,sku\n" + rows + "\n")
+    plan = run(tmp_path, str(src), id_column="sku")
+    out = tmp_path / "run"
+    frame = pl.read_parquet(out / plan.shards[0].rows_file)
+    assert frame["topic"].dtype == pl.String
+    assert frame["topic"][7] == "00007"
+    first_line = (out / plan.shards[0].input_file).read_text().splitlines()[0]
+    assert "00000" in first_line
+
+
+def test_preprocess_ids_that_differ_only_in_leading_zeros_are_distinct(tmp_path):
+    src = tmp_path / "ids.csv"
+    ids = ["0" * n for n in range(1, 121)]  # 0, 00, 000, ...: distinct as text, equal as numbers
+    pl.DataFrame({"topic": [f"t{i}" for i in range(120)], "id": ids}).write_csv(src)
+    plan = run(tmp_path, str(src), id_column="id")
+    assert plan.total_records == 120

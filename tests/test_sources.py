@@ -21,7 +21,48 @@ def test_load_source_reads_each_format(tmp_path, name):
         FRAME.write_parquet(path)
     else:
         FRAME.write_ndjson(path)
-    assert_frame_equal(load_source(str(path)).collect(), FRAME)
+    csv_types = "infer" if name.endswith(".csv") else "text"
+    assert_frame_equal(load_source(str(path), csv_types).collect(), FRAME)
+
+
+def test_load_source_csv_keeps_values_as_written(tmp_path):
+    path = tmp_path / "zips.csv"
+    path.write_text("zip,sku,price\n00007,000,1.50\n10001,00,2\n")
+    frame = load_source(str(path)).collect()
+    assert frame.schema == pl.Schema({"zip": pl.String, "sku": pl.String, "price": pl.String})
+    assert frame.rows() == [("00007", "000", "1.50"), ("10001", "00", "2")]
+
+
+def test_load_source_jsonl_keeps_a_key_first_seen_after_line_1000(tmp_path):
+    path = tmp_path / "late.jsonl"
+    lines = [f'{{"topic": "t{i}"}}' for i in range(1500)] + ['{"topic": "x", "late": "kept"}']
+    path.write_text("\n".join(lines) + "\n")
+    frame = load_source(str(path)).collect()
+    assert frame.columns == ["topic", "late"]
+    assert frame["late"].drop_nulls().to_list() == ["kept"]
+
+
+def test_load_source_glob_with_different_columns_names_files_and_columns(tmp_path):
+    pl.DataFrame({"topic": ["a"], "zip": ["1"]}).write_csv(tmp_path / "a.csv")
+    pl.DataFrame({"topic": ["b"], "name": ["bob"]}).write_csv(tmp_path / "b.csv")
+    with pytest.raises(SourceError) as exc:
+        load_source(str(tmp_path / "*.csv"))
+    message = str(exc.value)
+    assert "b.csv" in message and "a.csv" in message
+    assert "has name" in message and "lacks zip" in message
+
+
+def test_load_source_glob_matches_columns_by_name(tmp_path):
+    pl.DataFrame({"topic": ["a"], "zip": ["1"]}).write_csv(tmp_path / "a.csv")
+    pl.DataFrame({"zip": ["2"], "topic": ["b"]}).write_csv(tmp_path / "b.csv")
+    frame = load_source(str(tmp_path / "*.csv")).collect()
+    assert sorted(frame.rows()) == [("a", "1"), ("b", "2")]
+
+
+def test_load_source_unknown_csv_types_is_refused(tmp_path):
+    FRAME.write_csv(tmp_path / "x.csv")
+    with pytest.raises(SourceError, match="csv_types='guess'"):
+        load_source(str(tmp_path / "x.csv"), "guess")
 
 
 def test_load_source_glob_and_folder_read_all_files(tmp_path):

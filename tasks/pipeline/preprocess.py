@@ -29,7 +29,7 @@ from tasks.pipeline.plan import (
     shard_name,
 )
 from tasks.pipeline.sharding import cut_shards, even_bounds, shard_count
-from tasks.pipeline.sources import load_source
+from tasks.pipeline.sources import CsvTypes, load_source
 from tasks.settings import QuotaSettings, get_settings
 
 CHARS_PER_TOKEN = 4
@@ -56,6 +56,7 @@ class PreprocessOptions:
         max_records_per_job: records per shard; default spreads rows over the gate.
         max_concurrent_jobs: the gate; shards default to about this many jobs.
         quotas: Bedrock quotas; default from settings.
+        csv_types: "text" keeps CSV values as written; "infer" guesses numbers and dates.
     """
 
     model_id: str
@@ -68,6 +69,7 @@ class PreprocessOptions:
     max_records_per_job: int | None = None
     max_concurrent_jobs: int = 10
     quotas: QuotaSettings | None = None
+    csv_types: CsvTypes = "text"
 
 
 @dataclass
@@ -161,7 +163,7 @@ def _resolve(source: str, opts: PreprocessOptions, out_dir: Path) -> _Work:
             )
             raise InputValidationError(msg)
         max_records = min(max_records, opts.max_records_per_job)
-    lf = load_source(source)
+    lf = load_source(source, opts.csv_types)
     try:
         schema = lf.collect_schema()
     except pl.exceptions.PolarsError as exc:

@@ -10,6 +10,10 @@ Source syntax:
 - A local file, a glob (``data/part-*.csv``) or a folder (every supported file directly in it).
 
 Formats follow the extension: ``.csv``, ``.parquet`` / ``.pq``, ``.jsonl`` / ``.ndjson``.
+
+Values reach the prompt and the output as the user wrote them: CSV columns are read as text
+(``00007`` stays ``00007``) unless ``csv_types="infer"``; JSONL types come from every line, so a
+key first seen late is kept; the files of a glob must have the same columns.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import codecs
 import glob as globlib
 import os
 from pathlib import Path
+from typing import Literal
 from urllib.parse import parse_qs, urlsplit
 
 import polars as pl
@@ -34,11 +39,15 @@ FORMATS = {
 _SNIFF_BYTES = 1 << 20
 
 
-def load_source(source: str) -> pl.LazyFrame:
+CsvTypes = Literal["text", "infer"]
+
+
+def load_source(source: str, csv_types: CsvTypes = "text") -> pl.LazyFrame:
     """A LazyFrame over every row of `source` (see the module docstring for the syntax).
 
     Args:
         source: ``hf://`` dataset id with query, ``s3://`` URI, or local path / glob / folder.
+        csv_types: "text" reads every CSV column as text; "infer" guesses numbers and dates.
 
     Returns:
         A LazyFrame; nothing is read beyond schemas until it is collected.
@@ -49,8 +58,11 @@ def load_source(source: str) -> pl.LazyFrame:
     source = source.strip()
     if source.startswith("hf://"):
         return _load_hf(source)
+    if csv_types not in ("text", "infer"):
+        msg = f'csv_types={csv_types!r}; use "text" (keep values as written) or "infer".'
+        raise SourceError(msg)
     if source.startswith("s3://"):
-        return _load_s3(source)
+        return _load_s3(source, csv_types)
     if "://" in source:
         scheme = source.split("://", 1)[0]
         msg = (
@@ -58,7 +70,7 @@ def load_source(source: str) -> pl.LazyFrame:
             "local path."
         )
         raise SourceError(msg)
-    return _load_local(source)
+    return _load_local(source, csv_types)
 
 
 def parse_hf_source(source: str) -> tuple[str, str | None, str]:
@@ -115,16 +127,55 @@ def _format_of(path: str, source: str) -> str:
     return FORMATS[suffix]
 
 
-def _scan(fmt: str, paths: str | list[str], storage_options: dict | None) -> pl.LazyFrame:
+def _scan(
+    fmt: str, paths: str | list[str], storage_options: dict | None, csv_types: CsvTypes
+) -> pl.LazyFrame:
     if fmt == "parquet":
         return pl.scan_parquet(paths, storage_options=storage_options)
     if fmt == "csv":
         # Empty fields stay empty strings so validation can tell them from missing values.
-        return pl.scan_csv(paths, storage_options=storage_options, empty_string_is_null=False)
-    return pl.scan_ndjson(paths, storage_options=storage_options, infer_schema_length=1000)
+        return pl.scan_csv(
+            paths,
+            storage_options=storage_options,
+            empty_string_is_null=False,
+            infer_schema=csv_types == "infer",
+            infer_schema_length=10_000,
+        )
+    # Types from every line: a key that first appears late is a column, not dropped.
+    return pl.scan_ndjson(paths, storage_options=storage_options, infer_schema_length=None)
 
 
-def _load_s3(source: str) -> pl.LazyFrame:
+def _scan_files(fmt: str, files: list[str], source: str, csv_types: CsvTypes) -> pl.LazyFrame:
+    """One scan per file, refused with the files and columns named when their columns differ."""
+    if len(files) == 1:
+        return _scan(fmt, files, None, csv_types)
+    scans = [_scan(fmt, f, None, csv_types) for f in files]
+    columns = []
+    for file, scan in zip(files, scans, strict=True):
+        try:
+            columns.append(scan.collect_schema().names())
+        except pl.exceptions.PolarsError as exc:
+            msg = f"Could not read {file!r} of source {source!r}: {exc}"
+            raise SourceError(msg) from None
+    first = set(columns[0])
+    for file, names in zip(files[1:], columns[1:], strict=True):
+        if set(names) != first:
+            extra = sorted(set(names) - first)
+            lacking = sorted(first - set(names))
+            msg = (
+                f"The files of source {source!r} do not have the same columns: {file!r} "
+                + (f"has {', '.join(extra)} " if extra else "")
+                + ("and " if extra and lacking else "")
+                + (f"lacks {', '.join(lacking)} " if lacking else "")
+                + f"compared with {files[0]!r} ({', '.join(columns[0])}). Give one set of "
+                "files with the same columns per run."
+            )
+            raise SourceError(msg)
+    # Columns matched by name; a column typed differently across files takes a common type.
+    return pl.concat(scans, how="diagonal_relaxed")
+
+
+def _load_s3(source: str, csv_types: CsvTypes) -> pl.LazyFrame:
     from tasks.aws.clients import polars_storage_options
 
     parts = urlsplit(source)
@@ -132,10 +183,10 @@ def _load_s3(source: str) -> pl.LazyFrame:
         msg = f"Malformed S3 source {source!r}: write s3://<bucket>/<key or glob>."
         raise SourceError(msg)
     fmt = _format_of(parts.path, source)
-    return _scan(fmt, source, polars_storage_options())
+    return _scan(fmt, source, polars_storage_options(), csv_types)
 
 
-def _load_local(source: str) -> pl.LazyFrame:
+def _load_local(source: str, csv_types: CsvTypes) -> pl.LazyFrame:
     path = Path(source).expanduser()
     if path.is_dir():
         files = sorted(str(p) for p in path.iterdir() if p.suffix.lower() in FORMATS)
@@ -159,7 +210,7 @@ def _load_local(source: str) -> pl.LazyFrame:
     if fmt == "csv":
         for file in files:
             check_utf8(file)
-    return _scan(fmt, files, None)
+    return _scan_files(fmt, files, source, csv_types)
 
 
 def check_utf8(file: str | Path, limit: int | None = _SNIFF_BYTES) -> None:

@@ -62,6 +62,7 @@ def preprocess_params(
         invocation_type=params.invocation_type,
         inference_overrides=params.inference.as_dict(),
         on_missing=params.on_missing,
+        csv_types=params.csv_types,
         max_records_per_job=params.max_records_per_job,
         max_concurrent_jobs=params.max_concurrent_jobs,
         on_shard=on_shard,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 
 class InferenceOverrides(BaseModel):
@@ -72,6 +72,13 @@ class BatchParams(BaseModel):
         "InvokeModel", description="InvokeModel bodies, or Converse requests for text models."
     )
     inference: InferenceOverrides = Field(default_factory=InferenceOverrides)
+    csv_types: Literal["text", "infer"] = Field(
+        "text",
+        description=(
+            "CSV columns are read as text so values reach prompts and output as written "
+            "(00007 stays 00007); infer guesses numbers and dates."
+        ),
+    )
     on_missing: Literal["fail", "skip"] = Field(
         "fail",
         description="Rows with empty prompt columns: stop the run, or skip them with an error.",
@@ -103,3 +110,9 @@ class BatchParams(BaseModel):
     )
     tags: dict[str, str] = Field(default_factory=dict, description="Tags put on every job.")
     kms_key_id: str | None = Field(None, description="KMS key for the job outputs.")
+
+    @field_validator("model_id", "source", "output_uri", "prompt_id", "id_column", "text_column")
+    @classmethod
+    def _no_surrounding_spaces(cls, value: str | None) -> str | None:
+        """A value pasted with spaces around it names the same thing; Bedrock would refuse it."""
+        return value.strip() if isinstance(value, str) else value
