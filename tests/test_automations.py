@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import time
 import uuid
 from datetime import timedelta
 
 import pytest
+from helpers import eventually
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId
 from prefect.client.schemas.objects import StateType
@@ -65,13 +65,14 @@ def test_run_finished_event_runs_summarize_with_the_output_uri(applied):
     deployment_id, _, _ = applied
     output_uri = f"s3://bucket/out/run-{uuid.uuid4().hex[:6]}"
     emit_run_finished("nightly-x", "m", {"records": 3}, {"input": 1}, output_uri)
-    deadline = time.monotonic() + 30
-    runs = []
-    while time.monotonic() < deadline and not runs:
-        runs = [
+    runs = eventually(
+        lambda: [
             r for r in _flow_runs(deployment_id) if r.parameters.get("output_uri") == output_uri
-        ]
-        time.sleep(0.25)
+        ],
+        timeout=30,
+        interval=0.25,
+        fail=False,
+    )
     assert len(runs) == 1
     assert runs[0].parameters["run_name"] == "nightly-x"
 

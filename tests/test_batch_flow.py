@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import json
-import time
 from datetime import datetime, timezone
 from pathlib import Path
 
 import boto3
 import polars as pl
 import pytest
+from helpers import eventually
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import ArtifactFilter, LogFilter
 
@@ -248,15 +248,16 @@ def test_batch_inference_missing_column_creates_no_job(stack, tmp_path):
 
 def _wait_for_events(resource_id: str, expected: dict[str, int]) -> dict[str, list]:
     """Events are stored by the server shortly after they are emitted: poll, bounded."""
-    deadline = time.monotonic() + 30
-    while True:
-        by_name: dict[str, list] = {}
+    by_name: dict[str, list] = {}
+
+    def probe() -> bool:
+        by_name.clear()
         for event in read_events(prefixes=["bedrock.batch."], resource_ids=[resource_id]):
             by_name.setdefault(event.event, []).append(event)
-        done = all(len(by_name.get(name, [])) >= n for name, n in expected.items())
-        if done or time.monotonic() > deadline:
-            return by_name
-        time.sleep(0.2)
+        return all(len(by_name.get(name, [])) >= n for name, n in expected.items())
+
+    eventually(probe, fail=False)
+    return by_name
 
 
 def test_batch_inference_emits_lifecycle_events(stack, tmp_path):
@@ -328,14 +329,13 @@ def test_batch_inference_logs_and_artifacts_hold_no_prompt_or_secret(stack, tmp_
 
     flow_run_id = state.state_details.flow_run_id
     log_filter = LogFilter(flow_run_id={"any_": [flow_run_id]})
-    deadline = time.monotonic() + 30
     with get_client(sync_client=True) as client:
-        while True:
+
+        def finished_logs() -> list:
             logs = client.read_logs(log_filter=log_filter, limit=200)
-            if any("Finished in state" in log.message for log in logs):
-                break
-            assert time.monotonic() < deadline, "the flow's logs never reached the server"
-            time.sleep(0.2)
+            return logs if any("Finished in state" in log.message for log in logs) else []
+
+        logs = eventually(finished_logs, what="the flow's logs reaching the server")
         artifacts = client.read_artifacts(
             artifact_filter=ArtifactFilter(flow_run_id={"any_": [flow_run_id]})
         )

@@ -16,6 +16,9 @@ from prefect.settings import PREFECT_API_URL
 
 from tasks.monitoring.automations import SUMMARIZE_DEPLOYMENT_TRIGGER
 
+# Real subprocesses, SIGKILLs or a fault matrix: `pytest -m "not slow"` skips them.
+pytestmark = pytest.mark.slow
+
 ROOT = Path(__file__).resolve().parents[1]
 
 

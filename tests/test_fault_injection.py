@@ -12,6 +12,9 @@ from flows.batch_inference import batch_inference
 from tasks.pipeline.columns import ATTEMPTS, ERROR_CODE, RECORD_ID
 from tasks.run.params import BatchParams
 
+# Real subprocesses, SIGKILLs or a fault matrix: `pytest -m "not slow"` skips them.
+pytestmark = pytest.mark.slow
+
 CLAUDE = "anthropic.claude-3-haiku-20240307-v1:0"
 ROWS = 400
 

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import os
-import time
 import uuid
 from datetime import datetime, timedelta, timezone
 
 import pytest
+from helpers import eventually
 
 from flows.monitor import MonitorParameters, bedrock_batch_monitor, sparkline
 from tasks.aws.clients import client, reset_clients
@@ -79,14 +79,12 @@ def _put(cw, model_id: str, key: str, values: list[float], end: datetime = NOW) 
 
 def _wait_for_events(predicate, timeout: float = 20.0, **filters):
     """Poll the Prefect API until `predicate(events)` holds; the persister flushes every few s."""
-    deadline = time.monotonic() + timeout
-    events = []
-    while time.monotonic() < deadline:
+
+    def probe():
         events = read_events(**filters)
-        if predicate(events):
-            return events
-        time.sleep(0.25)
-    return events
+        return events if predicate(events) else []
+
+    return eventually(probe, timeout=timeout, fail=False) or read_events(**filters)
 
 
 def test_build_queries_covers_every_metric_of_every_model():

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import json
 import os
-import time
 import uuid
 
+from helpers import eventually
 from prefect import flow
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId
@@ -30,13 +30,8 @@ def stalled_alert_target(model_id: str = "") -> str:
 
 
 def _until(condition, timeout: float, interval: float = 0.3):
-    """Bounded polling: call `condition` until it returns something truthy or time runs out."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value or time.monotonic() > deadline:
-            return value
-        time.sleep(interval)
+    """Bounded polling: the value once truthy, else the last one (the test asserts on it)."""
+    return eventually(condition, timeout=timeout, interval=interval, fail=False)
 
 
 def _write_input(bucket: str, prefix: str) -> str:

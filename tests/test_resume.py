@@ -15,6 +15,9 @@ from prefect.settings import PREFECT_API_URL
 from tasks.pipeline.columns import ERROR_CODE, RECORD_ID
 from tasks.run.failpoints import ENV, POINTS
 
+# Real subprocesses, SIGKILLs or a fault matrix: `pytest -m "not slow"` skips them.
+pytestmark = pytest.mark.slow
+
 CLAUDE = "anthropic.claude-3-haiku-20240307-v1:0"
 ROWS = 300
 
