@@ -9,7 +9,7 @@ from datetime import datetime, timedelta, timezone
 import pytest
 from helpers import eventually
 
-from flows.monitor import MonitorParameters, bedrock_batch_monitor, sparkline
+from flows.monitor import MonitorParameters, bedrock_batch_monitor
 from tasks.aws.clients import client, reset_clients
 from tasks.monitoring.alerts import STALLED, THROUGHPUT_HIGH_INPUT
 from tasks.monitoring.cloudwatch import (
@@ -24,6 +24,7 @@ from tasks.monitoring.cloudwatch import (
     list_batch_model_ids,
 )
 from tasks.monitoring.events import METRICS, alert_event_name, read_events
+from tasks.monitoring.publish import sparkline
 from tasks.settings import get_settings
 
 NOW = datetime.now(timezone.utc).replace(second=0, microsecond=0)
