@@ -39,6 +39,13 @@ class AwsSettings(BaseSettings):
     role_arn: str | None = Field(
         None, description="Default Bedrock service role when a run does not name one."
     )
+    aws_credentials_block: str | None = Field(
+        None,
+        description=(
+            "Name of a Prefect AwsCredentials block to build every AWS client from; unset uses "
+            "the standard credential chain (env, profile, instance role)."
+        ),
+    )
 
 
 class PollSettings(BaseSettings):

@@ -9,6 +9,7 @@ import boto3
 from botocore.config import Config
 from botocore.exceptions import ClientError
 
+from tasks.errors import RunSettingsError
 from tasks.settings import get_settings
 
 # Bedrock control-plane calls get no silent botocore retries: throttling and quota refusals must
@@ -17,11 +18,63 @@ _NO_RETRY = Config(retries={"mode": "standard", "max_attempts": 1}, read_timeout
 _STANDARD = Config(retries={"mode": "standard", "max_attempts": 5}, read_timeout=60)
 
 
+# A Prefect AwsCredentials block a run, the monitor or the CLI named; None: the standard chain.
+_credentials_block: str | None = None
+
+
+def use_credentials_block(name: str | None) -> None:
+    """Build every client from the named Prefect ``AwsCredentials`` block (None: the default).
+
+    Prefect users keep AWS access (profile, keys, region, client parameters) in such a block;
+    without one, boto3's standard credential chain applies. AWS_ENDPOINT_URL_<SERVICE> variables
+    point either at the local stack, since botocore reads them for any session.
+    """
+    global _credentials_block
+    if name != _credentials_block:
+        _credentials_block = name
+        reset_clients()
+
+
+def credentials_block() -> str | None:
+    """The block named for this process: the one set by a run, else the setting."""
+    return _credentials_block or get_settings().aws.aws_credentials_block
+
+
+@lru_cache(maxsize=4)
+def _block(name: str):
+    from prefect_aws import AwsCredentials
+
+    try:
+        return AwsCredentials.load(name)
+    except ValueError as exc:
+        msg = (
+            f"No AwsCredentials block named {name!r} on the Prefect server: create it in the UI "
+            "(Blocks → AWS Credentials) or with AwsCredentials(...).save(name), or leave "
+            f"aws_credentials_block / BEDROCK_BATCH_AWS_CREDENTIALS_BLOCK unset ({exc})."
+        )
+        raise RunSettingsError(msg) from None
+
+
+def session() -> boto3.session.Session:
+    """The boto3 session every client comes from: the credentials block's, or the default."""
+    name = credentials_block()
+    region = get_settings().aws.region
+    if name:
+        block = _block(name)
+        if region and not block.region_name:
+            block = block.model_copy(update={"region_name": region})
+        return block.get_boto3_session()
+    return boto3.session.Session(region_name=region)
+
+
 @lru_cache(maxsize=32)
-def _client(service: str, region: str | None, endpoint: str | None):
-    session = boto3.session.Session(region_name=region)
+def _client(service: str, block: str | None, region: str | None, endpoint: str | None):
     config = _NO_RETRY if service == "bedrock" else _STANDARD
-    return session.client(service, config=config)
+    overrides: dict = {}
+    if block:
+        overrides = _block(block).aws_client_parameters.get_params_override()
+        overrides.pop("config", None)
+    return session().client(service, config=config, **overrides)
 
 
 def client(service: str):
@@ -29,7 +82,8 @@ def client(service: str):
     region = get_settings().aws.region
     # The endpoint is part of the cache key so tests that restart the local stack get new clients.
     env_name = "AWS_ENDPOINT_URL_" + service.upper().replace("-", "_")
-    return _client(service, region, os.environ.get(env_name) or os.environ.get("AWS_ENDPOINT_URL"))
+    endpoint = os.environ.get(env_name) or os.environ.get("AWS_ENDPOINT_URL")
+    return _client(service, credentials_block(), region, endpoint)
 
 
 def error_code(exc: BaseException) -> str | None:
@@ -51,17 +105,18 @@ def retry_on_error_codes(codes: frozenset[str] | set[str]):
 
 
 def reset_clients() -> None:
-    """Forget cached clients (after the environment changed)."""
+    """Forget cached clients and blocks (after the environment changed)."""
     _client.cache_clear()
+    _block.cache_clear()
 
 
 def polars_storage_options() -> dict[str, str]:
     """Options for Polars' object store so `pl.scan_*("s3://...")` reaches the same S3 as boto3."""
-    session = boto3.session.Session(region_name=get_settings().aws.region)
+    current = session()
     options: dict[str, str] = {}
-    if session.region_name:
-        options["aws_region"] = session.region_name
-    credentials = session.get_credentials()
+    if current.region_name:
+        options["aws_region"] = current.region_name
+    credentials = current.get_credentials()
     if credentials is not None:
         frozen = credentials.get_frozen_credentials()
         options["aws_access_key_id"] = frozen.access_key
