@@ -91,7 +91,7 @@ def bedrock_batch_monitor(
         series = series_by_model[model_id]
         latest_by_model[model_id] = publish_model_metrics(model_id, series, window)
         changes, firing[model_id] = check_alerts(
-            model_id, series, thresholds, now, params.state_prefix
+            model_id, series, thresholds, now, params.state_prefix, params.period_seconds
         )
         transitions.extend(changes)
         for change in changes:

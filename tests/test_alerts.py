@@ -62,6 +62,14 @@ def test_stalled_clears_when_nothing_is_pending():
     assert not evaluate_stalled(series, NOW, 30).active
 
 
+def test_stalled_clears_when_bedrock_stopped_publishing_pending():
+    # The last job ended 40 minutes ago with a non-zero average left in its last bucket.
+    old = [(t - timedelta(minutes=40), v) for t, v in _series([100] * 31)]
+    series = {PENDING_RECORDS: old, INPUT_TOKENS_PER_MINUTE: []}
+    condition = evaluate_stalled(series, NOW, 30, period_seconds=60)
+    assert not condition.active and condition.value == 0.0
+
+
 def test_throughput_above_threshold_uses_the_window_average():
     points = _series([2_000_000] * 10 + [0] * 10)
     condition = evaluate_throughput(THROUGHPUT_HIGH_INPUT, points, NOW, 360, 900_000)

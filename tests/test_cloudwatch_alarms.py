@@ -93,3 +93,25 @@ def test_teardown_removes_alarms_then_dashboard_and_topic(aws):
     assert final["dashboard"] == cloudwatch_alarms.DASHBOARD_NAME
     assert cw.list_dashboards()["DashboardEntries"] == []
     assert client("sns").list_topics()["Topics"] == []
+
+
+def _dashboard_models() -> set[str]:
+    body = json.loads(
+        client("cloudwatch").get_dashboard(DashboardName=cloudwatch_alarms.DASHBOARD_NAME)[
+            "DashboardBody"
+        ]
+    )
+    return {line[3] for widget in body["widgets"] for line in widget["properties"]["metrics"]}
+
+
+def test_setup_of_one_model_keeps_the_others_on_the_dashboard(aws):
+    cloudwatch_alarms.setup(MODELS)
+    result = cloudwatch_alarms.setup(MODELS[:1])
+    assert _dashboard_models() == set(MODELS)
+    assert result["dashboard_models"] == sorted(MODELS)
+
+
+def test_teardown_of_one_model_leaves_the_others_on_the_dashboard(aws):
+    cloudwatch_alarms.setup(MODELS)
+    cloudwatch_alarms.teardown(MODELS[:1])
+    assert _dashboard_models() == {MODELS[1]}

@@ -162,6 +162,16 @@ def test_monitor_emits_one_metrics_event_per_model(cloudwatch):
     assert all(e.payload["period_seconds"] == 60 for e in events)
 
 
+def test_monitor_latest_pending_is_zero_once_the_model_stops_publishing(cloudwatch):
+    model_id = _model()
+    _put(cloudwatch, model_id, PENDING_RECORDS, [30, 12], end=NOW - timedelta(minutes=10))
+    result = bedrock_batch_monitor(
+        MonitorParameters(model_ids=[model_id], now=NOW, state_prefix="t-stale")
+    )
+    assert result["latest"][model_id][PENDING_RECORDS] == 0.0
+    assert result["transitions"] == []
+
+
 def test_monitor_thresholds_come_from_parameters(cloudwatch):
     model_id = _model()
     _put(cloudwatch, model_id, INPUT_TOKENS_PER_MINUTE, [5_000] * 10)

@@ -141,6 +141,24 @@ def dashboard_body(model_ids: list[str], region: str | None) -> dict:
     return {"widgets": widgets}
 
 
+def alarmed_models(cloudwatch) -> list[str]:
+    """Every model id the project's alarms watch now, read back from CloudWatch."""
+    models: set[str] = set()
+    paginator = cloudwatch.get_paginator("describe_alarms")
+    for page in paginator.paginate(AlarmNamePrefix=f"{PREFIX}-"):
+        for alarm in page.get("MetricAlarms", []):
+            dimensions = list(alarm.get("Dimensions") or [])
+            for query in alarm.get("Metrics") or []:
+                dimensions += query.get("MetricStat", {}).get("Metric", {}).get("Dimensions", [])
+            models.update(d["Value"] for d in dimensions if d.get("Name") == DIMENSION)
+    return sorted(models)
+
+
+def _put_dashboard(cloudwatch, model_ids: list[str]) -> None:
+    body = dashboard_body(model_ids, cloudwatch.meta.region_name)
+    cloudwatch.put_dashboard(DashboardName=DASHBOARD_NAME, DashboardBody=json.dumps(body))
+
+
 def setup(
     model_ids: list[str], sns_email: str | None = None, threshold: float = TOKENS_THRESHOLD
 ) -> dict[str, Any]:
@@ -170,9 +188,15 @@ def setup(
         ):
             cloudwatch.put_metric_alarm(**arguments)
             alarms.append(arguments["AlarmName"])
-    body = dashboard_body(model_ids, cloudwatch.meta.region_name)
-    cloudwatch.put_dashboard(DashboardName=DASHBOARD_NAME, DashboardBody=json.dumps(body))
-    return {"topic_arn": topic_arn, "alarms": alarms, "dashboard": DASHBOARD_NAME}
+    # The dashboard shows every model alarmed on, not only the ones named this time.
+    dashboard_models = sorted(set(alarmed_models(cloudwatch)) | set(model_ids))
+    _put_dashboard(cloudwatch, dashboard_models)
+    return {
+        "topic_arn": topic_arn,
+        "alarms": alarms,
+        "dashboard": DASHBOARD_NAME,
+        "dashboard_models": dashboard_models,
+    }
 
 
 def teardown(model_ids: list[str]) -> dict[str, Any]:
@@ -203,7 +227,8 @@ def teardown(model_ids: list[str]) -> dict[str, Any]:
                 sns.delete_topic(TopicArn=topic["TopicArn"])
                 deleted["topic_arn"] = topic["TopicArn"]
     else:
-        # The dashboard keeps showing the models still alarmed on.
+        # The dashboard keeps showing the models still alarmed on, and only those.
         kept = sorted({a["AlarmName"] for a in remaining})
         deleted["remaining_alarms"] = kept
+        _put_dashboard(cloudwatch, alarmed_models(cloudwatch))
     return deleted

@@ -95,7 +95,9 @@ def _window(points: Series, start: datetime, end: datetime) -> Series:
     return [(ts, value) for ts, value in points if start <= ts <= end]
 
 
-def evaluate_stalled(series: ModelSeries, now: datetime, stall_minutes: float) -> Condition:
+def evaluate_stalled(
+    series: ModelSeries, now: datetime, stall_minutes: float, period_seconds: int = 60
+) -> Condition:
     """Records pending > 0 and input tokens/min = 0 at every point for at least `stall_minutes`.
 
     Walks back from the latest point while pending stays above zero and no input tokens were
@@ -109,6 +111,9 @@ def evaluate_stalled(series: ModelSeries, now: datetime, stall_minutes: float) -
         return Condition(STALLED, False, None, threshold)
     latest_ts = max(pending)
     latest = pending[latest_ts]
+    if latest_ts < now - timedelta(seconds=2 * period_seconds):
+        # Bedrock stopped publishing: no job of the model is pending any more.
+        return Condition(STALLED, False, 0.0, threshold)
     since: datetime | None = None
     for ts in sorted(set(pending) | set(tokens), reverse=True):
         if ts in pending and pending[ts] <= 0:
@@ -173,11 +178,11 @@ def evaluate_backlog(
 
 
 def evaluate_rules(
-    series: ModelSeries, thresholds: AlertThresholds, now: datetime
+    series: ModelSeries, thresholds: AlertThresholds, now: datetime, period_seconds: int = 60
 ) -> list[Condition]:
     """Every enabled rule for one model's series, evaluated at `now`."""
     conditions = [
-        evaluate_stalled(series, now, thresholds.stall_minutes),
+        evaluate_stalled(series, now, thresholds.stall_minutes, period_seconds),
         evaluate_throughput(
             THROUGHPUT_HIGH_INPUT,
             series.get(INPUT_TOKENS_PER_MINUTE, []),

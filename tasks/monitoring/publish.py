@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 from prefect import task
@@ -34,9 +34,25 @@ def sparkline(values: list[float]) -> str:
     return "".join(SPARK_BLOCKS[round((v - low) / span * last)] for v in values)
 
 
-def latest_values(series: ModelSeries) -> dict[str, float | None]:
-    """The last value of each metric, None when the metric has no data point."""
-    return {key: (points[-1][1] if points else None) for key, points in series.items()}
+def latest_values(
+    series: ModelSeries, now: datetime | None = None, period_seconds: int = 60
+) -> dict[str, float | None]:
+    """The last value of each metric; None when it has no data point in the window.
+
+    Bedrock publishes a model's batch metrics while it has jobs pending and stops when none
+    is left, so a last point older than two periods is stale: nothing is pending or flowing
+    now, and the latest value is 0 rather than whatever the last job left behind.
+    """
+    fresh_after = now - timedelta(seconds=2 * period_seconds) if now else None
+    latest: dict[str, float | None] = {}
+    for key, points in series.items():
+        if not points:
+            latest[key] = None
+        elif fresh_after is not None and points[-1][0] < fresh_after:
+            latest[key] = 0.0
+        else:
+            latest[key] = points[-1][1]
+    return latest
 
 
 @task
@@ -53,14 +69,20 @@ def publish_model_metrics(
     Returns:
         The latest value of each metric.
     """
-    latest = latest_values(series)
+    now = datetime.fromisoformat(window["end"])
+    latest = latest_values(series, now, window["period_seconds"])
     emit_metrics(model_id, latest, window)
     return latest
 
 
 @task
 def check_alerts(
-    model_id: str, series: ModelSeries, thresholds: AlertThresholds, now: datetime, prefix: str
+    model_id: str,
+    series: ModelSeries,
+    thresholds: AlertThresholds,
+    now: datetime,
+    prefix: str,
+    period_seconds: int = 60,
 ) -> tuple[list[Transition], list[str]]:
     """Evaluate every rule for one model, emit start/resolved events, and store the new state.
 
@@ -70,13 +92,14 @@ def check_alerts(
         thresholds: Rule thresholds.
         now: Evaluation time.
         prefix: Prefix of the state Variables.
+        period_seconds: Period of the data points (a series silent for two is stale).
 
     Returns:
         The transitions emitted in this run, and the rules firing after it.
     """
     emitted: list[Transition] = []
     firing: list[str] = []
-    for condition in evaluate_rules(series, thresholds, now):
+    for condition in evaluate_rules(series, thresholds, now, period_seconds):
         previous = load_alert_state.fn(prefix, model_id, condition.rule)
         change, state = transition(model_id, condition, previous, now)
         if change is not None:
