@@ -7,6 +7,7 @@ import pytest
 from polars.testing import assert_frame_equal
 
 from tasks.errors import SourceEncodingError, SourceError
+from tasks.pipeline import sources
 from tasks.pipeline.sources import load_source, parse_hf_source
 
 FRAME = pl.DataFrame({"topic": ["a", "b", "c"], "n": [1, 2, 3]})
@@ -126,23 +127,58 @@ def test_load_source_hf_goes_through_load_dataset_and_arrow(monkeypatch):
         return datasets.Dataset.from_dict({"source": ["q1", "q2"], "target": ["a", "b"]})
 
     monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
+    monkeypatch.setattr(sources, "_hub_reachable", lambda: None)
     frame = load_source("hf://KaiserWhoLearns/SimpleCoT?split=train").collect()
     assert calls == [("KaiserWhoLearns/SimpleCoT", None, "train")]
     assert_frame_equal(frame, pl.DataFrame({"source": ["q1", "q2"], "target": ["a", "b"]}))
 
 
-def test_load_source_hf_from_saved_dataset_folder(tmp_path, monkeypatch):
+def test_load_source_hf_from_a_save_to_disk_folder_by_absolute_path(tmp_path):
     import datasets
 
     saved = tmp_path / "ds"
     datasets.Dataset.from_dict({"input_text": ["x", "y", "z"]}).save_to_disk(str(saved))
-    monkeypatch.setattr(
-        datasets,
-        "load_dataset",
-        lambda path, name=None, split=None: datasets.load_from_disk(str(saved / ".." / path)),
-    )
-    frame = load_source("hf://ds?split=train").collect()
+    frame = load_source(f"hf://{saved}?split=train").collect()
     assert frame["input_text"].to_list() == ["x", "y", "z"]
+
+
+def test_load_source_hf_from_a_saved_dataset_dict_picks_the_split(tmp_path):
+    import datasets
+
+    saved = tmp_path / "dd"
+    datasets.DatasetDict(
+        {
+            "train": datasets.Dataset.from_dict({"input_text": ["a"]}),
+            "test": datasets.Dataset.from_dict({"input_text": ["b", "c"]}),
+        }
+    ).save_to_disk(str(saved))
+    frame = load_source(f"hf://{saved}?split=test").collect()
+    assert frame["input_text"].to_list() == ["b", "c"]
+
+
+def test_load_source_hf_from_a_folder_of_parquet_files(tmp_path):
+    folder = tmp_path / "pq"
+    folder.mkdir()
+    pl.DataFrame({"input_text": ["a", "b"]}).write_parquet(folder / "part-0.parquet")
+    pl.DataFrame({"input_text": ["c"]}).write_parquet(folder / "part-1.parquet")
+    frame = load_source(f"hf://{folder}").collect()
+    assert sorted(frame["input_text"].to_list()) == ["a", "b", "c"]
+
+
+def test_load_source_hf_unreachable_hub_fails_fast_with_the_offline_switch(monkeypatch):
+    import time
+
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")  # nothing listens there
+    start = time.monotonic()
+    with pytest.raises(SourceError) as exc:
+        load_source("hf://owner/some-dataset?split=train")
+    assert time.monotonic() - start < 10
+    message = str(exc.value)
+    assert "HF_HUB_OFFLINE=1" in message and "'owner/some-dataset'" in message
+    assert "save_to_disk" in message
 
 
 def test_load_source_hf_failure_names_dataset_and_hint(monkeypatch):
@@ -152,6 +188,7 @@ def test_load_source_hf_failure_names_dataset_and_hint(monkeypatch):
         raise FileNotFoundError("not on the hub")
 
     monkeypatch.setattr(datasets, "load_dataset", boom)
+    monkeypatch.setattr(sources, "_hub_reachable", lambda: None)
     with pytest.raises(SourceError) as exc:
         load_source("hf://owner/missing?split=train")
     assert "'owner/missing'" in str(exc.value) and "HF_TOKEN" in str(exc.value)

@@ -92,10 +92,77 @@ def parse_hf_source(source: str) -> tuple[str, str | None, str]:
     return dataset_id, config, split
 
 
-def _load_hf(source: str) -> pl.LazyFrame:
+def hf_local_path(source: str) -> Path | None:
+    """The local folder an ``hf://`` source names, if it names one (else a Hub dataset id).
+
+    ``hf:///abs/path``, ``hf://./rel``, ``hf://~/x`` and any existing folder are local: a
+    dataset saved with ``save_to_disk``, or a folder of Parquet / Arrow files.
+    """
+    rest = source[len("hf://") :].split("?", 1)[0]
+    if not rest:
+        return None
+    path = Path(rest).expanduser()
+    if rest.startswith(("/", "./", "../", "~")) or path.is_dir():
+        return path
+    return None
+
+
+def _hub_reachable(timeout: float = 3.0) -> str | None:
+    """None when the Hub answers; else why not (a closed network fails in ~0 s, not in 26)."""
+    import httpx
+    from huggingface_hub import constants
+
+    try:
+        httpx.head(constants.ENDPOINT, timeout=timeout)
+    except httpx.HTTPError as exc:
+        return f"{type(exc).__name__}: {exc}"
+    return None
+
+
+def _load_hf_local(path: Path, config: str | None, split: str, source: str):
     import datasets
 
+    if not path.is_dir():
+        msg = f"source {source!r}: {path} is not a folder (save_to_disk output or data files)."
+        raise SourceError(msg)
+    if (path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists():
+        dataset = datasets.load_from_disk(str(path))
+        if isinstance(dataset, datasets.DatasetDict):
+            if split not in dataset:
+                msg = f"{source!r} has splits {', '.join(dataset)}; add ?split=<one of them>."
+                raise SourceError(msg)
+            dataset = dataset[split]
+        return dataset
+    for builder, suffix in (("parquet", ".parquet"), ("arrow", ".arrow")):
+        files = sorted(str(f) for f in path.rglob(f"*{suffix}"))
+        if files:
+            return datasets.load_dataset(builder, data_files={split: files}, split=split)
+    msg = (
+        f"source {source!r}: {path} holds neither a dataset saved with save_to_disk nor "
+        ".parquet / .arrow files."
+    )
+    raise SourceError(msg)
+
+
+def _load_hf(source: str) -> pl.LazyFrame:
+    import datasets
+    from huggingface_hub import constants
+
     dataset_id, config, split = parse_hf_source(source)
+    local = hf_local_path(source)
+    if local is not None:
+        dataset = _load_hf_local(local, config, split, source)
+        return _arrow_frame(dataset)
+    if not constants.HF_HUB_OFFLINE:
+        reason = _hub_reachable()
+        if reason is not None:
+            msg = (
+                f"Could not reach the Hugging Face Hub for {dataset_id!r} ({reason}). If the "
+                "dataset is in the local cache, set HF_HUB_OFFLINE=1 to use it offline; or "
+                "save it with save_to_disk and pass hf:///<that folder>; or give the Parquet "
+                "files as source."
+            )
+            raise SourceError(msg)
     try:
         dataset = datasets.load_dataset(dataset_id, config, split=split)
     except Exception as exc:
@@ -108,6 +175,10 @@ def _load_hf(source: str) -> pl.LazyFrame:
     if isinstance(dataset, datasets.DatasetDict):
         msg = f"{source!r} names no single split; add ?split=<one of {', '.join(dataset)}>."
         raise SourceError(msg)
+    return _arrow_frame(dataset)
+
+
+def _arrow_frame(dataset) -> pl.LazyFrame:
     # The Arrow table behind the dataset (memory-mapped from the cache): no row loop, no copy.
     table = dataset.flatten_indices().data.table if dataset._indices else dataset.data.table
     frame = pl.from_arrow(table, rechunk=False)
