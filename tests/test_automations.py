@@ -14,13 +14,15 @@ from prefect.events.schemas.automations import Posture
 
 from flows.summarize import summarize_run
 from tasks.monitoring.automations import (
+    RUN_FAILED_NOTIFY_AUTOMATION,
+    RUN_FINISHED_NOTIFY_AUTOMATION,
     STALLED_AUTOMATION,
     SUMMARIZE_AUTOMATION,
     ZOMBIE_AUTOMATION,
     apply_automations,
     zombie_automation,
 )
-from tasks.monitoring.events import emit_run_finished
+from tasks.monitoring.events import emit_run_failed, emit_run_finished
 
 SUMMARIZE_TEST_DEPLOYMENT = "summarize-run-automations-test"
 
@@ -51,7 +53,13 @@ def test_apply_automations_creates_each_automation_once(applied):
     assert set(first.values()) == {"applied"}
     assert second == first
     with get_client(sync_client=True) as client:
-        for name in (STALLED_AUTOMATION, SUMMARIZE_AUTOMATION, ZOMBIE_AUTOMATION):
+        for name in (
+            STALLED_AUTOMATION,
+            SUMMARIZE_AUTOMATION,
+            ZOMBIE_AUTOMATION,
+            RUN_FINISHED_NOTIFY_AUTOMATION,
+            RUN_FAILED_NOTIFY_AUTOMATION,
+        ):
             assert len(client.read_automations_by_name(name)) == 1, name
 
 
@@ -106,3 +114,57 @@ def test_summarize_run_counts_rows_errors_and_tokens(tmp_path):
     assert summary["errors"] == 1
     assert summary["input_tokens"] == 7
     assert summary["output_tokens"] == 11
+
+
+@pytest.fixture
+def webhook():
+    """A local HTTP endpoint that keeps every JSON body POSTed to it."""
+    import json
+    import threading
+    from http.server import BaseHTTPRequestHandler, HTTPServer
+
+    received: list[dict] = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self):  # noqa: N802 - the http.server hook name
+            length = int(self.headers.get("Content-Length", 0))
+            received.append(json.loads(self.rfile.read(length) or b"{}"))
+            self.send_response(200)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = HTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}/hook", received
+    finally:
+        server.shutdown()
+
+
+def test_run_finished_and_failed_events_send_notifications(webhook):
+    url, received = webhook
+    block = f"bedrock-batch-notify-{uuid.uuid4().hex[:6]}"
+    result = apply_automations(notification_block=block, webhook_url=url)
+    assert result[RUN_FINISHED_NOTIFY_AUTOMATION] == "applied"
+    assert result[RUN_FAILED_NOTIFY_AUTOMATION] == "applied"
+    run = f"notify-{uuid.uuid4().hex[:6]}"
+    output_uri = f"s3://bucket/out/{run}/output"
+    counts = {"records": 250, "succeeded": 249, "failed": 1}
+    emit_run_finished(run, "m", counts, {"input": 10, "output": 5}, output_uri)
+    emit_run_failed(run + "-x", "m", "the gate was closed")
+
+    def both() -> list[dict]:
+        texts = [m.get("text", "") for m in received]
+        done = [t for t in texts if output_uri in t] and [
+            t for t in texts if "gate was closed" in t
+        ]
+        return received if done else []
+
+    messages = eventually(both, timeout=45, what="both notifications")
+    finished = next(m for m in messages if output_uri in m.get("text", ""))
+    assert run in finished["subject"] and "Records: 250 (ok 249, failed 1)" in finished["text"]
+    failed = next(m for m in messages if "gate was closed" in m.get("text", ""))
+    assert "failed" in failed["subject"] and "resume" in failed["text"]

@@ -18,6 +18,7 @@ from prefect.exceptions import ObjectNotFound
 from tasks.monitoring.alerts import STALLED
 from tasks.monitoring.events import (
     MODEL_RESOURCE_PREFIX,
+    RUN_FAILED,
     RUN_FINISHED,
     RUN_RESOURCE_PREFIX,
     alert_event_name,
@@ -31,6 +32,8 @@ SUMMARIZE_DEPLOYMENT = "summarize-run/summarize-run"
 STALLED_AUTOMATION = "bedrock-batch: notify when a batch model stalls"
 SUMMARIZE_AUTOMATION = "bedrock-batch: summarize finished runs"
 ZOMBIE_AUTOMATION = "bedrock-batch: crash zombie flow runs"
+RUN_FINISHED_NOTIFY_AUTOMATION = "bedrock-batch: notify when a run finishes"
+RUN_FAILED_NOTIFY_AUTOMATION = "bedrock-batch: notify when a run fails"
 SUMMARIZE_DEPLOYMENT_TRIGGER = "summarize-run: on bedrock.batch.run.finished"
 
 # Rendered by Prefect's actions service from the triggering event.
@@ -45,6 +48,23 @@ STALLED_BODY = (
     "since {{ event.payload.started_at }} ({{ event.payload.stalled_minutes }} minutes).\n"
     "Check the model's batch jobs in the Bedrock console or with "
     "`aws bedrock list-model-invocation-jobs --status-equals InProgress`."
+)
+
+
+RUN_FINISHED_SUBJECT = "Bedrock batch run finished: {{ event.payload.run_name }}"
+RUN_FINISHED_BODY = (
+    "Run {{ event.payload.run_name }} on {{ event.payload.model_id }} finished.\n"
+    "Records: {{ event.payload.counts.records }} (ok {{ event.payload.counts.succeeded }}, "
+    "failed {{ event.payload.counts.failed }}).\n"
+    "Tokens: {{ event.payload.tokens.input }} in, {{ event.payload.tokens.output }} out.\n"
+    "{% if event.payload.cost %}Cost: {{ event.payload.cost }}\n{% endif %}"
+    "Output: {{ event.payload.output_uri }}"
+)
+RUN_FAILED_SUBJECT = "Bedrock batch run failed: {{ event.payload.run_name }}"
+RUN_FAILED_BODY = (
+    "Run {{ event.payload.run_name }} on {{ event.payload.model_id }} failed: "
+    "{{ event.payload.reason }}\n"
+    "Re-run it with the same run_name to resume; nothing already answered is paid again."
 )
 
 
@@ -92,6 +112,25 @@ def stalled_notification_automation(block_document_id: UUID) -> Automation:
                 block_document_id=block_document_id, subject=STALLED_SUBJECT, body=STALLED_BODY
             )
         ],
+    )
+
+
+def run_notification_automation(
+    name: str, event: str, block_document_id: UUID, subject: str, body: str
+) -> Automation:
+    """On each run event `event`, send a notification through the given block."""
+    return Automation(
+        name=name,
+        description=f"{event} → notification block.",
+        trigger=EventTrigger(
+            match={"prefect.resource.id": RUN_RESOURCE_PREFIX + "*"},
+            expect={event},
+            for_each={"prefect.resource.id"},
+            posture=Posture.Reactive,
+            threshold=1,
+            within=timedelta(0),
+        ),
+        actions=[SendNotification(block_document_id=block_document_id, subject=subject, body=body)],
     )
 
 
@@ -225,7 +264,8 @@ def apply_automations(
     """Create or update the project's automations by name; safe to run again.
 
     Args:
-        notification_block: Name of the notification block the stalled alert goes through.
+        notification_block: Name of the notification block the stalled alert and the run
+            finished / failed notifications go through.
         webhook_url: Creates (or replaces) that block as a Slack or custom webhook first.
         summarize_deployment: `flow/deployment` run when a batch run finishes.
         heartbeat_seconds: Missing-heartbeat time after which a flow run is crashed.
@@ -236,14 +276,28 @@ def apply_automations(
     result: dict[str, str] = {}
 
     block_id = notification_block_id(notification_block, webhook_url)
-    if block_id is None:
-        result[STALLED_AUTOMATION] = (
-            f"skipped: no notification block named {notification_block!r}; create one in the UI "
-            f"(Blocks → Slack Webhook / Custom Webhook / Email) or pass --webhook-url"
-        )
-    else:
-        upsert_automation(stalled_notification_automation(block_id))
-        result[STALLED_AUTOMATION] = "applied"
+    notifications = {
+        STALLED_AUTOMATION: lambda: stalled_notification_automation(block_id),
+        RUN_FINISHED_NOTIFY_AUTOMATION: lambda: run_notification_automation(
+            RUN_FINISHED_NOTIFY_AUTOMATION,
+            RUN_FINISHED,
+            block_id,
+            RUN_FINISHED_SUBJECT,
+            RUN_FINISHED_BODY,
+        ),
+        RUN_FAILED_NOTIFY_AUTOMATION: lambda: run_notification_automation(
+            RUN_FAILED_NOTIFY_AUTOMATION, RUN_FAILED, block_id, RUN_FAILED_SUBJECT, RUN_FAILED_BODY
+        ),
+    }
+    for name, build in notifications.items():
+        if block_id is None:
+            result[name] = (
+                f"skipped: no notification block named {notification_block!r}; create one in "
+                "the UI (Blocks → Slack Webhook / Custom Webhook / Email) or pass --webhook-url"
+            )
+        else:
+            upsert_automation(build())
+            result[name] = "applied"
 
     deployment_id = _deployment_id(summarize_deployment)
     if deployment_id is None:
