@@ -72,3 +72,46 @@ def test_deploy_all_attaches_the_run_finished_trigger_to_summarize_run(deployed)
         "output_uri": "{{ event.payload.output_uri }}",
         "run_name": "{{ event.payload.run_name }}",
     }
+
+
+def test_serve_beside_deploy_keeps_both_and_served_runs_complete(deployed, tmp_path):
+    """`bedrock-batch serve` after `prefect deploy --all`: the deployed ones keep their pull
+    steps, the served ones run (they used to fail with FileNotFoundError '.../None')."""
+    import asyncio
+
+    import polars as pl
+    from prefect.deployments import run_deployment
+    from prefect.runner import Runner
+
+    from flows.serve import SUMMARIZE_DEPLOYMENT, build_deployments
+
+    served = build_deployments()
+    for deployment in served:
+        deployment.apply()
+    with get_client(sync_client=True) as client:
+        deployed_batch = client.read_deployment_by_name("batch-inference/batch-inference")
+        assert deployed_batch.pull_steps and deployed_batch.work_pool_name == "bedrock-batch"
+        served_summarize = client.read_deployment_by_name(f"summarize-run/{SUMMARIZE_DEPLOYMENT}")
+        owners = [
+            a.actions[0].deployment_id
+            for a in client.read_automations_by_name(SUMMARIZE_DEPLOYMENT_TRIGGER)
+        ]
+    # The deployed summarize-run carries the trigger, so the served one does not: one summary.
+    assert served_summarize.id not in owners
+
+    out = tmp_path / "run" / "output"
+    out.mkdir(parents=True)
+    pl.DataFrame(
+        {"record_id": ["R1"], "error_code": [None]}, schema_overrides={"error_code": pl.String}
+    ).write_parquet(out / "part-00000.parquet")
+    flow_run = run_deployment(
+        f"summarize-run/{SUMMARIZE_DEPLOYMENT}",
+        parameters={"output_uri": str(out), "run_name": "served"},
+        timeout=0,
+    )
+    runner = Runner(name="served-test", query_seconds=1)
+    runner.add_deployment(next(d for d in served if d.name == SUMMARIZE_DEPLOYMENT))
+    asyncio.run(runner.start(run_once=True))
+    with get_client(sync_client=True) as client:
+        state = client.read_flow_run(flow_run.id).state
+    assert state.is_completed(), state

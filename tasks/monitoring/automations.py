@@ -228,6 +228,46 @@ def _deployment_has_own_trigger(deployment_id: UUID, event: str) -> bool:
     return False
 
 
+def summarize_trigger_owner() -> str | None:
+    """`flow/deployment` of the summarize-run deployment that carries the run-finished trigger."""
+    with get_client(sync_client=True) as client:
+        automations = client.read_automations()
+        for automation in automations:
+            if RUN_FINISHED not in getattr(automation.trigger, "expect", ()):
+                continue
+            for action in automation.actions:
+                deployment_id = getattr(action, "deployment_id", None)
+                if deployment_id is None or not automation.name.startswith("summarize-run"):
+                    continue
+                try:
+                    deployment = client.read_deployment(deployment_id)
+                except ObjectNotFound:
+                    continue
+                return f"summarize-run/{deployment.name}"
+    return None
+
+
+def prune_stale_automations() -> list[str]:
+    """Delete the project's automations that run a deployment which no longer exists."""
+    removed = []
+    with get_client(sync_client=True) as client:
+        for automation in client.read_automations():
+            if not automation.name.startswith(("bedrock-batch:", "summarize-run:")):
+                continue
+            targets = [getattr(a, "deployment_id", None) for a in automation.actions]
+            for deployment_id in filter(None, targets):
+                try:
+                    client.read_deployment(deployment_id)
+                except ObjectNotFound:
+                    client.delete_automation(automation.id)
+                    removed.append(automation.name)
+                    log.info(
+                        "Removed %s: its deployment %s is gone", automation.name, deployment_id
+                    )
+                    break
+    return removed
+
+
 def notification_block_id(block_name: str, webhook_url: str | None = None) -> UUID | None:
     """The id of notification block `block_name`; created from `webhook_url` if it is missing.
 
@@ -274,6 +314,8 @@ def apply_automations(
         `{automation name: "applied" or the reason it was skipped}`.
     """
     result: dict[str, str] = {}
+    for name in prune_stale_automations():
+        result[name] = "removed: its deployment no longer exists"
 
     block_id = notification_block_id(notification_block, webhook_url)
     notifications = {
@@ -300,6 +342,9 @@ def apply_automations(
             result[name] = "applied"
 
     deployment_id = _deployment_id(summarize_deployment)
+    if deployment_id is None and summarize_deployment == SUMMARIZE_DEPLOYMENT:
+        # `bedrock-batch serve` names its deployment apart from the one prefect.yaml deploys.
+        deployment_id = _deployment_id(SUMMARIZE_DEPLOYMENT + "-served")
     if deployment_id is None:
         result[SUMMARIZE_AUTOMATION] = (
             f"skipped: no deployment {summarize_deployment!r}; run `prefect deploy --all` "
