@@ -11,8 +11,8 @@ from werkzeug.wrappers import Request, Response
 
 from .catalog import CATALOG, lookup
 from .exceptions import BedrockError, ResourceNotFoundException, ValidationException
-from .models import EmulatorServerState
 from .responders import CONVERSE, ERROR_MESSAGE, INVOKE_MODEL, MODEL_OUTPUT, respond
+from .state import EmulatorServerState
 
 _REGION = re.compile(r"Credential=[^/]+/\d{8}/(?P<region>[a-z0-9-]+)/")
 
