@@ -12,7 +12,7 @@ from . import runner
 from .config import EmulatorConfig
 from .exceptions import ThrottlingException
 from .faults import Throttle
-from .models import BedrockBackend, Job
+from .models import BedrockBackend, Job, iso
 
 
 class EmulatorServerState:
@@ -68,7 +68,7 @@ class EmulatorServerState:
         """Every created job, oldest first."""
         with self.lock:
             jobs = list(self.ledger)
-        return [j.ledger_entry() for j in jobs if not name_contains or name_contains in j.name]
+        return [_ledger_entry(j) for j in jobs if not name_contains or name_contains in j.name]
 
     def list_inputs(self, uri: str) -> list[runner.InputFile]:
         """Input objects of a job; none when the bucket or prefix is missing."""
@@ -79,11 +79,14 @@ class EmulatorServerState:
 
     def write_outputs(self, job: Job, files, results, processed: int) -> None:
         """Write the job's outputs and manifest to S3 (with the job's KMS key, as Bedrock does)."""
-        key = (job.request["outputDataConfig"].get("s3OutputDataConfig") or {}).get(
-            "s3EncryptionKeyId"
-        )
         runner.write_outputs(
-            self.s3, job.output_uri, job.job_id, files, results, processed, kms_key_id=key
+            self.s3,
+            job.output_uri,
+            job.job_id,
+            files,
+            results,
+            processed,
+            kms_key_id=job.kms_key_id,
         )
 
     def set_faults(self, **faults) -> None:
@@ -105,3 +108,21 @@ class EmulatorServerState:
     def _wake_all(self) -> None:
         for job in self.all_jobs():
             job.wake.set()
+
+
+def _ledger_entry(job: Job) -> dict:
+    """What the ledger keeps about a created job (tests assert nothing was paid twice)."""
+    return {
+        "jobArn": job.arn,
+        "jobId": job.job_id,
+        "jobName": job.name,
+        "clientRequestToken": job.client_request_token,
+        "modelId": job.model_id,
+        "inputUri": job.input_uri,
+        "outputUri": job.output_uri,
+        "recordCount": job.total,
+        "submitTime": iso(job.submit_time),
+        "tags": job.tags,
+        "status": job.status.value,
+        "statusHistory": [status for status, _ in job.history],
+    }

@@ -276,8 +276,11 @@ def test_list_model_invocation_jobs_max_results_over_1000(stack):
     client = stack.client("bedrock")
     with pytest.raises(client.exceptions.ValidationException) as err:
         client.list_model_invocation_jobs(maxResults=1001)
-    assert "'maxResults'" in err.value.response["Error"]["Message"]
-    assert "between 1 and 1000" in err.value.response["Error"]["Message"]
+    assert err.value.response["Error"]["Code"] == "ValidationException"
+    assert err.value.response["Error"]["Message"] == (
+        "1 validation error detected: Value 1001 at 'maxResults' failed to satisfy constraint: "
+        "Member must have value less than or equal to 1000"
+    )
 
 
 def test_stop_model_invocation_job_in_progress_goes_stopping_then_stopped(stack):
