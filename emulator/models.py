@@ -310,11 +310,14 @@ class BedrockBackend:
         job = self.get_model_invocation_job(job_identifier, "stop")
         with self.lock:
             if job.status not in STOPPABLE:
+                # AWS answers ValidationException here, its message ending "State was: <status>"
+                # (apache/airflow's example_bedrock_batch_inference.py matches on
+                # "State was: Completed" after stopping a finished job).
                 msg = (
-                    f"Job {job.arn} is {job.status.value} and cannot be stopped; only "
-                    "Submitted, Validating, Scheduled and InProgress jobs can be stopped"
+                    f"Job {job.arn} cannot be stopped: only Submitted, Validating, Scheduled and "
+                    f"InProgress jobs can be stopped. State was: {job.status.value}"
                 )
-                raise ConflictException(msg)
+                raise ValidationException(msg)
             job.stop_requested = True
             self.transition(job, JobStatus.STOPPING)
         job.wake.set()

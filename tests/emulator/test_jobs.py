@@ -298,18 +298,37 @@ def test_stop_model_invocation_job_in_progress_goes_stopping_then_stopped(stack)
     assert len(lines) == 50
 
 
-def test_stop_model_invocation_job_completed_conflicts(stack):
+def test_stop_model_invocation_job_completed_is_a_validation_error(stack):
     name = unique("stopdone")
     uri = put_jsonl(stack, f"in/{name}.jsonl", records(100))
     arn = create_job(stack, name, uri)
     wait_for(stack, arn)
     client = stack.client("bedrock")
-    with pytest.raises(client.exceptions.ConflictException) as err:
+    with pytest.raises(client.exceptions.ValidationException) as err:
         client.stop_model_invocation_job(jobIdentifier=arn)
-    assert "Completed and cannot be stopped" in err.value.response["Error"]["Message"]
+    assert err.value.response["Error"]["Code"] == "ValidationException"
+    assert err.value.response["Error"]["Message"] == (
+        f"Job {arn} cannot be stopped: only Submitted, Validating, Scheduled and InProgress jobs "
+        "can be stopped. State was: Completed"
+    )
+    assert client.get_model_invocation_job(jobIdentifier=arn)["status"] == "Completed"
+
+
+def test_stop_model_invocation_job_failed_names_the_state(stack):
+    name = unique("stopfailed")
+    stack.set_faults(fail_job_names_containing=name)
+    arn = create_job(stack, name, put_jsonl(stack, f"in/{name}.jsonl", records(100)))
+    wait_for(stack, arn)
+    client = stack.client("bedrock")
+    with pytest.raises(client.exceptions.ValidationException) as err:
+        client.stop_model_invocation_job(jobIdentifier=arn)
+    assert err.value.response["Error"]["Code"] == "ValidationException"
+    assert err.value.response["Error"]["Message"].endswith("State was: Failed")
 
 
 def test_stop_model_invocation_job_not_found(stack):
     client = stack.client("bedrock")
-    with pytest.raises(client.exceptions.ResourceNotFoundException):
+    with pytest.raises(client.exceptions.ResourceNotFoundException) as err:
         client.stop_model_invocation_job(jobIdentifier="000000000000")
+    assert err.value.response["Error"]["Code"] == "ResourceNotFoundException"
+    assert "'000000000000'" in err.value.response["Error"]["Message"]
