@@ -30,17 +30,23 @@ class JobStatus(str, enum.Enum):
         return not self.final
 
 
+# From the status documentation of GetModelInvocationJob in botocore's bedrock service-2.json
+# (botocore 1.44.5): "Expired – This job timed out because it was scheduled but didn't begin
+# before the set timeout duration", so only Scheduled leads to Expired; "PartiallyCompleted –
+# ... Not all of your records could be processed in time", so a job that runs out of time
+# part-way through processing ends PartiallyCompleted, never Expired.
 TRANSITIONS: dict[JobStatus, frozenset[JobStatus]] = {
     JobStatus.SUBMITTED: frozenset({JobStatus.VALIDATING, JobStatus.STOPPING, JobStatus.FAILED}),
     JobStatus.VALIDATING: frozenset({JobStatus.SCHEDULED, JobStatus.STOPPING, JobStatus.FAILED}),
-    JobStatus.SCHEDULED: frozenset({JobStatus.IN_PROGRESS, JobStatus.STOPPING, JobStatus.FAILED}),
+    JobStatus.SCHEDULED: frozenset(
+        {JobStatus.IN_PROGRESS, JobStatus.STOPPING, JobStatus.FAILED, JobStatus.EXPIRED}
+    ),
     JobStatus.IN_PROGRESS: frozenset(
         {
             JobStatus.COMPLETED,
             JobStatus.PARTIALLY_COMPLETED,
             JobStatus.FAILED,
             JobStatus.STOPPING,
-            JobStatus.EXPIRED,
         }
     ),
     JobStatus.STOPPING: frozenset({JobStatus.STOPPED}),
@@ -51,6 +57,7 @@ TRANSITIONS: dict[JobStatus, frozenset[JobStatus]] = {
     JobStatus.EXPIRED: frozenset(),
 }
 
+# Statuses StopModelInvocationJob accepts; a stop of any other answers ValidationException.
 STOPPABLE = frozenset(
     {JobStatus.SUBMITTED, JobStatus.VALIDATING, JobStatus.SCHEDULED, JobStatus.IN_PROGRESS}
 )

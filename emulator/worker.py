@@ -90,6 +90,16 @@ class JobWorker:
             job.name,
             order_seed + self.server.config.faults.seed,
         )
+        if self.server.config.faults.hits_job("expire", job.name):
+            # Expired: scheduled but never started before the timeout (botocore's status docs),
+            # so nothing was processed: empty outputs and a manifest that says so.
+            message = (
+                f"The job expired: it was scheduled but did not start within "
+                f"timeoutDurationInHours={job.timeout_hours}; none of its {results.total} records "
+                "were processed. Submit a new job."
+            )
+            self._finish(results, 0, JobStatus.EXPIRED, message)
+            return
         self._step(JobStatus.IN_PROGRESS)
         self._progress(results)
 
@@ -150,19 +160,12 @@ class JobWorker:
                 self._finish(results, total, JobStatus.COMPLETED)
                 return
             fraction = processed / total
-            if faults.hits_job("expire", job.name) and fraction >= faults.expire_after_fraction:
-                message = (
-                    f"The job expired: it did not finish within timeoutDurationInHours="
-                    f"{job.timeout_hours}; {total - processed} of {total} records were not "
-                    "processed"
-                )
-                self._finish(results, processed, JobStatus.EXPIRED, message)
-                return
             partial_at = total - int(round(total * faults.partial_fraction))
             if faults.hits_job("partial", job.name) and processed >= partial_at:
+                # PartiallyCompleted: "Not all of your records could be processed in time".
                 message = (
-                    f"{total - processed} of {total} records were not processed before the job "
-                    "ended; retry them in a new job"
+                    f"{total - processed} of {total} records were not processed within "
+                    f"timeoutDurationInHours={job.timeout_hours}; retry them in a new job"
                 )
                 self._finish(results, processed, JobStatus.PARTIALLY_COMPLETED, message)
                 return
@@ -170,12 +173,8 @@ class JobWorker:
             elapsed, last = now - last, now
             stuck = faults.hits_job("stuck", job.name) and fraction >= faults.stuck_after_fraction
             limit = float(total)
-            for fault, at in (
-                ("stuck", faults.stuck_after_fraction),
-                ("expire", faults.expire_after_fraction),
-            ):
-                if faults.hits_job(fault, job.name):
-                    limit = min(limit, max(float(processed), total * at))
+            if faults.hits_job("stuck", job.name):
+                limit = min(limit, max(float(processed), total * faults.stuck_after_fraction))
             if faults.hits_job("partial", job.name):
                 limit = min(limit, max(float(processed), float(partial_at)))
             rate = 0.0 if stuck else self._rate(results, processed)
