@@ -126,6 +126,8 @@ class JobWorker:
             frame = runner.parse_input(data, f"s3://{file.bucket}/{file.key}", first)
             first += frame.height
             inputs.append((file.name, frame))
+        salt = f"{config.faults.seed}:{self.job.job_id}".encode()
+        inputs = runner.fill_record_ids(inputs, int.from_bytes(hashlib.sha256(salt).digest()[:8]))
         total = sum(frame.height for _, frame in inputs)
         with self.backend.lock:
             self.job.total = total

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from datetime import timedelta
 
 import pytest
@@ -66,7 +67,30 @@ def test_create_model_invocation_job_assigns_record_ids_when_missing(stack):
         r["recordId"]
         for r in output_records(read_output(stack, arn, f"out/{name}/")[f"{name}.jsonl.out"])
     }
-    assert len(ids) == 100 and all(len(i) == 11 for i in ids)
+    assert len(ids) == 100
+    assert all(re.fullmatch("[A-Za-z0-9]{11}", i) for i in ids)
+    # Random like Bedrock's (e.g. bFBEdQuy3Gp), not a numbered sequence.
+    assert not any(i.startswith("REC") and i[3:].isdigit() for i in ids)
+
+
+def test_create_model_invocation_job_assigned_record_ids_unique_across_files(stack):
+    name = unique("noidfiles")
+    prefix = f"in/{name}/"
+    given = [{"recordId": f"given{i:06d}", "modelInput": anthropic_body(i)} for i in range(20)]
+    put_jsonl(stack, prefix + "a.jsonl", [{"modelInput": anthropic_body(i)} for i in range(60)])
+    put_jsonl(
+        stack, prefix + "b.jsonl", given + [{"modelInput": anthropic_body(i)} for i in range(40)]
+    )
+    arn = create_job(stack, name, f"s3://{stack.bucket}/{prefix}")
+    assert wait_for(stack, arn)["status"] == "Completed"
+    outputs = read_output(stack, arn, f"out/{name}/")
+    ids = [
+        r["recordId"]
+        for key in ("a.jsonl.out", "b.jsonl.out")
+        for r in output_records(outputs[key])
+    ]
+    assert len(ids) == len(set(ids)) == 120
+    assert {f"given{i:06d}" for i in range(20)} <= set(ids)
 
 
 def test_create_model_invocation_job_record_not_fitting_the_family_fails_that_record(stack):
