@@ -35,8 +35,11 @@ class EmulatorConfig:
     tokens_per_minute: float | None = None
     # How often a running job updates its counters.
     tick_seconds: float = 0.05
-    # How often the AWS/Bedrock/Batch metrics are put to CloudWatch.
+    # How often the AWS/Bedrock/Batch metrics are put to CloudWatch (the open period is updated).
     metrics_interval_seconds: float = 1.0
+    # Length of one datapoint: Bedrock publishes one per minute. Lower it only to watch
+    # minute-scale behaviour (stall alarms, per-minute throughput) in seconds.
+    metrics_period_seconds: int = 60
     # Quotas (per model, adjustable in AWS).
     min_records_per_job: int = 100
     max_records_per_job: int = 50_000

@@ -42,13 +42,16 @@ class Faults:
     fail_jobs: float = 0.0
     fail_job_names_containing: str | None = None
     fail_message: str = "Internal error while processing the batch inference job (emulated)."
-    # PartiallyCompleted: `partial_fraction` of the records have no output line.
+    # PartiallyCompleted (ran out of time part-way): `partial_fraction` of the records have no
+    # output line.
     partial_jobs: float = 0.0
     partial_job_names_containing: str | None = None
     partial_fraction: float = 0.2
-    # Expired: records after `expire_after_fraction` of the job are never processed.
+    # Expired: the job goes Scheduled -> Expired and processes nothing, as a Bedrock job that
+    # did not start before its timeout. (A job that runs out of time part-way is `partial`.)
     expire_jobs: float = 0.0
     expire_job_names_containing: str | None = None
+    # No effect since Expired means "never started"; still accepted so older configs load.
     expire_after_fraction: float = 0.5
     # Stuck: InProgress with zero throughput after `stuck_after_fraction` until cleared.
     stuck_jobs: float = 0.0

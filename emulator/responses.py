@@ -11,8 +11,9 @@ from werkzeug.wrappers import Request, Response
 
 from .catalog import CATALOG, lookup
 from .exceptions import BedrockError, ResourceNotFoundException, ValidationException
-from .models import EmulatorServerState
 from .responders import CONVERSE, ERROR_MESSAGE, INVOKE_MODEL, MODEL_OUTPUT, respond
+from .state import EmulatorServerState
+from .validation import parse_timestamp
 
 _REGION = re.compile(r"Credential=[^/]+/\d{8}/(?P<region>[a-z0-9-]+)/")
 
@@ -41,6 +42,32 @@ def _body(request: Request) -> dict:
     return body
 
 
+class _Params:
+    """A request's JSON body and query string, read by member name (moto's `_get_param`)."""
+
+    def __init__(self, request: Request):
+        self.body = _body(request)
+        self.query = request.args
+
+    def get(self, name: str, default=None):
+        """A member of the JSON body."""
+        return self.body.get(name, default)
+
+    def query_str(self, name: str) -> str | None:
+        """A query-string member, None when absent or empty."""
+        return self.query.get(name) or None
+
+    def query_int(self, name: str) -> int | str | None:
+        """A query-string integer; a non-number is passed on for validation to report."""
+        raw = self.query_str(name)
+        if raw is None:
+            return None
+        try:
+            return int(raw)
+        except ValueError:
+            return raw
+
+
 class BedrockResponses:
     """Handlers for the bedrock control plane, bedrock-runtime and the /_emulator admin API."""
 
@@ -61,19 +88,46 @@ class BedrockResponses:
 
     def create_model_invocation_job(self, request: Request) -> Response:
         self._latency()
-        job = self._backend(request).create_model_invocation_job(_body(request))
+        params = _Params(request)
+        job = self._backend(request).create_model_invocation_job(
+            job_name=params.get("jobName"),
+            role_arn=params.get("roleArn"),
+            model_id=params.get("modelId"),
+            input_data_config=params.get("inputDataConfig"),
+            output_data_config=params.get("outputDataConfig"),
+            client_request_token=params.get("clientRequestToken"),
+            vpc_config=params.get("vpcConfig"),
+            timeout_duration_in_hours=params.get("timeoutDurationInHours"),
+            tags=params.get("tags"),
+            model_invocation_type=params.get("modelInvocationType"),
+        )
         return _json({"jobArn": job.arn})
 
     def get_model_invocation_job(self, request: Request, job_identifier: str) -> Response:
         self._latency()
-        job = self._backend(request).get_job(job_identifier)
-        with self._backend(request).lock:
+        backend = self._backend(request)
+        job = backend.get_model_invocation_job(job_identifier)
+        with backend.lock:
             return _json(job.describe())
 
     def list_model_invocation_jobs(self, request: Request) -> Response:
         self._latency()
+        params = _Params(request)
         backend = self._backend(request)
-        jobs, token = backend.list_jobs(request.args.to_dict())
+        jobs, token = backend.list_model_invocation_jobs(
+            submit_time_after=parse_timestamp(
+                "submitTimeAfter", params.query_str("submitTimeAfter")
+            ),
+            submit_time_before=parse_timestamp(
+                "submitTimeBefore", params.query_str("submitTimeBefore")
+            ),
+            status_equals=params.query_str("statusEquals"),
+            name_contains=params.query_str("nameContains"),
+            max_results=params.query_int("maxResults"),
+            next_token=params.query_str("nextToken"),
+            sort_by=params.query_str("sortBy"),
+            sort_order=params.query_str("sortOrder"),
+        )
         with backend.lock:
             payload = {"invocationJobSummaries": [j.describe() for j in jobs]}
         if token:
@@ -82,7 +136,7 @@ class BedrockResponses:
 
     def stop_model_invocation_job(self, request: Request, job_identifier: str) -> Response:
         self._latency()
-        self._backend(request).stop_job(job_identifier)
+        self._backend(request).stop_model_invocation_job(job_identifier)
         return _json({})
 
     # -- bedrock-runtime ----------------------------------------------------------------

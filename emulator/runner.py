@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import string
 from dataclasses import dataclass
 from urllib.parse import urlparse
 
@@ -97,7 +98,8 @@ def list_inputs(s3, uri: str) -> list[InputFile]:
 def parse_input(data: bytes, source: str, first_index: int = 0) -> pl.DataFrame:
     """Lines of one input file → (recordId, modelInput); a malformed line fails the job.
 
-    Records without a recordId get an 11-character one, as Bedrock assigns.
+    A record without a recordId keeps a null one here; `fill_record_ids` assigns it per job.
+    `first_index` is unused and kept for callers that pass it.
     """
     lines = pl.Series(LINE, data.decode("utf-8", errors="replace").splitlines())
     frame = (
@@ -121,13 +123,44 @@ def parse_input(data: bytes, source: str, first_index: int = 0) -> pl.DataFrame:
             f"{first['_n']} ({reason})."
         )
         raise InputError(msg)
-    assigned = pl.concat_str(
-        pl.lit("REC"),
-        (pl.int_range(pl.len()) + first_index).cast(pl.Utf8).str.zfill(8),
-    )
-    return frame.select(
-        pl.coalesce(pl.col(RECORD_ID), assigned).alias(RECORD_ID), pl.col(MODEL_INPUT)
-    )
+    return frame.select(pl.col(RECORD_ID), pl.col(MODEL_INPUT))
+
+
+RECORD_ID_ALPHABET = string.ascii_letters + string.digits
+RECORD_ID_LENGTH = 11
+
+
+def fill_record_ids(
+    inputs: list[tuple[str, pl.DataFrame]], seed: int
+) -> list[tuple[str, pl.DataFrame]]:
+    """Give every record without a recordId a random 11-character alphanumeric one.
+
+    Bedrock "adds it in the output" when a line omits recordId (AWS user guide, "Format and
+    upload your batch inference data"); real outputs show ids such as `bFBEdQuy3Gp`. The draw
+    is seeded, so a job's ids repeat with its seed, and unique within the job, given ids
+    included.
+    """
+    missing = sum(frame[RECORD_ID].null_count() for _, frame in inputs)
+    if not missing:
+        return inputs
+    given = {v for _, frame in inputs for v in frame[RECORD_ID].drop_nulls().unique().to_list()}
+    rng = np.random.default_rng(seed)
+    alphabet = np.array(list(RECORD_ID_ALPHABET))
+    ids: list[str] = []
+    while len(ids) < missing:
+        draw = alphabet[rng.integers(0, len(alphabet), size=(missing - len(ids), RECORD_ID_LENGTH))]
+        fresh = pl.Series(draw.view(f"<U{RECORD_ID_LENGTH}").ravel()).unique(maintain_order=True)
+        taken = given | set(ids)
+        ids.extend(v for v in fresh.to_list() if v not in taken)
+    filled, start = [], 0
+    for name, frame in inputs:
+        column = frame[RECORD_ID]
+        holes = column.is_null().arg_true()
+        if len(holes):
+            column = column.clone().scatter(holes, ids[start : start + len(holes)])
+            start += len(holes)
+        filled.append((name, frame.with_columns(column)))
+    return filled
 
 
 def answer(

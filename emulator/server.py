@@ -12,8 +12,8 @@ from werkzeug.wrappers import Request
 from .config import EmulatorConfig
 from .exceptions import BedrockError, InternalServerException, ValidationException
 from .metrics import MetricsPublisher
-from .models import EmulatorServerState
 from .responses import BedrockResponses, error_response, not_found
+from .state import EmulatorServerState
 from .urls import url_map
 
 log = logging.getLogger("emulator")

@@ -25,28 +25,37 @@ def prefect_server():
         yield
 
 
+# The emulator's own plugin starts moto and the Bedrock emulator (`bedrock_local_stack`);
+# `local_stack` below only adds what this project needs on top.
+pytest_plugins = ["emulator.pytest_plugin"]
+
+# The project's poll back-off in tenths of a second: the emulator answers at once.
+POLL_TEST_ENV = {
+    "BEDROCK_BATCH_POLL_CREATE_BACKOFF_SECONDS": "0.1",
+    "BEDROCK_BATCH_POLL_MAX_INTERVAL_SECONDS": "1",
+}
+
+
 @pytest.fixture(scope="session")
-def local_stack():
-    """moto (S3, CloudWatch) and the Bedrock emulator over HTTP; the process env points at them."""
-    from emulator import LocalStack
+def local_stack(bedrock_local_stack):
+    """The emulator plugin's stack, with the project's settings and clients pointed at it."""
     from tasks.aws.clients import reset_clients
     from tasks.settings import get_settings
 
-    saved = dict(os.environ)
-    with LocalStack() as stack:
-        os.environ.update(stack.env)
-        # Back off in tenths of a second: the emulator answers at once.
-        os.environ["BEDROCK_BATCH_POLL_CREATE_BACKOFF_SECONDS"] = "0.1"
-        os.environ["BEDROCK_BATCH_POLL_MAX_INTERVAL_SECONDS"] = "1"
+    saved = {name: os.environ.get(name) for name in POLL_TEST_ENV}
+    os.environ.update(POLL_TEST_ENV)
+    get_settings.cache_clear()
+    reset_clients()
+    try:
+        yield bedrock_local_stack
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
         get_settings.cache_clear()
         reset_clients()
-        try:
-            yield stack
-        finally:
-            os.environ.clear()
-            os.environ.update(saved)
-            get_settings.cache_clear()
-            reset_clients()
 
 
 @pytest.fixture

@@ -68,6 +68,8 @@ def test_stuck_job_alerts_once_fires_automation_and_resolves_once(stack):
     run_id = uuid.uuid4().hex[:8]
     job_name = f"monitor-e2e-{run_id}"
     stack.set_faults(stuck_job_names_containing=job_name, stuck_after_fraction=0.5)
+    # Bedrock puts one datapoint a minute; 1-second periods show the stall in seconds.
+    stack.configure(metrics_period_seconds=1)
 
     # An automation: stalled alert for this model → run a test deployment.
     deployment_id = stalled_alert_target.to_deployment(name=f"target-{run_id}").apply()

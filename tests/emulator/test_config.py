@@ -48,6 +48,12 @@ def test_status_transitions_end_in_final_statuses():
     assert JobStatus.IN_PROGRESS not in TRANSITIONS[JobStatus.SUBMITTED]
 
 
+def test_status_transitions_expired_only_from_scheduled():
+    # Expired = scheduled but did not start before the timeout (botocore's status docs).
+    assert [s for s in JobStatus if JobStatus.EXPIRED in TRANSITIONS[s]] == [JobStatus.SCHEDULED]
+    assert JobStatus.PARTIALLY_COMPLETED in TRANSITIONS[JobStatus.IN_PROGRESS]
+
+
 @pytest.mark.parametrize(
     "model_id",
     [

@@ -99,14 +99,39 @@ def test_partial_jobs_end_partially_completed_with_missing_lines(stack):
     assert len(_lines(stack, arn, name)) == 150
 
 
-def test_expire_jobs_end_expired_with_records_after_a_point_missing(stack):
+def test_expire_jobs_go_from_scheduled_to_expired_with_nothing_processed(stack):
     name = unique("expire")
-    stack.set_faults(expire_job_names_containing=name, expire_after_fraction=0.4)
+    stack.set_faults(expire_job_names_containing=name)
     arn = _job(stack, name)
     job = wait_for(stack, arn)
-    assert job["status"] == "Expired" and job["processedRecordCount"] == 80
-    assert "timeoutDurationInHours" in job["message"]
-    assert len(_lines(stack, arn, name)) == 80
+    assert job["status"] == "Expired"
+    assert job["totalRecordCount"] == 200
+    assert job["processedRecordCount"] == job["successRecordCount"] == 0
+    assert job["message"] == (
+        "The job expired: it was scheduled but did not start within timeoutDurationInHours=168; "
+        "none of its 200 records were processed. Submit a new job."
+    )
+    assert stack.ledger(name)[0]["statusHistory"] == [
+        "Submitted",
+        "Validating",
+        "Scheduled",
+        "Expired",
+    ]
+    outputs = read_output(stack, arn, f"out/{name}/")
+    assert output_records(outputs[f"{name}.jsonl.out"]) == []
+    manifest = json.loads(outputs["manifest.json.out"])
+    assert manifest["totalRecordCount"] == 200 and manifest["processedRecordCount"] == 0
+
+
+def test_partial_jobs_message_names_the_timeout(stack):
+    name = unique("partialtimeout")
+    stack.set_faults(partial_job_names_containing=name, partial_fraction=0.5)
+    job = wait_for(stack, _job(stack, name))
+    assert job["status"] == "PartiallyCompleted"
+    assert job["message"] == (
+        "100 of 200 records were not processed within timeoutDurationInHours=168; "
+        "retry them in a new job"
+    )
 
 
 def test_stuck_jobs_hold_until_cleared_then_complete(stack):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from datetime import timedelta
 
 import pytest
@@ -66,7 +67,30 @@ def test_create_model_invocation_job_assigns_record_ids_when_missing(stack):
         r["recordId"]
         for r in output_records(read_output(stack, arn, f"out/{name}/")[f"{name}.jsonl.out"])
     }
-    assert len(ids) == 100 and all(len(i) == 11 for i in ids)
+    assert len(ids) == 100
+    assert all(re.fullmatch("[A-Za-z0-9]{11}", i) for i in ids)
+    # Random like Bedrock's (e.g. bFBEdQuy3Gp), not a numbered sequence.
+    assert not any(i.startswith("REC") and i[3:].isdigit() for i in ids)
+
+
+def test_create_model_invocation_job_assigned_record_ids_unique_across_files(stack):
+    name = unique("noidfiles")
+    prefix = f"in/{name}/"
+    given = [{"recordId": f"given{i:06d}", "modelInput": anthropic_body(i)} for i in range(20)]
+    put_jsonl(stack, prefix + "a.jsonl", [{"modelInput": anthropic_body(i)} for i in range(60)])
+    put_jsonl(
+        stack, prefix + "b.jsonl", given + [{"modelInput": anthropic_body(i)} for i in range(40)]
+    )
+    arn = create_job(stack, name, f"s3://{stack.bucket}/{prefix}")
+    assert wait_for(stack, arn)["status"] == "Completed"
+    outputs = read_output(stack, arn, f"out/{name}/")
+    ids = [
+        r["recordId"]
+        for key in ("a.jsonl.out", "b.jsonl.out")
+        for r in output_records(outputs[key])
+    ]
+    assert len(ids) == len(set(ids)) == 120
+    assert {f"given{i:06d}" for i in range(20)} <= set(ids)
 
 
 def test_create_model_invocation_job_record_not_fitting_the_family_fails_that_record(stack):
@@ -276,8 +300,11 @@ def test_list_model_invocation_jobs_max_results_over_1000(stack):
     client = stack.client("bedrock")
     with pytest.raises(client.exceptions.ValidationException) as err:
         client.list_model_invocation_jobs(maxResults=1001)
-    assert "'maxResults'" in err.value.response["Error"]["Message"]
-    assert "between 1 and 1000" in err.value.response["Error"]["Message"]
+    assert err.value.response["Error"]["Code"] == "ValidationException"
+    assert err.value.response["Error"]["Message"] == (
+        "1 validation error detected: Value 1001 at 'maxResults' failed to satisfy constraint: "
+        "Member must have value less than or equal to 1000"
+    )
 
 
 def test_stop_model_invocation_job_in_progress_goes_stopping_then_stopped(stack):
@@ -295,18 +322,37 @@ def test_stop_model_invocation_job_in_progress_goes_stopping_then_stopped(stack)
     assert len(lines) == 50
 
 
-def test_stop_model_invocation_job_completed_conflicts(stack):
+def test_stop_model_invocation_job_completed_is_a_validation_error(stack):
     name = unique("stopdone")
     uri = put_jsonl(stack, f"in/{name}.jsonl", records(100))
     arn = create_job(stack, name, uri)
     wait_for(stack, arn)
     client = stack.client("bedrock")
-    with pytest.raises(client.exceptions.ConflictException) as err:
+    with pytest.raises(client.exceptions.ValidationException) as err:
         client.stop_model_invocation_job(jobIdentifier=arn)
-    assert "Completed and cannot be stopped" in err.value.response["Error"]["Message"]
+    assert err.value.response["Error"]["Code"] == "ValidationException"
+    assert err.value.response["Error"]["Message"] == (
+        f"Job {arn} cannot be stopped: only Submitted, Validating, Scheduled and InProgress jobs "
+        "can be stopped. State was: Completed"
+    )
+    assert client.get_model_invocation_job(jobIdentifier=arn)["status"] == "Completed"
+
+
+def test_stop_model_invocation_job_failed_names_the_state(stack):
+    name = unique("stopfailed")
+    stack.set_faults(fail_job_names_containing=name)
+    arn = create_job(stack, name, put_jsonl(stack, f"in/{name}.jsonl", records(100)))
+    wait_for(stack, arn)
+    client = stack.client("bedrock")
+    with pytest.raises(client.exceptions.ValidationException) as err:
+        client.stop_model_invocation_job(jobIdentifier=arn)
+    assert err.value.response["Error"]["Code"] == "ValidationException"
+    assert err.value.response["Error"]["Message"].endswith("State was: Failed")
 
 
 def test_stop_model_invocation_job_not_found(stack):
     client = stack.client("bedrock")
-    with pytest.raises(client.exceptions.ResourceNotFoundException):
+    with pytest.raises(client.exceptions.ResourceNotFoundException) as err:
         client.stop_model_invocation_job(jobIdentifier="000000000000")
+    assert err.value.response["Error"]["Code"] == "ResourceNotFoundException"
+    assert "'000000000000'" in err.value.response["Error"]["Message"]

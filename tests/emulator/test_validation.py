@@ -45,7 +45,10 @@ def test_create_model_invocation_job_unknown_model(stack, input_uri):
 
 def test_create_model_invocation_job_timeout_above_168_hours(stack, input_uri):
     message = _raises(stack, "ValidationException", input_uri=input_uri, timeoutDurationInHours=200)
-    assert "Value 200 at 'timeoutDurationInHours'" in message and "between 24 and 168" in message
+    assert message == (
+        "1 validation error detected: Value 200 at 'timeoutDurationInHours' failed to satisfy "
+        "constraint: Member must have value less than or equal to 168"
+    )
 
 
 def test_create_model_invocation_job_timeout_below_24_hours(stack, input_uri):
@@ -53,7 +56,10 @@ def test_create_model_invocation_job_timeout_below_24_hours(stack, input_uri):
     message = _raises(
         stack, "ValidationException", client=client, input_uri=input_uri, timeoutDurationInHours=1
     )
-    assert "Value 1 at 'timeoutDurationInHours'" in message
+    assert message == (
+        "1 validation error detected: Value 1 at 'timeoutDurationInHours' failed to satisfy "
+        "constraint: Member must have value greater than or equal to 24"
+    )
 
 
 def test_create_model_invocation_job_missing_input(stack):
@@ -139,3 +145,100 @@ def test_create_model_invocation_job_line_without_model_input_fails_in_validatio
     rows = records(100) + [{"recordId": "x", "body": anthropic_body(1)}]
     message = _failed_job(stack, unique("nomodelinput"), rows)
     assert "line 101 (no modelInput)" in message
+
+
+NAME_PATTERN = r"[a-zA-Z0-9]{1,63}(-*[a-zA-Z0-9\+\-\.]){0,63}"
+ROLE_PATTERN = "arn:aws(-[^:]+)?:iam::([0-9]{12})?:role/.+"
+
+
+def test_create_model_invocation_job_several_bad_members_in_one_message(stack, input_uri):
+    client = stack.client("bedrock")
+    with pytest.raises(client.exceptions.ValidationException) as err:
+        client.create_model_invocation_job(
+            jobName="bad_name!",
+            roleArn="not-a-role",
+            modelId=HAIKU,
+            inputDataConfig={"s3InputDataConfig": {"s3Uri": input_uri}},
+            outputDataConfig={"s3OutputDataConfig": {"s3Uri": f"s3://{stack.bucket}/out/"}},
+            timeoutDurationInHours=200,
+        )
+    assert err.value.response["Error"]["Code"] == "ValidationException"
+    assert err.value.response["Error"]["Message"] == (
+        "3 validation errors detected: "
+        "Value 'bad_name!' at 'jobName' failed to satisfy constraint: Member must satisfy "
+        f"regular expression pattern: {NAME_PATTERN}; "
+        "Value 'not-a-role' at 'roleArn' failed to satisfy constraint: Member must satisfy "
+        f"regular expression pattern: {ROLE_PATTERN}; "
+        "Value 200 at 'timeoutDurationInHours' failed to satisfy constraint: Member must have "
+        "value less than or equal to 168"
+    )
+
+
+def test_create_model_invocation_job_missing_members_in_one_message(stack, input_uri):
+    client = stack.client("bedrock", config=Config(parameter_validation=False))
+    with pytest.raises(client.exceptions.ValidationException) as err:
+        client.create_model_invocation_job(
+            jobName=unique("nothing"),
+            inputDataConfig={"s3InputDataConfig": {"s3Uri": input_uri}},
+            outputDataConfig={"s3OutputDataConfig": {"s3Uri": f"s3://{stack.bucket}/out/"}},
+        )
+    assert err.value.response["Error"]["Code"] == "ValidationException"
+    assert err.value.response["Error"]["Message"] == (
+        "2 validation errors detected: "
+        "Value null at 'roleArn' failed to satisfy constraint: Member must not be null; "
+        "Value null at 'modelId' failed to satisfy constraint: Member must not be null"
+    )
+
+
+def test_create_model_invocation_job_job_name_over_63_characters(stack, input_uri):
+    name = "a" * 64
+    client = stack.client("bedrock", config=Config(parameter_validation=False))
+    message = _raises(stack, "ValidationException", client=client, name=name, input_uri=input_uri)
+    assert message == (
+        f"1 validation error detected: Value '{name}' at 'jobName' failed to satisfy "
+        "constraint: Member must have length less than or equal to 63"
+    )
+
+
+def test_create_model_invocation_job_bad_tag_key(stack, input_uri):
+    message = _raises(
+        stack,
+        "ValidationException",
+        input_uri=input_uri,
+        tags=[{"key": "team", "value": "ml"}, {"key": "cost#centre", "value": "42"}],
+    )
+    assert message == (
+        "1 validation error detected: Value 'cost#centre' at 'tags.2.member.key' failed to "
+        r"satisfy constraint: Member must satisfy regular expression pattern: "
+        r"[a-zA-Z0-9\s._:/=+@-]*"
+    )
+
+
+def test_create_model_invocation_job_bad_invocation_type(stack, input_uri):
+    client = stack.client("bedrock", config=Config(parameter_validation=False))
+    message = _raises(
+        stack,
+        "ValidationException",
+        client=client,
+        input_uri=input_uri,
+        modelInvocationType="Chat",
+    )
+    assert message == (
+        "1 validation error detected: Value 'Chat' at 'modelInvocationType' failed to satisfy "
+        "constraint: Member must satisfy enum value set: [InvokeModel, Converse]"
+    )
+
+
+def test_list_model_invocation_jobs_bad_status_and_sort_order_in_one_message(stack):
+    client = stack.client("bedrock")
+    with pytest.raises(client.exceptions.ValidationException) as err:
+        client.list_model_invocation_jobs(statusEquals="Done", sortOrder="Sideways")
+    assert err.value.response["Error"]["Code"] == "ValidationException"
+    assert err.value.response["Error"]["Message"] == (
+        "2 validation errors detected: "
+        "Value 'Done' at 'statusEquals' failed to satisfy constraint: Member must satisfy enum "
+        "value set: [Submitted, Validating, Scheduled, InProgress, Completed, "
+        "PartiallyCompleted, Failed, Stopping, Stopped, Expired]; "
+        "Value 'Sideways' at 'sortOrder' failed to satisfy constraint: Member must satisfy enum "
+        "value set: [Ascending, Descending]"
+    )

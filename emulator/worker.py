@@ -1,0 +1,229 @@
+"""JobWorker: walks one job through its statuses, at the configured pace and under faults."""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from typing import TYPE_CHECKING
+
+from . import runner
+from .statuses import JobStatus
+
+if TYPE_CHECKING:
+    from .models import BedrockBackend, Job
+
+
+class JobCancelled(Exception):
+    """Raised inside a job's worker when a stop request arrives."""
+
+
+class JobWorker:
+    """Walks one job through its statuses; reads faults and pace each tick so they apply live."""
+
+    def __init__(self, backend: BedrockBackend, job: Job, files: list[runner.InputFile]):
+        self.backend = backend
+        self.server = backend.server
+        self.job = job
+        self.files = files
+
+    def run(self) -> None:
+        """The job's life, from Submitted to a final status."""
+        try:
+            self._run()
+        except JobCancelled:
+            self._finish_stop(None, 0)
+        except Exception as exc:  # noqa: BLE001 - any crash must end the job, not hang it
+            with self.backend.lock:
+                if not self.job.status.final:
+                    if self.job.status == JobStatus.STOPPING:
+                        self.backend.transition(self.job, JobStatus.STOPPED)
+                    else:
+                        message = f"Internal error while running the job: {exc}"
+                        self.backend.transition(self.job, JobStatus.FAILED, message)
+
+    def _wait(self, seconds: float) -> None:
+        """Wait, waking early for a stop request."""
+        deadline = time.monotonic() + seconds
+        while True:
+            if self.job.stop_requested:
+                raise JobCancelled
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return
+            self.job.wake.wait(min(left, 0.25))
+            self.job.wake.clear()
+
+    def _step(self, status: JobStatus, message: str | None = None) -> None:
+        with self.backend.lock:
+            if self.job.stop_requested:
+                raise JobCancelled
+            self.backend.transition(self.job, status, message)
+
+    def _fail(self, message: str) -> None:
+        with self.backend.lock:
+            if not self.job.stop_requested:
+                self.backend.transition(self.job, JobStatus.FAILED, message)
+                return
+        raise JobCancelled
+
+    def _run(self) -> None:
+        job, config = self.job, self.server.config
+        self._wait(config.status_step_seconds)
+        self._step(JobStatus.VALIDATING)
+        self._wait(self.server.config.status_step_seconds)
+        try:
+            inputs = self._load()
+        except runner.InputError as exc:
+            self._fail(str(exc))
+            return
+        if self.server.config.faults.hits_job("fail", job.name):
+            self._fail(self.server.config.faults.fail_message)
+            return
+        self._step(JobStatus.SCHEDULED)
+        self._wait(self.server.config.queue_delay_seconds)
+        order_seed = int.from_bytes(hashlib.sha256(job.job_id.encode()).digest()[:4], "big")
+        results = runner.answer(
+            inputs,
+            job.spec,
+            job.invocation_type,
+            self.server.config.faults,
+            job.name,
+            order_seed + self.server.config.faults.seed,
+        )
+        if self.server.config.faults.hits_job("expire", job.name):
+            # Expired: scheduled but never started before the timeout (botocore's status docs),
+            # so nothing was processed: empty outputs and a manifest that says so.
+            message = (
+                f"The job expired: it was scheduled but did not start within "
+                f"timeoutDurationInHours={job.timeout_hours}; none of its {results.total} records "
+                "were processed. Submit a new job."
+            )
+            self._finish(results, 0, JobStatus.EXPIRED, message)
+            return
+        self._step(JobStatus.IN_PROGRESS)
+        self._progress(results)
+
+    def _load(self):
+        config = self.server.config
+        inputs, total_bytes, first = [], 0, 0
+        for file in self.files:
+            uri = f"s3://{file.bucket}/{file.key}"
+            if file.size > config.max_file_bytes:
+                msg = (
+                    f"Input file {uri} is {file.size} bytes, over the quota of "
+                    f"{config.max_file_bytes} bytes per file; split it into smaller files"
+                )
+                raise runner.InputError(msg)
+            total_bytes += file.size
+            if total_bytes > config.max_job_bytes:
+                msg = (
+                    f"The job's input under {self.job.input_uri} is over the quota of "
+                    f"{config.max_job_bytes} bytes per job; split it into several jobs"
+                )
+                raise runner.InputError(msg)
+        for file in self.files:
+            data = self.server.s3.get_object(Bucket=file.bucket, Key=file.key)["Body"].read()
+            frame = runner.parse_input(data, f"s3://{file.bucket}/{file.key}", first)
+            first += frame.height
+            inputs.append((file.name, frame))
+        salt = f"{config.faults.seed}:{self.job.job_id}".encode()
+        inputs = runner.fill_record_ids(inputs, int.from_bytes(hashlib.sha256(salt).digest()[:8]))
+        total = sum(frame.height for _, frame in inputs)
+        with self.backend.lock:
+            self.job.total = total
+        if total < config.min_records_per_job:
+            msg = (
+                f"The job has {total} records in {self.job.input_uri}, below the minimum of "
+                f"{config.min_records_per_job} records per batch inference job for "
+                f"{self.job.spec.model_id}; add records or combine inputs"
+            )
+            raise runner.InputError(msg)
+        if total > config.max_records_per_job:
+            msg = (
+                f"The job has {total} records in {self.job.input_uri}, above the maximum of "
+                f"{config.max_records_per_job} records per batch inference job for "
+                f"{self.job.spec.model_id}; split the input into several jobs"
+            )
+            raise runner.InputError(msg)
+        return inputs
+
+    def _progress(self, results: runner.JobResults) -> None:
+        job, total = self.job, results.total
+        done = 0.0
+        last = time.monotonic()
+        while True:
+            config = self.server.config
+            faults = config.faults
+            if job.stop_requested:
+                self._finish_stop(results, int(done))
+                return
+            processed = int(done)
+            if processed >= total:
+                self._finish(results, total, JobStatus.COMPLETED)
+                return
+            fraction = processed / total
+            partial_at = total - int(round(total * faults.partial_fraction))
+            if faults.hits_job("partial", job.name) and processed >= partial_at:
+                # PartiallyCompleted: "Not all of your records could be processed in time".
+                message = (
+                    f"{total - processed} of {total} records were not processed within "
+                    f"timeoutDurationInHours={job.timeout_hours}; retry them in a new job"
+                )
+                self._finish(results, processed, JobStatus.PARTIALLY_COMPLETED, message)
+                return
+            now = time.monotonic()
+            elapsed, last = now - last, now
+            stuck = faults.hits_job("stuck", job.name) and fraction >= faults.stuck_after_fraction
+            limit = float(total)
+            if faults.hits_job("stuck", job.name):
+                limit = min(limit, max(float(processed), total * faults.stuck_after_fraction))
+            if faults.hits_job("partial", job.name):
+                limit = min(limit, max(float(processed), float(partial_at)))
+            rate = 0.0 if stuck else self._rate(results, processed)
+            step = limit if rate == float("inf") else rate * elapsed
+            done = min(limit, done + step) if not stuck else done
+            self._publish(results, int(done))
+            if int(done) < total:
+                job.wake.wait(config.tick_seconds)
+                job.wake.clear()
+
+    def _rate(self, results: runner.JobResults, processed: int) -> float:
+        config = self.server.config
+        rate = float("inf")
+        if config.records_per_second:
+            rate = config.records_per_second
+        if config.tokens_per_minute:
+            _, _, tin, tout = results.counters(max(processed, 1))
+            per_record = max((tin + tout) / max(processed, 1), 1.0)
+            rate = min(rate, config.tokens_per_minute / 60.0 / per_record)
+        return rate
+
+    def _publish(self, results: runner.JobResults, processed: int) -> None:
+        success, errors, tin, tout = results.counters(processed)
+        with self.backend.lock:
+            job = self.job
+            job.processed, job.success, job.errors = processed, success, errors
+            job.input_tokens, job.output_tokens = tin, tout
+
+    def _finish(
+        self,
+        results: runner.JobResults,
+        processed: int,
+        status: JobStatus,
+        message: str | None = None,
+    ) -> None:
+        self._publish(results, processed)
+        self.server.write_outputs(self.job, self.files, results, processed)
+        with self.backend.lock:
+            if self.job.stop_requested:
+                self.backend.transition(self.job, JobStatus.STOPPED)
+            else:
+                self.backend.transition(self.job, status, message)
+
+    def _finish_stop(self, results: runner.JobResults | None, processed: int) -> None:
+        if results is not None:
+            self._publish(results, processed)
+            self.server.write_outputs(self.job, self.files, results, processed)
+        with self.backend.lock:
+            if self.job.status == JobStatus.STOPPING:
+                self.backend.transition(self.job, JobStatus.STOPPED, "Stopped by request")
