@@ -175,9 +175,16 @@ class ModelFamily:
         """Result columns (see `result_schema`) from the decoded modelOutput struct."""
         raise NotImplementedError
 
+    def decode_raw(self, raw: pl.Expr) -> pl.Expr:
+        """The modelOutput struct (`output_dtype`) from its JSON text; strict, as Polars is.
+
+        Families whose models answer in more than one shape override it.
+        """
+        return raw.str.json_decode(self.output_dtype)
+
     def parse_raw(self, raw: pl.Expr) -> list[pl.Expr]:
-        """Result columns from the modelOutput JSON text (families with two shapes override)."""
-        return self.parse_exprs(raw.str.json_decode(self.output_dtype))
+        """Result columns from the modelOutput JSON text (decode once, then `parse_exprs`)."""
+        return self.parse_exprs(self.decode_raw(raw))
 
     @property
     def required_columns(self) -> tuple[str, ...]:

@@ -66,15 +66,14 @@ class CohereEmbed(ModelFamily):
             pl.lit(None, dtype=pl.Int64).alias(INPUT_TOKENS),
         ]
 
-    def parse_raw(self, raw):
-        # Two shapes in one column: each row is decoded with the dtype of its own shape.
+    def decode_raw(self, raw):
+        # Two shapes in one column: each row is decoded with the dtype of its own shape, and
+        # both end up as the float list of lists `parse_exprs` reads.
         by_type = raw.str.contains(_BY_TYPE_PATTERN)
         as_list = pl.when(~by_type).then(raw).str.json_decode(_AS_LIST)
         keyed = pl.when(by_type).then(raw).str.json_decode(_BY_TYPE)
-        return [
-            pl.coalesce(
-                _field(as_list, "embeddings").list.first(),
-                _field(keyed, "embeddings", "float").list.first(),
-            ).alias(EMBEDDING),
-            pl.lit(None, dtype=pl.Int64).alias(INPUT_TOKENS),
-        ]
+        return pl.struct(
+            pl.coalesce(_field(as_list, "embeddings"), _field(keyed, "embeddings", "float")).alias(
+                "embeddings"
+            )
+        )
