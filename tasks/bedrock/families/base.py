@@ -76,13 +76,13 @@ def _field(expr: pl.Expr, *path: str) -> pl.Expr:
 
 
 def _texts_joined(content: pl.Expr) -> pl.Expr:
-    """All text blocks of a content list, joined; null when no block has text.
+    """All text blocks of a content list, joined; null when they hold no text at all.
 
     Thinking, reasoning and tool blocks carry no `text` field, so they drop out; a reply made
-    only of them has no answer and must not pass for an empty one.
+    only of them (or of empty text) has no answer and must not pass for a success.
     """
-    texts = content.list.eval(pl.element().struct.field("text")).list.drop_nulls()
-    return pl.when(texts.list.len() > 0).then(texts.list.join(""))
+    joined = content.list.eval(pl.element().struct.field("text")).list.join("")
+    return pl.when(joined.str.len_bytes() > 0).then(joined)
 
 
 class ModelFamily:
