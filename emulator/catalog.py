@@ -1,22 +1,39 @@
-"""The foundation models the emulator knows, keyed by model id, with their family and shape."""
+"""The foundation models the emulator knows: a view of the project's batch model catalog."""
 
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass
 
-ANTHROPIC = "anthropic"
-NOVA = "nova"
-TITAN_EMBED = "titan-embed"
-COHERE_EMBED = "cohere-embed"
-LLAMA = "llama"
-MISTRAL = "mistral"
+from tasks.bedrock import catalog as project_catalog
+from tasks.bedrock.model_ids import INFERENCE_PROFILE_PREFIXES, base_model_id
+from tasks.errors import InvalidOptionsError, UnknownModelError
 
-INFERENCE_PROFILE_PREFIXES = ("us.", "eu.", "apac.", "global.")
-_FOUNDATION_ARN = re.compile(r"^arn:aws(-[^:]+)?:bedrock:[a-z0-9-]+::foundation-model/(?P<id>.+)$")
-_PROFILE_ARN = re.compile(
-    r"^arn:aws(-[^:]+)?:bedrock:[a-z0-9-]+:[0-9]{12}:inference-profile/(?P<id>.+)$"
-)
+from .exceptions import ValidationException
+
+# Family names are the project's registry names, so one table decides a model's shape.
+ANTHROPIC = "anthropic"
+NOVA = "amazon-nova"
+TITAN_EMBED = "amazon-titan-embed-v2"
+COHERE_EMBED = "cohere-embed"
+LLAMA = "meta-llama"
+MISTRAL = "mistral"
+MISTRAL_CHAT = "mistral-chat"
+OPENAI_COMPATIBLE = "openai-compatible"
+OPENAI_GPT_OSS = "openai-gpt-oss"
+OPENAI_CHAT = (OPENAI_COMPATIBLE, OPENAI_GPT_OSS)
+
+# Used where a catalog entry gives no max output tokens.
+DEFAULT_MAX_OUTPUT_TOKENS = 4096
+
+__all__ = [
+    "CATALOG",
+    "INFERENCE_PROFILE_PREFIXES",
+    "ModelSpec",
+    "base_model_id",
+    "lookup",
+    "resolve_batch_model",
+]
 
 
 @dataclass(frozen=True)
@@ -28,7 +45,7 @@ class ModelSpec:
     embedding: bool = False
     dimensions: tuple[int, ...] = ()
     default_dimension: int = 0
-    max_output_tokens: int = 4096
+    max_output_tokens: int = DEFAULT_MAX_OUTPUT_TOKENS
 
     @property
     def converse(self) -> bool:
@@ -40,63 +57,51 @@ class ModelSpec:
         """The id without its version suffix, used in emulated text: anthropic.claude-3-haiku."""
         return re.sub(r"-\d{8}.*$|-v\d.*$|:\d+$", "", self.model_id)
 
-
-_MODELS = [
-    ModelSpec("anthropic.claude-3-haiku-20240307-v1:0", ANTHROPIC),
-    ModelSpec("anthropic.claude-3-sonnet-20240229-v1:0", ANTHROPIC),
-    ModelSpec("anthropic.claude-3-opus-20240229-v1:0", ANTHROPIC),
-    ModelSpec("anthropic.claude-3-5-sonnet-20240620-v1:0", ANTHROPIC, max_output_tokens=8192),
-    ModelSpec("anthropic.claude-3-5-sonnet-20241022-v2:0", ANTHROPIC, max_output_tokens=8192),
-    ModelSpec("anthropic.claude-3-5-haiku-20241022-v1:0", ANTHROPIC, max_output_tokens=8192),
-    ModelSpec("anthropic.claude-3-7-sonnet-20250219-v1:0", ANTHROPIC, max_output_tokens=64000),
-    ModelSpec("anthropic.claude-sonnet-4-20250514-v1:0", ANTHROPIC, max_output_tokens=64000),
-    ModelSpec("amazon.nova-micro-v1:0", NOVA, max_output_tokens=5120),
-    ModelSpec("amazon.nova-lite-v1:0", NOVA, max_output_tokens=5120),
-    ModelSpec("amazon.nova-pro-v1:0", NOVA, max_output_tokens=5120),
-    ModelSpec(
-        "amazon.titan-embed-text-v2:0",
-        TITAN_EMBED,
-        embedding=True,
-        dimensions=(256, 512, 1024),
-        default_dimension=1024,
-    ),
-    ModelSpec(
-        "cohere.embed-english-v3",
-        COHERE_EMBED,
-        embedding=True,
-        dimensions=(1024,),
-        default_dimension=1024,
-    ),
-    ModelSpec(
-        "cohere.embed-multilingual-v3",
-        COHERE_EMBED,
-        embedding=True,
-        dimensions=(1024,),
-        default_dimension=1024,
-    ),
-    ModelSpec("meta.llama3-1-8b-instruct-v1:0", LLAMA, max_output_tokens=2048),
-    ModelSpec("meta.llama3-1-70b-instruct-v1:0", LLAMA, max_output_tokens=2048),
-    ModelSpec("meta.llama3-3-70b-instruct-v1:0", LLAMA, max_output_tokens=2048),
-    ModelSpec("mistral.mistral-small-2402-v1:0", MISTRAL, max_output_tokens=8192),
-    ModelSpec("mistral.mistral-large-2402-v1:0", MISTRAL, max_output_tokens=8192),
-]
-
-CATALOG: dict[str, ModelSpec] = {spec.model_id: spec for spec in _MODELS}
+    @property
+    def response_model_name(self) -> str:
+        """What Anthropic's modelOutput.model holds: the short name, claude-3-haiku-20240307."""
+        return re.sub(r"-v\d+(:\d+)?$", "", self.model_id.split(".", 1)[-1])
 
 
-def base_model_id(model_id: str) -> str:
-    """Strip a foundation-model or inference-profile ARN and a us./eu./apac./global. prefix."""
-    for pattern in (_FOUNDATION_ARN, _PROFILE_ARN):
-        match = pattern.match(model_id)
-        if match:
-            model_id = match.group("id")
-            break
-    for prefix in INFERENCE_PROFILE_PREFIXES:
-        if model_id.startswith(prefix):
-            return model_id[len(prefix) :]
-    return model_id
+def _spec(entry: project_catalog.CatalogEntry) -> ModelSpec:
+    return ModelSpec(
+        model_id=entry.model_id,
+        family=entry.family,
+        embedding=entry.is_embedding,
+        dimensions=entry.dimensions,
+        default_dimension=entry.default_dimension or 0,
+        max_output_tokens=entry.max_output_tokens or DEFAULT_MAX_OUTPUT_TOKENS,
+    )
+
+
+CATALOG: dict[str, ModelSpec] = {e.model_id: _spec(e) for e in project_catalog.MODELS}
 
 
 def lookup(model_id: str) -> ModelSpec | None:
     """The catalog entry for a model id as a caller may write it, or None when unknown."""
     return CATALOG.get(base_model_id(model_id))
+
+
+def resolve_batch_model(model_id: str, region: str) -> ModelSpec:
+    """The spec of a model a batch job may run in `region`, or a ValidationException.
+
+    Unknown ids, profile-only models given a plain id (Nova Premier, Nova 2 Lite, Llama 4),
+    plain Nova 1 ids outside the Regions where they work, and profile ids of another
+    geography are refused with the project catalog's AWS-like wording.
+    """
+    try:
+        entry = project_catalog.check_batch_region(model_id, region)
+    except UnknownModelError:
+        near = project_catalog.closest_ids(model_id)
+        msg = (
+            f"The provided model identifier {model_id!r} is invalid or not supported for batch "
+            "inference."
+            + (f" Closest supported model ids: {', '.join(near)}." if near else "")
+            + " Model ids may carry an inference-profile prefix ("
+            + ", ".join(INFERENCE_PROFILE_PREFIXES)
+            + ")."
+        )
+        raise ValidationException(msg) from None
+    except InvalidOptionsError as exc:
+        raise ValidationException(str(exc)) from None
+    return CATALOG[entry.model_id]

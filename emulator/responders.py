@@ -5,7 +5,18 @@ from __future__ import annotations
 import numpy as np
 import polars as pl
 
-from .catalog import ANTHROPIC, COHERE_EMBED, LLAMA, MISTRAL, NOVA, TITAN_EMBED, ModelSpec
+from .catalog import (
+    ANTHROPIC,
+    COHERE_EMBED,
+    LLAMA,
+    MISTRAL,
+    MISTRAL_CHAT,
+    NOVA,
+    OPENAI_CHAT,
+    OPENAI_GPT_OSS,
+    TITAN_EMBED,
+    ModelSpec,
+)
 
 # Columns of the frames the runner hands in and gets back.
 RECORD_ID = "recordId"
@@ -38,6 +49,8 @@ _POOL = (
     "so a pipeline can be dry run end to end before any money is spent on real jobs "
 ) * 4
 _FIRST_TEXT = r'"(?:text|content)"\s*:\s*"((?:[^"\\]|\\.){0,60})'
+_REASONING_ENABLED = r'"reasoningConfig"\s*:\s*\{[^}]*"enabled"'
+_NOVA_REASONING = '{"reasoningContent":{"reasoningText":{"text":"[emulated reasoning]"}}}'
 _COHERE_INPUT_TYPES = ["search_document", "search_query", "classification", "clustering"]
 
 
@@ -140,6 +153,14 @@ def _checks(spec: ModelSpec, invocation_type: str) -> list[tuple[pl.Expr, str | 
         ]
     elif family in (LLAMA, MISTRAL):
         checks += [(_path(mi, "$.prompt").is_null(), _missing("prompt"))]
+    elif family == MISTRAL_CHAT or family in OPENAI_CHAT:
+        checks += [
+            (~mi.str.contains('"messages"', literal=True), _missing("messages")),
+            (
+                _path(mi, "$.messages[0].role").is_null(),
+                _malformed("#/messages: expected a non-empty array of {role, content}"),
+            ),
+        ]
     return checks
 
 
@@ -155,7 +176,7 @@ def _error_message(spec: ModelSpec, invocation_type: str) -> pl.Expr:
 def _prompt_text(spec: ModelSpec, invocation_type: str) -> tuple[pl.Expr, pl.Expr]:
     """(text that counts as input, snippet quoted in the reply)."""
     mi = pl.col(MODEL_INPUT)
-    if invocation_type == CONVERSE or spec.family in (ANTHROPIC, NOVA):
+    if invocation_type == CONVERSE or spec.family in (ANTHROPIC, NOVA, MISTRAL_CHAT, *OPENAI_CHAT):
         # Each JSON-path lookup re-parses the body, so the chat families count tokens on the
         # whole body and quote the first text value found by a regex: one parse fewer each.
         snippet = mi.str.extract(_FIRST_TEXT, 1).str.replace_all(r"\\(.)", "$1")
@@ -176,6 +197,8 @@ def _max_tokens(spec: ModelSpec, invocation_type: str) -> pl.Expr:
         path = "$.inferenceConfig.maxTokens"
     elif spec.family == LLAMA:
         path = "$.max_gen_len"
+    elif spec.family == OPENAI_GPT_OSS:
+        path = "$.max_completion_tokens"
     else:
         path = "$.max_tokens"
     limit = _path(mi, path).cast(pl.Int64, strict=False)
@@ -201,13 +224,9 @@ def _text_output(spec: ModelSpec, invocation_type: str) -> pl.Expr:
     message_id = pl.concat_str(pl.lit("msg_bdrk_"), (h % 10**15).cast(pl.Utf8).str.zfill(15))
     if invocation_type == CONVERSE or spec.family == NOVA:
         stop = pl.when(truncated).then(pl.lit("max_tokens")).otherwise(pl.lit("end_turn"))
+        content = pl.concat_list(pl.struct(text=text))
         fields = {
-            "output": pl.struct(
-                message=pl.struct(
-                    role=pl.lit("assistant"),
-                    content=pl.concat_list(pl.struct(text=text)),
-                )
-            ),
+            "output": pl.struct(message=pl.struct(role=pl.lit("assistant"), content=content)),
             "stopReason": stop,
             "usage": pl.struct(
                 inputTokens=in_tok, outputTokens=out_tok, totalTokens=in_tok + out_tok
@@ -215,14 +234,27 @@ def _text_output(spec: ModelSpec, invocation_type: str) -> pl.Expr:
         }
         if invocation_type == CONVERSE:
             fields["metrics"] = pl.struct(latencyMs=(h % 900 + 100).cast(pl.Int64))
-        return pl.struct(**fields).struct.json_encode(), out_tok
+        encoded = pl.struct(**fields).struct.json_encode()
+        if invocation_type == INVOKE_MODEL and "nova-2" in spec.model_id:
+            # Nova 2 with reasoning enabled puts a reasoningContent block before the text.
+            enabled = pl.col(MODEL_INPUT).str.contains(_REASONING_ENABLED)
+            encoded = (
+                pl.when(enabled)
+                .then(
+                    encoded.str.replace(
+                        '"content":[', '"content":[' + _NOVA_REASONING + ",", literal=True
+                    )
+                )
+                .otherwise(encoded)
+            )
+        return encoded, out_tok
     if spec.family == ANTHROPIC:
         stop = pl.when(truncated).then(pl.lit("max_tokens")).otherwise(pl.lit("end_turn"))
         out = pl.struct(
             id=message_id,
             type=pl.lit("message"),
             role=pl.lit("assistant"),
-            model=pl.lit(spec.model_id),
+            model=pl.lit(spec.response_model_name),
             content=pl.concat_list(pl.struct(type=pl.lit("text"), text=text)),
             stop_reason=stop,
             stop_sequence=pl.lit(None, dtype=pl.Utf8),
@@ -230,6 +262,40 @@ def _text_output(spec: ModelSpec, invocation_type: str) -> pl.Expr:
         )
         return out.struct.json_encode(), out_tok
     stop = pl.when(truncated).then(pl.lit("length")).otherwise(pl.lit("stop"))
+    if spec.family == MISTRAL_CHAT:
+        out = pl.struct(
+            choices=pl.concat_list(
+                pl.struct(
+                    index=pl.lit(0),
+                    message=pl.struct(role=pl.lit("assistant"), content=text),
+                    stop_reason=stop,
+                )
+            )
+        )
+        return out.struct.json_encode(), out_tok
+    if spec.family in OPENAI_CHAT:
+        content = (
+            pl.concat_str(pl.lit("<reasoning>emulated reasoning</reasoning>"), text)
+            if spec.family == OPENAI_GPT_OSS
+            else text
+        )
+        out = pl.struct(
+            id=pl.concat_str(pl.lit("chatcmpl-"), (h % 10**12).cast(pl.Utf8).str.zfill(12)),
+            object=pl.lit("chat.completion"),
+            created=pl.lit(1_767_225_600),
+            model=pl.lit(spec.model_id),
+            choices=pl.concat_list(
+                pl.struct(
+                    index=pl.lit(0),
+                    message=pl.struct(role=pl.lit("assistant"), content=content),
+                    finish_reason=stop,
+                )
+            ),
+            usage=pl.struct(
+                prompt_tokens=in_tok, completion_tokens=out_tok, total_tokens=in_tok + out_tok
+            ),
+        )
+        return out.struct.json_encode(), out_tok
     if spec.family == LLAMA:
         out = pl.struct(
             generation=text,
@@ -281,35 +347,56 @@ def _titan_outputs(ok: pl.DataFrame, spec: ModelSpec) -> pl.DataFrame:
 
 
 def _cohere_outputs(ok: pl.DataFrame, spec: ModelSpec) -> pl.DataFrame:
+    # Embed v4, and v3 asked for embedding_types, answer embeddings keyed by type.
+    by_type = "embed-v4" in spec.model_id
+    request = pl.Struct({"texts": pl.List(pl.Utf8), "output_dimension": pl.Int64})
     texts = (
         ok.select(
             pl.int_range(pl.len()).alias("_row"),
-            pl.col(MODEL_INPUT).str.json_decode(pl.Struct({"texts": pl.List(pl.Utf8)})),
+            pl.col(MODEL_INPUT).str.json_decode(request),
+            pl.col(MODEL_INPUT).str.contains('"embedding_types"', literal=True).alias("_typed"),
         )
-        .select("_row", pl.col(MODEL_INPUT).struct.field("texts").alias("_text"))
+        .select(
+            "_row",
+            "_typed",
+            pl.col(MODEL_INPUT)
+            .struct.field("output_dimension")
+            .fill_null(spec.default_dimension)
+            .alias("_dims"),
+            pl.col(MODEL_INPUT).struct.field("texts").alias("_text"),
+        )
         .explode("_text")
         .with_columns(pl.col("_text").fill_null("").hash(seed=7).alias("_h"))
     )
-    matrix = _embed_matrix(
-        texts["_h"].to_numpy(), spec.default_dimension, np.ones(texts.height, dtype=bool)
-    )
+    vectors = []
+    for (dims,), part in texts.group_by("_dims", maintain_order=True):
+        matrix = _embed_matrix(part["_h"].to_numpy(), int(dims), np.ones(part.height, dtype=bool))
+        vectors.append(part.with_columns(pl.Series("_vec", matrix).arr.to_list()))
     per_row = (
-        texts.with_columns(pl.Series("_vec", matrix).arr.to_list())
+        pl.concat(vectors)
         .group_by("_row", maintain_order=True)
-        .agg(pl.col("_text").alias("texts"), pl.col("_vec").alias("embeddings"))
+        .agg(
+            pl.col("_text").alias("texts"),
+            pl.col("_vec").alias("embeddings"),
+            pl.col("_typed").first(),
+        )
         .sort("_row")
     )
+    keyed = per_row["_typed"] | by_type
+    floats = pl.struct(
+        id=pl.concat_str(pl.lit("emulated-"), (pl.col(_HASH) % 10**12).cast(pl.Utf8).str.zfill(12)),
+        texts=per_row["texts"],
+        embeddings=per_row["embeddings"],
+        response_type=pl.lit("embeddings_floats"),
+    ).struct.json_encode()
+    typed = pl.struct(
+        id=pl.concat_str(pl.lit("emulated-"), (pl.col(_HASH) % 10**12).cast(pl.Utf8).str.zfill(12)),
+        texts=per_row["texts"],
+        embeddings=pl.struct(float=per_row["embeddings"]),
+        response_type=pl.lit("embeddings_by_type"),
+    ).struct.json_encode()
     return ok.with_columns(
-        pl.struct(
-            id=pl.concat_str(
-                pl.lit("emulated-"), (pl.col(_HASH) % 10**12).cast(pl.Utf8).str.zfill(12)
-            ),
-            texts=per_row["texts"],
-            embeddings=per_row["embeddings"],
-            response_type=pl.lit("embeddings_floats"),
-        )
-        .struct.json_encode()
-        .alias(MODEL_OUTPUT),
+        pl.when(pl.lit(keyed)).then(typed).otherwise(floats).alias(MODEL_OUTPUT),
         pl.lit(0, dtype=pl.Int64).alias(OUTPUT_TOKENS),
     )
 
@@ -363,18 +450,23 @@ def respond(frame: pl.DataFrame, spec: ModelSpec, invocation_type: str = INVOKE_
 
 
 def output_lines(frame: pl.DataFrame) -> pl.Series:
-    """One Bedrock output line per record: modelOutput, or error{errorCode, errorMessage}."""
-    head = pl.struct(pl.col(RECORD_ID)).struct.json_encode().str.strip_suffix("}")
+    """One Bedrock output line per record: modelOutput, or error{errorCode, errorMessage}.
+
+    Real output lines come as {"modelInput", "modelOutput", "recordId"}, in that key order
+    (DESIGN.md, from public batch outputs); error lines keep the same order with "error" in
+    the place of "modelOutput" (assumed: no public error line was found to copy).
+    """
+    tail = pl.struct(pl.col(RECORD_ID)).struct.json_encode().str.strip_prefix("{")
     error = pl.struct(
         errorCode=pl.col(ERROR_CODE), errorMessage=pl.col(ERROR_MESSAGE)
     ).struct.json_encode()
     line = pl.concat_str(
-        head,
-        pl.lit(',"modelInput":'),
+        pl.lit('{"modelInput":'),
         pl.col(MODEL_INPUT),
         pl.when(pl.col(ERROR_CODE).is_null())
         .then(pl.concat_str(pl.lit(',"modelOutput":'), pl.col(MODEL_OUTPUT)))
         .otherwise(pl.concat_str(pl.lit(',"error":'), error)),
-        pl.lit("}"),
+        pl.lit(","),
+        tail,
     )
     return frame.select(line.alias("line")).to_series()

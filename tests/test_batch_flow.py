@@ -108,7 +108,7 @@ def test_batch_inference_text_never_exceeds_gate_and_returns_every_row(stack, tm
         f"topic number {i} {{with braces}}" for i in range(300)
     )
     assert out[RESPONSE_TEXT].null_count() == 0
-    assert summary["counts"] == {"records": 300, "succeeded": 300, "failed": 0}
+    assert summary["counts"] == {"records": 300, "succeeded": 300, "failed": 0, "unparseable": 0}
     assert all(job["duration_s"] is not None and job["duration_s"] >= 0 for job in summary["jobs"])
     table = json.loads(_artifact("bedrock-batch-gate-test-jobs").data)
     assert sorted(row["ok"] for row in table) == [100, 100, 100]

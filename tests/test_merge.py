@@ -64,6 +64,7 @@ def test_merge_shard_joins_outputs_and_marks_missing_records(rows_file, tmp_path
                 "No output line for this record in the job's output (job job1).",
                 None,
             ],
+            C.RAW_OUTPUT: pl.Series([None, None, None], dtype=pl.String),
             C.JOB_ID: ["job1"] * 3,
             C.SERVED_BY: [C.SERVED_BATCH] * 3,
             C.ATTEMPTS: pl.Series([1, 1, 1], dtype=pl.Int32),
@@ -152,13 +153,16 @@ def test_merge_shard_with_no_outputs_keeps_every_row(rows_file, tmp_path):
 def test_merge_shard_embeddings_are_float32_lists(rows_file, tmp_path):
     lines = [
         json.dumps(
-            {"recordId": r, "modelOutput": {"embedding": [0.5, 1.5], "inputTextTokenCount": 2}}
+            {
+                "recordId": r,
+                "modelOutput": {"embedding": [0.5, 1.5] * 128, "inputTextTokenCount": 2},
+            }
         )
         for r in ("R0", "R1", "R2")
     ]
     stats, frame = merge(rows_file, lines, tmp_path, model_id=TITAN)
     assert frame.schema[C.EMBEDDING] == pl.List(pl.Float32)
-    assert frame[C.EMBEDDING].to_list() == [[0.5, 1.5]] * 3
+    assert frame[C.EMBEDDING].to_list() == [[0.5, 1.5] * 128] * 3
     assert C.RESPONSE_TEXT not in frame.columns
     assert stats == MergeStats(records=3, succeeded=3, failed=0, input_tokens=6, output_tokens=0)
 
@@ -248,7 +252,7 @@ def test_merge_offline_without_plan_says_to_run_preprocess(tmp_path):
         merge_offline(tmp_path, tmp_path)
 
 
-def test_merge_offline_malformed_output_line_fails_the_merge(tmp_path):
+def test_merge_offline_truncated_output_line_is_unparseable_and_the_rest_merge(tmp_path):
     source = tmp_path / "topics.csv"
     pl.DataFrame({"topic": [f"t{i}" for i in range(9)]}).write_csv(source)
     run_dir = tmp_path / "run"
@@ -262,11 +266,18 @@ def test_merge_offline_malformed_output_line_fails_the_merge(tmp_path):
     )
     outputs = tmp_path / "outputs"
     outputs.mkdir()
+    broken = None
     for shard in plan.shards:
         ids = pl.read_parquet(run_dir / shard.rows_file)[C.RECORD_ID].to_list()
         lines = [claude_ok(r, "joke") for r in ids]
         if shard.index == 1:
-            lines[1] = lines[1][:-5]  # a truncated line
+            broken, lines[1] = ids[1], lines[1][:-5]  # a truncated line
         (outputs / (Path(shard.input_file).name + ".out")).write_text("\n".join(lines) + "\n")
-    with pytest.raises(pl.exceptions.ComputeError, match="JSON"):
-        merge_offline(run_dir, outputs)
+    parts = merge_offline(run_dir, outputs)
+    frame = pl.read_parquet(parts)
+    bad = frame.filter(pl.col(C.ERROR_CODE).is_not_null())
+    assert bad[C.RECORD_ID].to_list() == [broken]
+    assert bad[C.ERROR_CODE].item() == C.UNPARSEABLE_OUTPUT
+    assert bad[C.ERROR_MESSAGE].item() == "The output line is not valid JSON."
+    assert bad[C.RAW_OUTPUT].item().startswith('{"recordId": "' + broken)
+    assert frame.height == 9 and frame[C.RESPONSE_TEXT].null_count() == 1

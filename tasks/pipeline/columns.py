@@ -17,6 +17,9 @@ EMBEDDING = "embedding"
 # Failure of a record (its own error, its job's error, or a skip by on_missing="skip").
 ERROR_CODE = "error_code"
 ERROR_MESSAGE = "error_message"
+# The modelOutput JSON of a record that answered in a shape its family cannot parse (kept so
+# nothing paid for is lost); null for every other row.
+RAW_OUTPUT = "raw_output"
 
 # Provenance: which job served the row, how ("batch", "on_demand", "skipped"), after how many tries.
 JOB_ID = "job_id"
@@ -30,7 +33,12 @@ SERVED_SKIPPED = "skipped"
 # Error codes the project writes itself (Bedrock's own record errors keep their numeric code).
 MISSING_OUTPUT = "MissingOutput"
 MISSING_INPUT = "MissingInput"
+# The model answered (and was paid) but its output lacks what the family must return: not
+# retryable, since a retry would likely answer alike and pay again.
+UNPARSEABLE_OUTPUT = "UnparseableOutput"
+# An output line that is valid JSON but has neither modelOutput nor error.
+INVALID_OUTPUT = "InvalidOutput"
 
 TEXT_RESULT_COLUMNS = (RESPONSE_TEXT, STOP_REASON, INPUT_TOKENS, OUTPUT_TOKENS)
 EMBEDDING_RESULT_COLUMNS = (EMBEDDING, INPUT_TOKENS)
-STATUS_COLUMNS = (ERROR_CODE, ERROR_MESSAGE, JOB_ID, SERVED_BY, ATTEMPTS)
+STATUS_COLUMNS = (ERROR_CODE, ERROR_MESSAGE, RAW_OUTPUT, JOB_ID, SERVED_BY, ATTEMPTS)

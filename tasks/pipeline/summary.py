@@ -12,7 +12,13 @@ from tasks.aws import storage
 from tasks.aws.clients import polars_storage_options
 from tasks.bedrock.jobs import job_id_from_arn
 from tasks.errors import IncompleteOutputError
-from tasks.pipeline.columns import ERROR_CODE, INPUT_TOKENS, OUTPUT_TOKENS, RECORD_ID
+from tasks.pipeline.columns import (
+    ERROR_CODE,
+    INPUT_TOKENS,
+    OUTPUT_TOKENS,
+    RECORD_ID,
+    UNPARSEABLE_OUTPUT,
+)
 from tasks.pipeline.plan import OUTPUT_DIR
 
 if TYPE_CHECKING:
@@ -55,10 +61,13 @@ def check_output(run_dir: str, plan: RunPlan) -> dict[str, Any]:
         )
         raise IncompleteOutputError(msg)
     failed = got.get_column(ERROR_CODE).is_not_null().sum()
+    unparseable = (got.get_column(ERROR_CODE) == UNPARSEABLE_OUTPUT).sum()
     return {
         "records": got.height,
         "succeeded": got.height - failed,
         "failed": int(failed),
+        # Paid answers the family could not parse (counted in failed too; not retried).
+        "unparseable": int(unparseable),
         "input_tokens": int(got[INPUT_TOKENS].sum() or 0) if INPUT_TOKENS in got.columns else 0,
         "output_tokens": int(got[OUTPUT_TOKENS].sum() or 0) if OUTPUT_TOKENS in got.columns else 0,
         "parts": parts,
@@ -95,7 +104,8 @@ def summary_artifacts(
             f"- Output: `{output_dir}/` ({len(check['parts'])} Parquet files)",
             f"- Model: `{ctx.model_id}` ({ctx.invocation_type})",
             f"- Records: {check['records']} — ok {check['succeeded']}, failed {check['failed']}"
-            f" (skipped before submit: {plan.skipped_records})",
+            f" (unparseable outputs: {check.get('unparseable', 0)};"
+            f" skipped before submit: {plan.skipped_records})",
             f"- Tokens: {check['input_tokens']} in, {check['output_tokens']} out",
             "- Every input record is in the output exactly once (checked).",
         ]
@@ -105,7 +115,7 @@ def summary_artifacts(
         "run_name": ctx.run_name,
         "output_uri": output_dir,
         "parts": check["parts"],
-        "counts": {k: check[k] for k in ("records", "succeeded", "failed")},
+        "counts": {k: check.get(k, 0) for k in ("records", "succeeded", "failed", "unparseable")},
         "tokens": {"input": check["input_tokens"], "output": check["output_tokens"]},
         "jobs": rows,
     }

@@ -1,0 +1,220 @@
+"""The base of every model family: options, expression helpers, and the ModelFamily class."""
+
+from __future__ import annotations
+
+import copy
+from typing import Any, ClassVar
+
+import polars as pl
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError
+
+from tasks.bedrock.catalog import TEMPERATURE_XOR_TOP_P
+from tasks.errors import InvalidOptionsError
+from tasks.pipeline.columns import (
+    EMBEDDING,
+    INPUT_TOKENS,
+    OUTPUT_TOKENS,
+    RESPONSE_TEXT,
+    STOP_REASON,
+)
+
+INVOCATION_TYPES = ("InvokeModel", "Converse")
+
+
+TEXT_RESULT_SCHEMA: dict[str, pl.DataType] = {
+    RESPONSE_TEXT: pl.String(),
+    STOP_REASON: pl.String(),
+    INPUT_TOKENS: pl.Int64(),
+    OUTPUT_TOKENS: pl.Int64(),
+}
+EMBEDDING_RESULT_SCHEMA: dict[str, pl.DataType] = {
+    EMBEDDING: pl.List(pl.Float32()),
+    INPUT_TOKENS: pl.Int64(),
+}
+
+
+class Options(BaseModel):
+    """Base of the strict inference-option models: unknown keys are an error."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True, frozen=True)
+
+
+class TextOptions(Options):
+    """Generation options most text models share."""
+
+    max_tokens: int = Field(512, gt=0, description="Most tokens to generate.")
+    temperature: float | None = Field(None, ge=0, le=1, description="Sampling temperature.")
+    top_p: float | None = Field(None, ge=0, le=1, description="Nucleus sampling mass.")
+    stop_sequences: list[str] | None = Field(None, description="Strings that end generation.")
+
+
+def _lit(value: Any) -> pl.Expr:
+    if isinstance(value, list):
+        return pl.lit(value, dtype=pl.List(pl.String))
+    return pl.lit(value)
+
+
+def _struct(**fields: Any) -> pl.Expr:
+    """A struct of expressions and constants; fields set to None are left out of the JSON."""
+    exprs = [
+        (value if isinstance(value, pl.Expr) else _lit(value)).alias(name)
+        for name, value in fields.items()
+        if value is not None
+    ]
+    return pl.struct(exprs)
+
+
+def _one(expr: pl.Expr) -> pl.Expr:
+    """A one-element list holding `expr` of each row."""
+    return pl.concat_list([expr])
+
+
+def _field(expr: pl.Expr, *path: str) -> pl.Expr:
+    for name in path:
+        expr = expr.struct.field(name)
+    return expr
+
+
+def _texts_joined(content: pl.Expr) -> pl.Expr:
+    """All text blocks of a content list, joined; null when they hold no text at all.
+
+    Thinking, reasoning and tool blocks carry no `text` field, so they drop out; a reply made
+    only of them (or of empty text) has no answer and must not pass for a success.
+    """
+    joined = content.list.eval(pl.element().struct.field("text")).list.join("")
+    return pl.when(joined.str.len_bytes() > 0).then(joined)
+
+
+class ModelFamily:
+    """A family of models that share one request body and one output shape."""
+
+    name: ClassVar[str]
+    prefixes: ClassVar[tuple[str, ...]] = ()
+    invocation_type: ClassVar[str] = "InvokeModel"
+    is_embedding: ClassVar[bool] = False
+    supports_system: ClassVar[bool] = True
+    # Guidance for validation; None means no limit we check before sending.
+    max_input_chars: ClassVar[int | None] = None
+    options_model: ClassVar[type[Options]] = TextOptions
+    output_dtype: ClassVar[pl.DataType]
+    # What a success must hold: tokens too when the family's outputs report them.
+    reports_tokens: ClassVar[bool] = True
+    # Lengths an embedding may have (empty: any non-empty length).
+    embedding_dimensions: ClassVar[tuple[int, ...]] = ()
+    # The fields the parser reads, named in UnparseableOutput messages.
+    expected_shape: ClassVar[str] = ""
+    # Set on the copy `bind` makes for one catalog model.
+    model_id: str | None = None
+    rules: tuple[str, ...] = ()
+
+    def bind(self, model_id: str, rules: tuple[str, ...] = ()) -> ModelFamily:
+        """A copy of this family for one model, carrying that model's parameter rules."""
+        bound = copy.copy(self)
+        bound.model_id, bound.rules = model_id, tuple(rules)
+        return bound
+
+    @property
+    def result_schema(self) -> dict[str, pl.DataType]:
+        """Names and dtypes of the result columns this family's parser produces."""
+        return dict(EMBEDDING_RESULT_SCHEMA if self.is_embedding else TEXT_RESULT_SCHEMA)
+
+    def options(
+        self, template_params: dict[str, Any] | None = None, overrides: dict[str, Any] | None = None
+    ) -> Options:
+        """Options from a template's params (those this family knows) and strict overrides."""
+        canonical: dict[str, str] = {}
+        for name, info in self.options_model.model_fields.items():
+            canonical[name] = name
+            if isinstance(info.validation_alias, AliasChoices):
+                canonical.update(
+                    (alias, name)
+                    for alias in info.validation_alias.choices
+                    if isinstance(alias, str)
+                )
+        unknown = sorted(set(overrides or {}) - set(canonical))
+        if unknown:
+            msg = (
+                f"Inference parameter(s) {', '.join(unknown)} are not accepted by the "
+                f"{self.name} family; accepted: {', '.join(sorted(canonical))}."
+            )
+            raise InvalidOptionsError(msg)
+        # Template params the family does not know (a max_tokens for an embedding) are dropped.
+        values = {canonical[k]: v for k, v in (template_params or {}).items() if k in canonical}
+        values.update({canonical[k]: v for k, v in (overrides or {}).items()})
+        try:
+            options = self.options_model.model_validate(values)
+        except ValidationError as exc:
+            problems = "; ".join(
+                f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in exc.errors()
+            )
+            msg = f"Invalid inference parameters for the {self.name} family: {problems}."
+            raise InvalidOptionsError(msg) from None
+        self.check_options(options)
+        return options
+
+    def check_options(self, options: Options) -> None:
+        """Refuse option combinations the bound model does not accept (see `rules`)."""
+        if (
+            TEMPERATURE_XOR_TOP_P in self.rules
+            and getattr(options, "temperature", None) is not None
+            and getattr(options, "top_p", None) is not None
+        ):
+            msg = (
+                f"Model {self.model_id} accepts temperature or top_p, not both (Bedrock answers "
+                "'`temperature` and `top_p` cannot both be specified for this model'); got "
+                f"temperature={options.temperature} and top_p={options.top_p}. Drop one of "
+                "them from the template params or the overrides."
+            )
+            raise InvalidOptionsError(msg)
+
+    def body_expr(self, prompt: pl.Expr, system: str | None, options: Options) -> pl.Expr:
+        """The modelInput struct of every row, from the rendered prompt."""
+        raise NotImplementedError
+
+    def parse_exprs(self, output: pl.Expr) -> list[pl.Expr]:
+        """Result columns (see `result_schema`) from the decoded modelOutput struct."""
+        raise NotImplementedError
+
+    def decode_raw(self, raw: pl.Expr) -> pl.Expr:
+        """The modelOutput struct (`output_dtype`) from its JSON text; strict, as Polars is.
+
+        Families whose models answer in more than one shape override it.
+        """
+        return raw.str.json_decode(self.output_dtype)
+
+    def parse_raw(self, raw: pl.Expr) -> list[pl.Expr]:
+        """Result columns from the modelOutput JSON text (decode once, then `parse_exprs`)."""
+        return self.parse_exprs(self.decode_raw(raw))
+
+    @property
+    def required_columns(self) -> tuple[str, ...]:
+        """Result columns a success must have non-null."""
+        if self.is_embedding:
+            return (EMBEDDING, INPUT_TOKENS) if self.reports_tokens else (EMBEDDING,)
+        if self.reports_tokens:
+            return (RESPONSE_TEXT, INPUT_TOKENS, OUTPUT_TOKENS)
+        return (RESPONSE_TEXT,)
+
+    def problem_expr(self) -> pl.Expr:
+        """Over the parsed result columns: why a row is not a success, or null when it is."""
+        shape = f" (expected {self.expected_shape})" if self.expected_shape else ""
+        checks = [
+            (
+                pl.col(name).is_null(),
+                f"modelOutput has no {name} where the {self.name} family reads it{shape}.",
+            )
+            for name in self.required_columns
+        ]
+        if self.is_embedding:
+            length = pl.col(EMBEDDING).list.len()
+            allowed = self.embedding_dimensions
+            bad = length == 0 if not allowed else ~length.is_in(list(allowed))
+            expected = ", ".join(str(d) for d in allowed) or "at least 1"
+            checks.append((bad, f"The embedding has the wrong length (expected {expected})."))
+        expr = pl.lit(None, dtype=pl.String)
+        for bad, message in reversed(checks):
+            expr = pl.when(bad).then(pl.lit(message)).otherwise(expr)
+        return expr
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.name}>"

@@ -1,0 +1,92 @@
+"""One model of each family end to end on the local stack: dry run, batch run, strict merge."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import polars as pl
+import pytest
+
+from flows.batch_inference import batch_inference
+from tasks.pipeline.columns import EMBEDDING, ERROR_CODE, RESPONSE_TEXT
+from tasks.run.lifecycle import preprocess_params
+from tasks.run.params import BatchParams
+
+pytestmark = pytest.mark.slow
+
+ROWS = 100  # the minimum records of one job
+
+# (model id as a user writes it for batch, invocation type, a key its request body must have)
+MODELS = [
+    ("us.anthropic.claude-sonnet-4-5-20250929-v1:0", "InvokeModel", "anthropic_version"),
+    ("us.amazon.nova-2-lite-v1:0", "InvokeModel", "schemaVersion"),
+    ("us.meta.llama4-scout-17b-instruct-v1:0", "InvokeModel", "max_gen_len"),
+    ("mistral.mistral-small-2402-v1:0", "InvokeModel", "prompt"),
+    ("mistral.mistral-large-2407-v1:0", "InvokeModel", "messages"),
+    ("openai.gpt-oss-20b-1:0", "InvokeModel", "max_completion_tokens"),
+    ("qwen.qwen3-32b-v1:0", "InvokeModel", "max_tokens"),
+    ("deepseek.v3-v1:0", "Converse", "inferenceConfig"),
+]
+EMBEDDERS = [
+    ("amazon.titan-embed-text-v2:0", 1024, "inputText"),
+    ("cohere.embed-v4:0", 1536, "texts"),
+]
+
+
+def _first_body(plan_dir: Path, plan) -> dict:
+    with (plan_dir / plan.shards[0].input_file).open() as f:
+        return json.loads(f.readline())["modelInput"]
+
+
+def _name(model_id: str) -> str:
+    return "e2e-" + "".join(c if c.isalnum() else "-" for c in model_id.split(".", 1)[-1])[:30]
+
+
+@pytest.mark.parametrize(("model_id", "invocation_type", "body_key"), MODELS)
+def test_text_model_dry_run_and_batch_run_parse_every_row(
+    stack, tmp_path, model_id, invocation_type, body_key
+):
+    source = tmp_path / "topics.csv"
+    pl.DataFrame({"topic": [f"topic {i}" for i in range(ROWS)]}).write_csv(source)
+    params = BatchParams(
+        source=str(source),
+        prompt_id="joke_about_topic",
+        model_id=model_id,
+        invocation_type=invocation_type,
+        output_uri=str(tmp_path / "out"),
+        run_name=_name(model_id),
+    )
+
+    plan = preprocess_params(params, tmp_path / "dry")
+    summary = batch_inference(params)
+
+    assert plan.batch_records == ROWS and body_key in _first_body(tmp_path / "dry", plan)
+    out = pl.read_parquet(summary["parts"])
+    assert summary["counts"] == {"records": ROWS, "succeeded": ROWS, "failed": 0, "unparseable": 0}
+    assert out[ERROR_CODE].null_count() == ROWS
+    assert out[RESPONSE_TEXT].str.starts_with("[emulated").all()
+    # Mistral's responses carry no token counts; every other family reports them.
+    assert summary["tokens"]["input"] > 0 or model_id.startswith("mistral.")
+
+
+@pytest.mark.parametrize(("model_id", "dims", "body_key"), EMBEDDERS)
+def test_embedding_model_dry_run_and_batch_run_parse_every_row(
+    stack, tmp_path, model_id, dims, body_key
+):
+    source = tmp_path / "reviews.jsonl"
+    pl.DataFrame({"input_text": [f"review {i}" for i in range(ROWS)]}).write_ndjson(source)
+    params = BatchParams(
+        source=str(source),
+        model_id=model_id,
+        output_uri=str(tmp_path / "out"),
+        run_name=_name(model_id),
+    )
+
+    plan = preprocess_params(params, tmp_path / "dry")
+    summary = batch_inference(params)
+
+    assert body_key in _first_body(tmp_path / "dry", plan)
+    out = pl.read_parquet(summary["parts"])
+    assert summary["counts"]["succeeded"] == ROWS and summary["counts"]["unparseable"] == 0
+    assert out[EMBEDDING].list.len().unique().to_list() == [dims]
