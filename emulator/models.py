@@ -8,7 +8,9 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from typing import TYPE_CHECKING
 
-from .catalog import ModelSpec, base_model_id
+from tasks.bedrock.catalog import quota_key
+
+from .catalog import ModelSpec
 from .exceptions import (
     ConflictException,
     ResourceNotFoundException,
@@ -180,7 +182,7 @@ class BedrockBackend:
         if existing is not None:
             return existing
         invocation_type = model_invocation_type or INVOKE_MODEL
-        spec = model_for_batch(model_id, invocation_type)
+        spec = model_for_batch(model_id, invocation_type, self.region)
         files = self.server.list_inputs(input_uri)
         if not files:
             msg = (
@@ -241,9 +243,12 @@ class BedrockBackend:
         return existing
 
     def _check_quota(self, model_id: str) -> None:
+        # One owner of how the quota counts: a profile's jobs count against its base model.
         quota = self.server.quota()
-        base = base_model_id(model_id)
-        active = [j for j in self.jobs.values() if j.status.active and j.spec.model_id == base]
+        base = quota_key(model_id)
+        active = [
+            j for j in self.jobs.values() if j.status.active and quota_key(j.model_id) == base
+        ]
         if len(active) >= quota:
             msg = (
                 f"You have reached the quota of {quota} batch inference jobs submitted or in "

@@ -7,7 +7,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 
-from .catalog import CATALOG, ModelSpec, lookup
+from .catalog import ModelSpec, resolve_batch_model
 from .exceptions import ValidationException
 
 # Constraints of CreateModelInvocationJob, ListModelInvocationJobs and the job identifier, as in
@@ -172,16 +172,13 @@ def validate_create_model_invocation_job(
     errors.raise_if_any()
 
 
-def model_for_batch(model_id: str, invocation_type: str) -> ModelSpec:
-    """The catalog entry of a batch model supporting `invocation_type`; else ValidationException."""
-    spec = lookup(model_id)
-    if spec is None:
-        msg = (
-            f"The provided model identifier {model_id!r} is invalid or not supported for batch "
-            "inference. Supported model ids (optionally with a us., eu., apac. or global. "
-            f"inference-profile prefix): {', '.join(sorted(CATALOG))}"
-        )
-        raise ValidationException(msg)
+def model_for_batch(model_id: str, invocation_type: str, region: str) -> ModelSpec:
+    """The catalog entry of a batch model supporting `invocation_type`; else ValidationException.
+
+    Unknown ids and ids that cannot run batch in `region` (a profile-only model given a plain
+    id, a plain Nova 1 id outside its Regions) are refused by the catalog's own rule.
+    """
+    spec = resolve_batch_model(model_id, region)
     if invocation_type == "Converse" and not spec.converse:
         msg = (
             f"Model {model_id} does not support the Converse invocation type; "

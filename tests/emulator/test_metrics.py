@@ -17,8 +17,8 @@ from emu_helpers import (
 )
 
 # Model ids no other test uses, so these series are this test's alone.
-STUCK_MODEL = "eu.anthropic.claude-3-5-haiku-20241022-v1:0"
-NOVA_MODEL = "apac.amazon.nova-micro-v1:0"
+STUCK_MODEL = "us.anthropic.claude-3-5-haiku-20241022-v1:0"
+NOVA_MODEL = "us.amazon.nova-micro-v1:0"
 MINUTE_MODEL = "global.anthropic.claude-3-haiku-20240307-v1:0"
 
 

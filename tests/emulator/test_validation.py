@@ -40,7 +40,20 @@ def test_create_model_invocation_job_bad_role_arn(stack, input_uri):
 
 def test_create_model_invocation_job_unknown_model(stack, input_uri):
     message = _raises(stack, "ValidationException", input_uri=input_uri, model_id="acme.gpt-9")
-    assert "'acme.gpt-9' is invalid" in message and HAIKU in message
+    assert "'acme.gpt-9' is invalid or not supported for batch inference" in message
+
+
+def test_create_model_invocation_job_unknown_model_names_the_closest_ids(stack, input_uri):
+    typo = HAIKU.replace("haiku", "haikou")
+    message = _raises(stack, "ValidationException", input_uri=input_uri, model_id=typo)
+    assert f"'{typo}' is invalid" in message and "Closest supported model ids" in message
+    assert HAIKU in message
+
+
+def test_create_model_invocation_job_profile_only_model_with_a_plain_id(stack, input_uri):
+    plain = "amazon.nova-premier-v1:0"
+    message = _raises(stack, "ValidationException", input_uri=input_uri, model_id=plain)
+    assert plain in message and "inference profile" in message
 
 
 def test_create_model_invocation_job_timeout_above_168_hours(stack, input_uri):
