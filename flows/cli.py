@@ -56,6 +56,7 @@ def _params(args: argparse.Namespace):
         "timeout_hours": getattr(args, "timeout_hours", None),
         "kms_key_id": getattr(args, "kms_key_id", None),
         "restart": getattr(args, "restart", None) or None,
+        "on_demand_rps": getattr(args, "on_demand_rps", None),
         "tags": dict(tag.split("=", 1) for tag in getattr(args, "tag", None) or []),
         "inference": inference,
     }
@@ -188,6 +189,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--timeout-hours", type=int)
     run.add_argument("--kms-key-id")
     run.add_argument("--tag", action="append", help="key=value, repeatable")
+    run.add_argument("--on-demand-rps", type=float, help="on-demand calls per second")
     run.add_argument(
         "--restart",
         action="store_true",

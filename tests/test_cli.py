@@ -62,9 +62,7 @@ def test_iam_policy_scopes_role_prefixes_and_models(capsys):
     assert trust["Principal"] == {"Service": "bedrock.amazonaws.com"}
     assert trust["Condition"]["StringEquals"] == {"aws:SourceAccount": "111122223333"}
     service = {s["Sid"]: s for s in policies["service_role_policy"]["Statement"]}
-    assert service["ReadJobInputs"]["Resource"] == [
-        "arn:aws:s3:::my-bucket/batch/nightly/input/*"
-    ]
+    assert service["ReadJobInputs"]["Resource"] == ["arn:aws:s3:::my-bucket/batch/nightly/input/*"]
     assert service["WriteJobOutputs"]["Resource"] == [
         "arn:aws:s3:::my-bucket/batch/nightly/bedrock-output/*"
     ]
