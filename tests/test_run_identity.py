@@ -150,13 +150,13 @@ def test_other_model_after_crash_is_refused_before_any_job(stack, tmp_path):
 
     crashed = _run(source, out, "model-swap", kill_at="polling")
     assert crashed.returncode == -signal.SIGKILL, crashed.stderr[-2000:]
-    before = stack.ledger(name_contains="model-swap")
+    before = [job["jobArn"] for job in stack.ledger(name_contains="model-swap")]
 
     refused = _run(source, out, "model-swap", model=SONNET)
 
     assert refused.returncode == 2, refused.stderr[-2000:]
     assert f'model_id: was "{CLAUDE}", now "{SONNET}"' in refused.stderr
-    assert stack.ledger(name_contains="model-swap") == before
+    assert [job["jobArn"] for job in stack.ledger(name_contains="model-swap")] == before
 
     finished = _run(source, out, "model-swap")
 
@@ -281,7 +281,8 @@ def test_run_names_differing_in_dot_and_underscore_get_their_own_jobs(stack, tmp
         done = _run(source, out, name)
         assert done.returncode == 0, done.stderr[-3000:]
 
-    jobs = stack.ledger(name_contains="nightly")
+    # '_' is not allowed in a job name and becomes '-'; the leading digest keeps them apart.
+    jobs = stack.ledger(name_contains="-nightly.v1-") + stack.ledger(name_contains="-nightly-v1-")
     assert len(jobs) == 6
     assert len({job["jobName"] for job in jobs}) == 6
     assert len({job["clientRequestToken"] for job in jobs}) == 6
