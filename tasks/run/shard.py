@@ -286,7 +286,7 @@ def _attempt_output(ctx: RunContext, shard: ShardPlan, attempt: JobAttempt) -> A
         # Expired and Stopped jobs keep the outputs of the records they processed:
         # those are served and must not be paid for again.
         prefix = storage.join(ctx.output_prefix(shard), attempt.job_id)
-        outputs = [storage.read_bytes(u) for u in storage.list_files(prefix, ".jsonl.out")]
+        outputs = [storage.read_bytes(u) for u in storage.list_files(prefix, JSONL + OUT_SUFFIX)]
     if attempt.served_by != C.SERVED_ON_DEMAND and not outcome(attempt.status).mergeable:
         job_error = (attempt.status or "Unknown", attempt.message or "the job did not finish")
     ids = None
