@@ -8,9 +8,16 @@ from prefect import flow, get_run_logger, runtime
 from prefect.task_runners import ThreadPoolTaskRunner
 from prefect.utilities.annotations import unmapped
 
+from tasks.aws.submit import run_key
 from tasks.monitoring import events
-from tasks.run.layout import expand_run_name
-from tasks.run.lifecycle import default_run_name, finish_run, open_gate, prepare_run, resolve_run
+from tasks.run.lifecycle import (
+    finish_run,
+    name_for_events,
+    open_gate,
+    prepare_run,
+    release_run,
+    resolve_run,
+)
 from tasks.run.params import BatchParams
 from tasks.run.progress import RunProgress
 from tasks.run.shard import RunContext, run_shard
@@ -23,9 +30,8 @@ def _emit_failed(flow, flow_run, state) -> None:
     """Flow failure hook: a `bedrock.batch.run.failed` event automations can act on."""
     raw = flow_run.parameters.get("params") or {}
     try:
-        params = BatchParams.model_validate(raw)
-        run_name = expand_run_name(params.run_name or default_run_name(params))
-    except ValueError:  # the parameters themselves were the failure
+        run_name = name_for_events(BatchParams.model_validate(raw))
+    except Exception:  # the parameters or the source themselves were the failure
         run_name = flow_run.name
     events.emit_run_failed(run_name, raw.get("model_id", ""), str(state.message))
 
@@ -40,45 +46,52 @@ def batch_inference(params: BatchParams) -> dict[str, Any]:
     """Run Bedrock batch inference over a dataset and write Parquet with every row's result.
 
     Re-running with the same ``run_name`` resumes a crashed run and never creates a second
-    job for a shard; re-running a finished run reports its output.
+    job for a shard; re-running a finished run reports its output. A run whose inputs changed,
+    or one another live process owns, is refused before anything is spent.
     """
     logger = get_run_logger()
-    run_name = params.run_name or default_run_name(params)
 
-    # 1. Check where everything goes, before anything is spent.
-    run = resolve_run(params, run_name)
-    run_name = run.layout.run_name  # with {date} filled in
-    if run.finished_summary is not None:
-        logger.info("Run %s already finished; its output is in %s", run_name, run.layout.run_dir)
-        return run.finished_summary
+    # 1. Name and claim the run, check it is the run recorded before; nothing is spent yet.
+    run = resolve_run(params, runtime.flow_run.id)
+    try:
+        run_name = run.layout.run_name
+        if run.finished_summary is not None:
+            logger.info(
+                "Run %s already finished; its output is in %s", run_name, run.layout.run_dir
+            )
+            return run.finished_summary
 
-    # 2. Render, validate and shard the rows (or pick up the plan of an earlier attempt).
-    plan = prepare_run(params, run.layout)
+        # 2. Render, validate and shard the rows (or pick up the plan of an earlier attempt).
+        plan = prepare_run(params, run)
 
-    # 3. One gate per model, sized to this run's max_concurrent_jobs.
-    gate_name = open_gate(params.model_id, params.max_concurrent_jobs)
+        # 3. One gate per model, sized to this run's max_concurrent_jobs.
+        gate_name = open_gate(params.model_id, params.max_concurrent_jobs)
 
-    # 4. Each shard: slot → job → poll → merge its Parquet part as soon as it finishes.
-    ctx = RunContext(
-        run_name=run_name,
-        run_dir=run.layout.run_dir,
-        job_prefix=run.layout.job_prefix,
-        model_id=params.model_id,
-        invocation_type=params.invocation_type,
-        role_arn=run.role_arn,
-        gate_name=gate_name,
-        store=run.store,
-        progress=RunProgress(plan.total_records),
-        timeout_hours=params.timeout_hours,
-        kms_key_id=params.kms_key_id,
-        tags=params.tags,
-        flow_run_id=runtime.flow_run.id,
-        max_attempts=params.max_attempts,
-        retry_stopped=params.retry_stopped,
-        on_demand=params.on_demand,
-        on_demand_rps=params.on_demand_rps,
-    )
-    results = run_shard.map(unmapped(ctx), plan.shards).result()
+        # 4. Each shard: slot → job → poll → merge its Parquet part as soon as it finishes.
+        ctx = RunContext(
+            run_name=run_name,
+            layout=run.layout,
+            run_id=run.identity.run_id,
+            run_key=run_key(run_name, run.layout.run_dir, run.identity.run_id),
+            model_id=params.model_id,
+            invocation_type=params.invocation_type,
+            role_arn=run.role_arn,
+            gate_name=gate_name,
+            store=run.store,
+            progress=RunProgress(plan.total_records),
+            timeout_hours=params.timeout_hours,
+            kms_key_id=params.kms_key_id,
+            tags=params.tags,
+            flow_run_id=runtime.flow_run.id,
+            max_attempts=params.max_attempts,
+            retry_stopped=params.retry_stopped,
+            on_demand=params.on_demand,
+            on_demand_rps=params.on_demand_rps,
+            claim=run.claim,
+        )
+        results = run_shard.map(unmapped(ctx), plan.shards).result()
 
-    # 5. Check every row came back once, report, and tell automations.
-    return finish_run(ctx, plan, results)
+        # 5. Check every row came back once, report, and tell automations.
+        return finish_run(ctx, plan, results)
+    finally:
+        release_run(run)

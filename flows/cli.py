@@ -59,6 +59,8 @@ def _params(args: argparse.Namespace):
         "role_arn": getattr(args, "role_arn", None),
         "timeout_hours": getattr(args, "timeout_hours", None),
         "kms_key_id": getattr(args, "kms_key_id", None),
+        "restart": getattr(args, "restart", None) or None,
+        "on_demand_rps": getattr(args, "on_demand_rps", None),
         "tags": dict(tag.split("=", 1) for tag in getattr(args, "tag", None) or []),
         "inference": inference,
     }
@@ -153,23 +155,25 @@ def cmd_local(args: argparse.Namespace) -> int:
 
 def cmd_iam_policy(args: argparse.Namespace) -> int:
     """Print the service role's trust and permission policies and the runner's policy."""
-    import boto3
-
     from tasks.aws import iam
-    from tasks.run.layout import check_s3_uri, resolve_role_arn
+    from tasks.errors import RunSettingsError
+    from tasks.run.layout import ANY_RUN, expand_run_name, layout_for, resolve_role_arn
 
     role = resolve_role_arn(args.role_arn)
-    check_s3_uri(args.job_prefix, "--job-prefix")
-    account = role.split(":")[4] or "<account-id>"
-    region = args.region or boto3.session.Session().region_name or "<region>"
+    account = role.split(":")[4]
+    if not account:
+        msg = f"--role-arn {role!r} has no account id; the policies' ARNs need it."
+        raise RunSettingsError(msg)
+    region = iam.resolve_region(args.region)
+    run_name = expand_run_name(args.run_name) if args.run_name else ANY_RUN
+    # The same layout a run uses: local output folders put their job files under staging.
+    layout = layout_for(args.output_uri, run_name, args.kms_key_id)
     policies = {
         "service_role_trust_policy": iam.service_role_trust_policy(account),
         "service_role_policy": iam.service_role_policy(
-            args.job_prefix, args.model_id, region, account, args.kms_key_id
+            layout, args.model_id, region, account, args.kms_key_id
         ),
-        "runner_policy": iam.runner_policy(
-            args.job_prefix, args.output_uri, role, args.model_id, region, account
-        ),
+        "runner_policy": iam.runner_policy(layout, role, args.model_id, region, account),
     }
     print(json.dumps(policies, indent=2))
     return 0
@@ -189,6 +193,12 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--timeout-hours", type=int)
     run.add_argument("--kms-key-id")
     run.add_argument("--tag", action="append", help="key=value, repeatable")
+    run.add_argument("--on-demand-rps", type=float, help="on-demand calls per second")
+    run.add_argument(
+        "--restart",
+        action="store_true",
+        help="move the run's old folder aside and start it again (inputs changed)",
+    )
     run.add_argument(
         "--local-stack", action="store_true", help="start the local stack for this run"
     )
@@ -212,9 +222,11 @@ def build_parser() -> argparse.ArgumentParser:
     iam.add_argument("--role-arn", required=True, help="the Bedrock service role")
     iam.add_argument("--model-id", action="append", required=True, help="repeatable")
     iam.add_argument(
-        "--job-prefix", required=True, help="s3:// prefix Bedrock reads and writes (staging)"
+        "--output-uri",
+        required=True,
+        help="the runs' output_uri (s3:// or a local folder; then BEDROCK_BATCH_STAGING_URI)",
     )
-    iam.add_argument("--output-uri", help="s3:// output_uri of the runs, if not the job prefix")
+    iam.add_argument("--run-name", help="one run only (default: every run under --output-uri)")
     iam.add_argument("--region", default=None)
     iam.add_argument("--kms-key-id")
     iam.set_defaults(func=cmd_iam_policy)

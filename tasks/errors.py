@@ -77,3 +77,11 @@ class JobLostError(BedrockBatchError):
 
 class IncompleteOutputError(BedrockBatchError):
     """The output does not hold every input record exactly once."""
+
+
+class RunIdentityError(BedrockBatchError):
+    """A run name already holds a run made from different inputs."""
+
+
+class RunOwnedError(BedrockBatchError):
+    """Another live process owns the run."""

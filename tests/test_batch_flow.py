@@ -352,7 +352,8 @@ def test_batch_inference_run_name_date_placeholder_names_folder_and_jobs(stack, 
 
     assert summary["run_name"] == f"dated-{today}"
     assert (tmp_path / "out" / f"dated-{today}" / "output").is_dir()
-    names = [job["jobName"] for job in stack.ledger(name_contains="dated-")]
+    # A job name is a digest of the run's identity, then the run name, shard and attempt.
+    names = [job["jobName"].split("-", 1)[1] for job in stack.ledger(name_contains="dated-")]
     assert names == [f"dated-{today}-shard-00000-a1"]
 
 

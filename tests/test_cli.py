@@ -54,15 +54,18 @@ def test_iam_policy_scopes_role_prefixes_and_models(capsys):
     role = "arn:aws:iam::111122223333:role/BedrockBatch"
 
     assert main(["iam-policy", "--role-arn", role, "--model-id", f"us.{CLAUDE}",
-                 "--job-prefix", "s3://my-bucket/batch", "--region", "us-east-1"]) == 0  # fmt: skip
+                 "--output-uri", "s3://my-bucket/batch", "--run-name", "nightly",
+                 "--region", "us-east-1"]) == 0  # fmt: skip
 
     policies = json.loads(capsys.readouterr().out)
     trust = policies["service_role_trust_policy"]["Statement"][0]
     assert trust["Principal"] == {"Service": "bedrock.amazonaws.com"}
     assert trust["Condition"]["StringEquals"] == {"aws:SourceAccount": "111122223333"}
     service = {s["Sid"]: s for s in policies["service_role_policy"]["Statement"]}
-    assert service["ReadJobInputs"]["Resource"] == ["arn:aws:s3:::my-bucket/batch/input/*"]
-    assert service["WriteJobOutputs"]["Resource"] == ["arn:aws:s3:::my-bucket/batch/*"]
+    assert service["ReadJobInputs"]["Resource"] == ["arn:aws:s3:::my-bucket/batch/nightly/input/*"]
+    assert service["WriteJobOutputs"]["Resource"] == [
+        "arn:aws:s3:::my-bucket/batch/nightly/bedrock-output/*"
+    ]
     assert service["InvokeChosenModels"]["Resource"] == [
         f"arn:aws:bedrock:*::foundation-model/{CLAUDE}",
         f"arn:aws:bedrock:us-east-1:111122223333:inference-profile/us.{CLAUDE}",
@@ -73,7 +76,36 @@ def test_iam_policy_scopes_role_prefixes_and_models(capsys):
 
 def test_iam_policy_rejects_a_malformed_role(capsys):
     code = main(["iam-policy", "--role-arn", "BedrockBatch", "--model-id", CLAUDE,
-                 "--job-prefix", "s3://my-bucket/batch"])  # fmt: skip
+                 "--output-uri", "s3://my-bucket/batch"])  # fmt: skip
 
     assert code == 2
     assert "arn:aws:iam::<12-digit account>:role/<name>" in capsys.readouterr().err
+
+
+def test_iam_policy_without_run_name_covers_every_run_under_the_output(capsys):
+    role = "arn:aws:iam::111122223333:role/BedrockBatch"
+
+    assert main(["iam-policy", "--role-arn", role, "--model-id", CLAUDE,
+                 "--output-uri", "s3://my-bucket/batch", "--region", "eu-west-1"]) == 0  # fmt: skip
+
+    service = {s["Sid"]: s for s in json.loads(capsys.readouterr().out)["service_role_policy"][
+        "Statement"]}  # fmt: skip
+    assert service["ReadJobInputs"]["Resource"] == ["arn:aws:s3:::my-bucket/batch/*/input/*"]
+
+
+def test_iam_policy_without_any_region_says_how_to_give_one(capsys, monkeypatch):
+    from tasks.settings import get_settings
+
+    for name in ("BEDROCK_BATCH_REGION", "AWS_DEFAULT_REGION", "AWS_REGION"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_CONFIG_FILE", "/nonexistent")
+    get_settings.cache_clear()
+    try:
+        code = main(["iam-policy", "--role-arn", "arn:aws:iam::111122223333:role/B",
+                     "--model-id", CLAUDE, "--output-uri", "s3://my-bucket/batch"])  # fmt: skip
+    finally:
+        get_settings.cache_clear()
+
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "--region" in err and "<region>" not in err

@@ -1,11 +1,34 @@
-"""Least-privilege IAM policies: the Bedrock service role and the identity that runs the flows."""
+"""Least-privilege IAM policies, built from a RunLayout: the Bedrock service role and the runner.
+
+The layout is the only code that knows a run's keys, so the policies ask it: the service role
+may read the run's job inputs and write Bedrock's outputs, nothing else under S3; the runner may
+read and write the run folder and the job prefix. A layout whose run segment is
+``layout.ANY_RUN`` (``*``) stands for every run under an output (or staging) prefix.
+"""
 
 from __future__ import annotations
 
 from typing import Any
 
+import boto3
+
 from tasks.aws import storage
 from tasks.bedrock.model_ids import base_model_id
+from tasks.errors import RunSettingsError
+from tasks.run.layout import ANY_RUN, RunLayout
+from tasks.settings import get_settings
+
+
+def resolve_region(region: str | None = None) -> str:
+    """The region for ARNs: the argument, BEDROCK_BATCH_REGION, or the AWS session's region."""
+    found = region or get_settings().aws.region or boto3.session.Session().region_name
+    if not found:
+        msg = (
+            "No AWS region for the policies' ARNs: pass --region, or set BEDROCK_BATCH_REGION "
+            "or AWS_DEFAULT_REGION (or a region in your AWS profile)."
+        )
+        raise RunSettingsError(msg)
+    return found
 
 
 def _object_arn(uri: str) -> str:
@@ -20,6 +43,22 @@ def _bucket_arn(uri: str) -> str:
 def _prefix_condition(uri: str) -> dict[str, Any]:
     key = storage.split_s3(uri)[1].rstrip("/")
     return {"StringLike": {"s3:prefix": [f"{key}/*", key]}} if key else {}
+
+
+def _list_statement(sid: str, prefixes: list[str]) -> dict[str, Any]:
+    """ListBucket on each bucket, limited to the given prefixes."""
+    buckets = sorted({_bucket_arn(p) for p in prefixes})
+    conditions = [_prefix_condition(p) for p in prefixes]
+    keys = sorted({k for c in conditions for k in c.get("StringLike", {}).get("s3:prefix", [])})
+    statement: dict[str, Any] = {
+        "Sid": sid,
+        "Effect": "Allow",
+        "Action": ["s3:ListBucket"],
+        "Resource": buckets,
+    }
+    if keys and all(conditions):
+        statement["Condition"] = {"StringLike": {"s3:prefix": keys}}
+    return statement
 
 
 def _model_arns(model_ids: list[str], region: str, account: str) -> list[str]:
@@ -54,7 +93,7 @@ def service_role_trust_policy(account: str) -> dict[str, Any]:
 
 
 def service_role_policy(
-    job_prefix: str, model_ids: list[str], region: str, account: str, kms_key_id: str | None
+    layout: RunLayout, model_ids: list[str], region: str, account: str, kms_key_id: str | None
 ) -> dict[str, Any]:
     """What Bedrock needs during a job: read the inputs, write the outputs, use the models."""
     statements: list[dict[str, Any]] = [
@@ -62,24 +101,14 @@ def service_role_policy(
             "Sid": "ReadJobInputs",
             "Effect": "Allow",
             "Action": ["s3:GetObject"],
-            "Resource": [_object_arn(storage.join(job_prefix, "input"))],
+            "Resource": [_object_arn(layout.input_prefix)],
         },
-        {
-            "Sid": "ListJobPrefix",
-            "Effect": "Allow",
-            "Action": ["s3:ListBucket"],
-            "Resource": [_bucket_arn(job_prefix)],
-            **(
-                {"Condition": _prefix_condition(job_prefix)}
-                if _prefix_condition(job_prefix)
-                else {}
-            ),
-        },
+        _list_statement("ListJobPrefix", [layout.job_prefix]),
         {
             "Sid": "WriteJobOutputs",
             "Effect": "Allow",
             "Action": ["s3:PutObject"],
-            "Resource": [_object_arn(job_prefix)],
+            "Resource": [_object_arn(layout.bedrock_output_root)],
         },
         {
             "Sid": "InvokeChosenModels",
@@ -101,15 +130,27 @@ def service_role_policy(
 
 
 def runner_policy(
-    job_prefix: str,
-    output_uri: str | None,
-    role_arn: str,
-    model_ids: list[str],
-    region: str,
-    account: str,
+    layout: RunLayout, role_arn: str, model_ids: list[str], region: str, account: str
 ) -> dict[str, Any]:
-    """What the identity running the flows needs: jobs, PassRole, its S3 prefixes, metrics."""
-    prefixes = [job_prefix] + ([output_uri] if output_uri and storage.is_s3(output_uri) else [])
+    """What the identity running the flows needs: jobs, PassRole, the run's S3 keys, metrics.
+
+    DeleteObject covers releasing the run's claim and ``restart`` moving a run aside.
+    """
+    # The run, and where ``restart`` moves an earlier run of the same name.
+    aside = layout.aside(ANY_RUN)
+    candidates = [layout.job_prefix, layout.run_dir, aside.job_prefix, aside.run_dir]
+    prefixes = [p for p in dict.fromkeys(candidates) if storage.is_s3(p)]
+    if layout.kms_key_id:
+        kms = [
+            {
+                "Sid": "EncryptRunFiles",
+                "Effect": "Allow",
+                "Action": ["kms:GenerateDataKey", "kms:Decrypt"],
+                "Resource": [layout.kms_key_id],
+            }
+        ]
+    else:
+        kms = []
     return {
         "Version": "2012-10-17",
         "Statement": [
@@ -141,20 +182,16 @@ def runner_policy(
             {
                 "Sid": "RunFiles",
                 "Effect": "Allow",
-                "Action": ["s3:GetObject", "s3:PutObject"],
+                "Action": ["s3:GetObject", "s3:PutObject", "s3:DeleteObject"],
                 "Resource": [_object_arn(p) for p in prefixes],
             },
-            {
-                "Sid": "ListRunFiles",
-                "Effect": "Allow",
-                "Action": ["s3:ListBucket"],
-                "Resource": sorted({_bucket_arn(p) for p in prefixes}),
-            },
+            _list_statement("ListRunFiles", prefixes),
             {
                 "Sid": "BatchMetrics",
                 "Effect": "Allow",
                 "Action": ["cloudwatch:GetMetricData", "cloudwatch:ListMetrics"],
                 "Resource": "*",
             },
+            *kms,
         ],
     }

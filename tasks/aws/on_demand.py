@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 
 import polars as pl
 from botocore.exceptions import ClientError
@@ -29,9 +30,12 @@ def read_jsonl_lines(data: bytes) -> pl.DataFrame:
     )
 
 
-def select_lines(data: bytes, record_ids: list[str]) -> bytes:
-    """The JSONL lines of ``data`` whose recordId is in ``record_ids``."""
-    lines = read_jsonl_lines(data).filter(pl.col("recordId").is_in(record_ids))
+def select_lines(data: bytes, record_ids: list[str], keep: bool = True) -> bytes:
+    """The JSONL lines of ``data`` whose recordId is (``keep``) or is not in ``record_ids``."""
+    inside = pl.col("recordId").is_in(record_ids)
+    lines = read_jsonl_lines(data).filter(inside if keep else ~inside)
+    if lines.is_empty():
+        return b""
     return ("\n".join(lines.get_column(LINE).to_list()) + "\n").encode()
 
 
@@ -88,29 +92,41 @@ def _serve_line(model_id: str, invocation_type: str, limit: str, line: str) -> d
 
 @task(task_run_name="on-demand-{label}", cache_policy=NO_CACHE)
 def serve_on_demand(
-    label: str, model_id: str, invocation_type: str, lines: bytes, requests_per_second: float
-) -> bytes:
-    """Invoke the model once per record; returns output lines shaped like a batch ``.out``.
+    label: str,
+    model_id: str,
+    invocation_type: str,
+    lines: bytes,
+    requests_per_second: float,
+    keep: Callable[[str, bytes], None],
+) -> int:
+    """Invoke the model once per record, handing each batch of answers to ``keep`` at once.
+
+    ``keep(first_record_id, jsonl)`` must make the batch durable before the next one is paid
+    for, so a crash re-pays at most the batch in flight; the caller sends only the records that
+    have no kept answer yet.
 
     Args:
         label: names the task run (the shard and attempt).
         model_id: the model.
         invocation_type: InvokeModel or Converse.
-        lines: the records' JSONL input lines.
+        lines: the JSONL input lines of the records still to serve.
         requests_per_second: the rate limit for this model's on-demand calls.
+        keep: stores one batch of output lines, shaped like a batch ``.out`` file.
 
     Returns:
-        JSONL: one output or error line per record.
+        The number of records served.
     """
+    records = read_jsonl_lines(lines).get_column(LINE).to_list() if lines.strip() else []
+    if not records:
+        return 0
     limit = ensure_rate_limit(model_id, requests_per_second)
-    records = read_jsonl_lines(lines).get_column(LINE).to_list()
     get_run_logger().info("Serving %d records on demand through bedrock-runtime", len(records))
     # A handful of records (fewer than one job's minimum): a loop of API calls is the job here.
     # Slots are taken a second's worth at a time; one server round trip per call is too slow.
     chunk = max(1, int(requests_per_second))
-    served = []
     for start in range(0, len(records), chunk):
         batch = records[start : start + chunk]
         rate_limit(limit, occupy=len(batch), strict=True)
-        served += [_serve_line(model_id, invocation_type, limit, line) for line in batch]
-    return ("\n".join(json.dumps(s) for s in served) + "\n").encode()
+        served = [_serve_line(model_id, invocation_type, limit, line) for line in batch]
+        keep(served[0]["recordId"], ("\n".join(json.dumps(s) for s in served) + "\n").encode())
+    return len(records)

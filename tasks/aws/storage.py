@@ -2,14 +2,23 @@
 
 from __future__ import annotations
 
+import fcntl
+import hashlib
+import os
 import shutil
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
-from tasks.aws.clients import client
+from botocore.exceptions import ClientError
+
+from tasks.aws.clients import client, error_code
 from tasks.files import atomic_path, write_bytes_atomic
+
+DIGEST_KEY = "sha256"  # S3 user metadata that carries an object's content digest
+_PRECONDITION_FAILED = ("PreconditionFailed", "412", "ConditionalRequestConflict")
 
 
 def is_s3(uri: str) -> bool:
@@ -44,13 +53,52 @@ def _encryption(kms_key_id: str | None) -> dict[str, str]:
     return {"ServerSideEncryption": "aws:kms", "SSEKMSKeyId": kms_key_id} if kms_key_id else {}
 
 
-def write_bytes(uri: str, data: bytes, kms_key_id: str | None = None) -> None:
-    """Write atomically: an S3 PUT replaces whole; a local file is written aside and renamed."""
+def _metadata(digest: str | None) -> dict:
+    return {"Metadata": {DIGEST_KEY: digest}} if digest else {}
+
+
+def write_bytes(
+    uri: str, data: bytes, kms_key_id: str | None = None, digest: str | None = None
+) -> None:
+    """Write atomically: an S3 PUT replaces whole; a local file is written aside and renamed.
+
+    ``digest`` (the sha256 of ``data``) is kept as S3 metadata so a resume can check the object.
+    """
     if is_s3(uri):
         bucket, key = split_s3(uri)
-        client("s3").put_object(Bucket=bucket, Key=key, Body=data, **_encryption(kms_key_id))
+        client("s3").put_object(
+            Bucket=bucket, Key=key, Body=data, **_encryption(kms_key_id), **_metadata(digest)
+        )
         return
     write_bytes_atomic(uri, data)
+
+
+def sha256_bytes(data: bytes) -> str:
+    """Hex sha256 of bytes."""
+    return hashlib.sha256(data).hexdigest()
+
+
+def sha256_file(path: Path | str) -> str:
+    """Hex sha256 of a local file, read in 1 MB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def digest_of(uri: str) -> str | None:
+    """The sha256 the writer recorded for an S3 object (or of a local file); None if absent."""
+    if not is_s3(uri):
+        return sha256_file(uri) if Path(uri).is_file() else None
+    bucket, key = split_s3(uri)
+    try:
+        head = client("s3").head_object(Bucket=bucket, Key=key)
+    except ClientError as exc:
+        if error_code(exc) in ("404", "NoSuchKey", "NotFound"):
+            return None
+        raise
+    return head.get("Metadata", {}).get(DIGEST_KEY, "")
 
 
 def exists(uri: str) -> bool:
@@ -81,11 +129,13 @@ def list_files(prefix: str, suffix: str = "") -> list[str]:
     return sorted(str(p) for p in root.rglob(f"*{suffix}") if p.is_file())
 
 
-def upload_file(local: Path, uri: str, kms_key_id: str | None = None) -> None:
-    """Copy a local file to a URI (multipart on S3 for large files)."""
+def upload_file(
+    local: Path, uri: str, kms_key_id: str | None = None, digest: str | None = None
+) -> None:
+    """Copy a local file to a URI (multipart on S3 for large files), keeping ``digest``."""
     if is_s3(uri):
         bucket, key = split_s3(uri)
-        extra = _encryption(kms_key_id)
+        extra = {**_encryption(kms_key_id), **_metadata(digest)}
         client("s3").upload_file(str(local), bucket, key, ExtraArgs=extra or None)
         return
     dest = Path(uri)
@@ -117,3 +167,146 @@ def local_dir_for(uri: str) -> Iterator[Path]:
         return
     with tempfile.TemporaryDirectory(prefix="bedrock-batch-") as tmp:
         yield Path(tmp)
+
+
+def move_tree(src: str, dest: str, keep: tuple[str, ...] = ()) -> int:
+    """Move every file under ``src`` to the same place under ``dest``, but the names in ``keep``.
+
+    ``keep`` names top-level entries of ``src`` (and, locally, their ``.lock`` files) that stay.
+    On S3 each object is copied and then deleted; local entries are renamed. Returns the count.
+    """
+    kept = {*keep, *(f"{name}.lock" for name in keep)}
+    if not is_s3(src):
+        root = Path(src)
+        if not root.is_dir():
+            return 0
+        Path(dest).mkdir(parents=True, exist_ok=True)
+        moved = 0
+        for entry in sorted(root.iterdir()):
+            if entry.name not in kept:
+                moved += sum(1 for p in entry.rglob("*") if p.is_file()) if entry.is_dir() else 1
+                os.replace(entry, Path(dest) / entry.name)
+        return moved
+    s3 = client("s3")
+    moved = 0
+    base = src.rstrip("/")
+    for uri in list_files(src):
+        relative = uri[len(base) + 1 :]
+        if relative in kept:
+            continue
+        bucket, key = split_s3(uri)
+        dest_bucket, dest_key = split_s3(join(dest, relative))
+        s3.copy({"Bucket": bucket, "Key": key}, dest_bucket, dest_key)
+        s3.delete_object(Bucket=bucket, Key=key)
+        moved += 1
+    return moved
+
+
+@dataclass(frozen=True)
+class Tagged:
+    """An object's bytes with its version tag (S3 ETag, or a digest locally) and age."""
+
+    data: bytes
+    tag: str
+    modified: float  # seconds since the epoch, by the store's clock
+
+
+@contextmanager
+def _local_lock(path: Path) -> Iterator[None]:
+    # Compare-and-swap on a local file: read, compare and write under an exclusive flock.
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(f"{path}.lock", "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _precondition_failed(exc: ClientError) -> bool:
+    status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+    return error_code(exc) in _PRECONDITION_FAILED or status in (409, 412)
+
+
+def read_tagged(uri: str) -> Tagged | None:
+    """The object with its tag, or None when there is none."""
+    if is_s3(uri):
+        bucket, key = split_s3(uri)
+        try:
+            got = client("s3").get_object(Bucket=bucket, Key=key)
+        except ClientError as exc:
+            if error_code(exc) in ("404", "NoSuchKey", "NotFound"):
+                return None
+            raise
+        return Tagged(got["Body"].read(), got["ETag"], got["LastModified"].timestamp())
+    path = Path(uri)
+    with _local_lock(path):
+        return _read_local(path)
+
+
+def _read_local(path: Path) -> Tagged | None:
+    try:
+        data = path.read_bytes()
+        modified = path.stat().st_mtime
+    except FileNotFoundError:
+        return None
+    return Tagged(data, sha256_bytes(data), modified)
+
+
+def put_if_absent(uri: str, data: bytes) -> str | None:
+    """Create the object only if there is none (S3 ``If-None-Match: *``); its tag, or None."""
+    if is_s3(uri):
+        bucket, key = split_s3(uri)
+        try:
+            return client("s3").put_object(Bucket=bucket, Key=key, Body=data, IfNoneMatch="*")[
+                "ETag"
+            ]
+        except ClientError as exc:
+            if _precondition_failed(exc):
+                return None
+            raise
+    path = Path(uri)
+    with _local_lock(path):
+        if path.exists():
+            return None
+        write_bytes_atomic(path, data)
+        return sha256_bytes(data)
+
+
+def put_if_match(uri: str, data: bytes, tag: str) -> str | None:
+    """Replace the object only if it still has ``tag`` (S3 ``If-Match``); new tag, or None."""
+    if is_s3(uri):
+        bucket, key = split_s3(uri)
+        try:
+            return client("s3").put_object(Bucket=bucket, Key=key, Body=data, IfMatch=tag)["ETag"]
+        except ClientError as exc:
+            if _precondition_failed(exc) or error_code(exc) in ("404", "NoSuchKey"):
+                return None
+            raise
+    path = Path(uri)
+    with _local_lock(path):
+        current = _read_local(path)
+        if current is None or current.tag != tag:
+            return None
+        write_bytes_atomic(path, data)
+        return sha256_bytes(data)
+
+
+def delete_if_match(uri: str, tag: str) -> bool:
+    """Delete the object only if it still has ``tag``; whether it was deleted."""
+    if is_s3(uri):
+        bucket, key = split_s3(uri)
+        try:
+            client("s3").delete_object(Bucket=bucket, Key=key, IfMatch=tag)
+        except ClientError as exc:
+            if _precondition_failed(exc) or error_code(exc) in ("404", "NoSuchKey"):
+                return False
+            raise
+        return True
+    path = Path(uri)
+    with _local_lock(path):
+        current = _read_local(path)
+        if current is None or current.tag != tag:
+            return False
+        path.unlink()
+        return True

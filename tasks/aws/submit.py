@@ -10,25 +10,45 @@ from prefect import task
 
 from tasks.aws.clients import client, retry_on_error_codes
 from tasks.bedrock.error_codes import RETRYABLE_CREATE
-from tasks.bedrock.jobs import JOB_NAME_MAX_LENGTH
+from tasks.bedrock.jobs import JOB_NAME_MAX_LENGTH, is_valid_job_name
 
-_NAME_UNSAFE = re.compile(r"[^a-zA-Z0-9-]+")
+# Bedrock allows letters, digits, '-', '+' and '.' after the first character; '_' is not allowed.
+_NAME_UNSAFE = re.compile(r"[^a-zA-Z0-9.-]+")
+DIGEST_CHARS = 8
 
 
-def job_name_for(run_name: str, shard_name: str, attempt: int) -> str:
-    """A valid jobName (≤ 63 chars, Bedrock's pattern) that is the same on every re-run."""
+def run_key(run_name: str, location: str, run_id: str) -> str:
+    """A short digest of a run's identity: its name, where it lives and its incarnation."""
+    text = f"{run_name}|{location}|{run_id}"
+    return hashlib.sha256(text.encode()).hexdigest()[:DIGEST_CHARS]
+
+
+def job_name_for(run_name: str, shard_name: str, attempt: int, key: str) -> str:
+    """A valid jobName (≤ 63 chars, Bedrock's pattern), the same on every re-run of one run.
+
+    ``key`` (``run_key``) leads, so run names that differ only in characters Bedrock does not
+    allow (``nightly.v1`` and ``nightly_v1``), or the same name in two places, never share a job
+    name; the run name, shard and attempt follow for people and ``nameContains`` filters.
+    """
     suffix = f"-{shard_name}-a{attempt}"
-    base = _NAME_UNSAFE.sub("-", run_name).strip("-") or "run"
-    room = JOB_NAME_MAX_LENGTH - len(suffix)
+    base = _NAME_UNSAFE.sub("-", run_name).strip("-.") or "run"
+    room = JOB_NAME_MAX_LENGTH - len(suffix) - len(key) - 1
     if len(base) > room:
-        digest = hashlib.sha256(run_name.encode()).hexdigest()[:8]
-        base = base[: room - 9].rstrip("-") + "-" + digest
-    return base + suffix
+        base = base[:room].rstrip("-.")
+    name = f"{key}-{base}{suffix}"
+    if not is_valid_job_name(name):
+        msg = f"Internal error: job name {name!r} breaks Bedrock's jobName rules."
+        raise ValueError(msg)
+    return name
 
 
-def client_token_for(run_name: str, shard_name: str, attempt: int) -> str:
-    """The idempotency token: a crashed-and-resumed create returns the job it already made."""
-    return hashlib.sha256(f"{run_name}|{shard_name}|{attempt}".encode()).hexdigest()[:64]
+def client_token_for(run_id: str, shard_name: str, attempt: int) -> str:
+    """The idempotency token: a crashed-and-resumed create returns the job it already made.
+
+    It derives from the run's incarnation id (``run.json``), so a restarted run or another run
+    of the same name can never be handed this run's job.
+    """
+    return hashlib.sha256(f"{run_id}|{shard_name}|{attempt}".encode()).hexdigest()[:64]
 
 
 @dataclass(frozen=True)
@@ -97,17 +117,32 @@ def create_job(request: JobRequest) -> str:
     return client("bedrock").create_model_invocation_job(**request.to_api())["jobArn"]
 
 
-def find_job_by_name(job_name: str) -> str | None:
-    """The ARN of an existing job with exactly this name, if Bedrock has one."""
-    paginator_kwargs = {"nameContains": job_name, "maxResults": 100}
+def _proves_ours(summary: dict, request: JobRequest) -> bool:
+    """Whether a listed job is the one ``request`` creates: same token, input and output."""
+    output = summary.get("outputDataConfig", {}).get("s3OutputDataConfig", {}).get("s3Uri")
+    source = summary.get("inputDataConfig", {}).get("s3InputDataConfig", {}).get("s3Uri")
+    return (
+        summary.get("clientRequestToken") == request.client_token
+        and output == request.output_uri
+        and source == request.input_uri
+    )
+
+
+def find_own_job(request: JobRequest) -> str | None:
+    """The ARN of the job ``request`` already created, if Bedrock has one.
+
+    A job is found by name but adopted only when its clientRequestToken, input and output
+    locations prove it is ours: GetModelInvocationJob and the list summaries return those, not
+    the tags (they need ListTagsForResource), and the token is unique to this run.
+    """
     bedrock = client("bedrock")
     token = None
     while True:
         page = bedrock.list_model_invocation_jobs(
-            **paginator_kwargs, **({"nextToken": token} if token else {})
+            nameContains=request.job_name, maxResults=100, **({"nextToken": token} if token else {})
         )
         for summary in page.get("invocationJobSummaries", []):
-            if summary["jobName"] == job_name:
+            if summary["jobName"] == request.job_name and _proves_ours(summary, request):
                 return summary["jobArn"]
         token = page.get("nextToken")
         if not token:

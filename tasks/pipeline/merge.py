@@ -14,7 +14,17 @@ from tasks.bedrock.families import ModelFamily, family_for
 from tasks.errors import PlanError
 from tasks.files import LINE, atomic_path, scan_lines
 from tasks.pipeline import columns as C
-from tasks.pipeline.plan import OUTPUT_DIR, SKIPPED_FILE, RunPlan, part_name
+from tasks.pipeline.plan import RunPlan
+from tasks.run.layout import (
+    JSONL,
+    OUT_SUFFIX,
+    OUTPUT_DIR,
+    SKIPPED_FILE,
+    input_file,
+    output_file_name,
+    part_name,
+    shard_name,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -378,10 +388,10 @@ def merge_offline(
     if not outputs_dir.is_dir():
         msg = f"Outputs folder {outputs_dir} does not exist; point --outputs at the job outputs."
         raise PlanError(msg)
-    by_name = {Path(s.input_file).name + ".out": s for s in plan.shards}
+    by_name = {output_file_name(s.input_file): s for s in plan.shards}
     found: dict[int, list[Path]] = {}
     job_ids: dict[int, str] = {}
-    for path in sorted(outputs_dir.rglob("*.jsonl.out")):
+    for path in sorted(outputs_dir.rglob(f"*{JSONL}{OUT_SUFFIX}")):
         shard = by_name.get(path.name)
         if shard is None:
             logger.warning("%s matches no shard of %s; skipped", path, run_dir)
@@ -392,7 +402,7 @@ def merge_offline(
     if not found:
         msg = (
             f"No output under {outputs_dir} matches the shards of {run_dir} (expected files "
-            f"named like {next(iter(by_name), 'shard-00000.jsonl.out')})."
+            f"named like {next(iter(by_name), output_file_name(input_file(shard_name(0))))})."
         )
         raise PlanError(msg)
     written = [run_dir / OUTPUT_DIR / part_name(shard.index) for shard in plan.shards]

@@ -8,22 +8,7 @@ from pathlib import Path
 
 from tasks.errors import PlanError
 from tasks.files import write_bytes_atomic
-
-PLAN_FILE = "plan.json"
-INPUT_DIR = "input"
-ROWS_DIR = "rows"
-OUTPUT_DIR = "output"
-SKIPPED_FILE = "skipped.parquet"
-
-
-def shard_name(index: int) -> str:
-    """Stem of a shard's files; Bedrock names its output `<jobId>/<stem>.jsonl.out`."""
-    return f"shard-{index:05d}"
-
-
-def part_name(index: int) -> str:
-    """File name of a shard's merged output."""
-    return f"part-{index:05d}.parquet"
+from tasks.run.layout import PLAN_FILE
 
 
 @dataclass(frozen=True)
@@ -37,6 +22,7 @@ class ShardPlan:
     est_input_tokens: int
     input_file: str
     rows_file: str
+    sha256: str = ""  # of input_file: a resume checks the copy on S3 against it
 
 
 @dataclass
@@ -57,6 +43,7 @@ class RunPlan:
     skipped_file: str | None = None
     quotas: dict[str, int] = field(default_factory=dict)
     options: dict[str, object] = field(default_factory=dict)
+    identity: str | None = None  # digest of the run's fingerprint (tasks.run.identity)
     version: int = 1
 
     @property

@@ -20,16 +20,17 @@ from tasks.files import atomic_path
 from tasks.pipeline import columns as C
 from tasks.pipeline import validation as V
 from tasks.pipeline.lines import ROW, LineFormat, compile_line, record_id_expr
-from tasks.pipeline.plan import (
-    INPUT_DIR,
-    ROWS_DIR,
-    SKIPPED_FILE,
-    RunPlan,
-    ShardPlan,
-    shard_name,
-)
+from tasks.pipeline.plan import RunPlan, ShardPlan
 from tasks.pipeline.sharding import cut_shards, even_bounds, shard_count
 from tasks.pipeline.sources import CsvTypes, load_source
+from tasks.run.layout import (
+    INPUT_DIR,
+    ROWS_DIR,
+    SKIPPED_ROWS_FILE,
+    input_file,
+    rows_file,
+    shard_name,
+)
 from tasks.settings import QuotaSettings, get_settings
 
 CHARS_PER_TOKEN = 4
@@ -295,8 +296,8 @@ def _write_shards(
                 records=b - a,
                 bytes=int(frame[_LINE].str.len_bytes().sum()) + frame.height,
                 est_input_tokens=math.ceil(int(cum_chars[b] - cum_chars[a]) / CHARS_PER_TOKEN),
-                input_file=f"{INPUT_DIR}/{name}.jsonl",
-                rows_file=f"{ROWS_DIR}/{name}.parquet",
+                input_file=input_file(name),
+                rows_file=rows_file(name),
             )
             # Files are written in the background while the next shard is computed.
             writes.append(
@@ -317,7 +318,7 @@ def _write_shards(
         writer.shutdown(wait=True)
     skipped_file = None
     if n_missing:
-        skipped_file = f"{ROWS_DIR}/{SKIPPED_FILE}"
+        skipped_file = SKIPPED_ROWS_FILE
         _write_parquet(_skipped_rows(skipped, needed), out_dir / skipped_file)
 
     plan = RunPlan(

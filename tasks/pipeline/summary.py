@@ -19,10 +19,11 @@ from tasks.pipeline.columns import (
     RECORD_ID,
     UNPARSEABLE_OUTPUT,
 )
-from tasks.pipeline.plan import OUTPUT_DIR
+from tasks.run.layout import PARQUET
 
 if TYPE_CHECKING:
     from tasks.pipeline.plan import RunPlan
+    from tasks.run.layout import RunLayout
     from tasks.run.shard import RunContext, ShardResult
 
 SHOWN_IDS = 20
@@ -33,13 +34,14 @@ def _scan(uris: list[str]) -> pl.LazyFrame:
     return pl.scan_parquet(uris, storage_options=options, missing_columns="insert")
 
 
-def check_output(run_dir: str, plan: RunPlan) -> dict[str, Any]:
+def check_output(layout: RunLayout, plan: RunPlan) -> dict[str, Any]:
     """Every input record id exactly once in the output, or IncompleteOutputError naming ids."""
-    inputs = storage.list_files(storage.join(run_dir, "rows"), ".parquet")
-    parts = storage.list_files(storage.join(run_dir, OUTPUT_DIR), ".parquet")
+    run_dir = layout.run_dir
+    inputs = storage.list_files(layout.rows_dir, PARQUET)
+    parts = storage.list_files(layout.output_dir, PARQUET)
     expected = _scan(inputs).select(RECORD_ID)
     if not parts:
-        msg = f"No output parts under {storage.join(run_dir, OUTPUT_DIR)}; nothing was merged."
+        msg = f"No output parts under {layout.output_dir}; nothing was merged."
         raise IncompleteOutputError(msg)
     out = _scan(parts)
     names = out.collect_schema().names()
@@ -96,7 +98,7 @@ def summary_artifacts(
         for r in results
     ]
     create_table_artifact(rows, key=_key(ctx.run_name, "jobs"), description="Bedrock jobs")
-    output_dir = storage.join(ctx.run_dir, OUTPUT_DIR)
+    output_dir = ctx.layout.output_dir
     markdown = "\n".join(
         [
             f"# Run `{ctx.run_name}`",

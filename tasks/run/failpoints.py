@@ -12,9 +12,11 @@ import signal
 ENV = "BEDROCK_BATCH_KILL_AT"
 POINTS = (
     "preprocess",  # shards written, not yet on S3
+    "inputs-uploaded",  # shards on S3, rows and plan not yet (s3:// output)
     "after-create",  # CreateModelInvocationJob answered, its ARN not yet recorded
     "polling",  # a job seen running
     "merge",  # a part written, not yet recorded as merged
+    "on-demand",  # the first batch of an on-demand remainder kept, the rest not yet served
     "finish",  # every part merged, the run not yet marked finished
 )
 

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -14,38 +14,53 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from tasks.aws import storage
+from tasks.errors import PlanError
 from tasks.monitoring import events
 from tasks.pipeline.merge import merge_skipped
-from tasks.pipeline.plan import OUTPUT_DIR, PLAN_FILE, SKIPPED_FILE, RunPlan
+from tasks.pipeline.plan import RunPlan
 from tasks.pipeline.preprocess import preprocess
 from tasks.pipeline.summary import check_output, summary_artifacts
 from tasks.run import gate
 from tasks.run.failpoints import failpoint
-from tasks.run.layout import RunLayout, expand_run_name, resolve_layout, resolve_role_arn
+from tasks.run.identity import (
+    RunIdentity,
+    check_identity,
+    fingerprint_digest,
+    fingerprint_of,
+    has_run_files,
+    read_identity,
+)
+from tasks.run.layout import (
+    OUTPUT_DIR,
+    OWNER_FILE,
+    PARQUET,
+    PLAN_FILE,
+    ROWS_DIR,
+    SKIPPED_FILE,
+    RunLayout,
+    expand_run_name,
+    resolve_layout,
+    resolve_role_arn,
+)
+from tasks.run.owner import RunClaim, claim_run
 from tasks.run.state import RunStateStore, now_iso
 
 if TYPE_CHECKING:
     from tasks.run.params import BatchParams
     from tasks.run.shard import RunContext, ShardResult
 
-SUMMARY_FILE = "summary.json"
 
-
-def default_run_name(params: BatchParams) -> str:
-    """A name that is the same for the same inputs, so re-running resumes instead of re-paying."""
-    key = json.dumps(
-        [
-            params.source,
-            params.prompt_id,
-            params.text_column,
-            params.model_id,
-            params.invocation_type,
-            params.inference.as_dict(),
-        ],
-        sort_keys=True,
-    )
+def default_run_name(params: BatchParams, identity_digest: str) -> str:
+    """A name that follows the run's identity: the same inputs resume, changed inputs are new."""
     label = re.sub(r"[^a-zA-Z0-9]+", "-", params.prompt_id or "embed").strip("-")[:40]
-    return f"{label}-{hashlib.sha256(key.encode()).hexdigest()[:10]}"
+    return f"{label}-{identity_digest[:10]}"
+
+
+def name_for_events(params: BatchParams) -> str:
+    """The run name for a failure event, computed again (best effort: the source may be gone)."""
+    if params.run_name:
+        return expand_run_name(params.run_name)
+    return expand_run_name(default_run_name(params, fingerprint_digest(fingerprint_of(params))))
 
 
 def preprocess_params(
@@ -71,52 +86,104 @@ def preprocess_params(
 
 @dataclass
 class ResolvedRun:
-    """A run's layout, role and state, and its summary if it already finished."""
+    """A run's layout, role, identity, claim and state, and its summary if it finished."""
 
     layout: RunLayout
     role_arn: str
     store: RunStateStore
     finished_summary: dict[str, Any] | None
+    identity: RunIdentity
+    claim: RunClaim
+
+
+def _move_aside(layout: RunLayout, logger) -> None:
+    """``restart``: the old run's files go to a sibling folder, kept for reference."""
+    aside = layout.aside(datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S"))
+    moved = storage.move_tree(layout.run_dir, aside.run_dir, keep=(OWNER_FILE,))
+    if layout.job_prefix != layout.run_dir:
+        moved += storage.move_tree(layout.job_prefix, aside.job_prefix)
+    logger.warning("restart: moved %d files of run %s to %s", moved, layout.run_name, aside.run_dir)
 
 
 @task(cache_policy=NO_CACHE)
-def resolve_run(params: BatchParams, run_name: str) -> ResolvedRun:
-    """Check the output location, staging bucket and role, and load any earlier state."""
-    run_name = expand_run_name(run_name)
-    layout = resolve_layout(params.output_uri, run_name, params.kms_key_id)
-    role_arn = resolve_role_arn(params.role_arn)
-    store = RunStateStore(layout.run_dir, run_name, params.kms_key_id)
-    finished = None
-    summary_uri = storage.join(layout.run_dir, SUMMARY_FILE)
-    if store.state.finished_at and storage.exists(summary_uri):
-        finished = json.loads(storage.read_bytes(summary_uri))
-    return ResolvedRun(layout, role_arn, store, finished)
+def resolve_run(params: BatchParams, flow_run_id: Any = None) -> ResolvedRun:
+    """Name the run, claim it, check it is the same run as before, and load its state.
 
-
-@task(cache_policy=NO_CACHE)
-def prepare_run(params: BatchParams, layout: RunLayout) -> RunPlan:
-    """Preprocess into shards, or reuse the plan an earlier attempt wrote; put inputs on S3.
+    Nothing is uploaded or submitted here: a run held by a live process, or one created from
+    different inputs, stops with a message before anything is spent.
 
     Args:
         params: the run's parameters.
-        layout: where its files go.
+        flow_run_id: the flow run claiming the run (named to a second process).
+
+    Returns:
+        The run's layout, role, identity, claim (release it at the end) and state.
+    """
+    logger = get_run_logger()
+    if params.run_name:
+        run_name = expand_run_name(params.run_name)
+        layout = resolve_layout(params.output_uri, run_name, params.kms_key_id)
+        earlier = read_identity(layout)  # its file hashes spare re-reading unchanged files
+        fingerprint = fingerprint_of(params, earlier.fingerprint if earlier else None)
+    else:
+        fingerprint = fingerprint_of(params)
+        run_name = expand_run_name(default_run_name(params, fingerprint_digest(fingerprint)))
+        layout = resolve_layout(params.output_uri, run_name, params.kms_key_id)
+    role_arn = resolve_role_arn(params.role_arn)
+    claim = claim_run(layout, flow_run_id, logger)
+    try:
+        current = RunIdentity(fingerprint, created_at=now_iso())
+        recorded = read_identity(layout)
+        if params.restart and (recorded is not None or has_run_files(layout)):
+            _move_aside(layout, logger)
+            recorded = None
+        check_identity(layout, recorded, current)
+        if recorded is None:
+            storage.write_bytes(layout.identity_uri, current.to_json(), params.kms_key_id)
+        identity = recorded or current
+        store = RunStateStore(layout.state_uri, run_name, params.kms_key_id)
+        finished = None
+        if store.state.finished_at and storage.exists(layout.summary_uri):
+            finished = json.loads(storage.read_bytes(layout.summary_uri))
+    except BaseException:
+        claim.release()
+        raise
+    return ResolvedRun(layout, role_arn, store, finished, identity, claim)
+
+
+def release_run(run: ResolvedRun) -> None:
+    """Give up the run's claim (the end of the flow, whatever happened)."""
+    run.claim.release()
+
+
+@task(cache_policy=NO_CACHE)
+def prepare_run(params: BatchParams, run: ResolvedRun) -> RunPlan:
+    """Preprocess into shards, or reuse the plan this run wrote; put inputs on S3.
+
+    Args:
+        params: the run's parameters.
+        run: the resolved run (where its files go, and its identity).
 
     Returns:
         The plan: one shard per Bedrock job.
     """
     logger = get_run_logger()
-    plan_uri = storage.join(layout.run_dir, PLAN_FILE)
-    if storage.exists(plan_uri):
-        plan = RunPlan.from_json(storage.read_bytes(plan_uri).decode())
-        logger.info("Resuming run %s: plan of %d shards found", layout.run_name, len(plan.shards))
-        if not storage.is_s3(layout.run_dir):
-            # A crash may have come between writing the shards and putting them on S3.
-            _upload_inputs(plan, Path(layout.run_dir), layout)
-        return plan
+    layout = run.layout
+    if storage.exists(layout.plan_uri):
+        plan = RunPlan.from_json(storage.read_bytes(layout.plan_uri).decode())
+        if plan.identity == run.identity.digest:
+            logger.info(
+                "Resuming run %s: plan of %d shards found", layout.run_name, len(plan.shards)
+            )
+            local = None if storage.is_s3(layout.run_dir) else Path(layout.run_dir)
+            _check_inputs(plan, layout, local)
+            return plan
+        # A plan without the run's identity was left by a preprocess that did not finish.
     with storage.local_dir_for(layout.run_dir) as out_dir:
-        plan = preprocess_params(params, out_dir)
+        plan = _seal(preprocess_params(params, out_dir), out_dir, run.identity)
         failpoint("preprocess")
         _upload_inputs(plan, out_dir, layout)
+        failpoint("inputs-uploaded")
         if plan.skipped_file:
             _write_skipped_part(plan, out_dir, params)
         if storage.is_s3(layout.run_dir):
@@ -130,12 +197,42 @@ def prepare_run(params: BatchParams, layout: RunLayout) -> RunPlan:
     return plan
 
 
+def _seal(plan: RunPlan, out_dir: Path, identity: RunIdentity) -> RunPlan:
+    """The plan with each shard's input digest and the run's identity, saved again."""
+    plan.shards = [
+        replace(s, sha256=storage.sha256_file(out_dir / s.input_file)) for s in plan.shards
+    ]
+    plan.identity = identity.digest
+    plan.save(out_dir)
+    return plan
+
+
 def _upload_inputs(plan: RunPlan, out_dir: Path, layout: RunLayout) -> None:
-    """The JSONL shards go where Bedrock reads them (those already there are kept)."""
+    """The JSONL shards go where Bedrock reads them; one already there is kept only if equal."""
     for shard in plan.shards:
-        uri = storage.join(layout.job_prefix, shard.input_file)
-        if not storage.exists(uri):
-            storage.upload_file(out_dir / shard.input_file, uri, layout.kms_key_id)
+        uri = layout.job_file(shard.input_file)
+        if storage.digest_of(uri) != shard.sha256:
+            storage.upload_file(out_dir / shard.input_file, uri, layout.kms_key_id, shard.sha256)
+
+
+def _check_inputs(plan: RunPlan, layout: RunLayout, local: Path | None) -> None:
+    """Before a resume reuses them, every shard on S3 must be the one the plan digested."""
+    for shard in plan.shards:
+        uri = layout.job_file(shard.input_file)
+        found = storage.digest_of(uri)
+        if found == shard.sha256:
+            continue
+        copy = local / shard.input_file if local else None
+        if copy and copy.is_file() and storage.sha256_file(copy) == shard.sha256:
+            # A crash came between writing the shards and putting them on S3.
+            storage.upload_file(copy, uri, layout.kms_key_id, shard.sha256)
+            continue
+        msg = (
+            f"The input {uri} of {shard.name} is not the file this run planned (sha256 "
+            f"{found or 'missing'}, planned {shard.sha256}); nothing was submitted. Another "
+            "run may share this location: use a new run_name, or restart=True to start again."
+        )
+        raise PlanError(msg)
 
 
 def _write_skipped_part(plan: RunPlan, out_dir: Path, params: BatchParams) -> None:
@@ -150,12 +247,10 @@ def _write_skipped_part(plan: RunPlan, out_dir: Path, params: BatchParams) -> No
 
 def _upload_run_files(plan: RunPlan, out_dir: Path, layout: RunLayout) -> None:
     """Rows and plan to an S3 run folder; the plan last, as the mark that all else is there."""
-    for folder in ("rows", OUTPUT_DIR):
-        for path in sorted((out_dir / folder).glob("*.parquet")):
-            uri = storage.join(layout.run_dir, folder, path.name)
-            storage.upload_file(path, uri, layout.kms_key_id)
-    plan_uri = storage.join(layout.run_dir, PLAN_FILE)
-    storage.upload_file(out_dir / PLAN_FILE, plan_uri, layout.kms_key_id)
+    for folder, dest in ((ROWS_DIR, layout.rows_dir), (OUTPUT_DIR, layout.output_dir)):
+        for path in sorted((out_dir / folder).glob(f"*{PARQUET}")):
+            storage.upload_file(path, storage.join(dest, path.name), layout.kms_key_id)
+    storage.upload_file(out_dir / PLAN_FILE, layout.plan_uri, layout.kms_key_id)
 
 
 @task
@@ -184,10 +279,10 @@ def finish_run(ctx: RunContext, plan: RunPlan, results: list[ShardResult]) -> di
         The summary: output location, parts, counts and tokens.
     """
     failpoint("finish")
-    check = check_output(ctx.run_dir, plan)
+    check = check_output(ctx.layout, plan)
     summary = summary_artifacts(ctx, plan, results, check)
     summary_json = json.dumps(summary, indent=1).encode()
-    storage.write_bytes(storage.join(ctx.run_dir, SUMMARY_FILE), summary_json, ctx.kms_key_id)
+    storage.write_bytes(ctx.layout.summary_uri, summary_json, ctx.kms_key_id)
     ctx.store.state.finished_at = now_iso()
     ctx.store.save()
     events.emit_run_finished(

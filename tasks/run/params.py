@@ -55,8 +55,9 @@ class BatchParams(BaseModel):
     run_name: str | None = Field(
         None,
         description=(
-            "Stable name of the run: re-running with it resumes or reports the finished run. "
-            "{date} becomes today's date. Default: derived from source, prompt and model."
+            "Stable name of the run: re-running with it resumes or reports the finished run, "
+            "and is refused if the inputs changed. {date} becomes today's date. Default: "
+            "derived from the run's identity (source content, prompt, model, parameters)."
         ),
     )
     role_arn: str | None = Field(
@@ -110,6 +111,14 @@ class BatchParams(BaseModel):
     )
     tags: dict[str, str] = Field(default_factory=dict, description="Tags put on every job.")
     kms_key_id: str | None = Field(None, description="KMS key for the job outputs.")
+    restart: bool = Field(
+        False,
+        description=(
+            "Start the run again from scratch: its old folder (and job files) are moved aside "
+            "to <run_name>.replaced-<time> first. Needed to reuse a run_name whose inputs "
+            "changed."
+        ),
+    )
 
     @field_validator("model_id", "source", "output_uri", "prompt_id", "id_column", "text_column")
     @classmethod

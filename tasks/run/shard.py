@@ -25,16 +25,19 @@ from tasks.aws.submit import (
     client_token_for,
     create_backoff,
     create_job,
-    find_job_by_name,
+    find_own_job,
     job_name_for,
 )
 from tasks.bedrock.statuses import outcome, retry_statuses
+from tasks.errors import PlanError
 from tasks.monitoring import events
 from tasks.pipeline import columns as C
 from tasks.pipeline.attempts import AttemptOutput, merge_attempts, records_to_retry
-from tasks.pipeline.plan import OUTPUT_DIR, ShardPlan, part_name
+from tasks.pipeline.plan import ShardPlan
 from tasks.run import gate
 from tasks.run.failpoints import failpoint
+from tasks.run.layout import JSONL, OUT_SUFFIX, RunLayout, input_file
+from tasks.run.owner import RunClaim
 from tasks.run.progress import RunProgress
 from tasks.run.state import JobAttempt, RunStateStore, ShardState, now_iso
 from tasks.settings import get_settings
@@ -45,8 +48,9 @@ class RunContext:
     """What every shard of a run shares: where things live, the model, the gate, the state."""
 
     run_name: str
-    run_dir: str
-    job_prefix: str
+    layout: RunLayout
+    run_id: str  # this incarnation of the run (run.json): job tokens derive from it
+    run_key: str  # short digest of the run's identity that leads every job name
     model_id: str
     invocation_type: str
     role_arn: str
@@ -61,18 +65,28 @@ class RunContext:
     retry_stopped: bool = False
     on_demand: bool = True
     on_demand_rps: float = 5.0
+    claim: RunClaim | None = None
+
+    @property
+    def run_dir(self) -> str:
+        return self.layout.run_dir
 
     def job_uri(self, relative: str) -> str:
-        return storage.join(self.job_prefix, relative)
+        return self.layout.job_file(relative)
 
     def output_prefix(self, shard: ShardPlan) -> str:
-        return storage.join(self.job_prefix, "bedrock-output", shard.name) + "/"
+        return self.layout.bedrock_output_prefix(shard.name)
 
     def rows_uri(self, shard: ShardPlan) -> str:
-        return storage.join(self.run_dir, shard.rows_file)
+        return self.layout.run_file(shard.rows_file)
 
     def part_uri(self, shard: ShardPlan) -> str:
-        return storage.join(self.run_dir, OUTPUT_DIR, part_name(shard.index))
+        return self.layout.part_uri(shard.index)
+
+    def check_owner(self) -> None:
+        """Stop before spending if another process took the run over."""
+        if self.claim is not None:
+            self.claim.check()
 
 
 @dataclass
@@ -91,7 +105,12 @@ class ShardResult:
 
 
 def _request(ctx: RunContext, shard: ShardPlan, attempt: JobAttempt) -> JobRequest:
-    tags = {"bedrock-batch-run": ctx.run_name, "bedrock-batch-shard": shard.name, **ctx.tags}
+    tags = {
+        "bedrock-batch-run": ctx.run_name,
+        "bedrock-batch-run-key": ctx.run_key,
+        "bedrock-batch-shard": shard.name,
+        **ctx.tags,
+    }
     return JobRequest(
         job_name=attempt.job_name,
         client_token=attempt.client_token,
@@ -125,14 +144,21 @@ def _hold_slot(ctx: RunContext, attempt: JobAttempt, logger: logging.LoggerAdapt
 
 
 def _new_attempt(
-    ctx: RunContext, shard: ShardPlan, state: ShardState, input_file: str, records: int, how: str
+    ctx: RunContext,
+    shard: ShardPlan,
+    state: ShardState,
+    input_file: str,
+    records: int,
+    how: str,
+    input_sha256: str = "",
 ) -> JobAttempt:
     number = len(state.attempts) + 1
     attempt = JobAttempt(
         attempt=number,
-        job_name=job_name_for(ctx.run_name, shard.name, number),
-        client_token=client_token_for(ctx.run_name, shard.name, number),
+        job_name=job_name_for(ctx.run_name, shard.name, number, ctx.run_key),
+        client_token=client_token_for(ctx.run_id, shard.name, number),
         input_file=input_file,
+        input_sha256=input_sha256,
         records=records,
         served_by=how,
     )
@@ -143,18 +169,22 @@ def _new_attempt(
 
 def _submit(ctx: RunContext, shard: ShardPlan, attempt: JobAttempt, resumed: bool, logger) -> None:
     """Create the attempt's job, or find the one a crashed run already created."""
+    if attempt.job_arn is None:
+        ctx.check_owner()
     _hold_slot(ctx, attempt, logger)
     if attempt.job_arn is not None:
         return
+    request = _request(ctx, shard, attempt)
     # A crash between create and saving the ARN leaves a job we must not pay for twice:
-    # look it up by its deterministic name; the idempotency token covers the rest.
-    existing = find_job_by_name(attempt.job_name) if resumed else None
+    # look it up by its deterministic name, adopting it only if its token and locations prove
+    # it ours; the idempotency token covers the rest.
+    existing = find_own_job(request) if resumed else None
     if existing:
         logger.info("Found job %s created before a restart", attempt.job_name)
+    else:
+        _verify_input(ctx, attempt, shard)
     backoff = create_backoff(get_settings().poll.create_backoff_seconds)
-    job_arn = existing or create_job.with_options(retry_delay_seconds=backoff)(
-        _request(ctx, shard, attempt)
-    )
+    job_arn = existing or create_job.with_options(retry_delay_seconds=backoff)(request)
     failpoint("after-create")
     attempt.job_arn = job_arn
     attempt.submitted_at = attempt.submitted_at or now_iso()
@@ -204,16 +234,43 @@ def _release(ctx: RunContext, attempt: JobAttempt) -> None:
         ctx.store.save()
 
 
-def _on_demand_uri(ctx: RunContext, attempt: JobAttempt) -> str:
-    return storage.join(ctx.run_dir, "on-demand", attempt.job_name + ".jsonl.out")
+def _verify_input(ctx: RunContext, attempt: JobAttempt, shard: ShardPlan) -> None:
+    """The input a job is about to read must be the one the plan (or the retry) wrote."""
+    expected = shard.sha256 if attempt.attempt == 1 else attempt.input_sha256
+    if not expected:
+        return
+    uri = ctx.job_uri(attempt.input_file)
+    found = storage.digest_of(uri)
+    if found != expected:
+        msg = (
+            f"The job input {uri} is not the file this run wrote (sha256 {found or 'missing'}, "
+            f"planned {expected}); nothing was submitted for {attempt.job_name}. Another run may "
+            "share this location: use a new run_name, or restart=True to start this one again."
+        )
+        raise PlanError(msg)
+
+
+def _on_demand_answers(ctx: RunContext, attempt: JobAttempt) -> list[bytes]:
+    """The durable answer batches of an on-demand attempt, as their JSONL bytes."""
+    prefix = ctx.layout.on_demand_prefix(attempt.job_name)
+    return [storage.read_bytes(u) for u in storage.list_files(prefix, JSONL + OUT_SUFFIX)]
 
 
 def _run_on_demand(ctx: RunContext, attempt: JobAttempt) -> None:
+    """Serve the attempt's records that have no durable answer yet, keeping each batch at once."""
+    ctx.check_owner()
     lines = storage.read_bytes(ctx.job_uri(attempt.input_file))
-    out = serve_on_demand(
-        attempt.job_name, ctx.model_id, ctx.invocation_type, lines, ctx.on_demand_rps
+    answered = [i for batch in _on_demand_answers(ctx, attempt) for i in record_ids_of(batch)]
+    remaining = select_lines(lines, answered, keep=False) if answered else lines
+
+    def keep(first_record_id: str, batch: bytes) -> None:
+        uri = ctx.layout.on_demand_batch_uri(attempt.job_name, first_record_id)
+        storage.write_bytes(uri, batch, ctx.kms_key_id)
+        failpoint("on-demand")
+
+    serve_on_demand(
+        attempt.job_name, ctx.model_id, ctx.invocation_type, remaining, ctx.on_demand_rps, keep
     )
-    storage.write_bytes(_on_demand_uri(ctx, attempt), out, ctx.kms_key_id)
     attempt.status = "Completed"
     attempt.ended_at = now_iso()
     ctx.store.save()
@@ -224,12 +281,12 @@ def _attempt_output(ctx: RunContext, shard: ShardPlan, attempt: JobAttempt) -> A
     job_error = None
     outputs: list[bytes | Path] = []
     if attempt.served_by == C.SERVED_ON_DEMAND:
-        outputs = [storage.read_bytes(_on_demand_uri(ctx, attempt))]
+        outputs = _on_demand_answers(ctx, attempt)
     elif attempt.job_id:
         # Expired and Stopped jobs keep the outputs of the records they processed:
         # those are served and must not be paid for again.
         prefix = storage.join(ctx.output_prefix(shard), attempt.job_id)
-        outputs = [storage.read_bytes(u) for u in storage.list_files(prefix, ".jsonl.out")]
+        outputs = [storage.read_bytes(u) for u in storage.list_files(prefix, JSONL + OUT_SUFFIX)]
     if attempt.served_by != C.SERVED_ON_DEMAND and not outcome(attempt.status).mergeable:
         job_error = (attempt.status or "Unknown", attempt.message or "the job did not finish")
     ids = None
@@ -271,11 +328,13 @@ def _plan_retry(
         )
         return None
     number = len(state.attempts) + 1
-    input_file = f"input/{shard.name}-a{number}.jsonl"
+    relative = input_file(shard.name, number)
     original = storage.read_bytes(ctx.job_uri(shard.input_file))
-    storage.write_bytes(ctx.job_uri(input_file), select_lines(original, ids), ctx.kms_key_id)
+    lines = select_lines(original, ids)
+    digest = storage.sha256_bytes(lines)
+    storage.write_bytes(ctx.job_uri(relative), lines, ctx.kms_key_id, digest)
     logger.info("Retrying %d records of %s (attempt %d, %s)", len(ids), shard.name, number, how)
-    return _new_attempt(ctx, shard, state, input_file, len(ids), how)
+    return _new_attempt(ctx, shard, state, relative, len(ids), how, digest)
 
 
 @task(task_run_name="merge-{shard.name}", cache_policy=NO_CACHE)
@@ -295,7 +354,7 @@ def merge_shard_output(
     part = ctx.part_uri(shard)
     with (
         storage.local_copy(ctx.rows_uri(shard)) as rows,
-        storage.local_dir_for(storage.join(ctx.run_dir, OUTPUT_DIR)) as out_dir,
+        storage.local_dir_for(ctx.layout.output_dir) as out_dir,
     ):
         dest = out_dir / part.rsplit("/", 1)[-1]
         stats = merge_attempts(rows, outputs, ctx.model_id, ctx.invocation_type, dest)

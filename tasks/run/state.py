@@ -1,4 +1,4 @@
-"""The durable state of a run, kept beside its data in ``<run_dir>/state.json``.
+"""The durable state of a run, kept beside its data (``RunLayout.state_uri``).
 
 Written atomically before and after every side effect (a slot taken, a job created, a status
 seen, a part merged), so a re-run with the same run name picks up where a crash left off, even
@@ -17,8 +17,6 @@ from tasks.aws import storage
 from tasks.bedrock.jobs import job_id_from_arn
 from tasks.bedrock.statuses import outcome
 
-STATE_FILE = "state.json"
-
 
 def now_iso() -> str:
     """UTC now, ISO 8601."""
@@ -33,6 +31,7 @@ class JobAttempt:
     job_name: str
     client_token: str
     input_file: str = ""
+    input_sha256: str = ""  # of a retry's input file, checked on S3 before it is submitted
     records: int = 0
     served_by: str = "batch"
     lease_id: str | None = None
@@ -92,8 +91,8 @@ class RunState:
 class RunStateStore:
     """Thread-safe holder of a run's state that writes it through on every change."""
 
-    def __init__(self, run_dir: str, run_name: str, kms_key_id: str | None = None) -> None:
-        self.uri = storage.join(run_dir, STATE_FILE)
+    def __init__(self, uri: str, run_name: str, kms_key_id: str | None = None) -> None:
+        self.uri = uri
         self.kms_key_id = kms_key_id
         self._lock = threading.Lock()
         if storage.exists(self.uri):

@@ -1,0 +1,233 @@
+"""What a run is: the fingerprint of everything that decides its answers, and its check.
+
+The fingerprint covers the source's content (size and sha256 of local files, ETag and size of S3
+objects, the dataset fingerprint of a Hugging Face split), the template text and system prompt,
+the model, invocation type, inference parameters, id and text columns, on_missing and the shard
+cut. It is written to ``run.json`` when the run is created (before anything is uploaded or
+submitted) and compared on every resume and every re-run of a finished run, so changed inputs
+never mix with, or hide behind, an earlier run of the same name.
+"""
+
+from __future__ import annotations
+
+import glob as globlib
+import hashlib
+import json
+import os
+import re
+import uuid
+from dataclasses import dataclass, field
+from fnmatch import fnmatchcase
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from prompt_templates import get_template
+from tasks.aws import storage
+from tasks.aws.clients import client
+from tasks.errors import RunIdentityError, SourceError
+from tasks.pipeline.sources import FORMATS, parse_hf_source
+from tasks.run.layout import RunLayout
+from tasks.settings import get_settings
+
+if TYPE_CHECKING:
+    from tasks.run.params import BatchParams
+
+MTIME = "mtime_ns"  # kept to skip re-hashing an unchanged file; not part of the identity
+
+
+@dataclass
+class RunIdentity:
+    """A run's fingerprint, its digest, and the id of this incarnation of the run."""
+
+    fingerprint: dict[str, Any]
+    run_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    created_at: str | None = None
+
+    @property
+    def digest(self) -> str:
+        return fingerprint_digest(self.fingerprint)
+
+    def to_json(self) -> bytes:
+        body = {
+            "digest": self.digest,
+            "run_id": self.run_id,
+            "created_at": self.created_at,
+            "fingerprint": self.fingerprint,
+        }
+        return json.dumps(body, indent=1, sort_keys=True).encode()
+
+    @classmethod
+    def from_json(cls, data: bytes) -> RunIdentity:
+        body = json.loads(data)
+        return cls(body["fingerprint"], body["run_id"], body.get("created_at"))
+
+
+def _comparable(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _comparable(v) for k, v in value.items() if k != MTIME}
+    if isinstance(value, list):
+        return [_comparable(v) for v in value]
+    return value
+
+
+def fingerprint_digest(fingerprint: dict[str, Any]) -> str:
+    """sha256 of the fingerprint without the modification times."""
+    text = json.dumps(_comparable(fingerprint), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _local_files(source: str) -> list[str]:
+    # The same resolution as tasks.pipeline.sources: a folder, a glob or one file.
+    path = Path(source).expanduser()
+    if path.is_dir():
+        return sorted(str(p) for p in path.iterdir() if p.suffix.lower() in FORMATS)
+    if globlib.has_magic(source):
+        return sorted(f for f in globlib.glob(os.path.expanduser(source)) if Path(f).is_file())
+    return [str(path)] if path.is_file() else []
+
+
+def _local_source(source: str, known: dict[str, dict]) -> dict[str, Any]:
+    files = []
+    for name in _local_files(source):
+        stat = os.stat(name)
+        seen = known.get(name)
+        if seen and seen.get("size") == stat.st_size and seen.get(MTIME) == stat.st_mtime_ns:
+            digest = seen["sha256"]  # unchanged size and time: the recorded hash stands
+        else:
+            digest = storage.sha256_file(name)
+        entry = {"name": name, "size": stat.st_size, "sha256": digest, MTIME: stat.st_mtime_ns}
+        files.append(entry)
+    if not files:
+        msg = f"source {source!r} matches no file; give an existing file, folder or glob."
+        raise SourceError(msg)
+    return {"uri": source, "files": files}
+
+
+def _s3_source(source: str) -> dict[str, Any]:
+    bucket, key = storage.split_s3(source.split("?", 1)[0])
+    literal = re.split(r"[*?\[]", key, maxsplit=1)[0]
+    paginator = client("s3").get_paginator("list_objects_v2")
+    files = [
+        {"name": f"s3://{bucket}/{obj['Key']}", "size": obj["Size"], "etag": obj["ETag"]}
+        for page in paginator.paginate(Bucket=bucket, Prefix=literal)
+        for obj in page.get("Contents", [])
+        if obj["Key"] == key or literal != key and fnmatchcase(obj["Key"], key)
+    ]
+    if not files:
+        msg = f"source {source!r} matches no S3 object."
+        raise SourceError(msg)
+    return {"uri": source, "files": sorted(files, key=lambda f: f["name"])}
+
+
+def _hf_source(source: str) -> dict[str, Any]:
+    import datasets
+
+    dataset_id, config, split = parse_hf_source(source)
+    dataset = datasets.load_dataset(dataset_id, config, split=split)
+    return {"uri": source, "dataset_fingerprint": dataset._fingerprint}
+
+
+def source_fingerprint(source: str, known: dict[str, Any] | None = None) -> dict[str, Any]:
+    """What the source holds now; ``known`` (an earlier result) spares re-hashing local files."""
+    source = source.strip()
+    if source.startswith("hf://"):
+        return _hf_source(source)
+    if storage.is_s3(source):
+        return _s3_source(source)
+    earlier = {f["name"]: f for f in (known or {}).get("files", []) if MTIME in f}
+    return _local_source(source, earlier)
+
+
+def fingerprint_of(params: BatchParams, known: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Everything that decides a run's answers (``known``: an earlier fingerprint, as a cache)."""
+    template = None
+    if params.prompt_id:
+        t = get_template(params.prompt_id)
+        template = {"text": t.text, "system": t.system, "params": t.inference_params()}
+    quotas = get_settings().quotas
+    return {
+        "source": source_fingerprint(params.source, (known or {}).get("source")),
+        "prompt_id": params.prompt_id,
+        "template": template,
+        "text_column": params.text_column,
+        "model_id": params.model_id,
+        "invocation_type": params.invocation_type,
+        "inference": params.inference.as_dict(),
+        "id_column": params.id_column,
+        "on_missing": params.on_missing,
+        "shard_cut": {
+            "max_records_per_job": params.max_records_per_job,
+            # The gate size spreads rows over jobs only when no cap per job is given.
+            "target_jobs": None if params.max_records_per_job else params.max_concurrent_jobs,
+            "min_records_per_job": quotas.min_records_per_job,
+            "max_records": quotas.max_records_per_job,
+            "max_bytes": min(quotas.max_file_bytes, quotas.max_job_bytes),
+        },
+    }
+
+
+def differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """What changed between two fingerprints, one line per changed field."""
+    lines = []
+    old, new = _comparable(old), _comparable(new)
+    for key in sorted(set(old) | set(new)):
+        before, after = old.get(key), new.get(key)
+        if before == after:
+            continue
+        if key == "source" and before and after and before.get("uri") == after.get("uri"):
+            lines.append(
+                f"source content of {after['uri']} changed ({_file_change(before, after)})"
+            )
+        else:
+            lines.append(f"{key}: was {json.dumps(before)}, now {json.dumps(after)}")
+    return lines
+
+
+def _file_change(before: dict, after: dict) -> str:
+    if "files" not in before or "files" not in after:
+        return "dataset fingerprint differs"
+    old = {f["name"]: f for f in before["files"]}
+    new = {f["name"]: f for f in after["files"]}
+    changed = [Path(n).name for n in new if n in old and old[n] != new[n]]
+    added = [Path(n).name for n in new if n not in old]
+    removed = [Path(n).name for n in old if n not in new]
+    parts = [
+        f"{label}: {', '.join(names[:5])}"
+        for label, names in (("edited", changed), ("added", added), ("removed", removed))
+        if names
+    ]
+    return "; ".join(parts)
+
+
+def read_identity(layout: RunLayout) -> RunIdentity | None:
+    """The identity recorded when the run was created, if there is one."""
+    uri = layout.identity_uri
+    return RunIdentity.from_json(storage.read_bytes(uri)) if storage.exists(uri) else None
+
+
+def has_run_files(layout: RunLayout) -> bool:
+    """Whether the run folder holds any file of an earlier run (its claim aside)."""
+    return any(storage.exists(uri) for uri in (layout.plan_uri, layout.state_uri))
+
+
+def changed_message(layout: RunLayout, changes: list[str]) -> str:
+    """The refusal: what changed and the two ways forward."""
+    return (
+        f"Run {layout.run_name!r} in {layout.run_dir} was created from different inputs, so "
+        "its shards, jobs and output are not answers to this request; nothing was sent. "
+        "Changed: " + "; ".join(changes) + ". Use a new run_name (or none: the default name "
+        "follows the inputs), or pass restart=True (`bedrock-batch run --restart`) to move the "
+        "old run aside and start it again."
+    )
+
+
+def check_identity(layout: RunLayout, recorded: RunIdentity | None, current: RunIdentity) -> None:
+    """Raise RunIdentityError unless ``current`` is the run recorded in ``layout``."""
+    if recorded is None:
+        if has_run_files(layout):
+            changes = ["the run has no recorded identity (made by an older version)"]
+            raise RunIdentityError(changed_message(layout, changes))
+        return
+    if recorded.digest != current.digest:
+        changes = differences(recorded.fingerprint, current.fingerprint)
+        raise RunIdentityError(changed_message(layout, changes or ["fingerprint"]))

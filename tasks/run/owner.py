@@ -1,0 +1,162 @@
+"""One owner per run: a claim object written by compare-and-swap and refreshed by a heartbeat.
+
+Why this mechanism: the claim has to hold for s3:// and local outputs alike, across hosts, and
+whatever Prefect server (or none, with a fresh database) each process talks to. S3 conditional
+writes give an atomic compare-and-swap on an object beside the run itself, with no other
+service: ``If-None-Match: *`` creates the claim only if there is none, ``If-Match: <ETag>``
+refreshes it, takes over a stale one and deletes it at the end; a local run folder gets the same
+three operations under an ``flock`` (tasks.aws.storage). A Prefect concurrency limit of 1 would
+bind the claim to one Prefect server and its lease storage (the server forgets in-memory leases
+on restart), and a DynamoDB lock would add a table to create and grant.
+
+A live owner rewrites the claim every quarter of the expiry. A process that finds a claim
+watches it: if it changes, its owner is alive and the process is refused, naming the owner; if
+it stays unchanged for the expiry (the owner crashed), the claim is taken over.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import threading
+import time
+import uuid
+from typing import Any
+
+from tasks.aws import storage
+from tasks.errors import RunOwnedError
+from tasks.run.layout import RunLayout
+from tasks.run.state import now_iso
+
+EXPIRY_ENV = "BEDROCK_BATCH_OWNER_EXPIRY_SECONDS"
+DEFAULT_EXPIRY_SECONDS = 60.0
+
+log = logging.getLogger(__name__)
+
+
+def expiry_seconds() -> float:
+    """How long an unrefreshed claim stands (``BEDROCK_BATCH_OWNER_EXPIRY_SECONDS``, 60 s)."""
+    return float(os.environ.get(EXPIRY_ENV) or DEFAULT_EXPIRY_SECONDS)
+
+
+def _owner_text(owner: dict[str, Any]) -> str:
+    return (
+        f"flow run {owner.get('flow_run_id') or '(none)'} on host {owner.get('host')} "
+        f"(pid {owner.get('pid')}) since {owner.get('since')}"
+    )
+
+
+class RunClaim:
+    """The claim this process holds on a run; a thread refreshes it until release."""
+
+    def __init__(self, uri: str, owner: dict[str, Any], tag: str, expiry: float) -> None:
+        self.uri = uri
+        self.owner = owner
+        self._tag = tag
+        self._interval = expiry / 4
+        self._stop = threading.Event()
+        self.lost = threading.Event()
+        self._lock = threading.Lock()
+        self._thread = threading.Thread(target=self._beat, name="run-claim", daemon=True)
+        self._thread.start()
+
+    def _beat(self) -> None:
+        while not self._stop.wait(self._interval):
+            body = json.dumps({**self.owner, "heartbeat_at": now_iso()}).encode()
+            with self._lock:
+                if self._stop.is_set():
+                    return
+                tag = storage.put_if_match(self.uri, body, self._tag)
+                if tag is None:
+                    self.lost.set()
+                    log.error("The claim %s was taken by another process", self.uri)
+                    return
+                self._tag = tag
+
+    def check(self) -> None:
+        """Raise RunOwnedError if another process took the run over (this one stalled)."""
+        if self.lost.is_set():
+            msg = (
+                f"This process lost its claim on the run ({self.uri}) to another process after "
+                "not refreshing it in time; it stops before spending anything more."
+            )
+            raise RunOwnedError(msg)
+
+    def release(self) -> None:
+        """Stop refreshing and delete the claim if it is still ours."""
+        with self._lock:
+            self._stop.set()
+            if not self.lost.is_set():
+                storage.delete_if_match(self.uri, self._tag)
+        self._thread.join(timeout=5)
+
+
+def claim_run(
+    layout: RunLayout,
+    flow_run_id: Any = None,
+    logger: logging.Logger | logging.LoggerAdapter | None = None,
+) -> RunClaim:
+    """Take the run's claim, or raise RunOwnedError naming the live owner.
+
+    Args:
+        layout: the run; the claim is ``layout.owner_uri``.
+        flow_run_id: the Prefect flow run taking it, named in a refusal.
+        logger: where to say that a claim is being watched.
+
+    Returns:
+        The held claim; call ``release()`` at the end of the run.
+    """
+    logger = logger or log
+    expiry = expiry_seconds()
+    owner = {
+        "claim_id": uuid.uuid4().hex,
+        "flow_run_id": str(flow_run_id) if flow_run_id else None,
+        "host": socket.gethostname(),
+        "pid": os.getpid(),
+        "since": now_iso(),
+        "expiry_seconds": expiry,
+    }
+    body = json.dumps(owner).encode()
+    seen: storage.Tagged | None = None
+    stale_at = 0.0
+    while True:
+        tag = storage.put_if_absent(layout.owner_uri, body)
+        if tag is not None:
+            return RunClaim(layout.owner_uri, owner, tag, expiry)
+        current = storage.read_tagged(layout.owner_uri)
+        if current is None:
+            continue  # released between the two calls
+        holder = json.loads(current.data)
+        if seen is not None and current.tag != seen.tag:
+            msg = (
+                f"Run {layout.run_name!r} is already running: {_owner_text(holder)} owns it "
+                f"({layout.owner_uri}) and keeps its claim fresh. Wait for it to finish or stop "
+                f"it; a claim left unrefreshed for {expiry:.0f} s (a crashed owner) is taken over."
+            )
+            raise RunOwnedError(msg)
+        if seen is None:
+            seen = current
+            age = max(0.0, time.time() - current.modified)
+            stale_at = time.monotonic() + max(0.0, expiry - age)
+            logger.info(
+                "Run %s is claimed by %s (refreshed %.0f s ago); waiting up to %.0f s to see "
+                "whether that owner is alive",
+                layout.run_name,
+                _owner_text(holder),
+                age,
+                max(0.0, expiry - age),
+            )
+        if time.monotonic() >= stale_at:
+            tag = storage.put_if_match(layout.owner_uri, body, current.tag)
+            if tag is not None:
+                logger.warning(
+                    "Took over run %s from %s: its claim was not refreshed for %.0f s",
+                    layout.run_name,
+                    _owner_text(holder),
+                    expiry,
+                )
+                return RunClaim(layout.owner_uri, owner, tag, expiry)
+            continue  # someone else moved first: the next read tells who
+        time.sleep(min(1.0, expiry / 8, max(0.05, stale_at - time.monotonic())))

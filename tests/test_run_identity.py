@@ -1,0 +1,292 @@
+"""A run that knows what it is: changed inputs, two owners, on-demand after a crash, job names.
+
+Real subprocesses of `bedrock-batch run` on the local stack, SIGKILLed at failpoints. Each
+scenario either refuses before anything is spent (the emulator's ledger stays empty) or finishes
+with every row once, every answer quoting its own row's prompt, one job per shard attempt, and
+no on-demand record invoked twice.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import polars as pl
+import pytest
+from prefect.settings import PREFECT_API_URL
+
+from tasks.aws.clients import polars_storage_options
+from tasks.pipeline.columns import ERROR_CODE, RECORD_ID, RESPONSE_TEXT, SERVED_BY
+from tasks.run.failpoints import ENV
+from tasks.run.owner import EXPIRY_ENV
+
+pytestmark = pytest.mark.slow
+
+CLAUDE = "anthropic.claude-3-haiku-20240307-v1:0"
+SONNET = "anthropic.claude-3-sonnet-20240229-v1:0"
+ROWS = 300
+FIGURES: list[dict] = []
+
+# Runs the CLI with bedrock-runtime calls traced: one line per record id, before each call.
+_TRACED = """
+import sys
+import tasks.aws.on_demand as od
+from flows.cli import main
+
+trace, real = sys.argv[1], od._serve_line
+
+def traced(model_id, invocation_type, limit, line):
+    import json
+    with open(trace, "a") as handle:
+        handle.write(json.loads(line)["recordId"] + "\\n")
+    return real(model_id, invocation_type, limit, line)
+
+od._serve_line = traced
+sys.exit(main(sys.argv[2:]))
+"""
+
+
+def _write_source(path: Path, version: str, rows: int = ROWS) -> Path:
+    # question_answering starts the prompt with the row's text: the emulator quotes it back.
+    pl.DataFrame({"source": [f"Q{i:04d} {version}" for i in range(rows)]}).write_csv(path)
+    return path
+
+
+def _command(source, out, run_name, model, extra, trace):
+    head = [sys.executable, "-m", "flows.cli"]
+    if trace:
+        head = [sys.executable, "-c", _TRACED, str(trace)]
+    command = [
+        *head, "run",
+        "--source", str(source), "--prompt-id", "question_answering", "--model-id", model,
+        "--output-uri", str(out),
+        "--max-concurrent-jobs", "3", "--max-records-per-job", "100",
+        *extra,
+    ]  # fmt: skip
+    if run_name:
+        command += ["--run-name", run_name]
+    return command
+
+
+def _env(kill_at: str | None) -> dict[str, str]:
+    # A killed owner's claim is taken over once unrefreshed for 3 s.
+    env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value(), EXPIRY_ENV: "3"}
+    env.pop(ENV, None)
+    if kill_at:
+        env[ENV] = kill_at
+    return env
+
+
+def _run(source, out, run_name=None, *, model=CLAUDE, kill_at=None, extra=(), trace=None):
+    command = _command(source, out, run_name, model, list(extra), trace)
+    return subprocess.run(command, env=_env(kill_at), capture_output=True, text=True, timeout=240)
+
+
+def _output(out: str | Path, run_name: str) -> pl.DataFrame:
+    uri = f"{out}/{run_name}/output/*.parquet"
+    options = polars_storage_options() if str(out).startswith("s3://") else None
+    return pl.read_parquet(uri, storage_options=options)
+
+
+def _assert_answers_match_rows(frame: pl.DataFrame, rows: int = ROWS) -> None:
+    assert frame.height == rows
+    assert frame[RECORD_ID].n_unique() == rows
+    assert frame[ERROR_CODE].null_count() == rows
+    quoted = frame.select(pl.col(RESPONSE_TEXT).str.contains("Reply to: " + pl.col("source")))
+    assert quoted.to_series().all(), frame.select("source", RESPONSE_TEXT).head(3)
+
+
+def _one_job_per_shard_attempt(jobs: list[dict]) -> None:
+    suffixes = [job["jobName"].split("-", 1)[1] for job in jobs]
+    assert max(Counter(suffixes).values()) == 1, suffixes
+
+
+def _figure(scenario: str, started: float, **figures) -> None:
+    seconds = round(time.monotonic() - started, 1)
+    FIGURES.append({"scenario": scenario, "seconds": seconds, **figures})
+    print(json.dumps(FIGURES[-1]))
+
+
+def test_edited_source_after_kill_before_plan_is_refused_then_restarted(stack, tmp_path):
+    started = time.monotonic()
+    source = _write_source(tmp_path / "questions.csv", "v1")
+    out = f"s3://{stack.bucket}/identity-runs"
+
+    crashed = _run(source, out, "edit-s3", kill_at="inputs-uploaded")
+    assert crashed.returncode == -signal.SIGKILL, crashed.stderr[-2000:]
+    _write_source(source, "v2")
+
+    refused = _run(source, out, "edit-s3")
+
+    assert refused.returncode == 2, refused.stderr[-2000:]
+    assert "created from different inputs" in refused.stderr
+    assert "source content of" in refused.stderr and "restart" in refused.stderr
+    assert stack.ledger(name_contains="edit-s3") == []
+
+    restarted = _run(source, out, "edit-s3", extra=["--restart"])
+
+    assert restarted.returncode == 0, restarted.stderr[-3000:]
+    frame = _output(out, "edit-s3")
+    _assert_answers_match_rows(frame)
+    assert frame["source"].str.ends_with("v2").all()
+    jobs = stack.ledger(name_contains="edit-s3")
+    assert len(jobs) == 3
+    _one_job_per_shard_attempt(jobs)
+    _figure("edited source, s3 output, killed before plan", started, rows_in=ROWS,
+            rows_out=frame.height, jobs=len(jobs), reinvoked=0)  # fmt: skip
+
+
+def test_other_model_after_crash_is_refused_before_any_job(stack, tmp_path):
+    started = time.monotonic()
+    stack.configure(records_per_second=200)
+    source = _write_source(tmp_path / "questions.csv", "v1")
+    out = tmp_path / "out"
+
+    crashed = _run(source, out, "model-swap", kill_at="polling")
+    assert crashed.returncode == -signal.SIGKILL, crashed.stderr[-2000:]
+    before = [job["jobArn"] for job in stack.ledger(name_contains="model-swap")]
+
+    refused = _run(source, out, "model-swap", model=SONNET)
+
+    assert refused.returncode == 2, refused.stderr[-2000:]
+    assert f'model_id: was "{CLAUDE}", now "{SONNET}"' in refused.stderr
+    assert [job["jobArn"] for job in stack.ledger(name_contains="model-swap")] == before
+
+    finished = _run(source, out, "model-swap")
+
+    assert finished.returncode == 0, finished.stderr[-3000:]
+    frame = _output(out, "model-swap")
+    _assert_answers_match_rows(frame)
+    jobs = stack.ledger(name_contains="model-swap")
+    assert {job["modelId"] for job in jobs} == {CLAUDE}
+    assert len(jobs) == 3
+    _one_job_per_shard_attempt(jobs)
+    _figure("other model after crash", started, rows_in=ROWS, rows_out=frame.height,
+            jobs=len(jobs), reinvoked=0)  # fmt: skip
+
+
+def test_edited_source_of_finished_run_is_refused_and_default_name_is_a_new_run(stack, tmp_path):
+    started = time.monotonic()
+    source = _write_source(tmp_path / "questions.csv", "v1")
+    out = tmp_path / "out"
+    assert _run(source, out, "nightly").returncode == 0
+    first = _run(source, out)  # default name: follows the inputs
+    assert first.returncode == 0, first.stderr[-3000:]
+    _write_source(source, "v2")
+
+    refused = _run(source, out, "nightly")
+
+    assert refused.returncode == 2, refused.stderr[-2000:]
+    assert "source content of" in refused.stderr and "questions.csv" in refused.stderr
+    jobs_before = len(stack.ledger(name_contains="question-answering-"))
+
+    second = _run(source, out)
+
+    assert second.returncode == 0, second.stderr[-3000:]
+    runs = sorted(p.name for p in out.iterdir() if p.name.startswith("question-answering-"))
+    assert len(runs) == 2
+    frames = {name: _output(out, name) for name in runs}
+    versions = {name: set(f["source"].str.slice(6)) for name, f in frames.items()}
+    assert sorted(map(tuple, versions.values())) == [("v1",), ("v2",)]
+    for frame in frames.values():
+        _assert_answers_match_rows(frame)
+    jobs = stack.ledger(name_contains="question-answering-")
+    assert len(jobs) == jobs_before + 3
+    rows_out = sum(f.height for f in frames.values())
+    _figure("edited source of finished run; default names", started, rows_in=2 * ROWS,
+            rows_out=rows_out, jobs=len(jobs), reinvoked=0)  # fmt: skip
+
+
+def test_second_process_on_a_live_run_is_refused_naming_the_owner(stack, tmp_path):
+    started = time.monotonic()
+    stack.configure(records_per_second=15)  # ~7 s per job: the first process stays alive
+    source = _write_source(tmp_path / "questions.csv", "v1")
+    out = tmp_path / "out"
+    command = _command(source, out, "twice", CLAUDE, [], None)
+    first = subprocess.Popen(
+        command, env=_env(None), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while not stack.ledger(name_contains="twice") and time.monotonic() < deadline:
+            assert first.poll() is None, first.communicate()[1][-2000:]
+            time.sleep(0.2)
+        owner = json.loads((out / "twice" / "owner.json").read_text())
+
+        second = _run(source, out, "twice")
+
+        assert second.returncode == 2, second.stderr[-2000:]
+        assert "already running" in second.stderr
+        assert owner["flow_run_id"] in second.stderr and owner["host"] in second.stderr
+        _, stderr = first.communicate(timeout=240)
+    finally:
+        if first.poll() is None:
+            first.kill()
+    assert first.returncode == 0, stderr[-3000:]
+    frame = _output(out, "twice")
+    _assert_answers_match_rows(frame)
+    jobs = stack.ledger(name_contains="twice")
+    assert len(jobs) == 3
+    _one_job_per_shard_attempt(jobs)
+    assert not (out / "twice" / "owner.json").exists()  # released at the end
+    _figure("two processes at once", started, rows_in=ROWS, rows_out=frame.height,
+            jobs=len(jobs), reinvoked=0)  # fmt: skip
+
+
+def test_on_demand_killed_midway_resumes_without_invoking_any_record_twice(stack, tmp_path):
+    started = time.monotonic()
+    # Only shard 1's first job loses records (retryable errors): fewer than a job's minimum,
+    # so they are served on demand, ten a batch.
+    stack.set_faults(
+        record_error_rate=0.25, record_error_job_names_containing="shard-00001-a1", seed=11
+    )
+    source = _write_source(tmp_path / "questions.csv", "v1")
+    out = tmp_path / "out"
+    trace = tmp_path / "runtime-calls.txt"
+    extra = ["--on-demand-rps", "10"]
+
+    crashed = _run(source, out, "od-kill", kill_at="on-demand", extra=extra, trace=trace)
+    assert crashed.returncode == -signal.SIGKILL, crashed.stderr[-2000:]
+    before_resume = trace.read_text().split()
+    finished = _run(source, out, "od-kill", extra=extra, trace=trace)
+
+    assert finished.returncode == 0, finished.stderr[-3000:]
+    calls = Counter(trace.read_text().split())
+    frame = _output(out, "od-kill")
+    _assert_answers_match_rows(frame)
+    on_demand = set(frame.filter(pl.col(SERVED_BY) == "on_demand")[RECORD_ID])
+    assert len(before_resume) == 10 and len(on_demand) > 10
+    assert set(calls) == on_demand
+    assert max(calls.values()) == 1
+    jobs = stack.ledger(name_contains="od-kill")
+    assert len(jobs) == 3
+    _one_job_per_shard_attempt(jobs)
+    _figure("on-demand killed midway", started, rows_in=ROWS, rows_out=frame.height,
+            jobs=len(jobs), on_demand=len(on_demand), invoked_before_kill=len(before_resume),
+            reinvoked=sum(n - 1 for n in calls.values()))  # fmt: skip
+
+
+def test_run_names_differing_in_dot_and_underscore_get_their_own_jobs(stack, tmp_path):
+    started = time.monotonic()
+    source = _write_source(tmp_path / "questions.csv", "v1")
+    out = tmp_path / "out"
+
+    for name in ("nightly.v1", "nightly_v1"):
+        done = _run(source, out, name)
+        assert done.returncode == 0, done.stderr[-3000:]
+
+    # '_' is not allowed in a job name and becomes '-'; the leading digest keeps them apart.
+    jobs = stack.ledger(name_contains="-nightly.v1-") + stack.ledger(name_contains="-nightly-v1-")
+    assert len(jobs) == 6
+    assert len({job["jobName"] for job in jobs}) == 6
+    assert len({job["clientRequestToken"] for job in jobs}) == 6
+    for name in ("nightly.v1", "nightly_v1"):
+        _assert_answers_match_rows(_output(out, name))
+    _figure("nightly.v1 and nightly_v1", started, rows_in=2 * ROWS, rows_out=2 * ROWS,
+            jobs=len(jobs), reinvoked=0)  # fmt: skip
