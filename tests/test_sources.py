@@ -192,3 +192,17 @@ def test_load_source_hf_failure_names_dataset_and_hint(monkeypatch):
     with pytest.raises(SourceError) as exc:
         load_source("hf://owner/missing?split=train")
     assert "'owner/missing'" in str(exc.value) and "HF_TOKEN" in str(exc.value)
+
+
+def test_run_fingerprint_of_a_local_hf_folder_follows_its_files(tmp_path):
+    import datasets
+
+    from tasks.run.identity import source_fingerprint
+
+    saved = tmp_path / "ds"
+    datasets.Dataset.from_dict({"input_text": ["x"]}).save_to_disk(str(saved))
+    before = source_fingerprint(f"hf://{saved}")
+    datasets.Dataset.from_dict({"input_text": ["y"]}).save_to_disk(str(tmp_path / "ds2"))
+    (saved / "extra.txt").write_text("changed")
+    after = source_fingerprint(f"hf://{saved}")
+    assert before["files"] and before != after

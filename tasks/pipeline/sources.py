@@ -144,15 +144,18 @@ def _load_hf_local(path: Path, config: str | None, split: str, source: str):
     raise SourceError(msg)
 
 
-def _load_hf(source: str) -> pl.LazyFrame:
+def load_hf_dataset(source: str):
+    """The ``datasets.Dataset`` an ``hf://`` source names: a local folder, or the Hub's.
+
+    An unreachable Hub fails at once with the offline switch to use, not after retries.
+    """
     import datasets
     from huggingface_hub import constants
 
     dataset_id, config, split = parse_hf_source(source)
     local = hf_local_path(source)
     if local is not None:
-        dataset = _load_hf_local(local, config, split, source)
-        return _arrow_frame(dataset)
+        return _load_hf_local(local, config, split, source)
     if not constants.HF_HUB_OFFLINE:
         reason = _hub_reachable()
         if reason is not None:
@@ -175,7 +178,11 @@ def _load_hf(source: str) -> pl.LazyFrame:
     if isinstance(dataset, datasets.DatasetDict):
         msg = f"{source!r} names no single split; add ?split=<one of {', '.join(dataset)}>."
         raise SourceError(msg)
-    return _arrow_frame(dataset)
+    return dataset
+
+
+def _load_hf(source: str) -> pl.LazyFrame:
+    return _arrow_frame(load_hf_dataset(source))
 
 
 def _arrow_frame(dataset) -> pl.LazyFrame:

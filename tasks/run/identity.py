@@ -25,7 +25,7 @@ from prompt_templates import get_template
 from tasks.aws import storage
 from tasks.aws.clients import client
 from tasks.errors import RunIdentityError, SourceError
-from tasks.pipeline.sources import FORMATS, parse_hf_source
+from tasks.pipeline.sources import FORMATS, hf_local_path, load_hf_dataset
 from tasks.run.layout import RunLayout
 from tasks.settings import get_settings
 
@@ -86,9 +86,11 @@ def _local_files(source: str) -> list[str]:
     return [str(path)] if path.is_file() else []
 
 
-def _local_source(source: str, known: dict[str, dict]) -> dict[str, Any]:
+def _local_source(
+    source: str, known: dict[str, dict], names: list[str] | None = None
+) -> dict[str, Any]:
     files = []
-    for name in _local_files(source):
+    for name in _local_files(source) if names is None else names:
         stat = os.stat(name)
         seen = known.get(name)
         if seen and seen.get("size") == stat.st_size and seen.get(MTIME) == stat.st_mtime_ns:
@@ -119,22 +121,24 @@ def _s3_source(source: str) -> dict[str, Any]:
     return {"uri": source, "files": sorted(files, key=lambda f: f["name"])}
 
 
-def _hf_source(source: str) -> dict[str, Any]:
-    import datasets
-
-    dataset_id, config, split = parse_hf_source(source)
-    dataset = datasets.load_dataset(dataset_id, config, split=split)
-    return {"uri": source, "dataset_fingerprint": dataset._fingerprint}
+def _hf_source(source: str, known: dict[str, dict]) -> dict[str, Any]:
+    local = hf_local_path(source)
+    if local is not None:
+        # A save_to_disk folder or data files: the files themselves, like any local source.
+        names = sorted(str(p) for p in local.rglob("*") if p.is_file())
+        return _local_source(source, known, names)
+    # The Hub's fingerprint of the split: it changes when the dataset's files do.
+    return {"uri": source, "dataset_fingerprint": load_hf_dataset(source)._fingerprint}
 
 
 def source_fingerprint(source: str, known: dict[str, Any] | None = None) -> dict[str, Any]:
     """What the source holds now; ``known`` (an earlier result) spares re-hashing local files."""
     source = source.strip()
+    earlier = {f["name"]: f for f in (known or {}).get("files", []) if MTIME in f}
     if source.startswith("hf://"):
-        return _hf_source(source)
+        return _hf_source(source, earlier)
     if storage.is_s3(source):
         return _s3_source(source)
-    earlier = {f["name"]: f for f in (known or {}).get("files", []) if MTIME in f}
     return _local_source(source, earlier)
 
 
@@ -155,6 +159,7 @@ def fingerprint_of(params: BatchParams, known: dict[str, Any] | None = None) -> 
         "inference": params.inference.as_dict(),
         "id_column": params.id_column,
         "on_missing": params.on_missing,
+        "csv_types": params.csv_types,
         "shard_cut": {
             "max_records_per_job": params.max_records_per_job,
             # The gate size spreads rows over jobs only when no cap per job is given.
