@@ -15,7 +15,8 @@ import polars as pl
 from tasks.bedrock.error_codes import RETRYABLE_RECORD
 from tasks.bedrock.families import family_for
 from tasks.pipeline import columns as C
-from tasks.pipeline.merge import MergeStats, parse_outputs, result_schema, write_part
+from tasks.pipeline.merge import MergeStats, write_part
+from tasks.pipeline.outputs import MATCHED, parse_outputs, result_schema
 
 # A record with no output line is retried like one that failed for reasons not its own.
 RETRYABLE_RECORD_ERRORS = RETRYABLE_RECORD | {C.MISSING_OUTPUT}
@@ -80,7 +81,7 @@ def outcomes(
             for a in attempts
         ]
     )
-    matched = pl.col("__matched").fill_null(False)
+    matched = pl.col(MATCHED).fill_null(False)
     schema = result_schema(family)
     input_columns = rows.collect_schema().names()
     return (

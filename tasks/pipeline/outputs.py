@@ -1,0 +1,221 @@
+"""Parse Bedrock batch output lines strictly per model family, without ever failing a shard.
+
+A record succeeds only when its family's required fields parse; anything else becomes an
+UnparseableOutput row that keeps the raw modelOutput (DESIGN: strict results).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import polars as pl
+
+from tasks.bedrock.families import ModelFamily
+from tasks.files import LINE, scan_lines
+from tasks.pipeline import columns as C
+
+ERROR_DTYPE = pl.Struct({"errorCode": pl.String, "errorMessage": pl.String})
+_OK = "__ok"
+MATCHED = "__matched"
+
+
+def result_schema(family: ModelFamily) -> dict[str, pl.DataType]:
+    """The columns merge adds after the input columns and record_id, with their dtypes."""
+    return {
+        **family.result_schema,
+        C.ERROR_CODE: pl.String(),
+        C.ERROR_MESSAGE: pl.String(),
+        C.RAW_OUTPUT: pl.String(),
+        C.JOB_ID: pl.String(),
+        C.SERVED_BY: pl.String(),
+        C.ATTEMPTS: pl.Int32(),
+    }
+
+
+_RAW = "__raw"
+_LINE_OK = "__line_ok"
+_PROBLEM = "__problem"
+_DECODED = "__decoded"
+_HAS_OUTPUT = "__has_output"
+# recordId and error of a line; modelOutput is taken as raw text by a JSON path, and the
+# echoed modelInput is skipped by the dtype.
+_TOP_DTYPE = pl.Struct({"recordId": pl.String, "error": ERROR_DTYPE})
+_RECORD_ID_PATTERN = r'"recordId"\s*:\s*"([^"\\]*)"'
+
+
+def _scan(outputs: list[Path | bytes]) -> pl.LazyFrame:
+    scans = [
+        scan_lines(out) for out in outputs if not isinstance(out, bytes | bytearray) or out.strip()
+    ]
+    if not scans:
+        return pl.LazyFrame(schema={LINE: pl.String})
+    return pl.concat(scans, how="vertical")
+
+
+def _strict_lines(lines: pl.LazyFrame, family: ModelFamily) -> pl.LazyFrame:
+    """The fast plan: one strict, typed decode of every line, lazily and in parallel.
+
+    The echoed modelInput is skipped by the dtype; the raw modelOutput text is not kept here
+    (see `_with_raw`). Families whose models answer in several shapes decode it from its text.
+    """
+    line = pl.col(LINE)
+    if type(family).decode_raw is ModelFamily.decode_raw:
+        dtype = pl.Struct(
+            {"recordId": pl.String, "modelOutput": family.output_dtype, "error": ERROR_DTYPE}
+        )
+        decoded = pl.col("__top").struct.field("modelOutput")
+        top = lines.select("__n", line.str.json_decode(dtype).alias("__top"))
+    else:
+        decoded = family.decode_raw(line.str.json_path_match("$.modelOutput"))
+        top = lines.select("__n", line.str.json_decode(_TOP_DTYPE).alias("__top"), line)
+    error = pl.col("__top").struct.field("error")
+    return (
+        top.select(
+            "__n",
+            pl.col("__top").struct.field("recordId"),
+            error.struct.field("errorCode").alias("__code"),
+            error.struct.field("errorMessage").alias("__msg"),
+            decoded.alias(_DECODED),
+        )
+        .filter(pl.col("recordId").is_not_null())
+        .with_columns(
+            pl.col(_DECODED).is_not_null().alias(_HAS_OUTPUT),
+            pl.lit(True).alias(_LINE_OK),
+            pl.lit(None, dtype=pl.String).alias(LINE),
+            *family.parse_exprs(pl.col(_DECODED)),
+        )
+        .with_columns(
+            pl.when(pl.col(_HAS_OUTPUT) & pl.col("__code").is_null())
+            .then(family.problem_expr())
+            .alias(_PROBLEM)
+        )
+        .drop(_DECODED)
+    )
+
+
+def _with_raw(frame: pl.DataFrame, lines: pl.LazyFrame) -> pl.DataFrame:
+    """Add the raw modelOutput text of the rows that need it (unparseable ones: rare)."""
+    bad = frame.filter(pl.col(_PROBLEM).is_not_null()).select("__n")
+    if not bad.height:
+        return frame.with_columns(pl.lit(None, dtype=pl.String).alias(_RAW))
+    raws = (
+        lines.join(bad.lazy(), on="__n")
+        .select("__n", pl.col(LINE).str.json_path_match("$.modelOutput").alias(_RAW))
+        .collect()
+    )
+    return frame.join(raws, on="__n", how="left", maintain_order="left")
+
+
+def _lenient_lines(lines: pl.DataFrame, family: ModelFamily) -> pl.DataFrame:
+    """The slow plan, for files the fast one cannot decode: every field by JSON path.
+
+    A JSON path yields null for a line that is not JSON (its recordId is then found by a
+    regex), and modelOutputs of another shape are isolated by `_parse_raw`.
+    """
+    line = pl.col(LINE)
+    record_id = line.str.json_path_match("$.recordId")
+    top = lines.select(
+        "__n",
+        pl.coalesce(record_id, line.str.extract(_RECORD_ID_PATTERN, 1)).alias("recordId"),
+        line.str.json_path_match("$.error.errorCode").alias("__code"),
+        line.str.json_path_match("$.error.errorMessage").alias("__msg"),
+        line.str.json_path_match("$.modelOutput").alias(_RAW),
+        record_id.is_not_null().alias(_LINE_OK),
+        pl.when(record_id.is_null()).then(line).alias(LINE),
+    ).filter(pl.col("recordId").is_not_null())
+    top = top.with_columns(pl.col(_RAW).is_not_null().alias(_HAS_OUTPUT))
+    answered = pl.col(_HAS_OUTPUT) & pl.col("__code").is_null()
+    nulls = [pl.lit(None, dtype=dtype).alias(n) for n, dtype in family.result_schema.items()]
+    rest = top.filter(~answered).with_columns(*nulls, pl.lit(None, pl.String).alias(_PROBLEM))
+    good = top.filter(answered)
+    if not good.height:
+        return rest
+    good = _parse_raw(good, family).with_columns(
+        pl.coalesce(pl.col(_PROBLEM), family.problem_expr()).alias(_PROBLEM)
+    )
+    return pl.concat([good, rest.select(good.columns)], how="vertical_relaxed")
+
+
+def _parse_raw(frame: pl.DataFrame, family: ModelFamily) -> pl.DataFrame:
+    """The family's result columns from the raw modelOutput, isolating undecodable rows.
+
+    Polars decodes JSON strictly: one modelOutput of another shape (an object where a list
+    was expected, or not JSON at all) fails the whole column. Then the frame is halved until
+    the failing rows stand alone, so a shard with k bad lines costs about k*log(n) decodes
+    and the good rows keep their results.
+    """
+    try:
+        return (
+            frame.with_columns(family.decode_raw(pl.col(_RAW)).alias(_DECODED))
+            .with_columns(*family.parse_exprs(pl.col(_DECODED)))
+            .drop(_DECODED)
+            .with_columns(pl.lit(None, dtype=pl.String).alias(_PROBLEM))
+        )
+    except pl.exceptions.ComputeError:
+        if frame.height > 1:
+            mid = frame.height // 2
+            return pl.concat([_parse_raw(frame[:mid], family), _parse_raw(frame[mid:], family)])
+        reason = (
+            f"modelOutput is not JSON of the {family.name} family's shape"
+            + (f" (expected {family.expected_shape})" if family.expected_shape else "")
+            + "."
+        )
+        return frame.with_columns(
+            *[pl.lit(None, dtype=dtype).alias(n) for n, dtype in family.result_schema.items()],
+            pl.lit(reason).alias(_PROBLEM),
+        )
+
+
+def parse_outputs(outputs: list[Path | bytes], family: ModelFamily) -> pl.LazyFrame:
+    """One row per record id: the parsed result or the record's error (success wins duplicates).
+
+    A record succeeds only when its modelOutput holds everything its family must return
+    (`ModelFamily.problem_expr`); otherwise it becomes an UnparseableOutput row that keeps
+    the raw modelOutput. No line, however malformed, fails the merge: the outputs are parsed
+    here, by the fast strict plan or, when that cannot decode them, by the lenient one.
+    """
+    lines = _scan(outputs).with_row_index("__n")
+    try:
+        frame = _with_raw(_strict_lines(lines, family).collect(), lines)
+    except pl.exceptions.ComputeError:
+        frame = _lenient_lines(lines.collect(), family)
+    answered = pl.col(_HAS_OUTPUT) & pl.col("__code").is_null()
+    ok = answered & pl.col(_PROBLEM).is_null()
+    unparseable = answered | ~pl.col(_LINE_OK)
+    return (
+        frame.lazy()
+        .select(
+            pl.col("recordId").alias(C.RECORD_ID),
+            *[pl.col(name) for name in family.result_schema],
+            pl.when(ok)
+            .then(None)
+            .when(unparseable)
+            .then(pl.lit(C.UNPARSEABLE_OUTPUT))
+            .otherwise(pl.coalesce(pl.col("__code"), pl.lit(C.INVALID_OUTPUT)))
+            .alias(C.ERROR_CODE),
+            pl.when(ok)
+            .then(None)
+            .when(~pl.col(_LINE_OK))
+            .then(pl.lit("The output line is not valid JSON."))
+            .when(unparseable)
+            .then(pl.col(_PROBLEM))
+            .otherwise(
+                pl.coalesce(
+                    pl.col("__msg"), pl.lit("The output line has neither modelOutput nor error.")
+                )
+            )
+            .alias(C.ERROR_MESSAGE),
+            pl.when(ok)
+            .then(None)
+            .when(~pl.col(_LINE_OK))
+            .then(pl.col(LINE))
+            .when(unparseable)
+            .then(pl.col(_RAW))
+            .alias(C.RAW_OUTPUT),
+            ok.alias(_OK),
+        )
+        .sort(_OK, descending=True, maintain_order=True)
+        .unique(C.RECORD_ID, keep="first", maintain_order=True)
+        .drop(_OK)
+        .with_columns(pl.lit(True).alias(MATCHED))
+    )
