@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import json
 
+from tasks.bedrock import error_codes as codes
+
 
 class BedrockError(Exception):
     """An AWS error as botocore reads it: JSON `__type` and `message`, X-Amzn-ErrorType, status."""
 
-    code = "InternalServerException"
+    code = codes.INTERNAL
     status = 500
 
     def __init__(self, message: str):
@@ -30,78 +32,81 @@ class BedrockError(Exception):
 class ValidationException(BedrockError):
     """The input fails to satisfy the constraints of the operation."""
 
-    code = "ValidationException"
+    code = codes.VALIDATION
     status = 400
 
 
 class ServiceQuotaExceededException(BedrockError):
     """A service quota (here: jobs submitted or in progress per model) would be exceeded."""
 
-    code = "ServiceQuotaExceededException"
+    code = codes.QUOTA_EXCEEDED
     status = 400
 
 
 class ThrottlingException(BedrockError):
     """The request was denied because of request throttling."""
 
-    code = "ThrottlingException"
+    code = codes.THROTTLING
     status = 429
 
 
 class ResourceNotFoundException(BedrockError):
     """The job (or model) named in the request does not exist."""
 
-    code = "ResourceNotFoundException"
+    code = codes.NOT_FOUND
     status = 404
 
 
 class ConflictException(BedrockError):
     """The request conflicts with the current state of the job."""
 
-    code = "ConflictException"
+    code = codes.CONFLICT
     status = 400
 
 
 class AccessDeniedException(BedrockError):
     """The caller may not perform the action."""
 
-    code = "AccessDeniedException"
+    code = codes.ACCESS_DENIED
     status = 403
 
 
 class InternalServerException(BedrockError):
     """An internal server error occurred; retry the request."""
 
-    code = "InternalServerException"
+    code = codes.INTERNAL
     status = 500
 
 
 class ModelTimeoutException(BedrockError):
     """The model did not answer in time (bedrock-runtime)."""
 
-    code = "ModelTimeoutException"
+    code = codes.MODEL_TIMEOUT
     status = 408
 
 
 class ServiceUnavailableException(BedrockError):
     """The service is temporarily unavailable (bedrock-runtime)."""
 
-    code = "ServiceUnavailableException"
+    code = codes.UNAVAILABLE
     status = 503
 
 
 class ModelErrorException(BedrockError):
     """The model returned an error while processing the request (bedrock-runtime)."""
 
-    code = "ModelErrorException"
+    code = codes.MODEL_ERROR
     status = 424
 
 
 # Record-level errors the fault injector writes into output lines, by error code.
 RECORD_ERRORS: dict[str, tuple[int, str]] = {
-    "ThrottlingException": (429, "Too many requests, please wait before trying again."),
-    "InternalServerException": (500, "The server encountered an internal error, try again."),
-    "ModelTimeoutException": (408, "Model has timed out in processing the request."),
-    "ServiceUnavailableException": (503, "The service is temporarily unable to handle requests."),
-    "ModelErrorException": (424, "The model returned an error while processing the request."),
+    ThrottlingException.code: (429, "Too many requests, please wait before trying again."),
+    InternalServerException.code: (500, "The server encountered an internal error, try again."),
+    ModelTimeoutException.code: (408, "Model has timed out in processing the request."),
+    ServiceUnavailableException.code: (
+        503,
+        "The service is temporarily unable to handle requests.",
+    ),
+    ModelErrorException.code: (424, "The model returned an error while processing the request."),
 }

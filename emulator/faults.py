@@ -9,7 +9,13 @@ from dataclasses import dataclass, field
 
 import polars as pl
 
-from .exceptions import RECORD_ERRORS
+from .exceptions import (
+    RECORD_ERRORS,
+    InternalServerException,
+    ModelTimeoutException,
+    ServiceUnavailableException,
+    ThrottlingException,
+)
 
 JOB_FAULTS = ("fail", "partial", "expire", "stuck")
 THROTTLED_OPERATIONS = ("create", "get", "list", "stop", "invoke")
@@ -17,10 +23,10 @@ THROTTLED_OPERATIONS = ("create", "get", "list", "stop", "invoke")
 
 def _default_mix() -> dict[str, float]:
     return {
-        "ThrottlingException": 0.4,
-        "InternalServerException": 0.3,
-        "ModelTimeoutException": 0.2,
-        "ServiceUnavailableException": 0.1,
+        ThrottlingException.code: 0.4,
+        InternalServerException.code: 0.3,
+        ModelTimeoutException.code: 0.2,
+        ServiceUnavailableException.code: 0.1,
     }
 
 

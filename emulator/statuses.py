@@ -4,20 +4,23 @@ from __future__ import annotations
 
 import enum
 
+from tasks.bedrock import statuses as S
+
 
 class JobStatus(str, enum.Enum):
     """ModelInvocationJobStatus (botocore bedrock service-2.json)."""
 
-    SUBMITTED = "Submitted"
-    VALIDATING = "Validating"
-    SCHEDULED = "Scheduled"
-    IN_PROGRESS = "InProgress"
-    COMPLETED = "Completed"
-    PARTIALLY_COMPLETED = "PartiallyCompleted"
-    FAILED = "Failed"
-    STOPPING = "Stopping"
-    STOPPED = "Stopped"
-    EXPIRED = "Expired"
+    # The names are the project's Bedrock facts; the transitions below are the emulator's.
+    SUBMITTED = S.SUBMITTED
+    VALIDATING = S.VALIDATING
+    SCHEDULED = S.SCHEDULED
+    IN_PROGRESS = S.IN_PROGRESS
+    COMPLETED = S.COMPLETED
+    PARTIALLY_COMPLETED = S.PARTIALLY_COMPLETED
+    FAILED = S.FAILED
+    STOPPING = S.STOPPING
+    STOPPED = S.STOPPED
+    EXPIRED = S.EXPIRED
 
     @property
     def final(self) -> bool:

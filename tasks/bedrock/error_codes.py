@@ -29,3 +29,5 @@ RETRYABLE_RECORD = frozenset(
     {"408", "424", "429", "500", "502", "503", "504"}
     | {THROTTLING, MODEL_TIMEOUT, INTERNAL, UNAVAILABLE, MODEL_ERROR}
 )
+# CloudWatch (GetMetricData / ListMetrics of AWS/Bedrock/Batch) throttles under its own names.
+RETRYABLE_CLOUDWATCH = frozenset({"Throttling", THROTTLING, "TooManyRequestsException"})

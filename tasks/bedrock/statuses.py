@@ -30,19 +30,31 @@ class Outcome:
         return not self.final
 
 
+# ModelInvocationJobStatus values (botocore bedrock service-2.json).
+SUBMITTED = "Submitted"
+VALIDATING = "Validating"
+SCHEDULED = "Scheduled"
+IN_PROGRESS = "InProgress"
+STOPPING = "Stopping"
+COMPLETED = "Completed"
+PARTIALLY_COMPLETED = "PartiallyCompleted"
+FAILED = "Failed"
+EXPIRED = "Expired"
+STOPPED = "Stopped"
+
 _IN_FLIGHT = Outcome()
 STATUS_OUTCOMES: dict[str, Outcome] = {
-    "Submitted": _IN_FLIGHT,
-    "Validating": _IN_FLIGHT,
-    "Scheduled": _IN_FLIGHT,
-    "InProgress": _IN_FLIGHT,
-    "Stopping": _IN_FLIGHT,
-    "Completed": Outcome(final=True, mergeable=True),
+    SUBMITTED: _IN_FLIGHT,
+    VALIDATING: _IN_FLIGHT,
+    SCHEDULED: _IN_FLIGHT,
+    IN_PROGRESS: _IN_FLIGHT,
+    STOPPING: _IN_FLIGHT,
+    COMPLETED: Outcome(final=True, mergeable=True),
     # Records not processed in time have no output line; they are retried as MissingOutput.
-    "PartiallyCompleted": Outcome(final=True, mergeable=True),
-    "Failed": Outcome(final=True, retryable=True),
-    "Expired": Outcome(final=True, retryable=True),
-    "Stopped": Outcome(final=True, stopped=True),
+    PARTIALLY_COMPLETED: Outcome(final=True, mergeable=True),
+    FAILED: Outcome(final=True, retryable=True),
+    EXPIRED: Outcome(final=True, retryable=True),
+    STOPPED: Outcome(final=True, stopped=True),
 }
 
 FINAL_STATUSES = frozenset(s for s, o in STATUS_OUTCOMES.items() if o.final)

@@ -8,6 +8,7 @@ from typing import Any
 from prefect import task
 
 from tasks.aws.clients import client, retry_on_error_codes
+from tasks.bedrock.error_codes import RETRYABLE_CLOUDWATCH
 
 NAMESPACE = "AWS/Bedrock/Batch"
 DIMENSION = "ModelId"
@@ -27,14 +28,13 @@ METRIC_NAMES: dict[str, str] = {
 # GetMetricData takes at most 500 queries per call.
 MAX_QUERIES_PER_CALL = 500
 
-_THROTTLING_CODES = {"Throttling", "ThrottlingException", "TooManyRequestsException"}
 
 Series = list[tuple[datetime, float]]
 ModelSeries = dict[str, Series]
 
 
 # Retry only when CloudWatch throttled us; other errors are not going to heal on their own.
-_throttled = retry_on_error_codes(_THROTTLING_CODES)
+_throttled = retry_on_error_codes(RETRYABLE_CLOUDWATCH)
 
 
 def build_queries(
