@@ -141,7 +141,8 @@ def simplecot_escaped(n: int, seed: int = 0) -> pl.DataFrame:
     newlines, emoji and other non-ASCII, with lengths that vary like SimpleCoT's.
 
     `source` is a question of 20 to 140 tokens (about 190 to 1,100 bytes, ~620 on average) with
-    its options, `rationale` 10 to 80 tokens, `target` a short answer.
+    its options, `rationale` 10 to 80 tokens, `target` a short answer. Both long columns are
+    (nearly) unique per row, as in the real set.
     """
     rng = random.Random(seed)
     picks = np.random.default_rng(seed)
@@ -159,7 +160,15 @@ def simplecot_escaped(n: int, seed: int = 0) -> pl.DataFrame:
             ]
         ),
         target=_pick(answers, picks, n),
-        rationale=_pick(_escaped_texts(rng, _POOL, 10, 80), picks, n),
+        # Two picks joined: 16M combinations, so like real rationales the values barely
+        # repeat and Parquet cannot dictionary-encode them.
+        rationale=pl.concat_str(
+            [
+                _pick(_escaped_texts(rng, _POOL, 5, 40), picks, n),
+                _pick(_escaped_texts(rng, _POOL, 5, 40), picks, n),
+            ],
+            separator=" ",
+        ),
         task=_pick(pl.Series([f"task{i:03d}_synthetic" for i in range(64)]), picks, n),
         type=pl.lit("cot"),
     )
