@@ -82,6 +82,8 @@ def run_child(argv: list[str], log: Path) -> dict:
         "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
     }
     log.parent.mkdir(parents=True, exist_ok=True)
+    # Flush the dirty pages earlier steps left, so their writeback is not billed to this one.
+    os.sync()
     with log.open("w") as out:
         start = time.perf_counter()
         child = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=ROOT)

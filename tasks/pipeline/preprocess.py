@@ -40,8 +40,10 @@ _LINE = "__line"
 _MISSING = "__missing"
 _BYTES = "__bytes"
 _CHARS = "__chars"
-# The rows files are read back once, by the merge: writing speed matters more than their size.
-ROWS_COMPRESSION = "uncompressed"
+# The rows files are read back once, by the merge. lz4 costs a little CPU but writes about a
+# third of the bytes, and on this disk bytes cost more: at 2.2M escape-heavy rows, 27.5 s
+# (21.4 CPU s) uncompressed against 16.8 s (20.4 CPU s) with lz4; zstd level 1, 20.6 s.
+ROWS_COMPRESSION = "lz4"
 
 
 @dataclass(frozen=True)
