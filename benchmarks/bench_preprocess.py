@@ -13,7 +13,8 @@ NAME = "preprocess"
 
 def source_path(settings: BenchSettings):
     """The generated input for this row count (made once, outside the measurement)."""
-    return settings.dir / f"simplecot-{settings.rows}.parquet"
+    suffix = "" if settings.text == "clean" else f"-{settings.text}"
+    return settings.dir / f"simplecot{suffix}-{settings.rows}.parquet"
 
 
 def run_dir(settings: BenchSettings):
@@ -28,7 +29,7 @@ def prepare(settings: BenchSettings) -> None:
     path = source_path(settings)
     if not path.exists():
         settings.dir.mkdir(parents=True, exist_ok=True)
-        simplecot(settings.rows).write_parquet(path)
+        simplecot(settings.rows, text=settings.text).write_parquet(path)
 
 
 def _preprocess(settings: BenchSettings) -> dict:

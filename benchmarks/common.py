@@ -16,6 +16,7 @@ from pathlib import Path
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+ROOT = Path(__file__).resolve().parents[1]
 RESULTS = Path(__file__).parent / "results"
 
 
@@ -29,6 +30,14 @@ class BenchSettings(BaseSettings):
     records_per_shard: int = Field(50_000, description="max_records_per_job for preprocess.")
     model_id: str = Field("anthropic.claude-3-haiku-20240307-v1:0", description="Model id.")
     prompt_id: str = Field("question_answering", description="Prompt template id.")
+    text: str = Field("clean", description='Generated text: "clean" words or "escaped".')
+
+
+class CliBenchSettings(BenchSettings):
+    """The CLI scenarios: escape-heavy text by default, and the reference run beside ours."""
+
+    text: str = Field("escaped", description='Generated text: "clean" words or "escaped".')
+    reference: bool = Field(True, description="Also time the row-by-row reference.")
 
 
 def measure(fn, *args) -> dict:
@@ -63,6 +72,54 @@ def in_fresh_process(module: str) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def run_child(argv: list[str], log: Path) -> dict:
+    """Run `argv` as a child and report its seconds, CPU seconds and peak RSS in MB.
+
+    The figures are the child's own (os.wait4), start-up included; its output goes to `log`.
+    """
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+    }
+    log.parent.mkdir(parents=True, exist_ok=True)
+    # Flush the dirty pages earlier steps left, so their writeback is not billed to this one.
+    os.sync()
+    with log.open("w") as out:
+        start = time.perf_counter()
+        child = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+        _, status, usage = os.wait4(child.pid, 0)
+        seconds = time.perf_counter() - start
+    child.returncode = os.waitstatus_to_exitcode(status)
+    if child.returncode != 0:
+        msg = f"{' '.join(argv)} exited {child.returncode}:\n{log.read_text()[-3000:]}"
+        raise RuntimeError(msg)
+    return {
+        "seconds": round(seconds, 3),
+        "cpu_seconds": round(usage.ru_utime + usage.ru_stime, 3),
+        "peak_rss_mb": round(usage.ru_maxrss / 1024, 1),
+    }
+
+
+def append_row(name: str, row: dict) -> Path:
+    """Append `row` to benchmarks/results/<name>.csv (an older header is rewritten first)."""
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / f"{name}.csv"
+    old: list[dict] = []
+    if path.exists():
+        with path.open(newline="") as handle:
+            reader = csv.DictReader(handle)
+            if reader.fieldnames != list(row):
+                old = list(reader)  # an older layout: rewrite it with the new columns
+    if old or not path.exists():
+        with path.open("w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=list(row), restval="")
+            writer.writeheader()
+            writer.writerows({k: r.get(k, "") for k in row} for r in old)
+    with path.open("a", newline="") as handle:
+        csv.DictWriter(handle, fieldnames=list(row)).writerow(row)
+    return path
+
+
 def record(name: str, settings: BenchSettings, figures: dict) -> Path:
     """Print the figures and append them as a row of benchmarks/results/<name>.csv."""
     rows = figures["rows"]
@@ -83,19 +140,41 @@ def record(name: str, settings: BenchSettings, figures: dict) -> Path:
         f"{figures['cpu_seconds']} CPU s, peak RSS {figures['peak_rss_mb']:,.0f} MB, "
         f"{figures['shards']} shards, load {figures['load_1m']}"
     )
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    path = RESULTS / f"{name}.csv"
-    old: list[dict] = []
-    if path.exists():
-        with path.open(newline="") as handle:
-            reader = csv.DictReader(handle)
-            if reader.fieldnames != list(figures):
-                old = list(reader)  # an older layout: rewrite it with the new columns
-    if old or not path.exists():
-        with path.open("w", newline="") as handle:
-            writer = csv.DictWriter(handle, fieldnames=list(figures), restval="")
-            writer.writeheader()
-            writer.writerows({k: row.get(k, "") for k in figures} for row in old)
-    with path.open("a", newline="") as handle:
-        csv.DictWriter(handle, fieldnames=list(figures)).writerow(figures)
-    return path
+    return append_row(name, figures)
+
+
+def record_cli(name: str, settings: BenchSettings, ours: dict, ref: dict | None) -> Path:
+    """Print our CLI run beside the reference's, with the ratio, and append it to <name>.csv."""
+    rows = settings.rows
+    load = os.getloadavg()
+    row = {
+        "when": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "rows": rows,
+        "text": settings.text,
+        "seconds": ours["seconds"],
+        "cpu_seconds": ours["cpu_seconds"],
+        "rows_per_s": round(rows / ours["seconds"]),
+        "peak_rss_mb": ours["peak_rss_mb"],
+        "ref_seconds": ref["seconds"] if ref else "",
+        "ref_cpu_seconds": ref["cpu_seconds"] if ref else "",
+        "ref_peak_rss_mb": ref["peak_rss_mb"] if ref else "",
+        "ratio": round(ref["seconds"] / ours["seconds"], 2) if ref else "",
+        "ratio_cpu": round(ref["cpu_seconds"] / ours["cpu_seconds"], 2) if ref else "",
+        "cpus": os.cpu_count(),
+        "load_1m": round(load[0], 2),
+        "load_5m": round(load[1], 2),
+        "python": platform.python_version(),
+    }
+    line = (
+        f"{name}: {rows:,} {settings.text} rows through the CLI in {row['seconds']:.2f} s = "
+        f"{row['rows_per_s']:,} rows/s, {row['cpu_seconds']:.2f} CPU s, "
+        f"peak RSS {row['peak_rss_mb']:,.0f} MB"
+    )
+    if ref:
+        line += (
+            f" | reference {ref['seconds']:.2f} s = {round(rows / ref['seconds']):,} rows/s, "
+            f"{ref['cpu_seconds']:.2f} CPU s, peak RSS {ref['peak_rss_mb']:,.0f} MB"
+            f" | {row['ratio']}x wall, {row['ratio_cpu']}x CPU"
+        )
+    print(f"{line} | load {row['load_1m']} {row['load_5m']}")
+    return append_row(name, row)

@@ -62,12 +62,61 @@ def _pick(values: pl.Series, rng: np.random.Generator, n: int) -> pl.Expr:
     return pl.lit(values).gather(pl.lit(pl.Series(rng.integers(0, len(values), n))))
 
 
-def simplecot(n: int, seed: int = 0) -> pl.DataFrame:
+# Tokens that real questions carry and that JSON must escape or that are not ASCII: quotes,
+# braces (also str.format's), backslashes, tabs, newlines, emoji, accents, CJK, maths.
+_TRICKY = [
+    '"quoted"',
+    "'single'",
+    "{braces}",
+    '{"k": [1, 2]}',
+    "}{",
+    "C:\\Users\\data\\x.csv",
+    "a\\b",
+    "\\n",
+    "\t",
+    "\n",
+    "\n\n",
+    "\r\n",
+    "caf\u00e9",
+    "na\u00efve",
+    "\u6771\u4eac",
+    "\u0416\u0438\u0437\u043d\u044c",
+    "\U0001f600",
+    "\U0001f680",
+    "\U0001f468\u200d\U0001f469\u200d\U0001f467",
+    "\u2211 x\u00b2",
+    "\u2014",
+    "\u2019s",
+    "<b>",
+    "&amp;",
+    "50%",
+]
+
+
+def _escaped_texts(rng: random.Random, count: int, low: int, high: int) -> pl.Series:
+    """Texts of `low` to `high` tokens, about one in four a quote, brace, escape or non-ASCII."""
+    texts = []
+    for _ in range(count):
+        k = rng.randint(low, high)
+        tokens = [
+            rng.choice(_TRICKY) if rng.random() < 0.25 else rng.choice(_WORDS) for _ in range(k)
+        ]
+        texts.append(" ".join(tokens))
+    return pl.Series(texts)
+
+
+def simplecot(n: int, seed: int = 0, text: str = "clean") -> pl.DataFrame:
     """N rows shaped like SimpleCoT: `source` (~500 bytes), `target`, `rationale`, `task`, `type`.
 
     Text comes from small pools picked by random index and is made unique by a question
     number, so 2.2M rows are a few vectorised gathers, not a Python loop per row.
+    `text="escaped"` gives the realistic, escape-heavy text (see `simplecot_escaped`).
     """
+    if text == "escaped":
+        return simplecot_escaped(n, seed)
+    if text != "clean":
+        msg = f'text={text!r}; use "clean" or "escaped".'
+        raise ValueError(msg)
     rng = random.Random(seed)
     picks = np.random.default_rng(seed)
     return pl.select(
@@ -82,6 +131,44 @@ def simplecot(n: int, seed: int = 0) -> pl.DataFrame:
         ),
         target=_pick(pl.Series(["(A)", "(B)", "(C)", "(D)"]), picks, n),
         rationale=_pick(_texts(rng, _POOL, 30), picks, n),
+        task=_pick(pl.Series([f"task{i:03d}_synthetic" for i in range(64)]), picks, n),
+        type=pl.lit("cot"),
+    )
+
+
+def simplecot_escaped(n: int, seed: int = 0) -> pl.DataFrame:
+    """SimpleCoT-shaped rows whose text needs JSON escapes: quotes, braces, backslashes, tabs,
+    newlines, emoji and other non-ASCII, with lengths that vary like SimpleCoT's.
+
+    `source` is a question of 20 to 140 tokens (about 190 to 1,100 bytes, ~620 on average) with
+    its options, `rationale` 10 to 80 tokens, `target` a short answer. Both long columns are
+    (nearly) unique per row, as in the real set.
+    """
+    rng = random.Random(seed)
+    picks = np.random.default_rng(seed)
+    answers = pl.Series(
+        ["(A)", "(B)", "(C)", "(D)", "yes", "no", '"it depends"', "42", "caf\u00e9", "\U0001f44d"]
+    )
+    return pl.select(
+        source=pl.concat_str(
+            [
+                pl.lit("Question "),
+                pl.int_range(n).cast(pl.String),
+                pl.lit(": "),
+                _pick(_escaped_texts(rng, _POOL, 20, 140), picks, n),
+                pl.lit('?\nOptions:\n(A) "yes"\n(B) no\n(C) {maybe}\n(D) none \u2014 \U0001f914'),
+            ]
+        ),
+        target=_pick(answers, picks, n),
+        # Two picks joined: 16M combinations, so like real rationales the values barely
+        # repeat and Parquet cannot dictionary-encode them.
+        rationale=pl.concat_str(
+            [
+                _pick(_escaped_texts(rng, _POOL, 5, 40), picks, n),
+                _pick(_escaped_texts(rng, _POOL, 5, 40), picks, n),
+            ],
+            separator=" ",
+        ),
         task=_pick(pl.Series([f"task{i:03d}_synthetic" for i in range(64)]), picks, n),
         type=pl.lit("cot"),
     )
@@ -145,7 +232,9 @@ if __name__ == "__main__":
     import os
 
     rows = int(os.environ.get("BENCH_ROWS", "2200000"))
-    target = Path(os.environ.get("BENCH_DIR", "/tmp/bench")) / f"simplecot-{rows}.parquet"
+    text = os.environ.get("BENCH_TEXT", "clean")
+    suffix = "" if text == "clean" else f"-{text}"
+    target = Path(os.environ.get("BENCH_DIR", "/tmp/bench")) / f"simplecot{suffix}-{rows}.parquet"
     target.parent.mkdir(parents=True, exist_ok=True)
-    simplecot(rows).write_parquet(target)
+    simplecot(rows, text=text).write_parquet(target)
     print(target)

@@ -125,8 +125,9 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_preprocess(args: argparse.Namespace) -> int:
     """Dry run: write the shards under --out and print the plan; no AWS call."""
+    # From the pipeline, not tasks.run.lifecycle: the dry run needs no Prefect and no boto3.
     from tasks.pipeline.plan import format_plan
-    from tasks.run.lifecycle import preprocess_params
+    from tasks.pipeline.preprocess import preprocess_params
 
     params = _params(args)
     with _progress("Validating, rendering and sharding") as advance:

@@ -8,7 +8,7 @@ from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 import polars as pl
@@ -33,13 +33,18 @@ from tasks.run.layout import (
 )
 from tasks.settings import QuotaSettings, get_settings
 
+if TYPE_CHECKING:
+    from tasks.run.params import BatchParams
+
 CHARS_PER_TOKEN = 4
 _LINE = "__line"
 _MISSING = "__missing"
 _BYTES = "__bytes"
 _CHARS = "__chars"
-# The rows files are read back once, by the merge: writing speed matters more than their size.
-ROWS_COMPRESSION = "uncompressed"
+# The rows files are read back once, by the merge. lz4 costs a little CPU but writes about a
+# third of the bytes, and on this disk bytes cost more: at 2.2M escape-heavy rows, 27.5 s
+# (21.4 CPU s) uncompressed against 16.8 s (20.4 CPU s) with lz4; zstd level 1, 20.6 s.
+ROWS_COMPRESSION = "lz4"
 
 
 @dataclass(frozen=True)
@@ -144,6 +149,30 @@ def preprocess(
         return _write_shards(work, *_plan_ranges(work), on_shard)
     finally:
         staged.unlink(missing_ok=True)
+
+
+def preprocess_params(
+    params: BatchParams, out_dir: Path, on_shard: Callable[[int, int], None] | None = None
+) -> RunPlan:
+    """Preprocess with a run's parameters into a local folder (the flow and the dry run).
+
+    It lives here rather than beside the flow's tasks so the dry run imports no Prefect.
+    """
+    return preprocess(
+        params.source,
+        model_id=params.model_id,
+        out_dir=out_dir,
+        prompt_id=params.prompt_id,
+        text_column=params.text_column,
+        id_column=params.id_column,
+        invocation_type=params.invocation_type,
+        inference_overrides=params.inference.as_dict(),
+        on_missing=params.on_missing,
+        csv_types=params.csv_types,
+        max_records_per_job=params.max_records_per_job,
+        max_concurrent_jobs=params.max_concurrent_jobs,
+        on_shard=on_shard,
+    )
 
 
 def _resolve(source: str, opts: PreprocessOptions, out_dir: Path) -> _Work:
