@@ -64,7 +64,7 @@ def cmd_monitor(args: argparse.Namespace) -> int:
 
 def add_subcommands(subparsers: argparse._SubParsersAction) -> None:
     """Add `automations apply`, `cloudwatch setup|teardown`, `serve` and `monitor`."""
-    from tasks.monitoring.automations import NOTIFICATION_BLOCK, SUMMARIZE_DEPLOYMENT
+    from tasks.monitoring.defaults import NOTIFICATION_BLOCK, SUMMARIZE_DEPLOYMENT
 
     automations = subparsers.add_parser("automations", help="Prefect automations in code")
     automations_sub = automations.add_subparsers(dest="automations_command", required=True)

@@ -16,6 +16,7 @@ from prefect.events.schemas.deployment_triggers import DeploymentEventTrigger
 from prefect.exceptions import ObjectNotFound
 
 from tasks.monitoring.alerts import STALLED
+from tasks.monitoring.defaults import NOTIFICATION_BLOCK, SUMMARIZE_DEPLOYMENT
 from tasks.monitoring.events import (
     MODEL_RESOURCE_PREFIX,
     RUN_FAILED,
@@ -26,8 +27,6 @@ from tasks.monitoring.events import (
 
 log = logging.getLogger(__name__)
 
-NOTIFICATION_BLOCK = "bedrock-batch-alerts"
-SUMMARIZE_DEPLOYMENT = "summarize-run/summarize-run"
 
 STALLED_AUTOMATION = "bedrock-batch: notify when a batch model stalls"
 SUMMARIZE_AUTOMATION = "bedrock-batch: summarize finished runs"

@@ -158,10 +158,8 @@ def preprocess_params(
 
     It lives here rather than beside the flow's tasks so the dry run imports no Prefect.
     """
-    return preprocess(
-        params.source,
+    options = PreprocessOptions(
         model_id=params.model_id,
-        out_dir=out_dir,
         prompt_id=params.prompt_id,
         text_column=params.text_column,
         id_column=params.id_column,
@@ -171,8 +169,8 @@ def preprocess_params(
         csv_types=params.csv_types,
         max_records_per_job=params.max_records_per_job,
         max_concurrent_jobs=params.max_concurrent_jobs,
-        on_shard=on_shard,
     )
+    return preprocess(params.source, options, out_dir=out_dir, on_shard=on_shard)
 
 
 def _resolve(source: str, opts: PreprocessOptions, out_dir: Path) -> _Work:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Callable
 from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
@@ -18,7 +17,7 @@ from tasks.errors import PlanError
 from tasks.monitoring import events
 from tasks.pipeline.merge import merge_skipped
 from tasks.pipeline.plan import RunPlan
-from tasks.pipeline.preprocess import preprocess
+from tasks.pipeline.preprocess import preprocess_params
 from tasks.pipeline.summary import check_output, summary_artifacts
 from tasks.run import gate
 from tasks.run.failpoints import failpoint
@@ -61,27 +60,6 @@ def name_for_events(params: BatchParams) -> str:
     if params.run_name:
         return expand_run_name(params.run_name)
     return expand_run_name(default_run_name(params, fingerprint_digest(fingerprint_of(params))))
-
-
-def preprocess_params(
-    params: BatchParams, out_dir: Path, on_shard: Callable[[int, int], None] | None = None
-) -> RunPlan:
-    """Preprocess with a run's parameters into a local folder (the flow and the dry run)."""
-    return preprocess(
-        params.source,
-        model_id=params.model_id,
-        out_dir=out_dir,
-        prompt_id=params.prompt_id,
-        text_column=params.text_column,
-        id_column=params.id_column,
-        invocation_type=params.invocation_type,
-        inference_overrides=params.inference.as_dict(),
-        on_missing=params.on_missing,
-        csv_types=params.csv_types,
-        max_records_per_job=params.max_records_per_job,
-        max_concurrent_jobs=params.max_concurrent_jobs,
-        on_shard=on_shard,
-    )
 
 
 @dataclass
