@@ -184,6 +184,12 @@ def _is_full(exc: BaseException) -> bool:
     return isinstance(exc, httpx.HTTPStatusError) and exc.response.status_code == 423
 
 
+def _lost_here(model_gate: str) -> list[str]:
+    return [
+        s.key for s in KEEPER.slots() if s.lease_id is None and gate_name(s.model_id) == model_gate
+    ]
+
+
 def acquire_slot(
     model_id: str,
     run_name: str,
@@ -195,36 +201,70 @@ def acquire_slot(
     """Wait until both the model's and the run's limits have room; take one slot of each.
 
     Asks at most every ``BEDROCK_BATCH_GATE_WAIT_SECONDS`` (Prefect's Retry-After above it is
-    honoured). After waiting ``reconcile_after_seconds``, or at once when ``leases_lost``, the
-    model's gate is recounted from Bedrock so slots of lost leases cannot block it forever.
+    honoured). Running jobs of this process whose lease was lost go first: no new slot is taken
+    while one of them waits to take its own again. After waiting ``reconcile_after_seconds``, or
+    at once when ``leases_lost``, the model's gate is recounted from Bedrock so slots of lost
+    leases cannot block it forever. Transient Prefect API errors are logged and retried.
 
     Returns:
         The lease id.
     """
     settings = get_settings().gate
     names = [gate_name(model_id), run_gate_name(run_name)]
+    holder = ConcurrencyLeaseHolder(type="flow_run", id=holder_flow_run_id)
     if leases_lost:
         reconcile(model_id, logger)
     started = time.monotonic()
     waiting = False
+    failures = 0
     while True:
-        try:
-            lease_id = _increment(names, lease_seconds, holder_flow_run_id, logger)
-        except httpx.HTTPStatusError as exc:
-            if not _is_full(exc):
-                raise
-            if not waiting and logger:
-                logger.info("Gates %s are full; waiting for a job to finish", " and ".join(names))
-            waiting = True
-            if time.monotonic() - started >= settings.reconcile_after_seconds:
-                reconcile(model_id, logger, throttle=True)
-            retry_after = float(exc.response.headers.get("Retry-After", 0) or 0)
-            wait = min(max(retry_after, settings.wait_seconds), MAX_WAIT_SECONDS)
-            time.sleep(wait * random.uniform(0.9, 1.1))
-            continue
-        if waiting and logger:
-            logger.info("Took a slot of %s after %.1f s", names[0], time.monotonic() - started)
-        return lease_id
+        retry_after = 0.0
+        # Under the recount's lock, so a recount that made room for lost leases of running jobs
+        # is not taken from under them by a shard of this process that waits for a new slot.
+        with _reconcile_lock:
+            lost = _lost_here(names[0])
+            if not lost:
+                try:
+                    with get_client(sync_client=True) as prefect:
+                        response = prefect.increment_concurrency_slots_with_lease(
+                            names=names,
+                            slots=1,
+                            mode="concurrency",
+                            lease_duration=_lease_seconds(lease_seconds),
+                            holder=holder if holder_flow_run_id else None,
+                        )
+                except Exception as exc:
+                    if _is_full(exc):
+                        retry_after = float(exc.response.headers.get("Retry-After", 0) or 0)
+                    elif is_transient(exc):
+                        failures += 1
+                        delay = min(0.5 * 2 ** (failures - 1), settings.retry_max_seconds)
+                        (logger or log).warning(
+                            "Prefect API error while trying to take a slot of %s (%s); "
+                            "retry %d in %.1f s",
+                            names[0],
+                            _describe(exc),
+                            failures,
+                            delay,
+                        )
+                        time.sleep(delay)
+                        continue
+                    else:
+                        raise
+                else:
+                    if waiting and logger:
+                        logger.info(
+                            "Took a slot of %s after %.1f s", names[0], time.monotonic() - started
+                        )
+                    return UUID(response.json()["lease_id"])
+        failures = 0
+        if not waiting and logger:
+            logger.info("Gates %s are full; waiting for a job to finish", " and ".join(names))
+        waiting = True
+        if time.monotonic() - started >= settings.reconcile_after_seconds:
+            reconcile(model_id, logger, throttle=True)
+        wait = min(max(retry_after, settings.wait_seconds), MAX_WAIT_SECONDS)
+        time.sleep(wait * random.uniform(0.9, 1.1))
 
 
 def renew_slot(lease_id: UUID | str, lease_seconds: float, retry: bool = True) -> bool:
@@ -379,7 +419,7 @@ class LeaseKeeper:
 
 
 KEEPER = LeaseKeeper()
-_reconcile_lock = threading.Lock()
+_reconcile_lock = threading.RLock()
 _last_reconcile: dict[str, float] = {}
 
 

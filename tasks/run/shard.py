@@ -140,11 +140,11 @@ def _hold_slot(ctx: RunContext, attempt: JobAttempt, logger: logging.LoggerAdapt
     if running:
         logger.warning(
             "The gate lease of %s is gone (expired or lost by the Prefect server) while its "
-            "job runs; recounting the gate and taking the slot again without waiting",
+            "job runs; the lease keeper recounts the gate and takes the slot again while the "
+            "job is polled",
             attempt.job_name,
         )
         gate.KEEPER.hold(slot)
-        gate.reconcile(ctx.model_id, logger)
         return
     if attempt.lease_id:
         logger.warning(
