@@ -211,7 +211,11 @@ def acquire_slot(
     """
     settings = get_settings().gate
     names = [gate_name(model_id), run_gate_name(run_name)]
-    holder = ConcurrencyLeaseHolder(type="flow_run", id=holder_flow_run_id)
+    holder = (
+        ConcurrencyLeaseHolder(type="flow_run", id=holder_flow_run_id)
+        if holder_flow_run_id
+        else None
+    )
     if leases_lost:
         reconcile(model_id, logger)
     started = time.monotonic()
@@ -231,7 +235,7 @@ def acquire_slot(
                             slots=1,
                             mode="concurrency",
                             lease_duration=_lease_seconds(lease_seconds),
-                            holder=holder if holder_flow_run_id else None,
+                            holder=holder,
                         )
                 except Exception as exc:
                     if _is_full(exc):
