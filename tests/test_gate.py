@@ -187,3 +187,15 @@ def test_wait_for_job_warns_once_per_stalled_period(monkeypatch, caplog):
     assert len(warnings) == 2  # at ~0.2 s and ~0.4 s of the 0.5 s stall
     assert warnings[0].startswith("stalled-job has not progressed for ")
     assert "status InProgress, 40 of 100 records processed" in warnings[0]
+
+
+def test_acquire_slot_recounts_a_run_gate_full_of_lost_leases(gate_settings, stack):
+    # After a restart the run's own limit can be full of slots whose jobs ended meanwhile.
+    model = _model("lost-run")
+    _, _, run_gate = gate.ensure_gates(model, "lost-run-gate", 2)
+    gate._set_active_slots(run_gate, 2)
+
+    lease = gate.acquire_slot(model, "lost-run-gate", 60)
+
+    assert gate.active_slots(run_gate) == 1
+    gate.release_slot(lease)

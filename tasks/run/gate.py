@@ -217,7 +217,7 @@ def acquire_slot(
         else None
     )
     if leases_lost:
-        reconcile(model_id, logger)
+        reconcile(model_id, logger, run_name=run_name)
     started = time.monotonic()
     waiting = False
     failures = 0
@@ -266,7 +266,7 @@ def acquire_slot(
             logger.info("Gates %s are full; waiting for a job to finish", " and ".join(names))
         waiting = True
         if time.monotonic() - started >= settings.reconcile_after_seconds:
-            reconcile(model_id, logger, throttle=True)
+            reconcile(model_id, logger, throttle=True, run_name=run_name)
         wait = min(max(retry_after, settings.wait_seconds), MAX_WAIT_SECONDS)
         time.sleep(wait * random.uniform(0.9, 1.1))
 
@@ -463,13 +463,19 @@ def _list_page(bedrock, kwargs: dict) -> dict:
     return bedrock.list_model_invocation_jobs(**kwargs)
 
 
-def reconcile(model_id: str, logger: Logger | None = None, throttle: bool = False) -> None:
+def reconcile(
+    model_id: str,
+    logger: Logger | None = None,
+    throttle: bool = False,
+    run_name: str | None = None,
+) -> None:
     """Recount the model's gate from Bedrock and take lost leases of our running jobs again.
 
     The model limit is set to the jobs Bedrock has in flight, less our own whose lease was lost
     (they take a slot again right after, without waiting), plus our live slots whose job is not
-    created yet. Each run limit is set to the live slots this process holds for that run (a run
-    has one process). With ``throttle``, runs at most once per ``reconcile_after_seconds``.
+    created yet. Each run limit of this process (and ``run_name``'s) is set to the live slots
+    this process holds for that run (a run has one process). With ``throttle``, runs at most
+    once per ``reconcile_after_seconds``.
     """
     logger = logger or log
     model_gate = gate_name(model_id)
@@ -501,9 +507,10 @@ def reconcile(model_id: str, logger: Logger | None = None, throttle: bool = Fals
                 target,
             )
             _set_active_slots(model_gate, target)
-        for run_name in sorted({s.run_name for s in ours}):
-            run_gate = run_gate_name(run_name)
-            run_target = sum(s.run_name == run_name for s in live)
+        runs = {s.run_name for s in ours} | ({run_name} if run_name else set())
+        for run in sorted(runs):
+            run_gate = run_gate_name(run)
+            run_target = sum(s.run_name == run for s in live)
             if active_slots(run_gate) != run_target:
                 _set_active_slots(run_gate, run_target)
         refused = [s.key for s in lost if not KEEPER.retake(s, logger)]
