@@ -8,6 +8,7 @@ from prefect import flow, get_run_logger, runtime
 from prefect.task_runners import ThreadPoolTaskRunner
 from prefect.utilities.annotations import unmapped
 
+from tasks.aws import storage
 from tasks.aws.submit import run_key
 from tasks.monitoring import events
 from tasks.run.lifecycle import (
@@ -21,6 +22,7 @@ from tasks.run.lifecycle import (
 from tasks.run.params import BatchParams
 from tasks.run.progress import RunProgress
 from tasks.run.shard import RunContext, run_shard
+from tasks.run.stop import stop_run_jobs
 
 # A shard's thread mostly sleeps between polls; shards past this many wait their turn.
 MAX_SHARDS_IN_FLIGHT = 64
@@ -36,11 +38,25 @@ def _emit_failed(flow, flow_run, state) -> None:
     events.emit_run_failed(run_name, raw.get("model_id", ""), str(state.message))
 
 
+def _stop_jobs(flow, flow_run, state) -> None:
+    """Cancel / crash hook: stop the run's jobs still in flight, so nothing keeps billing."""
+    raw = flow_run.parameters.get("params") or {}
+    try:
+        params = BatchParams.model_validate(raw)
+        run_name = name_for_events(params)
+    except Exception:  # the parameters or the source were the failure: nothing was created
+        return
+    reason = "crashed" if state.is_crashed() else "cancelled"
+    run_dir = storage.join(params.output_uri, run_name)
+    stop_run_jobs(run_dir, run_name, reason, params.kms_key_id)
+
+
 @flow(
     name="batch-inference",
     task_runner=ThreadPoolTaskRunner(max_workers=MAX_SHARDS_IN_FLIGHT),
     on_failure=[_emit_failed],
-    on_crashed=[_emit_failed],
+    on_crashed=[_emit_failed, _stop_jobs],
+    on_cancellation=[_stop_jobs],
 )
 def batch_inference(params: BatchParams) -> dict[str, Any]:
     """Run Bedrock batch inference over a dataset and write Parquet with every row's result.
@@ -64,8 +80,8 @@ def batch_inference(params: BatchParams) -> dict[str, Any]:
         # 2. Render, validate and shard the rows (or pick up the plan of an earlier attempt).
         plan = prepare_run(params, run)
 
-        # 3. One gate per model, sized to this run's max_concurrent_jobs.
-        gate_name = open_gate(params.model_id, params.max_concurrent_jobs)
+        # 3. The model's gate (the account's quota) and this run's own, of max_concurrent_jobs.
+        gate_name = open_gate(params.model_id, params.max_concurrent_jobs, run_name)
 
         # 4. Each shard: slot → job → poll → merge its Parquet part as soon as it finishes.
         ctx = RunContext(

@@ -180,6 +180,27 @@ def cmd_iam_policy(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_stop(args: argparse.Namespace) -> int:
+    """Stop a run's in-flight Bedrock jobs, free their gate slots and record it in state.json."""
+    from tasks.aws import storage
+    from tasks.errors import PlanError
+    from tasks.run.state import STATE_FILE
+    from tasks.run.stop import stop_run_jobs
+
+    run_dir = storage.join(args.output_uri, args.run_name)
+    if not storage.exists(storage.join(run_dir, STATE_FILE)):
+        msg = (
+            f"No run state at {storage.join(run_dir, STATE_FILE)}: check --run-name and "
+            "--output-uri (the run folder is <output_uri>/<run_name>/)."
+        )
+        raise PlanError(msg)
+    stopped = stop_run_jobs(run_dir, args.run_name, "stop", args.kms_key_id)
+    for name in stopped:
+        print(f"Stopped {name}")
+    print(f"{len(stopped)} jobs of {args.run_name} stopped; state in {run_dir}/{STATE_FILE}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="bedrock-batch", description="Amazon Bedrock batch inference with Prefect."
@@ -214,6 +235,12 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("--run-dir", required=True, help="folder `preprocess` wrote")
     merge.add_argument("--outputs", required=True, help="folder with <jobId>/<file>.out files")
     merge.set_defaults(func=cmd_merge)
+
+    stop = sub.add_parser("stop", help="stop a run's in-flight Bedrock jobs")
+    stop.add_argument("--run-name", required=True)
+    stop.add_argument("--output-uri", required=True, help="the run's output_uri")
+    stop.add_argument("--kms-key-id", help="the run's key, to write its state encrypted")
+    stop.set_defaults(func=cmd_stop)
 
     local = sub.add_parser("local", help="start the local stack (moto + Bedrock emulator)")
     local.add_argument("emulator_args", nargs=argparse.REMAINDER)

@@ -57,13 +57,60 @@ class PollSettings(BaseSettings):
     max_interval_seconds: float = Field(300.0, description="Longest wait after backing off.")
     backoff: float = Field(1.5, description="Factor the wait grows by while nothing changes.")
     lease_seconds: int = Field(
-        3600, description="Length of a concurrency-slot lease; renewed while the job is polled."
+        120,
+        description=(
+            "Length of a gate-slot lease (Prefect allows 60 s to 1 day); renewed every "
+            "BEDROCK_BATCH_GATE_RENEW_SECONDS while the job runs, so a dead run's slots free "
+            "within this time plus Prefect's ~15 s repossessor loop."
+        ),
     )
     create_backoff_seconds: float = Field(
         5.0,
         description=(
             "First wait after CreateModelInvocationJob is throttled or over quota; doubles on "
             "each of up to 12 retries, capped at 5 minutes."
+        ),
+    )
+    stall_warning_seconds: float = Field(
+        3600.0,
+        description=(
+            "A job whose status and counters have not changed for this long logs a warning "
+            "(again after each further period it stays stalled)."
+        ),
+    )
+
+
+class GateSettings(BaseSettings):
+    """The job gate: how leases are kept, how waiting shards ask, how it is reconciled."""
+
+    model_config = SettingsConfigDict(env_prefix="BEDROCK_BATCH_GATE_")
+
+    renew_seconds: float = Field(
+        20.0, description="How often the process's one lease keeper renews every held lease."
+    )
+    wait_seconds: float = Field(
+        5.0,
+        description=(
+            "Shortest wait of a shard between two asks of a full gate (Prefect's Retry-After "
+            "is honoured above it, up to 30 s), so many waiting shards ask at a bounded rate."
+        ),
+    )
+    reconcile_after_seconds: float = Field(
+        60.0,
+        description=(
+            "A shard that waited this long for a slot recounts the model's gate from the jobs "
+            "Bedrock lists as in flight (once per period per process), healing slots counted "
+            "by leases the Prefect server lost."
+        ),
+    )
+    retry_max_seconds: float = Field(
+        30.0, description="Longest wait between retries of a Prefect API call that failed."
+    )
+    release_timeout_seconds: float = Field(
+        120.0,
+        description=(
+            "How long a slot release is retried through Prefect API errors before it is left "
+            "to expire with its lease."
         ),
     )
 
@@ -74,6 +121,7 @@ class Settings(BaseSettings):
     aws: AwsSettings = Field(default_factory=AwsSettings)
     quotas: QuotaSettings = Field(default_factory=QuotaSettings)
     poll: PollSettings = Field(default_factory=PollSettings)
+    gate: GateSettings = Field(default_factory=GateSettings)
 
 
 @lru_cache

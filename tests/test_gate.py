@@ -1,46 +1,91 @@
-"""The per-model gate: a Prefect global concurrency limit whose slots are held by leases."""
+"""The job gate: the model's and the run's limits, leases kept by one keeper, recounts."""
 
 from __future__ import annotations
 
+import logging
 import threading
+import time
+import uuid
 
-from prefect.client.orchestration import get_client
+import httpx
+import pytest
 
+from tasks.aws import poll
 from tasks.run import gate
+from tasks.settings import get_settings
 
 
-def test_ensure_gate_creates_then_resizes_the_model_limit():
-    name = gate.ensure_gate("us.anthropic.claude-test-v1:0", 3)
-    gate.ensure_gate("us.anthropic.claude-test-v1:0", 5)
+@pytest.fixture
+def gate_settings(monkeypatch):
+    """Gate pace for tests: asks every 0.1 s, recounts after 0.5 s of waiting, fast retries."""
+    monkeypatch.setenv("BEDROCK_BATCH_GATE_WAIT_SECONDS", "0.1")
+    monkeypatch.setenv("BEDROCK_BATCH_GATE_RECONCILE_AFTER_SECONDS", "0.5")
+    monkeypatch.setenv("BEDROCK_BATCH_GATE_RETRY_MAX_SECONDS", "0.2")
+    get_settings.cache_clear()
+    yield
+    monkeypatch.undo()
+    get_settings.cache_clear()
+
+
+def _model(label: str) -> str:
+    return f"anthropic.gate-test-{label}-{uuid.uuid4().hex[:6]}-v1:0"
+
+
+def _wait_until(condition, seconds: float = 30.0) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, "condition not met in time"
+        time.sleep(0.05)
+
+
+def test_gate_name_is_the_quota_key_so_profiles_share_the_base_model_gate():
+    assert gate.gate_name("us.anthropic.claude-3-haiku-20240307-v1:0") == gate.gate_name(
+        "anthropic.claude-3-haiku-20240307-v1:0"
+    )
+    assert gate.gate_name("anthropic.claude-3-haiku-20240307-v1:0") == (
+        "bedrock-batch-anthropic-claude-3-haiku-20240307-v1-0"
+    )
+
+
+def test_ensure_gates_creates_model_limit_at_the_quota_and_no_run_resizes_it():
+    model = _model("size")
+
+    name, size, run_a = gate.ensure_gates(model, "run-a", 3)
+    _, size_again, run_b = gate.ensure_gates(model, "run-b", 5)
+
+    quota = get_settings().quotas.max_jobs_per_model
+    assert (size, size_again) == (quota, quota)
+    from prefect.client.orchestration import get_client
 
     with get_client(sync_client=True) as client:
-        limit = client.read_global_concurrency_limit_by_name(name)
-    assert name == "bedrock-batch-us-anthropic-claude-test-v1-0"
-    assert limit.limit == 5
+        assert client.read_global_concurrency_limit_by_name(name).limit == quota
+        assert client.read_global_concurrency_limit_by_name(run_a).limit == 3
+        assert client.read_global_concurrency_limit_by_name(run_b).limit == 5
 
 
-def test_slot_lease_renews_until_released_then_is_gone():
-    name = gate.ensure_gate("gate-test.renew-v1", 2)
+def test_slot_counts_on_both_limits_until_released(gate_settings):
+    model = _model("both")
+    name, _, run_gate = gate.ensure_gates(model, "both-run", 2)
 
-    lease = gate.acquire_slot(name, lease_seconds=60)
+    lease = gate.acquire_slot(model, "both-run", lease_seconds=60)
 
-    assert gate.active_slots(name) == 1
+    assert (gate.active_slots(name), gate.active_slots(run_gate)) == (1, 1)
     assert gate.renew_slot(lease, 120) is True
     gate.release_slot(lease)
-    assert gate.active_slots(name) == 0
-    # A lease the server no longer knows (expired or released) cannot be renewed.
+    assert (gate.active_slots(name), gate.active_slots(run_gate)) == (0, 0)
     assert gate.renew_slot(lease, 120) is False
     gate.release_slot(lease)  # releasing twice is harmless
 
 
-def test_acquire_slot_waits_while_the_gate_is_full():
-    name = gate.ensure_gate("gate-test.full-v1", 1)
-    first = gate.acquire_slot(name, lease_seconds=60)
+def test_acquire_slot_waits_while_the_run_gate_is_full(gate_settings):
+    model = _model("full")
+    name, _, _ = gate.ensure_gates(model, "full-run", 1)
+    first = gate.acquire_slot(model, "full-run", 60)
     taken: list = []
-    waiter = threading.Thread(target=lambda: taken.append(gate.acquire_slot(name, 60)))
+    waiter = threading.Thread(target=lambda: taken.append(gate.acquire_slot(model, "full-run", 60)))
 
     waiter.start()
-    waiter.join(timeout=2)
+    waiter.join(timeout=1.5)
     still_waiting = waiter.is_alive()
     gate.release_slot(first)
     waiter.join(timeout=30)
@@ -49,3 +94,108 @@ def test_acquire_slot_waits_while_the_gate_is_full():
     assert len(taken) == 1
     assert gate.active_slots(name) == 1
     gate.release_slot(taken[0])
+
+
+def test_acquire_slot_retries_transient_prefect_errors(gate_settings, monkeypatch, caplog, stack):
+    model = _model("flaky")
+    name, _, _ = gate.ensure_gates(model, "flaky-run", 2)
+    real = gate.get_client
+    request = httpx.Request("POST", "http://prefect/api/v2/concurrency_limits/increment-with-lease")
+    failures = [
+        httpx.HTTPStatusError("503", request=request, response=httpx.Response(503)),
+        httpx.ConnectError("connection refused", request=request),
+        httpx.ReadTimeout("timed out", request=request),
+    ]
+
+    def flaky_client(*args, **kwargs):
+        if failures:
+            raise failures.pop(0)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(gate, "get_client", flaky_client)
+    with caplog.at_level(logging.WARNING, logger="bedrock_batch.gate"):
+        lease = gate.acquire_slot(model, "flaky-run", 60)
+
+    assert gate.active_slots(name) == 1
+    assert [r.getMessage().split(";")[0] for r in caplog.records] == [
+        f"Prefect API error while trying to take a slot of {name} ({what})"
+        for what in ("HTTP 503", "ConnectError", "ReadTimeout")
+    ]
+    gate.release_slot(lease)
+
+
+def test_acquire_slot_recounts_a_gate_full_of_lost_leases_instead_of_hanging(gate_settings, stack):
+    # What a Prefect restart with in-memory lease storage leaves: slots counted, no lease.
+    model = _model("lost")
+    name, quota, _ = gate.ensure_gates(model, "lost-run", 2)
+    gate._set_active_slots(name, quota)
+
+    started = time.monotonic()
+    lease = gate.acquire_slot(model, "lost-run", 60)
+
+    assert time.monotonic() - started < 10
+    assert gate.active_slots(name) == 1  # Bedrock has none of this model in flight
+    gate.release_slot(lease)
+
+
+def test_keeper_takes_the_slot_of_a_running_job_again_when_the_server_lost_its_lease(
+    gate_settings, stack
+):
+    model = _model("keeper")
+    name, quota, run_gate = gate.ensure_gates(model, "keeper-run", 2)
+    gate._set_active_slots(name, quota)  # full of slots nobody holds any more
+    gate._set_active_slots(run_gate, 2)
+    recorded: list[str] = []
+    slot = gate.HeldSlot(
+        "keeper-job-a1", model, "keeper-run", str(uuid.uuid4()), on_new_lease=recorded.append
+    )
+    gate.KEEPER.hold(slot)
+    try:
+        gate.KEEPER.renew_all()
+
+        assert recorded and slot.lease_id == recorded[0]
+        assert (gate.active_slots(name), gate.active_slots(run_gate)) == (1, 1)
+        assert gate.renew_slot(slot.lease_id, 60) is True
+    finally:
+        gate.KEEPER.drop(slot.key)
+        if slot.lease_id:
+            gate.release_slot(slot.lease_id)
+
+
+def test_wait_for_job_warns_once_per_stalled_period(monkeypatch, caplog):
+    monkeypatch.setenv("BEDROCK_BATCH_POLL_INTERVAL_SECONDS", "0.01")
+    monkeypatch.setenv("BEDROCK_BATCH_POLL_MAX_INTERVAL_SECONDS", "0.01")
+    monkeypatch.setenv("BEDROCK_BATCH_POLL_STALL_WARNING_SECONDS", "0.2")
+    get_settings.cache_clear()
+    stuck = {"status": "InProgress", "totalRecordCount": 100, "processedRecordCount": 40}
+    done_at = time.monotonic() + 0.5
+    monkeypatch.setattr(
+        poll,
+        "describe_job",
+        lambda arn: stuck if time.monotonic() < done_at else {**stuck, "status": "Completed"},
+    )
+    logger = logging.getLogger("test.poll")
+    monkeypatch.setattr(poll, "get_run_logger", lambda: logger)
+    try:
+        with caplog.at_level(logging.WARNING, logger="test.poll"):
+            job = poll.wait_for_job.fn("arn:job/abc", "stalled-job", lambda job, previous: None)
+    finally:
+        get_settings.cache_clear()
+
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert job["status"] == "Completed"
+    assert len(warnings) == 2  # at ~0.2 s and ~0.4 s of the 0.5 s stall
+    assert warnings[0].startswith("stalled-job has not progressed for ")
+    assert "status InProgress, 40 of 100 records processed" in warnings[0]
+
+
+def test_acquire_slot_recounts_a_run_gate_full_of_lost_leases(gate_settings, stack):
+    # After a restart the run's own limit can be full of slots whose jobs ended meanwhile.
+    model = _model("lost-run")
+    _, _, run_gate = gate.ensure_gates(model, "lost-run-gate", 2)
+    gate._set_active_slots(run_gate, 2)
+
+    lease = gate.acquire_slot(model, "lost-run-gate", 60)
+
+    assert gate.active_slots(run_gate) == 1
+    gate.release_slot(lease)

@@ -1,4 +1,4 @@
-"""Polling a Bedrock batch job to its final status while keeping its gate slot alive."""
+"""Polling a Bedrock batch job to its final status, with a warning when it stalls."""
 
 from __future__ import annotations
 
@@ -14,7 +14,6 @@ from tasks.aws.clients import client, error_code
 from tasks.bedrock.error_codes import RETRYABLE_GET
 from tasks.bedrock.statuses import FINAL_STATUSES
 from tasks.errors import JobLostError
-from tasks.run import gate
 from tasks.settings import get_settings
 
 COUNTERS = ("totalRecordCount", "processedRecordCount", "successRecordCount", "errorRecordCount")
@@ -29,21 +28,19 @@ def describe_job(job_arn: str) -> dict[str, Any]:
 def wait_for_job(
     job_arn: str,
     job_name: str,
-    lease_id: str | None,
-    gate_name: str,
     on_change: Callable[[dict[str, Any], str | None], None],
-    on_lease: Callable[[str], None],
 ) -> dict[str, Any]:
-    """Poll until the job reaches a final status, renewing its slot's lease meanwhile.
+    """Poll until the job reaches a final status; its gate slot is kept by the lease keeper.
+
+    Polling never waits on the gate: a running job is watched whatever Prefect's limits say.
+    A job whose status and counters stay the same for ``BEDROCK_BATCH_POLL_STALL_WARNING_SECONDS``
+    logs a warning, once per such period.
 
     Args:
         job_arn: the job to watch.
         job_name: its name, for logs.
-        lease_id: the slot lease held for it (renewed, or re-taken if it expired).
-        gate_name: the concurrency limit the lease belongs to.
         on_change: called with the description and the previous status on every change of
             status or counters (state, events and progress hang off it).
-        on_lease: called with a new lease id when an expired lease had to be re-taken.
 
     Returns:
         The final GetModelInvocationJob description.
@@ -53,7 +50,7 @@ def wait_for_job(
     interval = settings.interval_seconds
     last_status: str | None = None
     last_counters: tuple = ()
-    renewed_at = time.monotonic()
+    progressed_at = warned_at = time.monotonic()
     while True:
         try:
             job = describe_job(job_arn)
@@ -81,14 +78,26 @@ def wait_for_job(
             on_change(job, last_status)
             last_status, last_counters = status, counters
             interval = settings.interval_seconds
+            progressed_at = warned_at = time.monotonic()
         else:
             interval = min(interval * settings.backoff, settings.max_interval_seconds)
         if status in FINAL_STATUSES:
             return job
-        if lease_id and time.monotonic() - renewed_at > settings.lease_seconds / 3:
-            if not gate.renew_slot(lease_id, settings.lease_seconds):
-                logger.warning("The gate lease of %s had expired; taking a slot again", job_name)
-                lease_id = str(gate.acquire_slot(gate_name, settings.lease_seconds, logger=logger))
-                on_lease(lease_id)
-            renewed_at = time.monotonic()
+        if time.monotonic() - warned_at >= settings.stall_warning_seconds:
+            warned_at = time.monotonic()
+            _warn_stalled(logger, job_name, job, warned_at - progressed_at)
         time.sleep(interval)
+
+
+def _warn_stalled(logger, job_name: str, job: dict[str, Any], seconds: float) -> None:
+    logger.warning(
+        "%s has not progressed for %.0f s: status %s, %s of %s records processed "
+        "(%s succeeded, %s failed)",
+        job_name,
+        seconds,
+        job["status"],
+        job.get("processedRecordCount", "?"),
+        job.get("totalRecordCount", "?"),
+        job.get("successRecordCount", "?"),
+        job.get("errorRecordCount", "?"),
+    )

@@ -117,33 +117,47 @@ def create_job(request: JobRequest) -> str:
     return client("bedrock").create_model_invocation_job(**request.to_api())["jobArn"]
 
 
-def _proves_ours(summary: dict, request: JobRequest) -> bool:
-    """Whether a listed job is the one ``request`` creates: same token, input and output."""
+def _proves_ours(
+    summary: dict, token: str, input_uri: str | None = None, output_uri: str | None = None
+) -> bool:
+    """Whether a listed job is ours: the same token (unique to the run), input and output."""
     output = summary.get("outputDataConfig", {}).get("s3OutputDataConfig", {}).get("s3Uri")
     source = summary.get("inputDataConfig", {}).get("s3InputDataConfig", {}).get("s3Uri")
     return (
-        summary.get("clientRequestToken") == request.client_token
-        and output == request.output_uri
-        and source == request.input_uri
+        summary.get("clientRequestToken") == token
+        and (output_uri is None or output == output_uri)
+        and (input_uri is None or source == input_uri)
     )
 
 
-def find_own_job(request: JobRequest) -> str | None:
-    """The ARN of the job ``request`` already created, if Bedrock has one.
+def find_job(
+    job_name: str, token: str, input_uri: str | None = None, output_uri: str | None = None
+) -> str | None:
+    """The ARN of a job with this exact name that proves ours, if Bedrock has one.
 
-    A job is found by name but adopted only when its clientRequestToken, input and output
-    locations prove it is ours: GetModelInvocationJob and the list summaries return those, not
-    the tags (they need ListTagsForResource), and the token is unique to this run.
+    A job is found by name but adopted only when its clientRequestToken (and, when given, its
+    input and output locations) prove it is ours: GetModelInvocationJob and the list summaries
+    return those, not the tags (they need ListTagsForResource), and the token is unique to
+    this run.
     """
     bedrock = client("bedrock")
-    token = None
+    next_token = None
     while True:
         page = bedrock.list_model_invocation_jobs(
-            nameContains=request.job_name, maxResults=100, **({"nextToken": token} if token else {})
+            nameContains=job_name,
+            maxResults=100,
+            **({"nextToken": next_token} if next_token else {}),
         )
         for summary in page.get("invocationJobSummaries", []):
-            if summary["jobName"] == request.job_name and _proves_ours(summary, request):
+            if summary["jobName"] == job_name and _proves_ours(
+                summary, token, input_uri, output_uri
+            ):
                 return summary["jobArn"]
-        token = page.get("nextToken")
-        if not token:
+        next_token = page.get("nextToken")
+        if not next_token:
             return None
+
+
+def find_own_job(request: JobRequest) -> str | None:
+    """The ARN of the job ``request`` already created (name, token and locations), if any."""
+    return find_job(request.job_name, request.client_token, request.input_uri, request.output_uri)

@@ -1,108 +1,523 @@
-"""The maxConcurrentJobs gate: one Prefect global concurrency limit per model, held by leases.
+"""The job gate: Prefect global concurrency limits that stand for Bedrock's per-model job quota.
 
-A Bedrock job lives up to a week, far longer than one lease, so a slot is held by a lease that
-the poller renews; the lease id is stored with the job so that a resumed run can renew it, or
-take a new one when it expired while nothing was running.
+Every Bedrock job holds one slot of two limits, taken together in one increment: the model's
+limit (named by the model's quota key, sized to the account's quota, never resized by a run)
+and the run's own limit (sized to its ``max_concurrent_jobs``). A slot is a short lease that
+one keeper thread per process renews for every slot it holds, so a dead run's slots free within
+minutes. When the Prefect server loses leases (a restart with its default in-memory lease
+storage), the limit keeps counting slots nobody holds; the gate is then recounted from what
+Bedrock lists as in flight and the leases of our own running jobs are taken again, without
+making those jobs wait. Transient Prefect API errors are retried with backoff, never fatal.
 """
 
 from __future__ import annotations
 
 import logging
+import random
 import re
+import threading
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, TypeVar
 from uuid import UUID
 
-from httpx import HTTPStatusError
+import httpx
+from botocore.exceptions import ClientError
 from prefect.client.orchestration import get_client
+from prefect.client.schemas.actions import (
+    GlobalConcurrencyLimitCreate,
+    GlobalConcurrencyLimitUpdate,
+)
 from prefect.client.schemas.objects import ConcurrencyLeaseHolder
+from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
+
+from tasks.aws.clients import client, error_code
+from tasks.bedrock.catalog import quota_key
+from tasks.bedrock.error_codes import RETRYABLE_GET
+from tasks.bedrock.statuses import ACTIVE_STATUSES
+from tasks.settings import get_settings
 
 # Prefect's server bounds a lease to 60 s .. 1 day.
 MIN_LEASE_SECONDS = 60
 MAX_LEASE_SECONDS = 86_400
+# Prefect's Retry-After for a full limit is capped at 30 s; we never wait longer between asks.
+MAX_WAIT_SECONDS = 30.0
+MODEL_PREFIX = "bedrock-batch-"
+RUN_PREFIX = "bedrock-batch-run-"
+# Jobs that count against Bedrock's "submitted or in progress" quota (the status table's own).
+IN_FLIGHT_STATUSES = tuple(sorted(ACTIVE_STATUSES))
+
+log = logging.getLogger("bedrock_batch.gate")
+Logger = logging.Logger | logging.LoggerAdapter
+T = TypeVar("T")
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^a-zA-Z0-9-]+", "-", text).strip("-").lower()
 
 
 def gate_name(model_id: str) -> str:
-    """The limit's name for a model: Bedrock's job quota is per model and region."""
-    return "bedrock-batch-" + re.sub(r"[^a-zA-Z0-9-]+", "-", model_id).strip("-").lower()
+    """The model limit's name, from the model's quota key (Bedrock's job quota is per model)."""
+    return MODEL_PREFIX + _slug(quota_key(model_id))
 
 
-def ensure_gate(model_id: str, max_concurrent_jobs: int) -> str:
-    """Create the model's limit, or resize it to ``max_concurrent_jobs``; returns its name."""
-    if max_concurrent_jobs < 1:
-        msg = f"max_concurrent_jobs must be at least 1, got {max_concurrent_jobs}."
-        raise ValueError(msg)
-    name = gate_name(model_id)
-    with get_client(sync_client=True) as prefect:
-        prefect.upsert_global_concurrency_limit_by_name(name, max_concurrent_jobs)
-    return name
+def run_gate_name(run_name: str) -> str:
+    """The run's own limit: at most ``max_concurrent_jobs`` of its jobs in flight."""
+    return RUN_PREFIX + _slug(run_name)
+
+
+def is_transient(exc: BaseException) -> bool:
+    """A Prefect API error that clears up with time: 408, 429, 5xx, timeouts, lost connections."""
+    if isinstance(exc, httpx.HTTPStatusError):
+        code = exc.response.status_code
+        return code in (408, 429) or code >= 500
+    return isinstance(exc, httpx.TransportError)
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, httpx.HTTPStatusError):
+        return f"HTTP {exc.response.status_code}"
+    return type(exc).__name__
+
+
+def _call(
+    what: str,
+    fn: Callable[[Any], T],
+    logger: Logger | None = None,
+    deadline: float | None = None,
+) -> T:
+    """``fn(prefect_client)``; transient errors are logged and retried with capped backoff."""
+    delay = 0.5
+    failures = 0
+    while True:
+        try:
+            with get_client(sync_client=True) as prefect:
+                return fn(prefect)
+        except Exception as exc:
+            if not is_transient(exc):
+                raise
+            failures += 1
+            if deadline is not None and time.monotonic() + delay > deadline:
+                raise
+            (logger or log).warning(
+                "Prefect API error while trying to %s (%s); retry %d in %.1f s",
+                what,
+                _describe(exc),
+                failures,
+                delay,
+            )
+            time.sleep(delay * random.uniform(0.8, 1.2))
+            delay = min(delay * 2, get_settings().gate.retry_max_seconds)
 
 
 def _lease_seconds(seconds: float) -> float:
     return float(min(max(seconds, MIN_LEASE_SECONDS), MAX_LEASE_SECONDS))
 
 
+def ensure_gates(model_id: str, run_name: str, max_concurrent_jobs: int) -> tuple[str, int, str]:
+    """Create the model's limit when missing (never resize it) and size the run's own limit.
+
+    Returns:
+        The model limit's name, its size, and the run limit's name.
+    """
+    if max_concurrent_jobs < 1:
+        msg = f"max_concurrent_jobs must be at least 1, got {max_concurrent_jobs}."
+        raise ValueError(msg)
+    quota = get_settings().quotas.max_jobs_per_model
+    model_gate, run_gate = gate_name(model_id), run_gate_name(run_name)
+
+    def model_limit(prefect) -> int:
+        try:
+            return prefect.read_global_concurrency_limit_by_name(model_gate).limit
+        except ObjectNotFound:
+            pass
+        try:
+            prefect.create_global_concurrency_limit(
+                GlobalConcurrencyLimitCreate(name=model_gate, limit=quota)
+            )
+        except ObjectAlreadyExists:  # another run created it meanwhile
+            return prefect.read_global_concurrency_limit_by_name(model_gate).limit
+        return quota
+
+    size = _call("open the model gate " + model_gate, model_limit)
+    _call(
+        "size the run gate " + run_gate,
+        lambda p: p.upsert_global_concurrency_limit_by_name(run_gate, max_concurrent_jobs),
+    )
+    return model_gate, size, run_gate
+
+
+def active_slots(name: str) -> int:
+    """How many slots of a limit are counted as taken now."""
+    return _call(
+        "read " + name, lambda p: p.read_global_concurrency_limit_by_name(name).active_slots
+    )
+
+
+def _set_active_slots(name: str, slots: int) -> None:
+    _call(
+        "recount " + name,
+        lambda p: p.update_global_concurrency_limit(
+            name, GlobalConcurrencyLimitUpdate(active_slots=max(slots, 0))
+        ),
+    )
+
+
+def _increment(names: list[str], lease_seconds: float, holder: UUID | None, logger) -> UUID:
+    lease_holder = ConcurrencyLeaseHolder(type="flow_run", id=holder) if holder else None
+    response = _call(
+        "take a slot of " + names[0],
+        lambda p: p.increment_concurrency_slots_with_lease(
+            names=names,
+            slots=1,
+            mode="concurrency",
+            lease_duration=_lease_seconds(lease_seconds),
+            holder=lease_holder,
+        ),
+        logger,
+    )
+    return UUID(response.json()["lease_id"])
+
+
+def _is_full(exc: BaseException) -> bool:
+    return isinstance(exc, httpx.HTTPStatusError) and exc.response.status_code == 423
+
+
+def _lost_here(model_gate: str) -> list[str]:
+    return [
+        s.key for s in KEEPER.slots() if s.lease_id is None and gate_name(s.model_id) == model_gate
+    ]
+
+
 def acquire_slot(
-    name: str,
+    model_id: str,
+    run_name: str,
     lease_seconds: float,
     holder_flow_run_id: UUID | None = None,
-    logger: logging.Logger | logging.LoggerAdapter | None = None,
+    logger: Logger | None = None,
+    leases_lost: bool = False,
 ) -> UUID:
-    """Wait until the gate has a free slot and take it with a lease; returns the lease id."""
+    """Wait until both the model's and the run's limits have room; take one slot of each.
+
+    Asks at most every ``BEDROCK_BATCH_GATE_WAIT_SECONDS`` (Prefect's Retry-After above it is
+    honoured). Running jobs of this process whose lease was lost go first: no new slot is taken
+    while one of them waits to take its own again. After waiting ``reconcile_after_seconds``, or
+    at once when ``leases_lost``, the model's gate is recounted from Bedrock so slots of lost
+    leases cannot block it forever. Transient Prefect API errors are logged and retried.
+
+    Returns:
+        The lease id.
+    """
+    settings = get_settings().gate
+    names = [gate_name(model_id), run_gate_name(run_name)]
     holder = (
         ConcurrencyLeaseHolder(type="flow_run", id=holder_flow_run_id)
         if holder_flow_run_id
         else None
     )
-    waited_since: float | None = None
-    with get_client(sync_client=True) as prefect:
-        while True:
-            try:
-                response = prefect.increment_concurrency_slots_with_lease(
-                    names=[name],
-                    slots=1,
-                    mode="concurrency",
-                    lease_duration=_lease_seconds(lease_seconds),
-                    holder=holder,
-                )
-            except HTTPStatusError as exc:
-                if exc.response.status_code != 423:
-                    raise
-                if waited_since is None:
-                    waited_since = time.monotonic()
-                    if logger:
-                        logger.info("Gate %s is full; waiting for a job to finish", name)
-                # The server says when a slot may be free; honour it (bounded for responsiveness).
-                retry_after = float(exc.response.headers.get("Retry-After", 1.0))
-                time.sleep(min(max(retry_after, 0.1), 30.0))
-                continue
-            if waited_since is not None and logger:
-                logger.info("Took a slot of %s after %.1f s", name, time.monotonic() - waited_since)
-            return UUID(response.json()["lease_id"])
+    if leases_lost:
+        reconcile(model_id, logger, run_name=run_name)
+    started = time.monotonic()
+    waiting = False
+    failures = 0
+    while True:
+        retry_after = 0.0
+        # Under the recount's lock, so a recount that made room for lost leases of running jobs
+        # is not taken from under them by a shard of this process that waits for a new slot.
+        with _reconcile_lock:
+            lost = _lost_here(names[0])
+            if not lost:
+                try:
+                    with get_client(sync_client=True) as prefect:
+                        response = prefect.increment_concurrency_slots_with_lease(
+                            names=names,
+                            slots=1,
+                            mode="concurrency",
+                            lease_duration=_lease_seconds(lease_seconds),
+                            holder=holder,
+                        )
+                except Exception as exc:
+                    if _is_full(exc):
+                        retry_after = float(exc.response.headers.get("Retry-After", 0) or 0)
+                    elif is_transient(exc):
+                        failures += 1
+                        delay = min(0.5 * 2 ** (failures - 1), settings.retry_max_seconds)
+                        (logger or log).warning(
+                            "Prefect API error while trying to take a slot of %s (%s); "
+                            "retry %d in %.1f s",
+                            names[0],
+                            _describe(exc),
+                            failures,
+                            delay,
+                        )
+                        time.sleep(delay)
+                        continue
+                    else:
+                        raise
+                else:
+                    if waiting and logger:
+                        logger.info(
+                            "Took a slot of %s after %.1f s", names[0], time.monotonic() - started
+                        )
+                    return UUID(response.json()["lease_id"])
+        failures = 0
+        if not waiting and logger:
+            logger.info("Gates %s are full; waiting for a job to finish", " and ".join(names))
+        waiting = True
+        if time.monotonic() - started >= settings.reconcile_after_seconds:
+            reconcile(model_id, logger, throttle=True, run_name=run_name)
+        wait = min(max(retry_after, settings.wait_seconds), MAX_WAIT_SECONDS)
+        time.sleep(wait * random.uniform(0.9, 1.1))
 
 
-def renew_slot(lease_id: UUID | str, lease_seconds: float) -> bool:
-    """Extend a lease; False when the server no longer knows it (it expired)."""
-    with get_client(sync_client=True) as prefect:
+def renew_slot(lease_id: UUID | str, lease_seconds: float, retry: bool = True) -> bool:
+    """Extend a lease; False when the server no longer knows it (expired, or lost in a restart)."""
+
+    def renew(prefect) -> bool:
         try:
             prefect.renew_concurrency_lease(UUID(str(lease_id)), _lease_seconds(lease_seconds))
-        except HTTPStatusError as exc:
+        except httpx.HTTPStatusError as exc:
             if exc.response.status_code in (404, 410):
                 return False
             raise
-    return True
+        return True
 
-
-def release_slot(lease_id: UUID | str) -> None:
-    """Give the slot back; a lease that already expired is fine."""
+    if retry:
+        return _call("renew lease " + str(lease_id), renew)
     with get_client(sync_client=True) as prefect:
+        return renew(prefect)
+
+
+def release_slot(lease_id: UUID | str, logger: Logger | None = None) -> None:
+    """Give the slot back; an unknown lease is fine, and so is a server that stays away."""
+    deadline = time.monotonic() + get_settings().gate.release_timeout_seconds
+    try:
+        _call(
+            "release lease " + str(lease_id),
+            lambda p: p.release_concurrency_slots_with_lease(UUID(str(lease_id))),
+            logger,
+            deadline,
+        )
+    except Exception as exc:
+        if not is_transient(exc) and not (
+            isinstance(exc, httpx.HTTPStatusError) and exc.response.status_code in (404, 410)
+        ):
+            raise
+        (logger or log).warning(
+            "Could not release lease %s (%s); it frees itself when it expires",
+            lease_id,
+            _describe(exc),
+        )
+
+
+# -- the lease keeper: one thread per process renews every held slot ---------------------------
+
+
+@dataclass
+class HeldSlot:
+    """A slot held for one job: its lease (None while lost) and where to record a new one."""
+
+    key: str  # the job name
+    model_id: str
+    run_name: str
+    lease_id: str | None
+    holder: UUID | None = None
+    on_new_lease: Callable[[str], None] | None = None
+    lost_since: float | None = None
+
+
+class LeaseKeeper:
+    """Renews every held lease every ``renew_seconds``; lost leases are re-taken via reconcile."""
+
+    def __init__(self) -> None:
+        self._slots: dict[str, HeldSlot] = {}
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+
+    def hold(self, slot: HeldSlot) -> None:
+        if slot.lease_id is None and slot.lost_since is None:
+            slot.lost_since = time.monotonic()
+        with self._lock:
+            self._slots[slot.key] = slot
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(
+                    target=self._run, name="bedrock-batch-lease-keeper", daemon=True
+                )
+                self._thread.start()
+
+    def holds(self, key: str) -> bool:
+        with self._lock:
+            return key in self._slots
+
+    def drop(self, key: str) -> HeldSlot | None:
+        with self._lock:
+            return self._slots.pop(key, None)
+
+    def slots(self) -> list[HeldSlot]:
+        with self._lock:
+            return list(self._slots.values())
+
+    def _run(self) -> None:
+        while True:
+            time.sleep(get_settings().gate.renew_seconds)
+            try:
+                self.renew_all()
+            except Exception:  # the keeper must outlive any one bad cycle
+                log.exception("Lease keeper cycle failed; trying again next cycle")
+
+    def renew_all(self) -> None:
+        """One cycle: renew each lease; recount the gates of those the server lost."""
+        lease_seconds = get_settings().poll.lease_seconds
+        lost_models: dict[str, str] = {}
+        unreachable = 0
+        for slot in self.slots():
+            if slot.lease_id is not None:
+                try:
+                    if renew_slot(slot.lease_id, lease_seconds, retry=False):
+                        continue
+                except Exception as exc:
+                    if not is_transient(exc):
+                        raise
+                    unreachable += 1
+                    continue
+                log.warning(
+                    "The Prefect server no longer knows the lease of %s (expired or lost in a "
+                    "restart); recounting the gate from Bedrock",
+                    slot.key,
+                )
+                slot.lost_since = time.monotonic()
+                slot.lease_id = None
+            lost_models.setdefault(gate_name(slot.model_id), slot.model_id)
+        if unreachable:
+            log.warning("Prefect API unreachable: %d leases not renewed this cycle", unreachable)
+        for model_id in lost_models.values():
+            try:
+                reconcile(model_id)
+            except Exception as exc:
+                if not is_transient(exc) and not isinstance(exc, ClientError):
+                    raise
+                log.warning("Recount of %s failed (%s); next cycle", model_id, exc)
+
+    def retake(self, slot: HeldSlot, logger: Logger | None = None) -> bool:
+        """One try, never a wait: a lease for a slot that lost its own."""
+        names = [gate_name(slot.model_id), run_gate_name(slot.run_name)]
         try:
-            prefect.release_concurrency_slots_with_lease(UUID(str(lease_id)))
-        except HTTPStatusError as exc:
-            if exc.response.status_code not in (404, 410):
+            lease_seconds = get_settings().poll.lease_seconds
+            lease_id = str(_increment(names, lease_seconds, slot.holder, logger))
+        except httpx.HTTPStatusError as exc:
+            if not _is_full(exc):
                 raise
+            return False
+        with self._lock:
+            held = self._slots.get(slot.key) is slot
+            if held:
+                slot.lease_id, slot.lost_since = lease_id, None
+        if not held:  # released meanwhile: give the new lease straight back
+            release_slot(lease_id)
+            return True
+        (logger or log).info("Took the gate slot of running job %s again", slot.key)
+        if slot.on_new_lease:
+            slot.on_new_lease(lease_id)
+        return True
 
 
-def active_slots(name: str) -> int:
-    """How many slots of the gate are taken now."""
-    with get_client(sync_client=True) as prefect:
-        return prefect.read_global_concurrency_limit_by_name(name).active_slots
+KEEPER = LeaseKeeper()
+_reconcile_lock = threading.RLock()
+_last_reconcile: dict[str, float] = {}
+
+
+def in_flight_jobs(model_id: str) -> set[str]:
+    """Names of the jobs Bedrock lists as submitted or in progress for the model's quota key."""
+    bedrock = client("bedrock")
+    key = gate_name(model_id)
+    names: set[str] = set()
+    for status in IN_FLIGHT_STATUSES:
+        token = None
+        while True:
+            kwargs = {"statusEquals": status, "maxResults": 1000}
+            if token:
+                kwargs["nextToken"] = token
+            page = _list_page(bedrock, kwargs)
+            names |= {
+                job["jobName"]
+                for job in page.get("invocationJobSummaries", [])
+                if gate_name(job["modelId"]) == key
+            }
+            token = page.get("nextToken")
+            if not token:
+                break
+    return names
+
+
+def _list_page(bedrock, kwargs: dict) -> dict:
+    delay = 0.5
+    for _ in range(8):
+        try:
+            return bedrock.list_model_invocation_jobs(**kwargs)
+        except ClientError as exc:
+            if error_code(exc) not in RETRYABLE_GET:
+                raise
+            time.sleep(delay)
+            delay = min(delay * 2, 10.0)
+    return bedrock.list_model_invocation_jobs(**kwargs)
+
+
+def reconcile(
+    model_id: str,
+    logger: Logger | None = None,
+    throttle: bool = False,
+    run_name: str | None = None,
+) -> None:
+    """Recount the model's gate from Bedrock and take lost leases of our running jobs again.
+
+    The model limit is set to the jobs Bedrock has in flight, less our own whose lease was lost
+    (they take a slot again right after, without waiting), plus our live slots whose job is not
+    created yet. Each run limit of this process (and ``run_name``'s) is set to the live slots
+    this process holds for that run (a run has one process). With ``throttle``, runs at most
+    once per ``reconcile_after_seconds``.
+    """
+    logger = logger or log
+    model_gate = gate_name(model_id)
+    with _reconcile_lock:
+        now = time.monotonic()
+        period = get_settings().gate.reconcile_after_seconds
+        if throttle and now - _last_reconcile.get(model_gate, -period) < period:
+            return
+        _last_reconcile[model_gate] = now
+        listed = in_flight_jobs(model_id)
+        ours = [s for s in KEEPER.slots() if gate_name(s.model_id) == model_gate]
+        lost = [s for s in ours if s.lease_id is None]
+        live = [s for s in ours if s.lease_id is not None]
+        target = max(
+            len(listed)
+            - sum(s.key in listed for s in lost)
+            + sum(s.key not in listed for s in live),
+            0,
+        )
+        counted = active_slots(model_gate)
+        if counted != target:
+            logger.warning(
+                "Gate %s counted %d slots; Bedrock has %d jobs in flight, %d of ours to take "
+                "again: recounted to %d",
+                model_gate,
+                counted,
+                len(listed),
+                len(lost),
+                target,
+            )
+            _set_active_slots(model_gate, target)
+        runs = {s.run_name for s in ours} | ({run_name} if run_name else set())
+        for run in sorted(runs):
+            run_gate = run_gate_name(run)
+            run_target = sum(s.run_name == run for s in live)
+            if active_slots(run_gate) != run_target:
+                _set_active_slots(run_gate, run_target)
+        refused = [s.key for s in lost if not KEEPER.retake(s, logger)]
+    if refused:
+        logger.warning(
+            "Gate %s is full; %d running jobs poll on without a slot and take one when free: %s",
+            model_gate,
+            len(refused),
+            ", ".join(refused[:5]),
+        )

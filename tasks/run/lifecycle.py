@@ -232,14 +232,16 @@ def _upload_run_files(plan: RunPlan, out_dir: Path, layout: RunLayout) -> None:
 
 
 @task
-def open_gate(model_id: str, max_concurrent_jobs: int) -> str:
-    """Create or resize the model's global concurrency limit to ``max_concurrent_jobs``."""
-    name = gate.ensure_gate(model_id, max_concurrent_jobs)
+def open_gate(model_id: str, max_concurrent_jobs: int, run_name: str) -> str:
+    """Open the model's gate (the account's job quota) and size the run's own to its cap."""
+    name, quota, run_gate = gate.ensure_gates(model_id, run_name, max_concurrent_jobs)
     get_run_logger().info(
-        "Gate %s allows %d jobs in flight (%d taken now)",
+        "Gate %s allows %d jobs of the model in flight (%d taken now); %s allows %d of this run",
         name,
-        max_concurrent_jobs,
+        quota,
         gate.active_slots(name),
+        run_gate,
+        max_concurrent_jobs,
     )
     return name
 

@@ -25,6 +25,7 @@ from tasks.aws.submit import (
     client_token_for,
     create_backoff,
     create_job,
+    find_job,
     find_own_job,
     job_name_for,
 )
@@ -40,6 +41,7 @@ from tasks.run.layout import JSONL, OUT_SUFFIX, RunLayout, input_file
 from tasks.run.owner import RunClaim
 from tasks.run.progress import RunProgress
 from tasks.run.state import JobAttempt, RunStateStore, ShardState, now_iso
+from tasks.run.stop import register_live_store
 from tasks.settings import get_settings
 
 
@@ -126,20 +128,61 @@ def _request(ctx: RunContext, shard: ShardPlan, attempt: JobAttempt) -> JobReque
 
 
 def _hold_slot(ctx: RunContext, attempt: JobAttempt, logger: logging.LoggerAdapter) -> None:
-    """Make sure the attempt holds a live lease: renew the stored one or take a new one."""
+    """Make sure the attempt holds a gate slot that the process's lease keeper renews.
+
+    A job not yet created waits for a slot. A job that already exists never waits: its stored
+    lease is kept if the server still knows it, else the gate is recounted from Bedrock and
+    the slot taken again while the job is polled.
+    """
+    if gate.KEEPER.holds(attempt.job_name):
+        return
+    register_live_store(ctx.run_dir, ctx.store)
     lease_seconds = get_settings().poll.lease_seconds
+
+    def on_new_lease(lease_id: str) -> None:
+        attempt.lease_id = lease_id
+        ctx.store.save()
+
+    slot = gate.HeldSlot(
+        attempt.job_name, ctx.model_id, ctx.run_name, None, ctx.flow_run_id, on_new_lease
+    )
     if attempt.lease_id and gate.renew_slot(attempt.lease_id, lease_seconds):
         logger.info(
             "Kept the gate slot %s held for %s before a restart", attempt.lease_id, attempt.job_name
         )
+        slot.lease_id = attempt.lease_id
+        gate.KEEPER.hold(slot)
+        return
+    # A crash between create and saving the ARN leaves a running job known only by name.
+    running = attempt.job_arn is not None or (
+        attempt.lease_id is not None
+        and find_job(attempt.job_name, attempt.client_token) is not None
+    )
+    if running:
+        logger.warning(
+            "The gate lease of %s is gone (expired or lost by the Prefect server) while its "
+            "job runs; the lease keeper recounts the gate and takes the slot again while the "
+            "job is polled",
+            attempt.job_name,
+        )
+        gate.KEEPER.hold(slot)
         return
     if attempt.lease_id:
         logger.warning(
             "Lease of %s expired while nothing was running; taking a slot again", attempt.job_name
         )
-    attempt.lease_id = str(
-        gate.acquire_slot(ctx.gate_name, lease_seconds, ctx.flow_run_id, logger=logger)
+    slot.lease_id = str(
+        gate.acquire_slot(
+            ctx.model_id,
+            ctx.run_name,
+            lease_seconds,
+            ctx.flow_run_id,
+            logger=logger,
+            leases_lost=attempt.lease_id is not None,
+        )
     )
+    gate.KEEPER.hold(slot)
+    attempt.lease_id = slot.lease_id
     ctx.store.save()
 
 
@@ -217,19 +260,16 @@ def _watch(ctx: RunContext, shard: ShardPlan, attempt: JobAttempt) -> None:
             attempt.counters,
         )
 
-    def on_lease(lease_id: str) -> None:
-        attempt.lease_id = lease_id
-        ctx.store.save()
-
-    job = wait_for_job(
-        attempt.job_arn, attempt.job_name, attempt.lease_id, ctx.gate_name, on_change, on_lease
-    )
+    job = wait_for_job(attempt.job_arn, attempt.job_name, on_change)
     attempt.status = job["status"]
 
 
 def _release(ctx: RunContext, attempt: JobAttempt) -> None:
+    slot = gate.KEEPER.drop(attempt.job_name)
+    lease_id = (slot.lease_id if slot else None) or attempt.lease_id
+    if lease_id:
+        gate.release_slot(lease_id)
     if attempt.lease_id:
-        gate.release_slot(attempt.lease_id)
         attempt.lease_id = None
         ctx.store.save()
 

@@ -41,6 +41,9 @@ class JobAttempt:
     submitted_at: str | None = None
     ended_at: str | None = None
     counters: dict[str, int] = field(default_factory=dict)
+    # Set when the run stopped the job (flow run cancelled or crashed, `bedrock-batch stop`).
+    stop_requested_at: str | None = None
+    stopped_by: str | None = None
 
     @property
     def job_id(self) -> str | None:

@@ -1,0 +1,101 @@
+"""Stopping a run's in-flight Bedrock jobs: on cancel or crash of its flow run, or by hand."""
+
+from __future__ import annotations
+
+import logging
+import time
+import weakref
+
+from botocore.exceptions import ClientError
+
+from tasks.aws import storage
+from tasks.aws.clients import client, error_code
+from tasks.aws.poll import describe_job
+from tasks.aws.submit import find_job
+from tasks.bedrock.error_codes import CONFLICT, RETRYABLE_GET, VALIDATION
+from tasks.pipeline import columns as C
+from tasks.run import gate
+from tasks.run.state import STATE_FILE, JobAttempt, RunStateStore, now_iso
+
+log = logging.getLogger("bedrock_batch.stop")
+
+# The state of runs alive in this process: a hook in the flow's own process must write through
+# the store its shard threads use, or a later save of theirs would undo the stop's record.
+_live_stores: weakref.WeakValueDictionary[str, RunStateStore] = weakref.WeakValueDictionary()
+
+
+def register_live_store(run_dir: str, store: RunStateStore) -> None:
+    """Remember the store a running run writes its state through."""
+    _live_stores[run_dir] = store
+
+
+def _stop_job(job_arn: str) -> None:
+    """StopModelInvocationJob; a job that already ended (or is stopping) is left as it is."""
+    delay = 0.5
+    for _ in range(8):
+        try:
+            client("bedrock").stop_model_invocation_job(jobIdentifier=job_arn)
+            return
+        except ClientError as exc:
+            code = error_code(exc)
+            if code in (CONFLICT, VALIDATION):  # "State was: Completed" and the like
+                return
+            if code not in RETRYABLE_GET:
+                raise
+            time.sleep(delay)
+            delay = min(delay * 2, 10.0)
+    client("bedrock").stop_model_invocation_job(jobIdentifier=job_arn)
+
+
+def _stop_attempt(store: RunStateStore, attempt: JobAttempt, reason: str) -> bool:
+    job_arn = attempt.job_arn
+    if job_arn is None and attempt.lease_id:  # created just before a crash, ARN not saved
+        job_arn = find_job(attempt.job_name, attempt.client_token)
+    if job_arn is not None:
+        _stop_job(job_arn)
+        attempt.job_arn = job_arn
+        attempt.status = describe_job(job_arn)["status"]
+        attempt.stop_requested_at = now_iso()
+        attempt.stopped_by = reason
+    slot = gate.KEEPER.drop(attempt.job_name)
+    lease_id = (slot.lease_id if slot else None) or attempt.lease_id
+    if lease_id:
+        gate.release_slot(lease_id, log)
+        attempt.lease_id = None
+    store.save()
+    return job_arn is not None
+
+
+def stop_run_jobs(
+    run_dir: str, run_name: str, reason: str, kms_key_id: str | None = None
+) -> list[str]:
+    """Stop every job of the run that is still in flight, free its slot and record it.
+
+    Outputs of the records a stopped job processed are kept by Bedrock and merged by a re-run;
+    a re-run sends the rest again only with ``retry_stopped``.
+
+    Args:
+        run_dir: the run folder, ``<output_uri>/<run_name>``.
+        run_name: the run's name.
+        reason: why, recorded in each attempt's ``stopped_by`` (cancelled, crashed, stop).
+        kms_key_id: the run's key, to write its state back encrypted.
+
+    Returns:
+        The names of the jobs stopped.
+    """
+    store = _live_stores.get(run_dir)
+    if store is None:
+        if not storage.exists(storage.join(run_dir, STATE_FILE)):
+            return []
+        store = RunStateStore(run_dir, run_name, kms_key_id)
+    stopped = []
+    for shard in list(store.state.shards.values()):
+        for attempt in shard.attempts:
+            if attempt.served_by != C.SERVED_BATCH or attempt.is_final:
+                continue
+            if attempt.job_arn is None and attempt.lease_id is None:
+                continue  # never reached the gate: nothing was created
+            if _stop_attempt(store, attempt, reason):
+                log.warning("Stopped job %s of run %s (%s)", attempt.job_name, run_name, reason)
+                stopped.append(attempt.job_name)
+    return stopped
