@@ -15,7 +15,8 @@ from tasks.aws.submit import find_job
 from tasks.bedrock.error_codes import CONFLICT, RETRYABLE_GET, VALIDATION
 from tasks.pipeline import columns as C
 from tasks.run import gate
-from tasks.run.state import STATE_FILE, JobAttempt, RunStateStore, now_iso
+from tasks.run.layout import STATE_FILE
+from tasks.run.state import JobAttempt, RunStateStore, now_iso
 
 log = logging.getLogger("bedrock_batch.stop")
 
@@ -85,9 +86,10 @@ def stop_run_jobs(
     """
     store = _live_stores.get(run_dir)
     if store is None:
-        if not storage.exists(storage.join(run_dir, STATE_FILE)):
+        state_uri = storage.join(run_dir, STATE_FILE)
+        if not storage.exists(state_uri):
             return []
-        store = RunStateStore(run_dir, run_name, kms_key_id)
+        store = RunStateStore(state_uri, run_name, kms_key_id)
     stopped = []
     for shard in list(store.state.shards.values()):
         for attempt in shard.attempts:
