@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections import Counter
 
 import polars as pl
 import pytest
@@ -33,14 +34,17 @@ def _lines(stack, arn, name):
 
 
 def test_record_error_rate_writes_retryable_errors(stack):
-    name = unique("recerr")
+    # A fixed name and seed fix the draw (a hash of seed, job name and record id): exactly
+    # these errors on every run.
+    name = "recerr-seed7"
     stack.set_faults(record_error_rate=0.3, record_error_job_names_containing=name, seed=7)
     arn = _job(stack, name)
     job = wait_for(stack, arn)
     assert job["status"] == "Completed"
     errors = [r["error"] for r in _lines(stack, arn, name) if "error" in r]
-    assert job["errorRecordCount"] == len(errors) and 30 < len(errors) < 90
-    assert {e["errorCode"] for e in errors} <= {429, 500, 408, 503}
+    assert job["errorRecordCount"] == len(errors) == 66
+    codes = Counter(e["errorCode"] for e in errors)
+    assert codes == {429: 26, 500: 17, 408: 18, 503: 5}
     assert any(e["errorMessage"].startswith("ThrottlingException") for e in errors)
     manifest = json.loads(read_output(stack, arn, f"out/{name}/")["manifest.json.out"])
     assert manifest["errorRecordCount"] == len(errors)
@@ -164,6 +168,9 @@ def test_throttle_get_rate_raises_throttling(stack):
         client.get_model_invocation_job(jobIdentifier=arn)
 
 
+THROTTLED_OF_20_SEED_5 = 6
+
+
 def test_throttle_get_rate_partial_throttles_some_calls(stack):
     arn = _job(stack, unique("throttlehalf"), 100)
     stack.set_faults(throttle_get_rate=0.5, seed=5)
@@ -175,7 +182,8 @@ def test_throttle_get_rate_partial_throttles_some_calls(stack):
             outcomes.append("ok")
         except client.exceptions.ThrottlingException:
             outcomes.append("throttled")
-    assert 3 <= outcomes.count("throttled") <= 17
+    # Seed 5 draws the same sequence for the first 20 calls after a reset.
+    assert outcomes.count("throttled") == THROTTLED_OF_20_SEED_5
 
 
 def test_quota_fault_lowers_the_per_model_quota(stack):
