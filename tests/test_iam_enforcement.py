@@ -265,3 +265,23 @@ def test_run_without_runner_put_fails_with_access_denied(iam_stack, environment,
         batch_inference(_params(tmp_path, output_uri, name, role_arn))
 
     assert iam_stack.ledger(name_contains=name) == []  # refused before any job was paid for
+
+
+def test_runner_may_abort_a_failed_multipart_upload_of_a_run_file(iam_stack, environment, capsys):
+    # boto3 aborts a multipart upload (files over 8 MB: shards, parts) that failed part-way.
+    name = "enforced-multipart"
+    environment({**iam_stack.env, **FAST_POLLS})
+    _, keys, _ = _identities(iam_stack, capsys, name, f"s3://{iam_stack.bucket}/runs")
+    s3 = iam_stack.client(
+        "s3",
+        aws_access_key_id=keys["AWS_ACCESS_KEY_ID"],
+        aws_secret_access_key=keys["AWS_SECRET_ACCESS_KEY"],
+    )
+    key = f"runs/{name}/input/shard-00000.jsonl"
+
+    upload = s3.create_multipart_upload(Bucket=iam_stack.bucket, Key=key)["UploadId"]
+    s3.upload_part(Bucket=iam_stack.bucket, Key=key, UploadId=upload, PartNumber=1, Body=b"x")
+    s3.abort_multipart_upload(Bucket=iam_stack.bucket, Key=key, UploadId=upload)
+
+    left = iam_stack.client("s3").list_multipart_uploads(Bucket=iam_stack.bucket, Prefix=key)
+    assert left.get("Uploads", []) == []
