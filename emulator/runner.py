@@ -81,7 +81,11 @@ def list_inputs(s3, uri: str) -> list[InputFile]:
     if key and not key.endswith("/"):
         try:
             head = s3.head_object(Bucket=bucket, Key=key)
-        except Exception:  # noqa: BLE001 - a missing object means "treat it as a prefix"
+        except Exception as exc:  # noqa: BLE001 - a missing object means "treat it as a prefix"
+            if _denied(exc):
+                # The job's role may not read it: the job starts and fails reading it, as
+                # Bedrock's do, instead of a misleading "no .jsonl object" at create.
+                return [InputFile(bucket, key, key.rsplit("/", 1)[-1], 0)]
             head = None
         if head is not None:
             return [InputFile(bucket, key, key.rsplit("/", 1)[-1], head["ContentLength"])]
@@ -93,6 +97,12 @@ def list_inputs(s3, uri: str) -> list[InputFile]:
                 name = obj["Key"][len(prefix) :]
                 files.append(InputFile(bucket, obj["Key"], name, obj["Size"]))
     return files
+
+
+def _denied(exc: Exception) -> bool:
+    """An S3 refusal of the caller (403), not a missing object."""
+    error = getattr(exc, "response", {}).get("Error", {})
+    return error.get("Code") in ("403", "AccessDenied", "Forbidden")
 
 
 def parse_input(data: bytes, source: str, first_index: int = 0) -> pl.DataFrame:

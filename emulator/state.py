@@ -26,12 +26,24 @@ class EmulatorServerState:
         self.ledger: list[Job] = []
         self.backends: dict[tuple[str, str], BedrockBackend] = {}
         self.lock = threading.Lock()
+        self.s3_endpoint_url = s3_endpoint_url
+        self.use_s3_credentials("testing", "testing")
+
+    def use_s3_credentials(
+        self, access_key_id: str, secret_access_key: str, session_token: str | None = None
+    ) -> None:
+        """The credentials jobs read inputs and write outputs with: the service role's, in AWS.
+
+        moto without IAM enforcement accepts any keys; with it, a job can touch only what the
+        identity behind these keys is allowed to.
+        """
         self.s3 = boto3.client(
             "s3",
-            endpoint_url=s3_endpoint_url,
-            region_name=region,
-            aws_access_key_id="testing",
-            aws_secret_access_key="testing",
+            endpoint_url=self.s3_endpoint_url,
+            region_name=self.region,
+            aws_access_key_id=access_key_id,
+            aws_secret_access_key=secret_access_key,
+            aws_session_token=session_token,
             config=Config(retries={"max_attempts": 5, "mode": "standard"}),
         )
 

@@ -6,6 +6,8 @@ import hashlib
 import time
 from typing import TYPE_CHECKING
 
+from botocore.exceptions import ClientError
+
 from . import runner
 from .statuses import JobStatus
 
@@ -122,7 +124,7 @@ class JobWorker:
                 )
                 raise runner.InputError(msg)
         for file in self.files:
-            data = self.server.s3.get_object(Bucket=file.bucket, Key=file.key)["Body"].read()
+            data = self._read(file)
             frame = runner.parse_input(data, f"s3://{file.bucket}/{file.key}", first)
             first += frame.height
             inputs.append((file.name, frame))
@@ -146,6 +148,21 @@ class JobWorker:
             )
             raise runner.InputError(msg)
         return inputs
+
+    def _read(self, file: runner.InputFile) -> bytes:
+        """An input file's bytes; S3 refusing the job's role fails the job with AccessDenied."""
+        try:
+            return self.server.s3.get_object(Bucket=file.bucket, Key=file.key)["Body"].read()
+        except ClientError as exc:
+            code = exc.response.get("Error", {}).get("Code")
+            if code not in ("403", "AccessDenied"):
+                raise
+            msg = (
+                f"AccessDenied: the service role {self.job.role_arn} may not read the input "
+                f"file s3://{file.bucket}/{file.key} (s3:GetObject). Allow it in the role's "
+                "policy (`bedrock-batch iam-policy` prints one) and submit the job again"
+            )
+            raise runner.InputError(msg) from exc
 
     def _progress(self, results: runner.JobResults) -> None:
         job, total = self.job, results.total

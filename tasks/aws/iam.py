@@ -135,6 +135,10 @@ def runner_policy(
     """What the identity running the flows needs: jobs, PassRole, the run's S3 keys, metrics.
 
     DeleteObject covers releasing the run's claim and ``restart`` moving a run aside.
+    AbortMultipartUpload lets boto3 clean up an upload of a shard or part over its multipart
+    threshold (8 MB) that failed: creating, uploading and completing the parts need only
+    s3:PutObject, aborting needs its own action (S3 user guide, "Multipart upload API and
+    permissions"; S3 API reference, AbortMultipartUpload, "Permissions").
     """
     # The run, and where ``restart`` moves an earlier run of the same name.
     aside = layout.aside(ANY_RUN)
@@ -182,7 +186,12 @@ def runner_policy(
             {
                 "Sid": "RunFiles",
                 "Effect": "Allow",
-                "Action": ["s3:GetObject", "s3:PutObject", "s3:DeleteObject"],
+                "Action": [
+                    "s3:GetObject",
+                    "s3:PutObject",
+                    "s3:DeleteObject",
+                    "s3:AbortMultipartUpload",
+                ],
                 "Resource": [_object_arn(p) for p in prefixes],
             },
             _list_statement("ListRunFiles", prefixes),
