@@ -174,7 +174,9 @@ def cmd_iam_policy(args: argparse.Namespace) -> int:
         "service_role_policy": iam.service_role_policy(
             layout, args.model_id, region, account, args.kms_key_id
         ),
-        "runner_policy": iam.runner_policy(layout, role, args.model_id, region, account),
+        "runner_policy": iam.runner_policy(
+            layout, role, args.model_id, region, account, args.source or ()
+        ),
     }
     print(json.dumps(policies, indent=2))
     return 0
@@ -257,6 +259,9 @@ def build_parser() -> argparse.ArgumentParser:
     iam.add_argument("--run-name", help="one run only (default: every run under --output-uri)")
     iam.add_argument("--region", default=None)
     iam.add_argument("--kms-key-id")
+    iam.add_argument(
+        "--source", action="append", help="s3:// dataset the runs read (file, folder or glob)"
+    )
     iam.set_defaults(func=cmd_iam_policy)
 
     add_subcommands(sub)

@@ -74,6 +74,25 @@ def test_iam_policy_scopes_role_prefixes_and_models(capsys):
     assert runner["PassServiceRole"]["Resource"] == [role]
 
 
+def test_iam_policy_grants_the_runner_its_s3_sources_only(capsys):
+    role = "arn:aws:iam::111122223333:role/BedrockBatch"
+    assert main(["iam-policy", "--role-arn", role, "--model-id", CLAUDE,
+                 "--output-uri", "s3://my-bucket/batch", "--region", "us-east-1",
+                 "--source", "s3://data-bucket/sets/2026/*.parquet",
+                 "--source", "s3://data-bucket/one.csv", "--source", "data/local.csv"]) == 0  # fmt: skip
+    runner = {
+        s["Sid"]: s for s in json.loads(capsys.readouterr().out)["runner_policy"]["Statement"]
+    }
+    assert runner["ReadSources"]["Action"] == ["s3:GetObject"]
+    assert runner["ReadSources"]["Resource"] == [
+        "arn:aws:s3:::data-bucket/one.csv*",
+        "arn:aws:s3:::data-bucket/sets/2026/*",
+    ]
+    assert runner["ListSources"]["Resource"] == ["arn:aws:s3:::data-bucket"]
+    prefixes = runner["ListSources"]["Condition"]["StringLike"]["s3:prefix"]
+    assert "sets/2026/" in prefixes and "one.csv" in prefixes
+
+
 def test_iam_policy_rejects_a_malformed_role(capsys):
     code = main(["iam-policy", "--role-arn", "BedrockBatch", "--model-id", CLAUDE,
                  "--output-uri", "s3://my-bucket/batch"])  # fmt: skip

@@ -8,6 +8,7 @@ read and write the run folder and the job prefix. A layout whose run segment is
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import boto3
@@ -34,6 +35,16 @@ def resolve_region(region: str | None = None) -> str:
 def _object_arn(uri: str) -> str:
     bucket, key = storage.split_s3(uri)
     return f"arn:aws:s3:::{bucket}/{key.rstrip('/')}/*" if key else f"arn:aws:s3:::{bucket}/*"
+
+
+def _key(uri: str) -> str:
+    return storage.split_s3(uri)[1]
+
+
+def _source_object_arn(prefix: str) -> str:
+    """Objects under a source prefix (a file's own key, or every key below a folder/glob)."""
+    bucket, key = storage.split_s3(prefix)
+    return f"arn:aws:s3:::{bucket}/{key}*"
 
 
 def _bucket_arn(uri: str) -> str:
@@ -129,8 +140,20 @@ def service_role_policy(
     return {"Version": "2012-10-17", "Statement": statements}
 
 
+def _source_prefix(uri: str) -> str:
+    """What a source reads: its key, or for a glob the folder its files are listed from."""
+    uri = uri.split("?", 1)[0]
+    literal = re.split(r"[*?\[]", uri, maxsplit=1)[0]
+    return literal if literal == uri else literal.rsplit("/", 1)[0] + "/"
+
+
 def runner_policy(
-    layout: RunLayout, role_arn: str, model_ids: list[str], region: str, account: str
+    layout: RunLayout,
+    role_arn: str,
+    model_ids: list[str],
+    region: str,
+    account: str,
+    sources: list[str] | tuple[str, ...] = (),
 ) -> dict[str, Any]:
     """What the identity running the flows needs: jobs, PassRole, the run's S3 keys, metrics.
 
@@ -140,6 +163,33 @@ def runner_policy(
     s3:PutObject, aborting needs its own action (S3 user guide, "Multipart upload API and
     permissions"; S3 API reference, AbortMultipartUpload, "Permissions").
     """
+    # s3:// datasets the runs read (local and hf:// sources need no grant).
+    source_prefixes = [_source_prefix(u) for u in sources if storage.is_s3(u)]
+    read_sources = (
+        [
+            {
+                "Sid": "ReadSources",
+                "Effect": "Allow",
+                "Action": ["s3:GetObject"],
+                "Resource": sorted({_source_object_arn(p) for p in source_prefixes}),
+            },
+            {
+                "Sid": "ListSources",
+                "Effect": "Allow",
+                "Action": ["s3:ListBucket"],
+                "Resource": sorted({_bucket_arn(p) for p in source_prefixes}),
+                "Condition": {
+                    "StringLike": {
+                        "s3:prefix": sorted(
+                            {k for p in source_prefixes for k in (_key(p), _key(p) + "*")}
+                        )
+                    }
+                },
+            },
+        ]
+        if source_prefixes
+        else []
+    )
     # The run, and where ``restart`` moves an earlier run of the same name.
     aside = layout.aside(ANY_RUN)
     candidates = [layout.job_prefix, layout.run_dir, aside.job_prefix, aside.run_dir]
@@ -201,6 +251,7 @@ def runner_policy(
                 "Action": ["cloudwatch:GetMetricData", "cloudwatch:ListMetrics"],
                 "Resource": "*",
             },
+            *read_sources,
             *kms,
         ],
     }
