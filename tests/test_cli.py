@@ -79,7 +79,8 @@ def test_iam_policy_grants_the_runner_its_s3_sources_only(capsys):
     assert main(["iam-policy", "--role-arn", role, "--model-id", CLAUDE,
                  "--output-uri", "s3://my-bucket/batch", "--region", "us-east-1",
                  "--source", "s3://data-bucket/sets/2026/*.parquet",
-                 "--source", "s3://data-bucket/one.csv", "--source", "data/local.csv"]) == 0  # fmt: skip
+                 "--source", "s3://data-bucket/one.csv",
+                 "--source", "data/local.csv"]) == 0  # fmt: skip
     runner = {
         s["Sid"]: s for s in json.loads(capsys.readouterr().out)["runner_policy"]["Statement"]
     }
