@@ -143,11 +143,15 @@ def _line(record_id: str, output: dict) -> str:
 def test_parse_outputs_reads_anthropic_tool_use_input():
     usage = {"input_tokens": 10, "output_tokens": 5}
     tool = {"type": "tool_use", "id": "toolu_1", "name": "record_label"}
+
+    def called(content, stop="tool_use"):
+        return {"content": content, "stop_reason": stop, "usage": usage}
+
     lines = [
-        _line("R0000000000", {"content": [{**tool, "input": json.loads(CLEAN)}], "stop_reason": "tool_use", "usage": usage}),
-        _line("R0000000001", {"content": [{**tool, "input": {"label": "positive"}}], "stop_reason": "tool_use", "usage": usage}),
-        _line("R0000000002", {"content": [{"type": "text", "text": CLEAN}], "stop_reason": "end_turn", "usage": usage}),
-    ]  # fmt: skip
+        _line("R0000000000", called([{**tool, "input": json.loads(CLEAN)}])),
+        _line("R0000000001", called([{**tool, "input": {"label": "positive"}}])),
+        _line("R0000000002", called([{"type": "text", "text": CLEAN}], "end_turn")),
+    ]
     family = family_for(CLAUDE)
     out = (
         parse_outputs([("\n".join(lines) + "\n").encode()], family, SCHEMA)
