@@ -154,7 +154,9 @@ def batch_pipeline(params: PipelineParams) -> dict[str, Any]:
     # 2. Each stage, in order: its input from every part of the previous stage, then its run.
     reports: list[dict[str, Any]] = []
     inputs = S.source_columns(params.source)
+    arm = S.stage_failpoints()
     for index, stage in enumerate(stages):
+        arm(stage.name)
         extra: dict[str, Any] = {}
         if index > 0:
             extra = prepare_stage_input(params, stages, index, inputs)

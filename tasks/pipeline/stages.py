@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,6 +21,7 @@ from tasks.aws import storage
 from tasks.errors import PlanError, RunIdentityError
 from tasks.pipeline import columns as C
 from tasks.pipeline.sources import load_source
+from tasks.run import failpoints
 from tasks.run.layout import OUTPUT_DIR, PARQUET, expand_run_name
 
 ROW_ID = "pipeline_row_id"
@@ -189,6 +191,26 @@ def join_stages(output_uri: str, run_name: str, stages: list[Stage], source: str
     base.write_parquet(buffer, compression="zstd")
     storage.write_bytes(part, buffer.getvalue())
     return {"parts": [part], "rows": base.height, "frame": base}
+
+
+KILL_STAGE_ENV = "BEDROCK_BATCH_KILL_STAGE"
+
+
+def stage_failpoints():
+    """With BEDROCK_BATCH_KILL_STAGE set, the crash point (tasks.run.failpoints) is armed only
+    while that stage runs, so the fault-injection tests can kill a pipeline inside stage N."""
+    target = os.environ.get(KILL_STAGE_ENV)
+    point = os.environ.get(failpoints.ENV)
+
+    def arm(stage_name: str) -> None:
+        if not target or not point:
+            return
+        if stage_name == target:
+            os.environ[failpoints.ENV] = point
+        else:
+            os.environ.pop(failpoints.ENV, None)
+
+    return arm
 
 
 def stage_report(stage: Stage, summary: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
