@@ -7,8 +7,10 @@ from dataclasses import dataclass, field
 from functools import cached_property
 
 import polars as pl
+from pydantic import BaseModel, Field
 
 from tasks.errors import TemplateError
+from tasks.pipeline.structured import OutputSchema
 
 
 @dataclass(frozen=True)
@@ -25,6 +27,9 @@ class PromptTemplate:
     top_p: float | None = None
     stop_sequences: tuple[str, ...] | None = None
     description: str = field(default="", compare=False)
+    # Structured answers: the family asks for this shape (a forced tool call, or a JSON-only
+    # instruction) and the merge validates each answer into typed columns.
+    output_schema: OutputSchema | None = None
 
     @cached_property
     def parts(self) -> tuple[tuple[str, str | None], ...]:
@@ -67,6 +72,8 @@ class PromptTemplate:
                 "'{input_text}' so each row gets its own prompt."
             )
             raise TemplateError(msg)
+        if self.output_schema is not None:
+            self.output_schema.check(template_id)
 
 
 def _parse(text: str, template_id: str | None):
@@ -104,6 +111,13 @@ def _parse(text: str, template_id: str | None):
         yield literal, name
 
 
+class Grade(BaseModel):
+    """Whether an answer is correct, and why."""
+
+    correct: bool = Field(description="True when the answer matches the reference answer.")
+    reason: str = Field(description="One sentence on why.")
+
+
 prompt_id_to_template: dict[str, PromptTemplate] = {
     "joke_about_topic": PromptTemplate(
         text="Tell me a short, family-friendly joke about {topic}. Reply with the joke only.",
@@ -131,6 +145,29 @@ prompt_id_to_template: dict[str, PromptTemplate] = {
         temperature=0.0,
         description="Sentiment of the `input_text` column (data/reviews.jsonl).",
     ),
+    "answer_with_rationale": PromptTemplate(
+        text=(
+            "{source}\n\nExplain your reasoning in two or three sentences, then give the final "
+            "answer on its own last line, starting with 'Answer:'."
+        ),
+        system="You answer questions carefully and briefly.",
+        max_tokens=400,
+        temperature=0.0,
+        description="SimpleCoT (data/simplecot.jsonl): a rationale and an answer per `source`.",
+    ),
+    "grade_answer": PromptTemplate(
+        text=(
+            "Question:\n{source}\n\nReference answer: {target}\n\nCandidate answer:\n"
+            "{answer_response_text}\n\nIs the candidate's final answer the reference answer?"
+        ),
+        system="You grade answers strictly against the reference answer.",
+        max_tokens=300,
+        temperature=0.0,
+        output_schema=OutputSchema.from_model(
+            Grade, name="record_grade", description="Record the grade of one answer."
+        ),
+        description="Grades stage `answer` of a pipeline into {correct: bool, reason: str}.",
+    ),
 }
 
 
@@ -145,6 +182,11 @@ def get_template(prompt_id: str) -> PromptTemplate:
             "Add a template to prompt_id_to_template in prompt_templates.py to use a new one."
         )
         raise TemplateError(msg) from None
+
+
+def output_schema_for(prompt_id: str | None) -> OutputSchema | None:
+    """The output schema of the template `prompt_id` (None without a prompt or a schema)."""
+    return get_template(prompt_id).output_schema if prompt_id else None
 
 
 def check_templates(templates: dict[str, PromptTemplate]) -> None:

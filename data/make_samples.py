@@ -1,4 +1,4 @@
-"""Regenerate the bundled sample data (data/topics.csv, data/reviews.jsonl) deterministically."""
+"""Regenerate the bundled sample data (topics.csv, reviews.jsonl, simplecot.jsonl) exactly."""
 
 from __future__ import annotations
 
@@ -126,6 +126,31 @@ def reviews(n: int = 200) -> pl.DataFrame:
     return pl.DataFrame(rows)
 
 
+def simplecot(n: int = 300) -> pl.DataFrame:
+    """SimpleCoT-shaped rows: a multiple-choice arithmetic question, its answer and rationale."""
+    rng = random.Random(11)
+    rows = []
+    for i in range(n):
+        a, b = rng.randint(2, 99), rng.randint(2, 99)
+        right = a + b
+        options = sorted({right, right + rng.randint(1, 9), right - rng.randint(1, 9), right + 10})
+        letters = "ABCD"[: len(options)]
+        choices = " ".join(
+            f"({letter}) {value}" for letter, value in zip(letters, options, strict=True)
+        )
+        target = letters[options.index(right)]
+        rows.append(
+            {
+                "source": f"Q{i}: A crate holds {a} apples and another holds {b}. How many "
+                f"apples are there in all? Options: {choices}",
+                "target": target,
+                "rationale": f"{a} + {b} = {right}, which is option ({target}).",
+            }
+        )
+    return pl.DataFrame(rows)
+
+
 if __name__ == "__main__":
     topics().write_csv(HERE / "topics.csv")
     reviews().write_ndjson(HERE / "reviews.jsonl")
+    simplecot().write_ndjson(HERE / "simplecot.jsonl")

@@ -44,6 +44,11 @@ class Faults:
     record_error_rate: float = 0.0
     record_error_mix: dict[str, float] = field(default_factory=_default_mix)
     record_error_job_names_containing: str | None = None
+    # Structured answers: this share of records answers a forced tool call or a JSON-only
+    # instruction with JSON that breaks the schema (wrong type, missing field) or is not JSON
+    # (cut, prose); with a job-name filter, a retry job (another name) answers cleanly.
+    schema_error_rate: float = 0.0
+    schema_error_job_names_containing: str | None = None
     # Failed jobs: Failed with `fail_message` before any record is processed.
     fail_jobs: float = 0.0
     fail_job_names_containing: str | None = None
@@ -124,6 +129,19 @@ class Faults:
             msg_expr = msg_expr.when(hit).then(pl.lit(f"{name}: {text}"))
         return frame.select(
             errorCode=code_expr.otherwise(None), errorMessage=msg_expr.otherwise(None)
+        )
+
+    def schema_errors(self, job_name: str, record_ids: pl.Series) -> pl.DataFrame:
+        """recordId and the schema fault kind (1-4, emulator.structured) of the records hit."""
+        frame = record_ids.to_frame("recordId")
+        names = self.schema_error_job_names_containing
+        if self.schema_error_rate <= 0 or (names and names not in job_name):
+            return frame.with_columns(pl.lit(0, dtype=pl.Int64).alias("_schema_fault"))
+        salt = int(_uniform(self.seed, "schema", job_name) * 2**31)
+        draw = (pl.col("recordId").hash(seed=salt) % 1_000_003) / 1_000_003
+        kind = (pl.col("recordId").hash(seed=salt + 1) % 4 + 1).cast(pl.Int64)
+        return frame.with_columns(
+            pl.when(draw < self.schema_error_rate).then(kind).otherwise(0).alias("_schema_fault")
         )
 
 

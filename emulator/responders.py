@@ -17,6 +17,7 @@ from .catalog import (
     TITAN_EMBED,
     ModelSpec,
 )
+from .structured import ANSWER, FAULT, TOOL_NAME, TRUNCATED, add_answers
 
 # Columns of the frames the runner hands in and gets back.
 RECORD_ID = "recordId"
@@ -221,6 +222,11 @@ def _text_output(spec: ModelSpec, invocation_type: str) -> pl.Expr:
         pl.lit(" | "),
         pl.lit(_POOL).str.slice((h % 300).cast(pl.Int64), body_chars),
     )
+    # A structured request (JSON-only instruction) is answered with JSON in its shape.
+    answer = pl.col(ANSWER)
+    text = pl.when(answer.is_not_null()).then(answer).otherwise(text)
+    out_tok = pl.when(answer.is_not_null()).then(answer.str.len_chars() // 4 + 1).otherwise(out_tok)
+    truncated = truncated | (answer.is_not_null() & (pl.col(FAULT) == TRUNCATED))
     message_id = pl.concat_str(pl.lit("msg_bdrk_"), (h % 10**15).cast(pl.Utf8).str.zfill(15))
     if invocation_type == CONVERSE or spec.family == NOVA:
         stop = pl.when(truncated).then(pl.lit("max_tokens")).otherwise(pl.lit("end_turn"))
@@ -260,7 +266,25 @@ def _text_output(spec: ModelSpec, invocation_type: str) -> pl.Expr:
             stop_sequence=pl.lit(None, dtype=pl.Utf8),
             usage=pl.struct(input_tokens=in_tok, output_tokens=out_tok),
         )
-        return out.struct.json_encode(), out_tok
+        # A forced tool call answers with one tool_use block whose input is the object.
+        tool = pl.concat_str(
+            pl.lit('{"id":"'),
+            message_id,
+            pl.lit(f'","type":"message","role":"assistant","model":"{spec.response_model_name}",'),
+            pl.lit('"content":[{"type":"tool_use","id":"toolu_bdrk_emulated","name":"'),
+            pl.col(TOOL_NAME),
+            pl.lit('","input":'),
+            answer,
+            pl.lit('}],"stop_reason":"tool_use","stop_sequence":null,"usage":{"input_tokens":'),
+            in_tok.cast(pl.String),
+            pl.lit(',"output_tokens":'),
+            out_tok.cast(pl.String),
+            pl.lit("}}"),
+        )
+        encoded = (
+            pl.when(pl.col(TOOL_NAME).is_not_null()).then(tool).otherwise(out.struct.json_encode())
+        )
+        return encoded, out_tok
     stop = pl.when(truncated).then(pl.lit("length")).otherwise(pl.lit("stop"))
     if spec.family == MISTRAL_CHAT:
         out = pl.struct(
@@ -401,13 +425,20 @@ def _cohere_outputs(ok: pl.DataFrame, spec: ModelSpec) -> pl.DataFrame:
     )
 
 
-def respond(frame: pl.DataFrame, spec: ModelSpec, invocation_type: str = INVOKE_MODEL):
+def respond(
+    frame: pl.DataFrame,
+    spec: ModelSpec,
+    invocation_type: str = INVOKE_MODEL,
+    schema_faults: pl.DataFrame | None = None,
+):
     """Answer every record of `frame` (recordId, modelInput as JSON text) in one pass.
 
     Args:
         frame: one row per record; modelInput is the raw JSON of the request body.
         spec: the catalog entry of the model the job runs.
         invocation_type: InvokeModel (the family's body) or Converse.
+        schema_faults: recordId and the `schema_error` fault kind of records whose structured
+            answer is to be corrupted (emulator.structured).
 
     Returns:
         The frame with modelOutput (JSON text or null), errorCode/errorMessage (set for
@@ -437,6 +468,11 @@ def respond(frame: pl.DataFrame, spec: ModelSpec, invocation_type: str = INVOKE_
     elif ok.height and spec.family == COHERE_EMBED and invocation_type == INVOKE_MODEL:
         ok = _cohere_outputs(ok, spec)
     else:
+        ok = ok.with_row_index("__i")
+        if schema_faults is not None:
+            ok = ok.join(schema_faults, on=RECORD_ID, how="left", maintain_order="left")
+        tool_ok = spec.family == ANTHROPIC and invocation_type == INVOKE_MODEL
+        ok = add_answers(ok, MODEL_INPUT, _HASH, tool_ok)
         output, out_tokens = _text_output(spec, invocation_type)
         ok = (
             ok.lazy()

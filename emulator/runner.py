@@ -184,7 +184,8 @@ def answer(
     """Answer every record of a job at once and fix the (unordered) processing order."""
     parts = []
     for name, frame in inputs:
-        answered = respond(frame, spec, invocation_type)
+        schema_faults = faults.schema_errors(job_name, frame[RECORD_ID])
+        answered = respond(frame, spec, invocation_type, schema_faults)
         injected = faults.record_errors(job_name, answered[RECORD_ID])
         hit = injected[ERROR_CODE].is_not_null() & answered[ERROR_CODE].is_null()
         answered = answered.with_columns(

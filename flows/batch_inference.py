@@ -8,6 +8,7 @@ from prefect import flow, get_run_logger, runtime
 from prefect.task_runners import ThreadPoolTaskRunner
 from prefect.utilities.annotations import unmapped
 
+from prompt_templates import output_schema_for
 from tasks.aws import storage
 from tasks.aws.submit import run_key
 from tasks.monitoring import events
@@ -104,6 +105,7 @@ def batch_inference(params: BatchParams) -> dict[str, Any]:
             on_demand=params.on_demand,
             on_demand_rps=params.on_demand_rps,
             claim=run.claim,
+            output_schema=output_schema_for(params.prompt_id),
         )
         results = run_shard.map(unmapped(ctx), plan.shards).result()
 

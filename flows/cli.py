@@ -123,6 +123,13 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_pipeline_run(args: argparse.Namespace) -> int:
+    """Run a pipeline (one batch run per stage), optionally on an in-process local stack."""
+    from flows.pipeline_cli import run_pipeline
+
+    return run_pipeline(args)
+
+
 def cmd_preprocess(args: argparse.Namespace) -> int:
     """Dry run: write the shards under --out and print the plan; no AWS call."""
     # From the pipeline, not tasks.run.lifecycle: the dry run needs no Prefect and no boto3.
@@ -263,6 +270,21 @@ def build_parser() -> argparse.ArgumentParser:
         "--source", action="append", help="s3:// dataset the runs read (file, folder or glob)"
     )
     iam.set_defaults(func=cmd_iam_policy)
+
+    pipeline = sub.add_parser("pipeline", help="multi-stage pipelines (see pipelines.py)")
+    pipeline_sub = pipeline.add_subparsers(dest="pipeline_command", required=True)
+    prun = pipeline_sub.add_parser("run", help="run a pipeline now; re-running it resumes")
+    prun.add_argument("--pipeline-id", required=True, help="a key of pipelines.py")
+    prun.add_argument("--source", required=True, help="the first stage's source")
+    prun.add_argument("--output-uri", required=True, help="s3://bucket/prefix or a local folder")
+    prun.add_argument("--run-name", required=True, help="stable name; re-running it resumes")
+    prun.add_argument("--max-concurrent-jobs", type=int)
+    prun.add_argument("--max-records-per-job", type=int)
+    prun.add_argument("--max-attempts", type=int)
+    prun.add_argument("--role-arn")
+    prun.add_argument("--restart", action="store_true", help="start the pipeline again")
+    prun.add_argument("--local-stack", action="store_true", help="start the local stack")
+    prun.set_defaults(func=cmd_pipeline_run)
 
     add_subcommands(sub)
     return parser

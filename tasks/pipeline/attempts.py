@@ -17,9 +17,11 @@ from tasks.bedrock.families import family_for
 from tasks.pipeline import columns as C
 from tasks.pipeline.merge import MergeStats, write_part
 from tasks.pipeline.outputs import MATCHED, parse_outputs, result_schema
+from tasks.pipeline.structured import SCHEMA_REPAIRED, SCHEMA_VALIDATION_ERROR, OutputSchema
 
-# A record with no output line is retried like one that failed for reasons not its own.
-RETRYABLE_RECORD_ERRORS = RETRYABLE_RECORD | {C.MISSING_OUTPUT}
+# A record with no output line is retried like one that failed for reasons not its own, and
+# an answer that does not fit the template's output schema is asked again (repair).
+RETRYABLE_RECORD_ERRORS = RETRYABLE_RECORD | {C.MISSING_OUTPUT, SCHEMA_VALIDATION_ERROR}
 
 _ATTEMPT = "__attempt"
 
@@ -63,7 +65,11 @@ def _included(rows: pl.LazyFrame, attempts: list[AttemptOutput]) -> pl.LazyFrame
 
 
 def outcomes(
-    rows: pl.LazyFrame, attempts: list[AttemptOutput], model_id: str, invocation_type: str
+    rows: pl.LazyFrame,
+    attempts: list[AttemptOutput],
+    model_id: str,
+    invocation_type: str,
+    output_schema: OutputSchema | None = None,
 ) -> pl.LazyFrame:
     """Each input row with the result of the latest attempt that included it."""
     family = family_for(model_id, invocation_type)
@@ -75,16 +81,22 @@ def outcomes(
     )
     lines = pl.concat(
         [
-            parse_outputs(a.outputs, family).with_columns(
+            parse_outputs(a.outputs, family, output_schema).with_columns(
                 pl.lit(a.number, pl.Int32).alias(_ATTEMPT)
             )
             for a in attempts
         ]
     )
     matched = pl.col(MATCHED).fill_null(False)
-    schema = result_schema(family)
+    schema = result_schema(family, output_schema)
     input_columns = rows.collect_schema().names()
-    return (
+    if output_schema is not None:
+        schema[SCHEMA_REPAIRED] = pl.Boolean()
+        failed_before = lines.group_by(C.RECORD_ID).agg(
+            (pl.col(C.ERROR_CODE) == SCHEMA_VALIDATION_ERROR).any().alias("__failed_before")
+        )
+        rows = rows.join(failed_before, on=C.RECORD_ID, how="left", maintain_order="left")
+    frame = (
         rows.join(latest, on=C.RECORD_ID, how="left", maintain_order="left")
         .join(lines, on=[C.RECORD_ID, _ATTEMPT], how="left", maintain_order="left")
         .with_columns(
@@ -97,10 +109,16 @@ def outcomes(
             .otherwise(pl.col("__message"))
             .alias(C.ERROR_MESSAGE),
         )
-        .select(
-            *input_columns,
-            *[pl.col(name).cast(dtype) for name, dtype in schema.items()],
+    )
+    if output_schema is not None:
+        frame = frame.with_columns(
+            (pl.col("__failed_before").fill_null(False) & pl.col(C.ERROR_CODE).is_null()).alias(
+                SCHEMA_REPAIRED
+            )
         )
+    return frame.select(
+        *input_columns,
+        *[pl.col(name).cast(dtype) for name, dtype in schema.items()],
     )
 
 
@@ -110,12 +128,13 @@ def records_to_retry(
     model_id: str,
     invocation_type: str,
     job_errors: frozenset[str] | set[str] = frozenset(),
+    output_schema: OutputSchema | None = None,
 ) -> list[str]:
     """Record ids whose latest outcome is a retryable failure (not a fault of the record).
 
     ``job_errors`` names the job statuses (Failed, Expired, ...) whose records count too.
     """
-    frame = outcomes(pl.scan_parquet(rows_file), attempts, model_id, invocation_type)
+    frame = outcomes(pl.scan_parquet(rows_file), attempts, model_id, invocation_type, output_schema)
     retryable = list(RETRYABLE_RECORD_ERRORS | set(job_errors))
     return (
         frame.filter(pl.col(C.ERROR_CODE).is_in(retryable))
@@ -132,7 +151,10 @@ def merge_attempts(
     model_id: str,
     invocation_type: str,
     dest: Path,
+    output_schema: OutputSchema | None = None,
 ) -> MergeStats:
     """Write the shard's Parquet part from all its attempts: every row once."""
-    frame = outcomes(pl.scan_parquet(rows_file), attempts, model_id, invocation_type).collect()
+    frame = outcomes(
+        pl.scan_parquet(rows_file), attempts, model_id, invocation_type, output_schema
+    ).collect()
     return write_part(frame, dest)

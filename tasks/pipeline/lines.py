@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 
 import polars as pl
@@ -83,19 +84,61 @@ class LineFormat:
         )
 
 
+def _structured(family: ModelFamily, template: PromptTemplate, options):
+    """`body(prompt)` asking for the template's output schema, and raw JSON to put in place."""
+    schema = template.output_schema
+    extra = family.structured_fields(schema) if schema is not None else {}
+    suffix = schema.instruction() if schema is not None and family.json_instruction(schema) else ""
+    # Constant JSON values (a tool's input_schema) go in as placeholders replaced after encoding:
+    # a Polars struct would add null keys where the schema's nodes differ in shape.
+    raw = {
+        f'"RAWJSON{i}SENTINEL"': json.dumps(v, separators=(",", ":"))
+        for i, v in enumerate(extra.values())
+    }
+
+    def body(prompt: pl.Expr) -> pl.Expr:
+        if suffix:
+            prompt = pl.concat_str([prompt, pl.lit(suffix)])
+        expr = family.body_expr(prompt, template.system, options)
+        if extra:
+            expr = expr.struct.with_fields(
+                pl.lit(f"RAWJSON{i}SENTINEL").alias(k) for i, k in enumerate(extra)
+            )
+        return expr
+
+    return body, raw
+
+
+def _put_raw(text, raw: dict[str, str]):
+    for placeholder, value in raw.items():
+        text = (
+            text.replace(placeholder, value)
+            if isinstance(text, str)
+            else text.str.replace(placeholder, value, literal=True)
+        )
+    return text
+
+
 def compile_line(family: ModelFamily, template: PromptTemplate, options) -> LineFormat:
     """The LineFormat of `family` with `template` and `options`."""
-    body = family.body_expr(template.render_expr(), template.system, options)
-    reference = pl.struct(
-        record_id_expr(pl.col(ROW)).alias("recordId"), body.alias("modelInput")
-    ).struct.json_encode()
-    literal_chars = sum(len(literal) for literal, _ in template.parts)
-    skeleton_body = family.body_expr(pl.lit(_PROMPT_SENTINEL), template.system, options)
-    skeleton = pl.select(
+    body, raw = _structured(family, template, options)
+    reference = _put_raw(
         pl.struct(
-            pl.lit(_RID_SENTINEL).alias("recordId"), skeleton_body.alias("modelInput")
-        ).struct.json_encode()
-    ).item()
+            record_id_expr(pl.col(ROW)).alias("recordId"),
+            body(template.render_expr()).alias("modelInput"),
+        ).struct.json_encode(),
+        raw,
+    )
+    literal_chars = sum(len(literal) for literal, _ in template.parts)
+    skeleton_body = body(pl.lit(_PROMPT_SENTINEL))
+    skeleton = _put_raw(
+        pl.select(
+            pl.struct(
+                pl.lit(_RID_SENTINEL).alias("recordId"), skeleton_body.alias("modelInput")
+            ).struct.json_encode()
+        ).item(),
+        raw,
+    )
     if skeleton.count(_RID_SENTINEL) != 1 or skeleton.count(_PROMPT_SENTINEL) != 1:
         return LineFormat((), reference, literal_chars)
     head, rest = skeleton.split(_RID_SENTINEL)

@@ -10,12 +10,14 @@ from pathlib import Path
 
 import polars as pl
 
+from prompt_templates import output_schema_for
 from tasks.bedrock.families import ModelFamily, family_for
 from tasks.errors import PlanError
 from tasks.files import atomic_path
 from tasks.pipeline import columns as C
 from tasks.pipeline.outputs import MATCHED, parse_outputs, result_schema
 from tasks.pipeline.plan import RunPlan
+from tasks.pipeline.structured import SCHEMA_REPAIRED, OutputSchema
 from tasks.run.layout import (
     JSONL,
     OUT_SUFFIX,
@@ -50,6 +52,7 @@ def merged_frame(
     family: ModelFamily,
     job_id: str | None = None,
     job_error: tuple[str, str] | None = None,
+    output_schema: OutputSchema | None = None,
 ) -> pl.LazyFrame:
     """The shard's input rows left-joined with their outputs, with status columns filled in."""
     if job_error is not None:
@@ -61,9 +64,16 @@ def merged_frame(
         )
     input_columns = rows.collect_schema().names()
     matched = pl.col(MATCHED).fill_null(False)
-    schema = result_schema(family)
+    schema = result_schema(family, output_schema)
+    if output_schema is not None:
+        schema[SCHEMA_REPAIRED] = pl.Boolean()
     return (
-        rows.join(parse_outputs(outputs, family), on=C.RECORD_ID, how="left", maintain_order="left")
+        rows.join(
+            parse_outputs(outputs, family, output_schema),
+            on=C.RECORD_ID,
+            how="left",
+            maintain_order="left",
+        )
         .with_columns(
             pl.when(matched).then(pl.col(C.ERROR_CODE)).otherwise(pl.lit(code)).alias(C.ERROR_CODE),
             pl.when(matched)
@@ -73,6 +83,7 @@ def merged_frame(
             pl.lit(job_id, dtype=pl.String).alias(C.JOB_ID),
             pl.lit(C.SERVED_BATCH).alias(C.SERVED_BY),
             pl.lit(1, dtype=pl.Int32).alias(C.ATTEMPTS),
+            pl.lit(False).alias(SCHEMA_REPAIRED),
         )
         .select(
             *[c for c in input_columns],
@@ -117,6 +128,7 @@ def merge_shard(
     dest: Path,
     job_id: str | None = None,
     job_error: tuple[str, str] | None = None,
+    output_schema: OutputSchema | None = None,
 ) -> MergeStats:
     """Write `dest` Parquet: every row of `rows_file` once, with its output or its error.
 
@@ -136,17 +148,30 @@ def merge_shard(
     # The whole shard is needed in memory (for the write and the counts) anyway; the in-memory
     # engine takes about a tenth less CPU than streaming here.
     frame = merged_frame(
-        pl.scan_parquet(rows_file), outputs, family, job_id=job_id, job_error=job_error
+        pl.scan_parquet(rows_file),
+        outputs,
+        family,
+        job_id=job_id,
+        job_error=job_error,
+        output_schema=output_schema,
     ).collect()
     return write_part(frame, dest)
 
 
-def merge_skipped(rows_file: Path, model_id: str, invocation_type: str, dest: Path) -> MergeStats:
+def merge_skipped(
+    rows_file: Path,
+    model_id: str,
+    invocation_type: str,
+    dest: Path,
+    output_schema: OutputSchema | None = None,
+) -> MergeStats:
     """Write the rows preprocess skipped (on_missing="skip") with the output's columns."""
     family = family_for(model_id, invocation_type)
     rows = pl.scan_parquet(rows_file)
     names = rows.collect_schema().names()
-    schema = result_schema(family)
+    schema = result_schema(family, output_schema)
+    if output_schema is not None:
+        schema[SCHEMA_REPAIRED] = pl.Boolean()
     frame = (
         rows.with_columns(
             pl.lit(C.SERVED_SKIPPED).alias(C.SERVED_BY), pl.lit(0, dtype=pl.Int32).alias(C.ATTEMPTS)
@@ -215,6 +240,7 @@ def merge_offline(
                 plan.invocation_type,
                 dest,
                 job_id=job_ids.get(shard.index),
+                output_schema=output_schema_for(plan.prompt_id),
             )
             for shard, dest in zip(plan.shards, written, strict=True)
         ]
@@ -229,6 +255,12 @@ def merge_offline(
             raise
     if plan.skipped_file:
         dest = run_dir / OUTPUT_DIR / SKIPPED_FILE
-        merge_skipped(run_dir / plan.skipped_file, plan.model_id, plan.invocation_type, dest)
+        merge_skipped(
+            run_dir / plan.skipped_file,
+            plan.model_id,
+            plan.invocation_type,
+            dest,
+            output_schema_for(plan.prompt_id),
+        )
         written.append(dest)
     return written

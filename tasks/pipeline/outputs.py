@@ -13,16 +13,19 @@ import polars as pl
 from tasks.bedrock.families import ModelFamily
 from tasks.files import LINE, scan_lines
 from tasks.pipeline import columns as C
+from tasks.pipeline.structured import OutputSchema, apply_schema
 
 ERROR_DTYPE = pl.Struct({"errorCode": pl.String, "errorMessage": pl.String})
 _OK = "__ok"
 MATCHED = "__matched"
 
 
-def result_schema(family: ModelFamily) -> dict[str, pl.DataType]:
+def result_schema(family: ModelFamily, output_schema: OutputSchema | None = None) -> dict:
     """The columns merge adds after the input columns and record_id, with their dtypes."""
+    typed = output_schema.columns if output_schema is not None else {}
     return {
         **family.result_schema,
+        **typed,
         C.ERROR_CODE: pl.String(),
         C.ERROR_MESSAGE: pl.String(),
         C.RAW_OUTPUT: pl.String(),
@@ -52,7 +55,28 @@ def _scan(outputs: list[Path | bytes]) -> pl.LazyFrame:
     return pl.concat(scans, how="vertical")
 
 
-def _strict_lines(lines: pl.LazyFrame, family: ModelFamily) -> pl.LazyFrame:
+_TOOL = "__tool"
+
+
+def _tool_input(line: pl.Expr, family: ModelFamily, structured: bool) -> pl.Expr:
+    """A forced tool call's input object (JSON text) from the output line, when asked for."""
+    if not structured or family.tool_input_path is None:
+        return pl.lit(None, dtype=pl.String).alias(_TOOL)
+    return line.str.json_path_match("$.modelOutput" + family.tool_input_path[1:]).alias(_TOOL)
+
+
+def _with_tool_text(frame, family: ModelFamily):
+    """A tool call's input stands in for the text of an answer made only of that call."""
+    if family.is_embedding:
+        return frame.drop(_TOOL)
+    return frame.with_columns(pl.coalesce(C.RESPONSE_TEXT, _TOOL).alias(C.RESPONSE_TEXT)).drop(
+        _TOOL
+    )
+
+
+def _strict_lines(
+    lines: pl.LazyFrame, family: ModelFamily, structured: bool = False
+) -> pl.LazyFrame:
     """The fast plan: one strict, typed decode of every line, lazily and in parallel.
 
     The echoed modelInput is skipped by the dtype; the raw modelOutput text is not kept here
@@ -64,10 +88,17 @@ def _strict_lines(lines: pl.LazyFrame, family: ModelFamily) -> pl.LazyFrame:
             {"recordId": pl.String, "modelOutput": family.output_dtype, "error": ERROR_DTYPE}
         )
         decoded = pl.col("__top").struct.field("modelOutput")
-        top = lines.select("__n", line.str.json_decode(dtype).alias("__top"))
+        top = lines.select(
+            "__n", line.str.json_decode(dtype).alias("__top"), _tool_input(line, family, structured)
+        )
     else:
         decoded = family.decode_raw(line.str.json_path_match("$.modelOutput"))
-        top = lines.select("__n", line.str.json_decode(_TOP_DTYPE).alias("__top"), line)
+        top = lines.select(
+            "__n",
+            line.str.json_decode(_TOP_DTYPE).alias("__top"),
+            line,
+            _tool_input(line, family, structured),
+        )
     error = pl.col("__top").struct.field("error")
     return (
         top.select(
@@ -76,6 +107,7 @@ def _strict_lines(lines: pl.LazyFrame, family: ModelFamily) -> pl.LazyFrame:
             error.struct.field("errorCode").alias("__code"),
             error.struct.field("errorMessage").alias("__msg"),
             decoded.alias(_DECODED),
+            _TOOL,
         )
         .filter(pl.col("recordId").is_not_null())
         .with_columns(
@@ -84,6 +116,7 @@ def _strict_lines(lines: pl.LazyFrame, family: ModelFamily) -> pl.LazyFrame:
             pl.lit(None, dtype=pl.String).alias(LINE),
             *family.parse_exprs(pl.col(_DECODED)),
         )
+        .pipe(_with_tool_text, family)
         .with_columns(
             pl.when(pl.col(_HAS_OUTPUT) & pl.col("__code").is_null())
             .then(family.problem_expr())
@@ -106,7 +139,9 @@ def _with_raw(frame: pl.DataFrame, lines: pl.LazyFrame) -> pl.DataFrame:
     return frame.join(raws, on="__n", how="left", maintain_order="left")
 
 
-def _lenient_lines(lines: pl.DataFrame, family: ModelFamily) -> pl.DataFrame:
+def _lenient_lines(
+    lines: pl.DataFrame, family: ModelFamily, structured: bool = False
+) -> pl.DataFrame:
     """The slow plan, for files the fast one cannot decode: every field by JSON path.
 
     A JSON path yields null for a line that is not JSON (its recordId is then found by a
@@ -122,6 +157,7 @@ def _lenient_lines(lines: pl.DataFrame, family: ModelFamily) -> pl.DataFrame:
         line.str.json_path_match("$.modelOutput").alias(_RAW),
         record_id.is_not_null().alias(_LINE_OK),
         pl.when(record_id.is_null()).then(line).alias(LINE),
+        _tool_input(line, family, structured),
     ).filter(pl.col("recordId").is_not_null())
     top = top.with_columns(pl.col(_RAW).is_not_null().alias(_HAS_OUTPUT))
     answered = pl.col(_HAS_OUTPUT) & pl.col("__code").is_null()
@@ -130,9 +166,12 @@ def _lenient_lines(lines: pl.DataFrame, family: ModelFamily) -> pl.DataFrame:
     good = top.filter(answered)
     if not good.height:
         return rest
-    good = _parse_raw(good, family).with_columns(
-        pl.coalesce(pl.col(_PROBLEM), family.problem_expr()).alias(_PROBLEM)
+    good = (
+        _parse_raw(good, family)
+        .pipe(_with_tool_text, family)
+        .with_columns(pl.coalesce(pl.col(_PROBLEM), family.problem_expr()).alias(_PROBLEM))
     )
+    rest = rest.drop(_TOOL)
     return pl.concat([good, rest.select(good.columns)], how="vertical_relaxed")
 
 
@@ -166,7 +205,9 @@ def _parse_raw(frame: pl.DataFrame, family: ModelFamily) -> pl.DataFrame:
         )
 
 
-def parse_outputs(outputs: list[Path | bytes], family: ModelFamily) -> pl.LazyFrame:
+def parse_outputs(
+    outputs: list[Path | bytes], family: ModelFamily, output_schema: OutputSchema | None = None
+) -> pl.LazyFrame:
     """One row per record id: the parsed result or the record's error (success wins duplicates).
 
     A record succeeds only when its modelOutput holds everything its family must return
@@ -175,14 +216,15 @@ def parse_outputs(outputs: list[Path | bytes], family: ModelFamily) -> pl.LazyFr
     here, by the fast strict plan or, when that cannot decode them, by the lenient one.
     """
     lines = _scan(outputs).with_row_index("__n")
+    structured = output_schema is not None
     try:
-        frame = _with_raw(_strict_lines(lines, family).collect(), lines)
+        frame = _with_raw(_strict_lines(lines, family, structured).collect(), lines)
     except pl.exceptions.ComputeError:
-        frame = _lenient_lines(lines.collect(), family)
+        frame = _lenient_lines(lines.collect(), family, structured)
     answered = pl.col(_HAS_OUTPUT) & pl.col("__code").is_null()
     ok = answered & pl.col(_PROBLEM).is_null()
     unparseable = answered | ~pl.col(_LINE_OK)
-    return (
+    parsed = (
         frame.lazy()
         .select(
             pl.col("recordId").alias(C.RECORD_ID),
@@ -219,3 +261,7 @@ def parse_outputs(outputs: list[Path | bytes], family: ModelFamily) -> pl.LazyFr
         .drop(_OK)
         .with_columns(pl.lit(True).alias(MATCHED))
     )
+    if output_schema is None:
+        return parsed
+    # Validated fields become typed columns; answers that do not fit the schema fail here.
+    return apply_schema(parsed.collect(), output_schema).lazy()

@@ -148,6 +148,8 @@ def fingerprint_of(params: BatchParams, known: dict[str, Any] | None = None) -> 
     if params.prompt_id:
         t = get_template(params.prompt_id)
         template = {"text": t.text, "system": t.system, "params": t.inference_params()}
+        if t.output_schema is not None:  # only then, so earlier runs keep their identity
+            template["output_schema"] = t.output_schema.schema_json()
     quotas = get_settings().quotas
     return {
         "source": source_fingerprint(params.source, (known or {}).get("source")),

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
+from prompt_templates import output_schema_for
 from tasks.aws import storage
 from tasks.errors import PlanError
 from tasks.monitoring import events
@@ -220,6 +221,7 @@ def _write_skipped_part(plan: RunPlan, out_dir: Path, params: BatchParams) -> No
         params.model_id,
         params.invocation_type,
         out_dir / OUTPUT_DIR / SKIPPED_FILE,
+        output_schema_for(params.prompt_id),
     )
 
 

@@ -35,6 +35,7 @@ from tasks.monitoring import events
 from tasks.pipeline import columns as C
 from tasks.pipeline.attempts import AttemptOutput, merge_attempts, records_to_retry
 from tasks.pipeline.plan import ShardPlan
+from tasks.pipeline.structured import OutputSchema
 from tasks.run import gate
 from tasks.run.failpoints import failpoint
 from tasks.run.layout import JSONL, OUT_SUFFIX, RunLayout, input_file
@@ -68,6 +69,8 @@ class RunContext:
     on_demand: bool = True
     on_demand_rps: float = 5.0
     claim: RunClaim | None = None
+    # The template's output schema: answers are validated into typed columns, and repaired.
+    output_schema: OutputSchema | None = None
 
     @property
     def run_dir(self) -> str:
@@ -353,7 +356,9 @@ def _plan_retry(
         return None
     also = retry_statuses(ctx.retry_stopped)
     with storage.local_copy(ctx.rows_uri(shard)) as rows:
-        ids = records_to_retry(rows, outputs, ctx.model_id, ctx.invocation_type, also)
+        ids = records_to_retry(
+            rows, outputs, ctx.model_id, ctx.invocation_type, also, ctx.output_schema
+        )
     if not ids:
         return None
     minimum = get_settings().quotas.min_records_per_job
@@ -397,7 +402,9 @@ def merge_shard_output(
         storage.local_dir_for(ctx.layout.output_dir) as out_dir,
     ):
         dest = out_dir / part.rsplit("/", 1)[-1]
-        stats = merge_attempts(rows, outputs, ctx.model_id, ctx.invocation_type, dest)
+        stats = merge_attempts(
+            rows, outputs, ctx.model_id, ctx.invocation_type, dest, ctx.output_schema
+        )
         if storage.is_s3(part):
             storage.upload_file(dest, part, ctx.kms_key_id)
     failpoint("merge")

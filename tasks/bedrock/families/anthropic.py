@@ -49,6 +49,19 @@ class AnthropicMessages(ModelFamily):
             stop_sequences=options.stop_sequences,
         )
 
+    # A forced tool call answers with a tool_use block (no text) whose `input` is the object.
+    tool_input_path = "$.content[?(@.type=='tool_use')].input"
+
+    def structured_fields(self, schema):
+        """A forced tool call: `tools` + `tool_choice: {type: tool, name}` (InvokeModel batch)."""
+        tool = {"name": schema.name, "input_schema": schema.json_schema}
+        if schema.description:
+            tool["description"] = schema.description
+        return {"tools": [tool], "tool_choice": {"type": "tool", "name": schema.name}}
+
+    def json_instruction(self, schema):
+        return False
+
     def parse_exprs(self, output):
         return [
             _texts_joined(_field(output, "content")).alias(RESPONSE_TEXT),

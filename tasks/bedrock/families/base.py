@@ -171,6 +171,17 @@ class ModelFamily:
         """The modelInput struct of every row, from the rendered prompt."""
         raise NotImplementedError
 
+    # JSON path (from modelOutput) of a forced tool call's input, when the family forces one.
+    tool_input_path: ClassVar[str | None] = None
+
+    def structured_fields(self, schema: Any) -> dict[str, Any]:
+        """Top-level body keys (JSON values) that ask for `schema`'s shape; none by default."""
+        return {}
+
+    def json_instruction(self, schema: Any) -> bool:
+        """Whether the prompt carries the JSON-only instruction (the fallback that always works)."""
+        return True
+
     def parse_exprs(self, output: pl.Expr) -> list[pl.Expr]:
         """Result columns (see `result_schema`) from the decoded modelOutput struct."""
         raise NotImplementedError

@@ -52,5 +52,18 @@ class Converse(ModelFamily):
             ),
         )
 
+    def structured_fields(self, schema):
+        """Bedrock structured outputs (`outputConfig.textFormat`), for models that support it.
+
+        Batch refuses `toolConfig` with the Converse invocation type, so no forced tool here.
+        """
+        if not schema.converse_output_config:
+            return {}
+        definition = {"schema": schema.schema_json(), "name": schema.name}
+        if schema.description:
+            definition["description"] = schema.description
+        structure = {"jsonSchema": definition}
+        return {"outputConfig": {"textFormat": {"type": "json_schema", "structure": structure}}}
+
     def parse_exprs(self, output):
         return parse_messages_output(output)

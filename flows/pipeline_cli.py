@@ -1,0 +1,62 @@
+"""`bedrock-batch pipeline run`: parameters from the command line, and a printed summary."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from contextlib import ExitStack
+
+
+def _local_stack(stack: ExitStack) -> None:
+    from emulator import EmulatorConfig, LocalStack
+
+    local = stack.enter_context(LocalStack(EmulatorConfig.demo()))
+    os.environ.update(local.env)
+    from tasks.aws.clients import reset_clients
+    from tasks.settings import get_settings
+
+    get_settings.cache_clear()  # the settings must see the stack's variables
+    reset_clients()
+    print(f"Local stack: Bedrock emulator {local.bedrock_url}, S3 {local.moto_url}")
+
+
+def show_summary(summary: dict) -> None:
+    """Per-stage counts, the totals, the accuracy, and where the joined output is."""
+    print(f"\nPipeline {summary['run_name']}: {summary['rows']} rows -> {summary['output_uri']}/")
+    for s in summary["stages"]:
+        counts, tokens = s["counts"], s["tokens"]
+        kept = f", {s['rows_kept']}/{s['rows_in']} rows kept by filter" if "rows_kept" in s else ""
+        repaired = f", repaired {s['schema_repaired']}" if "schema_repaired" in s else ""
+        print(
+            f"  stage {s['stage']:<8} {s['model_id']}: records {counts.get('records')} "
+            f"ok {counts.get('succeeded')} failed {counts.get('failed')}{repaired}{kept}; "
+            f"tokens {tokens.get('input')}/{tokens.get('output')}; cost {s.get('cost_usd')}"
+        )
+    total = summary["tokens"]
+    print(f"  total tokens in/out: {total['input']}/{total['output']}; cost {summary['cost_usd']}")
+    if summary.get("accuracy"):
+        a = summary["accuracy"]
+        print(f"  accuracy ({a['column']}): {a['correct']}/{a['graded']} = {a['accuracy']}")
+
+
+def run_pipeline(args: argparse.Namespace) -> int:
+    """Build the parameters, run the pipeline flow, print its summary."""
+    with ExitStack() as stack:
+        if args.local_stack:
+            _local_stack(stack)
+        from flows.pipeline import PipelineParams, batch_pipeline
+
+        fields = {
+            "pipeline_id": args.pipeline_id,
+            "source": args.source,
+            "output_uri": args.output_uri,
+            "run_name": args.run_name,
+            "max_concurrent_jobs": args.max_concurrent_jobs,
+            "max_records_per_job": args.max_records_per_job,
+            "max_attempts": args.max_attempts,
+            "role_arn": args.role_arn,
+            "restart": args.restart or None,
+        }
+        params = PipelineParams(**{k: v for k, v in fields.items() if v is not None})
+        show_summary(batch_pipeline(params))
+    return 0

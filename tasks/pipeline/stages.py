@@ -1,0 +1,227 @@
+"""Pipeline stages: where each stage lives, its input from the previous stage, the final join.
+
+Every stage is a normal batch run (its own run folder and name). Stage N+1 reads all of stage
+N's output parts, filters them, and carries the original row id (`pipeline_row_id`, stage 1's
+record id) so the final output joins every stage per original row.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import polars as pl
+
+from pipelines import Stage
+from prompt_templates import output_schema_for
+from tasks.aws import storage
+from tasks.errors import PlanError, RunIdentityError
+from tasks.pipeline import columns as C
+from tasks.pipeline.sources import load_source
+from tasks.run import failpoints
+from tasks.run.layout import OUTPUT_DIR, PARQUET, expand_run_name
+
+ROW_ID = "pipeline_row_id"
+SKIPPED_SUFFIX = "_skipped"
+DEFINITION_FILE = "pipeline.json"
+SUMMARY_FILE = "summary.json"
+
+
+@dataclass(frozen=True)
+class StageLayout:
+    """Where one stage of a pipeline run lives."""
+
+    pipeline_dir: str
+    run_name: str  # <pipeline run>--<stage>
+    output_uri: str  # <output_uri>/<pipeline run>/stages/<stage>
+
+    @property
+    def run_dir(self) -> str:
+        return storage.join(self.output_uri, self.run_name)
+
+    @property
+    def output_dir(self) -> str:
+        return storage.join(self.run_dir, OUTPUT_DIR)
+
+    @property
+    def input_uri(self) -> str:
+        """The stage's source when it reads a previous stage (a Parquet file)."""
+        return storage.join(self.output_uri, "input" + PARQUET)
+
+
+def pipeline_dir(output_uri: str, run_name: str) -> str:
+    """`<output_uri>/<run_name>`: the pipeline's definition, stages and joined output."""
+    return storage.join(output_uri, expand_run_name(run_name))
+
+
+def stage_layout(output_uri: str, run_name: str, stage: Stage) -> StageLayout:
+    """Where `stage` of the pipeline run `run_name` lives."""
+    base = pipeline_dir(output_uri, run_name)
+    return StageLayout(
+        base,
+        f"{expand_run_name(run_name)}--{stage.name}",
+        storage.join(base, "stages", stage.name),
+    )
+
+
+def _read_parts(output_dir: str) -> pl.DataFrame:
+    """Every Parquet part of a finished run's output, in part order."""
+    uris = storage.list_files(output_dir, PARQUET)
+    if not uris:
+        msg = f"No output parts under {output_dir}; the previous stage did not finish."
+        raise PlanError(msg)
+    frames = [pl.read_parquet(io.BytesIO(storage.read_bytes(u))) for u in sorted(uris)]
+    return pl.concat(frames, how="vertical_relaxed")
+
+
+def result_columns(stage: Stage) -> list[str]:
+    """The columns a text stage adds after its inputs (typed schema fields included)."""
+    schema = output_schema_for(stage.prompt_id)
+    typed = list(schema.columns) if schema is not None else []
+    extra = ["schema_repaired"] if schema is not None else []
+    return [C.RECORD_ID, *C.TEXT_RESULT_COLUMNS, *typed, *C.STATUS_COLUMNS, *extra]
+
+
+def check_definition(base: str, stages: list[Stage], source: str, restart: bool) -> None:
+    """Record the pipeline's definition, or refuse a changed one before anything is spent."""
+    uri = storage.join(base, DEFINITION_FILE)
+    current = {"source": source, "stages": [s.model_dump(mode="json") for s in stages]}
+    if storage.exists(uri) and not restart:
+        recorded = json.loads(storage.read_bytes(uri))
+        if recorded != current:
+            changed = [
+                s.get("name", "?")
+                for s, r in zip(current["stages"], recorded["stages"] + [{}] * 9, strict=False)
+                if s != r
+            ] or ["source"]
+            msg = (
+                f"Pipeline run {base} was started with another definition (changed: "
+                f"{', '.join(changed)}); nothing was submitted. Use a new run name, or restart."
+            )
+            raise RunIdentityError(msg)
+        return
+    storage.write_bytes(uri, json.dumps(current, indent=1).encode())
+
+
+def source_columns(source: str) -> list[str]:
+    """The columns of the pipeline's source."""
+    return load_source(source).collect_schema().names()
+
+
+def build_stage_input(
+    previous: StageLayout,
+    previous_stage: Stage,
+    previous_inputs: list[str],
+    stage: Stage,
+    dest: StageLayout,
+) -> dict[str, Any]:
+    """Write stage `stage`'s source from all of `previous`'s output parts, filtered.
+
+    Returns:
+        Rows read, rows kept, and the columns the next stage's rows carry.
+    """
+    frame = _read_parts(previous.output_dir)
+    if ROW_ID not in frame.columns:  # the first stage: its record id is the row id
+        frame = frame.with_columns(pl.col(C.RECORD_ID).alias(ROW_ID))
+    kept = frame.filter(pl.sql_expr(stage.filter)) if stage.filter else frame
+    results = set(result_columns(previous_stage))
+    schema = output_schema_for(previous_stage.prompt_id)
+    default = [c for c in previous_inputs if c != ROW_ID] + [C.RESPONSE_TEXT]
+    default += list(schema.columns) if schema is not None else []
+    carry = stage.carry if stage.carry is not None else default
+    missing = sorted(set(carry) - set(frame.columns))
+    if missing:
+        msg = (
+            f"Stage {stage.name} carries {missing}, not columns of stage "
+            f"{previous_stage.name}'s output ({', '.join(frame.columns)})."
+        )
+        raise PlanError(msg)
+    renamed = [pl.col(c).alias(f"{previous_stage.name}_{c}" if c in results else c) for c in carry]
+    rows = kept.select(pl.col(ROW_ID), *renamed).sort(ROW_ID)
+    buffer = io.BytesIO()
+    rows.write_parquet(buffer, compression="zstd", statistics=False)
+    data = buffer.getvalue()
+    # Same rows, same bytes: a resume finds the input the stage's run identity recorded.
+    if storage.digest_of(dest.input_uri) != storage.sha256_bytes(data):
+        storage.write_bytes(dest.input_uri, data, digest=storage.sha256_bytes(data))
+    return {"rows_in": frame.height, "rows_kept": rows.height, "columns": rows.columns}
+
+
+def join_stages(output_uri: str, run_name: str, stages: list[Stage], source: str) -> dict[str, Any]:
+    """The final output: every original row once, each stage's columns prefixed by its name.
+
+    Returns:
+        The output parts written and the row count.
+    """
+    layouts = [stage_layout(output_uri, run_name, s) for s in stages]
+    first = _read_parts(layouts[0].output_dir)
+    inputs = [c for c in first.columns if c not in set(result_columns(stages[0]))]
+    base = first.select(pl.col(C.RECORD_ID).alias(ROW_ID), *inputs)
+    for index, (stage, layout) in enumerate(zip(stages, layouts, strict=True)):
+        out = _read_parts(layout.output_dir)
+        if index == 0:
+            out = out.with_columns(pl.col(C.RECORD_ID).alias(ROW_ID))
+        wanted = [c for c in result_columns(stage) if c in out.columns]
+        prefixed = out.select(
+            ROW_ID,
+            *[pl.col(c).alias(f"{stage.name}_{c}") for c in wanted],
+            pl.lit(True).alias("__in"),
+        )
+        reason = (
+            f"filtered out before stage {stage.name} ({stage.filter})"
+            if stage.filter
+            else f"not sent to stage {stage.name}"
+        )
+        base = (
+            base.join(prefixed, on=ROW_ID, how="left", maintain_order="left")
+            .with_columns(
+                pl.when(pl.col("__in").is_null())
+                .then(pl.lit(reason))
+                .otherwise(pl.lit(None, dtype=pl.String))
+                .alias(f"{stage.name}{SKIPPED_SUFFIX}")
+            )
+            .drop("__in")
+        )
+    out_dir = storage.join(pipeline_dir(output_uri, run_name), OUTPUT_DIR)
+    part = storage.join(out_dir, "part-00000" + PARQUET)
+    buffer = io.BytesIO()
+    base.write_parquet(buffer, compression="zstd")
+    storage.write_bytes(part, buffer.getvalue())
+    return {"parts": [part], "rows": base.height, "frame": base}
+
+
+KILL_STAGE_ENV = "BEDROCK_BATCH_KILL_STAGE"
+
+
+def stage_failpoints():
+    """With BEDROCK_BATCH_KILL_STAGE set, the crash point (tasks.run.failpoints) is armed only
+    while that stage runs, so the fault-injection tests can kill a pipeline inside stage N."""
+    target = os.environ.get(KILL_STAGE_ENV)
+    point = os.environ.get(failpoints.ENV)
+
+    def arm(stage_name: str) -> None:
+        if not target or not point:
+            return
+        if stage_name == target:
+            os.environ[failpoints.ENV] = point
+        else:
+            os.environ.pop(failpoints.ENV, None)
+
+    return arm
+
+
+def stage_report(stage: Stage, summary: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    """A stage's counts, tokens and cost for the pipeline summary."""
+    return {
+        "stage": stage.name,
+        "model_id": stage.model_id,
+        "prompt_id": stage.prompt_id,
+        "filter": stage.filter,
+        "counts": summary.get("counts", {}),
+        "tokens": summary.get("tokens", {}),
+        "cost_usd": summary.get("cost_usd"),
+        **extra,
+    }

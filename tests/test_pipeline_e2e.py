@@ -1,0 +1,126 @@
+"""Pipelines on the local stack: filter across shards, repair of invalid answers, crash + resume."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import polars as pl
+import pytest
+from prefect.settings import PREFECT_API_URL
+
+from data.make_samples import simplecot
+from flows.pipeline import PipelineParams, batch_pipeline
+from pipelines import NOVA_LITE, Stage
+from tasks.errors import RunIdentityError
+from tasks.pipeline.stages import KILL_STAGE_ENV
+from tasks.run.failpoints import ENV
+from tasks.run.owner import EXPIRY_ENV
+
+pytestmark = pytest.mark.slow
+
+ROWS = 300
+CLAUDE = "anthropic.claude-3-haiku-20240307-v1:0"
+# Stage 2 keeps the rows whose question number does not end in 7: 270 of 300, two shards.
+FILTER = "error_code IS NULL AND source NOT LIKE 'Q%7:%'"
+KEPT = ROWS - ROWS // 10
+
+
+def _stages() -> list[Stage]:
+    return [
+        Stage(name="answer", prompt_id="answer_with_rationale", model_id=NOVA_LITE),
+        Stage(
+            name="grade",
+            prompt_id="grade_answer",
+            model_id=CLAUDE,
+            filter=FILTER,
+            carry=["source", "target", "response_text"],
+        ),
+    ]
+
+
+def _source(tmp_path: Path) -> Path:
+    path = tmp_path / "simplecot.jsonl"
+    simplecot(ROWS).write_ndjson(path)
+    return path
+
+
+def test_pipeline_filters_across_shards_and_repairs_invalid_answers(stack, tmp_path):
+    # A fifth of the first grading jobs' answers break the schema; retry jobs answer cleanly.
+    stack.set_faults(schema_error_rate=0.2, schema_error_job_names_containing="-a1")
+    params = PipelineParams(
+        source=str(_source(tmp_path)),
+        output_uri=str(tmp_path / "out"),
+        run_name="pipe-repair",
+        stages=_stages(),
+        max_records_per_job=150,
+        max_concurrent_jobs=3,
+    )
+    summary = batch_pipeline(params)
+
+    out = pl.read_parquet(tmp_path / "out" / "pipe-repair" / "output" / "*.parquet")
+    assert out.height == ROWS and out["pipeline_row_id"].n_unique() == ROWS
+    grade = summary["stages"][1]
+    assert grade["rows_kept"] == KEPT == grade["counts"]["records"]
+    grade_input = pl.read_parquet(
+        tmp_path / "out" / "pipe-repair" / "stages" / "grade" / "input.parquet"
+    )
+    assert grade_input.height == KEPT
+    graded = out.filter(pl.col("grade_skipped").is_null())
+    assert graded.height == KEPT
+    assert graded["grade_correct"].dtype == pl.Boolean
+    assert graded["grade_error_code"].null_count() == KEPT  # every invalid answer repaired
+    assert grade["schema_repaired"] > 0
+    assert grade["schema_repaired"] == graded["grade_attempts"].gt(1).sum()
+    skipped = out.filter(pl.col("grade_skipped").is_not_null())
+    assert skipped.height == ROWS - KEPT
+    assert skipped["grade_correct"].null_count() == ROWS - KEPT
+    assert "filtered out before stage grade" in skipped["grade_skipped"][0]
+    correct = int(graded["grade_correct"].sum())
+    assert summary["accuracy"]["correct"] == correct
+    assert summary["accuracy"]["graded"] == KEPT
+    # Stage 1 ran over two shards of the source; stage 2 read both of its parts.
+    assert len(stack.ledger(name_contains="pipe-repair--answer")) == 2
+
+    again = batch_pipeline(params)
+    assert again == summary  # a finished pipeline reports itself
+
+    grade_all = _stages()[1].model_copy(update={"filter": "true"})
+    changed = params.model_copy(update={"stages": [_stages()[0], grade_all]})
+    with pytest.raises(RunIdentityError, match="changed: grade"):
+        batch_pipeline(changed)
+
+
+def _run(source: Path, out: Path, kill_at: str | None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value(), EXPIRY_ENV: "3"}
+    env.pop(ENV, None)
+    if kill_at:  # armed only while stage 2 (grade) runs
+        env[ENV], env[KILL_STAGE_ENV] = kill_at, "grade"
+    command = [
+        sys.executable, "-m", "flows.cli", "pipeline", "run",
+        "--pipeline-id", "answer_and_grade", "--source", str(source),
+        "--output-uri", str(out), "--run-name", "pipe-kill",
+        "--max-concurrent-jobs", "3", "--max-records-per-job", "100",
+    ]  # fmt: skip
+    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=400)
+
+
+def test_pipeline_rerun_after_sigkill_in_stage_two_pays_no_job_twice(stack, tmp_path):
+    stack.configure(records_per_second=200)
+    source = _source(tmp_path)
+    # Stage 1 finishes; stage 2's process dies while its first job is seen running.
+    crashed = _run(source, tmp_path / "out2", kill_at="polling")
+    assert crashed.returncode == -signal.SIGKILL, crashed.stderr[-2000:]
+    finished = _run(source, tmp_path / "out2", kill_at=None)
+    assert finished.returncode == 0, finished.stderr[-3000:]
+    assert "accuracy (grade_correct)" in finished.stdout
+    out = pl.read_parquet(tmp_path / "out2" / "pipe-kill" / "output" / "*.parquet")
+    assert out.height == ROWS and out["pipeline_row_id"].n_unique() == ROWS
+    jobs = [j["jobName"].split("-", 1)[1] for j in stack.ledger(name_contains="pipe-kill--")]
+    assert len(jobs) == len(set(jobs))  # one job per shard attempt, never two
+    assert sorted(j for j in jobs if "grade" in j) == [
+        f"pipe-kill--grade-shard-0000{i}-a1" for i in range(3)
+    ]
