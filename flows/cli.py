@@ -193,7 +193,7 @@ def cmd_stop(args: argparse.Namespace) -> int:
     """Stop a run's in-flight Bedrock jobs, free their gate slots and record it in state.json."""
     from tasks.aws import storage
     from tasks.errors import PlanError
-    from tasks.run.state import STATE_FILE
+    from tasks.run.layout import STATE_FILE
     from tasks.run.stop import stop_run_jobs
 
     run_dir = storage.join(args.output_uri, args.run_name)
