@@ -10,6 +10,7 @@ from prefect.utilities.annotations import unmapped
 
 from tasks.aws.submit import run_key
 from tasks.monitoring import events
+from tasks.run.artifacts import JobBoard, flow_run_name, rename_flow_run
 from tasks.run.lifecycle import (
     finish_run,
     name_for_events,
@@ -18,7 +19,7 @@ from tasks.run.lifecycle import (
     release_run,
     resolve_run,
 )
-from tasks.run.params import BatchParams
+from tasks.run.params import BatchParams, warn_if_unknown_model
 from tasks.run.progress import RunProgress
 from tasks.run.shard import RunContext, run_shard
 
@@ -36,8 +37,14 @@ def _emit_failed(flow, flow_run, state) -> None:
     events.emit_run_failed(run_name, raw.get("model_id", ""), str(state.message))
 
 
+def _run_name() -> str:
+    """The flow run's name: the batch run's, so the UI can be searched by run."""
+    return flow_run_name(runtime.flow_run.parameters.get("params"))
+
+
 @flow(
     name="batch-inference",
+    flow_run_name=_run_name,
     task_runner=ThreadPoolTaskRunner(max_workers=MAX_SHARDS_IN_FLIGHT),
     on_failure=[_emit_failed],
     on_crashed=[_emit_failed],
@@ -55,6 +62,8 @@ def batch_inference(params: BatchParams) -> dict[str, Any]:
     run = resolve_run(params, runtime.flow_run.id)
     try:
         run_name = run.layout.run_name
+        rename_flow_run(runtime.flow_run.id, runtime.flow_run.name, run_name)
+        warn_if_unknown_model(params.model_id, logger)
         if run.finished_summary is not None:
             logger.info(
                 "Run %s already finished; its output is in %s", run_name, run.layout.run_dir
@@ -88,6 +97,14 @@ def batch_inference(params: BatchParams) -> dict[str, Any]:
             on_demand=params.on_demand,
             on_demand_rps=params.on_demand_rps,
             claim=run.claim,
+            board=JobBoard(
+                run_name,
+                run.store,
+                plan.shards,
+                params.max_attempts,
+                params.max_concurrent_jobs,
+                runtime.flow_run.id,
+            ),
         )
         results = run_shard.map(unmapped(ctx), plan.shards).result()
 
