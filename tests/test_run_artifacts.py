@@ -162,8 +162,8 @@ def test_timeline_markdown_bars_follow_time_and_show_status():
     text = timeline_markdown(bars, samples, now, gate_size=2, width=12)
 
     rows = [line for line in text.splitlines() if line.startswith("| shard-")]
-    assert rows[0] == "| shard-00000 | 🟩 | `████████····` | Completed |"
-    assert rows[1] == "| shard-00001 | 🟦 | `·███████████` | InProgress |"
+    assert rows[0] == "| shard-00000 | `████████····` | Completed |"
+    assert rows[1] == "| shard-00001 | `·███████████` | InProgress |"
     assert "| gate |" in text and "up to 2 of 2" in text
     assert "| records |" in text and "400" in text
 

@@ -43,13 +43,6 @@ STATUS_COLOURS = {
     "Stopped": "#7a7a7a",
 }
 IN_FLIGHT_COLOUR = "#3b7dd8"
-STATUS_MARKS = {
-    "Completed": "🟩",
-    "PartiallyCompleted": "🟨",
-    "Failed": "🟥",
-    "Expired": "🟪",
-    "Stopped": "⬜",
-}
 BLOCKS = "▁▂▃▄▅▆▇█"
 
 CostOf = Callable[[int, int], float | None]
@@ -385,30 +378,27 @@ def timeline_markdown(
     gate_size: int,
     width: int = 48,
 ) -> str:
-    """The same picture as text: block bars per job, sparklines of occupancy and throughput."""
+    """The same picture as text (no emoji: not every browser has the font), block bars per job."""
     start, span = _span(bars, samples, now)
     lines = [
-        f"Run time 0:00 → {_clock(span)}, one column ≈ {_clock(span / width)}. "
-        "🟩 Completed 🟨 PartiallyCompleted 🟥 Failed 🟪 Expired ⬜ Stopped 🟦 in flight",
+        f"Run time 0:00 → {_clock(span)}, one column ≈ {_clock(span / width)}.",
         "",
-        "| job | | submit → end | status |",
-        "| --- | --- | --- | --- |",
+        "| job | submit → end | status |",
+        "| --- | --- | --- |",
     ]
     for bar in bars:
-        mark = STATUS_MARKS.get(bar.status or "", "🟦")
         cells = _cells(bar, start, span, now, width)
-        lines.append(f"| {bar.label} | {mark} | `{cells}` | {bar.status or 'in flight'} |")
+        lines.append(f"| {bar.label} | `{cells}` | {bar.status or 'in flight'} |")
     occupied = _resample(occupancy(bars, now), start, span, width)
     peak = max(occupied, default=0)
     lines.append(
-        f"| gate | | `{_spark(occupied, max(gate_size, peak))}` "
-        f"| up to {int(peak)} of {gate_size} |"
+        f"| gate | `{_spark(occupied, max(gate_size, peak))}` | up to {int(peak)} of {gate_size} |"
     )
     for field in ("records", "tokens"):
         values = _resample([(s.at, getattr(s, field)) for s in samples], start, span, width)
         top = max(values, default=0)
         if top:
-            lines.append(f"| {field} | | `{_spark(values, top)}` | {fmt_int(top)} |")
+            lines.append(f"| {field} | `{_spark(values, top)}` | {fmt_int(top)} |")
     return "\n".join(lines)
 
 
