@@ -3,26 +3,44 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import shlex
 import signal
 import sys
 import threading
 
-from .config import EmulatorConfig
+from .config import EmulatorConfig, _coerce
+from .faults import Faults
 from .stack import LocalStack
 
+DESCRIPTION = (
+    "Local Amazon Bedrock batch inference beside moto's S3 and CloudWatch. Prints "
+    "`export ...` lines on stdout: eval them in a shell to point boto3, the AWS CLI and "
+    "the flows at the stack. Every setting also reads BEDROCK_EMULATOR_<NAME> and each "
+    "fault BEDROCK_EMULATOR_FAULT_<NAME>."
+)
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="python -m emulator",
-        description=(
-            "Local Amazon Bedrock batch inference beside moto's S3 and CloudWatch. Prints "
-            "`export ...` lines on stdout: eval them in a shell to point boto3, the AWS CLI and "
-            "the flows at the stack. Every setting also reads BEDROCK_EMULATOR_<NAME> and each "
-            "fault BEDROCK_EMULATOR_FAULT_<NAME>."
-        ),
-    )
+
+def parse_args(
+    argv: list[str] | None = None, prog: str = "python -m emulator"
+) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog=prog, description=DESCRIPTION)
+    add_arguments(parser)
+    return parser.parse_args(argv)
+
+
+def _fault(text: str) -> tuple[str, str]:
+    name, sep, value = text.partition("=")
+    known = [f.name for f in dataclasses.fields(Faults)]
+    if not sep or name.replace("-", "_") not in known:
+        msg = f"--fault takes NAME=VALUE with NAME one of {', '.join(known)}; got {text!r}"
+        raise argparse.ArgumentTypeError(msg)
+    return name.replace("-", "_"), value
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The stack's options: ports, pace, quotas and faults (shared with `bedrock-batch local`)."""
     parser.add_argument("--port", type=int, default=0, help="emulator port (0: a free one)")
     parser.add_argument("--moto-port", type=int, default=0, help="moto port (0: a free one)")
     parser.add_argument("--host", default="127.0.0.1")
@@ -41,8 +59,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--max-records-per-job", type=int)
     parser.add_argument("--seed", type=int, help="seed of every fault draw")
     parser.add_argument("--record-error-rate", type=float, help="share of records that fail")
+    parser.add_argument(
+        "--fault",
+        action="append",
+        type=_fault,
+        default=[],
+        metavar="NAME=VALUE",
+        help="any fault of emulator/faults.py, e.g. fail_jobs=0.2 or throttle_get_rate=0.5 "
+        "(repeatable)",
+    )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logs on stderr")
-    return parser.parse_args(argv)
 
 
 def build_config(args: argparse.Namespace) -> EmulatorConfig:
@@ -66,13 +92,19 @@ def build_config(args: argparse.Namespace) -> EmulatorConfig:
         faults["seed"] = args.seed
     if args.record_error_rate is not None:
         faults["record_error_rate"] = args.record_error_rate
+    for name, raw in getattr(args, "fault", None) or []:
+        faults[name] = _coerce(Faults, name, raw)
     if faults:
-        config = config.updated(faults=config.faults.updated(**faults))
+        config = dataclasses.replace(config, faults=config.faults.updated(**faults))
     return config
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+def main(argv: list[str] | None = None, prog: str = "python -m emulator") -> int:
+    return serve(parse_args(argv, prog))
+
+
+def serve(args: argparse.Namespace) -> int:
+    """Run the stack the options describe until SIGINT / SIGTERM."""
     logging.basicConfig(
         stream=sys.stderr,
         level=logging.DEBUG if args.verbose else logging.INFO,

@@ -12,6 +12,7 @@ from prompt_templates import output_schema_for
 from tasks.aws import storage
 from tasks.aws.submit import run_key
 from tasks.monitoring import events
+from tasks.run.artifacts import JobBoard, flow_run_name, rename_flow_run
 from tasks.run.lifecycle import (
     finish_run,
     name_for_events,
@@ -20,7 +21,7 @@ from tasks.run.lifecycle import (
     release_run,
     resolve_run,
 )
-from tasks.run.params import BatchParams
+from tasks.run.params import BatchParams, warn_if_unknown_model
 from tasks.run.progress import RunProgress
 from tasks.run.shard import RunContext, run_shard
 from tasks.run.stop import stop_run_jobs
@@ -52,8 +53,14 @@ def _stop_jobs(flow, flow_run, state) -> None:
     stop_run_jobs(run_dir, run_name, reason, params.kms_key_id)
 
 
+def _run_name() -> str:
+    """The flow run's name: the batch run's, so the UI can be searched by run."""
+    return flow_run_name(runtime.flow_run.parameters.get("params"))
+
+
 @flow(
     name="batch-inference",
+    flow_run_name=_run_name,
     task_runner=ThreadPoolTaskRunner(max_workers=MAX_SHARDS_IN_FLIGHT),
     on_failure=[_emit_failed],
     on_crashed=[_emit_failed, _stop_jobs],
@@ -72,6 +79,8 @@ def batch_inference(params: BatchParams) -> dict[str, Any]:
     run = resolve_run(params, runtime.flow_run.id)
     try:
         run_name = run.layout.run_name
+        rename_flow_run(runtime.flow_run.id, runtime.flow_run.name, run_name)
+        warn_if_unknown_model(params.model_id, logger)
         if run.finished_summary is not None:
             logger.info(
                 "Run %s already finished; its output is in %s", run_name, run.layout.run_dir
@@ -106,6 +115,14 @@ def batch_inference(params: BatchParams) -> dict[str, Any]:
             on_demand_rps=params.on_demand_rps,
             claim=run.claim,
             output_schema=output_schema_for(params.prompt_id),
+            board=JobBoard(
+                run_name,
+                run.store,
+                plan.shards,
+                params.max_attempts,
+                params.max_concurrent_jobs,
+                runtime.flow_run.id,
+            ),
         )
         results = run_shard.map(unmapped(ctx), plan.shards).result()
 

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import os
 import sys
+import traceback
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
@@ -70,11 +72,14 @@ def _params(args: argparse.Namespace):
 def _show_output(summary: dict) -> None:
     import polars as pl
 
-    print(f"\nOutput: {summary['output_uri']}/  ({len(summary['parts'])} Parquet files)")
+    from tasks.run.artifacts import absolute_location
+
+    output = absolute_location(summary["output_uri"])
+    print(f"\nOutput: {output}/  ({len(summary['parts'])} Parquet files)")
     counts, tokens = summary["counts"], summary["tokens"]
     print(
-        f"Records: {counts['records']}  ok: {counts['succeeded']}  failed: {counts['failed']}  "
-        f"tokens in/out: {tokens['input']}/{tokens['output']}"
+        f"Records: {counts['records']:,}  ok: {counts['succeeded']:,}  "
+        f"failed: {counts['failed']:,}  tokens in/out: {tokens['input']:,}/{tokens['output']:,}"
     )
     if summary["parts"] and not summary["parts"][0].startswith("s3://"):
         from tasks.pipeline import columns as C
@@ -104,11 +109,15 @@ def _progress(label: str) -> Iterator[Callable[[int, int], None]]:
 
 def cmd_run(args: argparse.Namespace) -> int:
     """Run the batch flow now, optionally on an in-process local stack."""
+    params = _params(args)
+    _preflight(params, needs_aws=not args.local_stack)
     with ExitStack() as stack:
         if args.local_stack:
             from emulator import EmulatorConfig, LocalStack
 
-            local = stack.enter_context(LocalStack(EmulatorConfig.demo()))
+            # Demo pace, tunable through BEDROCK_EMULATOR_* (as for `bedrock-batch local`).
+            config = EmulatorConfig.from_env(EmulatorConfig.demo())
+            local = stack.enter_context(LocalStack(config))
             os.environ.update(local.env)
             from tasks.aws.clients import reset_clients
             from tasks.settings import get_settings
@@ -118,7 +127,9 @@ def cmd_run(args: argparse.Namespace) -> int:
             print(f"Local stack: Bedrock emulator {local.bedrock_url}, S3 {local.moto_url}")
         from flows.batch_inference import batch_inference
 
-        summary = batch_inference(_params(args))
+        if not args.debug:
+            _quiet_tracebacks()
+        summary = batch_inference(params)
         _show_output(summary)
     return 0
 
@@ -128,6 +139,59 @@ def cmd_pipeline_run(args: argparse.Namespace) -> int:
     from flows.pipeline_cli import run_pipeline
 
     return run_pipeline(args)
+
+
+def _preflight(params, needs_aws: bool) -> None:
+    """The user mistakes a run can show before Prefect starts: one line each, no traceback."""
+    from prompt_templates import get_template
+
+    if params.prompt_id:
+        get_template(params.prompt_id)  # TemplateError lists the known ids
+    source = params.source
+    if "://" not in source and not any(c in source for c in "*?[") and not Path(source).exists():
+        raise FileNotFoundError(errno.ENOENT, "no such file or folder", source)
+    if "://" not in params.output_uri:
+        _check_writable(Path(params.output_uri))
+    if needs_aws and not os.environ.get("AWS_ENDPOINT_URL_BEDROCK"):
+        import boto3
+        from botocore.exceptions import NoCredentialsError
+
+        if boto3.Session().get_credentials() is None:
+            raise NoCredentialsError
+
+
+def _check_writable(folder: Path) -> None:
+    """The nearest existing folder of ``folder`` must be writable (the run creates the rest)."""
+    existing = folder.resolve()
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise PermissionError(errno.EACCES, "not a writable folder", str(existing))
+
+
+def _quiet_tracebacks() -> None:
+    """Prefect's console logs keep their lines but not the traceback (``--debug`` shows it)."""
+    import logging
+
+    class NoTraceback(logging.Formatter):
+        def __init__(self, inner: logging.Formatter | None) -> None:
+            super().__init__()
+            self.inner = inner or logging.Formatter()
+
+        def format(self, record: logging.LogRecord) -> str:
+            saved = record.exc_info, record.exc_text
+            record.exc_info, record.exc_text = None, None
+            try:
+                return self.inner.format(record)
+            finally:
+                record.exc_info, record.exc_text = saved
+
+    for name in ("prefect", "prefect.flow_runs", "prefect.task_runs"):
+        for handler in logging.getLogger(name).handlers:
+            if isinstance(handler, logging.StreamHandler) and not isinstance(
+                handler.formatter, NoTraceback
+            ):
+                handler.setFormatter(NoTraceback(handler.formatter))
 
 
 def cmd_preprocess(args: argparse.Namespace) -> int:
@@ -146,19 +210,36 @@ def cmd_preprocess(args: argparse.Namespace) -> int:
 
 def cmd_merge(args: argparse.Namespace) -> int:
     """Offline merge of Bedrock outputs downloaded under --outputs into the run folder."""
+    import polars as pl
+
+    from tasks.pipeline import columns as C
     from tasks.pipeline.merge import merge_offline
 
     with _progress("Merging outputs into Parquet") as advance:
         parts = merge_offline(Path(args.run_dir), Path(args.outputs), on_part=advance)
-    print(f"Wrote {len(parts)} Parquet parts under {Path(args.run_dir) / 'output'}")
-    return 0
-
-
-def cmd_local(args: argparse.Namespace) -> int:
-    """Start the local stack, like `python -m emulator`."""
-    from emulator.__main__ import main as emulator_main
-
-    return emulator_main(args.emulator_args) or 0
+    print(f"Wrote {len(parts)} Parquet parts under {(Path(args.run_dir) / 'output').resolve()}")
+    counts = (
+        pl.scan_parquet(parts, missing_columns="insert")
+        .select(
+            pl.len().alias("rows"),
+            (pl.col(C.ERROR_CODE) == C.MISSING_OUTPUT).sum().alias("missing"),
+        )
+        .collect()
+        .row(0, named=True)
+    )
+    missing, rows = counts["missing"] or 0, counts["rows"]
+    if not missing:
+        print(f"Every one of the {rows:,} rows has an output.")
+        return 0
+    note = (
+        f"{missing:,} of {rows:,} rows have no output (error_code {C.MISSING_OUTPUT}): "
+        "their job's outputs are not under --outputs"
+    )
+    if args.allow_missing:
+        print(f"{note}; kept as errors (--allow-missing).")
+        return 0
+    print(f"error: {note}; download them, or pass --allow-missing to accept.", file=sys.stderr)
+    return 1
 
 
 def cmd_iam_policy(args: argparse.Namespace) -> int:
@@ -212,7 +293,9 @@ def cmd_stop(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="bedrock-batch", description="Amazon Bedrock batch inference with Prefect."
+        prog="bedrock-batch",
+        description="Amazon Bedrock batch inference with Prefect.",
+        epilog="--debug (anywhere on the line) shows the traceback of an error.",
     )
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -243,6 +326,11 @@ def build_parser() -> argparse.ArgumentParser:
     merge = sub.add_parser("merge", help="merge downloaded Bedrock outputs offline")
     merge.add_argument("--run-dir", required=True, help="folder `preprocess` wrote")
     merge.add_argument("--outputs", required=True, help="folder with <jobId>/<file>.out files")
+    merge.add_argument(
+        "--allow-missing",
+        action="store_true",
+        help="exit 0 even when some rows have no output (they keep a MissingOutput error)",
+    )
     merge.set_defaults(func=cmd_merge)
 
     stop = sub.add_parser("stop", help="stop a run's in-flight Bedrock jobs")
@@ -251,9 +339,14 @@ def build_parser() -> argparse.ArgumentParser:
     stop.add_argument("--kms-key-id", help="the run's key, to write its state encrypted")
     stop.set_defaults(func=cmd_stop)
 
-    local = sub.add_parser("local", help="start the local stack (moto + Bedrock emulator)")
-    local.add_argument("emulator_args", nargs=argparse.REMAINDER)
-    local.set_defaults(func=cmd_local)
+    # Listed for --help only: main() hands `local ...` to the emulator's own parser, so every
+    # option of `python -m emulator` (ports, pace, faults) works here without importing the
+    # emulator (a second of start-up) for the other commands.
+    sub.add_parser(
+        "local",
+        help="start the local stack (moto + Bedrock emulator); "
+        "`bedrock-batch local --help` lists its options",
+    )
 
     iam = sub.add_parser("iam-policy", help="print least-privilege IAM policies")
     iam.add_argument("--role-arn", required=True, help="the Bedrock service role")
@@ -290,17 +383,62 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+NO_CREDENTIALS = (
+    "no AWS credentials found: set AWS_PROFILE (after `aws configure` or `aws sso login`) or "
+    "AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY; or run without AWS on the local stack: "
+    '`bedrock-batch run --local-stack ...`, or `eval "$(bedrock-batch local)"` first.'
+)
+
+
+def user_error(exc: BaseException) -> str | None:
+    """The one line that tells a person what went wrong and what to do, or None for a bug."""
+    from botocore.exceptions import ClientError, NoCredentialsError, PartialCredentialsError
+    from pydantic import ValidationError
+
+    from tasks.errors import BedrockBatchError
+
+    if isinstance(exc, BedrockBatchError):
+        message = str(exc)
+    elif isinstance(exc, (NoCredentialsError, PartialCredentialsError)):
+        message = NO_CREDENTIALS
+    elif isinstance(exc, FileNotFoundError):
+        message = f"{exc.filename or exc}: no such file or folder"
+    elif isinstance(exc, PermissionError):
+        message = f"{exc.filename or exc}: permission denied; choose a folder you can write to"
+    elif isinstance(exc, OSError) and exc.filename:
+        message = f"{exc.filename}: {exc.strerror}"
+    elif isinstance(exc, ValidationError):
+        message = "; ".join(
+            f"{'.'.join(str(p) for p in e['loc']) or 'parameters'}: {e['msg']}"
+            for e in exc.errors()
+        )
+    elif isinstance(exc, ClientError):
+        error = exc.response.get("Error", {})
+        message = f"AWS refused {exc.operation_name}: {error.get('Code')}: {error.get('Message')}"
+    else:
+        return None
+    return " ".join(message.split())  # one line, whatever the message's layout
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv  # anywhere on the line: the traceback of any error
+    if argv[:1] == ["local"]:
+        from emulator.__main__ import main as local_stack
+
+        return local_stack(argv[1:], prog="bedrock-batch local")
+    args = build_parser().parse_args([a for a in argv if a != "--debug"])
+    args.debug = debug
     try:
         return args.func(args)
     except Exception as exc:
-        from tasks.errors import BedrockBatchError
-
-        if isinstance(exc, BedrockBatchError):
-            print(f"error: {exc}", file=sys.stderr)
-            return 2
-        raise
+        message = user_error(exc)
+        if message is None:
+            raise
+        if debug:
+            traceback.print_exc()
+        print(f"error: {message}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

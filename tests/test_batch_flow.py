@@ -12,6 +12,7 @@ import pytest
 from helpers import eventually
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import ArtifactFilter, LogFilter
+from prefect.client.schemas.sorting import ArtifactSort
 
 from flows.batch_inference import batch_inference
 from tasks.aws.clients import reset_clients
@@ -63,10 +64,16 @@ def _bedrock(stack):
     return boto3.client("bedrock", endpoint_url=stack.bedrock_url)
 
 
-def _artifact(key: str):
+def _artifacts(key: str) -> list:
+    """Every version of an artifact, newest first."""
     with get_client(sync_client=True) as client:
-        (artifact,) = client.read_artifacts(artifact_filter=ArtifactFilter(key={"any_": [key]}))
-    return artifact
+        return client.read_artifacts(
+            artifact_filter=ArtifactFilter(key={"any_": [key]}), sort=ArtifactSort.CREATED_DESC
+        )
+
+
+def _artifact(key: str):
+    return _artifacts(key)[0]
 
 
 def _max_in_flight(stack, jobs: list[dict]) -> int:
@@ -110,9 +117,25 @@ def test_batch_inference_text_never_exceeds_gate_and_returns_every_row(stack, tm
     assert out[RESPONSE_TEXT].null_count() == 0
     assert summary["counts"] == {"records": 300, "succeeded": 300, "failed": 0, "unparseable": 0}
     assert all(job["duration_s"] is not None and job["duration_s"] >= 0 for job in summary["jobs"])
-    table = json.loads(_artifact("bedrock-batch-gate-test-jobs").data)
-    assert sorted(row["ok"] for row in table) == [100, 100, 100]
-    assert "gate-test/output" in _artifact("bedrock-batch-gate-test-output").data
+    versions = _artifacts("bedrock-batch-gate-test-jobs")
+    assert len(versions) >= 2  # published while the jobs ran, not only at the end
+    *rows, total = json.loads(versions[0].data)
+    assert [row["ok"] for row in rows] == ["100", "100", "100"]
+    assert (total["ok"], total["status"]) == ("300", "3 of 3 merged")
+    output_note = _artifact("bedrock-batch-gate-test-output").data
+    assert f"{(tmp_path / 'out' / 'gate-test' / 'output').resolve()}/" in output_note
+    assert "data:image/svg+xml;base64," in _artifact("bedrock-batch-gate-test-timeline").data
+    with get_client(sync_client=True) as client:
+        flow_run = client.read_flow_run(
+            next(a.flow_run_id for a in versions if a.flow_run_id is not None)
+        )
+        progress = client.read_artifacts(
+            artifact_filter=ArtifactFilter(
+                type={"any_": ["progress"]}, flow_run_id={"any_": [flow_run.id]}
+            )
+        )
+    assert flow_run.name == "gate-test"
+    assert [p.data for p in progress] == [100.0]
     assert summary["tokens"]["input"] > 0 and summary["tokens"]["output"] > 0
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import polars as pl
 
@@ -42,7 +43,9 @@ def test_preprocess_then_merge_offline_round_trip(tmp_path, capsys):
     lines = shards[0].read_text().splitlines()
     (job_dir / "shard-00000.jsonl.out").write_text("\n".join(_answer(x) for x in lines) + "\n")
 
-    assert main(["merge", "--run-dir", str(run_dir), "--outputs", str(tmp_path / "outputs")]) == 0
+    merge = ["merge", "--run-dir", str(run_dir), "--outputs", str(tmp_path / "outputs")]
+    assert main([*merge, "--allow-missing"]) == 0
+    assert "125 of 250 rows have no output" in capsys.readouterr().out
 
     out = pl.read_parquet(run_dir / "output" / "*.parquet")
     assert out.height == 250
@@ -129,3 +132,132 @@ def test_iam_policy_without_any_region_says_how_to_give_one(capsys, monkeypatch)
     assert code == 2
     err = capsys.readouterr().err
     assert "--region" in err and "<region>" not in err
+
+
+def _topics_csv(tmp_path, rows: int = 150):
+    source = tmp_path / "topics.csv"
+    pl.DataFrame({"topic": [f"t{i}" for i in range(rows)]}).write_csv(source)
+    return source
+
+
+def _one_error_line(capsys) -> str:
+    err = capsys.readouterr().err.strip()
+    assert "Traceback" not in err
+    assert len(err.splitlines()) == 1, err
+    assert err.startswith("error: ")
+    return err
+
+
+def test_run_unknown_prompt_id_is_one_line(tmp_path, capsys):
+    code = main(["run", "--source", str(_topics_csv(tmp_path)), "--prompt-id", "jokes",
+                 "--output-uri", str(tmp_path / "out"), "--local-stack"])  # fmt: skip
+
+    assert code == 2
+    assert "jokes" in _one_error_line(capsys)
+
+
+def test_run_missing_source_file_is_one_line(tmp_path, capsys):
+    code = main(["run", "--source", str(tmp_path / "nope.csv"), "--prompt-id", "joke_about_topic",
+                 "--output-uri", str(tmp_path / "out"), "--local-stack"])  # fmt: skip
+
+    assert code == 2
+    assert f"{tmp_path / 'nope.csv'}: no such file or folder" in _one_error_line(capsys)
+
+
+def test_run_without_credentials_says_how_to_set_them_or_use_the_local_stack(
+    tmp_path, capsys, monkeypatch
+):
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE",
+                 "AWS_ENDPOINT_URL_BEDROCK"):  # fmt: skip
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+
+    code = main(["run", "--source", str(_topics_csv(tmp_path)), "--prompt-id", "joke_about_topic",
+                 "--output-uri", str(tmp_path / "out")])  # fmt: skip
+
+    assert code == 2
+    line = _one_error_line(capsys)
+    assert "no AWS credentials" in line and "AWS_PROFILE" in line and "--local-stack" in line
+
+
+def test_run_unwritable_output_is_one_line(tmp_path, capsys):
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o500)
+    try:
+        if os.access(locked, os.W_OK):  # root ignores the mode: make the output a file instead
+            locked.chmod(0o700)
+            locked.rmdir()
+            locked.write_text("a file, not a folder")
+        code = main(["run", "--source", str(_topics_csv(tmp_path)),
+                     "--prompt-id", "joke_about_topic", "--output-uri", str(locked / "out"),
+                     "--local-stack"])  # fmt: skip
+    finally:
+        if locked.is_dir():
+            locked.chmod(0o700)
+
+    assert code == 2
+    assert f"{locked}: permission denied" in _one_error_line(capsys)
+
+
+def test_preprocess_missing_column_is_one_line(tmp_path, capsys):
+    source = tmp_path / "other.csv"
+    pl.DataFrame({"subject": [f"t{i}" for i in range(150)]}).write_csv(source)
+
+    code = main(["preprocess", "--source", str(source), "--prompt-id", "joke_about_topic",
+                 "--model-id", CLAUDE, "--out", str(tmp_path / "plan")])  # fmt: skip
+
+    assert code == 2
+    assert "topic" in _one_error_line(capsys)
+
+
+def test_debug_shows_the_traceback(tmp_path, capsys):
+    code = main(["run", "--source", str(tmp_path / "nope.csv"), "--output-uri", "out",
+                 "--local-stack", "--debug"])  # fmt: skip
+
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "Traceback" in err and err.strip().endswith("no such file or folder")
+
+
+def test_merge_with_missing_outputs_exits_non_zero_and_counts_rows(tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    assert not main(["preprocess", "--source", str(_topics_csv(tmp_path, 250)),
+                 "--prompt-id", "joke_about_topic", "--model-id", CLAUDE,
+                 "--out", str(run_dir), "--max-concurrent-jobs", "2"])  # fmt: skip
+    shard = sorted((run_dir / "input").glob("*.jsonl"))[0]
+    job_dir = tmp_path / "outputs" / "job0abc12345"
+    job_dir.mkdir(parents=True)
+    lines = shard.read_text().splitlines()
+    (job_dir / f"{shard.name}.out").write_text("\n".join(_answer(x) for x in lines) + "\n")
+    capsys.readouterr()
+
+    code = main(["merge", "--run-dir", str(run_dir), "--outputs", str(tmp_path / "outputs")])
+
+    assert code == 1
+    line = _one_error_line(capsys)
+    assert "125 of 250 rows have no output" in line and "--allow-missing" in line
+
+
+def test_local_forwards_port_pace_and_fault_options():
+    from emulator.__main__ import build_config, parse_args
+
+    args = parse_args(["--port", "4566", "--records-per-second", "7", "--fault", "fail_jobs=0.25",
+                       "--fault", "quota=3"], prog="bedrock-batch local")  # fmt: skip
+    config = build_config(args)
+
+    assert args.port == 4566
+    assert config.records_per_second == 7
+    assert (config.faults.fail_jobs, config.faults.quota) == (0.25, 3)
+
+
+def test_local_help_is_the_stack_help(capsys):
+    import pytest
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["local", "--help"])
+    assert exit_.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith("usage: bedrock-batch local") and "--fault NAME=VALUE" in out

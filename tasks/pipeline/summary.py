@@ -6,7 +6,7 @@ from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 import polars as pl
-from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.artifacts import create_markdown_artifact
 
 from tasks.aws import storage
 from tasks.aws.clients import polars_storage_options
@@ -19,6 +19,7 @@ from tasks.pipeline.columns import (
     RECORD_ID,
     UNPARSEABLE_OUTPUT,
 )
+from tasks.run.artifacts import absolute_location
 from tasks.run.layout import PARQUET
 
 if TYPE_CHECKING:
@@ -97,18 +98,18 @@ def summary_artifacts(
         }
         for r in results
     ]
-    create_table_artifact(rows, key=_key(ctx.run_name, "jobs"), description="Bedrock jobs")
+    # The job table itself is the run's live one (tasks.run.artifacts), final at this point.
     output_dir = ctx.layout.output_dir
     markdown = "\n".join(
         [
             f"# Run `{ctx.run_name}`",
             "",
-            f"- Output: `{output_dir}/` ({len(check['parts'])} Parquet files)",
+            f"- Output: `{absolute_location(output_dir)}/` ({len(check['parts'])} Parquet files)",
             f"- Model: `{ctx.model_id}` ({ctx.invocation_type})",
-            f"- Records: {check['records']} — ok {check['succeeded']}, failed {check['failed']}"
-            f" (unparseable outputs: {check.get('unparseable', 0)};"
-            f" skipped before submit: {plan.skipped_records})",
-            f"- Tokens: {check['input_tokens']} in, {check['output_tokens']} out",
+            f"- Records: {check['records']:,} — ok {check['succeeded']:,},"
+            f" failed {check['failed']:,} (unparseable outputs: {check.get('unparseable', 0):,};"
+            f" skipped before submit: {plan.skipped_records:,})",
+            f"- Tokens: {check['input_tokens']:,} in, {check['output_tokens']:,} out",
             "- Every input record is in the output exactly once (checked).",
         ]
     )

@@ -262,6 +262,9 @@ def finish_run(ctx: RunContext, plan: RunPlan, results: list[ShardResult]) -> di
     """
     failpoint("finish")
     check = check_output(ctx.layout, plan)
+    ctx.progress.complete()  # every record is in the output: the bar ends at 100 %
+    if ctx.board is not None:
+        ctx.board.close()
     summary = summary_artifacts(ctx, plan, results, check)
     summary_json = json.dumps(summary, indent=1).encode()
     storage.write_bytes(ctx.layout.summary_uri, summary_json, ctx.kms_key_id)

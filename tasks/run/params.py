@@ -2,9 +2,52 @@
 
 from __future__ import annotations
 
-from typing import Literal
+import logging
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from prompt_templates import prompt_id_to_template
+from tasks.bedrock import catalog
+
+
+def known_prompt_ids() -> list[str]:
+    """The prompt ids of prompt_templates.py, for the form's drop-down."""
+    return sorted(prompt_id_to_template)
+
+
+def known_model_ids() -> list[str]:
+    """The catalog's model ids as a run gives them (profile-only models with their us. id)."""
+    return [f"us.{e.model_id}" if e.profile_only else e.model_id for e in catalog.MODELS]
+
+
+def _prompt_choices(schema: dict[str, Any]) -> None:
+    # A drop-down of the templates; null (no prompt) means embeddings.
+    schema["anyOf"] = [{"type": "string", "enum": known_prompt_ids()}, {"type": "null"}]
+
+
+def _model_choices(schema: dict[str, Any]) -> None:
+    # A drop-down of the catalog, or free text for a model the catalog does not know yet.
+    schema.pop("type", None)
+    schema["anyOf"] = [
+        {"type": "string", "title": "Catalog model", "enum": known_model_ids()},
+        {"type": "string", "title": "Other model id"},
+    ]
+
+
+def warn_if_unknown_model(model_id: str, logger: logging.Logger | logging.LoggerAdapter) -> None:
+    """Log a warning when the run's model is not in the batch catalog (it still runs)."""
+    if catalog.find(model_id) is not None:
+        return
+    near = catalog.closest_ids(model_id, 3)
+    logger.warning(
+        "Model id %s is not in the batch model catalog (%s, read %s); the run uses the family "
+        "its id prefix names, and Bedrock decides whether it runs batch.%s",
+        model_id,
+        catalog.SOURCE_URL,
+        catalog.SOURCE_READ,
+        f" Closest known ids: {', '.join(near)}." if near else "",
+    )
 
 
 class InferenceOverrides(BaseModel):
@@ -33,18 +76,26 @@ class BatchParams(BaseModel):
     source: str = Field(
         ...,
         description=(
-            "hf://<dataset>?split=train&config=<name>, s3://bucket/key, a local path or a glob "
+            "hf://DATASET?split=train&config=NAME, s3://bucket/key, a local path or a glob "
             "of CSV / Parquet / JSONL files."
         ),
     )
     model_id: str = Field(
-        ..., description="Bedrock model id, e.g. anthropic.claude-3-haiku-20240307-v1:0."
+        ...,
+        description=(
+            "Bedrock model id: pick one of the catalog, or type another (e.g. an eu. or "
+            "global. inference profile); an id the catalog does not know runs with a warning."
+        ),
+        json_schema_extra=_model_choices,
     )
     output_uri: str = Field(
-        ..., description="s3://bucket/prefix or a local folder; the run writes <run_name>/ in it."
+        ...,
+        description="s3://bucket/prefix or a local folder; the run writes RUN_NAME/ in it.",
     )
     prompt_id: str | None = Field(
-        None, description="A key of prompt_templates.prompt_id_to_template; none for embeddings."
+        None,
+        description="A template of prompt_templates.py; none for embeddings.",
+        json_schema_extra=_prompt_choices,
     )
     text_column: str | None = Field(
         None, description="Column to embed when there is no prompt (default: input_text)."
@@ -115,7 +166,7 @@ class BatchParams(BaseModel):
         False,
         description=(
             "Start the run again from scratch: its old folder (and job files) are moved aside "
-            "to <run_name>.replaced-<time> first. Needed to reuse a run_name whose inputs "
+            "to RUN_NAME.replaced-TIME first. Needed to reuse a run_name whose inputs "
             "changed."
         ),
     )

@@ -37,6 +37,7 @@ from tasks.pipeline.attempts import AttemptOutput, merge_attempts, records_to_re
 from tasks.pipeline.plan import ShardPlan
 from tasks.pipeline.structured import OutputSchema
 from tasks.run import gate
+from tasks.run.artifacts import JobBoard
 from tasks.run.failpoints import failpoint
 from tasks.run.layout import JSONL, OUT_SUFFIX, RunLayout, input_file
 from tasks.run.owner import RunClaim
@@ -71,6 +72,12 @@ class RunContext:
     claim: RunClaim | None = None
     # The template's output schema: answers are validated into typed columns, and repaired.
     output_schema: OutputSchema | None = None
+    board: JobBoard | None = None  # the live job table and timeline in the UI
+
+    def changed(self) -> None:
+        """A job of the run moved: let the UI's live table and timeline know."""
+        if self.board is not None:
+            self.board.changed()
 
     @property
     def run_dir(self) -> str:
@@ -236,6 +243,7 @@ def _submit(ctx: RunContext, shard: ShardPlan, attempt: JobAttempt, resumed: boo
     attempt.submitted_at = attempt.submitted_at or now_iso()
     attempt.status = attempt.status or "Submitted"
     ctx.store.save()
+    ctx.changed()
     events.emit_job_submitted(
         ctx.run_name, attempt.job_arn, shard.name, ctx.model_id, attempt.records
     )
@@ -253,6 +261,7 @@ def _watch(ctx: RunContext, shard: ShardPlan, attempt: JobAttempt) -> None:
             failpoint("polling")
         if attempt.attempt == 1:
             ctx.progress.update(shard.name, attempt.counters.get("processedRecordCount", 0))
+        ctx.changed()
         events.emit_job_status(
             ctx.run_name,
             attempt.job_arn,
@@ -444,6 +453,7 @@ def run_shard(ctx: RunContext, shard: ShardPlan) -> ShardResult:
         state.part_uri = ctx.part_uri(shard)
         ctx.store.save()
         ctx.progress.update(shard.name, shard.records)
+        ctx.changed()
         events.emit_job_merged(
             ctx.run_name, state.current.job_arn or "", shard.name, state.merge_stats, state.part_uri
         )
