@@ -10,6 +10,7 @@ from prefect.utilities.annotations import unmapped
 
 from tasks.aws.submit import run_key
 from tasks.monitoring import events
+from tasks.run.cost import cost_guard, preflight_cost
 from tasks.run.lifecycle import (
     finish_run,
     name_for_events,
@@ -64,10 +65,13 @@ def batch_inference(params: BatchParams) -> dict[str, Any]:
         # 2. Render, validate and shard the rows (or pick up the plan of an earlier attempt).
         plan = prepare_run(params, run)
 
-        # 3. One gate per model, sized to this run's max_concurrent_jobs.
+        # 3. Estimate the cost; a run whose upper bound passes max_cost_usd stops here.
+        estimate = preflight_cost(params, plan, run.layout)
+
+        # 4. One gate per model, sized to this run's max_concurrent_jobs.
         gate_name = open_gate(params.model_id, params.max_concurrent_jobs)
 
-        # 4. Each shard: slot → job → poll → merge its Parquet part as soon as it finishes.
+        # 5. Each shard: slot → job → poll → merge its Parquet part as soon as it finishes.
         ctx = RunContext(
             run_name=run_name,
             layout=run.layout,
@@ -88,10 +92,11 @@ def batch_inference(params: BatchParams) -> dict[str, Any]:
             on_demand=params.on_demand,
             on_demand_rps=params.on_demand_rps,
             claim=run.claim,
+            cost_guard=cost_guard(params, estimate),
         )
         results = run_shard.map(unmapped(ctx), plan.shards).result()
 
-        # 5. Check every row came back once, report, and tell automations.
+        # 6. Check every row came back once, report, and tell automations.
         return finish_run(ctx, plan, results)
     finally:
         release_run(run)

@@ -23,6 +23,7 @@ class ShardPlan:
     input_file: str
     rows_file: str
     sha256: str = ""  # of input_file: a resume checks the copy on S3 against it
+    chars: int = 0  # characters of the rendered prompts (the cost estimate's measure)
 
 
 @dataclass
@@ -110,7 +111,7 @@ def _human_bytes(n: int) -> str:
 
 def format_plan(plan: RunPlan) -> str:
     """A table of the plan for the CLI dry run: one line per job, then the totals."""
-    header = f"{'job':>5}  {'shard':<12} {'records':>10} {'bytes':>12} {'est. tokens':>14}"
+    header = f"{'job':>5}  {'shard':<12} {'records':>10} {'bytes':>12} {'chars / 4':>14}"
     lines = [
         f"model {plan.model_id} ({plan.family}, {plan.invocation_type}), "
         f"prompt {plan.prompt_id or plan.text_column}",
