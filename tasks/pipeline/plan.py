@@ -111,7 +111,7 @@ def _human_bytes(n: int) -> str:
 
 def format_plan(plan: RunPlan) -> str:
     """A table of the plan for the CLI dry run: one line per job, then the totals."""
-    header = f"{'job':>5}  {'shard':<12} {'records':>10} {'bytes':>12} {'chars / 4':>14}"
+    header = f"{'job':>5}  {'shard':<12} {'records':>10} {'bytes':>12} {'est. tokens':>14}"
     lines = [
         f"model {plan.model_id} ({plan.family}, {plan.invocation_type}), "
         f"prompt {plan.prompt_id or plan.text_column}",
