@@ -50,6 +50,8 @@ _POOL = (
     "so a pipeline can be dry run end to end before any money is spent on real jobs "
 ) * 4
 _FIRST_TEXT = r'"(?:text|content)"\s*:\s*"((?:[^"\\]|\\.){0,60})'
+_TEXT_VALUE = r'"(?:text|content|system)"\s*:\s*"(?:[^"\\]|\\.)*"'
+_SURROGATE_PAIR = r"\\u[dD][89abAB][0-9a-fA-F]{2}\\u[dD][c-fC-F][0-9a-fA-F]{2}"
 _REASONING_ENABLED = r'"reasoningConfig"\s*:\s*\{[^}]*"enabled"'
 _NOVA_REASONING = '{"reasoningContent":{"reasoningText":{"text":"[emulated reasoning]"}}}'
 _COHERE_INPUT_TYPES = ["search_document", "search_query", "classification", "clustering"]
@@ -174,12 +176,50 @@ def _error_message(spec: ModelSpec, invocation_type: str) -> pl.Expr:
     return chain.otherwise(pl.lit(None, dtype=pl.Utf8))
 
 
+def _content_chars(body: pl.Expr) -> pl.Expr:
+    """Characters of the text a chat body carries: its text, content and system strings.
+
+    Counted on the decoded strings (an escape such as \\n or \\u00e9 is one character), so the
+    same request gives the same count however its JSON is spaced or escaped: a batch line
+    written by Polars and a CountTokens call encoded by botocore agree. Keys, roles and
+    inference parameters are not text the model reads, so they do not count.
+    """
+    values = body.str.extract_all(_TEXT_VALUE).list.eval(
+        pl.element()
+        .str.replace(r'^"[a-zA-Z]+"\s*:\s*"', "")
+        .str.slice(0, pl.element().str.len_chars() - 1)  # the closing quote
+    )
+    decoded = (
+        values.list.join("")
+        .str.replace_all(_SURROGATE_PAIR, "x")
+        .str.replace_all(r"\\u[0-9a-fA-F]{4}", "x")
+        .str.replace_all(r"\\.", "x")
+    )
+    return decoded.str.len_chars()
+
+
+def input_token_count(spec: ModelSpec, invocation_type: str) -> pl.Expr:
+    """Input tokens of each modelInput, as jobs, InvokeModel and CountTokens all report them.
+
+    Emulated tokenizer: one token per 4 characters of the text the model reads, plus 8 for the
+    request's framing. Chat bodies count their text strings (`_content_chars`); prompt and
+    embedding bodies count their prompt, inputText or texts value.
+    """
+    mi = pl.col(MODEL_INPUT)
+    if invocation_type == CONVERSE or spec.family in (ANTHROPIC, NOVA, MISTRAL_CHAT, *OPENAI_CHAT):
+        chars = _content_chars(mi)
+    else:
+        counted, _ = _prompt_text(spec, invocation_type)
+        chars = counted.fill_null("").str.len_chars()
+    return (chars // 4 + 8).cast(pl.Int64)
+
+
 def _prompt_text(spec: ModelSpec, invocation_type: str) -> tuple[pl.Expr, pl.Expr]:
     """(text that counts as input, snippet quoted in the reply)."""
     mi = pl.col(MODEL_INPUT)
     if invocation_type == CONVERSE or spec.family in (ANTHROPIC, NOVA, MISTRAL_CHAT, *OPENAI_CHAT):
-        # Each JSON-path lookup re-parses the body, so the chat families count tokens on the
-        # whole body and quote the first text value found by a regex: one parse fewer each.
+        # Each JSON-path lookup re-parses the body, so the chat families quote the first text
+        # value found by a regex: one parse fewer each.
         snippet = mi.str.extract(_FIRST_TEXT, 1).str.replace_all(r"\\(.)", "$1")
         return mi, snippet
     if spec.family == TITAN_EMBED:
@@ -425,6 +465,18 @@ def _cohere_outputs(ok: pl.DataFrame, spec: ModelSpec) -> pl.DataFrame:
     )
 
 
+def count_tokens(model_input: str, spec: ModelSpec, invocation_type: str) -> tuple[int, str | None]:
+    """(input tokens, None) of one request body, or (0, the 400 message a job would give it)."""
+    frame = pl.DataFrame({MODEL_INPUT: [model_input]})
+    row = frame.select(
+        _error_message(spec, invocation_type).alias(ERROR_MESSAGE),
+        input_token_count(spec, invocation_type).alias(INPUT_TOKENS),
+    ).row(0, named=True)
+    if row[ERROR_MESSAGE] is not None:
+        return 0, row[ERROR_MESSAGE]
+    return int(row[INPUT_TOKENS]), None
+
+
 def respond(
     frame: pl.DataFrame,
     spec: ModelSpec,
@@ -444,7 +496,6 @@ def respond(
         The frame with modelOutput (JSON text or null), errorCode/errorMessage (set for
         records whose body does not fit the model: 400) and input/output token counts.
     """
-    counted, _ = _prompt_text(spec, invocation_type)
     # Lazy so repeated JSON-path lookups are computed once (common subexpression elimination).
     base = (
         frame.lazy()
@@ -452,7 +503,7 @@ def respond(
         .with_columns(
             pl.col(MODEL_INPUT).hash(seed=0).alias(_HASH),
             _error_message(spec, invocation_type).alias(ERROR_MESSAGE),
-            (counted.fill_null("").str.len_chars() // 4 + 8).cast(pl.Int64).alias(INPUT_TOKENS),
+            input_token_count(spec, invocation_type).alias(INPUT_TOKENS),
         )
         .collect()
     )

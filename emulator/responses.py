@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+import binascii
 import json
 import re
 import time
@@ -9,11 +11,25 @@ import time
 import polars as pl
 from werkzeug.wrappers import Request, Response
 
-from .catalog import CATALOG, lookup
+from .catalog import ANTHROPIC, CATALOG, lookup
 from .exceptions import BedrockError, ResourceNotFoundException, ValidationException
-from .responders import CONVERSE, ERROR_MESSAGE, INVOKE_MODEL, MODEL_OUTPUT, respond
+from .responders import (
+    CONVERSE,
+    ERROR_MESSAGE,
+    INVOKE_MODEL,
+    MODEL_OUTPUT,
+    count_tokens,
+    respond,
+)
 from .state import EmulatorServerState
 from .validation import parse_timestamp
+
+# Families whose models answer CountTokens. On AWS it is some Anthropic Claude models; others
+# (Nova, profile ids of some Claude models) are refused with "The provided model doesn't
+# support counting tokens" (AWS user guide "count-tokens", read 2026-11-22).
+COUNT_TOKENS_FAMILIES = frozenset({ANTHROPIC})
+# The members of a Converse request CountTokens takes (botocore ConverseTokensRequest).
+_CONVERSE_TOKENS_MEMBERS = ("messages", "system", "toolConfig", "additionalModelRequestFields")
 
 _REGION = re.compile(r"Credential=[^/]+/\d{8}/(?P<region>[a-z0-9-]+)/")
 
@@ -42,6 +58,20 @@ def _body(request: Request) -> dict:
     return body
 
 
+def _decoded_body(raw) -> str:
+    """The InvokeModel body of a CountTokens request: a blob, base64 in the JSON protocol."""
+    try:
+        text = base64.b64decode(raw or "", validate=True).decode()
+        body = json.loads(text)
+    except (binascii.Error, UnicodeDecodeError, ValueError, TypeError):
+        msg = "The provided input.invokeModel.body is not base64-encoded JSON"
+        raise ValidationException(msg) from None
+    if not isinstance(body, dict):
+        msg = "The provided input.invokeModel.body must be a JSON object"
+        raise ValidationException(msg)
+    return text
+
+
 class _Params:
     """A request's JSON body and query string, read by member name (moto's `_get_param`)."""
 
@@ -52,6 +82,15 @@ class _Params:
     def get(self, name: str, default=None):
         """A member of the JSON body."""
         return self.body.get(name, default)
+
+    def get_dict(self, name: str) -> dict | None:
+        """A member that must be a JSON object when present."""
+        value = self.body.get(name)
+        if value is not None and not isinstance(value, dict):
+            msg = f"1 validation error detected: Value at '{name}' failed to satisfy constraint: "
+            msg += "Member must be a structure"
+            raise ValidationException(msg)
+        return value
 
     def query_str(self, name: str) -> str | None:
         """A query-string member, None when absent or empty."""
@@ -170,6 +209,35 @@ class BedrockResponses:
         body.pop("modelId", None)
         output = self._runtime(model_id, body, CONVERSE)
         return Response(output, status=200, content_type="application/json")
+
+    def count_tokens(self, request: Request, model_id: str) -> Response:
+        """CountTokens: the input tokens a job or InvokeModel would report for this request."""
+        self._latency()
+        self.state.check_throttle("invoke")
+        params = _Params(request)
+        request_input = params.get_dict("input")
+        chosen = [k for k in ("invokeModel", "converse") if (request_input or {}).get(k)]
+        if len(chosen) != 1:
+            msg = (
+                "1 validation error detected: Value at 'input' failed to satisfy constraint: "
+                "Member must have exactly one of invokeModel, converse set"
+            )
+            raise ValidationException(msg)
+        spec = lookup(model_id)
+        if spec is None or spec.family not in COUNT_TOKENS_FAMILIES:
+            msg = f"The provided model doesn't support counting tokens ({model_id})."
+            raise ValidationException(msg)
+        if chosen[0] == "invokeModel":
+            body = _decoded_body(request_input["invokeModel"].get("body"))
+            invocation_type = INVOKE_MODEL
+        else:
+            converse = request_input["converse"]
+            members = {k: converse[k] for k in _CONVERSE_TOKENS_MEMBERS if k in converse}
+            body, invocation_type = json.dumps(members), CONVERSE
+        tokens, problem = count_tokens(body, spec, invocation_type)
+        if problem is not None:
+            raise ValidationException(problem)
+        return _json({"inputTokens": tokens})
 
     # -- admin --------------------------------------------------------------------------
 

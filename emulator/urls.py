@@ -20,6 +20,7 @@ url_map = Map(
         Rule("/model-invocation-jobs", methods=["GET"], endpoint="list_model_invocation_jobs"),
         Rule("/model/<path:model_id>/invoke", methods=["POST"], endpoint="invoke_model"),
         Rule("/model/<path:model_id>/converse", methods=["POST"], endpoint="converse"),
+        Rule("/model/<path:model_id>/count-tokens", methods=["POST"], endpoint="count_tokens"),
         Rule("/_emulator/ledger", methods=["GET"], endpoint="admin_ledger"),
         Rule("/_emulator/config", methods=["GET"], endpoint="admin_state"),
         Rule("/_emulator/config", methods=["POST"], endpoint="admin_config"),

@@ -13,6 +13,7 @@ from tasks.aws import storage
 from tasks.aws.submit import run_key
 from tasks.monitoring import events
 from tasks.run.artifacts import JobBoard, flow_run_name, rename_flow_run
+from tasks.run.cost import batch_cost_of, cost_guard, preflight_cost
 from tasks.run.lifecycle import (
     finish_run,
     name_for_events,
@@ -90,10 +91,13 @@ def batch_inference(params: BatchParams) -> dict[str, Any]:
         # 2. Render, validate and shard the rows (or pick up the plan of an earlier attempt).
         plan = prepare_run(params, run)
 
-        # 3. The model's gate (the account's quota) and this run's own, of max_concurrent_jobs.
+        # 3. Estimate the cost; a run whose upper bound passes max_cost_usd stops here.
+        estimate = preflight_cost(params, plan, run.layout)
+
+        # 4. The model's gate (the account's quota) and this run's own, of max_concurrent_jobs.
         gate_name = open_gate(params.model_id, params.max_concurrent_jobs, run_name)
 
-        # 4. Each shard: slot → job → poll → merge its Parquet part as soon as it finishes.
+        # 5. Each shard: slot → job → poll → merge its Parquet part as soon as it finishes.
         ctx = RunContext(
             run_name=run_name,
             layout=run.layout,
@@ -122,11 +126,13 @@ def batch_inference(params: BatchParams) -> dict[str, Any]:
                 params.max_attempts,
                 params.max_concurrent_jobs,
                 runtime.flow_run.id,
+                cost_of=batch_cost_of(params.model_id),
             ),
+            cost_guard=cost_guard(params, estimate),
         )
         results = run_shard.map(unmapped(ctx), plan.shards).result()
 
-        # 5. Check every row came back once, report, and tell automations.
+        # 6. Check every row came back once, report, and tell automations.
         return finish_run(ctx, plan, results)
     finally:
         release_run(run)

@@ -204,8 +204,25 @@ def cmd_preprocess(args: argparse.Namespace) -> int:
     with _progress("Validating, rendering and sharding") as advance:
         plan = preprocess_params(params, Path(args.out), on_shard=advance)
     print(format_plan(plan))
+    print()
+    print(_estimate(plan, args))
     print(f"Shards written under {args.out}/input/")
     return 0
+
+
+def _estimate(plan, args: argparse.Namespace) -> str:
+    """The cost estimate: offline, or with CountTokens when --count-tokens asks for it."""
+    from tasks.pipeline.estimate import estimate_from_dir, format_estimate
+
+    client = None
+    if args.count_tokens:
+        from tasks.aws.clients import client as aws_client
+
+        client = aws_client("bedrock-runtime")
+    estimate = estimate_from_dir(
+        plan, Path(args.out), client, offline_reason="dry run without --count-tokens"
+    )
+    return format_estimate(estimate)
 
 
 def cmd_merge(args: argparse.Namespace) -> int:
@@ -321,6 +338,11 @@ def build_parser() -> argparse.ArgumentParser:
     pre = sub.add_parser("preprocess", help="dry run: write shards and print the plan")
     _add_data_args(pre)
     pre.add_argument("--out", required=True, help="local folder for the shards")
+    pre.add_argument(
+        "--count-tokens",
+        action="store_true",
+        help="count a sample's input tokens with bedrock-runtime CountTokens (an AWS call)",
+    )
     pre.set_defaults(func=cmd_preprocess)
 
     merge = sub.add_parser("merge", help="merge downloaded Bedrock outputs offline")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import polars as pl
@@ -9,7 +10,13 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 
 from tasks.aws.clients import polars_storage_options
-from tasks.pipeline.columns import ERROR_CODE, INPUT_TOKENS, OUTPUT_TOKENS, RESPONSE_TEXT
+from tasks.pipeline.columns import (
+    ERROR_CODE,
+    INPUT_TOKENS,
+    OUTPUT_TOKENS,
+    RESPONSE_TEXT,
+    SERVED_BY,
+)
 
 
 def _parquet_glob(output_uri: str) -> str:
@@ -38,7 +45,29 @@ def summarize_output(output_uri: str) -> dict[str, Any]:
     if RESPONSE_TEXT in names:
         exprs.append(pl.col(RESPONSE_TEXT).str.len_chars().mean().alias("mean_response_chars"))
     stats = frame.select(exprs).collect().row(0, named=True)
-    return {"output_uri": output_uri, "columns": names, **stats}
+    return {"output_uri": output_uri, "columns": names, **stats, **_served_by(frame, names)}
+
+
+def _served_by(frame: pl.LazyFrame, names: list[str]) -> dict[str, Any]:
+    """Rows and tokens by how they were served: the on-demand tail costs the full price."""
+    if SERVED_BY not in names:
+        return {}
+    tokens = [
+        pl.col(c).fill_null(0).sum().alias(c) for c in (INPUT_TOKENS, OUTPUT_TOKENS) if c in names
+    ]
+    by = frame.group_by(SERVED_BY).agg(pl.len().alias("rows"), *tokens).collect()
+    return {"served_by": {r.pop(SERVED_BY): r for r in by.sort(SERVED_BY).iter_rows(named=True)}}
+
+
+def _run_cost(output_uri: str) -> dict[str, Any] | None:
+    """The cost the batch run wrote into its summary.json (beside its output folder)."""
+    from tasks.aws import storage
+
+    uri = output_uri.rstrip("/").rsplit("/", 1)[0] + "/summary.json"
+    try:
+        return json.loads(storage.read_bytes(uri)).get("cost") if storage.exists(uri) else None
+    except (OSError, ValueError):
+        return None
 
 
 @flow(name="summarize-run")
@@ -54,6 +83,11 @@ def summarize_run(output_uri: str, run_name: str | None = None) -> dict[str, Any
     """
     logger = get_run_logger()
     summary = summarize_output(output_uri)
+    cost = _run_cost(output_uri)
+    if cost:
+        summary["cost_usd"] = {
+            k: cost.get(k) for k in ("batch_usd", "on_demand_usd", "total_usd", "held_back_rows")
+        }
     logger.info("Run %s: %s", run_name or output_uri, summary)
     lines = [f"# Summary of {run_name or output_uri}", ""]
     lines += [f"- **{key}**: {value}" for key, value in summary.items() if key != "columns"]

@@ -85,3 +85,7 @@ class RunIdentityError(BedrockBatchError):
 
 class RunOwnedError(BedrockBatchError):
     """Another live process owns the run."""
+
+
+class CostCeilingError(BedrockBatchError):
+    """The run's estimated cost is over its max_cost_usd; nothing was submitted."""

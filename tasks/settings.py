@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 
-from pydantic import Field
+from pydantic import AliasChoices, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -115,6 +115,32 @@ class GateSettings(BaseSettings):
     )
 
 
+class CostSettings(BaseSettings):
+    """Prices and the estimate: where overrides live, how the estimate is calibrated."""
+
+    model_config = SettingsConfigDict(env_prefix="BEDROCK_BATCH_COST_")
+
+    prices_file: str | None = Field(
+        None,
+        validation_alias=AliasChoices(
+            "BEDROCK_BATCH_PRICES_FILE", "BEDROCK_BATCH_COST_PRICES_FILE"
+        ),
+        description="JSON file of price overrides keyed by model id (shape in the README).",
+    )
+    sample_records: int = Field(
+        200, ge=0, description="Records whose input tokens CountTokens counts to calibrate."
+    )
+    count_tokens: bool = Field(
+        True, description="Ask bedrock-runtime CountTokens in the flow's pre-flight estimate."
+    )
+    chars_per_token: float | None = Field(
+        None, gt=0, description="Offline ratio for every family (default: the family's own)."
+    )
+    expected_output_tokens: int | None = Field(
+        None, ge=0, description="Expected output tokens per record (default: unknown)."
+    )
+
+
 class Settings(BaseSettings):
     """All settings of the project, one concern each."""
 
@@ -122,6 +148,7 @@ class Settings(BaseSettings):
     quotas: QuotaSettings = Field(default_factory=QuotaSettings)
     poll: PollSettings = Field(default_factory=PollSettings)
     gate: GateSettings = Field(default_factory=GateSettings)
+    cost: CostSettings = Field(default_factory=CostSettings)
 
 
 @lru_cache

@@ -132,9 +132,18 @@ def emit_job_merged(run_name: str, job_arn: str, shard: str, stats: dict, part_u
 
 
 def emit_run_finished(
-    run_name: str, model_id: str, counts: dict, tokens: dict, output_uri: str
+    run_name: str,
+    model_id: str,
+    counts: dict,
+    tokens: dict,
+    output_uri: str,
+    cost: dict | None = None,
 ) -> None:
-    """Every job of the run reached a final status and its output is merged at `output_uri`."""
+    """Every job of the run reached a final status and its output is merged at `output_uri`.
+
+    ``cost`` holds the actual cost in USD, batch and on demand apart, and what the ceiling
+    held back (see ``tasks.run.cost``).
+    """
     _emit(
         RUN_FINISHED,
         run_resource(run_name, model_id),
@@ -144,6 +153,7 @@ def emit_run_finished(
             "counts": dict(counts),
             "tokens": dict(tokens),
             "output_uri": output_uri,
+            "cost": dict(cost or {}),
         },
         _model_related(model_id),
     )

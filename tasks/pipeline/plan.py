@@ -23,6 +23,7 @@ class ShardPlan:
     input_file: str
     rows_file: str
     sha256: str = ""  # of input_file: a resume checks the copy on S3 against it
+    chars: int = 0  # characters of the rendered prompts (the cost estimate's measure)
 
 
 @dataclass

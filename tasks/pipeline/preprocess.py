@@ -37,6 +37,8 @@ if TYPE_CHECKING:
     from tasks.run.params import BatchParams
 
 CHARS_PER_TOKEN = 4
+# Request lines spread over the shards, kept beside the plan for the cost estimate's CountTokens.
+SAMPLE_FILE = "estimate-sample.jsonl"
 _LINE = "__line"
 _MISSING = "__missing"
 _BYTES = "__bytes"
@@ -292,6 +294,8 @@ def _write_shards(
     keep = [*input_columns, C.RECORD_ID]
     shards = []
     skipped: list[pl.DataFrame] = []
+    samples: list[pl.DataFrame] = []
+    per_shard = math.ceil(get_settings().cost.sample_records / max(len(ranges), 1))
     # A shard's two files are written side by side; at most two shards' writes are pending, so
     # memory stays at a few shards whatever the row count.
     writer = ThreadPoolExecutor(max_workers=2, thread_name_prefix="shard-writer")
@@ -317,12 +321,14 @@ def _write_shards(
                 msg = f"Shard {i} has {frame.height} rows, planned {b - a}: did the source change?"
                 raise SourceError(msg)
             name = shard_name(i)
+            samples.append(_sample(frame, name, cum_chars, a, b, per_shard))
             shard = ShardPlan(
                 index=i,
                 name=name,
                 records=b - a,
                 bytes=int(frame[_LINE].str.len_bytes().sum()) + frame.height,
                 est_input_tokens=math.ceil(int(cum_chars[b] - cum_chars[a]) / CHARS_PER_TOKEN),
+                chars=int(cum_chars[b] - cum_chars[a]),
                 input_file=input_file(name),
                 rows_file=rows_file(name),
             )
@@ -343,6 +349,7 @@ def _write_shards(
             pending.result()
     finally:
         writer.shutdown(wait=True)
+    _write_sample(samples, out_dir / SAMPLE_FILE)
     skipped_file = None
     if n_missing:
         skipped_file = SKIPPED_ROWS_FILE
@@ -385,6 +392,26 @@ def _cut(
     if int(np.max(cum[bounds[1:]] - cum[bounds[:-1]])) > max_bytes:
         return None
     return [(int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
+
+
+def _sample(
+    frame: pl.DataFrame, name: str, cum_chars: np.ndarray, a: int, b: int, k: int
+) -> pl.DataFrame:
+    """Up to k lines spread over the shard, with their prompt characters (for CountTokens)."""
+    picks = np.unique(np.linspace(0, b - a - 1, num=min(k, b - a)).astype(np.int64))
+    return pl.DataFrame(
+        {
+            "shard": [name] * len(picks),
+            "chars": cum_chars[a + picks + 1] - cum_chars[a + picks],
+            "line": frame.get_column(_LINE).gather(picks),
+        }
+    )
+
+
+def _write_sample(samples: list[pl.DataFrame], path: Path) -> None:
+    frame = pl.concat(samples) if samples else pl.DataFrame()
+    with atomic_path(path) as tmp:
+        frame.write_ndjson(tmp)
 
 
 def _write_lines(lines: pl.Series, path: Path) -> None:

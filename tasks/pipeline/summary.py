@@ -81,6 +81,10 @@ def summary_artifacts(
     ctx: RunContext, plan: RunPlan, results: list[ShardResult], check: dict[str, Any]
 ) -> dict[str, Any]:
     """A table of jobs and a markdown note of where the output is; returns the summary."""
+    from tasks.run.cost import cost_markdown, cost_summary
+
+    cost = cost_summary(ctx, results, check["parts"])
+    part_cost = cost["parts"]
     rows = [
         {
             "shard": r.shard,
@@ -95,6 +99,7 @@ def summary_artifacts(
             "submitted": r.submitted_at,
             "ended": r.ended_at,
             "duration_s": _seconds_between(r.submitted_at, r.ended_at),
+            **_shard_cost(part_cost.get(r.part_uri.rsplit("/", 1)[-1]), r.held_back),
         }
         for r in results
     ]
@@ -110,6 +115,7 @@ def summary_artifacts(
             f" failed {check['failed']:,} (unparseable outputs: {check.get('unparseable', 0):,};"
             f" skipped before submit: {plan.skipped_records:,})",
             f"- Tokens: {check['input_tokens']:,} in, {check['output_tokens']:,} out",
+            cost_markdown(cost),
             "- Every input record is in the output exactly once (checked).",
         ]
     )
@@ -121,6 +127,17 @@ def summary_artifacts(
         "counts": {k: check.get(k, 0) for k in ("records", "succeeded", "failed", "unparseable")},
         "tokens": {"input": check["input_tokens"], "output": check["output_tokens"]},
         "jobs": rows,
+        "cost": cost,
+    }
+
+
+def _shard_cost(part: dict[str, Any] | None, held_back: int) -> dict[str, Any]:
+    """The job table's cost columns: batch and on demand apart, and rows the ceiling held."""
+    part = part or {}
+    return {
+        "batch_usd": part.get("batch_usd"),
+        "on_demand_usd": part.get("on_demand_usd"),
+        "held_back": held_back,
     }
 
 

@@ -21,6 +21,7 @@ from tasks.pipeline.plan import RunPlan
 from tasks.pipeline.preprocess import preprocess_params
 from tasks.pipeline.summary import check_output, summary_artifacts
 from tasks.run import gate
+from tasks.run.cost import save_estimate
 from tasks.run.failpoints import failpoint
 from tasks.run.identity import (
     RunIdentity,
@@ -160,6 +161,7 @@ def prepare_run(params: BatchParams, run: ResolvedRun) -> RunPlan:
         # A plan without the run's identity was left by a preprocess that did not finish.
     with storage.local_dir_for(layout.run_dir) as out_dir:
         plan = _seal(preprocess_params(params, out_dir), out_dir, run.identity)
+        save_estimate(plan, out_dir, layout, params.kms_key_id)
         failpoint("preprocess")
         _upload_inputs(plan, out_dir, layout)
         failpoint("inputs-uploaded")
@@ -271,6 +273,11 @@ def finish_run(ctx: RunContext, plan: RunPlan, results: list[ShardResult]) -> di
     ctx.store.state.finished_at = now_iso()
     ctx.store.save()
     events.emit_run_finished(
-        ctx.run_name, ctx.model_id, summary["counts"], summary["tokens"], summary["output_uri"]
+        ctx.run_name,
+        ctx.model_id,
+        summary["counts"],
+        summary["tokens"],
+        summary["output_uri"],
+        cost=summary.get("cost"),
     )
     return summary

@@ -157,6 +157,15 @@ class BatchParams(BaseModel):
     on_demand_rps: float = Field(
         5.0, gt=0, description="Rate limit of on-demand calls, requests per second per model."
     )
+    max_cost_usd: float | None = Field(
+        None,
+        gt=0,
+        description=(
+            "Cost ceiling in USD: the run is refused before any job when the estimate's upper "
+            "bound is over it, and stops submitting jobs (and the on-demand tail) once actual "
+            "plus in-flight estimated cost would pass it. Default: no ceiling."
+        ),
+    )
     timeout_hours: int | None = Field(
         None, ge=24, le=168, description="Bedrock job timeout (24-168 h; default 72 h)."
     )

@@ -79,6 +79,8 @@ class RunContext:
         if self.board is not None:
             self.board.changed()
 
+    cost_guard: Any = None  # tasks.run.cost.CostGuard when the run has max_cost_usd
+
     @property
     def run_dir(self) -> str:
         return self.layout.run_dir
@@ -114,6 +116,7 @@ class ShardResult:
     attempts: int
     submitted_at: str | None
     ended_at: str | None
+    held_back: int = 0  # records the cost ceiling kept from being sent
 
 
 def _request(ctx: RunContext, shard: ShardPlan, attempt: JobAttempt) -> JobRequest:
@@ -391,6 +394,44 @@ def _plan_retry(
     return _new_attempt(ctx, shard, state, relative, len(ids), how, digest)
 
 
+def _held_by_ceiling(
+    ctx: RunContext, shard: ShardPlan, attempt: JobAttempt, logger
+) -> AttemptOutput | None:
+    """None when the attempt may go on; else the output that marks its records held back.
+
+    Only an attempt not yet started is checked: a created job, or an on-demand tail with
+    answers kept, is already paid for and goes on.
+    """
+    guard = ctx.cost_guard
+    on_demand = attempt.served_by == C.SERVED_ON_DEMAND
+    if guard is None or attempt.job_arn is not None or attempt.is_final:
+        return None
+    if on_demand and _on_demand_answers(ctx, attempt):
+        return None
+    if guard.admit(shard.name, attempt.records, on_demand):
+        return None
+    from tasks.run.cost import COST_CEILING_REACHED
+
+    message = (
+        f"Not sent: max_cost_usd={guard.ceiling} would be passed by this "
+        f"{'on-demand tail' if on_demand else 'batch job'} (attempt {attempt.attempt})."
+    )
+    logger.warning("%s of %s: %s", attempt.records, shard.name, message)
+    attempt.status, attempt.message, attempt.ended_at = COST_CEILING_REACHED, message, now_iso()
+    ctx.store.save()
+    ids = None
+    if attempt.attempt > 1:
+        ids = record_ids_of(storage.read_bytes(ctx.job_uri(attempt.input_file)))
+    return AttemptOutput(
+        attempt.attempt,
+        [],
+        record_ids=ids,
+        served_by=C.SERVED_SKIPPED,
+        job_error=(COST_CEILING_REACHED, message),
+        extra={"held_back": attempt.records},
+    )
+
+
 @task(task_run_name="merge-{shard.name}", cache_policy=NO_CACHE)
 def merge_shard_output(
     ctx: RunContext, shard: ShardPlan, outputs: list[AttemptOutput]
@@ -439,7 +480,16 @@ def run_shard(ctx: RunContext, shard: ShardPlan) -> ShardResult:
             ctx, shard, state, shard.input_file, shard.records, C.SERVED_BATCH
         )
         outputs: list[AttemptOutput] = []  # of the finished attempts, each read once
+        held = 0
         while attempt is not None:
+            kept_back = _held_by_ceiling(ctx, shard, attempt, logger)
+            if kept_back is not None:
+                outputs += [
+                    _attempt_output(ctx, shard, a) for a in state.attempts[len(outputs) : -1]
+                ]
+                outputs.append(kept_back)
+                held = attempt.records
+                break
             if attempt.served_by == C.SERVED_ON_DEMAND:
                 if not attempt.is_final:
                     _run_on_demand(ctx, attempt)
@@ -450,8 +500,13 @@ def run_shard(ctx: RunContext, shard: ShardPlan) -> ShardResult:
             outputs += [_attempt_output(ctx, shard, a) for a in state.attempts[len(outputs) :]]
             attempt = _plan_retry(ctx, shard, state, outputs, logger)
         state.merge_stats = merge_shard_output(ctx, shard, outputs)
+        state.merge_stats["held_back"] = held
         state.part_uri = ctx.part_uri(shard)
         ctx.store.save()
+        if ctx.cost_guard is not None:
+            from tasks.run.cost import shard_actual
+
+            ctx.cost_guard.settle(shard.name, shard_actual(state.part_uri, ctx.cost_guard.price))
         ctx.progress.update(shard.name, shard.records)
         ctx.changed()
         events.emit_job_merged(
@@ -468,4 +523,5 @@ def run_shard(ctx: RunContext, shard: ShardPlan) -> ShardResult:
         attempts=len(state.attempts),
         submitted_at=first.submitted_at,
         ended_at=last.ended_at,
+        held_back=(state.merge_stats or {}).get("held_back", 0),
     )

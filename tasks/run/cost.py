@@ -1,0 +1,313 @@
+"""A run's cost: the pre-flight estimate and its ceiling, the guard while running, the actuals."""
+
+from __future__ import annotations
+
+import json
+import threading
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import polars as pl
+from prefect import get_run_logger, task
+from prefect.artifacts import create_table_artifact
+from prefect.cache_policies import NO_CACHE
+
+from tasks.aws import storage
+from tasks.aws.clients import polars_storage_options
+from tasks.bedrock.prices import ModelPrice, price_for
+from tasks.errors import CostCeilingError
+from tasks.pipeline import columns as C
+from tasks.pipeline.estimate import CostEstimate, estimate_from_dir
+from tasks.pipeline.plan import RunPlan
+from tasks.settings import get_settings
+
+if TYPE_CHECKING:
+    from tasks.run.layout import RunLayout
+    from tasks.run.params import BatchParams
+
+ESTIMATE_FILE = "estimate.json"
+COST_CEILING_REACHED = "CostCeilingReached"
+_PART = "__part"
+
+
+def save_estimate(plan: RunPlan, out_dir: Path, layout: RunLayout, kms_key_id: str | None) -> None:
+    """Estimate from the freshly written shards (CountTokens on their sample) into the run dir."""
+    client = None
+    reason = "BEDROCK_BATCH_COST_COUNT_TOKENS is off"
+    if get_settings().cost.count_tokens:
+        from tasks.aws.clients import client as aws_client
+
+        client = aws_client("bedrock-runtime")
+    estimate = estimate_from_dir(plan, out_dir, client, use_variable=True, offline_reason=reason)
+    data = json.dumps(estimate.to_dict(), indent=1).encode()
+    storage.write_bytes(layout.run_file(ESTIMATE_FILE), data, kms_key_id)
+
+
+def load_estimate(plan: RunPlan, layout: RunLayout) -> CostEstimate:
+    """The estimate the run saved, or an offline one from the plan (a plan of an older run)."""
+    uri = layout.run_file(ESTIMATE_FILE)
+    if storage.exists(uri):
+        return CostEstimate.from_dict(json.loads(storage.read_bytes(uri)))
+    return estimate_from_dir(plan, None, use_variable=True, offline_reason="no saved estimate")
+
+
+def _usd(value: float | None) -> str:
+    return "unknown" if value is None else f"${value:,.4f}"
+
+
+@task(cache_policy=NO_CACHE)
+def preflight_cost(params: BatchParams, plan: RunPlan, layout: RunLayout) -> CostEstimate:
+    """Show the estimate as an artifact, and refuse the run when it may pass max_cost_usd.
+
+    Args:
+        params: the run's parameters (``max_cost_usd``).
+        plan: its shards.
+        layout: where the run keeps its estimate.
+
+    Returns:
+        The estimate, for the guard that keeps the run under the ceiling.
+    """
+    logger = get_run_logger()
+    estimate = load_estimate(plan, layout)
+    rows = [
+        {
+            "shard": s.shard,
+            "records": s.records,
+            "input_tokens": s.input_tokens,
+            "output_tokens_expected": s.output_expected,
+            "output_tokens_max": s.output_max,
+            "cost_low_usd": s.cost_low,
+            "cost_high_usd": s.cost_high,
+        }
+        for s in estimate.shards
+    ]
+    create_table_artifact(
+        rows,
+        key=f"bedrock-batch-{_safe(layout.run_name)}-estimate"[:100].strip("-"),
+        description=f"Cost estimate (batch price): {estimate.method}",
+    )
+    logger.info(
+        "Estimate: %s input tokens (%s), output up to %s tokens, cost %s – %s at the batch price",
+        f"{estimate.input_tokens:,}",
+        estimate.method,
+        f"{estimate.output_max:,}",
+        _usd(estimate.cost_low),
+        _usd(estimate.cost_high),
+    )
+    ceiling = params.max_cost_usd
+    if ceiling is not None:
+        high = estimate.cost_high
+        if high is None:
+            msg = (
+                f"max_cost_usd={ceiling} is set but the batch price of {params.model_id} is "
+                "unknown, so the run cannot be kept under it; nothing was submitted. Set the "
+                "price in BEDROCK_BATCH_PRICES_FILE or the Prefect Variable bedrock-batch-prices."
+            )
+            raise CostCeilingError(msg)
+        if high > ceiling:
+            max_tokens = plan.options.get("max_tokens")
+            msg = (
+                f"The estimated cost of run {layout.run_name} is {_usd(estimate.cost_low)} – "
+                f"{_usd(high)} at the batch price ({estimate.input_tokens:,} input tokens, up to "
+                f"{estimate.output_max:,} output tokens), over max_cost_usd={ceiling}; nothing "
+                f"was submitted. Raise max_cost_usd to at least {high:.4f}, lower max_tokens "
+                f"(now {max_tokens}) or send fewer records."
+            )
+            raise CostCeilingError(msg)
+    return estimate
+
+
+class CostGuard:
+    """Keeps a running run under ``max_cost_usd``: actual cost plus what is in flight.
+
+    A new job or on-demand tail is admitted only if the cost already known (shards merged)
+    plus the upper-bound estimate of everything admitted and not yet merged, plus its own
+    upper bound, stays under the ceiling. Thread-safe: shards run in threads.
+    """
+
+    def __init__(self, ceiling: float, estimate: CostEstimate, price: ModelPrice | None):
+        self.ceiling = ceiling
+        self.estimate = estimate
+        self.price = price
+        self._lock = threading.Lock()
+        self._reserved: dict[str, float] = {}
+        self._actual: dict[str, float] = {}
+        self.held: dict[str, int] = {}
+
+    def upper_bound(self, shard: str, records: int, on_demand: bool) -> float:
+        """The most ``records`` of ``shard`` may cost (on demand at its full price)."""
+        s = self.estimate.shard(shard)
+        per_record = s.per_record_high() if s else None
+        if per_record is None:
+            return float("inf")
+        cost = per_record * records
+        if on_demand and self.price is not None:
+            batch_in, batch_out = self.price.per_million("batch")
+            od_in, od_out = self.price.per_million("on_demand")
+            if None in (batch_in, od_in):
+                return float("inf")
+            cost *= max(od_in / batch_in, (od_out or 0) / (batch_out or 1))
+        return cost
+
+    def admit(self, shard: str, records: int, on_demand: bool) -> bool:
+        """Reserve the attempt's upper bound, or refuse it (and count the records held back)."""
+        cost = self.upper_bound(shard, records, on_demand)
+        with self._lock:
+            spent = sum(self._actual.values()) + sum(self._reserved.values())
+            if spent + cost > self.ceiling:
+                self.held[shard] = self.held.get(shard, 0) + records
+                return False
+            self._reserved[shard] = self._reserved.get(shard, 0.0) + cost
+            return True
+
+    def settle(self, shard: str, actual: float | None) -> None:
+        """The shard merged: its reservations become what it actually cost."""
+        with self._lock:
+            reserved = self._reserved.pop(shard, 0.0)
+            self._actual[shard] = reserved if actual is None else actual
+
+    @property
+    def spent(self) -> float:
+        with self._lock:
+            return sum(self._actual.values())
+
+
+def token_usage(parts: list[str]) -> pl.DataFrame:
+    """Tokens and rows of the output parts, by part, job and how they were served."""
+    if not parts:
+        return pl.DataFrame()
+    options = polars_storage_options() if storage.is_s3(parts[0]) else None
+    frame = pl.scan_parquet(
+        parts, storage_options=options, missing_columns="insert", include_file_paths=_PART
+    )
+    names = frame.collect_schema().names()
+    tokens = [
+        (pl.col(c) if c in names else pl.lit(0, pl.Int64)).fill_null(0).sum().alias(c)
+        for c in (C.INPUT_TOKENS, C.OUTPUT_TOKENS)
+    ]
+    return (
+        frame.group_by(_PART, C.JOB_ID, C.SERVED_BY)
+        .agg(pl.len().alias("rows"), *tokens)
+        .sort(_PART, C.SERVED_BY, C.JOB_ID, nulls_last=True)
+        .collect()
+    )
+
+
+def _price_rows(usage: pl.DataFrame, price: ModelPrice | None) -> list[dict[str, Any]]:
+    rows = []
+    for r in usage.iter_rows(named=True):
+        served = r[C.SERVED_BY]
+        mode = "on_demand" if served == C.SERVED_ON_DEMAND else "batch"
+        cost = None
+        if served in (C.SERVED_BATCH, C.SERVED_ON_DEMAND) and price is not None:
+            cost = price.cost(r[C.INPUT_TOKENS], r[C.OUTPUT_TOKENS], mode)
+        elif served not in (C.SERVED_BATCH, C.SERVED_ON_DEMAND):
+            cost = 0.0
+        rows.append({**r, "cost_usd": cost})
+    return rows
+
+
+def actual_cost(parts: list[str], price: ModelPrice | None) -> dict[str, Any]:
+    """What the outputs cost, per job, per part and in all; batch and on demand apart.
+
+    Costs come from the token counts of the output rows, priced at the batch price for
+    rows a batch job served and at the full on-demand price for the on-demand tail.
+    """
+    rows = _price_rows(token_usage(parts), price)
+    by_part: dict[str, dict[str, Any]] = {}
+    totals = {"batch_usd": 0.0, "on_demand_usd": 0.0, "on_demand_rows": 0, "batch_rows": 0}
+    jobs = []
+    for r in rows:
+        part = by_part.setdefault(r[_PART], {"batch_usd": 0.0, "on_demand_usd": 0.0})
+        key = "on_demand" if r[C.SERVED_BY] == C.SERVED_ON_DEMAND else "batch"
+        if r[C.SERVED_BY] in (C.SERVED_BATCH, C.SERVED_ON_DEMAND):
+            totals[f"{key}_rows"] += r["rows"]
+            jobs.append(
+                {
+                    "job_id": r[C.JOB_ID],
+                    "served_by": r[C.SERVED_BY],
+                    "rows": r["rows"],
+                    "input_tokens": r[C.INPUT_TOKENS],
+                    "output_tokens": r[C.OUTPUT_TOKENS],
+                    "cost_usd": r["cost_usd"],
+                }
+            )
+        for target in (part, totals):
+            if target[f"{key}_usd"] is not None:
+                target[f"{key}_usd"] = (
+                    None if r["cost_usd"] is None else target[f"{key}_usd"] + r["cost_usd"]
+                )
+    batch, on_demand = totals["batch_usd"], totals["on_demand_usd"]
+    totals["total_usd"] = None if None in (batch, on_demand) else batch + on_demand
+    return {"jobs": jobs, "parts": by_part, **totals}
+
+
+def shard_actual(part_uri: str, price: ModelPrice | None) -> float | None:
+    """What one merged part cost (for the guard), None when a price is unknown."""
+    total = actual_cost([part_uri], price)
+    return total["total_usd"]
+
+
+def run_price(model_id: str) -> ModelPrice | None:
+    """The run's price, with the file and Prefect Variable overrides."""
+    return price_for(model_id, use_variable=True)
+
+
+def batch_cost_of(model_id: str):
+    """The live table's cost of a merged shard's tokens at the batch price (None: unknown)."""
+    price = run_price(model_id)
+    if price is None:
+        return None
+
+    def cost_of(input_tokens: int, output_tokens: int) -> float | None:
+        return price.cost(input_tokens, output_tokens, "batch")
+
+    return cost_of
+
+
+def _safe(name: str) -> str:
+    return "".join(c if c.isalnum() else "-" for c in name.lower())
+
+
+def cost_guard(params: BatchParams, estimate: CostEstimate) -> CostGuard | None:
+    """The run's guard when it has a ceiling."""
+    if params.max_cost_usd is None:
+        return None
+    return CostGuard(params.max_cost_usd, estimate, run_price(params.model_id))
+
+
+def cost_summary(ctx: Any, results: list[Any], parts: list[str]) -> dict[str, Any]:
+    """The run's cost for summary.json and the event: actual (batch, on demand), held back."""
+    price = run_price(ctx.model_id)
+    actual = actual_cost(parts, price)
+    guard = ctx.cost_guard
+    held = {r.shard: r.held_back for r in results if r.held_back}
+    return {
+        "currency": "USD",
+        "batch_usd": actual["batch_usd"],
+        "on_demand_usd": actual["on_demand_usd"],
+        "total_usd": actual["total_usd"],
+        "batch_rows": actual["batch_rows"],
+        "on_demand_rows": actual["on_demand_rows"],
+        "max_cost_usd": guard.ceiling if guard else None,
+        "held_back_rows": sum(held.values()),
+        "held_back_shards": sorted(held),
+        "price": {k: getattr(price, k) for k in ("source", "read")} if price else None,
+        "jobs": actual["jobs"],
+        "parts": {Path(k).name: v for k, v in actual["parts"].items()},
+    }
+
+
+def cost_markdown(cost: dict[str, Any]) -> str:
+    """One line of the run's markdown artifact."""
+    line = (
+        f"- Cost: {_usd(cost['batch_usd'])} batch ({cost['batch_rows']} rows) + "
+        f"{_usd(cost['on_demand_usd'])} on demand at the full price ({cost['on_demand_rows']} "
+        f"rows) = {_usd(cost['total_usd'])}"
+    )
+    if cost["held_back_rows"]:
+        line += (
+            f"; max_cost_usd={cost['max_cost_usd']} held back {cost['held_back_rows']} rows of "
+            f"{len(cost['held_back_shards'])} shards (error code {COST_CEILING_REACHED})"
+        )
+    return line

@@ -1,0 +1,171 @@
+"""Prices, the pre-flight estimate, the max_cost_usd ceiling and the actual cost of a run."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import polars as pl
+import pytest
+
+from flows.batch_inference import batch_inference
+from flows.cli import main as cli_main
+from tasks.bedrock import catalog, prices
+from tasks.errors import CostCeilingError, RunSettingsError
+from tasks.pipeline.columns import ERROR_CODE, INPUT_TOKENS, SERVED_BY
+from tasks.pipeline.estimate import estimate_from_dir
+from tasks.pipeline.preprocess import preprocess_params
+from tasks.run.cost import COST_CEILING_REACHED, ESTIMATE_FILE
+from tasks.run.params import BatchParams, InferenceOverrides
+from tasks.settings import get_settings
+
+CLAUDE = "anthropic.claude-3-haiku-20240307-v1:0"
+SAMPLE = Path(__file__).resolve().parents[1] / "data" / "topics.csv"
+# The estimate fits CountTokens counts of a sample; the emulator rounds each record's count
+# down to a whole token, which a linear fit recovers to well under one token a record.
+ESTIMATE_TOLERANCE = 0.02
+
+
+def _topics(tmp_path: Path, n: int) -> str:
+    path = tmp_path / "topics.csv"
+    pl.DataFrame({"topic": [f"topic number {i} of a longer list" for i in range(n)]}).write_csv(
+        path
+    )
+    return str(path)
+
+
+def test_prices_cover_every_catalog_model_with_a_source():
+    assert set(prices.PRICES) == set(catalog.CATALOG)
+    for price in prices.PRICES.values():
+        assert price.on_demand_input is None or price.source.startswith(prices.PRICING_URL)
+        assert price.read == "2026-11-22"
+
+
+def test_price_unknown_gives_unknown_cost():
+    price = prices.PRICES["anthropic.claude-3-5-haiku-20241022-v1:0"]
+    assert price.cost(1000, 100, "batch") is None
+    assert price.cost(1_000_000, 0, "on_demand") == pytest.approx(0.8)
+
+
+def test_prices_file_overrides_by_base_model_id(tmp_path, monkeypatch):
+    path = tmp_path / "prices.json"
+    path.write_text(json.dumps({f"us.{CLAUDE}": {"batch_input": 1.0, "source": "contract"}}))
+    monkeypatch.setenv("BEDROCK_BATCH_PRICES_FILE", str(path))
+    get_settings.cache_clear()
+    try:
+        price = prices.price_for(f"global.{CLAUDE}")
+    finally:
+        get_settings.cache_clear()
+    assert (price.batch_input, price.batch_output, price.source) == (1.0, 0.625, "contract")
+
+
+def test_prices_file_with_unknown_field_is_refused(tmp_path):
+    path = tmp_path / "prices.json"
+    path.write_text(json.dumps({CLAUDE: {"batch_in": 1.0}}))
+    with pytest.raises(RunSettingsError, match="unknown fields \\['batch_in'\\]"):
+        prices.load_prices(str(path))
+
+
+def test_preprocess_dry_run_prints_cost_per_shard_and_total(tmp_path, capsys):
+    code = cli_main(
+        ["preprocess", "--source", str(SAMPLE), "--prompt-id", "joke_about_topic", "--out",
+         str(tmp_path / "plan")]
+    )  # fmt: skip
+    out = capsys.readouterr().out
+    assert code == 0
+    assert "Cost estimate for anthropic.claude-3-haiku-20240307-v1:0" in out
+    assert "offline (dry run without --count-tokens)" in out
+    assert "shard-00000" in out and "shard-00001" in out
+    assert "total" in out and "$0.125 in / $0.625 out" in out
+
+
+def test_count_tokens_matches_the_tokens_a_job_reports(stack, tmp_path):
+    params = BatchParams(
+        source=_topics(tmp_path, 120), prompt_id="joke_about_topic", model_id=CLAUDE,
+        output_uri=str(tmp_path / "out"),
+    )  # fmt: skip
+    plan = preprocess_params(params, tmp_path / "plan")
+    line = (tmp_path / "plan" / plan.shards[0].input_file).read_text().splitlines()[0]
+    body = json.loads(line)["modelInput"]
+    runtime = stack.client("bedrock-runtime")
+    counted = runtime.count_tokens(
+        modelId=CLAUDE, input={"invokeModel": {"body": json.dumps(body)}}
+    )
+    invoked = json.loads(runtime.invoke_model(modelId=CLAUDE, body=json.dumps(body))["body"].read())
+    assert counted["inputTokens"] == invoked["usage"]["input_tokens"]
+
+
+def test_count_tokens_unsupported_model_is_a_validation_error(stack):
+    runtime = stack.client("bedrock-runtime")
+    with pytest.raises(runtime.exceptions.ValidationException) as err:
+        runtime.count_tokens(
+            modelId="amazon.nova-lite-v1:0",
+            input={"converse": {"messages": [{"role": "user", "content": [{"text": "hi"}]}]}},
+        )
+    assert err.value.response["Error"]["Code"] == "ValidationException"
+    assert "doesn't support counting tokens" in err.value.response["Error"]["Message"]
+
+
+def test_estimate_matches_the_tokens_the_local_stack_reports(stack, tmp_path):
+    params = BatchParams(
+        source=str(SAMPLE), prompt_id="joke_about_topic", model_id=CLAUDE,
+        output_uri=str(tmp_path / "out"), run_name="cost-estimate", max_concurrent_jobs=2,
+    )  # fmt: skip
+
+    summary = batch_inference(params)
+
+    run_dir = tmp_path / "out" / "cost-estimate"
+    estimate = json.loads((run_dir / ESTIMATE_FILE).read_text())
+    assert estimate["method"].startswith("CountTokens on ")
+    actual = summary["tokens"]["input"]
+    assert abs(estimate["totals"]["input_tokens"] - actual) <= ESTIMATE_TOLERANCE * actual
+    cost = summary["cost"]
+    assert cost["on_demand_rows"] == 0 and cost["batch_rows"] == 250
+    expected = (actual * 0.125 + summary["tokens"]["output"] * 0.625) / 1e6
+    assert cost["batch_usd"] == pytest.approx(expected)
+    assert cost["total_usd"] <= estimate["totals"]["cost_high_usd"]
+    assert all("batch_usd" in row and "on_demand_usd" in row for row in summary["jobs"])
+
+
+def test_run_over_the_ceiling_is_refused_before_any_job(stack, tmp_path):
+    params = BatchParams(
+        source=_topics(tmp_path, 150), prompt_id="joke_about_topic", model_id=CLAUDE,
+        output_uri=str(tmp_path / "out"), run_name="cost-refused", max_cost_usd=0.0001,
+    )  # fmt: skip
+
+    with pytest.raises(CostCeilingError) as err:
+        batch_inference(params)
+
+    assert "over max_cost_usd=0.0001; nothing was submitted" in str(err.value)
+    assert "Raise max_cost_usd to at least" in str(err.value)
+    assert stack.ledger(name_contains="cost-refused") == []
+
+
+def test_run_stops_at_the_ceiling_and_reports_what_was_held_back(stack, tmp_path):
+    # Retries (30% of records fail and go on demand, at twice the batch price) push the run
+    # past an estimate that only covers one try per record.
+    stack.set_faults(record_error_rate=0.3, seed=5)
+    fields = dict(
+        source=_topics(tmp_path, 300), prompt_id="joke_about_topic", model_id=CLAUDE,
+        output_uri=str(tmp_path / "out"), run_name="cost-ceiling", max_records_per_job=100,
+        max_concurrent_jobs=1, on_demand_rps=200, inference=InferenceOverrides(max_tokens=20),
+    )  # fmt: skip
+    plan = preprocess_params(BatchParams(**fields), tmp_path / "probe")
+    high = estimate_from_dir(plan, tmp_path / "probe", stack.client("bedrock-runtime")).cost_high
+    ceiling = round(high * 1.01, 8)
+
+    summary = batch_inference(BatchParams(**fields, max_cost_usd=ceiling))
+
+    cost = summary["cost"]
+    out = pl.read_parquet(summary["parts"])
+    held = out.filter(pl.col(ERROR_CODE) == COST_CEILING_REACHED)
+    assert out.height == 300  # every row once (finish_run checked it too)
+    assert cost["held_back_rows"] == held.height > 0
+    assert cost["held_back_shards"]
+    assert held[SERVED_BY].unique().to_list() == ["skipped"]
+    assert held[INPUT_TOKENS].null_count() == held.height
+    assert cost["on_demand_usd"] > 0 and cost["on_demand_rows"] > 0
+    assert cost["total_usd"] <= ceiling
+    assert sum(row["held_back"] for row in summary["jobs"]) == held.height
+    # What was held back was never sent: no job and no on-demand answer for those rows.
+    assert len(stack.ledger(name_contains="cost-ceiling")) <= 3
