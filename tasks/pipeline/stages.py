@@ -222,6 +222,6 @@ def stage_report(stage: Stage, summary: dict[str, Any], extra: dict[str, Any]) -
         "filter": stage.filter,
         "counts": summary.get("counts", {}),
         "tokens": summary.get("tokens", {}),
-        "cost_usd": summary.get("cost_usd"),
+        "cost_usd": (summary.get("cost") or {}).get("total_usd"),
         **extra,
     }
