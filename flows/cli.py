@@ -61,6 +61,7 @@ def _params(args: argparse.Namespace):
         "role_arn": getattr(args, "role_arn", None),
         "timeout_hours": getattr(args, "timeout_hours", None),
         "kms_key_id": getattr(args, "kms_key_id", None),
+        "aws_credentials_block": getattr(args, "aws_credentials_block", None),
         "restart": getattr(args, "restart", None) or None,
         "on_demand_rps": getattr(args, "on_demand_rps", None),
         "tags": dict(tag.split("=", 1) for tag in getattr(args, "tag", None) or []),
@@ -314,6 +315,10 @@ def build_parser() -> argparse.ArgumentParser:
         description="Amazon Bedrock batch inference with Prefect.",
         epilog="--debug (anywhere on the line) shows the traceback of an error.",
     )
+    parser.add_argument(
+        "--aws-credentials-block",
+        help="Prefect AwsCredentials block to build every AWS client from (before the command)",
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     run = sub.add_parser("run", help="run the batch flow now")
@@ -451,6 +456,10 @@ def main(argv: list[str] | None = None) -> int:
         return local_stack(argv[1:], prog="bedrock-batch local")
     args = build_parser().parse_args([a for a in argv if a != "--debug"])
     args.debug = debug
+    if args.aws_credentials_block:
+        from tasks.aws.clients import use_credentials_block
+
+        use_credentials_block(args.aws_credentials_block)
     try:
         return args.func(args)
     except Exception as exc:

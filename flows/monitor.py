@@ -9,6 +9,7 @@ from typing import Any
 from prefect import flow, get_run_logger
 from pydantic import Field
 
+from tasks.aws.clients import use_credentials_block
 from tasks.monitoring.alerts import AlertThresholds, Transition
 from tasks.monitoring.cloudwatch import get_batch_metrics, list_batch_model_ids
 from tasks.monitoring.publish import check_alerts, publish_artifacts, publish_model_metrics
@@ -17,6 +18,10 @@ from tasks.monitoring.publish import check_alerts, publish_artifacts, publish_mo
 class MonitorParameters(AlertThresholds):
     """Everything one monitor run needs; the alert thresholds are fields of the same model."""
 
+    aws_credentials_block: str | None = Field(
+        None,
+        description="Prefect AwsCredentials block to read CloudWatch with (empty: the default).",
+    )
     model_ids: list[str] = Field(
         default_factory=list,
         description="Model ids to watch; empty means every ModelId found in AWS/Bedrock/Batch.",
@@ -63,6 +68,7 @@ def bedrock_batch_monitor(
         The models read, their latest values and the alert transitions of this run.
     """
     params = params or MonitorParameters()
+    use_credentials_block(params.aws_credentials_block)
     logger = get_run_logger()
     now = (params.now or datetime.now(timezone.utc)).astimezone(timezone.utc)
 

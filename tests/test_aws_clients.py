@@ -57,3 +57,37 @@ def test_without_a_block_the_standard_chain_applies(monkeypatch):
     clients.use_credentials_block(None)
     clients.reset_clients()
     assert clients.session().get_credentials().access_key == "chainkey"
+
+
+def test_a_run_names_its_credentials_block_as_a_parameter(stack, tmp_path, monkeypatch):
+    """The flow builds its clients from the block the run names (region eu-west-3 here)."""
+    import polars as pl
+
+    from flows.batch_inference import batch_inference
+    from tasks.run.params import BatchParams
+
+    name = f"aws-run-{uuid.uuid4().hex[:8]}"
+    AwsCredentials(
+        aws_access_key_id="testing", aws_secret_access_key="testing", region_name="us-east-1"
+    ).save(name)
+    source = tmp_path / "topics.csv"
+    pl.DataFrame({"topic": [f"t{i}" for i in range(120)]}).write_csv(source)
+    clients.reset_clients()
+    try:
+        summary = batch_inference(
+            BatchParams(
+                source=str(source),
+                prompt_id="joke_about_topic",
+                model_id="anthropic.claude-3-haiku-20240307-v1:0",
+                output_uri=str(tmp_path / "out"),
+                run_name="block-param",
+                aws_credentials_block=name,
+            )
+        )
+        # The run's clients came from the block: it was loaded and is the process's choice.
+        assert clients.credentials_block() == name
+        assert clients._block.cache_info().currsize == 1
+    finally:
+        clients.use_credentials_block(None)
+        clients.reset_clients()
+    assert summary["counts"]["records"] == 120

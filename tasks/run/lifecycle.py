@@ -14,6 +14,7 @@ from prefect.cache_policies import NO_CACHE
 
 from prompt_templates import output_schema_for
 from tasks.aws import storage
+from tasks.aws.clients import use_credentials_block
 from tasks.errors import PlanError
 from tasks.monitoring import events
 from tasks.pipeline.merge import merge_skipped
@@ -100,6 +101,8 @@ def resolve_run(params: BatchParams, flow_run_id: Any = None) -> ResolvedRun:
         The run's layout, role, identity, claim (release it at the end) and state.
     """
     logger = get_run_logger()
+    # Every AWS client of this run comes from the named AwsCredentials block, if one is named.
+    use_credentials_block(params.aws_credentials_block)
     if params.run_name:
         run_name = expand_run_name(params.run_name)
         layout = resolve_layout(params.output_uri, run_name, params.kms_key_id)

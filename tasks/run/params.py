@@ -171,6 +171,13 @@ class BatchParams(BaseModel):
     )
     tags: dict[str, str] = Field(default_factory=dict, description="Tags put on every job.")
     kms_key_id: str | None = Field(None, description="KMS key for the job outputs.")
+    aws_credentials_block: str | None = Field(
+        None,
+        description=(
+            "Name of a Prefect AwsCredentials block every AWS client of the run is built from; "
+            "empty uses BEDROCK_BATCH_AWS_CREDENTIALS_BLOCK, else the standard credential chain."
+        ),
+    )
     restart: bool = Field(
         False,
         description=(
