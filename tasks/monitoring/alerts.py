@@ -95,6 +95,16 @@ def _window(points: Series, start: datetime, end: datetime) -> Series:
     return [(ts, value) for ts, value in points if start <= ts <= end]
 
 
+def stale_after(period_seconds: int) -> timedelta:
+    """How long a model's series may be silent before its last value no longer holds.
+
+    Bedrock publishes a model's batch metrics each minute while jobs are pending and stops when
+    none is left; CloudWatch may show a point a few minutes late, so silence counts only after
+    five periods and at least five minutes.
+    """
+    return timedelta(seconds=max(5 * period_seconds, 300))
+
+
 def evaluate_stalled(
     series: ModelSeries, now: datetime, stall_minutes: float, period_seconds: int = 60
 ) -> Condition:
@@ -111,7 +121,7 @@ def evaluate_stalled(
         return Condition(STALLED, False, None, threshold)
     latest_ts = max(pending)
     latest = pending[latest_ts]
-    if latest_ts < now - timedelta(seconds=2 * period_seconds):
+    if latest_ts < now - stale_after(period_seconds):
         # Bedrock stopped publishing: no job of the model is pending any more.
         return Condition(STALLED, False, 0.0, threshold)
     since: datetime | None = None

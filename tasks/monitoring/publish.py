@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import datetime, timedelta
+from datetime import datetime
 from typing import Any
 
 from prefect import task
@@ -14,6 +14,7 @@ from tasks.monitoring.alerts import (
     evaluate_rules,
     load_alert_state,
     save_alert_state,
+    stale_after,
     transition,
 )
 from tasks.monitoring.cloudwatch import METRIC_NAMES, ModelSeries
@@ -40,10 +41,10 @@ def latest_values(
     """The last value of each metric; None when it has no data point in the window.
 
     Bedrock publishes a model's batch metrics while it has jobs pending and stops when none
-    is left, so a last point older than two periods is stale: nothing is pending or flowing
+    is left, so a last point older than `stale_after` is stale: nothing is pending or flowing
     now, and the latest value is 0 rather than whatever the last job left behind.
     """
-    fresh_after = now - timedelta(seconds=2 * period_seconds) if now else None
+    fresh_after = now - stale_after(period_seconds) if now else None
     latest: dict[str, float | None] = {}
     for key, points in series.items():
         if not points:
