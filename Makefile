@@ -28,7 +28,7 @@ run: $(STAMP) ## run the batch flow on the bundled sample data, on the local sta
 		--output-uri $(OUT) --run-name sample-jokes --max-concurrent-jobs 2
 
 test: $(STAMP) ## run the test suite (local stack and Prefect test server included)
-	$(BIN)/pytest -q
+	$(BIN)/pytest -q --durations=15
 
 lint: $(STAMP) ## ruff check and format check
 	$(BIN)/ruff check .

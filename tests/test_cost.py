@@ -127,6 +127,30 @@ def test_estimate_matches_the_tokens_the_local_stack_reports(stack, tmp_path):
     assert all("batch_usd" in row and "on_demand_usd" in row for row in summary["jobs"])
 
 
+def test_on_demand_rows_are_priced_apart_at_the_on_demand_price(stack, tmp_path):
+    # 30% of records fail in their batch job; the remainder (under the job minimum) goes on
+    # demand at full price.
+    stack.set_faults(record_error_rate=0.3, seed=5)
+    params = BatchParams(
+        source=_topics(tmp_path, 300), prompt_id="joke_about_topic", model_id=CLAUDE,
+        output_uri=str(tmp_path / "out"), run_name="cost-on-demand", max_records_per_job=100,
+        on_demand_rps=200,
+    )  # fmt: skip
+
+    summary = batch_inference(params)
+
+    cost = summary["cost"]
+    out = pl.read_parquet(summary["parts"])
+    on_demand = out.filter(pl.col(SERVED_BY) == "on_demand")
+    assert on_demand.height > 0 and cost["on_demand_rows"] == on_demand.height
+    price = prices.price_for(CLAUDE)
+    expected = price.cost(
+        int(on_demand["input_tokens"].sum()), int(on_demand["output_tokens"].sum()), "on_demand"
+    )
+    assert cost["on_demand_usd"] == pytest.approx(expected)
+    assert cost["batch_rows"] + cost["on_demand_rows"] == 300
+
+
 def test_run_over_the_ceiling_is_refused_before_any_job(stack, tmp_path):
     params = BatchParams(
         source=_topics(tmp_path, 150), prompt_id="joke_about_topic", model_id=CLAUDE,
@@ -164,7 +188,11 @@ def test_run_stops_at_the_ceiling_and_reports_what_was_held_back(stack, tmp_path
     assert cost["held_back_shards"]
     assert held[SERVED_BY].unique().to_list() == ["skipped"]
     assert held[INPUT_TOKENS].null_count() == held.height
-    assert cost["on_demand_usd"] > 0 and cost["on_demand_rows"] > 0
+    # Which tails are served and which held depends on which shard finishes first; either
+    # way the on-demand rows are priced apart and the total stays under the ceiling.
+    on_demand = out.filter(pl.col(SERVED_BY) == "on_demand")
+    assert cost["on_demand_rows"] == on_demand.height
+    assert (cost["on_demand_usd"] > 0) == (on_demand.height > 0)
     assert cost["total_usd"] <= ceiling
     assert sum(row["held_back"] for row in summary["jobs"]) == held.height
     # What was held back was never sent: no job and no on-demand answer for those rows.
