@@ -205,7 +205,9 @@ def test_edited_source_of_finished_run_is_refused_and_default_name_is_a_new_run(
 
 def test_second_process_on_a_live_run_is_refused_naming_the_owner(stack, tmp_path):
     started = time.monotonic()
-    stack.configure(records_per_second=15)  # ~7 s per job: the first process stays alive
+    # The first process's jobs stick half way until the second has been refused: however long
+    # the second takes to start, the first is still alive and running then.
+    stack.set_faults(stuck_job_names_containing="twice", stuck_after_fraction=0.5)
     source = _write_source(tmp_path / "questions.csv", "v1")
     out = tmp_path / "out"
     command = _command(source, out, "twice", CLAUDE, [], None)
@@ -224,6 +226,7 @@ def test_second_process_on_a_live_run_is_refused_naming_the_owner(stack, tmp_pat
         assert second.returncode == 2, second.stderr[-2000:]
         assert "already running" in second.stderr
         assert owner["flow_run_id"] in second.stderr and owner["host"] in second.stderr
+        stack.set_faults(stuck_job_names_containing=None)
         _, stderr = first.communicate(timeout=240)
     finally:
         if first.poll() is None:
