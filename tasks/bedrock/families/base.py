@@ -69,6 +69,14 @@ def _one(expr: pl.Expr) -> pl.Expr:
     return pl.concat_list([expr])
 
 
+def _chat_messages(prompt: pl.Expr, system: str | None) -> pl.Expr:
+    """OpenAI-style chat messages: an optional system message, then the user's prompt."""
+    user = _struct(role="user", content=prompt)
+    if system is None:
+        return _one(user)
+    return pl.concat_list([_struct(role="system", content=pl.lit(system)), user])
+
+
 def _field(expr: pl.Expr, *path: str) -> pl.Expr:
     for name in path:
         expr = expr.struct.field(name)

@@ -5,7 +5,13 @@ from __future__ import annotations
 import polars as pl
 from pydantic import AliasChoices, Field
 
-from tasks.bedrock.families.base import ModelFamily, TextOptions, _field, _one, _struct
+from tasks.bedrock.families.base import (
+    ModelFamily,
+    TextOptions,
+    _chat_messages,
+    _field,
+    _struct,
+)
 from tasks.pipeline.columns import INPUT_TOKENS, OUTPUT_TOKENS, RESPONSE_TEXT, STOP_REASON
 
 
@@ -92,14 +98,8 @@ class MistralChat(ModelFamily):
     )
 
     def body_expr(self, prompt, system, options):
-        user = _struct(role="user", content=prompt)
-        messages = (
-            pl.concat_list([_struct(role="system", content=pl.lit(system)), user])
-            if system is not None
-            else _one(user)
-        )
         return _struct(
-            messages=messages,
+            messages=_chat_messages(prompt, system),
             max_tokens=options.max_tokens,
             temperature=options.temperature,
             top_p=options.top_p,
