@@ -20,6 +20,9 @@ from tasks.files import atomic_path, write_bytes_atomic
 DIGEST_KEY = "sha256"  # S3 user metadata that carries an object's content digest
 _PRECONDITION_FAILED = ("PreconditionFailed", "412", "ConditionalRequestConflict")
 
+# What S3 answers for a missing object (HEAD gives only the status: "404" / NotFound).
+_NOT_FOUND = ("404", "NoSuchKey", "NotFound")
+
 
 def is_s3(uri: str) -> bool:
     """True for an ``s3://`` URI."""
@@ -95,7 +98,7 @@ def digest_of(uri: str) -> str | None:
     try:
         head = client("s3").head_object(Bucket=bucket, Key=key)
     except ClientError as exc:
-        if error_code(exc) in ("404", "NoSuchKey", "NotFound"):
+        if error_code(exc) in _NOT_FOUND:
             return None
         raise
     return head.get("Metadata", {}).get(DIGEST_KEY, "")
@@ -235,7 +238,7 @@ def read_tagged(uri: str) -> Tagged | None:
         try:
             got = client("s3").get_object(Bucket=bucket, Key=key)
         except ClientError as exc:
-            if error_code(exc) in ("404", "NoSuchKey", "NotFound"):
+            if error_code(exc) in _NOT_FOUND:
                 return None
             raise
         return Tagged(got["Body"].read(), got["ETag"], got["LastModified"].timestamp())

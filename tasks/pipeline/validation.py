@@ -185,14 +185,20 @@ def check_ids(lf: pl.LazyFrame, id_column: str, source: str) -> None:
         raise DuplicateIdError(msg)
 
 
+def _over_limit(stats: pl.DataFrame, over: pl.Expr, column: str) -> tuple[list[str], int] | None:
+    """The first record ids over a limit and the largest value, or None when none is over."""
+    if not stats.select(over.any()).item():
+        return None
+    return first_ids(stats, over), stats.filter(over)[column].max()
+
+
 def check_input_chars(stats: pl.DataFrame, ok: pl.Expr, chars: str, family: ModelFamily) -> None:
     """No prompt is over the family's documented input limit."""
     if family.max_input_chars is None:
         return
-    over = ok & (pl.col(chars) > family.max_input_chars)
-    if stats.select(over.any()).item():
-        ids = first_ids(stats, over)
-        worst = stats.filter(over)[chars].max()
+    found = _over_limit(stats, ok & (pl.col(chars) > family.max_input_chars), chars)
+    if found:
+        ids, worst = found
         msg = (
             f"Record(s) {', '.join(ids)} have prompts over the {family.name} input limit of "
             f"{family.max_input_chars:,} characters (longest {worst:,}). Shorten or split "
@@ -203,10 +209,9 @@ def check_input_chars(stats: pl.DataFrame, ok: pl.Expr, chars: str, family: Mode
 
 def check_line_bytes(stats: pl.DataFrame, ok: pl.Expr, size: str, max_bytes: int) -> None:
     """No JSONL line is over the input file limit on its own."""
-    over = ok & (pl.col(size) > max_bytes)
-    if stats.select(over.any()).item():
-        ids = first_ids(stats, over)
-        worst = stats.filter(over)[size].max()
+    found = _over_limit(stats, ok & (pl.col(size) > max_bytes), size)
+    if found:
+        ids, worst = found
         msg = (
             f"Record(s) {', '.join(ids)} are over the input file limit of {max_bytes:,} "
             f"bytes (largest {worst:,} bytes as a JSONL line). Shorten them, or raise "
