@@ -25,11 +25,13 @@ def layout(request, tmp_path, local_stack, monkeypatch) -> RunLayout:
     return layout_for(f"s3://{local_stack.bucket}/owner-tests/{tmp_path.name}", "owned-s3")
 
 
-def test_claim_run_refuses_a_second_owner_naming_the_first(layout):
+def test_claim_run_refuses_a_second_owner_naming_the_first(layout, monkeypatch):
+    # Long enough that a heartbeat starved by a loaded machine still lands (one every 2 s).
+    monkeypatch.setenv(EXPIRY_ENV, "8")
     first = claim_run(layout, flow_run_id="flow-run-1")
     try:
         with pytest.raises(RunOwnedError, match="already running: flow run flow-run-1 on host"):
-            claim_run(layout, flow_run_id="flow-run-2")
+            claim_run(layout, flow_run_id="flow-run-2").release()
     finally:
         first.release()
     assert not storage.exists(layout.owner_uri)

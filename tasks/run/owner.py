@@ -68,7 +68,11 @@ class RunClaim:
             with self._lock:
                 if self._stop.is_set():
                     return
-                tag = storage.put_if_match(self.uri, body, self._tag)
+                try:
+                    tag = storage.put_if_match(self.uri, body, self._tag)
+                except Exception as exc:  # a transient store error must not end the heartbeat
+                    log.warning("Could not refresh the claim %s (will retry): %s", self.uri, exc)
+                    continue
                 if tag is None:
                     self.lost.set()
                     log.error("The claim %s was taken by another process", self.uri)
@@ -138,15 +142,17 @@ def claim_run(
             raise RunOwnedError(msg)
         if seen is None:
             seen = current
-            age = max(0.0, time.time() - current.modified)
-            stale_at = time.monotonic() + max(0.0, expiry - age)
+            # The whole expiry is watched from here, by this process's own clock: the store's
+            # timestamp has one-second granularity and another host's clock may be skewed, so
+            # the claim's age alone could take over from an owner that is alive but slow.
+            stale_at = time.monotonic() + expiry
             logger.info(
-                "Run %s is claimed by %s (refreshed %.0f s ago); waiting up to %.0f s to see "
+                "Run %s is claimed by %s (refreshed %.0f s ago); watching it for %.0f s to see "
                 "whether that owner is alive",
                 layout.run_name,
                 _owner_text(holder),
-                age,
-                max(0.0, expiry - age),
+                max(0.0, time.time() - current.modified),
+                expiry,
             )
         if time.monotonic() >= stale_at:
             tag = storage.put_if_match(layout.owner_uri, body, current.tag)
