@@ -11,6 +11,7 @@ from prefect.utilities.annotations import unmapped
 from prompt_templates import output_schema_for
 from tasks.aws import storage
 from tasks.aws.submit import run_key
+from tasks.aws.watcher import JobWatcher
 from tasks.monitoring import events
 from tasks.run.artifacts import JobBoard, flow_run_name, rename_flow_run
 from tasks.run.cost import batch_cost_of, cost_guard, preflight_cost
@@ -22,13 +23,15 @@ from tasks.run.lifecycle import (
     release_run,
     resolve_run,
 )
-from tasks.run.params import BatchParams, warn_if_unknown_model
+from tasks.run.params import MAX_CONCURRENT_JOBS, BatchParams, warn_if_unknown_model
 from tasks.run.progress import RunProgress
 from tasks.run.shard import RunContext, run_shard
 from tasks.run.stop import stop_run_jobs
 
-# A shard's thread mostly sleeps between polls; shards past this many wait their turn.
-MAX_SHARDS_IN_FLIGHT = 64
+# A shard holds a thread while it waits for a slot, its job and its merge; the threads mostly
+# wait on the run's one watcher. More threads than the largest gate (plus merges of shards that
+# just gave their slot back), so the gate is the only cap on jobs in flight.
+MAX_SHARDS_IN_FLIGHT = MAX_CONCURRENT_JOBS + 28
 
 
 def _emit_failed(flow, flow_run, state) -> None:
@@ -97,18 +100,20 @@ def batch_inference(params: BatchParams) -> dict[str, Any]:
         # 4. The model's gate (the account's quota) and this run's own, of max_concurrent_jobs.
         gate_name = open_gate(params.model_id, params.max_concurrent_jobs, run_name)
 
-        # 5. Each shard: slot → job → poll → merge its Parquet part as soon as it finishes.
+        # 5. Each shard: slot → job → watched → merge its Parquet part as soon as it finishes.
+        key = run_key(run_name, run.layout.run_dir, run.identity.run_id)
         ctx = RunContext(
             run_name=run_name,
             layout=run.layout,
             run_id=run.identity.run_id,
-            run_key=run_key(run_name, run.layout.run_dir, run.identity.run_id),
+            run_key=key,
             model_id=params.model_id,
             invocation_type=params.invocation_type,
             role_arn=run.role_arn,
             gate_name=gate_name,
             store=run.store,
             progress=RunProgress(plan.total_records),
+            watcher=JobWatcher(key),
             timeout_hours=params.timeout_hours,
             kms_key_id=params.kms_key_id,
             tags=params.tags,
@@ -130,7 +135,10 @@ def batch_inference(params: BatchParams) -> dict[str, Any]:
             ),
             cost_guard=cost_guard(params, estimate),
         )
-        results = run_shard.map(unmapped(ctx), plan.shards).result()
+        try:
+            results = run_shard.map(unmapped(ctx), plan.shards).result()
+        finally:
+            ctx.watcher.close()
 
         # 6. Check every row came back once, report, and tell automations.
         return finish_run(ctx, plan, results)

@@ -293,12 +293,13 @@ def cmd_stop(args: argparse.Namespace) -> int:
     from tasks.aws import storage
     from tasks.errors import PlanError
     from tasks.run.layout import STATE_FILE
+    from tasks.run.state import has_state
     from tasks.run.stop import stop_run_jobs
 
     run_dir = storage.join(args.output_uri, args.run_name)
-    if not storage.exists(storage.join(run_dir, STATE_FILE)):
+    if not has_state(run_dir):
         msg = (
-            f"No run state at {storage.join(run_dir, STATE_FILE)}: check --run-name and "
+            f"No run state in {run_dir}: check --run-name and "
             "--output-uri (the run folder is <output_uri>/<run_name>/)."
         )
         raise PlanError(msg)

@@ -53,9 +53,23 @@ class PollSettings(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix="BEDROCK_BATCH_POLL_")
 
-    interval_seconds: float = Field(60.0, description="First wait between two status polls.")
-    max_interval_seconds: float = Field(300.0, description="Longest wait after backing off.")
-    backoff: float = Field(1.5, description="Factor the wait grows by while nothing changes.")
+    interval_seconds: float = Field(
+        60.0,
+        description=(
+            "Wait between two polls of a run's jobs (one ListModelInvocationJobs for all of "
+            "them); a freed gate slot is taken again within this time."
+        ),
+    )
+    max_interval_seconds: float = Field(
+        300.0, description="Longest wait between two polls while Bedrock throttles them."
+    )
+    interval_with_events_seconds: float = Field(
+        300.0,
+        description=(
+            "Wait between two polls while job state-change events reach the run: polling is "
+            "then only the fallback for an event lost on the way."
+        ),
+    )
     lease_seconds: int = Field(
         120,
         description=(
@@ -91,8 +105,9 @@ class GateSettings(BaseSettings):
     wait_seconds: float = Field(
         5.0,
         description=(
-            "Shortest wait of a shard between two asks of a full gate (Prefect's Retry-After "
-            "is honoured above it, up to 30 s), so many waiting shards ask at a bounded rate."
+            "Wait between two asks of a full gate. Only the first waiting shard of a process "
+            "asks, so the rate stays bounded however many wait; a slot the process frees "
+            "makes it ask at once."
         ),
     )
     reconcile_after_seconds: float = Field(

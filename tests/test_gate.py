@@ -11,8 +11,11 @@ import httpx
 import pytest
 
 from tasks.aws import poll
+from tasks.aws import watcher as watcher_module
+from tasks.aws.watcher import JobWatcher
 from tasks.run import gate
 from tasks.settings import get_settings
+from tests.helpers import eventually
 
 
 @pytest.fixture
@@ -77,7 +80,9 @@ def test_slot_counts_on_both_limits_until_released(gate_settings):
     gate.release_slot(lease)  # releasing twice is harmless
 
 
-def test_acquire_slot_waits_while_the_run_gate_is_full(gate_settings):
+def test_acquire_slot_waits_while_the_run_gate_is_full(gate_settings, monkeypatch):
+    monkeypatch.setenv("BEDROCK_BATCH_GATE_RECONCILE_AFTER_SECONDS", "600")  # no recount here
+    get_settings.cache_clear()
     model = _model("full")
     name, _, _ = gate.ensure_gates(model, "full-run", 1)
     first = gate.acquire_slot(model, "full-run", 60)
@@ -94,6 +99,51 @@ def test_acquire_slot_waits_while_the_run_gate_is_full(gate_settings):
     assert len(taken) == 1
     assert gate.active_slots(name) == 1
     gate.release_slot(taken[0])
+
+
+def test_a_slot_this_process_frees_is_taken_at_once_by_few_asks(gate_settings, monkeypatch):
+    # Asks of a full gate every 30 s: only the release of a slot here can wake a waiter soon.
+    monkeypatch.setenv("BEDROCK_BATCH_GATE_WAIT_SECONDS", "30")
+    monkeypatch.setenv("BEDROCK_BATCH_GATE_RECONCILE_AFTER_SECONDS", "600")
+    get_settings.cache_clear()
+    model = _model("refill")
+    gate.ensure_gates(model, "refill-run", 1)
+    first = gate.acquire_slot(model, "refill-run", 60)
+    asks = []
+    real = gate.get_client
+
+    def counting_client(*args, **kwargs):
+        asks.append(time.monotonic())
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(gate, "get_client", counting_client)
+    taken: list = []
+    waiters = [
+        threading.Thread(target=lambda: taken.append(gate.acquire_slot(model, "refill-run", 60)))
+        for _ in range(8)
+    ]
+    for waiter in waiters:
+        waiter.start()
+    eventually(lambda: len(asks) >= 1, timeout=10)  # the first in line asked and was refused
+
+    released_at = time.monotonic()
+    gate.release_slot(first)
+    eventually(lambda: len(taken) == 1, timeout=10)
+    refill = time.monotonic() - released_at
+    asks_by_then = len(asks)
+
+    # Each release wakes the next in line at once: all eight get their turn.
+    for i in range(8):
+        eventually(lambda i=i: len(taken) > i, timeout=10)
+        gate.release_slot(taken[i])
+    for waiter in waiters:
+        waiter.join(timeout=10)
+
+    assert refill < 10  # not the 30 s a waiter would sleep without the wake-up
+    # Eight shards waited, yet only the head asked: once before the release, once after
+    # (the release itself goes through the same client).
+    assert asks_by_then <= 4
+    assert len(taken) == 8
 
 
 def test_acquire_slot_retries_transient_prefect_errors(gate_settings, monkeypatch, caplog, stack):
@@ -164,22 +214,26 @@ def test_keeper_takes_the_slot_of_a_running_job_again_when_the_server_lost_its_l
 
 def test_wait_for_job_warns_once_per_stalled_period(monkeypatch, caplog):
     monkeypatch.setenv("BEDROCK_BATCH_POLL_INTERVAL_SECONDS", "0.01")
-    monkeypatch.setenv("BEDROCK_BATCH_POLL_MAX_INTERVAL_SECONDS", "0.01")
     monkeypatch.setenv("BEDROCK_BATCH_POLL_STALL_WARNING_SECONDS", "0.2")
     get_settings.cache_clear()
-    stuck = {"status": "InProgress", "totalRecordCount": 100, "processedRecordCount": 40}
+    stuck = {"jobArn": "arn:job/abc", "status": "InProgress", "totalRecordCount": 100}
+    stuck["processedRecordCount"] = 40
     done_at = time.monotonic() + 0.5
-    monkeypatch.setattr(
-        poll,
-        "describe_job",
-        lambda arn: stuck if time.monotonic() < done_at else {**stuck, "status": "Completed"},
-    )
+
+    class Bedrock:
+        def list_model_invocation_jobs(self, **kwargs):
+            job = stuck if time.monotonic() < done_at else {**stuck, "status": "Completed"}
+            return {"invocationJobSummaries": [job]}
+
+    monkeypatch.setattr(watcher_module, "client", lambda service: Bedrock())
     logger = logging.getLogger("test.poll")
     monkeypatch.setattr(poll, "get_run_logger", lambda: logger)
+    watcher = JobWatcher("stalled")
     try:
         with caplog.at_level(logging.WARNING, logger="test.poll"):
-            job = poll.wait_for_job.fn("arn:job/abc", "stalled-job", lambda job, previous: None)
+            job = poll.wait_for_job.fn(watcher, "arn:job/abc", "stalled-job", lambda j, p: None)
     finally:
+        watcher.close()
         get_settings.cache_clear()
 
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]

@@ -89,7 +89,8 @@ def test_run_state_store_round_trips_attempts(base):
             counters={"processedRecordCount": 5},
         )
     )
-    store.save()
+    store.save("shard-00000")
+    assert store.writes == 1 and 0 < store.bytes_written < 1000  # one small object, not the run
     again = RunStateStore(base, "run-1").shard("shard-00000")
     assert again.current.job_id == "abcdef123456"
     assert again.current.counters == {"processedRecordCount": 5}

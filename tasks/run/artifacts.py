@@ -454,7 +454,8 @@ class JobBoard:
         self.gate_size = gate_size
         self.flow_run_id = flow_run_id
         self.cost_of = cost_of
-        self.min_interval = min_interval
+        # A bigger table is sent less often: 5 s up to 500 shards, then 1 s per 100 shards.
+        self.min_interval = max(min_interval, len(self.shards) / 100)
         self._table, self._markdown = table, markdown
         self._lock = threading.Lock()
         self._last = float("-inf")
@@ -483,9 +484,12 @@ class JobBoard:
         self.samples.append(Sample(now, records, tokens))
 
     def changed(self) -> None:
-        """A job moved: sample it, publish now or when the interval ends."""
+        """A job moved: publish now or when the interval ends (sampled when published).
+
+        Reading every shard's state costs O(shards), so it happens once per publication,
+        never once per change: at 2,000 shards a change per change would be quadratic.
+        """
         with self._lock:
-            self._sample(self.views())
             wait = self._last + self.min_interval - time.monotonic()
             if wait <= 0:
                 self._last = time.monotonic()
@@ -512,7 +516,6 @@ class JobBoard:
             if self._timer is not None:
                 self._timer.cancel()
                 self._timer = None
-            self._sample(self.views())
         self.publish()
 
     def publish(self) -> None:
@@ -526,6 +529,8 @@ class JobBoard:
 
     def _publish(self) -> None:
         views = self.views()
+        with self._lock:
+            self._sample(views)
         rows = job_rows(views, self.max_attempts, self.cost_of)
         self._table(rows, artifact_key(self.run_name, "jobs"), self.flow_run_id)
         now = datetime.now(timezone.utc)

@@ -17,6 +17,7 @@ import random
 import re
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -41,8 +42,6 @@ from tasks.settings import get_settings
 # Prefect's server bounds a lease to 60 s .. 1 day.
 MIN_LEASE_SECONDS = 60
 MAX_LEASE_SECONDS = 86_400
-# Prefect's Retry-After for a full limit is capped at 30 s; we never wait longer between asks.
-MAX_WAIT_SECONDS = 30.0
 MODEL_PREFIX = "bedrock-batch-"
 RUN_PREFIX = "bedrock-batch-run-"
 # Jobs that count against Bedrock's "submitted or in progress" quota (the status table's own).
@@ -190,6 +189,39 @@ def _lost_here(model_gate: str) -> list[str]:
     ]
 
 
+class _Waiters:
+    """This process's shards waiting on one pair of limits, first come first served.
+
+    Only the shard at the head asks Prefect, so however many shards wait, the gate is asked at
+    most once per ``wait_seconds`` per process, plus once each time this process frees a slot
+    (``slot_freed``): a freed slot is taken again at once, not at the next Retry-After.
+    """
+
+    def __init__(self) -> None:
+        self.cond = threading.Condition()
+        self.queue: deque[object] = deque()
+        self.freed = 0  # bumped by every slot this process gives back
+
+
+_waiters: dict[tuple[str, ...], _Waiters] = {}
+_waiters_lock = threading.Lock()
+
+
+def _waiters_for(names: list[str]) -> _Waiters:
+    with _waiters_lock:
+        return _waiters.setdefault(tuple(names), _Waiters())
+
+
+def slot_freed() -> None:
+    """A slot of this process was given back: the head waiter of every gate asks again now."""
+    with _waiters_lock:
+        groups = list(_waiters.values())
+    for group in groups:
+        with group.cond:
+            group.freed += 1
+            group.cond.notify_all()
+
+
 def acquire_slot(
     model_id: str,
     run_name: str,
@@ -200,17 +232,45 @@ def acquire_slot(
 ) -> UUID:
     """Wait until both the model's and the run's limits have room; take one slot of each.
 
-    Asks at most every ``BEDROCK_BATCH_GATE_WAIT_SECONDS`` (Prefect's Retry-After above it is
-    honoured). Running jobs of this process whose lease was lost go first: no new slot is taken
-    while one of them waits to take its own again. After waiting ``reconcile_after_seconds``, or
-    at once when ``leases_lost``, the model's gate is recounted from Bedrock so slots of lost
-    leases cannot block it forever. Transient Prefect API errors are logged and retried.
+    Waiting shards of this process queue up and only the first asks: at most once every
+    ``BEDROCK_BATCH_GATE_WAIT_SECONDS`` (a slot freed by another process is found then), and at
+    once whenever this process frees a slot. Running jobs of this process whose lease was lost
+    go first: no new slot is taken while one of them waits to take its own again. After waiting
+    ``reconcile_after_seconds``, or at once when ``leases_lost``, the model's gate is recounted
+    from Bedrock so slots of lost leases cannot block it forever. Transient Prefect API errors
+    are logged and retried.
 
     Returns:
         The lease id.
     """
-    settings = get_settings().gate
     names = [gate_name(model_id), run_gate_name(run_name)]
+    group = _waiters_for(names)
+    ticket = object()
+    with group.cond:
+        group.queue.append(ticket)
+        while group.queue[0] is not ticket:
+            group.cond.wait()
+    try:
+        return _ask_until_taken(
+            group, names, model_id, run_name, lease_seconds, holder_flow_run_id, logger, leases_lost
+        )
+    finally:
+        with group.cond:
+            group.queue.remove(ticket)
+            group.cond.notify_all()
+
+
+def _ask_until_taken(
+    group: _Waiters,
+    names: list[str],
+    model_id: str,
+    run_name: str,
+    lease_seconds: float,
+    holder_flow_run_id: UUID | None,
+    logger: Logger | None,
+    leases_lost: bool,
+) -> UUID:
+    settings = get_settings().gate
     holder = (
         ConcurrencyLeaseHolder(type="flow_run", id=holder_flow_run_id)
         if holder_flow_run_id
@@ -222,7 +282,8 @@ def acquire_slot(
     waiting = False
     failures = 0
     while True:
-        retry_after = 0.0
+        with group.cond:
+            freed = group.freed
         # Under the recount's lock, so a recount that made room for lost leases of running jobs
         # is not taken from under them by a shard of this process that waits for a new slot.
         with _reconcile_lock:
@@ -238,9 +299,9 @@ def acquire_slot(
                             holder=holder,
                         )
                 except Exception as exc:
-                    if _is_full(exc):
-                        retry_after = float(exc.response.headers.get("Retry-After", 0) or 0)
-                    elif is_transient(exc):
+                    if not _is_full(exc) and not is_transient(exc):
+                        raise
+                    if not _is_full(exc):
                         failures += 1
                         delay = min(0.5 * 2 ** (failures - 1), settings.retry_max_seconds)
                         (logger or log).warning(
@@ -253,8 +314,6 @@ def acquire_slot(
                         )
                         time.sleep(delay)
                         continue
-                    else:
-                        raise
                 else:
                     if waiting and logger:
                         logger.info(
@@ -267,8 +326,10 @@ def acquire_slot(
         waiting = True
         if time.monotonic() - started >= settings.reconcile_after_seconds:
             reconcile(model_id, logger, throttle=True, run_name=run_name)
-        wait = min(max(retry_after, settings.wait_seconds), MAX_WAIT_SECONDS)
-        time.sleep(wait * random.uniform(0.9, 1.1))
+        # Prefect's Retry-After is not waited for: one asker per process keeps the rate
+        # bounded, and a slot this process frees wakes it at once.
+        with group.cond:
+            group.cond.wait_for(lambda seen=freed: group.freed != seen, settings.wait_seconds)
 
 
 def renew_slot(lease_id: UUID | str, lease_seconds: float, retry: bool = True) -> bool:
@@ -299,6 +360,7 @@ def release_slot(lease_id: UUID | str, logger: Logger | None = None) -> None:
             logger,
             deadline,
         )
+        slot_freed()
     except Exception as exc:
         if not is_transient(exc) and not (
             isinstance(exc, httpx.HTTPStatusError) and exc.response.status_code in (404, 410)

@@ -1,6 +1,7 @@
 """Where a run's files live: the one owner of every key and file name a run reads or writes.
 
     <output_uri>/<run_name>/run.json, owner.json, plan.json, state.json, summary.json
+    <output_uri>/<run_name>/state/shard-NNNNN.json          each shard's state, as it changes
     <output_uri>/<run_name>/rows/shard-NNNNN.parquet, rows/skipped.parquet
     <output_uri>/<run_name>/output/part-NNNNN.parquet, output/skipped.parquet
     <output_uri>/<run_name>/on-demand/<jobName>/<first recordId>.jsonl.out
@@ -37,6 +38,7 @@ IDENTITY_FILE = "run.json"
 OWNER_FILE = "owner.json"
 PLAN_FILE = "plan.json"
 STATE_FILE = "state.json"
+STATE_DIR = "state"
 SUMMARY_FILE = "summary.json"
 INPUT_DIR = "input"
 ROWS_DIR = "rows"
@@ -52,6 +54,20 @@ SKIPPED_ROWS_FILE = f"{ROWS_DIR}/{SKIPPED_FILE}"
 REPLACED_MARK = ".replaced-"
 # The run segment of a layout that stands for every run under a prefix (IAM policies).
 ANY_RUN = "*"
+
+
+def state_file_in(run_dir: str) -> str:
+    """The run's compacted state (written at the end of a run and by ``stop``)."""
+    return storage.join(run_dir, STATE_FILE)
+
+
+def shard_state_prefix(run_dir: str) -> str:
+    """Where each shard's own state object lives, rewritten only when that shard changes."""
+    return storage.join(run_dir, STATE_DIR)
+
+
+def shard_state_file(run_dir: str, shard: str) -> str:
+    return storage.join(run_dir, STATE_DIR, shard + ".json")
 
 
 def shard_name(index: int) -> str:

@@ -124,7 +124,7 @@ def resolve_run(params: BatchParams, flow_run_id: Any = None) -> ResolvedRun:
         if recorded is None:
             storage.write_bytes(layout.identity_uri, current.to_json(), params.kms_key_id)
         identity = recorded or current
-        store = RunStateStore(layout.state_uri, run_name, params.kms_key_id)
+        store = RunStateStore(layout.run_dir, run_name, params.kms_key_id)
         finished = None
         if store.state.finished_at and storage.exists(layout.summary_uri):
             finished = json.loads(storage.read_bytes(layout.summary_uri))

@@ -10,6 +10,10 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from prompt_templates import prompt_id_to_template
 from tasks.bedrock import catalog
 
+# The most jobs one run may keep in flight (its gate); Bedrock's per-model quota is lower on
+# most accounts, and the flow sizes its thread pool above it.
+MAX_CONCURRENT_JOBS = 100
+
 
 def known_prompt_ids() -> list[str]:
     """The prompt ids of prompt_templates.py, for the form's drop-down."""
@@ -115,7 +119,10 @@ class BatchParams(BaseModel):
         None, description="Service role Bedrock assumes (default: BEDROCK_BATCH_ROLE_ARN)."
     )
     max_concurrent_jobs: int = Field(
-        10, ge=1, le=100, description="Jobs in flight at once for this model (the gate)."
+        10,
+        ge=1,
+        le=MAX_CONCURRENT_JOBS,
+        description="Jobs in flight at once for this model (the gate).",
     )
     max_records_per_job: int | None = Field(
         None, ge=1, description="Cap per job; default spreads the rows over the gate."

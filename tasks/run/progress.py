@@ -37,6 +37,7 @@ class RunProgress:
         self.total = max(total_records, 1)
         self._done = done_records
         self._per_job: dict[str, int] = {}
+        self._sum = 0
         self._lock = threading.Lock()  # guards the counts
         self._send_lock = threading.Lock()  # orders the sends: one at a time, never backwards
         self._send = send
@@ -44,14 +45,17 @@ class RunProgress:
         self.artifact_id = create(self.shown)
 
     def _percent(self) -> float:
-        processed = self._done + sum(self._per_job.values())
+        processed = self._done + self._sum
         return round(min(100.0, 100.0 * processed / self.total), 1)
 
     def update(self, job: str, processed: int) -> None:
         """Record a job's processed count; the artifact moves when the figure grows."""
         with self._lock:
             # A job's own count never goes back either (a restarted poll may see less).
-            self._per_job[job] = max(processed, self._per_job.get(job, 0))
+            before = self._per_job.get(job, 0)
+            if processed > before:  # a running sum: O(1) an update at any number of jobs
+                self._per_job[job] = processed
+                self._sum += processed - before
             percent = self._percent()
         self._show(percent)
 

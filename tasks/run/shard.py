@@ -29,6 +29,7 @@ from tasks.aws.submit import (
     find_own_job,
     job_name_for,
 )
+from tasks.aws.watcher import JobWatcher
 from tasks.bedrock.statuses import outcome, retry_statuses
 from tasks.errors import PlanError
 from tasks.monitoring import events
@@ -61,6 +62,7 @@ class RunContext:
     gate_name: str
     store: RunStateStore
     progress: RunProgress
+    watcher: JobWatcher  # follows every job of the run (one poller, events when set up)
     timeout_hours: int | None = None
     kms_key_id: str | None = None
     tags: dict[str, str] = field(default_factory=dict)
@@ -140,7 +142,9 @@ def _request(ctx: RunContext, shard: ShardPlan, attempt: JobAttempt) -> JobReque
     )
 
 
-def _hold_slot(ctx: RunContext, attempt: JobAttempt, logger: logging.LoggerAdapter) -> None:
+def _hold_slot(
+    ctx: RunContext, shard: ShardPlan, attempt: JobAttempt, logger: logging.LoggerAdapter
+) -> None:
     """Make sure the attempt holds a gate slot that the process's lease keeper renews.
 
     A job not yet created waits for a slot. A job that already exists never waits: its stored
@@ -154,7 +158,7 @@ def _hold_slot(ctx: RunContext, attempt: JobAttempt, logger: logging.LoggerAdapt
 
     def on_new_lease(lease_id: str) -> None:
         attempt.lease_id = lease_id
-        ctx.store.save()
+        ctx.store.save(shard.name)
 
     slot = gate.HeldSlot(
         attempt.job_name, ctx.model_id, ctx.run_name, None, ctx.flow_run_id, on_new_lease
@@ -196,7 +200,7 @@ def _hold_slot(ctx: RunContext, attempt: JobAttempt, logger: logging.LoggerAdapt
     )
     gate.KEEPER.hold(slot)
     attempt.lease_id = slot.lease_id
-    ctx.store.save()
+    ctx.store.save(shard.name)
 
 
 def _new_attempt(
@@ -219,7 +223,7 @@ def _new_attempt(
         served_by=how,
     )
     state.attempts.append(attempt)
-    ctx.store.save()
+    ctx.store.save(shard.name)
     return attempt
 
 
@@ -227,7 +231,7 @@ def _submit(ctx: RunContext, shard: ShardPlan, attempt: JobAttempt, resumed: boo
     """Create the attempt's job, or find the one a crashed run already created."""
     if attempt.job_arn is None:
         ctx.check_owner()
-    _hold_slot(ctx, attempt, logger)
+    _hold_slot(ctx, shard, attempt, logger)
     if attempt.job_arn is not None:
         return
     request = _request(ctx, shard, attempt)
@@ -245,21 +249,21 @@ def _submit(ctx: RunContext, shard: ShardPlan, attempt: JobAttempt, resumed: boo
     attempt.job_arn = job_arn
     attempt.submitted_at = attempt.submitted_at or now_iso()
     attempt.status = attempt.status or "Submitted"
-    ctx.store.save()
+    ctx.store.save(shard.name)
     ctx.changed()
     events.emit_job_submitted(
         ctx.run_name, attempt.job_arn, shard.name, ctx.model_id, attempt.records
     )
 
 
-def _watch(ctx: RunContext, shard: ShardPlan, attempt: JobAttempt) -> None:
+def _watch(ctx: RunContext, shard: ShardPlan, attempt: JobAttempt, look_now: bool) -> None:
     def on_change(job: dict[str, Any], previous: str | None) -> None:
         attempt.status = job["status"]
         attempt.message = job.get("message")
         attempt.counters = {name: job[name] for name in COUNTERS if name in job}
         if attempt.is_final:
             attempt.ended_at = now_iso()
-        ctx.store.save()
+        ctx.store.save(shard.name)
         if not attempt.is_final:
             failpoint("polling")
         if attempt.attempt == 1:
@@ -275,18 +279,18 @@ def _watch(ctx: RunContext, shard: ShardPlan, attempt: JobAttempt) -> None:
             attempt.counters,
         )
 
-    job = wait_for_job(attempt.job_arn, attempt.job_name, on_change)
+    job = wait_for_job(ctx.watcher, attempt.job_arn, attempt.job_name, on_change, look_now)
     attempt.status = job["status"]
 
 
-def _release(ctx: RunContext, attempt: JobAttempt) -> None:
+def _release(ctx: RunContext, shard: ShardPlan, attempt: JobAttempt) -> None:
     slot = gate.KEEPER.drop(attempt.job_name)
     lease_id = (slot.lease_id if slot else None) or attempt.lease_id
     if lease_id:
         gate.release_slot(lease_id)
     if attempt.lease_id:
         attempt.lease_id = None
-        ctx.store.save()
+        ctx.store.save(shard.name)
 
 
 def _verify_input(ctx: RunContext, attempt: JobAttempt, shard: ShardPlan) -> None:
@@ -311,7 +315,7 @@ def _on_demand_answers(ctx: RunContext, attempt: JobAttempt) -> list[bytes]:
     return [storage.read_bytes(u) for u in storage.list_files(prefix, JSONL + OUT_SUFFIX)]
 
 
-def _run_on_demand(ctx: RunContext, attempt: JobAttempt) -> None:
+def _run_on_demand(ctx: RunContext, shard: ShardPlan, attempt: JobAttempt) -> None:
     """Serve the attempt's records that have no durable answer yet, keeping each batch at once."""
     ctx.check_owner()
     lines = storage.read_bytes(ctx.job_uri(attempt.input_file))
@@ -328,7 +332,7 @@ def _run_on_demand(ctx: RunContext, attempt: JobAttempt) -> None:
     )
     attempt.status = "Completed"
     attempt.ended_at = now_iso()
-    ctx.store.save()
+    ctx.store.save(shard.name)
 
 
 def _attempt_output(ctx: RunContext, shard: ShardPlan, attempt: JobAttempt) -> AttemptOutput:
@@ -418,7 +422,7 @@ def _held_by_ceiling(
     )
     logger.warning("%s of %s: %s", attempt.records, shard.name, message)
     attempt.status, attempt.message, attempt.ended_at = COST_CEILING_REACHED, message, now_iso()
-    ctx.store.save()
+    ctx.store.save(shard.name)
     ids = None
     if attempt.attempt > 1:
         ids = record_ids_of(storage.read_bytes(ctx.job_uri(attempt.input_file)))
@@ -492,17 +496,17 @@ def run_shard(ctx: RunContext, shard: ShardPlan) -> ShardResult:
                 break
             if attempt.served_by == C.SERVED_ON_DEMAND:
                 if not attempt.is_final:
-                    _run_on_demand(ctx, attempt)
+                    _run_on_demand(ctx, shard, attempt)
             elif not attempt.is_final:
                 _submit(ctx, shard, attempt, resumed, logger)
-                _watch(ctx, shard, attempt)
-            _release(ctx, attempt)
+                _watch(ctx, shard, attempt, look_now=resumed)
+            _release(ctx, shard, attempt)
             outputs += [_attempt_output(ctx, shard, a) for a in state.attempts[len(outputs) :]]
             attempt = _plan_retry(ctx, shard, state, outputs, logger)
         state.merge_stats = merge_shard_output(ctx, shard, outputs)
         state.merge_stats["held_back"] = held
         state.part_uri = ctx.part_uri(shard)
-        ctx.store.save()
+        ctx.store.save(shard.name)
         if ctx.cost_guard is not None:
             from tasks.run.cost import shard_actual
 

@@ -1,4 +1,4 @@
-"""The durable state of a run, kept beside its data (``RunLayout.state_uri``).
+"""The durable state of a run, kept beside its data (``state/`` and ``state.json``).
 
 Written atomically before and after every side effect (a slot taken, a job created, a status
 seen, a part merged), so a re-run with the same run name picks up where a crash left off, even
@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from typing import Any
@@ -16,6 +17,7 @@ from typing import Any
 from tasks.aws import storage
 from tasks.bedrock.jobs import job_id_from_arn
 from tasks.bedrock.statuses import outcome
+from tasks.run.layout import shard_state_file, shard_state_prefix, state_file_in
 
 
 def now_iso() -> str:
@@ -80,35 +82,85 @@ class RunState:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> RunState:
         shards = {
-            name: ShardState(
-                name=name,
-                attempts=[JobAttempt(**a) for a in shard["attempts"]],
-                part_uri=shard.get("part_uri"),
-                merge_stats=shard.get("merge_stats"),
-            )
-            for name, shard in data.get("shards", {}).items()
+            name: _shard_from_dict(name, shard) for name, shard in data.get("shards", {}).items()
         }
         return cls(data["run_name"], shards, data.get("finished_at"))
 
 
 class RunStateStore:
-    """Thread-safe holder of a run's state that writes it through on every change."""
+    """Thread-safe holder of a run's state that writes each change through, shard by shard.
 
-    def __init__(self, uri: str, run_name: str, kms_key_id: str | None = None) -> None:
-        self.uri = uri
+    A change to one shard rewrites only that shard's object (``state/<shard>.json``, about a
+    kilobyte), so the bytes written grow with what changed, not with the run: a 2,000-shard run
+    no longer rewrites a 2 MB file on every status. ``save()`` without a shard writes the whole
+    state compacted into ``state.json`` (the end of a run, ``stop``). Loading reads
+    ``state.json`` and then every shard object over it, so the run folder alone is enough to
+    resume; each write stays atomic (an S3 PUT, or a local write-and-rename).
+    """
+
+    def __init__(self, run_dir: str, run_name: str, kms_key_id: str | None = None) -> None:
+        self.run_dir = run_dir
         self.kms_key_id = kms_key_id
+        self.writes = 0
+        self.bytes_written = 0
         self._lock = threading.Lock()
-        if storage.exists(self.uri):
-            self.state = RunState.from_dict(json.loads(storage.read_bytes(self.uri)))
-        else:
-            self.state = RunState(run_name)
+        self._shard_locks: dict[str, threading.Lock] = {}
+        self.state = _load(run_dir, run_name)
 
     def shard(self, name: str) -> ShardState:
         with self._lock:
             return self.state.shards.setdefault(name, ShardState(name))
 
-    def save(self) -> None:
-        """Write the whole state atomically; call after every change."""
+    def save(self, shard: str | None = None) -> None:
+        """Write one shard's state, or (no shard) the whole state compacted; after each change.
+
+        Serialising and writing happen under the shard's own lock, so two threads saving one
+        shard can never leave the older picture last, while other shards write in parallel.
+        """
+        if shard is None:
+            with self._lock:
+                data = json.dumps(asdict(self.state), indent=1, sort_keys=True).encode()
+                self._write(state_file_in(self.run_dir), data)
+            return
         with self._lock:
-            data = json.dumps(asdict(self.state), indent=1, sort_keys=True).encode()
-            storage.write_bytes(self.uri, data, self.kms_key_id)
+            lock = self._shard_locks.setdefault(shard, threading.Lock())
+            state = self.state.shards.setdefault(shard, ShardState(shard))
+        with lock:
+            data = json.dumps(asdict(state), sort_keys=True).encode()
+            self._write(shard_state_file(self.run_dir, shard), data)
+
+    def _write(self, uri: str, data: bytes) -> None:
+        storage.write_bytes(uri, data, self.kms_key_id)
+        self.writes += 1
+        self.bytes_written += len(data)
+
+
+def has_state(run_dir: str) -> bool:
+    """Whether a run folder holds any run state (compacted or per shard)."""
+    if storage.exists(state_file_in(run_dir)):
+        return True
+    return bool(storage.list_files(shard_state_prefix(run_dir), ".json"))
+
+
+def _shard_from_dict(name: str, shard: dict[str, Any]) -> ShardState:
+    return ShardState(
+        name=name,
+        attempts=[JobAttempt(**a) for a in shard["attempts"]],
+        part_uri=shard.get("part_uri"),
+        merge_stats=shard.get("merge_stats"),
+    )
+
+
+def _load(run_dir: str, run_name: str) -> RunState:
+    compacted = state_file_in(run_dir)
+    if storage.exists(compacted):
+        state = RunState.from_dict(json.loads(storage.read_bytes(compacted)))
+    else:
+        state = RunState(run_name)
+    uris = storage.list_files(shard_state_prefix(run_dir), ".json")
+    # Many small objects: read them side by side (S3 answers each GET in tens of ms).
+    with ThreadPoolExecutor(max_workers=16) as pool:
+        for data in pool.map(storage.read_bytes, uris):
+            shard = json.loads(data)
+            state.shards[shard["name"]] = _shard_from_dict(shard["name"], shard)
+    return state

@@ -8,15 +8,13 @@ import weakref
 
 from botocore.exceptions import ClientError
 
-from tasks.aws import storage
 from tasks.aws.clients import client, error_code
 from tasks.aws.poll import describe_job
 from tasks.aws.submit import find_job
 from tasks.bedrock.error_codes import CONFLICT, RETRYABLE_GET, VALIDATION
 from tasks.pipeline import columns as C
 from tasks.run import gate
-from tasks.run.layout import STATE_FILE
-from tasks.run.state import JobAttempt, RunStateStore, now_iso
+from tasks.run.state import JobAttempt, RunStateStore, has_state, now_iso
 
 log = logging.getLogger("bedrock_batch.stop")
 
@@ -48,7 +46,7 @@ def _stop_job(job_arn: str) -> None:
     client("bedrock").stop_model_invocation_job(jobIdentifier=job_arn)
 
 
-def _stop_attempt(store: RunStateStore, attempt: JobAttempt, reason: str) -> bool:
+def _stop_attempt(store: RunStateStore, shard: str, attempt: JobAttempt, reason: str) -> bool:
     job_arn = attempt.job_arn
     if job_arn is None and attempt.lease_id:  # created just before a crash, ARN not saved
         job_arn = find_job(attempt.job_name, attempt.client_token)
@@ -63,7 +61,7 @@ def _stop_attempt(store: RunStateStore, attempt: JobAttempt, reason: str) -> boo
     if lease_id:
         gate.release_slot(lease_id, log)
         attempt.lease_id = None
-    store.save()
+    store.save(shard)
     return job_arn is not None
 
 
@@ -86,10 +84,9 @@ def stop_run_jobs(
     """
     store = _live_stores.get(run_dir)
     if store is None:
-        state_uri = storage.join(run_dir, STATE_FILE)
-        if not storage.exists(state_uri):
+        if not has_state(run_dir):
             return []
-        store = RunStateStore(state_uri, run_name, kms_key_id)
+        store = RunStateStore(run_dir, run_name, kms_key_id)
     stopped = []
     for shard in list(store.state.shards.values()):
         for attempt in shard.attempts:
@@ -97,7 +94,9 @@ def stop_run_jobs(
                 continue
             if attempt.job_arn is None and attempt.lease_id is None:
                 continue  # never reached the gate: nothing was created
-            if _stop_attempt(store, attempt, reason):
+            if _stop_attempt(store, shard.name, attempt, reason):
                 log.warning("Stopped job %s of run %s (%s)", attempt.job_name, run_name, reason)
                 stopped.append(attempt.job_name)
+    if stopped:
+        store.save()  # and the whole picture compacted in state.json, for people and tools
     return stopped

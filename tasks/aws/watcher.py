@@ -1,0 +1,282 @@
+"""One poller per run: every job of the run followed with one ListModelInvocationJobs a tick.
+
+Why: a GetModelInvocationJob loop per shard makes the run's calls grow with its jobs (hundreds
+of jobs against Get/List quotas of a few requests a second), and a thread per loop capped how
+many jobs a run could follow. Here one thread asks Bedrock about all of the run's jobs at once,
+``ListModelInvocationJobs`` with ``nameContains`` = the run's key (every job name of the run
+starts with it, ``tasks.aws.submit.job_name_for``), paginated at 1,000 (botocore's
+``maxResults`` range is 1..1000); the summaries carry status, message and the record counters
+(botocore ``ModelInvocationJobSummary``). A job the List does not show yet (a fresh job, List
+is eventually consistent) is asked for with a bounded number of Gets a tick. Throttling slows
+the tick down, never fails a shard.
+
+Events (``deliver``) short-cut the tick: a state change from EventBridge wakes the shard
+waiting on that job at once; polling stays as the fallback for lost or late events.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import OrderedDict
+from typing import Any
+
+from botocore.exceptions import ClientError
+
+from tasks.aws.clients import client, error_code
+from tasks.bedrock.error_codes import RETRYABLE_GET
+from tasks.bedrock.statuses import FINAL_STATUSES
+from tasks.errors import JobLostError
+from tasks.settings import get_settings
+
+COUNTERS = ("totalRecordCount", "processedRecordCount", "successRecordCount", "errorRecordCount")
+LIST_PAGE = 1000  # botocore: ListModelInvocationJobs maxResults is 1..1000
+KEPT_EARLY_EVENTS = 10_000  # events for jobs not watched yet (a job that ends before its watch)
+
+log = logging.getLogger(__name__)
+
+
+def _key(job: dict[str, Any]) -> tuple:
+    return (job.get("status"), job.get("message"), *(job.get(name) for name in COUNTERS))
+
+
+class Watch:
+    """One job followed by the watcher: the newest description, and a flag when it changes."""
+
+    def __init__(self, job_arn: str, job_name: str) -> None:
+        self.job_arn = job_arn
+        self.job_name = job_name
+        self.latest: dict[str, Any] | None = None
+        self.error: Exception | None = None
+        self.changed = threading.Event()
+        self._lock = threading.Lock()
+
+    @property
+    def final(self) -> bool:
+        return self.latest is not None and self.latest.get("status") in FINAL_STATUSES
+
+    def offer(self, job: dict[str, Any]) -> None:
+        """Take a description if it says something new; a final status is never undone."""
+        with self._lock:
+            if self.final and job.get("status") not in FINAL_STATUSES:
+                return  # a late, out-of-order report of an earlier status
+            if self.latest is not None and _key(self.latest) == _key(job):
+                return
+            self.latest = {**(self.latest or {}), **job}
+        self.changed.set()
+
+    def fail(self, error: Exception) -> None:
+        self.error = error
+        self.changed.set()
+
+    def take(self, timeout: float) -> dict[str, Any] | None:
+        """The newest description once it changed, or None after ``timeout``; raises on loss."""
+        if not self.changed.wait(timeout):
+            return None
+        self.changed.clear()
+        if self.error is not None:
+            raise self.error
+        with self._lock:
+            return dict(self.latest) if self.latest else None
+
+
+class JobWatcher:
+    """Follows every job of one run with one thread; shards wait on their ``Watch``."""
+
+    def __init__(self, run_key: str, max_gets: int = 10) -> None:
+        self.run_key = run_key
+        self.max_gets = max_gets
+        self.events_active = False  # set by the flow when job events reach it
+        self.calls: dict[str, int] = {"list": 0, "get": 0, "throttled": 0}
+        self._watches: dict[str, Watch] = {}
+        self._early: OrderedDict[str, dict[str, Any]] = OrderedDict()
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._closed = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    # -- what shards call ----------------------------------------------------------------
+
+    def watch(self, job_arn: str, job_name: str) -> Watch:
+        """Start following a job; an event that came before the watch is applied at once."""
+        watch = Watch(job_arn, job_name)
+        with self._lock:
+            self._watches[job_arn] = watch
+            early = self._early.pop(job_arn, None)
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(
+                    target=self._run, name=f"job-watcher-{self.run_key}", daemon=True
+                )
+                self._thread.start()
+        if early is not None:
+            watch.offer(early)
+        return watch
+
+    def unwatch(self, job_arn: str) -> None:
+        with self._lock:
+            self._watches.pop(job_arn, None)
+
+    def deliver(self, job_arn: str, status: str, message: str | None = None) -> None:
+        """A job's status learned from an event; wakes the shard waiting on it at once."""
+        job = {"jobArn": job_arn, "status": status}
+        if message:
+            job["message"] = message
+        with self._lock:
+            watch = self._watches.get(job_arn)
+            if watch is None:
+                self._early[job_arn] = job
+                while len(self._early) > KEPT_EARLY_EVENTS:
+                    self._early.popitem(last=False)
+                return
+        watch.offer(job)
+
+    def poll_now(self) -> None:
+        """Ask Bedrock at once instead of at the next tick."""
+        self._wake.set()
+
+    def close(self) -> None:
+        self._closed.set()
+        self._wake.set()
+
+    # -- the one polling thread ----------------------------------------------------------
+
+    def interval(self) -> float:
+        """Seconds between ticks: the poll interval, or the slower fallback with events."""
+        settings = get_settings().poll
+        if self.events_active:
+            return max(settings.interval_seconds, settings.interval_with_events_seconds)
+        return settings.interval_seconds
+
+    def _run(self) -> None:
+        delay = self.interval()
+        while not self._closed.is_set():
+            self._wake.wait(delay)
+            self._wake.clear()
+            if self._closed.is_set():
+                return
+            try:
+                throttled = self.tick()
+            except Exception:  # the thread must outlive any one bad tick
+                log.exception("Polling the jobs of %s failed; trying again", self.run_key)
+                throttled = True
+            maximum = get_settings().poll.max_interval_seconds
+            delay = min(max(delay, 0.5) * 2, maximum) if throttled else self.interval()
+
+    def _open(self) -> list[Watch]:
+        with self._lock:
+            return [w for w in self._watches.values() if not w.final and w.error is None]
+
+    def tick(self) -> bool:
+        """Ask Bedrock once about every open job; True when it throttled us."""
+        watching = self._open()
+        if not watching:
+            return False
+        bedrock = client("bedrock")
+        try:
+            listed = self._list(bedrock)
+        except ClientError as exc:
+            if error_code(exc) not in RETRYABLE_GET:
+                raise
+            self.calls["throttled"] += 1
+            log.warning(
+                "ListModelInvocationJobs throttled for %s; polling more slowly", self.run_key
+            )
+            return True
+        missing = []
+        for watch in watching:
+            job = listed.get(watch.job_arn)
+            if job is None:
+                missing.append(watch)
+            else:
+                watch.offer(job)
+        for watch in missing[: self.max_gets]:
+            try:
+                self.calls["get"] += 1
+                watch.offer(bedrock.get_model_invocation_job(jobIdentifier=watch.job_arn))
+            except ClientError as exc:
+                if error_code(exc) in RETRYABLE_GET:
+                    self.calls["throttled"] += 1
+                    return True
+                msg = (
+                    f"GetModelInvocationJob failed for {watch.job_arn} (last status "
+                    f"{(watch.latest or {}).get('status')}): {exc}"
+                )
+                watch.fail(JobLostError(msg))
+        return False
+
+    def _list(self, bedrock) -> dict[str, dict[str, Any]]:
+        jobs: dict[str, dict[str, Any]] = {}
+        token = None
+        while True:
+            kwargs: dict[str, Any] = {
+                "nameContains": self.run_key,
+                "maxResults": LIST_PAGE,
+                "sortBy": "CreationTime",
+                "sortOrder": "Descending",
+            }
+            if token:
+                kwargs["nextToken"] = token
+            self.calls["list"] += 1
+            page = bedrock.list_model_invocation_jobs(**kwargs)
+            jobs.update({job["jobArn"]: job for job in page.get("invocationJobSummaries", [])})
+            token = page.get("nextToken")
+            if not token:
+                return jobs
+
+
+def follow_job(
+    watcher: JobWatcher,
+    job_arn: str,
+    job_name: str,
+    on_change,
+    logger: logging.Logger | logging.LoggerAdapter,
+) -> dict[str, Any]:
+    """Wait for the job's final description, calling ``on_change(job, previous_status)``.
+
+    Runs in the shard's thread, so state writes and events of many jobs go on in parallel.
+    A job whose status and counters stay the same for ``stall_warning_seconds`` logs a
+    warning, once per such period.
+    """
+    settings = get_settings().poll
+    watch = watcher.watch(job_arn, job_name)
+    last_status: str | None = None
+    progressed_at = warned_at = time.monotonic()
+    try:
+        while True:
+            wait = max(0.05, warned_at + settings.stall_warning_seconds - time.monotonic())
+            job = watch.take(wait)
+            if job is None:
+                warned_at = time.monotonic()
+                _warn_stalled(logger, job_name, watch.latest or {}, warned_at - progressed_at)
+                continue
+            status = job["status"]
+            if status != last_status:
+                logger.info(
+                    "%s: %s → %s%s",
+                    job_name,
+                    last_status or "(new)",
+                    status,
+                    f" ({job['message']})" if job.get("message") else "",
+                )
+            on_change(job, last_status)
+            last_status = status
+            progressed_at = warned_at = time.monotonic()
+            if status in FINAL_STATUSES:
+                return job
+    finally:
+        watcher.unwatch(job_arn)
+
+
+def _warn_stalled(logger, job_name: str, job: dict[str, Any], seconds: float) -> None:
+    logger.warning(
+        "%s has not progressed for %.0f s: status %s, %s of %s records processed "
+        "(%s succeeded, %s failed)",
+        job_name,
+        seconds,
+        job.get("status", "(not seen yet)"),
+        job.get("processedRecordCount", "?"),
+        job.get("totalRecordCount", "?"),
+        job.get("successRecordCount", "?"),
+        job.get("errorRecordCount", "?"),
+    )

@@ -1,0 +1,244 @@
+"""The run's one job watcher: one List a tick for all jobs, bounded Gets, throttling, events."""
+
+from __future__ import annotations
+
+import logging
+import threading
+
+import pytest
+from botocore.exceptions import ClientError
+
+from tasks.aws import watcher as watcher_module
+from tasks.aws.submit import JobRequest, client_token_for, job_name_for, run_key
+from tasks.aws.watcher import JobWatcher, follow_job
+from tasks.errors import JobLostError
+from tasks.settings import get_settings
+from tests.helpers import eventually
+
+ROLE = "arn:aws:iam::123456789012:role/BedrockBatchEmulatorRole"
+CLAUDE = "anthropic.claude-3-haiku-20240307-v1:0"
+log = logging.getLogger("test.watcher")
+
+
+def _throttled(operation: str) -> ClientError:
+    error = {"Error": {"Code": "ThrottlingException", "Message": "Rate exceeded"}}
+    return ClientError(error, operation)
+
+
+class FakeBedrock:
+    """Jobs by ARN; List shows only ``listed`` ones, and throttles while ``throttle`` > 0."""
+
+    def __init__(self, jobs: dict[str, dict]) -> None:
+        self.jobs = jobs
+        self.listed: set[str] = set(jobs)
+        self.throttle = 0
+        self.calls = {"list": 0, "get": 0}
+        self.lock = threading.Lock()
+
+    def list_model_invocation_jobs(self, **kwargs):
+        with self.lock:
+            self.calls["list"] += 1
+            if self.throttle:
+                self.throttle -= 1
+                raise _throttled("ListModelInvocationJobs")
+            assert kwargs["nameContains"] == "rk"
+            return {"invocationJobSummaries": [self.jobs[a] for a in sorted(self.listed)]}
+
+    def get_model_invocation_job(self, jobIdentifier):  # noqa: N803 - botocore's name
+        with self.lock:
+            self.calls["get"] += 1
+            if jobIdentifier.endswith("gone"):
+                error = {"Error": {"Code": "ResourceNotFoundException", "Message": "no job"}}
+                raise ClientError(error, "GetModelInvocationJob")
+            return self.jobs[jobIdentifier]
+
+    def finish(self, *arns: str) -> None:
+        with self.lock:
+            for arn in arns:
+                self.jobs[arn] = {**self.jobs[arn], "status": "Completed"}
+
+
+@pytest.fixture
+def fast_polls(monkeypatch):
+    monkeypatch.setenv("BEDROCK_BATCH_POLL_INTERVAL_SECONDS", "0.02")
+    monkeypatch.setenv("BEDROCK_BATCH_POLL_MAX_INTERVAL_SECONDS", "0.1")
+    get_settings.cache_clear()
+    yield
+    monkeypatch.undo()
+    get_settings.cache_clear()
+
+
+def _jobs(count: int, status: str = "InProgress") -> dict[str, dict]:
+    return {f"arn:job/{i}": {"jobArn": f"arn:job/{i}", "status": status} for i in range(count)}
+
+
+def _follow_all(watcher: JobWatcher, arns: list[str]) -> tuple[dict, list[threading.Thread]]:
+    results: dict[str, object] = {}
+
+    def follow(arn: str) -> None:
+        try:
+            results[arn] = follow_job(watcher, arn, arn, lambda job, previous: None, log)
+        except Exception as exc:  # noqa: BLE001 - the test looks at what each shard got
+            results[arn] = exc
+
+    threads = [threading.Thread(target=follow, args=(arn,)) for arn in arns]
+    for thread in threads:
+        thread.start()
+    return results, threads
+
+
+def test_one_list_a_tick_follows_every_job_of_the_run(fast_polls, monkeypatch):
+    bedrock = FakeBedrock(_jobs(50))
+    monkeypatch.setattr(watcher_module, "client", lambda service: bedrock)
+    watcher = JobWatcher("rk")
+    results, threads = _follow_all(watcher, list(bedrock.jobs))
+    eventually(lambda: bedrock.calls["list"] >= 3, timeout=10)
+
+    bedrock.finish(*bedrock.jobs)
+    for thread in threads:
+        thread.join(timeout=10)
+    watcher.close()
+
+    assert {job["status"] for job in results.values()} == {"Completed"}
+    # Fifty jobs, and still one List a tick and not one Get: calls do not grow with the jobs.
+    assert bedrock.calls["get"] == 0
+    assert watcher.calls["list"] == bedrock.calls["list"]
+
+
+def test_jobs_the_list_does_not_show_yet_are_asked_for_a_few_at_a_time(fast_polls, monkeypatch):
+    bedrock = FakeBedrock(_jobs(25, "Completed"))
+    bedrock.listed = set()  # List is eventually consistent: fresh jobs may be missing
+    monkeypatch.setattr(watcher_module, "client", lambda service: bedrock)
+    watcher = JobWatcher("rk", max_gets=10)
+    seen_per_tick = []
+    real_tick = watcher.tick
+
+    def tick() -> bool:
+        before = bedrock.calls["get"]
+        throttled = real_tick()
+        seen_per_tick.append(bedrock.calls["get"] - before)
+        return throttled
+
+    monkeypatch.setattr(watcher, "tick", tick)
+    results, threads = _follow_all(watcher, list(bedrock.jobs))
+    for thread in threads:
+        thread.join(timeout=10)
+    watcher.close()
+
+    assert {job["status"] for job in results.values()} == {"Completed"}
+    assert bedrock.calls["get"] == 25
+    assert max(seen_per_tick) <= 10
+
+
+def test_throttled_lists_slow_the_watcher_down_and_fail_no_job(fast_polls, monkeypatch, caplog):
+    bedrock = FakeBedrock(_jobs(5, "Completed"))
+    bedrock.throttle = 4
+    monkeypatch.setattr(watcher_module, "client", lambda service: bedrock)
+    watcher = JobWatcher("rk")
+    with caplog.at_level(logging.WARNING, logger=watcher_module.__name__):
+        results, threads = _follow_all(watcher, list(bedrock.jobs))
+        for thread in threads:
+            thread.join(timeout=10)
+    watcher.close()
+
+    assert {job["status"] for job in results.values()} == {"Completed"}
+    assert watcher.calls["throttled"] == 4
+    assert sum("throttled" in r.getMessage() for r in caplog.records) == 4
+
+
+def test_a_job_bedrock_does_not_know_fails_only_its_own_shard(fast_polls, monkeypatch):
+    jobs = {**_jobs(1), "arn:job/gone": {"jobArn": "arn:job/gone", "status": "InProgress"}}
+    bedrock = FakeBedrock(jobs)
+    bedrock.listed = {"arn:job/0"}
+    monkeypatch.setattr(watcher_module, "client", lambda service: bedrock)
+    watcher = JobWatcher("rk")
+    results, threads = _follow_all(watcher, ["arn:job/0", "arn:job/gone"])
+    eventually(lambda: "arn:job/gone" in results, timeout=10)
+    bedrock.finish("arn:job/0")
+    for thread in threads:
+        thread.join(timeout=10)
+    watcher.close()
+
+    assert isinstance(results["arn:job/gone"], JobLostError)
+    assert "ResourceNotFoundException" in str(results["arn:job/gone"])
+    assert results["arn:job/0"]["status"] == "Completed"
+
+
+def test_events_end_a_job_without_a_poll_even_one_that_came_before_its_watch(monkeypatch):
+    monkeypatch.setenv("BEDROCK_BATCH_POLL_INTERVAL_SECONDS", "3600")
+    get_settings.cache_clear()
+
+    def no_polls(service):
+        raise AssertionError("the watcher polled Bedrock")
+
+    monkeypatch.setattr(watcher_module, "client", no_polls)
+    watcher = JobWatcher("rk")
+    watcher.deliver("arn:job/early", "Completed")  # the job ended before the shard watched it
+    results, threads = _follow_all(watcher, ["arn:job/early", "arn:job/late"])
+    watcher.deliver("arn:job/late", "InProgress")
+    watcher.deliver("arn:job/late", "Failed", "The model timed out")
+    watcher.deliver("arn:job/late", "InProgress")  # a late, out-of-order copy: ignored
+    for thread in threads:
+        thread.join(timeout=10)
+    watcher.close()
+    get_settings.cache_clear()
+
+    assert results["arn:job/early"]["status"] == "Completed"
+    assert results["arn:job/late"]["status"] == "Failed"
+    assert results["arn:job/late"]["message"] == "The model timed out"
+
+
+@pytest.mark.slow
+def test_watcher_follows_emulator_jobs_through_get_and_list_throttling(stack, monkeypatch):
+    monkeypatch.setenv("BEDROCK_BATCH_POLL_INTERVAL_SECONDS", "0.05")
+    monkeypatch.setenv("BEDROCK_BATCH_POLL_MAX_INTERVAL_SECONDS", "0.4")
+    get_settings.cache_clear()
+    stack.set_faults(throttle_list_rate=0.5, throttle_get_rate=0.5)
+    key = run_key("watched", f"s3://{stack.bucket}/watched", "run-w")
+    s3 = stack.client("s3")
+    arns = []
+    for i in range(6):
+        s3.put_object(Bucket=stack.bucket, Key=f"watched/input/s{i}.jsonl", Body=_records(100))
+        request = JobRequest(
+            job_name=job_name_for("watched", f"s{i}", 1, key),
+            client_token=client_token_for("run-w", f"s{i}", 1),
+            model_id=CLAUDE,
+            role_arn=ROLE,
+            input_uri=f"s3://{stack.bucket}/watched/input/s{i}.jsonl",
+            output_uri=f"s3://{stack.bucket}/watched/output/s{i}/",
+        )
+        arns.append(
+            stack.client("bedrock").create_model_invocation_job(**request.to_api())["jobArn"]
+        )
+    watcher = JobWatcher(key)
+    try:
+        results, threads = _follow_all(watcher, arns)
+        for thread in threads:
+            thread.join(timeout=60)
+    finally:
+        watcher.close()
+        stack.reset_faults()
+        get_settings.cache_clear()
+
+    assert {r["status"] for r in results.values()} == {"Completed"}
+    assert all(r["successRecordCount"] == 100 for r in results.values())
+    assert watcher.calls["throttled"] > 0  # it was throttled, and no shard saw it
+
+
+def _records(count: int) -> bytes:
+    import json
+
+    lines = [
+        json.dumps(
+            {
+                "recordId": f"R{i:05d}",
+                "modelInput": {
+                    "anthropic_version": "bedrock-2023-05-31",
+                    "max_tokens": 10,
+                    "messages": [{"role": "user", "content": f"hello {i}"}],
+                },
+            }
+        )
+        for i in range(count)
+    ]
+    return ("\n".join(lines) + "\n").encode()
