@@ -253,3 +253,28 @@ def test_acquire_slot_recounts_a_run_gate_full_of_lost_leases(gate_settings, sta
 
     assert gate.active_slots(run_gate) == 1
     gate.release_slot(lease)
+
+
+def test_on_demand_rate_limit_created_by_many_tails_at_once():
+    # Prefect's upsert reads then creates: tails of several shards starting together race.
+    from tasks.aws.on_demand import ensure_rate_limit
+
+    model = _model("tails")
+    barrier = threading.Barrier(6)
+    errors: list[BaseException] = []
+
+    def start_tail() -> None:
+        barrier.wait()
+        try:
+            ensure_rate_limit(model, 5.0)
+        except BaseException as exc:  # noqa: BLE001 - collected for the assertion
+            errors.append(exc)
+
+    tails = [threading.Thread(target=start_tail) for _ in range(6)]
+    for tail in tails:
+        tail.start()
+    for tail in tails:
+        tail.join(timeout=30)
+
+    assert errors == []
+    assert gate.active_slots(gate.gate_name(model) + "-on-demand") == 0

@@ -12,6 +12,7 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from prefect.client.orchestration import get_client
 from prefect.concurrency.sync import rate_limit
+from prefect.exceptions import ObjectAlreadyExists
 
 from tasks.aws.clients import client, error_code
 from tasks.bedrock.error_codes import RETRYABLE_RUNTIME
@@ -49,9 +50,16 @@ def ensure_rate_limit(model_id: str, requests_per_second: float) -> str:
     name = gate_name(model_id) + "-on-demand"
     limit = max(1, int(round(requests_per_second)))
     with get_client(sync_client=True) as prefect:
-        prefect.upsert_global_concurrency_limit_by_name(
-            name, limit, slot_decay_per_second=requests_per_second
-        )
+        try:
+            prefect.upsert_global_concurrency_limit_by_name(
+                name, limit, slot_decay_per_second=requests_per_second
+            )
+        except ObjectAlreadyExists:
+            # Prefect's upsert reads, then creates: two shards' tails starting together race
+            # to create it. The limit exists now; the second upsert updates it.
+            prefect.upsert_global_concurrency_limit_by_name(
+                name, limit, slot_decay_per_second=requests_per_second
+            )
     return name
 
 

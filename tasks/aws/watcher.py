@@ -88,7 +88,7 @@ class JobWatcher:
         self.run_key = run_key
         self.max_gets = max_gets
         self.events_active = False  # set by the flow when job events reach it
-        self.calls: dict[str, int] = {"list": 0, "get": 0, "throttled": 0}
+        self.calls: dict[str, int] = {"list": 0, "get": 0, "throttled": 0, "events": 0}
         self._watches: dict[str, Watch] = {}
         self._early: OrderedDict[str, dict[str, Any]] = OrderedDict()
         self._lock = threading.Lock()
@@ -119,6 +119,7 @@ class JobWatcher:
 
     def deliver(self, job_arn: str, status: str, message: str | None = None) -> None:
         """A job's status learned from an event; wakes the shard waiting on it at once."""
+        self.calls["events"] += 1
         job = {"jobArn": job_arn, "status": status}
         if message:
             job["message"] = message

@@ -128,6 +128,13 @@ def summary_artifacts(
         "tokens": {"input": check["input_tokens"], "output": check["output_tokens"]},
         "jobs": rows,
         "cost": cost,
+        # What following the run cost us: state objects written, Bedrock polls made.
+        "overhead": {
+            "state_writes": ctx.store.writes,
+            "state_bytes_written": ctx.store.bytes_written,
+            "bedrock_polls": dict(ctx.watcher.calls),
+            "events": ctx.watcher.events_active,
+        },
     }
 
 
