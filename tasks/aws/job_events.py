@@ -346,11 +346,14 @@ class JobEventListener:
             loop.close()
 
     def _filter(self):
-        from prefect.events.filters import EventFilter, EventNameFilter, EventRelatedFilter
+        from prefect.events.filters import EventAnyResourceFilter, EventFilter, EventNameFilter
 
+        # any_resource, not related: Prefect 3.8.8's server applies a related filter to stored
+        # events only, and streams every event to a subscriber whatever its related filter
+        # (prefect/server/events/filters.py EventRelatedFilter has no `includes`).
         return EventFilter(
             event=EventNameFilter(name=[JOB_STATE_CHANGED]),
-            related=EventRelatedFilter(id=[run_key_resource_id(self.run_key)]),
+            any_resource=EventAnyResourceFilter(id=[run_key_resource_id(self.run_key)]),
         )
 
     async def _main(self) -> None:
@@ -377,7 +380,8 @@ class JobEventListener:
                 await asyncio.sleep(wait)
 
     def _handle(self, event) -> None:
-        if event.id in self._seen:
+        mine = run_key_resource_id(self.run_key)
+        if event.id in self._seen or not any(r.id == mine for r in event.related):
             return
         self._seen[event.id] = None
         if len(self._seen) > _SEEN_LIMIT:
