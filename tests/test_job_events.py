@@ -4,16 +4,20 @@ Prefect event → listener → deliver; the fallbacks when events are unavailabl
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import logging
+import os
 import time
 import uuid
 
 import pytest
 from helpers import eventually
 
+from emulator import LocalStack
 from flows.cli import main
 from tasks.aws import iam
+from tasks.aws.clients import reset_clients
 from tasks.aws.job_events import (
     QUEUE_URL_VARIABLE,
     TARGET_ID,
@@ -307,3 +311,65 @@ def test_runner_policy_lets_the_relay_read_the_events_queue():
     statement = next(s for s in policy["Statement"] if s["Sid"] == "RelayJobEvents")
     assert statement["Resource"] == ["arn:aws:sqs:us-east-1:123456789012:bedrock-batch-job-events"]
     assert {"sqs:ReceiveMessage", "sqs:DeleteMessage"} <= set(statement["Action"])
+
+
+@pytest.fixture
+def environment():
+    """Set the process environment for a test; the original comes back afterwards."""
+    saved = dict(os.environ)
+
+    def apply(values: dict[str, str]) -> None:
+        os.environ.update(values)
+        get_settings.cache_clear()
+        reset_clients()
+
+    try:
+        yield apply
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+        get_settings.cache_clear()
+        reset_clients()
+
+
+@pytest.mark.slow
+def test_relay_works_with_exactly_the_printed_runner_policy_on_an_iam_enforcing_stack(
+    environment, caplog
+):
+    from prefect.variables import Variable
+
+    with LocalStack(enforce_iam=True) as enforcing:
+        caplog.set_level(logging.INFO, logger=LOGGER)
+        environment(enforcing.env)  # the stack's admin: setup is an administrator's step
+        queue_url = setup_job_events()
+        Variable.unset(QUEUE_URL_VARIABLE)  # other tests must not find this stack's queue
+        layout = layout_for(f"s3://{enforcing.bucket}/runs", "run-1", None)
+        role = enforcing.env["BEDROCK_BATCH_ROLE_ARN"]
+        policy = iam.runner_policy(layout, role, [MODEL], enforcing.region, "123456789012")
+        without = copy.deepcopy(policy)
+        without["Statement"] = [s for s in policy["Statement"] if s["Sid"] != "RelayJobEvents"]
+        runner = enforcing.create_user("events-runner", policy)
+        refused = enforcing.create_user("events-refused", without)
+        settings = {"BEDROCK_BATCH_EVENTS_QUEUE_URL": queue_url}
+        settings["BEDROCK_BATCH_EVENTS_WAIT_SECONDS"] = "1"
+        key = _key()
+        delivered: list[tuple] = []
+
+        environment({**refused, **settings})
+        with job_events(key, lambda *args: None) as active:
+            assert active is False
+        assert "AccessDenied" in caplog.text  # GetQueueAttributes, refused without the grant
+
+        environment({**runner, **settings})
+        with job_events(key, lambda *args: delivered.append(args)) as active:
+            assert active is True
+            # The emulator publishes with the stack's admin keys, as it puts its metrics.
+            arn, _ = _run_job(enforcing, key)
+            final = eventually(
+                lambda: [s for a, s, _ in delivered if a == arn and s in FINAL],
+                what="a final status delivered",
+            )
+            assert final == [
+                enforcing.client("bedrock").get_model_invocation_job(jobIdentifier=arn)["status"]
+            ]
+            eventually(lambda: _queue_empty(enforcing, queue_url), what="messages deleted")

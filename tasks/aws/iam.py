@@ -160,9 +160,7 @@ def runner_policy(
     """What the identity running the flows needs: jobs, PassRole, the run's S3 keys, metrics.
 
     The job events relay reads the queue `events setup` made (``events_queue``): it checks the
-    queue with GetQueueAttributes, receives, and deletes in batches, which SQS authorizes as
-    sqs:DeleteMessage (SQS developer guide, "Amazon SQS API permissions: Actions and resource
-    reference": batch actions need the permission of their single action).
+    queue with GetQueueAttributes, receives and deletes (tasks/aws/job_events.py).
 
     DeleteObject covers releasing the run's claim and ``restart`` moving a run aside.
     AbortMultipartUpload lets boto3 clean up an upload of a shard or part over its multipart
