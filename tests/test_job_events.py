@@ -8,6 +8,8 @@ import copy
 import json
 import logging
 import os
+import subprocess
+import sys
 import time
 import uuid
 
@@ -373,3 +375,35 @@ def test_relay_works_with_exactly_the_printed_runner_policy_on_an_iam_enforcing_
                 enforcing.client("bedrock").get_model_invocation_job(jobIdentifier=arn)["status"]
             ]
             eventually(lambda: _queue_empty(enforcing, queue_url), what="messages deleted")
+
+
+RELAY_PROCESS = """
+import sys, time
+from tasks.aws.job_events import JobEventRelay
+relay = JobEventRelay(sys.argv[1]).start()
+deadline = time.monotonic() + 60
+while not relay.polls:
+    assert time.monotonic() < deadline, "the relay never polled"
+    time.sleep(0.05)
+print("polling", flush=True)
+"""
+
+
+@pytest.mark.slow
+def test_a_process_ends_promptly_while_its_relay_long_polls(stack, events_queue, monkeypatch):
+    from prefect.settings import PREFECT_API_URL
+
+    monkeypatch.setenv("BEDROCK_BATCH_EVENTS_WAIT_SECONDS", "20")
+    monkeypatch.setenv("PREFECT_API_URL", PREFECT_API_URL.value())
+    process = subprocess.Popen(
+        [sys.executable, "-c", RELAY_PROCESS, events_queue],
+        stdout=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONPATH": os.getcwd()},
+    )
+    assert process.stdout.readline().strip() == "polling"
+    polling = time.monotonic()
+    process.wait(timeout=30)
+
+    # The interpreter does not wait for the 20-second long poll in flight.
+    assert time.monotonic() - polling < 5 and process.returncode == 0

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
+import functools
 import json
 import logging
 import threading
@@ -194,6 +195,37 @@ class _Backoff:
         self.next = 1.0
 
 
+async def _in_daemon_thread(call: Callable[[], Any]) -> Any:
+    """``call()`` in a daemon thread of its own, awaited.
+
+    Not ``asyncio.to_thread``: its executor's threads are joined at interpreter exit, so a
+    process ending during a 20-second long poll would hang until the poll returned.
+    """
+    loop = asyncio.get_running_loop()
+    future: asyncio.Future = loop.create_future()
+    context = contextvars.copy_context()
+
+    def settle(result: Any, error: BaseException | None) -> None:
+        if future.done():
+            return
+        if error is None:
+            future.set_result(result)
+        else:
+            future.set_exception(error)
+
+    def run() -> None:
+        result, error = None, None
+        try:
+            result = context.run(call)
+        except BaseException as exc:  # noqa: BLE001 - handed to the awaiting coroutine
+            error = exc
+        with contextlib.suppress(RuntimeError):  # the loop already closed
+            loop.call_soon_threadsafe(settle, result, error)
+
+    threading.Thread(target=run, name="job-event-relay-call", daemon=True).start()
+    return await future
+
+
 class JobEventRelay:
     """Turns every message of the queue into one Prefect event, then deletes the message.
 
@@ -206,7 +238,8 @@ class JobEventRelay:
 
     def __init__(self, queue_url: str) -> None:
         self.queue_url = queue_url
-        self.relayed = 0
+        self.relayed = 0  # messages turned into Prefect events (copies included)
+        self.polls = 0  # ReceiveMessage calls started
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -242,7 +275,7 @@ class JobEventRelay:
                 # deleted only once its event reached the server.
                 async with get_events_client(checkpoint_every=1) as prefect_events:
                     while not self._stop.is_set():
-                        messages = await asyncio.to_thread(self._receive)
+                        messages = await _in_daemon_thread(self._receive)
                         if messages:
                             await self._relay(prefect_events, messages)
                         backoff.reset()
@@ -254,10 +287,11 @@ class JobEventRelay:
                     _describe(exc),
                     wait,
                 )
-                await asyncio.to_thread(self._stop.wait, wait)
+                await _in_daemon_thread(functools.partial(self._stop.wait, wait))
 
     def _receive(self) -> list[dict]:
         settings = get_settings().events
+        self.polls += 1
         return (
             client("sqs")
             .receive_message(
@@ -281,7 +315,7 @@ class JobEventRelay:
                 await prefect_events.emit(event)
                 self.relayed += 1
             done.append(message)
-        await asyncio.to_thread(self._delete, done)
+        await _in_daemon_thread(functools.partial(self._delete, done))
 
     def _delete(self, messages: list[dict]) -> None:
         # One DeleteMessage each rather than DeleteMessageBatch: AWS authorizes both as
