@@ -220,6 +220,7 @@ class BedrockBackend:
             self.jobs[job_id] = job
             self.by_token[token] = job
             self.server.record_created(job)
+            self._announce(job)
         threading.Thread(
             target=JobWorker(self, job, files).run, name=f"job-{job_id}", daemon=True
         ).start()
@@ -343,6 +344,12 @@ class BedrockBackend:
                 job.message = message
             if status.final:
                 job.end_time = now
+            self._announce(job)
+
+    def _announce(self, job: Job) -> None:
+        """Tell the status listeners (the EventBridge publisher) the job's new status."""
+        for listener in self.server.status_listeners:
+            listener(job)
 
 
 def _encode_token(offset: int) -> str:

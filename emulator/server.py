@@ -10,6 +10,7 @@ from werkzeug.serving import WSGIRequestHandler, make_server
 from werkzeug.wrappers import Request
 
 from .config import EmulatorConfig
+from .events import JobEventPublisher
 from .exceptions import BedrockError, InternalServerException, ValidationException
 from .metrics import MetricsPublisher
 from .responses import BedrockResponses, error_response, not_found
@@ -52,7 +53,7 @@ class _QuietHandler(WSGIRequestHandler):
 
 
 class EmulatorServer:
-    """Bedrock emulator on host:port (0 picks a free port), with its metrics publisher."""
+    """Bedrock emulator on host:port (0 picks a free port), with its metrics and events."""
 
     def __init__(
         self,
@@ -60,6 +61,7 @@ class EmulatorServer:
         *,
         s3_endpoint_url: str | None,
         cloudwatch_endpoint_url: str | None,
+        events_endpoint_url: str | None = None,
         region: str = "us-east-1",
         host: str = "127.0.0.1",
         port: int = 0,
@@ -70,6 +72,11 @@ class EmulatorServer:
         )
         self.host, self.port = self._server.server_address[:2]
         self.metrics = MetricsPublisher(self.state, cloudwatch_endpoint_url, region)
+        # Job state change events go to EventBridge only when an endpoint is given.
+        self.events: JobEventPublisher | None = None
+        if events_endpoint_url:
+            self.events = JobEventPublisher(events_endpoint_url, region, config.account_id)
+            self.state.status_listeners.append(self.events.job_changed)
         self._thread: threading.Thread | None = None
 
     @property
@@ -78,17 +85,21 @@ class EmulatorServer:
         return f"http://{self.host}:{self.port}"
 
     def start(self) -> EmulatorServer:
-        """Serve in a daemon thread and start publishing metrics."""
+        """Serve in a daemon thread and start publishing metrics and events."""
         self._thread = threading.Thread(
             target=self._server.serve_forever, name="bedrock-emulator", daemon=True
         )
         self._thread.start()
         self.metrics.start()
+        if self.events:
+            self.events.start()
         return self
 
     def stop(self) -> None:
         """Stop serving and publishing."""
         self.metrics.stop()
+        if self.events:
+            self.events.stop()
         self._server.shutdown()
         self._server.server_close()
         if self._thread:

@@ -1,4 +1,4 @@
-"""LocalStack: moto's S3 and CloudWatch plus the Bedrock emulator, on localhost, as one unit."""
+"""LocalStack: moto (S3, CloudWatch, EventBridge, SQS) plus the Bedrock emulator, as one unit."""
 
 from __future__ import annotations
 
@@ -107,14 +107,16 @@ class LocalStack:
             self.config,
             s3_endpoint_url=self.moto_url,
             cloudwatch_endpoint_url=self.moto_url,
+            events_endpoint_url=self.moto_url,
             region=self.region,
             host=self.host,
             port=self._port,
         ).start()
         self.bedrock_url = self._emulator.url
         if self.enforce_iam:
-            # Bedrock publishes its own metrics; no policy of the user's is involved.
+            # Bedrock publishes its own metrics and events; no policy of the user's is involved.
             self._emulator.metrics.cloudwatch = self.client("cloudwatch")
+            self._emulator.events.client = self.client("events")
         s3 = self.client("s3")
         with contextlib.suppress(s3.exceptions.BucketAlreadyOwnedByYou):
             s3.create_bucket(Bucket=self.bucket)
@@ -183,6 +185,12 @@ class LocalStack:
             "AWS_ENDPOINT_URL_CLOUDWATCH": self.moto_url,
             # moto serves SNS too: `bedrock-batch cloudwatch setup` creates its topic there.
             "AWS_ENDPOINT_URL_SNS": self.moto_url,
+            # Bedrock's job state change events: moto's EventBridge routes them to SQS. botocore
+            # reads EventBridge's endpoint from AWS_ENDPOINT_URL_EVENTBRIDGE (its serviceId;
+            # botocore.utils.CLIENT_NAME_TO_HYPHENIZED_SERVICE_ID_OVERRIDES maps the "events"
+            # client to it), not AWS_ENDPOINT_URL_EVENTS.
+            "AWS_ENDPOINT_URL_EVENTBRIDGE": self.moto_url,
+            "AWS_ENDPOINT_URL_SQS": self.moto_url,
             "AWS_ENDPOINT_URL_BEDROCK": self.bedrock_url,
             "AWS_ENDPOINT_URL_BEDROCK_RUNTIME": self.bedrock_url,
             "AWS_DEFAULT_REGION": self.region,

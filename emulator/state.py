@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import threading
+from collections.abc import Callable
 
 import boto3
 from botocore.config import Config
@@ -27,6 +28,8 @@ class EmulatorServerState:
         self.backends: dict[tuple[str, str], BedrockBackend] = {}
         self.lock = threading.Lock()
         self.s3_endpoint_url = s3_endpoint_url
+        # Called with a job after each of its status changes, under the backend's lock.
+        self.status_listeners: list[Callable[[Job], None]] = []
         self.use_s3_credentials("testing", "testing")
 
     def use_s3_credentials(

@@ -310,6 +310,19 @@ def cmd_stop(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_events_setup(args: argparse.Namespace) -> int:
+    """Route Bedrock's job state change events to an SQS queue the runs relay from."""
+    from tasks.aws.job_events import QUEUE_URL_VARIABLE, setup_job_events
+
+    names = {"queue_name": args.queue_name, "rule_name": args.rule_name}
+    queue_url = setup_job_events(**{k: v for k, v in names.items() if v})
+    print(
+        f"Job events queue: {queue_url} (runs find it in the Prefect Variable "
+        f"{QUEUE_URL_VARIABLE}, or set BEDROCK_BATCH_EVENTS_QUEUE_URL={queue_url})"
+    )
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="bedrock-batch",
@@ -391,6 +404,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--source", action="append", help="s3:// dataset the runs read (file, folder or glob)"
     )
     iam.set_defaults(func=cmd_iam_policy)
+
+    events = sub.add_parser("events", help="Bedrock job state change events (EventBridge)")
+    events_sub = events.add_subparsers(dest="events_command", required=True)
+    events_setup = events_sub.add_parser(
+        "setup", help="route job state changes to an SQS queue the runs relay (idempotent)"
+    )
+    events_setup.add_argument("--queue-name", help="SQS queue (default: the project's)")
+    events_setup.add_argument("--rule-name", help="EventBridge rule (default: the project's)")
+    events_setup.set_defaults(func=cmd_events_setup)
 
     pipeline = sub.add_parser("pipeline", help="multi-stage pipelines (see pipelines.py)")
     pipeline_sub = pipeline.add_subparsers(dest="pipeline_command", required=True)

@@ -156,6 +156,43 @@ class CostSettings(BaseSettings):
     )
 
 
+class EventsSettings(BaseSettings):
+    """Bedrock job state change events: the SQS queue an EventBridge rule feeds, and its relay."""
+
+    model_config = SettingsConfigDict(env_prefix="BEDROCK_BATCH_EVENTS_")
+
+    queue_url: str | None = Field(
+        None,
+        description=(
+            "SQS queue of Bedrock's job state change events (`bedrock-batch events setup` "
+            "prints it); unset: the Prefect Variable setup stored, else polling only."
+        ),
+    )
+    wait_seconds: int = Field(
+        20,
+        ge=0,
+        le=20,
+        description=(
+            "Long-poll wait of each SQS ReceiveMessage (at most 20 s, SQS's limit); a stopped "
+            "relay finishes its current wait in the background."
+        ),
+    )
+    visibility_timeout_seconds: int = Field(
+        60,
+        ge=1,
+        description=(
+            "How long a received message stays hidden from other relays; one that is not "
+            "relayed in that time (its process died) goes to another."
+        ),
+    )
+    retry_max_seconds: float = Field(
+        60.0, gt=0, description="Longest wait between retries after an SQS or Prefect error."
+    )
+    listen_timeout_seconds: float = Field(
+        10.0, gt=0, description="How long a run waits for its Prefect event subscription."
+    )
+
+
 class Settings(BaseSettings):
     """All settings of the project, one concern each."""
 
@@ -164,6 +201,7 @@ class Settings(BaseSettings):
     poll: PollSettings = Field(default_factory=PollSettings)
     gate: GateSettings = Field(default_factory=GateSettings)
     cost: CostSettings = Field(default_factory=CostSettings)
+    events: EventsSettings = Field(default_factory=EventsSettings)
 
 
 @lru_cache

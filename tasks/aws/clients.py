@@ -8,6 +8,7 @@ from functools import lru_cache
 import boto3
 from botocore.config import Config
 from botocore.exceptions import ClientError
+from botocore.utils import CLIENT_NAME_TO_HYPHENIZED_SERVICE_ID_OVERRIDES
 
 from tasks.errors import RunSettingsError
 from tasks.settings import get_settings
@@ -81,7 +82,9 @@ def client(service: str):
     """A cached boto3 client; endpoints follow AWS_ENDPOINT_URL_<SERVICE> like any AWS tool."""
     region = get_settings().aws.region
     # The endpoint is part of the cache key so tests that restart the local stack get new clients.
-    env_name = "AWS_ENDPOINT_URL_" + service.upper().replace("-", "_")
+    # botocore names the variable after the serviceId: "events" reads ..._EVENTBRIDGE.
+    service_id = CLIENT_NAME_TO_HYPHENIZED_SERVICE_ID_OVERRIDES.get(service, service)
+    env_name = "AWS_ENDPOINT_URL_" + service_id.upper().replace("-", "_")
     endpoint = os.environ.get(env_name) or os.environ.get("AWS_ENDPOINT_URL")
     return _client(service, credentials_block(), region, endpoint)
 

@@ -14,6 +14,7 @@ from typing import Any
 import boto3
 
 from tasks.aws import storage
+from tasks.aws.job_events import DEFAULT_QUEUE_NAME
 from tasks.bedrock.model_ids import base_model_id
 from tasks.errors import RunSettingsError
 from tasks.run.layout import ANY_RUN, RunLayout
@@ -154,8 +155,12 @@ def runner_policy(
     region: str,
     account: str,
     sources: list[str] | tuple[str, ...] = (),
+    events_queue: str = DEFAULT_QUEUE_NAME,
 ) -> dict[str, Any]:
     """What the identity running the flows needs: jobs, PassRole, the run's S3 keys, metrics.
+
+    The job events relay reads the queue `events setup` made (``events_queue``): it checks the
+    queue with GetQueueAttributes, receives and deletes (tasks/aws/job_events.py).
 
     DeleteObject covers releasing the run's claim and ``restart`` moving a run aside.
     AbortMultipartUpload lets boto3 clean up an upload of a shard or part over its multipart
@@ -250,6 +255,12 @@ def runner_policy(
                 "Effect": "Allow",
                 "Action": ["cloudwatch:GetMetricData", "cloudwatch:ListMetrics"],
                 "Resource": "*",
+            },
+            {
+                "Sid": "RelayJobEvents",
+                "Effect": "Allow",
+                "Action": ["sqs:GetQueueAttributes", "sqs:ReceiveMessage", "sqs:DeleteMessage"],
+                "Resource": [f"arn:aws:sqs:{region}:{account}:{events_queue}"],
             },
             *read_sources,
             *kms,

@@ -15,6 +15,8 @@ from tasks.bedrock.jobs import JOB_NAME_MAX_LENGTH, is_valid_job_name
 # Bedrock allows letters, digits, '-', '+' and '.' after the first character; '_' is not allowed.
 _NAME_UNSAFE = re.compile(r"[^a-zA-Z0-9.-]+")
 DIGEST_CHARS = 8
+# What job_name_for writes: the run key, the run name, the shard and -a<attempt>.
+_JOB_NAME_KEY = re.compile(rf"^([0-9a-f]{{{DIGEST_CHARS}}})-.+-a[0-9]+$")
 
 
 def run_key(run_name: str, location: str, run_id: str) -> str:
@@ -40,6 +42,12 @@ def job_name_for(run_name: str, shard_name: str, attempt: int, key: str) -> str:
         msg = f"Internal error: job name {name!r} breaks Bedrock's jobName rules."
         raise ValueError(msg)
     return name
+
+
+def run_key_of(job_name: str) -> str | None:
+    """The ``run_key`` a job name of ours starts with (``job_name_for``), else None."""
+    match = _JOB_NAME_KEY.match(job_name)
+    return match.group(1) if match else None
 
 
 def client_token_for(run_id: str, shard_name: str, attempt: int) -> str:

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 from datetime import datetime
 from typing import Any
+from uuid import UUID
 
 from prefect.events import Event, emit_event
 
+from tasks.aws.submit import run_key_of
 from tasks.bedrock.jobs import job_id_from_arn
+from tasks.bedrock.model_ids import strip_arn
 
 # Lifecycle of a batch run (emitted by flows/batch_inference.py).
 JOB_SUBMITTED = "bedrock.batch.job.submitted"
@@ -15,6 +18,10 @@ JOB_STATUS_CHANGED = "bedrock.batch.job.status-changed"
 JOB_MERGED = "bedrock.batch.job.merged"
 RUN_FINISHED = "bedrock.batch.run.finished"
 RUN_FAILED = "bedrock.batch.run.failed"
+
+# Bedrock's own "Batch Inference Job State Change" EventBridge event, relayed from SQS
+# (tasks/aws/job_events.py); related to the run through the run key its job name starts with.
+JOB_STATE_CHANGED = "bedrock.batch.job.state-changed"
 
 # Emitted by the monitor (flows/monitor.py).
 METRICS = "bedrock.batch.metrics"
@@ -24,6 +31,9 @@ RESOLVED_SUFFIX = ".resolved"
 RUN_RESOURCE_PREFIX = "bedrock.batch.run."
 JOB_RESOURCE_PREFIX = "bedrock.batch.job."
 MODEL_RESOURCE_PREFIX = "bedrock.model."
+RUN_KEY_RESOURCE_PREFIX = "bedrock.batch.run-key."
+# The fields of the event's detail a JOB_STATE_CHANGED payload carries (AWS's names).
+STATE_CHANGE_FIELDS = ("status", "failureMessage", "batchJobName", "batchJobArn", "batchModelId")
 
 
 def alert_event_name(rule: str, resolved: bool = False) -> str:
@@ -166,6 +176,43 @@ def emit_run_failed(run_name: str, model_id: str, reason: str) -> None:
         run_resource(run_name, model_id),
         {"run_name": run_name, "model_id": model_id, "reason": reason},
         _model_related(model_id),
+    )
+
+
+def run_key_resource_id(run_key: str) -> str:
+    """`bedrock.batch.run-key.<key>`: what a run's listener filters job state changes on."""
+    return RUN_KEY_RESOURCE_PREFIX + run_key
+
+
+def job_state_changed_event(event_id: UUID, detail: dict[str, Any], time: str | None) -> Event:
+    """The Prefect event of one EventBridge job state change (``detail`` is AWS's detail).
+
+    The relay sends it through its own events client, so it knows the event left before it
+    deletes the SQS message; ``event_id`` is derived from EventBridge's id, so a message
+    delivered twice (or to two relays) is one event on the server.
+    """
+    job_arn = detail["batchJobArn"]
+    job_id = job_id_from_arn(job_arn)
+    name = detail.get("batchJobName") or job_id
+    related = _model_related(strip_arn(detail.get("batchModelId") or ""))
+    key = run_key_of(name)
+    if key:
+        related.append(
+            {
+                "prefect.resource.id": run_key_resource_id(key),
+                "prefect.resource.role": "bedrock-batch-run-key",
+            }
+        )
+    return Event(
+        id=event_id,
+        event=JOB_STATE_CHANGED,
+        resource={
+            "prefect.resource.id": JOB_RESOURCE_PREFIX + job_id,
+            "prefect.resource.name": name,
+            "bedrock.job-arn": job_arn,
+        },
+        related=related,
+        payload={**{f: detail.get(f) for f in STATE_CHANGE_FIELDS}, "time": time},
     )
 
 
