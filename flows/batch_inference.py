@@ -10,6 +10,7 @@ from prefect.utilities.annotations import unmapped
 
 from prompt_templates import output_schema_for
 from tasks.aws import storage
+from tasks.aws.job_events import job_events
 from tasks.aws.submit import run_key
 from tasks.aws.watcher import JobWatcher
 from tasks.monitoring import events
@@ -136,7 +137,16 @@ def batch_inference(params: BatchParams) -> dict[str, Any]:
             cost_guard=cost_guard(params, estimate),
         )
         try:
-            results = run_shard.map(unmapped(ctx), plan.shards).result()
+            # Job state change events (when `bedrock-batch events setup` made the queue) end a
+            # shard's wait at once; the watcher's polls remain the fallback.
+            with job_events(key, ctx.watcher.deliver) as events_active:
+                ctx.watcher.events_active = events_active
+                logger.info(
+                    "Following the jobs of %d shards by %s",
+                    len(plan.shards),
+                    "job events, polling as the fallback" if events_active else "polling",
+                )
+                results = run_shard.map(unmapped(ctx), plan.shards).result()
         finally:
             ctx.watcher.close()
 

@@ -15,6 +15,7 @@ import uuid
 
 import pytest
 from helpers import eventually
+from prefect.variables import Variable
 
 from emulator import LocalStack
 from flows.cli import main
@@ -63,6 +64,7 @@ def events_queue(stack, monkeypatch):
     yield queue_url
     monkeypatch.undo()
     get_settings.cache_clear()
+    Variable.unset(QUEUE_URL_VARIABLE)  # setup stored it: later runs must not find this queue
     # Rule first: moto's PutEvents fails whole (QueueDoesNotExist) while any rule targets a
     # deleted queue, which would silence the emulator's events for the rest of the session.
     events = stack.client("events")
@@ -296,6 +298,7 @@ def test_events_setup_twice_gives_one_queue_and_one_target(stack, capsys):
     rule_arn = stack.client("events").describe_rule(Name=name)["Arn"]
     assert statement["Principal"] == {"Service": "events.amazonaws.com"}
     assert statement["Condition"] == {"ArnEquals": {"aws:SourceArn": rule_arn}}
+    Variable.unset(QUEUE_URL_VARIABLE)  # later runs of the session must not find this queue
 
 
 def test_events_setup_with_a_bad_queue_name_prints_one_line(stack, capsys):
@@ -407,3 +410,48 @@ def test_a_process_ends_promptly_while_its_relay_long_polls(stack, events_queue,
 
     # The interpreter does not wait for the 20-second long poll in flight.
     assert time.monotonic() - polling < 5 and process.returncode == 0
+
+
+@pytest.mark.slow
+def test_a_run_ends_its_shards_by_job_events_without_polling(
+    stack, events_queue, monkeypatch, tmp_path
+):
+    # Polls an hour apart: only the events that came through EventBridge and SQS can end the
+    # jobs of this run within the test's time.
+    _settings(
+        monkeypatch,
+        BEDROCK_BATCH_POLL_INTERVAL_SECONDS="3600",
+        BEDROCK_BATCH_POLL_INTERVAL_WITH_EVENTS_SECONDS="3600",
+    )
+    import polars as pl
+
+    from flows.batch_inference import batch_inference
+    from tasks.pipeline.columns import ERROR_CODE, RECORD_ID, RESPONSE_TEXT
+    from tasks.run.params import BatchParams
+
+    source = tmp_path / "topics.csv"
+    pl.DataFrame({"source": [f"Q{i:03d} what is {i} + 1?" for i in range(300)]}).write_csv(source)
+    params = BatchParams(
+        source=str(source),
+        prompt_id="question_answering",
+        model_id="anthropic.claude-3-haiku-20240307-v1:0",
+        output_uri=str(tmp_path / "out"),
+        run_name=_unique("by-events"),
+        max_records_per_job=100,
+        max_concurrent_jobs=3,
+    )
+
+    summary = batch_inference(params)
+
+    overhead = summary["overhead"]
+    assert overhead["events"] is True
+    assert overhead["bedrock_polls"]["list"] == 0 and overhead["bedrock_polls"]["get"] == 0
+    assert overhead["bedrock_polls"]["events"] >= 3  # at least each job's final status
+    out = pl.read_parquet(summary["parts"]).sort(RECORD_ID)
+    assert out.height == 300 and out[RECORD_ID].n_unique() == 300
+    assert out[ERROR_CODE].null_count() == 300
+    # Each row carries the answer to its own prompt (the emulator quotes the prompt's start).
+    quoted = pl.col(RESPONSE_TEXT).str.extract(r"Reply to: (Q\d{3})", 1)
+    checked = out.select(quoted.alias("quoted"), pl.col("source").str.slice(0, 4).alias("asked"))
+    assert checked["quoted"].null_count() == 0
+    assert (checked["quoted"] == checked["asked"]).all()

@@ -26,7 +26,7 @@ from botocore.exceptions import ClientError
 
 from tasks.aws.clients import client, error_code
 from tasks.bedrock.error_codes import RETRYABLE_GET
-from tasks.bedrock.statuses import FINAL_STATUSES
+from tasks.bedrock.statuses import FINAL_STATUSES, STATUS_ORDER
 from tasks.errors import JobLostError
 from tasks.settings import get_settings
 
@@ -118,7 +118,11 @@ class JobWatcher:
             self._watches.pop(job_arn, None)
 
     def deliver(self, job_arn: str, status: str, message: str | None = None) -> None:
-        """A job's status learned from an event; wakes the shard waiting on it at once."""
+        """A job's status learned from an event; wakes the shard waiting on it at once.
+
+        Events are best effort and may come late or out of order (a relay's backlog): a final
+        status is taken as it is, an in-flight one only when it is not behind what was seen.
+        """
         self.calls["events"] += 1
         job = {"jobArn": job_arn, "status": status}
         if message:
@@ -129,6 +133,10 @@ class JobWatcher:
                 self._early[job_arn] = job
                 while len(self._early) > KEPT_EARLY_EVENTS:
                     self._early.popitem(last=False)
+                return
+        if status not in FINAL_STATUSES:
+            seen = (watch.latest or {}).get("status")
+            if seen is not None and STATUS_ORDER.get(status, 0) < STATUS_ORDER.get(seen, 0):
                 return
         watch.offer(job)
 

@@ -57,6 +57,12 @@ STATUS_OUTCOMES: dict[str, Outcome] = {
     STOPPED: Outcome(final=True, stopped=True),
 }
 
+# The order a job walks its statuses in (the GetModelInvocationJob status table): an event
+# that reports an earlier status than one already seen is late, not news.
+STATUS_ORDER = {
+    status: rank
+    for rank, status in enumerate((SUBMITTED, VALIDATING, SCHEDULED, IN_PROGRESS, STOPPING))
+}
 FINAL_STATUSES = frozenset(s for s, o in STATUS_OUTCOMES.items() if o.final)
 ACTIVE_STATUSES = frozenset(s for s, o in STATUS_OUTCOMES.items() if o.active)
 MERGEABLE_STATUSES = frozenset(s for s, o in STATUS_OUTCOMES.items() if o.mergeable)
