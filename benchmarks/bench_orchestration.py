@@ -200,6 +200,8 @@ def refill_figures(jobs: list[dict], gate: int) -> dict:
     makespan = max(ends) - submits[0] if ends else None
     return {
         "bedrock_makespan_s": round(makespan, 2) if makespan else None,
+        # How long the flow took to put its first wave in flight (submission pace).
+        "first_wave_fill_s": round(submits[min(gate, len(submits)) - 1] - submits[0], 2),
         "peak_in_flight": peak,
         "mean_in_flight": round(area / makespan, 1) if makespan else None,
         "job_service_mean_s": round(statistics.mean(service), 2) if service else None,
