@@ -180,6 +180,8 @@ def refill_figures(jobs: list[dict], gate: int) -> dict:
     The refill latency of a job past the first wave is its submitTime minus the latest
     endTime of a job that had ended by then.
     """
+    if not jobs:
+        return {"bedrock_makespan_s": None, "refill_median_s": None, "refill_max_s": None}
     submits = sorted(j["submitTime"].timestamp() for j in jobs)
     ends = sorted(j["endTime"].timestamp() for j in jobs if j.get("endTime"))
     latencies = []
