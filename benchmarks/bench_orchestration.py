@@ -267,6 +267,18 @@ def prefect_errors(log: Path) -> tuple[int, str]:
     return len(hits), (hits[-1].strip()[:300] if hits else "")
 
 
+def log_levels(log: Path) -> dict:
+    """Counts of WARNING and ERROR lines the run logged, and the last warning (e.g. a lost
+    gate lease: the Prefect server forgot a slot under load)."""
+    lines = log.read_text(errors="replace").splitlines()
+    warnings = [line for line in lines if "| WARNING |" in line]
+    return {
+        "log_warnings": len(warnings),
+        "log_errors": sum("| ERROR   |" in line for line in lines),
+        "last_warning": warnings[-1].strip()[:300] if warnings else "",
+    }
+
+
 def last_error(log: Path) -> str:
     """The last line of the log that names an error, for a failed run."""
     lines = log.read_text(errors="replace").splitlines()
@@ -331,6 +343,7 @@ def run(settings: OrchestrationSettings) -> dict:
         "error": last_error(log) if child["exit_code"] else "",
         "prefect_api_error_lines": api_errors,
         "prefect_api_error": api_error,
+        **log_levels(log),
         "jobs": len(jobs),
         "jobs_completed": sum(j["status"] == "Completed" for j in jobs),
         "waves": waves,
