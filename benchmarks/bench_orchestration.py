@@ -327,6 +327,12 @@ def run(settings: OrchestrationSettings) -> dict:
         s3_requests = counter.requests
         puts = dict(counter.counts)
     api_errors, api_error = prefect_errors(log)
+    killed = child["exit_code"] and child["seconds"] >= settings.timeout_seconds
+    error = last_error(log) if child["exit_code"] else ""
+    if killed:
+        error = f"killed after {settings.timeout_seconds:.0f} s (BENCH_ORCH_TIMEOUT_SECONDS)"
+    # Per shard over the shards the run got to when it did not finish.
+    done = settings.shards if child["exit_code"] == 0 else max(len(jobs), 1)
     waves = math.ceil(settings.shards / settings.gate)
     ideal = waves * settings.pace_seconds
     refill = refill_figures(jobs, settings.gate)
@@ -340,7 +346,7 @@ def run(settings: OrchestrationSettings) -> dict:
         "pace_s": settings.pace_seconds,
         "poll_s": settings.poll_interval_seconds,
         "exit_code": child["exit_code"],
-        "error": last_error(log) if child["exit_code"] else "",
+        "error": error,
         "prefect_api_error_lines": api_errors,
         "prefect_api_error": api_error,
         **log_levels(log),
@@ -356,8 +362,9 @@ def run(settings: OrchestrationSettings) -> dict:
         "ratio_wall": round(child["seconds"] / ideal, 2) if ideal else None,
         "cpu_s": child["cpu_seconds"],
         "peak_rss_mb": child["peak_rss_mb"],
-        "wall_per_shard_ms": round(1000 * child["seconds"] / settings.shards, 1),
-        "cpu_per_shard_ms": round(1000 * child["cpu_seconds"] / settings.shards, 1),
+        "shards_reached": done,
+        "wall_per_shard_ms": round(1000 * child["seconds"] / done, 1),
+        "cpu_per_shard_ms": round(1000 * child["cpu_seconds"] / done, 1),
         "state_objects": len(state),
         "state_bytes_at_end": sum(o["Size"] for o in state),
         **puts,
