@@ -42,7 +42,11 @@ bench: $(STAMP) ## speed and memory benchmarks (prints figures, appends CSV)
 	$(BIN)/python -m benchmarks.bench_merge
 	$(BIN)/python -m benchmarks.bench_emulator
 
+bench-orch: $(STAMP) ## orchestration benchmarks: refill (45 jobs, gate 20) and 200 shards
+	$(BIN)/python -m benchmarks.bench_orchestration --scenario refill
+	$(BIN)/python -m benchmarks.bench_orchestration --scenario scale --shards 200 --gate 20
+
 clean: ## remove outputs (keeps .venv)
 	rm -rf $(OUT) .pytest_cache
 
-.PHONY: help install run test lint local bench clean
+.PHONY: help install run test lint local bench bench-orch clean

@@ -9,6 +9,7 @@ import platform
 import resource
 import subprocess
 import sys
+import threading
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -72,13 +73,23 @@ def in_fresh_process(module: str) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def run_child(argv: list[str], log: Path) -> dict:
-    """Run `argv` as a child and report its seconds, CPU seconds and peak RSS in MB.
+def run_child(
+    argv: list[str],
+    log: Path,
+    *,
+    env: dict[str, str] | None = None,
+    check: bool = True,
+    timeout: float | None = None,
+) -> dict:
+    """Run `argv` as a child and report its seconds, CPU seconds, peak RSS in MB and exit code.
 
     The figures are the child's own (os.wait4), start-up included; its output goes to `log`.
+    `env` is added to this process's environment. With `check=False` a failed child is
+    reported (`exit_code`) instead of raised; past `timeout` seconds it is killed.
     """
     env = {
         **os.environ,
+        **(env or {}),
         "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
     }
     log.parent.mkdir(parents=True, exist_ok=True)
@@ -87,16 +98,22 @@ def run_child(argv: list[str], log: Path) -> dict:
     with log.open("w") as out:
         start = time.perf_counter()
         child = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+        killer = threading.Timer(timeout, child.kill) if timeout else None
+        if killer:
+            killer.start()
         _, status, usage = os.wait4(child.pid, 0)
         seconds = time.perf_counter() - start
+        if killer:
+            killer.cancel()
     child.returncode = os.waitstatus_to_exitcode(status)
-    if child.returncode != 0:
+    if check and child.returncode != 0:
         msg = f"{' '.join(argv)} exited {child.returncode}:\n{log.read_text()[-3000:]}"
         raise RuntimeError(msg)
     return {
         "seconds": round(seconds, 3),
         "cpu_seconds": round(usage.ru_utime + usage.ru_stime, 3),
         "peak_rss_mb": round(usage.ru_maxrss / 1024, 1),
+        "exit_code": child.returncode,
     }
 
 

@@ -4,15 +4,24 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import json
 import re
+import threading
 import time
+from collections import Counter, defaultdict
+from collections.abc import Callable
 
 import polars as pl
 from werkzeug.wrappers import Request, Response
 
 from .catalog import ANTHROPIC, CATALOG, lookup
-from .exceptions import BedrockError, ResourceNotFoundException, ValidationException
+from .exceptions import (
+    BedrockError,
+    ResourceNotFoundException,
+    ThrottlingException,
+    ValidationException,
+)
 from .responders import (
     CONVERSE,
     ERROR_MESSAGE,
@@ -72,6 +81,72 @@ def _decoded_body(raw) -> str:
     return text
 
 
+class ApiCalls:
+    """Bedrock calls counted by operation, with per-second counts to chart calls per minute.
+
+    `calls` is every request an operation's route received, throttled and failed ones
+    included; `throttled` (answered ThrottlingException) and `errors` (any other error) are
+    the parts of it that did nothing. Seconds are whole Unix epoch seconds of arrival.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget every count; `since` becomes now."""
+        with self._lock:
+            self.since = time.time()
+            self._outcomes: dict[str, Counter[str]] = defaultdict(Counter)
+            self._seconds: dict[str, Counter[int]] = defaultdict(Counter)
+
+    def count(self, operation: str, arrived: float, outcome: str) -> None:
+        """One call of `operation` that arrived at `arrived` and ended as `outcome`."""
+        with self._lock:
+            self._outcomes[operation][outcome] += 1
+            self._seconds[operation][int(arrived)] += 1
+
+    def snapshot(self) -> dict:
+        """JSON view: per operation calls, throttled, errors and calls per epoch second."""
+        with self._lock:
+            operations = {
+                name: {
+                    "calls": sum(outcomes.values()),
+                    "throttled": outcomes["throttled"],
+                    "errors": outcomes["error"],
+                    "per_second": {str(s): n for s, n in sorted(self._seconds[name].items())},
+                }
+                for name, outcomes in sorted(self._outcomes.items())
+            }
+            return {"since": self.since, "now": time.time(), "operations": operations}
+
+
+def counted(operation: str) -> Callable:
+    """Count each call of the decorated handler as `operation`.
+
+    The names are botocore's operation keys (data/bedrock/2023-04-20 and
+    data/bedrock-runtime/2023-09-30 service-2.json, "operations").
+    """
+
+    def decorate(handler: Callable[..., Response]) -> Callable[..., Response]:
+        @functools.wraps(handler)
+        def handle(self: BedrockResponses, request: Request, **args) -> Response:
+            arrived, outcome = time.time(), "error"
+            try:
+                response = handler(self, request, **args)
+                outcome = "ok"
+                return response
+            except ThrottlingException:
+                outcome = "throttled"
+                raise
+            finally:
+                self.calls.count(operation, arrived, outcome)
+
+        return handle
+
+    return decorate
+
+
 class _Params:
     """A request's JSON body and query string, read by member name (moto's `_get_param`)."""
 
@@ -112,6 +187,7 @@ class BedrockResponses:
 
     def __init__(self, state: EmulatorServerState):
         self.state = state
+        self.calls = ApiCalls()
 
     def _backend(self, request: Request):
         match = _REGION.search(request.headers.get("Authorization", ""))
@@ -125,6 +201,7 @@ class BedrockResponses:
 
     # -- bedrock ------------------------------------------------------------------------
 
+    @counted("CreateModelInvocationJob")
     def create_model_invocation_job(self, request: Request) -> Response:
         self._latency()
         params = _Params(request)
@@ -142,6 +219,7 @@ class BedrockResponses:
         )
         return _json({"jobArn": job.arn})
 
+    @counted("GetModelInvocationJob")
     def get_model_invocation_job(self, request: Request, job_identifier: str) -> Response:
         self._latency()
         backend = self._backend(request)
@@ -149,6 +227,7 @@ class BedrockResponses:
         with backend.lock:
             return _json(job.describe())
 
+    @counted("ListModelInvocationJobs")
     def list_model_invocation_jobs(self, request: Request) -> Response:
         self._latency()
         params = _Params(request)
@@ -173,6 +252,7 @@ class BedrockResponses:
             payload["nextToken"] = token
         return _json(payload)
 
+    @counted("StopModelInvocationJob")
     def stop_model_invocation_job(self, request: Request, job_identifier: str) -> Response:
         self._latency()
         self._backend(request).stop_model_invocation_job(job_identifier)
@@ -199,17 +279,20 @@ class BedrockResponses:
             raise ValidationException(row[ERROR_MESSAGE])
         return row[MODEL_OUTPUT]
 
+    @counted("InvokeModel")
     def invoke_model(self, request: Request, model_id: str) -> Response:
         body = _body(request)
         output = self._runtime(model_id, body, INVOKE_MODEL)
         return Response(output, status=200, content_type="application/json")
 
+    @counted("Converse")
     def converse(self, request: Request, model_id: str) -> Response:
         body = _body(request)
         body.pop("modelId", None)
         output = self._runtime(model_id, body, CONVERSE)
         return Response(output, status=200, content_type="application/json")
 
+    @counted("CountTokens")
     def count_tokens(self, request: Request, model_id: str) -> Response:
         """CountTokens: the input tokens a job or InvokeModel would report for this request."""
         self._latency()
@@ -243,6 +326,13 @@ class BedrockResponses:
 
     def admin_ledger(self, request: Request) -> Response:
         return _json(self.state.ledger_entries(request.args.get("nameContains")))
+
+    def admin_calls(self, request: Request) -> Response:
+        return _json(self.calls.snapshot())
+
+    def admin_calls_reset(self, request: Request) -> Response:
+        self.calls.reset()
+        return _json(self.calls.snapshot())
 
     def admin_state(self, request: Request) -> Response:
         return _json(self.state.config.to_dict())

@@ -282,6 +282,18 @@ class LocalStack:
         query = {"nameContains": name_contains} if name_contains else None
         return self._admin("GET", "ledger", query=query)
 
+    def api_calls(self) -> dict:
+        """Bedrock calls so far by operation (calls, throttled, errors, per epoch second).
+
+        Counted by the emulator since it started or since `reset_api_calls`; see
+        emulator.responses.ApiCalls for the shape.
+        """
+        return self._admin("GET", "calls")
+
+    def reset_api_calls(self) -> None:
+        """Start counting Bedrock calls from zero."""
+        self._admin("DELETE", "calls")
+
     def set_faults(self, **faults) -> None:
         """Change faults now (merged into the current ones); see emulator.faults.Faults."""
         self._admin("POST", "faults", faults)

@@ -22,6 +22,8 @@ url_map = Map(
         Rule("/model/<path:model_id>/converse", methods=["POST"], endpoint="converse"),
         Rule("/model/<path:model_id>/count-tokens", methods=["POST"], endpoint="count_tokens"),
         Rule("/_emulator/ledger", methods=["GET"], endpoint="admin_ledger"),
+        Rule("/_emulator/calls", methods=["GET"], endpoint="admin_calls"),
+        Rule("/_emulator/calls", methods=["DELETE"], endpoint="admin_calls_reset"),
         Rule("/_emulator/config", methods=["GET"], endpoint="admin_state"),
         Rule("/_emulator/config", methods=["POST"], endpoint="admin_config"),
         Rule("/_emulator/faults", methods=["POST"], endpoint="admin_faults"),
