@@ -206,7 +206,9 @@ def test_job_board_rate_limits_then_publishes_the_final_state_on_close():
 
 def test_progress_never_moves_back_under_concurrent_updates():
     sent: list[float] = []
-    progress = RunProgress(100, send=lambda _id, p: sent.append(p), create=lambda p: "id")
+    progress = RunProgress(
+        100, send=lambda _id, p: sent.append(p), create=lambda p: "id", min_interval=0
+    )
     start = threading.Barrier(8)
 
     def report(job: int) -> None:
@@ -285,3 +287,19 @@ def test_unknown_model_is_logged_as_a_warning(caplog):
         warn_if_unknown_model("anthropic.claude-3-haiku-20240307-v1:0", logging.getLogger("t"))
     assert len(caplog.records) == 1
     assert "not in the batch model catalog" in caplog.records[0].getMessage()
+
+
+def test_progress_sends_at_most_once_an_interval_and_the_last_figure_later():
+    sent: list[float] = []
+    progress = RunProgress(
+        1000, send=lambda _id, p: sent.append(p), create=lambda p: "id", min_interval=3600
+    )
+
+    for processed in range(1, 501):
+        progress.update("job-0", processed)
+
+    assert sent == [0.1]  # the first figure; the next waits for the interval
+    progress.flush()  # what the interval's timer does when it ends
+    assert sent == [0.1, 50.0]
+    progress.complete()
+    assert sent == [0.1, 50.0, 100.0] and progress._timer is None

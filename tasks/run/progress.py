@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextvars
 import threading
+import time
 from collections.abc import Callable
 from uuid import UUID
 
@@ -33,6 +35,7 @@ class RunProgress:
         done_records: int = 0,
         send: Callable[[UUID, float], None] = _send,
         create: Callable[[float], UUID] = _create,
+        min_interval: float = 2.0,
     ) -> None:
         self.total = max(total_records, 1)
         self._done = done_records
@@ -41,6 +44,12 @@ class RunProgress:
         self._lock = threading.Lock()  # guards the counts
         self._send_lock = threading.Lock()  # orders the sends: one at a time, never backwards
         self._send = send
+        # Each update is a write on the Prefect server; hundreds of jobs moving at once would
+        # otherwise send several a second and slow every other call (the gate's among them).
+        self.min_interval = min_interval
+        self._sent_at = float("-inf")
+        self._pending = 0.0
+        self._timer: threading.Timer | None = None
         self.shown = self._percent()
         self.artifact_id = create(self.shown)
 
@@ -61,11 +70,32 @@ class RunProgress:
 
     def complete(self) -> None:
         """The run finished and every record is in the output: 100 %."""
-        self._show(100.0)
+        with self._send_lock:
+            if self._timer is not None:
+                self._timer.cancel()
+                self._timer = None
+        self._show(100.0, now=True)
 
-    def _show(self, percent: float) -> None:
+    def flush(self) -> None:
+        """Send the figure held back by the interval, if any."""
+        with self._send_lock:
+            self._timer = None
+            pending = self._pending
+        self._show(pending, now=True)
+
+    def _show(self, percent: float, now: bool = False) -> None:
         with self._send_lock:
             if percent <= self.shown:
                 return
+            wait = self._sent_at + self.min_interval - time.monotonic()
+            if wait > 0 and not now:
+                self._pending = max(self._pending, percent)
+                if self._timer is None:  # send it when the interval ends
+                    context = contextvars.copy_context()  # the artifact's flow run
+                    self._timer = threading.Timer(wait, context.run, (self.flush,))
+                    self._timer.daemon = True
+                    self._timer.start()
+                return
             self._send(self.artifact_id, percent)
             self.shown = percent
+            self._sent_at = time.monotonic()
