@@ -56,6 +56,31 @@ def _scan(outputs: list[Path | bytes]) -> pl.LazyFrame:
 
 
 _TOOL = "__tool"
+_SHORT = "__short"
+_HEAD = r'^\{"recordId":"[^"\\]*"$'
+
+
+def _without_model_input(line: pl.Expr) -> pl.Expr:
+    """The line without its echoed modelInput, when it can be cut out safely; else the line.
+
+    The echo is most of a line's bytes and nothing we read, so cutting it roughly halves the
+    decode. The cut is from the `,"modelInput":` right after the recordId to the first
+    `,"modelOutput":` or `,"error":` after it: a `,"` never occurs inside a JSON string (its
+    quote would be escaped), so both are keys; the first is at the top level, and if the second
+    is a key nested inside the echo the cut leaves unbalanced braces, the strict decode fails and
+    the lenient plan reads the whole lines. Other shapes (spaces, another key order) are kept.
+    """
+    raw = line.cast(pl.Binary)
+    start = line.str.find(',"modelInput":', literal=True)
+    end = pl.min_horizontal(
+        line.str.find(',"modelOutput":', literal=True), line.str.find(',"error":', literal=True)
+    )
+    # Byte offsets (str.find counts bytes; str.slice counts characters), cut at ASCII commas.
+    head = raw.bin.slice(0, start).cast(pl.String)
+    cut = start.is_not_null() & (end > start) & head.str.contains(_HEAD)
+    return (
+        pl.when(cut).then(pl.concat_str([head, raw.bin.slice(end).cast(pl.String)])).otherwise(line)
+    )
 
 
 def _tool_input(line: pl.Expr, family: ModelFamily, structured: bool) -> pl.Expr:
@@ -82,7 +107,8 @@ def _strict_lines(
     The echoed modelInput is skipped by the dtype; the raw modelOutput text is not kept here
     (see `_with_raw`). Families whose models answer in several shapes decode it from its text.
     """
-    line = pl.col(LINE)
+    lines = lines.with_columns(_without_model_input(pl.col(LINE)).alias(_SHORT))
+    line = pl.col(_SHORT)
     if type(family).decode_raw is ModelFamily.decode_raw:
         dtype = pl.Struct(
             {"recordId": pl.String, "modelOutput": family.output_dtype, "error": ERROR_DTYPE}
