@@ -105,7 +105,8 @@ def _strict_lines(
     """The fast plan: one strict, typed decode of every line, lazily and in parallel.
 
     The echoed modelInput is cut out first (`_without_model_input`) or else skipped by the
-    dtype; the raw modelOutput text is not kept here (see `_with_raw`). Families whose models answer in several shapes decode it from its text.
+    dtype; the raw modelOutput text is not kept here (see `_with_raw`). Families whose models
+    answer in several shapes decode it from its text.
     """
     lines = lines.with_columns(_without_model_input(pl.col(LINE)).alias(_SHORT))
     line = pl.col(_SHORT)
