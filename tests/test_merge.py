@@ -158,9 +158,15 @@ def test_merge_shard_compact_lines_of_every_kind_keep_their_own_results(
         return json.dumps(json.loads(line), separators=(",", ":"), ensure_ascii=False)
 
     bad = {"recordId": "R2", "modelInput": {"p": "\u00e9 \U0001f600"}, "modelOutput": {"x": 1}}
+    # A structured-output body: its tool schema names an "error" property, in every echo.
+    ok = json.loads(claude_ok("R1", 'caf\u00e9 \U0001f600 "q"', (5, 6)))
+    ok["modelInput"] = {"tools": [{"input_schema": {"properties": {"answer": {}, "error": {}}}}]}
     lines = [
-        compact(claude_ok("R1", 'caf\u00e9 \U0001f600 "q"', (5, 6))),
-        compact(error_line("R0", 429, "Slow")),
+        json.dumps(ok, separators=(",", ":"), ensure_ascii=False),
+        json.dumps(
+            {**json.loads(error_line("R0", 429, "Slow")), "modelInput": ok["modelInput"]},
+            separators=(",", ":"),
+        ),
         json.dumps(bad, separators=(",", ":"), ensure_ascii=False),
     ]
     stats, frame = merge(rows_file, lines, tmp_path)

@@ -64,16 +64,18 @@ def _without_model_input(line: pl.Expr) -> pl.Expr:
     """The line without its echoed modelInput, when it can be cut out safely; else the line.
 
     The echo is most of a line's bytes and nothing we read, so cutting it roughly halves the
-    decode. The cut is from the `,"modelInput":` right after the recordId to the first
-    `,"modelOutput":` or `,"error":` after it: a `,"` never occurs inside a JSON string (its
-    quote would be escaped), so both are keys; the first is at the top level, and if the second
-    is a key nested inside the echo the cut leaves unbalanced braces, the strict decode fails and
-    the lenient plan reads the whole lines. Other shapes (spaces, another key order) are kept.
+    decode. The cut runs from the `,"modelInput":` right after the recordId to the first
+    `,"modelOutput":` (else the first `,"error":{"errorCode":`, so that a tool schema in the echo
+    naming an "error" property is passed over): a `,"` never occurs inside a JSON string (its
+    quote would be escaped), so both are keys. Should the end be a key nested in the echo, the
+    cut leaves unbalanced braces, the strict decode fails and the lenient plan reads the whole
+    lines. Other shapes (spaces, key orders) are decoded whole.
     """
     raw = line.cast(pl.Binary)
     start = line.str.find(',"modelInput":', literal=True)
-    end = pl.min_horizontal(
-        line.str.find(',"modelOutput":', literal=True), line.str.find(',"error":', literal=True)
+    end = pl.coalesce(
+        line.str.find(',"modelOutput":', literal=True),
+        line.str.find(',"error":{"errorCode":', literal=True),
     )
     # Byte offsets (str.find counts bytes; str.slice counts characters), cut at ASCII commas.
     head = raw.bin.slice(0, start).cast(pl.String)
