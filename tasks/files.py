@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 import os
 import tempfile
 from collections.abc import Iterator
@@ -12,6 +11,11 @@ from pathlib import Path
 import polars as pl
 
 LINE = "line"
+# Codec of the Parquet files a run writes (rows files, merged parts). At 50k escape-heavy rows
+# (one thread): snappy writes 14 MB in 0.10 CPU s and reads in 0.04; lz4 18 MB, 0.11 and 0.03;
+# zstd level 1 10 MB, 0.16-0.21 and 0.06; uncompressed 48 MB, 0.04-0.06 and 0.02. Snappy has the
+# fewest bytes of the fast codecs, and every Parquet reader knows it (pandas' default).
+PARQUET_CODEC = "snappy"
 
 
 @contextmanager
@@ -40,16 +44,20 @@ def write_bytes_atomic(dest: Path | str, data: bytes) -> None:
         os.fsync(handle.fileno())
 
 
-def scan_lines(source: Path | str | bytes) -> pl.LazyFrame:
+def write_parquet_atomic(frame: pl.DataFrame, dest: Path | str) -> None:
+    """Write ``frame`` as Parquet atomically, with the run's codec and no column statistics."""
+    with atomic_path(dest) as tmp:
+        frame.write_parquet(tmp, compression=PARQUET_CODEC, statistics=False)
+
+
+def scan_lines(source: Path | str | bytes | bytearray) -> pl.LazyFrame:
     """The non-empty lines of a JSONL file (or its bytes) as one string column, undecoded.
 
-    JSON escapes every control character, so the 0x01 "separator" never splits a line.
+    Polars' line reader splits on newlines only (JSON escapes them inside strings), without
+    the CSV parser's per-field work.
     """
-    data = io.BytesIO(source) if isinstance(source, bytes | bytearray) else source
-    return pl.scan_csv(
-        data,
-        has_header=False,
-        separator="\x01",
-        quote_char=None,
-        schema={LINE: pl.String},
-    ).filter(pl.col(LINE).str.strip_chars_end().str.len_bytes() > 0)
+    if isinstance(source, bytearray):
+        source = bytes(source)
+    return pl.scan_lines(source, name=LINE).filter(
+        pl.col(LINE).str.strip_chars_end().str.len_bytes() > 0
+    )

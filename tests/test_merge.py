@@ -11,6 +11,7 @@ from polars.testing import assert_frame_equal
 
 from tasks.errors import PlanError
 from tasks.pipeline import columns as C
+from tasks.pipeline import outputs
 from tasks.pipeline.merge import MergeStats, merge_offline, merge_shard
 from tasks.pipeline.preprocess import preprocess
 from tasks.settings import QuotaSettings
@@ -119,6 +120,61 @@ def test_merge_shard_ignores_output_like_text_inside_the_echoed_input(rows_file,
     assert frame[C.ERROR_CODE].to_list() == ["400", None, C.MISSING_OUTPUT]
     assert frame[C.ERROR_MESSAGE][0] == 'Bad "body" {x}'
     assert frame[C.RESPONSE_TEXT].to_list() == [None, 'said "}{"', None]
+
+
+@pytest.mark.parametrize("separators", [(",", ":"), (", ", ": ")], ids=["compact", "spaced"])
+def test_merge_shard_output_keys_nested_in_the_echoed_input_are_not_the_record_s(
+    rows_file, tmp_path, separators
+):
+    # Compact lines (Bedrock's) have the echo cut out before decoding; a body whose tool schema
+    # names properties "error" and "modelOutput" must not be cut there, nor read as the record's.
+    schema = {"properties": {"error": {"type": "string"}, "modelOutput": {"type": "object"}}}
+    body = {"tools": [{"name": "t", "input_schema": schema}], "messages": ["a\\", '"}{,"']}
+    output = json.loads(claude_ok("R0", "ok"))["modelOutput"]
+    error = {"errorCode": 400, "errorMessage": "Bad body"}
+    records = [
+        {"recordId": "R0", "modelInput": body, "modelOutput": output},
+        {"recordId": "R1", "modelInput": body, "error": error},
+        {"recordId": "R2", "modelInput": {"text": ',"modelOutput":{'}, "modelOutput": output},
+    ]
+    lines = [json.dumps(r, separators=separators, ensure_ascii=False) for r in records]
+    _, frame = merge(rows_file, lines, tmp_path)
+    assert frame[C.RESPONSE_TEXT].to_list() == ["ok", None, "ok"]
+    assert frame[C.ERROR_CODE].to_list() == [None, "400", None]
+    assert frame[C.ERROR_MESSAGE].to_list() == [None, "Bad body", None]
+
+
+def test_merge_shard_compact_lines_of_every_kind_keep_their_own_results(
+    rows_file, tmp_path, monkeypatch
+):
+    # The fast path: every line is cut; results, errors and the unparseable raw output hold,
+    # and the lenient plan (whole lines by JSON path, many times slower) is never needed.
+    def lenient(*args, **kwargs):
+        raise AssertionError("compact lines fell back to the lenient plan")
+
+    monkeypatch.setattr(outputs, "_lenient_lines", lenient)
+
+    def compact(line: str) -> str:
+        return json.dumps(json.loads(line), separators=(",", ":"), ensure_ascii=False)
+
+    bad = {"recordId": "R2", "modelInput": {"p": "\u00e9 \U0001f600"}, "modelOutput": {"x": 1}}
+    # A structured-output body: its tool schema names an "error" property, in every echo.
+    ok = json.loads(claude_ok("R1", 'caf\u00e9 \U0001f600 "q"', (5, 6)))
+    ok["modelInput"] = {"tools": [{"input_schema": {"properties": {"answer": {}, "error": {}}}}]}
+    lines = [
+        json.dumps(ok, separators=(",", ":"), ensure_ascii=False),
+        json.dumps(
+            {**json.loads(error_line("R0", 429, "Slow")), "modelInput": ok["modelInput"]},
+            separators=(",", ":"),
+        ),
+        json.dumps(bad, separators=(",", ":"), ensure_ascii=False),
+    ]
+    stats, frame = merge(rows_file, lines, tmp_path)
+    assert frame[C.RESPONSE_TEXT].to_list() == [None, 'caf\u00e9 \U0001f600 "q"', None]
+    assert frame[C.ERROR_CODE].to_list() == ["429", None, C.UNPARSEABLE_OUTPUT]
+    assert json.loads(frame[C.RAW_OUTPUT][2]) == {"x": 1}
+    assert (frame[C.INPUT_TOKENS][1], frame[C.OUTPUT_TOKENS][1]) == (5, 6)
+    assert stats.succeeded == 1
 
 
 def test_merge_shard_nested_error_key_in_model_output_is_not_a_record_error(rows_file, tmp_path):

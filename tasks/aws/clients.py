@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import os
 from functools import lru_cache
+from typing import TYPE_CHECKING
 
-import boto3
 from botocore.config import Config
 from botocore.exceptions import ClientError
 from botocore.utils import CLIENT_NAME_TO_HYPHENIZED_SERVICE_ID_OVERRIDES
 
 from tasks.errors import RunSettingsError
 from tasks.settings import get_settings
+
+if TYPE_CHECKING:
+    import boto3
 
 # Bedrock control-plane calls get no silent botocore retries: throttling and quota refusals must
 # reach our own backoff, which logs them. S3 and CloudWatch keep botocore's standard retries.
@@ -58,6 +61,8 @@ def _block(name: str):
 
 def session() -> boto3.session.Session:
     """The boto3 session every client comes from: the credentials block's, or the default."""
+    import boto3  # here, not above: commands that touch no AWS (merge, dry run) skip its import
+
     name = credentials_block()
     region = get_settings().aws.region
     if name:

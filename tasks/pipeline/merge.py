@@ -13,7 +13,7 @@ import polars as pl
 from prompt_templates import output_schema_for
 from tasks.bedrock.families import ModelFamily, family_for
 from tasks.errors import PlanError
-from tasks.files import atomic_path
+from tasks.files import write_parquet_atomic
 from tasks.pipeline import columns as C
 from tasks.pipeline.outputs import MATCHED, parse_outputs, result_schema
 from tasks.pipeline.plan import RunPlan
@@ -92,14 +92,9 @@ def merged_frame(
     )
 
 
-def _write_atomic(frame: pl.DataFrame, dest: Path) -> None:
-    with atomic_path(dest) as tmp:
-        frame.write_parquet(tmp, compression="zstd", compression_level=1, statistics=False)
-
-
 def write_part(frame: pl.DataFrame, dest: Path) -> MergeStats:
     """Write a merged part atomically and count what it holds."""
-    _write_atomic(frame, dest)
+    write_parquet_atomic(frame, dest)
     return _stats(frame)
 
 

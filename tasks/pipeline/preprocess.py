@@ -16,7 +16,7 @@ import polars as pl
 from prompt_templates import PromptTemplate
 from tasks.bedrock.families import ModelFamily, Options, family_for
 from tasks.errors import EmptyDatasetError, InputValidationError, MissingValuesError, SourceError
-from tasks.files import atomic_path
+from tasks.files import atomic_path, write_parquet_atomic
 from tasks.pipeline import columns as C
 from tasks.pipeline import validation as V
 from tasks.pipeline.lines import ROW, LineFormat, compile_line, record_id_expr
@@ -43,10 +43,6 @@ _LINE = "__line"
 _MISSING = "__missing"
 _BYTES = "__bytes"
 _CHARS = "__chars"
-# The rows files are read back once, by the merge. lz4 costs a little CPU but writes about a
-# third of the bytes, and on this disk bytes cost more: at 2.2M escape-heavy rows, 27.5 s
-# (21.4 CPU s) uncompressed against 16.8 s (20.4 CPU s) with lz4; zstd level 1, 20.6 s.
-ROWS_COMPRESSION = "lz4"
 
 
 @dataclass(frozen=True)
@@ -337,7 +333,7 @@ def _write_shards(
                 writer.submit(_write_lines, frame.get_column(_LINE), out_dir / shard.input_file)
             )
             writes.append(
-                writer.submit(_write_parquet, frame.select(keep), out_dir / shard.rows_file)
+                writer.submit(write_parquet_atomic, frame.select(keep), out_dir / shard.rows_file)
             )
             shards.append(shard)
             if on_shard:
@@ -353,7 +349,7 @@ def _write_shards(
     skipped_file = None
     if n_missing:
         skipped_file = SKIPPED_ROWS_FILE
-        _write_parquet(_skipped_rows(skipped, needed), out_dir / skipped_file)
+        write_parquet_atomic(_skipped_rows(skipped, needed), out_dir / skipped_file)
 
     plan = RunPlan(
         model_id=w.opts.model_id,
@@ -417,11 +413,6 @@ def _write_sample(samples: list[pl.DataFrame], path: Path) -> None:
 def _write_lines(lines: pl.Series, path: Path) -> None:
     with atomic_path(path) as tmp:
         lines.to_frame().write_csv(tmp, include_header=False, quote_style="never")
-
-
-def _write_parquet(frame: pl.DataFrame, path: Path) -> None:
-    with atomic_path(path) as tmp:
-        frame.write_parquet(tmp, compression=ROWS_COMPRESSION, statistics=False)
 
 
 def _skipped_rows(parts: list[pl.DataFrame], needed: tuple[str, ...]) -> pl.DataFrame:
