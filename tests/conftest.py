@@ -63,3 +63,25 @@ def stack(local_stack):
     """The shared local stack, with faults and emulator config put back after the test."""
     yield local_stack
     local_stack.reset_faults()
+
+
+@pytest.fixture
+def environment():
+    """Set the process environment for a test; the original comes back afterwards."""
+    from tasks.aws.clients import reset_clients
+    from tasks.settings import get_settings
+
+    saved = dict(os.environ)
+
+    def apply(values: dict[str, str]) -> None:
+        os.environ.update(values)
+        get_settings.cache_clear()
+        reset_clients()
+
+    try:
+        yield apply
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+        get_settings.cache_clear()
+        reset_clients()

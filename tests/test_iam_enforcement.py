@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import copy
 import json
-import os
 import re
 
 import polars as pl
@@ -50,28 +49,6 @@ def iam_stack():
     """A local stack of its own whose moto enforces IAM; the session's stack is untouched."""
     with LocalStack(enforce_iam=True) as stack:
         yield stack
-
-
-@pytest.fixture
-def environment():
-    """Set the process environment for a test; the original comes back afterwards."""
-    from tasks.aws.clients import reset_clients
-    from tasks.settings import get_settings
-
-    saved = dict(os.environ)
-
-    def apply(values: dict[str, str]) -> None:
-        os.environ.update(values)
-        get_settings.cache_clear()
-        reset_clients()
-
-    try:
-        yield apply
-    finally:
-        os.environ.clear()
-        os.environ.update(saved)
-        get_settings.cache_clear()
-        reset_clients()
 
 
 @pytest.fixture

@@ -20,7 +20,6 @@ from prefect.variables import Variable
 from emulator import LocalStack
 from flows.cli import main
 from tasks.aws import iam
-from tasks.aws.clients import reset_clients
 from tasks.aws.job_events import (
     QUEUE_URL_VARIABLE,
     TARGET_ID,
@@ -316,25 +315,6 @@ def test_runner_policy_lets_the_relay_read_the_events_queue():
     statement = next(s for s in policy["Statement"] if s["Sid"] == "RelayJobEvents")
     assert statement["Resource"] == ["arn:aws:sqs:us-east-1:123456789012:bedrock-batch-job-events"]
     assert {"sqs:ReceiveMessage", "sqs:DeleteMessage"} <= set(statement["Action"])
-
-
-@pytest.fixture
-def environment():
-    """Set the process environment for a test; the original comes back afterwards."""
-    saved = dict(os.environ)
-
-    def apply(values: dict[str, str]) -> None:
-        os.environ.update(values)
-        get_settings.cache_clear()
-        reset_clients()
-
-    try:
-        yield apply
-    finally:
-        os.environ.clear()
-        os.environ.update(saved)
-        get_settings.cache_clear()
-        reset_clients()
 
 
 @pytest.mark.slow
