@@ -278,3 +278,35 @@ def test_on_demand_rate_limit_created_by_many_tails_at_once():
 
     assert errors == []
     assert gate.active_slots(gate.gate_name(model) + "-on-demand") == 0
+
+
+def test_keeper_renews_many_leases_side_by_side(monkeypatch):
+    # A hundred renewals one after another on a busy server outlasted the lease itself.
+    keeper = gate.LeaseKeeper()
+    slots = [
+        gate.HeldSlot(f"job-{i}", "anthropic.x-v1:0", "run", str(uuid.uuid4())) for i in range(16)
+    ]
+    keeper._slots = {slot.key: slot for slot in slots}  # held without starting the thread
+    lock = threading.Lock()
+    at_once = {"now": 0, "most": 0}
+    renewed = []
+    all_in = threading.Barrier(gate.RENEW_WORKERS, timeout=10)
+
+    def slow_renew(lease_id, seconds, retry=True):
+        with lock:
+            at_once["now"] += 1
+            at_once["most"] = max(at_once["most"], at_once["now"])
+            at_once["arrived"] = arrival = at_once.get("arrived", 0) + 1
+        if arrival <= gate.RENEW_WORKERS:
+            all_in.wait()  # the first batch meets here only if it runs side by side
+        with lock:
+            at_once["now"] -= 1
+            renewed.append(lease_id)
+        return True
+
+    monkeypatch.setattr(gate, "renew_slot", slow_renew)
+    keeper.renew_all()
+
+    assert sorted(renewed) == sorted(slot.lease_id for slot in slots)
+    assert at_once["most"] == gate.RENEW_WORKERS
+    assert all(slot.lease_id is not None for slot in slots)

@@ -19,6 +19,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, TypeVar
 from uuid import UUID
@@ -42,6 +43,8 @@ from tasks.settings import get_settings
 # Prefect's server bounds a lease to 60 s .. 1 day.
 MIN_LEASE_SECONDS = 60
 MAX_LEASE_SECONDS = 86_400
+# Leases renewed at once by the keeper: enough that 100 renew within one renewal period.
+RENEW_WORKERS = 8
 MODEL_PREFIX = "bedrock-batch-"
 RUN_PREFIX = "bedrock-batch-run-"
 # Jobs that count against Bedrock's "submitted or in progress" quota (the status table's own).
@@ -433,16 +436,30 @@ class LeaseKeeper:
         lease_seconds = get_settings().poll.lease_seconds
         lost_models: dict[str, str] = {}
         unreachable = 0
-        for slot in self.slots():
+        slots = self.slots()
+
+        def renew(slot: HeldSlot) -> bool | None:
+            """True renewed, False unknown to the server, None unreachable this cycle."""
+            if slot.lease_id is None:
+                return False
+            try:
+                return renew_slot(slot.lease_id, lease_seconds, retry=False)
+            except Exception as exc:
+                if not is_transient(exc):
+                    raise
+                return None
+
+        # Side by side: a hundred renewals one after another on a busy server took longer than
+        # a lease lasts, and the last ones expired while their jobs ran.
+        with ThreadPoolExecutor(max_workers=RENEW_WORKERS) as pool:
+            renewed = list(pool.map(renew, slots))
+        for slot, ok in zip(slots, renewed, strict=True):
+            if ok:
+                continue
+            if ok is None:
+                unreachable += 1
+                continue
             if slot.lease_id is not None:
-                try:
-                    if renew_slot(slot.lease_id, lease_seconds, retry=False):
-                        continue
-                except Exception as exc:
-                    if not is_transient(exc):
-                        raise
-                    unreachable += 1
-                    continue
                 log.warning(
                     "The Prefect server no longer knows the lease of %s (expired or lost in a "
                     "restart); recounting the gate from Bedrock",
