@@ -10,9 +10,9 @@ import time
 from datetime import datetime
 from typing import TYPE_CHECKING
 
-import boto3
-
 from tasks.bedrock.model_ids import profile_prefix
+
+from .state import publisher_client
 
 if TYPE_CHECKING:
     from .models import Job
@@ -83,13 +83,7 @@ class JobEventPublisher:
     def __init__(self, endpoint_url: str | None, region: str, account_id: str):
         self.region = region
         self.account_id = account_id
-        self.client = boto3.client(
-            "events",
-            endpoint_url=endpoint_url,
-            region_name=region,
-            aws_access_key_id="testing",
-            aws_secret_access_key="testing",
-        )
+        self.client = publisher_client("events", endpoint_url, region)
         self._queue: queue.Queue[dict | None] = queue.Queue(MAX_QUEUED)
         self._thread: threading.Thread | None = None
         self._dropped = 0

@@ -7,9 +7,8 @@ import threading
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 
-import boto3
-
 from .catalog import ANTHROPIC
+from .state import publisher_client
 
 NAMESPACE = "AWS/Bedrock/Batch"
 DIMENSION = "ModelId"
@@ -57,13 +56,7 @@ class MetricsPublisher:
 
     def __init__(self, state, endpoint_url: str | None, region: str):
         self.state = state
-        self.cloudwatch = boto3.client(
-            "cloudwatch",
-            endpoint_url=endpoint_url,
-            region_name=region,
-            aws_access_key_id="testing",
-            aws_secret_access_key="testing",
-        )
+        self.cloudwatch = publisher_client("cloudwatch", endpoint_url, region)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._seen: dict[str, tuple[int, int]] = {}

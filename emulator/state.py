@@ -16,6 +16,21 @@ from .faults import Throttle
 from .models import BedrockBackend, Job, iso
 
 
+def publisher_client(service: str, endpoint_url: str | None, region: str):
+    """A client the emulator publishes with (CloudWatch metrics, EventBridge events).
+
+    Bedrock publishes these itself, under no policy of the user's: dummy keys serve moto
+    without IAM enforcement, and an enforcing stack swaps in its admin's client.
+    """
+    return boto3.client(
+        service,
+        endpoint_url=endpoint_url,
+        region_name=region,
+        aws_access_key_id="testing",
+        aws_secret_access_key="testing",
+    )
+
+
 class EmulatorServerState:
     """What every backend shares: config and faults, S3 access, throttling, the ledger."""
 
