@@ -1,7 +1,9 @@
-"""Helpers shared by the tests: waiting on a condition with a deadline instead of sleeping."""
+"""Helpers shared by the tests: waiting on a condition with a deadline instead of sleeping,
+and Bedrock batch input written by hand."""
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable
 from typing import TypeVar
@@ -35,3 +37,21 @@ def eventually(
                 raise AssertionError(msg)
             return value
         time.sleep(interval)
+
+
+def claude_jsonl(count: int) -> bytes:
+    """A Bedrock batch input of ``count`` Claude Messages records (ids r00000, r00001, ...)."""
+    lines = [
+        json.dumps(
+            {
+                "recordId": f"r{i:05d}",
+                "modelInput": {
+                    "anthropic_version": "bedrock-2023-05-31",
+                    "max_tokens": 64,
+                    "messages": [{"role": "user", "content": f"Tell me a joke about topic {i}"}],
+                },
+            }
+        )
+        for i in range(count)
+    ]
+    return ("\n".join(lines) + "\n").encode()

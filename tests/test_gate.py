@@ -9,13 +9,13 @@ import uuid
 
 import httpx
 import pytest
+from helpers import eventually
 
 from tasks.aws import poll
 from tasks.aws import watcher as watcher_module
 from tasks.aws.watcher import JobWatcher
 from tasks.run import gate
 from tasks.settings import get_settings
-from tests.helpers import eventually
 
 
 @pytest.fixture

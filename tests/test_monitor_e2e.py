@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import json
 import os
 import uuid
 
-from helpers import eventually
+from helpers import claude_jsonl, eventually
 from prefect import flow
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId
@@ -35,21 +34,8 @@ def _until(condition, timeout: float, interval: float = 0.3):
 
 
 def _write_input(bucket: str, prefix: str) -> str:
-    lines = [
-        json.dumps(
-            {
-                "recordId": f"r{i:05d}",
-                "modelInput": {
-                    "anthropic_version": "bedrock-2023-05-31",
-                    "max_tokens": 64,
-                    "messages": [{"role": "user", "content": f"Tell me a joke about topic {i}"}],
-                },
-            }
-        )
-        for i in range(RECORDS)
-    ]
     key = f"{prefix}/input/records.jsonl"
-    client("s3").put_object(Bucket=bucket, Key=key, Body="\n".join(lines).encode())
+    client("s3").put_object(Bucket=bucket, Key=key, Body=claude_jsonl(RECORDS))
     return f"s3://{bucket}/{key}"
 
 

@@ -7,13 +7,13 @@ import threading
 
 import pytest
 from botocore.exceptions import ClientError
+from helpers import claude_jsonl, eventually
 
 from tasks.aws import watcher as watcher_module
 from tasks.aws.submit import JobRequest, client_token_for, job_name_for, run_key
 from tasks.aws.watcher import JobWatcher, follow_job
 from tasks.errors import JobLostError
 from tasks.settings import get_settings
-from tests.helpers import eventually
 
 ROLE = "arn:aws:iam::123456789012:role/BedrockBatchEmulatorRole"
 CLAUDE = "anthropic.claude-3-haiku-20240307-v1:0"
@@ -198,7 +198,7 @@ def test_watcher_follows_emulator_jobs_through_get_and_list_throttling(stack, mo
     s3 = stack.client("s3")
     arns = []
     for i in range(6):
-        s3.put_object(Bucket=stack.bucket, Key=f"watched/input/s{i}.jsonl", Body=_records(100))
+        s3.put_object(Bucket=stack.bucket, Key=f"watched/input/s{i}.jsonl", Body=claude_jsonl(100))
         request = JobRequest(
             job_name=job_name_for("watched", f"s{i}", 1, key),
             client_token=client_token_for("run-w", f"s{i}", 1),
@@ -223,22 +223,3 @@ def test_watcher_follows_emulator_jobs_through_get_and_list_throttling(stack, mo
     assert {r["status"] for r in results.values()} == {"Completed"}
     assert all(r["successRecordCount"] == 100 for r in results.values())
     assert watcher.calls["throttled"] > 0  # it was throttled, and no shard saw it
-
-
-def _records(count: int) -> bytes:
-    import json
-
-    lines = [
-        json.dumps(
-            {
-                "recordId": f"R{i:05d}",
-                "modelInput": {
-                    "anthropic_version": "bedrock-2023-05-31",
-                    "max_tokens": 10,
-                    "messages": [{"role": "user", "content": f"hello {i}"}],
-                },
-            }
-        )
-        for i in range(count)
-    ]
-    return ("\n".join(lines) + "\n").encode()
