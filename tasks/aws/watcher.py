@@ -250,6 +250,7 @@ def follow_job(
     settings = get_settings().poll
     watch = watcher.watch(job_arn, job_name)
     last_status: str | None = None
+    seen: tuple | None = None
     progressed_at = warned_at = time.monotonic()
     try:
         while True:
@@ -259,6 +260,9 @@ def follow_job(
                 warned_at = time.monotonic()
                 _warn_stalled(logger, job_name, watch.latest or {}, warned_at - progressed_at)
                 continue
+            if _key(job) == seen:
+                continue  # woken twice for one change: it was handled already
+            seen = _key(job)
             status = job["status"]
             if status != last_status:
                 logger.info(

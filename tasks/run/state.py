@@ -104,6 +104,7 @@ class RunStateStore:
         self.writes = 0
         self.bytes_written = 0
         self._lock = threading.Lock()
+        self._count_lock = threading.Lock()
         self._shard_locks: dict[str, threading.Lock] = {}
         self.state = _load(run_dir, run_name)
 
@@ -131,8 +132,9 @@ class RunStateStore:
 
     def _write(self, uri: str, data: bytes) -> None:
         storage.write_bytes(uri, data, self.kms_key_id)
-        self.writes += 1
-        self.bytes_written += len(data)
+        with self._count_lock:  # shards write side by side; the counts must not lose one
+            self.writes += 1
+            self.bytes_written += len(data)
 
 
 def has_state(run_dir: str) -> bool:
