@@ -253,6 +253,7 @@ def test_on_demand_killed_midway_resumes_without_invoking_any_record_twice(stack
     out = tmp_path / "out"
     trace = tmp_path / "runtime-calls.txt"
     extra = ["--on-demand-rps", "10"]
+    stack.reset_api_calls()  # the emulator's own count of runtime calls, beside the trace
 
     crashed = _run(source, out, "od-kill", kill_at="on-demand", extra=extra, trace=trace)
     assert crashed.returncode == -signal.SIGKILL, crashed.stderr[-2000:]
@@ -267,6 +268,14 @@ def test_on_demand_killed_midway_resumes_without_invoking_any_record_twice(stack
     assert len(before_resume) == 10 and len(on_demand) > 10
     assert set(calls) == on_demand
     assert max(calls.values()) == 1
+    # Bedrock's side agrees: one answered runtime call per on-demand record, across the kill.
+    runtime = stack.api_calls()["operations"]
+    answered = sum(
+        op["calls"] - op["throttled"] - op["errors"]
+        for name, op in runtime.items()
+        if name in ("InvokeModel", "Converse")
+    )
+    assert answered == len(on_demand)
     jobs = stack.ledger(name_contains="od-kill")
     assert len(jobs) == 3
     _one_job_per_shard_attempt(jobs)
