@@ -91,3 +91,12 @@ def test_a_run_names_its_credentials_block_as_a_parameter(stack, tmp_path, monke
         clients.use_credentials_block(None)
         clients.reset_clients()
     assert summary["counts"]["records"] == 120
+
+
+def test_every_shard_thread_of_a_run_can_hold_a_connection_of_each_client(stack):
+    # botocore keeps 10 connections by default: a run's threads beyond that opened and threw
+    # away a connection per call, with a urllib3 warning each time.
+    from flows.batch_inference import MAX_SHARDS_IN_FLIGHT
+
+    for service in ("bedrock", "s3", "bedrock-runtime"):
+        assert clients.client(service).meta.config.max_pool_connections >= MAX_SHARDS_IN_FLIGHT

@@ -16,10 +16,22 @@ from tasks.settings import get_settings
 if TYPE_CHECKING:
     import boto3
 
+# Connections each cached client keeps: one per thread that may call at once (a run's shard
+# threads, flows.batch_inference.MAX_SHARDS_IN_FLIGHT). botocore's default of 10 made a run of
+# 200 shards open and discard connections, with a urllib3 warning each time.
+POOL_CONNECTIONS = 128
 # Bedrock control-plane calls get no silent botocore retries: throttling and quota refusals must
 # reach our own backoff, which logs them. S3 and CloudWatch keep botocore's standard retries.
-_NO_RETRY = Config(retries={"mode": "standard", "max_attempts": 1}, read_timeout=60)
-_STANDARD = Config(retries={"mode": "standard", "max_attempts": 5}, read_timeout=60)
+_NO_RETRY = Config(
+    retries={"mode": "standard", "max_attempts": 1},
+    read_timeout=60,
+    max_pool_connections=POOL_CONNECTIONS,
+)
+_STANDARD = Config(
+    retries={"mode": "standard", "max_attempts": 5},
+    read_timeout=60,
+    max_pool_connections=POOL_CONNECTIONS,
+)
 
 
 # A Prefect AwsCredentials block a run, the monitor or the CLI named; None: the standard chain.
