@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 from botocore.exceptions import ClientError
 
-from tasks.aws.clients import retry_on_error_codes
+from tasks.aws import submit
+from tasks.aws.submit import JobRequest
 from tasks.bedrock import error_codes
 from tasks.bedrock.jobs import is_valid_job_name, job_id_from_arn
 from tasks.bedrock.model_ids import base_model_id, profile_prefix
@@ -68,33 +71,65 @@ def _client_error(code: str) -> ClientError:
     return ClientError({"Error": {"Code": code, "Message": "m"}}, "CreateModelInvocationJob")
 
 
-class _State:
-    def __init__(self, exc: Exception | None):
-        self.exc = exc
+class _Bedrock:
+    """CreateModelInvocationJob refusing with ``errors`` in turn, then creating the job."""
 
-    def result(self):
-        if self.exc:
-            raise self.exc
-        return "ok"
+    def __init__(self, *errors: Exception):
+        self.errors = list(errors)
+        self.calls = 0
+
+    def create_model_invocation_job(self, **kwargs):
+        self.calls += 1
+        if self.errors:
+            raise self.errors.pop(0)
+        return {
+            "jobArn": f"arn:aws:bedrock:us-east-1:123456789012:model-invocation-job/{self.calls}"
+        }
+
+
+_REQUEST = JobRequest(
+    "j", "t", "anthropic.claude-3-haiku-20240307-v1:0", "r", "s3://b/i", "s3://b/o"
+)
+_LOG = logging.getLogger("test.create")
+
+
+@pytest.fixture
+def bedrock(monkeypatch):
+    def install(*errors):
+        fake = _Bedrock(*errors)
+        monkeypatch.setattr(submit, "client", lambda service: fake)
+        monkeypatch.setattr(submit.time, "sleep", lambda seconds: None)
+        return fake
+
+    return install
 
 
 @pytest.mark.parametrize("code", sorted(error_codes.RETRYABLE_CREATE))
-def test_create_retry_condition_retries_throttling_and_quota(code):
-    assert retry_on_error_codes(error_codes.RETRYABLE_CREATE)(
-        None, None, _State(_client_error(code))
-    )
+def test_create_waits_out_throttling_and_a_full_quota(bedrock, caplog, code):
+    fake = bedrock(_client_error(code), _client_error(code))
+    with caplog.at_level(logging.WARNING, logger="test.create"):
+        arn = submit.create_job(_REQUEST, [1.0, 2.0, 4.0], _LOG)
+    assert arn.endswith("/3") and fake.calls == 3
+    assert [code in r.getMessage() for r in caplog.records] == [True, True]
 
 
 @pytest.mark.parametrize("code", ["ValidationException", "AccessDeniedException"])
-def test_create_retry_condition_does_not_retry_caller_mistakes(code):
-    condition = retry_on_error_codes(error_codes.RETRYABLE_CREATE)
-    assert not condition(None, None, _State(_client_error(code)))
+def test_create_does_not_retry_caller_mistakes(bedrock, code):
+    fake = bedrock(_client_error(code))
+    with pytest.raises(ClientError, match=code):
+        submit.create_job(_REQUEST, [1.0, 2.0], _LOG)
+    assert fake.calls == 1
 
 
-def test_retry_condition_does_not_retry_non_aws_errors_or_success():
-    condition = retry_on_error_codes(error_codes.RETRYABLE_CREATE)
-    assert not condition(None, None, _State(ValueError("boom")))
-    assert not condition(None, None, _State(None))
+def test_create_gives_up_when_the_backoff_is_spent_and_never_retries_other_errors(bedrock):
+    fake = bedrock(*[_client_error("ThrottlingException")] * 3)
+    with pytest.raises(ClientError, match="ThrottlingException"):
+        submit.create_job(_REQUEST, [1.0, 2.0], _LOG)
+    assert fake.calls == 3
+    fake = bedrock(ValueError("boom"))
+    with pytest.raises(ValueError, match="boom"):
+        submit.create_job(_REQUEST, [1.0], _LOG)
+    assert fake.calls == 1
 
 
 def test_retryable_record_errors_are_transient_http_statuses():

@@ -146,6 +146,54 @@ def test_a_slot_this_process_frees_is_taken_at_once_by_few_asks(gate_settings, m
     assert len(taken) == 8
 
 
+def test_an_ended_jobs_slot_goes_to_the_runs_next_waiting_shard_without_a_prefect_call(
+    gate_settings, monkeypatch
+):
+    # A busy Prefect server answered a release and the next ask with 503s seconds apart: the
+    # slot of an ended job is handed to the shard waiting next, counted all along.
+    monkeypatch.setenv("BEDROCK_BATCH_GATE_WAIT_SECONDS", "30")
+    monkeypatch.setenv("BEDROCK_BATCH_GATE_RECONCILE_AFTER_SECONDS", "600")
+    get_settings.cache_clear()
+    model = _model("handover")
+    name, _, run_gate = gate.ensure_gates(model, "handover-run", 2)
+    held = [gate.acquire_slot(model, "handover-run", 60) for _ in range(2)]
+    calls = []
+    real = gate.get_client
+
+    def counting_client(*args, **kwargs):
+        calls.append(time.monotonic())
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(gate, "get_client", counting_client)
+    taken: list = []
+    waiters = [
+        threading.Thread(target=lambda: taken.append(gate.acquire_slot(model, "handover-run", 60)))
+        for _ in range(3)
+    ]
+    for waiter in waiters:
+        waiter.start()
+    eventually(lambda: len(calls) >= 1, timeout=10)  # the head asked once and was refused
+    calls_before = len(calls)
+
+    assert gate.hand_over_or_release(held[0], model, "handover-run") is True
+    eventually(lambda: len(taken) == 1, timeout=5)
+    assert gate.hand_over_or_release(held[1], model, "handover-run") is True
+    eventually(lambda: len(taken) == 2, timeout=5)
+
+    assert len(calls) == calls_before  # no release, no ask: the slots changed hands here
+    assert {str(t) for t in taken} == {str(h) for h in held}
+    monkeypatch.setattr(gate, "get_client", real)
+    assert (gate.active_slots(name), gate.active_slots(run_gate)) == (2, 2)
+    # The last one ends with a shard still waiting, then with none: released, not kept.
+    assert gate.hand_over_or_release(taken[0], model, "handover-run") is True
+    eventually(lambda: len(taken) == 3, timeout=5)
+    for lease in (taken[1], taken[2]):
+        assert gate.hand_over_or_release(lease, model, "handover-run") is False
+    for waiter in waiters:
+        waiter.join(timeout=10)
+    assert (gate.active_slots(name), gate.active_slots(run_gate)) == (0, 0)
+
+
 def test_acquire_slot_retries_transient_prefect_errors(gate_settings, monkeypatch, caplog, stack):
     model = _model("flaky")
     name, _, _ = gate.ensure_gates(model, "flaky-run", 2)
@@ -227,11 +275,12 @@ def test_wait_for_job_warns_once_per_stalled_period(monkeypatch, caplog):
 
     monkeypatch.setattr(watcher_module, "client", lambda service: Bedrock())
     logger = logging.getLogger("test.poll")
-    monkeypatch.setattr(poll, "get_run_logger", lambda: logger)
     watcher = JobWatcher("stalled")
     try:
         with caplog.at_level(logging.WARNING, logger="test.poll"):
-            job = poll.wait_for_job.fn(watcher, "arn:job/abc", "stalled-job", lambda j, p: None)
+            job = poll.wait_for_job(
+                watcher, "arn:job/abc", "stalled-job", lambda j, p: None, logger
+            )
     finally:
         watcher.close()
         get_settings.cache_clear()
@@ -292,7 +341,7 @@ def test_keeper_renews_many_leases_side_by_side(monkeypatch):
     renewed = []
     all_in = threading.Barrier(gate.RENEW_WORKERS, timeout=10)
 
-    def slow_renew(lease_id, seconds, retry=True):
+    def slow_renew(lease_id, seconds, retry=True, client=None):
         with lock:
             at_once["now"] += 1
             at_once["most"] = max(at_once["most"], at_once["now"])

@@ -1,12 +1,10 @@
-"""Waiting for a Bedrock batch job's final status: the task a shard runs while its job runs."""
+"""Waiting for a Bedrock batch job's final status, in the shard's task while its job runs."""
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from typing import Any
-
-from prefect import get_run_logger, task
-from prefect.cache_policies import NO_CACHE
 
 from tasks.aws.clients import client
 from tasks.aws.watcher import COUNTERS, JobWatcher, follow_job
@@ -19,19 +17,19 @@ def describe_job(job_arn: str) -> dict[str, Any]:
     return client("bedrock").get_model_invocation_job(jobIdentifier=job_arn)
 
 
-@task(task_run_name="wait-{job_name}", cache_policy=NO_CACHE)
 def wait_for_job(
     watcher: JobWatcher,
     job_arn: str,
     job_name: str,
     on_change: Callable[[dict[str, Any], str | None], None],
+    logger: logging.Logger | logging.LoggerAdapter,
     look_now: bool = False,
 ) -> dict[str, Any]:
     """Wait until the job reaches a final status; its gate slot is kept by the lease keeper.
 
-    The run's one watcher asks Bedrock about all its jobs (tasks.aws.watcher); this task only
+    The run's one watcher asks Bedrock about all its jobs (tasks.aws.watcher); this only
     waits on its job's changes, never on the gate: a running job is followed whatever
-    Prefect's limits say.
+    Prefect's limits say. Not a task of its own: the shard's task run logs the job's statuses.
 
     Args:
         watcher: the run's job watcher.
@@ -39,6 +37,7 @@ def wait_for_job(
         job_name: its name, for logs.
         on_change: called with the description and the previous status on every change of
             status or counters (state, events and progress hang off it).
+        logger: where the job's status changes are logged (the shard's run logger).
         look_now: ask Bedrock at once (a job created before a restart may have ended).
 
     Returns:
@@ -46,4 +45,4 @@ def wait_for_job(
     """
     if look_now:
         watcher.poll_now()
-    return follow_job(watcher, job_arn, job_name, on_change, get_run_logger())
+    return follow_job(watcher, job_arn, job_name, on_change, logger)

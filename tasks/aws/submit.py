@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import hashlib
+import logging
+import random
 import re
+import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from prefect import task
-
-from tasks.aws.clients import client, retry_on_error_codes
+from tasks.aws.clients import client, error_code
 from tasks.bedrock.error_codes import RETRYABLE_CREATE
 from tasks.bedrock.jobs import JOB_NAME_MAX_LENGTH, is_valid_job_name
 
@@ -106,23 +108,42 @@ def create_backoff(base_seconds: float) -> list[float]:
     return [min(base_seconds * 2**n, MAX_BACKOFF_SECONDS) for n in range(CREATE_RETRIES)]
 
 
-@task(
-    task_run_name="create-job-{request.job_name}",
-    retries=CREATE_RETRIES,
-    retry_delay_seconds=create_backoff(5.0),
-    retry_jitter_factor=0.5,
-    retry_condition_fn=retry_on_error_codes(RETRYABLE_CREATE),
-)
-def create_job(request: JobRequest) -> str:
+def create_job(
+    request: JobRequest, backoff: Sequence[float], logger: logging.Logger | logging.LoggerAdapter
+) -> str:
     """CreateModelInvocationJob, idempotent through the request's token.
 
-    Args:
-        request: the job to create.
+    Throttling and a full job quota (RETRYABLE_CREATE) wait ``backoff`` seconds in turn (with
+    up to 50 % jitter, so shards refused together do not come back together) and try again;
+    the same token can never make a second job. Any other error is the shard's to handle.
+    This runs inside the shard's task rather than as a task of its own: a task run per create
+    cost the Prefect server a few writes per job for nothing a user reads.
 
     Returns:
         The job ARN.
     """
-    return client("bedrock").create_model_invocation_job(**request.to_api())["jobArn"]
+    bedrock = client("bedrock")
+    delays = iter(backoff)
+    tried = 0
+    while True:
+        try:
+            return bedrock.create_model_invocation_job(**request.to_api())["jobArn"]
+        except Exception as exc:
+            code = error_code(exc)
+            delay = next(delays, None) if code in RETRYABLE_CREATE else None
+            if delay is None:
+                raise
+            tried += 1
+            wait = delay * random.uniform(1.0, 1.5)
+            logger.warning(
+                "Creating %s was refused (%s); trying again in %.1f s (retry %d of %d)",
+                request.job_name,
+                code,
+                wait,
+                tried,
+                len(backoff),
+            )
+            time.sleep(wait)
 
 
 def _proves_ours(

@@ -18,21 +18,24 @@ import re
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, TypeVar
 from uuid import UUID
 
 import httpx
 from botocore.exceptions import ClientError
-from prefect.client.orchestration import get_client
+from prefect.client.orchestration import SyncPrefectClient, get_client
 from prefect.client.schemas.actions import (
     GlobalConcurrencyLimitCreate,
     GlobalConcurrencyLimitUpdate,
 )
 from prefect.client.schemas.objects import ConcurrencyLeaseHolder
+from prefect.context import SettingsContext, get_settings_context
 from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
+from prefect.settings import PREFECT_CLIENT_MAX_RETRIES
 
 from tasks.aws.clients import client, error_code
 from tasks.bedrock.catalog import quota_key
@@ -45,6 +48,8 @@ MIN_LEASE_SECONDS = 60
 MAX_LEASE_SECONDS = 86_400
 # Leases renewed at once by the keeper: enough that 100 renew within one renewal period.
 RENEW_WORKERS = 8
+# First wait before a failed gate call is tried again; doubles up to gate.retry_max_seconds.
+FIRST_RETRY_SECONDS = 0.2
 MODEL_PREFIX = "bedrock-batch-"
 RUN_PREFIX = "bedrock-batch-run-"
 # Jobs that count against Bedrock's "submitted or in progress" quota (the status table's own).
@@ -83,6 +88,29 @@ def _describe(exc: BaseException) -> str:
     return type(exc).__name__
 
 
+_no_retry_settings: list[tuple[Any, Any]] = []  # (the settings, their copy without retries)
+
+
+@contextmanager
+def _prefect() -> Iterator[SyncPrefectClient]:
+    """A Prefect client that does not retry on its own; the gate's callers retry.
+
+    Prefect's client answers a 503 (its server's SQLite busy under a run's writes) by sleeping
+    2, 4, 8 ... s; while the gate's one asker sleeps, every shard of the process waiting for a
+    slot waits with it. The gate's loops retry after FIRST_RETRY_SECONDS instead, and log it.
+    """
+    context = get_settings_context()
+    cached = next((c for b, c in _no_retry_settings if b is context.settings), None)
+    if cached is None:  # a copy of the settings costs ~30 ms: made once per settings
+        cached = context.settings.copy_with_update(updates={PREFECT_CLIENT_MAX_RETRIES: 0})
+        _no_retry_settings[:] = [(context.settings, cached)]
+    with (
+        SettingsContext(profile=context.profile, settings=cached),
+        get_client(sync_client=True) as client,
+    ):
+        yield client
+
+
 def _call(
     what: str,
     fn: Callable[[Any], T],
@@ -90,12 +118,12 @@ def _call(
     deadline: float | None = None,
 ) -> T:
     """``fn(prefect_client)``; transient errors are logged and retried with capped backoff."""
-    delay = 0.5
+    delay = FIRST_RETRY_SECONDS
     failures = 0
     while True:
         try:
-            with get_client(sync_client=True) as prefect:
-                return fn(prefect)
+            with _prefect() as client:
+                return fn(client)
         except Exception as exc:
             if not is_transient(exc):
                 raise
@@ -197,13 +225,19 @@ class _Waiters:
 
     Only the shard at the head asks Prefect, so however many shards wait, the gate is asked at
     most once per ``wait_seconds`` per process, plus once each time this process frees a slot
-    (``slot_freed``): a freed slot is taken again at once, not at the next Retry-After.
+    (``slot_freed``): a freed slot is taken again at once, not at the next Retry-After. A slot
+    whose job ended while shards of the same run wait is handed to the head as it is
+    (``handed``): no Prefect call at all, so a busy server cannot delay the refill.
     """
 
     def __init__(self) -> None:
         self.cond = threading.Condition()
         self.queue: deque[object] = deque()
         self.freed = 0  # bumped by every slot this process gives back
+        self.handed: deque[UUID] = deque()  # leases of ended jobs, for the next waiter
+        # (freed, monotonic time) of the last refusal: a new head does not ask again before
+        # a slot is freed here or wait_seconds pass, since the answer would be the same.
+        self.refused: tuple[int, float] | None = None
 
 
 _waiters: dict[tuple[str, ...], _Waiters] = {}
@@ -223,6 +257,37 @@ def slot_freed() -> None:
         with group.cond:
             group.freed += 1
             group.cond.notify_all()
+
+
+def hand_over_or_release(
+    lease_id: UUID | str, model_id: str, run_name: str, logger: Logger | None = None
+) -> bool:
+    """Give an ended job's slot to the next shard of its run waiting here, else release it.
+
+    The slot stays counted in both limits, as it would between a release and the waiter's
+    next ask, only without the two Prefect calls (each one a write a busy server may answer
+    with 503 seconds later). Slots of running jobs whose lease was lost come first: while one
+    waits, the slot is released so the recount can give it back to that job.
+
+    Returns:
+        True when a waiting shard took the slot.
+    """
+    names = [gate_name(model_id), run_gate_name(run_name)]
+    group = _waiters_for(names)
+    with group.cond:
+        if group.queue and not _lost_here(names[0]):
+            group.handed.append(UUID(str(lease_id)))
+            group.cond.notify_all()
+            return True
+    release_slot(lease_id, logger)
+    return False
+
+
+def _take_handed(group: _Waiters, ticket: object) -> UUID | None:
+    """A handed-over lease for the head waiter ``ticket``, under ``group.cond``."""
+    if group.handed and group.queue and group.queue[0] is ticket:
+        return group.handed.popleft()
+    return None
 
 
 def acquire_slot(
@@ -255,16 +320,31 @@ def acquire_slot(
             group.cond.wait()
     try:
         return _ask_until_taken(
-            group, names, model_id, run_name, lease_seconds, holder_flow_run_id, logger, leases_lost
+            group,
+            ticket,
+            names,
+            model_id,
+            run_name,
+            lease_seconds,
+            holder_flow_run_id,
+            logger,
+            leases_lost,
         )
     finally:
         with group.cond:
             group.queue.remove(ticket)
             group.cond.notify_all()
+            # Handed over as the last waiter left with a lease of its own: nobody takes it.
+            unclaimed = list(group.handed) if not group.queue else []
+            if unclaimed:
+                group.handed.clear()
+        for lease_id in unclaimed:
+            release_slot(lease_id, logger)
 
 
 def _ask_until_taken(
     group: _Waiters,
+    ticket: object,
     names: list[str],
     model_id: str,
     run_name: str,
@@ -287,42 +367,42 @@ def _ask_until_taken(
     while True:
         with group.cond:
             freed = group.freed
-        # Under the recount's lock, so a recount that made room for lost leases of running jobs
-        # is not taken from under them by a shard of this process that waits for a new slot.
-        with _reconcile_lock:
-            lost = _lost_here(names[0])
-            if not lost:
-                try:
-                    with get_client(sync_client=True) as prefect:
-                        response = prefect.increment_concurrency_slots_with_lease(
-                            names=names,
-                            slots=1,
-                            mode="concurrency",
-                            lease_duration=_lease_seconds(lease_seconds),
-                            holder=holder,
-                        )
-                except Exception as exc:
-                    if not _is_full(exc) and not is_transient(exc):
-                        raise
-                    if not _is_full(exc):
-                        failures += 1
-                        delay = min(0.5 * 2 ** (failures - 1), settings.retry_max_seconds)
-                        (logger or log).warning(
-                            "Prefect API error while trying to take a slot of %s (%s); "
-                            "retry %d in %.1f s",
-                            names[0],
-                            _describe(exc),
-                            failures,
-                            delay,
-                        )
-                        time.sleep(delay)
-                        continue
-                else:
-                    if waiting and logger:
-                        logger.info(
-                            "Took a slot of %s after %.1f s", names[0], time.monotonic() - started
-                        )
-                    return UUID(response.json()["lease_id"])
+            handed = _take_handed(group, ticket)
+            refused = group.refused
+        if handed is not None:
+            if waiting and logger:
+                logger.info(
+                    "Took over a slot of %s after %.1f s", names[0], time.monotonic() - started
+                )
+            return handed
+        since_refused = time.monotonic() - refused[1] if refused else None
+        if refused and refused[0] == freed and since_refused < settings.wait_seconds:
+            pause = settings.wait_seconds - since_refused  # asked just now by the last head
+        else:
+            lease = _ask(names, lease_seconds, holder)
+            if isinstance(lease, UUID):
+                with group.cond:
+                    group.refused = None
+                if waiting and logger:
+                    logger.info(
+                        "Took a slot of %s after %.1f s", names[0], time.monotonic() - started
+                    )
+                return lease
+            if lease is not None:  # a transient error: ask again after its backoff
+                failures += 1
+                delay = min(FIRST_RETRY_SECONDS * 2 ** (failures - 1), settings.retry_max_seconds)
+                (logger or log).warning(
+                    "Prefect API error while trying to take a slot of %s (%s); retry %d in %.1f s",
+                    names[0],
+                    _describe(lease),
+                    failures,
+                    delay,
+                )
+                time.sleep(delay)
+                continue
+            with group.cond:
+                group.refused = (freed, time.monotonic())
+            pause = settings.wait_seconds
         failures = 0
         if not waiting and logger:
             logger.info("Gates %s are full; waiting for a job to finish", " and ".join(names))
@@ -330,13 +410,52 @@ def _ask_until_taken(
         if time.monotonic() - started >= settings.reconcile_after_seconds:
             reconcile(model_id, logger, throttle=True, run_name=run_name)
         # Prefect's Retry-After is not waited for: one asker per process keeps the rate
-        # bounded, and a slot this process frees wakes it at once.
+        # bounded, and a slot this process frees or hands over wakes it at once.
         with group.cond:
-            group.cond.wait_for(lambda seen=freed: group.freed != seen, settings.wait_seconds)
+            group.cond.wait_for(lambda seen=freed: group.freed != seen or bool(group.handed), pause)
 
 
-def renew_slot(lease_id: UUID | str, lease_seconds: float, retry: bool = True) -> bool:
-    """Extend a lease; False when the server no longer knows it (expired, or lost in a restart)."""
+def _ask(
+    names: list[str], lease_seconds: float, holder: ConcurrencyLeaseHolder | None
+) -> UUID | Exception | None:
+    """One increment of both limits: the lease, a transient error to retry, or None if full.
+
+    Under the recount's lock, so a recount that made room for lost leases of running jobs is
+    not taken from under them by a shard of this process that waits for a new slot; while
+    such a job waits for its slot again, no new slot is asked for at all.
+    """
+    with _reconcile_lock:
+        if _lost_here(names[0]):
+            return None
+        try:
+            with _prefect() as client:
+                response = client.increment_concurrency_slots_with_lease(
+                    names=names,
+                    slots=1,
+                    mode="concurrency",
+                    lease_duration=_lease_seconds(lease_seconds),
+                    holder=holder,
+                )
+        except Exception as exc:
+            if _is_full(exc):
+                return None
+            if is_transient(exc):
+                return exc
+            raise
+    return UUID(response.json()["lease_id"])
+
+
+def renew_slot(
+    lease_id: UUID | str,
+    lease_seconds: float,
+    retry: bool = True,
+    client: SyncPrefectClient | None = None,
+) -> bool:
+    """Extend a lease; False when the server no longer knows it (expired, or lost in a restart).
+
+    ``client``: one the caller keeps open (the keeper renews all its leases with one: a new
+    client per renewal cost ~35 ms of CPU, a few seconds a cycle at a hundred jobs).
+    """
 
     def renew(prefect) -> bool:
         try:
@@ -347,10 +466,12 @@ def renew_slot(lease_id: UUID | str, lease_seconds: float, retry: bool = True) -
             raise
         return True
 
+    if client is not None:
+        return renew(client)
     if retry:
         return _call("renew lease " + str(lease_id), renew)
-    with get_client(sync_client=True) as prefect:
-        return renew(prefect)
+    with _prefect() as fresh:
+        return renew(fresh)
 
 
 def release_slot(lease_id: UUID | str, logger: Logger | None = None) -> None:
@@ -438,21 +559,22 @@ class LeaseKeeper:
         unreachable = 0
         slots = self.slots()
 
-        def renew(slot: HeldSlot) -> bool | None:
+        def renew(slot: HeldSlot, client: SyncPrefectClient) -> bool | None:
             """True renewed, False unknown to the server, None unreachable this cycle."""
             if slot.lease_id is None:
                 return False
             try:
-                return renew_slot(slot.lease_id, lease_seconds, retry=False)
+                return renew_slot(slot.lease_id, lease_seconds, client=client)
             except Exception as exc:
                 if not is_transient(exc):
                     raise
                 return None
 
         # Side by side: a hundred renewals one after another on a busy server took longer than
-        # a lease lasts, and the last ones expired while their jobs ran.
-        with ThreadPoolExecutor(max_workers=RENEW_WORKERS) as pool:
-            renewed = list(pool.map(renew, slots))
+        # a lease lasts, and the last ones expired while their jobs ran. One client (its
+        # connection pool is thread-safe) for the cycle.
+        with _prefect() as client, ThreadPoolExecutor(max_workers=RENEW_WORKERS) as pool:
+            renewed = list(pool.map(lambda slot: renew(slot, client), slots))
         for slot, ok in zip(slots, renewed, strict=True):
             if ok:
                 continue

@@ -244,7 +244,7 @@ def _submit(ctx: RunContext, shard: ShardPlan, attempt: JobAttempt, resumed: boo
     else:
         _verify_input(ctx, attempt, shard)
     backoff = create_backoff(get_settings().poll.create_backoff_seconds)
-    job_arn = existing or create_job.with_options(retry_delay_seconds=backoff)(request)
+    job_arn = existing or create_job(request, backoff, logger)
     failpoint("after-create")
     attempt.job_arn = job_arn
     attempt.submitted_at = attempt.submitted_at or now_iso()
@@ -256,7 +256,7 @@ def _submit(ctx: RunContext, shard: ShardPlan, attempt: JobAttempt, resumed: boo
     )
 
 
-def _watch(ctx: RunContext, shard: ShardPlan, attempt: JobAttempt, look_now: bool) -> None:
+def _watch(ctx: RunContext, shard: ShardPlan, attempt: JobAttempt, look_now: bool, logger) -> None:
     def on_change(job: dict[str, Any], previous: str | None) -> None:
         attempt.status = job["status"]
         attempt.message = job.get("message")
@@ -279,18 +279,23 @@ def _watch(ctx: RunContext, shard: ShardPlan, attempt: JobAttempt, look_now: boo
             attempt.counters,
         )
 
-    job = wait_for_job(ctx.watcher, attempt.job_arn, attempt.job_name, on_change, look_now)
+    job = wait_for_job(ctx.watcher, attempt.job_arn, attempt.job_name, on_change, logger, look_now)
     attempt.status = job["status"]
 
 
 def _release(ctx: RunContext, shard: ShardPlan, attempt: JobAttempt) -> None:
+    """The attempt's job ended: its slot goes to the run's next waiting shard, or back.
+
+    The state forgets the lease first: a crash between the two leaves a lease nobody renews,
+    which frees itself when it expires, never one that two shards both believe is theirs.
+    """
     slot = gate.KEEPER.drop(attempt.job_name)
     lease_id = (slot.lease_id if slot else None) or attempt.lease_id
-    if lease_id:
-        gate.release_slot(lease_id)
     if attempt.lease_id:
         attempt.lease_id = None
         ctx.store.save(shard.name)
+    if lease_id:
+        gate.hand_over_or_release(lease_id, ctx.model_id, ctx.run_name)
 
 
 def _verify_input(ctx: RunContext, attempt: JobAttempt, shard: ShardPlan) -> None:
@@ -436,11 +441,13 @@ def _held_by_ceiling(
     )
 
 
-@task(task_run_name="merge-{shard.name}", cache_policy=NO_CACHE)
 def merge_shard_output(
     ctx: RunContext, shard: ShardPlan, outputs: list[AttemptOutput]
 ) -> dict[str, Any]:
     """Write the shard's Parquet part from all its attempts, right as the shard finishes.
+
+    Inside the shard's task: one task run per shard (not four) keeps the Prefect server's
+    writes per job low enough that a run of thousands of jobs does not make it refuse the gate.
 
     Args:
         ctx: the run.
@@ -499,7 +506,7 @@ def run_shard(ctx: RunContext, shard: ShardPlan) -> ShardResult:
                     _run_on_demand(ctx, shard, attempt)
             elif not attempt.is_final:
                 _submit(ctx, shard, attempt, resumed, logger)
-                _watch(ctx, shard, attempt, look_now=resumed)
+                _watch(ctx, shard, attempt, resumed, logger)
             _release(ctx, shard, attempt)
             outputs += [_attempt_output(ctx, shard, a) for a in state.attempts[len(outputs) :]]
             attempt = _plan_retry(ctx, shard, state, outputs, logger)
