@@ -36,13 +36,19 @@ def test_storage_exists_does_not_match_a_longer_key(base):
     assert not storage.exists(storage.join(base, "plan.json"))
 
 
-def test_storage_upload_and_local_copy_round_trip(base, tmp_path):
+@pytest.mark.parametrize(
+    "size", [7, storage.MANAGED_TRANSFER_BYTES - 1, storage.MANAGED_TRANSFER_BYTES + 1]
+)
+def test_storage_upload_and_local_copy_round_trip(base, tmp_path, size):
+    # Small objects go in one PUT / GET, large ones through s3transfer: both carry the digest.
+    payload = (uuid.uuid4().bytes * (size // 16 + 1))[:size]
     local = tmp_path / "src.bin"
-    local.write_bytes(b"payload")
+    local.write_bytes(payload)
     uri = storage.join(base, "up", "src.bin")
-    storage.upload_file(local, uri)
+    storage.upload_file(local, uri, digest=storage.sha256_bytes(payload))
     with storage.local_copy(uri) as path:
-        assert path.read_bytes() == b"payload"
+        assert path.read_bytes() == payload
+    assert storage.digest_of(uri) == storage.sha256_bytes(payload)
 
 
 def test_storage_join_uses_single_slashes():
