@@ -263,6 +263,9 @@ def _watch(ctx: RunContext, shard: ShardPlan, attempt: JobAttempt, look_now: boo
         attempt.counters = {name: job[name] for name in COUNTERS if name in job}
         if attempt.is_final:
             attempt.ended_at = now_iso()
+            # Its slot is handed on right after (_release): the state forgets the lease in this
+            # same write, one PUT a job fewer.
+            attempt.lease_id = None
         ctx.store.save(shard.name)
         if not attempt.is_final:
             failpoint("polling")
