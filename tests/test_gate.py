@@ -211,14 +211,17 @@ def test_acquire_slot_retries_transient_prefect_errors(gate_settings, monkeypatc
         return real(*args, **kwargs)
 
     monkeypatch.setattr(gate, "get_client", flaky_client)
-    with caplog.at_level(logging.WARNING, logger="bedrock_batch.gate"):
+    with caplog.at_level(logging.INFO, logger="bedrock_batch.gate"):
         lease = gate.acquire_slot(model, "flaky-run", 60)
 
     assert gate.active_slots(name) == 1
-    assert [r.getMessage().split(";")[0] for r in caplog.records] == [
+    retries = [r for r in caplog.records if "Prefect API error" in r.getMessage()]
+    assert [r.getMessage().split(";")[0] for r in retries] == [
         f"Prefect API error while trying to take a slot of {name} ({what})"
         for what in ("HTTP 503", "ConnectError", "ReadTimeout")
     ]
+    # One quick retry is routine on a busy server; failing again is worth a warning.
+    assert [r.levelname for r in retries] == ["INFO", "WARNING", "WARNING"]
     gate.release_slot(lease)
 
 
