@@ -15,6 +15,7 @@ runs `python -m flows.cli run` as a child pointed at both. The child's figures a
 every PUT of a run-state key can be counted on its way in (`PutCounter`).
 
     python -m benchmarks.bench_orchestration --scenario refill
+    python -m benchmarks.bench_orchestration --scenario refill --events
     python -m benchmarks.bench_orchestration --scenario scale --shards 2000 --gate 100
 """
 
@@ -85,6 +86,13 @@ class OrchestrationSettings(BaseSettings):
         description=(
             "BEDROCK_BATCH_POLL_MAX_INTERVAL_SECONDS; equal to the interval, the poll cadence "
             "is fixed, so the figures show the orchestration rather than the back-off."
+        ),
+    )
+    events: bool = Field(
+        False,
+        description=(
+            "Run `bedrock-batch events setup` first (moto's EventBridge rule to an SQS queue), "
+            "so jobs end by the emulator's state change events; polling stays the fallback."
         ),
     )
     dir: Path = Field(Path("/tmp/bench-orch"), description="Scratch folder: data and logs.")
@@ -172,6 +180,33 @@ def list_jobs(stack) -> list[dict]:
         token = page.get("nextToken")
         if not token:
             return jobs
+
+
+# The shard's log line when it learns its job ended: `<time> | INFO | ... - <job>: X → <final>`.
+SEEN_FINAL = re.compile(r"^(\d\d:\d\d:\d\d\.\d+) \| INFO .* - (\S+): \S+ → (Completed|Failed)")
+
+
+def seen_figures(jobs: list[dict], log: Path) -> dict:
+    """How soon after Bedrock's endTime the flow knew a job ended (its merge starts then).
+
+    Log times are the child's wall clock, the emulator's endTime the same machine's (UTC).
+    """
+    seen: dict[str, float] = {}
+    for line in log.read_text(errors="replace").splitlines():
+        if match := SEEN_FINAL.match(line):
+            seen[match[2]] = match[1]
+    delays = []
+    for job in jobs:
+        end, at = job.get("endTime"), seen.get(job["jobName"])
+        if end and at:
+            moment = datetime.combine(end.date(), datetime.strptime(at, "%H:%M:%S.%f").time())
+            delays.append(moment.replace(tzinfo=timezone.utc).timestamp() - end.timestamp())
+    if not delays:
+        return {"end_seen_median_s": None, "end_seen_max_s": None}
+    return {
+        "end_seen_median_s": round(statistics.median(delays), 3),
+        "end_seen_max_s": round(max(delays), 3),
+    }
 
 
 def refill_figures(jobs: list[dict], gate: int) -> dict:
@@ -295,7 +330,8 @@ def run(settings: OrchestrationSettings) -> dict:
 
     source = make_source(settings)
     stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S")
-    run_name = f"orch-{settings.scenario}-{settings.shards}-g{settings.gate}-{stamp}"
+    events = "-events" if settings.events else ""
+    run_name = f"orch-{settings.scenario}{events}-{settings.shards}-g{settings.gate}-{stamp}"
     log = settings.dir / "logs" / f"{run_name}.log"
     with (
         prefect_test_harness(server_startup_timeout=120),
@@ -313,6 +349,9 @@ def run(settings: OrchestrationSettings) -> dict:
             "BEDROCK_BATCH_POLL_MAX_INTERVAL_SECONDS": str(settings.poll_max_interval_seconds),
             "BEDROCK_BATCH_QUOTA_MAX_JOBS_PER_MODEL": str(settings.gate),
         }
+        if settings.events:  # as a user would: the queue URL goes to a Prefect Variable
+            setup = [sys.executable, "-m", "flows.cli", "events", "setup"]
+            run_child(setup, log.with_suffix(".events-setup.log"), env=env)
         argv = [sys.executable, "-m", "flows.cli", "run", "--source", str(source)]
         argv += ["--prompt-id", settings.prompt_id, "--model-id", settings.model_id]
         argv += ["--output-uri", f"s3://{stack.bucket}/runs", "--run-name", run_name]
@@ -336,6 +375,7 @@ def run(settings: OrchestrationSettings) -> dict:
     waves = math.ceil(settings.shards / settings.gate)
     ideal = waves * settings.pace_seconds
     refill = refill_figures(jobs, settings.gate)
+    seen = seen_figures(jobs, log)
     return {
         "when": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "scenario": settings.scenario,
@@ -345,6 +385,7 @@ def run(settings: OrchestrationSettings) -> dict:
         "gate": settings.gate,
         "pace_s": settings.pace_seconds,
         "poll_s": settings.poll_interval_seconds,
+        "events": settings.events,
         "exit_code": child["exit_code"],
         "error": error,
         "prefect_api_error_lines": api_errors,
@@ -355,6 +396,7 @@ def run(settings: OrchestrationSettings) -> dict:
         "waves": waves,
         "ideal_makespan_s": ideal,
         **refill,
+        **seen,
         "flow_wall_s": child["seconds"],
         "ratio_bedrock": round(refill["bedrock_makespan_s"] / ideal, 2)
         if ideal and refill["bedrock_makespan_s"]
@@ -393,6 +435,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--records-per-job", type=int)
     parser.add_argument("--gate", type=int)
     parser.add_argument("--pace-seconds", type=float)
+    parser.add_argument("--events", action="store_true", default=None)
     args = parser.parse_args(argv)
     flags = {k: v for k, v in vars(args).items() if v is not None}
     settings = OrchestrationSettings(**flags).resolved()
