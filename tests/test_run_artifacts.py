@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import base64
+import logging
 import threading
 from datetime import datetime, timedelta, timezone
+
+import httpx
 
 from flows.batch_inference import batch_inference
 from prompt_templates import prompt_id_to_template
@@ -278,7 +281,6 @@ def test_params_accept_a_model_id_the_catalog_does_not_know():
 
 
 def test_unknown_model_is_logged_as_a_warning(caplog):
-    import logging
 
     from tasks.run.params import warn_if_unknown_model
 
@@ -303,3 +305,22 @@ def test_progress_sends_at_most_once_an_interval_and_the_last_figure_later():
     assert sent == [0.1, 50.0]
     progress.complete()
     assert sent == [0.1, 50.0, 100.0] and progress._timer is None
+
+
+def test_progress_a_refused_send_is_logged_and_the_figure_sent_again_later(caplog):
+    # Prefect's client gives up on a server that stays away for a minute: the shard whose
+    # progress it was must go on, and the bar catch up with the next figure.
+    sent: list[float] = []
+    refuse = [True]
+
+    def send(_id, percent):
+        if refuse.pop(0) if refuse else False:
+            raise httpx.ConnectError("server restarting")
+        sent.append(percent)
+
+    progress = RunProgress(1000, send=send, create=lambda p: "id", min_interval=0)
+    with caplog.at_level(logging.WARNING, logger="bedrock_batch.progress"):
+        progress.update("job-0", 100)  # refused: logged, nothing raised
+    assert sent == [] and "10.0 %" in caplog.text
+    progress.update("job-0", 200)
+    assert sent == [20.0] and progress.shown == 20.0

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import contextvars
+import logging
 import threading
 import time
 from collections.abc import Callable
 from uuid import UUID
 
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
+
+log = logging.getLogger("bedrock_batch.progress")
 
 
 def _create(percent: float) -> UUID:
@@ -26,7 +29,9 @@ class RunProgress:
 
     The figure shown only moves forward: shards report from many threads, and an update
     computed earlier but sent later must not pull the bar back (a completed run once ended at
-    87.5 % that way). `complete()` sets 100 % at the end of a finished run.
+    87.5 % that way). `complete()` sets 100 % at the end of a finished run. A send the Prefect
+    server refuses (after its client's own retries) is logged and sent again with the next
+    figure: the bar is a view, and a shard whose job just ended must not fail over it.
     """
 
     def __init__(
@@ -96,6 +101,11 @@ class RunProgress:
                     self._timer.daemon = True
                     self._timer.start()
                 return
-            self._send(self.artifact_id, percent)
-            self.shown = percent
             self._sent_at = time.monotonic()
+            try:
+                self._send(self.artifact_id, percent)
+            except Exception as exc:  # noqa: BLE001 - the run goes on; the next figure retries
+                self._pending = max(self._pending, percent)
+                log.warning("Could not move the progress artifact to %.1f %%: %s", percent, exc)
+                return
+            self.shown = percent
