@@ -281,7 +281,6 @@ def test_params_accept_a_model_id_the_catalog_does_not_know():
 
 
 def test_unknown_model_is_logged_as_a_warning(caplog):
-
     from tasks.run.params import warn_if_unknown_model
 
     with caplog.at_level(logging.WARNING):
