@@ -217,7 +217,9 @@ def _increment(names: list[str], lease_seconds: float, holder: UUID | None, logg
         ),
         logger,
     )
-    return UUID(response.json()["lease_id"])
+    lease_id = UUID(response.json()["lease_id"])
+    _took(lease_id, names)
+    return lease_id
 
 
 def _is_full(exc: BaseException) -> bool:
@@ -453,7 +455,9 @@ def _ask(
             if is_transient(exc):
                 return exc
             raise
-    return UUID(response.json()["lease_id"])
+        lease_id = UUID(response.json()["lease_id"])
+        _took(lease_id, names)
+    return lease_id
 
 
 def renew_slot(
@@ -495,8 +499,12 @@ def release_slot(lease_id: UUID | str, logger: Logger | None = None) -> None:
             logger,
             deadline,
         )
+        # After the server's decrement, not before: a recount in between then counts one
+        # slot too many for a moment (safe), never one too few.
+        _gave_back(lease_id)
         slot_freed()
     except Exception as exc:
+        _gave_back(lease_id)
         if not is_transient(exc) and not (
             isinstance(exc, httpx.HTTPStatusError) and exc.response.status_code in (404, 410)
         ):
@@ -599,6 +607,7 @@ class LeaseKeeper:
                     slot.key,
                 )
                 slot.lost_since = time.monotonic()
+                _gave_back(slot.lease_id)
                 slot.lease_id = None
             lost_models.setdefault(gate_name(slot.model_id), slot.model_id)
         if unreachable:
@@ -637,6 +646,27 @@ class LeaseKeeper:
 KEEPER = LeaseKeeper()
 _reconcile_lock = threading.RLock()
 _last_reconcile: dict[str, float] = {}
+# Every lease this process took and has not given back: lease id -> (model gate, run gate).
+# A recount counts these as ours, wherever the lease is: with a running job in the keeper,
+# just taken and not yet kept, or handed from an ended job to the next shard. Counting only
+# the keeper's once lowered a run's gate by the lease in transit, and let a run of cap 2 have
+# 4 jobs in flight.
+_taken: dict[str, tuple[str, str]] = {}
+
+
+def _took(lease_id: UUID | str, names: list[str]) -> None:
+    with _reconcile_lock:
+        _taken[str(lease_id)] = (names[0], names[1])
+
+
+def _gave_back(lease_id: UUID | str) -> None:
+    with _reconcile_lock:
+        _taken.pop(str(lease_id), None)
+
+
+def kept_after_restart(lease_id: UUID | str, model_id: str, run_name: str) -> None:
+    """A lease stored by an earlier process of the run, renewed by this one: ours again."""
+    _took(lease_id, [gate_name(model_id), run_gate_name(run_name)])
 
 
 def in_flight_jobs(model_id: str) -> set[str]:
@@ -684,10 +714,11 @@ def reconcile(
     """Recount the model's gate from Bedrock and take lost leases of our running jobs again.
 
     The model limit is set to the jobs Bedrock has in flight, less our own whose lease was lost
-    (they take a slot again right after, without waiting), plus our live slots whose job is not
-    created yet. Each run limit of this process (and ``run_name``'s) is set to the live slots
-    this process holds for that run (a run has one process). With ``throttle``, runs at most
-    once per ``reconcile_after_seconds``.
+    (they take a slot again right after, without waiting), plus the leases this process holds
+    whose job Bedrock does not list (not created yet, or handed from an ended job to the next).
+    Each run limit of this process (and ``run_name``'s) is set to the leases this process holds
+    for that run (a run has one process). With ``throttle``, runs at most once per
+    ``reconcile_after_seconds``.
     """
     logger = logger or log
     model_gate = gate_name(model_id)
@@ -700,13 +731,14 @@ def reconcile(
         listed = in_flight_jobs(model_id)
         ours = [s for s in KEEPER.slots() if gate_name(s.model_id) == model_gate]
         lost = [s for s in ours if s.lease_id is None]
-        live = [s for s in ours if s.lease_id is not None]
-        target = max(
-            len(listed)
-            - sum(s.key in listed for s in lost)
-            + sum(s.key not in listed for s in live),
-            0,
-        )
+        job_of = {s.lease_id: s.key for s in ours if s.lease_id is not None}
+        taken = [
+            (lease, run_gate) for lease, (gate, run_gate) in _taken.items() if gate == model_gate
+        ]
+        # Our leases whose job Bedrock does not list in flight: not created yet, between two
+        # jobs (handed over), or ended and not given back yet; those it lists count once.
+        unlisted = sum(job_of.get(lease) not in listed for lease, _ in taken)
+        target = max(len(listed) - sum(s.key in listed for s in lost) + unlisted, 0)
         counted = active_slots(model_gate)
         if counted != target:
             logger.warning(
@@ -719,10 +751,11 @@ def reconcile(
                 target,
             )
             _set_active_slots(model_gate, target)
-        runs = {s.run_name for s in ours} | ({run_name} if run_name else set())
-        for run in sorted(runs):
-            run_gate = run_gate_name(run)
-            run_target = sum(s.run_name == run for s in live)
+        runs = {run_gate_name(s.run_name) for s in ours} | {run_gate for _, run_gate in taken}
+        if run_name:
+            runs.add(run_gate_name(run_name))
+        for run_gate in sorted(runs):
+            run_target = sum(gate_of_run == run_gate for _, gate_of_run in taken)
             if active_slots(run_gate) != run_target:
                 _set_active_slots(run_gate, run_target)
         refused = [s.key for s in lost if not KEEPER.retake(s, logger)]

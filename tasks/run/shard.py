@@ -168,6 +168,7 @@ def _hold_slot(
             "Kept the gate slot %s held for %s before a restart", attempt.lease_id, attempt.job_name
         )
         slot.lease_id = attempt.lease_id
+        gate.kept_after_restart(attempt.lease_id, ctx.model_id, ctx.run_name)
         gate.KEEPER.hold(slot)
         return
     # A crash between create and saving the ARN leaves a running job known only by name.
