@@ -81,7 +81,8 @@ def _follow_all(watcher: JobWatcher, arns: list[str]) -> tuple[dict, list[thread
         except Exception as exc:  # noqa: BLE001 - the test looks at what each shard got
             results[arn] = exc
 
-    threads = [threading.Thread(target=follow, args=(arn,)) for arn in arns]
+    # Daemons: a shard left waiting by a bug fails its test instead of hanging the session.
+    threads = [threading.Thread(target=follow, args=(arn,), daemon=True) for arn in arns]
     for thread in threads:
         thread.start()
     return results, threads
@@ -186,6 +187,29 @@ def test_events_end_a_job_without_a_poll_even_one_that_came_before_its_watch(mon
     assert results["arn:job/early"]["status"] == "Completed"
     assert results["arn:job/late"]["status"] == "Failed"
     assert results["arn:job/late"]["message"] == "The model timed out"
+
+
+def test_a_late_in_flight_event_before_the_watch_does_not_hide_the_jobs_end(monkeypatch):
+    # Every event of a job may come before its shard watches it (a busy process): a late copy
+    # of InProgress after Failed must not be what the shard finds, or it waits for a poll.
+    monkeypatch.setenv("BEDROCK_BATCH_POLL_INTERVAL_SECONDS", "3600")
+    get_settings.cache_clear()
+    monkeypatch.setattr(watcher_module, "client", lambda service: pytest.fail("polled"))
+    watcher = JobWatcher("rk")
+    for status in ("InProgress", "Failed", "InProgress", "Scheduled"):
+        watcher.deliver("arn:job/x", status, "timed out" if status == "Failed" else None)
+    watcher.deliver("arn:job/y", "Scheduled")
+    watcher.deliver("arn:job/y", "Submitted")  # behind Scheduled: kept out as well
+    try:
+        results, threads = _follow_all(watcher, ["arn:job/x"])
+        for thread in threads:
+            thread.join(timeout=10)
+        assert results["arn:job/x"]["status"] == "Failed"
+        assert results["arn:job/x"]["message"] == "timed out"
+        assert watcher._early["arn:job/y"]["status"] == "Scheduled"
+    finally:
+        watcher.close()
+        get_settings.cache_clear()
 
 
 @pytest.mark.slow

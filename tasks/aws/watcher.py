@@ -81,6 +81,18 @@ class Watch:
             return dict(self.latest) if self.latest else None
 
 
+def _behind(status: str, seen: dict[str, Any] | None) -> bool:
+    """Whether an in-flight ``status`` is behind the status already ``seen`` (a late copy).
+
+    A final status is never behind: Bedrock's own answer wins over what the events said.
+    """
+    if status in FINAL_STATUSES or not seen:
+        return False
+    if seen.get("status") in FINAL_STATUSES:  # nothing in flight comes after an end
+        return True
+    return STATUS_ORDER.get(status, 0) < STATUS_ORDER.get(seen.get("status"), 0)
+
+
 class JobWatcher:
     """Follows every job of one run with one thread; shards wait on their ``Watch``."""
 
@@ -130,14 +142,15 @@ class JobWatcher:
         with self._lock:
             watch = self._watches.get(job_arn)
             if watch is None:
-                self._early[job_arn] = job
-                while len(self._early) > KEPT_EARLY_EVENTS:
-                    self._early.popitem(last=False)
+                # Not watched yet: keep the furthest status, as a watch would (a late copy of
+                # InProgress after Failed once left a shard waiting for an hour's poll).
+                if not _behind(status, self._early.get(job_arn)):
+                    self._early[job_arn] = job
+                    while len(self._early) > KEPT_EARLY_EVENTS:
+                        self._early.popitem(last=False)
                 return
-        if status not in FINAL_STATUSES:
-            seen = (watch.latest or {}).get("status")
-            if seen is not None and STATUS_ORDER.get(status, 0) < STATUS_ORDER.get(seen, 0):
-                return
+        if _behind(status, watch.latest):
+            return
         watch.offer(job)
 
     def poll_now(self) -> None:
