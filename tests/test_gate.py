@@ -157,14 +157,19 @@ def test_an_ended_jobs_slot_goes_to_the_runs_next_waiting_shard_without_a_prefec
     model = _model("handover")
     name, _, run_gate = gate.ensure_gates(model, "handover-run", 2)
     held = [gate.acquire_slot(model, "handover-run", 60) for _ in range(2)]
-    calls = []
-    real = gate.get_client
+    asks, releases = [], []
+    real_ask, real_release = gate._ask, gate.release_slot
 
-    def counting_client(*args, **kwargs):
-        calls.append(time.monotonic())
-        return real(*args, **kwargs)
+    def counting_ask(*args, **kwargs):
+        asks.append(time.monotonic())
+        return real_ask(*args, **kwargs)
 
-    monkeypatch.setattr(gate, "get_client", counting_client)
+    def counting_release(*args, **kwargs):
+        releases.append(time.monotonic())
+        return real_release(*args, **kwargs)
+
+    monkeypatch.setattr(gate, "_ask", counting_ask)
+    monkeypatch.setattr(gate, "release_slot", counting_release)
     taken: list = []
     waiters = [
         threading.Thread(target=lambda: taken.append(gate.acquire_slot(model, "handover-run", 60)))
@@ -172,17 +177,17 @@ def test_an_ended_jobs_slot_goes_to_the_runs_next_waiting_shard_without_a_prefec
     ]
     for waiter in waiters:
         waiter.start()
-    eventually(lambda: len(calls) >= 1, timeout=10)  # the head asked once and was refused
-    calls_before = len(calls)
+    eventually(lambda: len(asks) >= 1, timeout=10)  # the head asked once and was refused
+    asks_before = len(asks)
 
     assert gate.hand_over_or_release(held[0], model, "handover-run") is True
     eventually(lambda: len(taken) == 1, timeout=5)
     assert gate.hand_over_or_release(held[1], model, "handover-run") is True
     eventually(lambda: len(taken) == 2, timeout=5)
 
-    assert len(calls) == calls_before  # no release, no ask: the slots changed hands here
+    # No release, no new ask: the slots changed hands here (the next head saw the refusal).
+    assert (len(asks), releases) == (asks_before, [])
     assert {str(t) for t in taken} == {str(h) for h in held}
-    monkeypatch.setattr(gate, "get_client", real)
     assert (gate.active_slots(name), gate.active_slots(run_gate)) == (2, 2)
     # The last one ends with a shard still waiting, then with none: released, not kept.
     assert gate.hand_over_or_release(taken[0], model, "handover-run") is True

@@ -577,6 +577,8 @@ class LeaseKeeper:
         lost_models: dict[str, str] = {}
         unreachable = 0
         slots = self.slots()
+        if not slots:
+            return
 
         def renew(slot: HeldSlot, client: SyncPrefectClient) -> bool | None:
             """True renewed, False unknown to the server, None unreachable this cycle."""
