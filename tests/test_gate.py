@@ -41,6 +41,31 @@ def _wait_until(condition, seconds: float = 30.0) -> None:
         time.sleep(0.05)
 
 
+def _count_calls(monkeypatch, name: str) -> list[float]:
+    """The times ``gate.<name>`` is called from now on (it still does its work)."""
+    calls: list[float] = []
+    real = getattr(gate, name)
+
+    def counting(*args, **kwargs):
+        calls.append(time.monotonic())
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(gate, name, counting)
+    return calls
+
+
+def _start_waiters(model: str, run_name: str, count: int) -> tuple[list, list[threading.Thread]]:
+    """``count`` shards waiting for a slot side by side; each lease lands in the list."""
+    taken: list = []
+    waiters = [
+        threading.Thread(target=lambda: taken.append(gate.acquire_slot(model, run_name, 60)))
+        for _ in range(count)
+    ]
+    for waiter in waiters:
+        waiter.start()
+    return taken, waiters
+
+
 def test_gate_name_is_the_quota_key_so_profiles_share_the_base_model_gate():
     assert gate.gate_name("us.anthropic.claude-3-haiku-20240307-v1:0") == gate.gate_name(
         "anthropic.claude-3-haiku-20240307-v1:0"
@@ -86,10 +111,7 @@ def test_acquire_slot_waits_while_the_run_gate_is_full(gate_settings, monkeypatc
     model = _model("full")
     name, _, _ = gate.ensure_gates(model, "full-run", 1)
     first = gate.acquire_slot(model, "full-run", 60)
-    taken: list = []
-    waiter = threading.Thread(target=lambda: taken.append(gate.acquire_slot(model, "full-run", 60)))
-
-    waiter.start()
+    taken, (waiter,) = _start_waiters(model, "full-run", 1)
     waiter.join(timeout=1.5)
     still_waiting = waiter.is_alive()
     gate.release_slot(first)
@@ -109,21 +131,8 @@ def test_a_slot_this_process_frees_is_taken_at_once_by_few_asks(gate_settings, m
     model = _model("refill")
     gate.ensure_gates(model, "refill-run", 1)
     first = gate.acquire_slot(model, "refill-run", 60)
-    asks = []
-    real = gate.get_client
-
-    def counting_client(*args, **kwargs):
-        asks.append(time.monotonic())
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(gate, "get_client", counting_client)
-    taken: list = []
-    waiters = [
-        threading.Thread(target=lambda: taken.append(gate.acquire_slot(model, "refill-run", 60)))
-        for _ in range(8)
-    ]
-    for waiter in waiters:
-        waiter.start()
+    asks = _count_calls(monkeypatch, "get_client")
+    taken, waiters = _start_waiters(model, "refill-run", 8)
     eventually(lambda: len(asks) >= 1, timeout=10)  # the first in line asked and was refused
 
     released_at = time.monotonic()
@@ -157,26 +166,9 @@ def test_an_ended_jobs_slot_goes_to_the_runs_next_waiting_shard_without_a_prefec
     model = _model("handover")
     name, _, run_gate = gate.ensure_gates(model, "handover-run", 2)
     held = [gate.acquire_slot(model, "handover-run", 60) for _ in range(2)]
-    asks, releases = [], []
-    real_ask, real_release = gate._ask, gate.release_slot
-
-    def counting_ask(*args, **kwargs):
-        asks.append(time.monotonic())
-        return real_ask(*args, **kwargs)
-
-    def counting_release(*args, **kwargs):
-        releases.append(time.monotonic())
-        return real_release(*args, **kwargs)
-
-    monkeypatch.setattr(gate, "_ask", counting_ask)
-    monkeypatch.setattr(gate, "release_slot", counting_release)
-    taken: list = []
-    waiters = [
-        threading.Thread(target=lambda: taken.append(gate.acquire_slot(model, "handover-run", 60)))
-        for _ in range(3)
-    ]
-    for waiter in waiters:
-        waiter.start()
+    asks = _count_calls(monkeypatch, "_ask")
+    releases = _count_calls(monkeypatch, "release_slot")
+    taken, waiters = _start_waiters(model, "handover-run", 3)
     eventually(lambda: len(asks) >= 1, timeout=10)  # the head asked once and was refused
     asks_before = len(asks)
 
@@ -367,7 +359,7 @@ def test_keeper_renews_many_leases_side_by_side(monkeypatch):
     renewed = []
     all_in = threading.Barrier(gate.RENEW_WORKERS, timeout=10)
 
-    def slow_renew(lease_id, seconds, retry=True, client=None):
+    def slow_renew(lease_id, seconds, client=None):
         with lock:
             at_once["now"] += 1
             at_once["most"] = max(at_once["most"], at_once["now"])

@@ -55,8 +55,18 @@ FIRST_RETRY_SECONDS = 0.2
 WARN_AFTER_FAILURES = 2
 
 
-def _retry_level(failures: int) -> int:
-    return logging.WARNING if failures >= WARN_AFTER_FAILURES else logging.INFO
+def _log_retry(
+    logger: Logger | None, what: str, exc: BaseException, failures: int, delay: float
+) -> None:
+    """A transient Prefect API error about to be retried: info at first, then a warning."""
+    (logger or log).log(
+        logging.WARNING if failures >= WARN_AFTER_FAILURES else logging.INFO,
+        "Prefect API error while trying to %s (%s); retry %d in %.1f s",
+        what,
+        _describe(exc),
+        failures,
+        delay,
+    )
 
 
 MODEL_PREFIX = "bedrock-batch-"
@@ -139,14 +149,7 @@ def _call(
             failures += 1
             if deadline is not None and time.monotonic() + delay > deadline:
                 raise
-            (logger or log).log(
-                _retry_level(failures),
-                "Prefect API error while trying to %s (%s); retry %d in %.1f s",
-                what,
-                _describe(exc),
-                failures,
-                delay,
-            )
+            _log_retry(logger, what, exc, failures, delay)
             time.sleep(delay * random.uniform(0.8, 1.2))
             delay = min(delay * 2, get_settings().gate.retry_max_seconds)
 
@@ -204,22 +207,28 @@ def _set_active_slots(name: str, slots: int) -> None:
     )
 
 
-def _increment(names: list[str], lease_seconds: float, holder: UUID | None, logger) -> UUID:
-    lease_holder = ConcurrencyLeaseHolder(type="flow_run", id=holder) if holder else None
-    response = _call(
-        "take a slot of " + names[0],
-        lambda p: p.increment_concurrency_slots_with_lease(
-            names=names,
-            slots=1,
-            mode="concurrency",
-            lease_duration=_lease_seconds(lease_seconds),
-            holder=lease_holder,
-        ),
-        logger,
+def _take_lease(
+    client: SyncPrefectClient, names: list[str], lease_seconds: float, holder: UUID | None
+) -> UUID:
+    """One slot of both limits in one increment, held by the flow run ``holder``; now ours."""
+    response = client.increment_concurrency_slots_with_lease(
+        names=names,
+        slots=1,
+        mode="concurrency",
+        lease_duration=_lease_seconds(lease_seconds),
+        holder=ConcurrencyLeaseHolder(type="flow_run", id=holder) if holder else None,
     )
     lease_id = UUID(response.json()["lease_id"])
     _took(lease_id, names)
     return lease_id
+
+
+def _increment(names: list[str], lease_seconds: float, holder: UUID | None, logger) -> UUID:
+    return _call(
+        "take a slot of " + names[0],
+        lambda p: _take_lease(p, names, lease_seconds, holder),
+        logger,
+    )
 
 
 def _is_full(exc: BaseException) -> bool:
@@ -366,11 +375,6 @@ def _ask_until_taken(
     leases_lost: bool,
 ) -> UUID:
     settings = get_settings().gate
-    holder = (
-        ConcurrencyLeaseHolder(type="flow_run", id=holder_flow_run_id)
-        if holder_flow_run_id
-        else None
-    )
     if leases_lost:
         reconcile(model_id, logger, run_name=run_name)
     started = time.monotonic()
@@ -391,7 +395,7 @@ def _ask_until_taken(
         if refused and refused[0] == freed and since_refused < settings.wait_seconds:
             pause = settings.wait_seconds - since_refused  # asked just now by the last head
         else:
-            lease = _ask(names, lease_seconds, holder)
+            lease = _ask(names, lease_seconds, holder_flow_run_id)
             if isinstance(lease, UUID):
                 with group.cond:
                     group.refused = None
@@ -403,14 +407,7 @@ def _ask_until_taken(
             if lease is not None:  # a transient error: ask again after its backoff
                 failures += 1
                 delay = min(FIRST_RETRY_SECONDS * 2 ** (failures - 1), settings.retry_max_seconds)
-                (logger or log).log(
-                    _retry_level(failures),
-                    "Prefect API error while trying to take a slot of %s (%s); retry %d in %.1f s",
-                    names[0],
-                    _describe(lease),
-                    failures,
-                    delay,
-                )
+                _log_retry(logger, "take a slot of " + names[0], lease, failures, delay)
                 time.sleep(delay)
                 continue
             with group.cond:
@@ -428,9 +425,7 @@ def _ask_until_taken(
             group.cond.wait_for(lambda seen=freed: group.freed != seen or bool(group.handed), pause)
 
 
-def _ask(
-    names: list[str], lease_seconds: float, holder: ConcurrencyLeaseHolder | None
-) -> UUID | Exception | None:
+def _ask(names: list[str], lease_seconds: float, holder: UUID | None) -> UUID | Exception | None:
     """One increment of both limits: the lease, a transient error to retry, or None if full.
 
     Under the recount's lock, so a recount that made room for lost leases of running jobs is
@@ -442,34 +437,24 @@ def _ask(
             return None
         try:
             with _prefect() as client:
-                response = client.increment_concurrency_slots_with_lease(
-                    names=names,
-                    slots=1,
-                    mode="concurrency",
-                    lease_duration=_lease_seconds(lease_seconds),
-                    holder=holder,
-                )
+                return _take_lease(client, names, lease_seconds, holder)
         except Exception as exc:
             if _is_full(exc):
                 return None
             if is_transient(exc):
                 return exc
             raise
-        lease_id = UUID(response.json()["lease_id"])
-        _took(lease_id, names)
-    return lease_id
 
 
 def renew_slot(
-    lease_id: UUID | str,
-    lease_seconds: float,
-    retry: bool = True,
-    client: SyncPrefectClient | None = None,
+    lease_id: UUID | str, lease_seconds: float, client: SyncPrefectClient | None = None
 ) -> bool:
     """Extend a lease; False when the server no longer knows it (expired, or lost in a restart).
 
-    ``client``: one the caller keeps open (the keeper renews all its leases with one: a new
-    client per renewal cost ~35 ms of CPU, a few seconds a cycle at a hundred jobs).
+    ``client``: one the caller keeps open, tried once (the keeper renews all its leases with
+    one: a new client per renewal cost ~35 ms of CPU, a few seconds a cycle at a hundred
+    jobs, and an unreachable server is the next cycle's business). Without it, transient
+    errors are retried.
     """
 
     def renew(prefect) -> bool:
@@ -483,10 +468,7 @@ def renew_slot(
 
     if client is not None:
         return renew(client)
-    if retry:
-        return _call("renew lease " + str(lease_id), renew)
-    with _prefect() as fresh:
-        return renew(fresh)
+    return _call("renew lease " + str(lease_id), renew)
 
 
 def release_slot(lease_id: UUID | str, logger: Logger | None = None) -> None:
