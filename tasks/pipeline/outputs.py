@@ -253,43 +253,43 @@ def parse_outputs(
     answered = pl.col(_HAS_OUTPUT) & pl.col("__code").is_null()
     ok = answered & pl.col(_PROBLEM).is_null()
     unparseable = answered | ~pl.col(_LINE_OK)
-    parsed = (
-        frame.lazy()
-        .select(
-            pl.col("recordId").alias(C.RECORD_ID),
-            *[pl.col(name) for name in family.result_schema],
-            pl.when(ok)
-            .then(None)
-            .when(unparseable)
-            .then(pl.lit(C.UNPARSEABLE_OUTPUT))
-            .otherwise(pl.coalesce(pl.col("__code"), pl.lit(C.INVALID_OUTPUT)))
-            .alias(C.ERROR_CODE),
-            pl.when(ok)
-            .then(None)
-            .when(~pl.col(_LINE_OK))
-            .then(pl.lit("The output line is not valid JSON."))
-            .when(unparseable)
-            .then(pl.col(_PROBLEM))
-            .otherwise(
-                pl.coalesce(
-                    pl.col("__msg"), pl.lit("The output line has neither modelOutput nor error.")
-                )
+    parsed = frame.lazy().select(
+        pl.col("recordId").alias(C.RECORD_ID),
+        *[pl.col(name) for name in family.result_schema],
+        pl.when(ok)
+        .then(None)
+        .when(unparseable)
+        .then(pl.lit(C.UNPARSEABLE_OUTPUT))
+        .otherwise(pl.coalesce(pl.col("__code"), pl.lit(C.INVALID_OUTPUT)))
+        .alias(C.ERROR_CODE),
+        pl.when(ok)
+        .then(None)
+        .when(~pl.col(_LINE_OK))
+        .then(pl.lit("The output line is not valid JSON."))
+        .when(unparseable)
+        .then(pl.col(_PROBLEM))
+        .otherwise(
+            pl.coalesce(
+                pl.col("__msg"), pl.lit("The output line has neither modelOutput nor error.")
             )
-            .alias(C.ERROR_MESSAGE),
-            pl.when(ok)
-            .then(None)
-            .when(~pl.col(_LINE_OK))
-            .then(pl.col(LINE))
-            .when(unparseable)
-            .then(pl.col(_RAW))
-            .alias(C.RAW_OUTPUT),
-            ok.alias(_OK),
         )
-        .sort(_OK, descending=True, maintain_order=True)
-        .unique(C.RECORD_ID, keep="first", maintain_order=True)
-        .drop(_OK)
-        .with_columns(pl.lit(True).alias(MATCHED))
+        .alias(C.ERROR_MESSAGE),
+        pl.when(ok)
+        .then(None)
+        .when(~pl.col(_LINE_OK))
+        .then(pl.col(LINE))
+        .when(unparseable)
+        .then(pl.col(_RAW))
+        .alias(C.RAW_OUTPUT),
+        ok.alias(_OK),
     )
+    if frame.get_column("recordId").n_unique() < frame.height:
+        # A record id Bedrock wrote twice (a retried record): its success wins. Sorting and
+        # grouping copy every column, so a file without repeats (the usual case) skips both.
+        parsed = parsed.sort(_OK, descending=True, maintain_order=True).unique(
+            C.RECORD_ID, keep="first", maintain_order=True
+        )
+    parsed = parsed.drop(_OK).with_columns(pl.lit(True).alias(MATCHED))
     if output_schema is None:
         return parsed
     # Validated fields become typed columns; answers that do not fit the schema fail here.
