@@ -279,3 +279,111 @@ def test_preprocess_ids_that_differ_only_in_leading_zeros_are_distinct(tmp_path)
     pl.DataFrame({"topic": [f"t{i}" for i in range(120)], "id": ids}).write_csv(src)
     plan = run(tmp_path, str(src), id_column="id")
     assert plan.total_records == 120
+
+
+def _plans_from_every_row(monkeypatch) -> list[int]:
+    """Count the two-pass plans preprocess makes (the one-pass plan makes none)."""
+    import tasks.pipeline.preprocess as P
+
+    calls: list[int] = []
+    plan_ranges = P._plan_ranges
+
+    def counted(work):
+        calls.append(1)
+        return plan_ranges(work)
+
+    monkeypatch.setattr(P, "_plan_ranges", counted)
+    return calls
+
+
+def _run_files(out: Path) -> dict[str, bytes]:
+    return {
+        str(p.relative_to(out)): p.read_bytes()
+        for p in sorted(out.rglob("*"))
+        if p.is_file() and p.name != "plan.json"
+    }
+
+
+def test_one_pass_plan_writes_what_the_plan_from_every_row_writes(tmp_path, monkeypatch):
+    calls = _plans_from_every_row(monkeypatch)
+    n = 61
+    frame = pl.DataFrame(
+        {"topic": [f"{TRICKY[i % len(TRICKY)]} {i}" for i in range(n)], "n": list(range(n))}
+    )
+    source = tmp_path / "src.parquet"
+    frame.write_parquet(source)
+    one = preprocess(
+        str(source),
+        model_id=CLAUDE,
+        prompt_id="joke_about_topic",
+        quotas=QUOTAS,
+        max_concurrent_jobs=4,
+        out_dir=tmp_path / "one",
+    )
+    assert calls == []  # read once: no plan from every row
+    # on_missing="skip" always plans from every row; without missing values it must agree.
+    two = preprocess(
+        str(source),
+        model_id=CLAUDE,
+        prompt_id="joke_about_topic",
+        quotas=QUOTAS,
+        max_concurrent_jobs=4,
+        on_missing="skip",
+        out_dir=tmp_path / "two",
+    )
+    assert calls == [1]
+    assert one.shards == two.shards
+    assert len(one.shards) == 4 and sum(s.records for s in one.shards) == n
+    assert _run_files(tmp_path / "one") == _run_files(tmp_path / "two")
+    for shard in one.shards:
+        assert shard.bytes == (tmp_path / "one" / shard.input_file).stat().st_size
+        lines = read_lines(tmp_path / "one" / shard.input_file)
+        prompts = [line["modelInput"]["messages"][0]["content"] for line in lines]
+        assert shard.chars == sum(len(p) for p in prompts)
+    sent = [
+        line["recordId"]
+        for shard in one.shards
+        for line in read_lines(tmp_path / "one" / shard.input_file)
+    ]
+    assert sent == [f"R{i:010d}" for i in range(n)]
+
+
+def test_one_pass_missing_value_in_a_later_shard_fails_and_leaves_no_shard(tmp_path):
+    topics_ = [f"topic {i}" for i in range(30)]
+    topics_[25] = None
+    source = write_csv(tmp_path, pl.DataFrame({"topic": topics_}))
+    with pytest.raises(MissingValuesError) as exc:
+        run(tmp_path, source, max_concurrent_jobs=3)
+    assert "R0000000025" in str(exc.value) and "1 null or empty" in str(exc.value)
+    assert not (tmp_path / "run" / "input").exists()
+    assert not (tmp_path / "run" / "rows").exists()
+
+
+def test_one_pass_prompt_over_model_limit_in_a_later_shard_names_it(tmp_path):
+    texts = ["short"] * 9 + ["x" * 3000]
+    source = write_csv(tmp_path, pl.DataFrame({"input_text": texts}))
+    with pytest.raises(RecordTooLargeError) as exc:
+        run(
+            tmp_path,
+            source,
+            model_id="cohere.embed-english-v3",
+            prompt_id=None,
+            max_concurrent_jobs=2,
+        )
+    assert "R0000000009" in str(exc.value) and "3,000" in str(exc.value)
+    assert not (tmp_path / "run" / "input").exists()
+
+
+def test_one_pass_shard_over_byte_limit_is_cut_by_bytes_and_files_fit(tmp_path, monkeypatch):
+    calls = _plans_from_every_row(monkeypatch)
+    texts = [f"text {i}" for i in range(30)] + ["z" * 400 for _ in range(10)]
+    quotas = QuotaSettings(min_records_per_job=2, max_file_bytes=2000)
+    source = write_csv(tmp_path, pl.DataFrame({"input_text": texts}))
+    plan = run(
+        tmp_path, source, model_id=TITAN, prompt_id=None, quotas=quotas, max_concurrent_jobs=2
+    )
+    assert calls == [1]  # the even cut did not hold, so the plan came from every row
+    assert plan.batch_records == 40 and len(plan.shards) > 2
+    for shard in plan.shards:
+        size = (tmp_path / "run" / shard.input_file).stat().st_size
+        assert size == shard.bytes <= 2000  # the file, newlines included, within the limit

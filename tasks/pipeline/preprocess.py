@@ -15,7 +15,14 @@ import polars as pl
 
 from prompt_templates import PromptTemplate
 from tasks.bedrock.families import ModelFamily, Options, family_for
-from tasks.errors import EmptyDatasetError, InputValidationError, MissingValuesError, SourceError
+from tasks.errors import (
+    EmptyDatasetError,
+    InputValidationError,
+    MissingValuesError,
+    ShardingError,
+    SourceError,
+    TooFewRecordsError,
+)
 from tasks.files import atomic_path, write_parquet_atomic
 from tasks.pipeline import columns as C
 from tasks.pipeline import validation as V
@@ -43,6 +50,8 @@ _LINE = "__line"
 _MISSING = "__missing"
 _BYTES = "__bytes"
 _CHARS = "__chars"
+# A shard's file holds its lines and a newline after each: the byte limit counts both.
+_NEWLINE_BYTES = 1
 
 
 @dataclass(frozen=True)
@@ -144,6 +153,14 @@ def preprocess(
             except pl.exceptions.ComputeError as exc:
                 raise V.source_error(exc, source) from None
             work.lf = pl.scan_parquet(staged)
+        if work.opts.on_missing == "fail" and work.line.pieces:
+            try:
+                return _write_shards(work, *_even_ranges(work), 0, on_shard, speculative=True)
+            except _Replan:
+                # The two-pass plan finds the error, or the cut by bytes, the even one missed;
+                # a failed check leaves no shard behind, as it did before any was written.
+                for sub in (INPUT_DIR, ROWS_DIR):
+                    shutil.rmtree(work.out_dir / sub, ignore_errors=True)
         return _write_shards(work, *_plan_ranges(work), on_shard)
     finally:
         staged.unlink(missing_ok=True)
@@ -214,21 +231,51 @@ def _resolve(source: str, opts: PreprocessOptions, out_dir: Path) -> _Work:
     )
 
 
-def _plan_ranges(w: _Work) -> tuple[list[tuple[int, int]], list[int], np.ndarray, int, int]:
+class _Replan(Exception):
+    """The even cut planned from the row count alone does not hold: plan from every row."""
+
+
+def _chars(w: _Work) -> pl.Expr:
+    """A row's prompt characters: its template values and the template's own text."""
+    return pl.sum_horizontal(
+        [pl.col(c).cast(pl.String).str.len_chars().cast(pl.UInt32) for c in w.template.columns]
+    ) + pl.lit(w.line.literal_chars, dtype=pl.UInt32)
+
+
+def _even_ranges(w: _Work) -> tuple[list[tuple[int, int]], list[int], int]:
+    """The shards of the usual run, from the row count alone (Parquet keeps it in its footer).
+
+    With on_missing="fail", no missing value and no shard over the byte limit, the two-pass
+    plan cuts the rows evenly by count; `_write_shards` checks those conditions shard by shard
+    as it writes, so the source is read once. Anything else raises _Replan.
+    """
+    total = V.collect(w.lf.select(pl.len()), w.source).item()
+    target_jobs = 1 if w.opts.max_records_per_job is not None else w.opts.max_concurrent_jobs
+    try:
+        k = shard_count(
+            total,
+            min_records=w.quotas.min_records_per_job,
+            max_records=w.max_records,
+            target_jobs=target_jobs,
+        )
+    except (TooFewRecordsError, ShardingError):
+        raise _Replan from None  # the two-pass plan says why, after the checks that come first
+    bounds = [int(b) for b in even_bounds(total, k)]
+    return list(zip(bounds[:-1], bounds[1:], strict=True)), bounds, total
+
+
+def _plan_ranges(w: _Work) -> tuple[list[tuple[int, int]], list[int], int, int]:
     """Validate every row in one streaming pass of small columns, then cut the shards.
 
-    Returns the shards' ranges among valid rows, their bounds among source rows, the running
-    prompt characters, the row count and the count of rows with a missing value.
+    Returns the shards' ranges among valid rows, their bounds among source rows, the row count
+    and the count of rows with a missing value.
     """
     needed, line, source = w.template.columns, w.line, w.source
-    chars = pl.sum_horizontal(
-        [pl.col(c).cast(pl.String).str.len_chars().cast(pl.UInt32) for c in needed]
-    ) + pl.lit(line.literal_chars, dtype=pl.UInt32)
     stats = V.collect(
         w.lf.select(
             w.missing.alias(_MISSING),
-            chars.alias(_CHARS),
-            (line.value_bytes_upper() + line.const_bytes).alias(_BYTES),
+            _chars(w).alias(_CHARS),
+            (line.value_bytes_upper() + line.const_bytes + _NEWLINE_BYTES).alias(_BYTES),
         ),
         source,
     )
@@ -251,7 +298,8 @@ def _plan_ranges(w: _Work) -> tuple[list[tuple[int, int]], list[int], np.ndarray
     if ranges is None:
         # The cheap bound says a limit may bind: measure the exact line sizes.
         exact = V.collect(
-            w.lf.select((line.value_bytes() + line.const_bytes).alias(_BYTES)), source
+            w.lf.select((line.value_bytes() + line.const_bytes + _NEWLINE_BYTES).alias(_BYTES)),
+            source,
         )
         stats = stats.with_columns(exact[_BYTES])
         valid = stats.filter(ok) if n_missing else stats
@@ -264,21 +312,26 @@ def _plan_ranges(w: _Work) -> tuple[list[tuple[int, int]], list[int], np.ndarray
             target_jobs=target_jobs,
         )
     valid_rows = valid[ROW].to_numpy()
-    cum_chars = np.concatenate([[0], np.cumsum(valid[_CHARS].to_numpy(), dtype=np.int64)])
     bounds = [int(valid_rows[a]) for a, _ in ranges] + [total]
-    return ranges, bounds, cum_chars, total, n_missing
+    return ranges, bounds, total, n_missing
 
 
 def _write_shards(
     w: _Work,
     ranges: list[tuple[int, int]],
     bounds: list[int],
-    cum_chars: np.ndarray,
     total: int,
     n_missing: int,
     on_shard: Callable[[int, int], None] | None,
+    *,
+    speculative: bool = False,
 ) -> RunPlan:
-    """Write each shard's JSONL and rows, then the plan."""
+    """Write each shard's JSONL and rows, then the plan.
+
+    `speculative` ranges come from `_even_ranges`: each shard is checked for what the plan
+    from every row would have caught (a missing value, a prompt over the model's limit, a
+    shard over the byte limit), and _Replan is raised at the first one.
+    """
     out_dir, lf, source, missing, line = w.out_dir, w.lf, w.source, w.missing, w.line
     needed, schema = w.template.columns, w.schema
     row = pl.col(ROW)
@@ -304,8 +357,9 @@ def _write_shards(
                 .with_row_index(ROW, offset=first)
                 .with_columns(
                     # Without missing rows (the usual case) the flag need not be recomputed.
-                    (missing if n_missing else pl.lit(False)).alias(_MISSING),
+                    (missing if n_missing or speculative else pl.lit(False)).alias(_MISSING),
                     record_id_expr(row).alias(C.RECORD_ID),
+                    _chars(w).alias(_CHARS),
                 )
                 .with_columns(line.expr(pl.col(C.RECORD_ID)).alias(_LINE)),
                 source,
@@ -316,15 +370,19 @@ def _write_shards(
             if frame.height != b - a:
                 msg = f"Shard {i} has {frame.height} rows, planned {b - a}: did the source change?"
                 raise SourceError(msg)
+            file_bytes = int(frame[_LINE].str.len_bytes().sum()) + frame.height * _NEWLINE_BYTES
+            if speculative:
+                _check_even(w, frame, file_bytes)
             name = shard_name(i)
-            samples.append(_sample(frame, name, cum_chars, a, b, per_shard))
+            samples.append(_sample(frame, name, per_shard))
+            chars = int(frame[_CHARS].sum())
             shard = ShardPlan(
                 index=i,
                 name=name,
                 records=b - a,
-                bytes=int(frame[_LINE].str.len_bytes().sum()) + frame.height,
-                est_input_tokens=math.ceil(int(cum_chars[b] - cum_chars[a]) / CHARS_PER_TOKEN),
-                chars=int(cum_chars[b] - cum_chars[a]),
+                bytes=file_bytes,
+                est_input_tokens=math.ceil(chars / CHARS_PER_TOKEN),
+                chars=chars,
                 input_file=input_file(name),
                 rows_file=rows_file(name),
             )
@@ -343,6 +401,8 @@ def _write_shards(
                 writes.pop(0).result()
         for pending in writes:
             pending.result()
+        if speculative and w.opts.id_column is not None:
+            V.check_ids(w.lf, w.opts.id_column, source)
     finally:
         writer.shutdown(wait=True)
     _write_sample(samples, out_dir / SAMPLE_FILE)
@@ -390,15 +450,25 @@ def _cut(
     return [(int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
 
 
-def _sample(
-    frame: pl.DataFrame, name: str, cum_chars: np.ndarray, a: int, b: int, k: int
-) -> pl.DataFrame:
+def _check_even(w: _Work, frame: pl.DataFrame, file_bytes: int) -> None:
+    """Raise _Replan where the plan from every row would not have cut this shard evenly."""
+    limit = w.family.max_input_chars
+    if (
+        frame[_MISSING].any()
+        or (limit is not None and frame[_CHARS].max() > limit)
+        or file_bytes > w.max_bytes
+    ):
+        raise _Replan
+
+
+def _sample(frame: pl.DataFrame, name: str, k: int) -> pl.DataFrame:
     """Up to k lines spread over the shard, with their prompt characters (for CountTokens)."""
-    picks = np.unique(np.linspace(0, b - a - 1, num=min(k, b - a)).astype(np.int64))
+    n = frame.height
+    picks = pl.Series(np.unique(np.linspace(0, n - 1, num=min(k, n)).astype(np.int64)))
     return pl.DataFrame(
         {
             "shard": [name] * len(picks),
-            "chars": cum_chars[a + picks + 1] - cum_chars[a + picks],
+            "chars": frame.get_column(_CHARS).gather(picks).cast(pl.Int64),
             "line": frame.get_column(_LINE).gather(picks),
         }
     )
