@@ -387,3 +387,11 @@ def test_one_pass_shard_over_byte_limit_is_cut_by_bytes_and_files_fit(tmp_path, 
     for shard in plan.shards:
         size = (tmp_path / "run" / shard.input_file).stat().st_size
         assert size == shard.bytes <= 2000  # the file, newlines included, within the limit
+
+
+def test_one_pass_duplicate_ids_fail_and_leave_no_shard(tmp_path):
+    frame = pl.DataFrame({"topic": [f"t{i}" for i in range(12)], "doc": [1, 2, 3] * 4})
+    with pytest.raises(DuplicateIdError):
+        run(tmp_path, write_csv(tmp_path, frame), id_column="doc", max_concurrent_jobs=2)
+    assert not (tmp_path / "run" / "input").exists()
+    assert not (tmp_path / "run" / "rows").exists()

@@ -156,11 +156,13 @@ def preprocess(
         if work.opts.on_missing == "fail" and work.line.pieces:
             try:
                 return _write_shards(work, *_even_ranges(work), 0, on_shard, speculative=True)
-            except _Replan:
-                # The two-pass plan finds the error, or the cut by bytes, the even one missed;
-                # a failed check leaves no shard behind, as it did before any was written.
+            except (_Replan, InputValidationError) as exc:
+                # A failed check leaves no shard behind, as it did before any was written; the
+                # two-pass plan finds the error, or the cut by bytes, the even one missed.
                 for sub in (INPUT_DIR, ROWS_DIR):
                     shutil.rmtree(work.out_dir / sub, ignore_errors=True)
+                if not isinstance(exc, _Replan):
+                    raise
         return _write_shards(work, *_plan_ranges(work), on_shard)
     finally:
         staged.unlink(missing_ok=True)
