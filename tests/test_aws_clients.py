@@ -100,3 +100,26 @@ def test_every_shard_thread_of_a_run_can_hold_a_connection_of_each_client(stack)
 
     for service in ("bedrock", "s3", "bedrock-runtime"):
         assert clients.client(service).meta.config.max_pool_connections >= MAX_SHARDS_IN_FLIGHT
+
+
+def test_offline_commands_do_not_import_botocore():
+    """preprocess and merge never call AWS, so their start-up does not pay for botocore."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, flows.cli, tasks.pipeline.preprocess, tasks.pipeline.merge;"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in ('botocore', 'boto3')))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    ).stdout
+    assert out.strip() == "[]"
+
+
+def test_error_code_reads_aws_refusals_only():
+    from botocore.exceptions import ClientError
+
+    refusal = ClientError({"Error": {"Code": "NoSuchKey", "Message": "x"}}, "GetObject")
+    assert clients.error_code(refusal) == "NoSuchKey"
+    assert clients.error_code(ValueError("not AWS")) is None

@@ -3,12 +3,9 @@
 from __future__ import annotations
 
 import os
+import sys
 from functools import lru_cache
 from typing import TYPE_CHECKING
-
-from botocore.config import Config
-from botocore.exceptions import ClientError
-from botocore.utils import CLIENT_NAME_TO_HYPHENIZED_SERVICE_ID_OVERRIDES
 
 from tasks.errors import RunSettingsError
 from tasks.settings import get_settings
@@ -22,16 +19,10 @@ if TYPE_CHECKING:
 POOL_CONNECTIONS = 128
 # Bedrock control-plane calls get no silent botocore retries: throttling and quota refusals must
 # reach our own backoff, which logs them. S3 and CloudWatch keep botocore's standard retries.
-_NO_RETRY = Config(
-    retries={"mode": "standard", "max_attempts": 1},
-    read_timeout=60,
-    max_pool_connections=POOL_CONNECTIONS,
-)
-_STANDARD = Config(
-    retries={"mode": "standard", "max_attempts": 5},
-    read_timeout=60,
-    max_pool_connections=POOL_CONNECTIONS,
-)
+_BEDROCK_ATTEMPTS = 1
+_STANDARD_ATTEMPTS = 5
+# botocore is imported when the first client is made, not with this module: the offline
+# commands (preprocess, merge) import the run layout through here and never call AWS (~70 ms).
 
 
 # A Prefect AwsCredentials block a run, the monitor or the CLI named; None: the standard chain.
@@ -87,7 +78,14 @@ def session() -> boto3.session.Session:
 
 @lru_cache(maxsize=32)
 def _client(service: str, block: str | None, region: str | None, endpoint: str | None):
-    config = _NO_RETRY if service == "bedrock" else _STANDARD
+    from botocore.config import Config
+
+    attempts = _BEDROCK_ATTEMPTS if service == "bedrock" else _STANDARD_ATTEMPTS
+    config = Config(
+        retries={"mode": "standard", "max_attempts": attempts},
+        read_timeout=60,
+        max_pool_connections=POOL_CONNECTIONS,
+    )
     overrides: dict = {}
     if block:
         overrides = _block(block).aws_client_parameters.get_params_override()
@@ -97,6 +95,8 @@ def _client(service: str, block: str | None, region: str | None, endpoint: str |
 
 def client(service: str):
     """A cached boto3 client; endpoints follow AWS_ENDPOINT_URL_<SERVICE> like any AWS tool."""
+    from botocore.utils import CLIENT_NAME_TO_HYPHENIZED_SERVICE_ID_OVERRIDES
+
     region = get_settings().aws.region
     # The endpoint is part of the cache key so tests that restart the local stack get new clients.
     # botocore names the variable after the serviceId: "events" reads ..._EVENTBRIDGE.
@@ -107,8 +107,14 @@ def client(service: str):
 
 
 def error_code(exc: BaseException) -> str | None:
-    """The AWS error code of a botocore ClientError, else None."""
-    return exc.response.get("Error", {}).get("Code") if isinstance(exc, ClientError) else None
+    """The AWS error code of a botocore ClientError, else None (any other exception).
+
+    Without botocore loaded no exception can be one, so this never imports it.
+    """
+    exceptions = sys.modules.get("botocore.exceptions")
+    if exceptions is None or not isinstance(exc, exceptions.ClientError):
+        return None
+    return exc.response.get("Error", {}).get("Code")
 
 
 def retry_on_error_codes(codes: frozenset[str] | set[str]):

@@ -12,8 +12,6 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from botocore.exceptions import ClientError
-
 from tasks.aws.clients import client, error_code
 from tasks.files import atomic_path, write_bytes_atomic
 
@@ -101,7 +99,7 @@ def digest_of(uri: str) -> str | None:
     bucket, key = split_s3(uri)
     try:
         head = client("s3").head_object(Bucket=bucket, Key=key)
-    except ClientError as exc:
+    except Exception as exc:  # an AWS refusal has an error_code (botocore is imported lazily)
         if error_code(exc) in _NOT_FOUND:
             return None
         raise
@@ -241,7 +239,9 @@ def _local_lock(path: Path) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def _precondition_failed(exc: ClientError) -> bool:
+def _precondition_failed(exc: BaseException) -> bool:
+    if error_code(exc) is None:
+        return False  # not an AWS refusal
     status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
     return error_code(exc) in _PRECONDITION_FAILED or status in (409, 412)
 
@@ -252,7 +252,7 @@ def read_tagged(uri: str) -> Tagged | None:
         bucket, key = split_s3(uri)
         try:
             got = client("s3").get_object(Bucket=bucket, Key=key)
-        except ClientError as exc:
+        except Exception as exc:  # an AWS refusal has an error_code (botocore is imported lazily)
             if error_code(exc) in _NOT_FOUND:
                 return None
             raise
@@ -279,7 +279,7 @@ def put_if_absent(uri: str, data: bytes) -> str | None:
             return client("s3").put_object(Bucket=bucket, Key=key, Body=data, IfNoneMatch="*")[
                 "ETag"
             ]
-        except ClientError as exc:
+        except Exception as exc:  # an AWS refusal has an error_code (botocore is imported lazily)
             if _precondition_failed(exc):
                 return None
             raise
@@ -297,7 +297,7 @@ def put_if_match(uri: str, data: bytes, tag: str) -> str | None:
         bucket, key = split_s3(uri)
         try:
             return client("s3").put_object(Bucket=bucket, Key=key, Body=data, IfMatch=tag)["ETag"]
-        except ClientError as exc:
+        except Exception as exc:  # an AWS refusal has an error_code (botocore is imported lazily)
             if _precondition_failed(exc) or error_code(exc) in ("404", "NoSuchKey"):
                 return None
             raise
@@ -316,7 +316,7 @@ def delete_if_match(uri: str, tag: str) -> bool:
         bucket, key = split_s3(uri)
         try:
             client("s3").delete_object(Bucket=bucket, Key=key, IfMatch=tag)
-        except ClientError as exc:
+        except Exception as exc:  # an AWS refusal has an error_code (botocore is imported lazily)
             if _precondition_failed(exc) or error_code(exc) in ("404", "NoSuchKey"):
                 return False
             raise

@@ -22,8 +22,6 @@ import re
 from dataclasses import dataclass
 from datetime import datetime, timezone
 
-from botocore.exceptions import ClientError
-
 from tasks.aws import storage
 from tasks.aws.clients import client, error_code
 from tasks.errors import OutputUriError, RunSettingsError
@@ -214,8 +212,10 @@ def check_bucket(uri: str, setting: str) -> None:
     bucket, _ = storage.split_s3(uri)
     try:
         client("s3").head_bucket(Bucket=bucket)
-    except ClientError as exc:
+    except Exception as exc:
         code = error_code(exc)
+        if code is None:
+            raise  # not an AWS refusal (botocore is imported lazily, see tasks.aws.clients)
         reason = "does not exist" if code in ("404", "NoSuchBucket") else f"is not usable ({code})"
         msg = (
             f"The bucket {bucket!r} of {setting} {uri!r} {reason}. Create it, or point "
