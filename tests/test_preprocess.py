@@ -44,11 +44,11 @@ def topics(n: int) -> pl.DataFrame:
     return pl.DataFrame({"topic": [f"topic {i}" for i in range(n)], "n": list(range(n))})
 
 
-def run(tmp_path, source, **kwargs):
+def run(tmp_path, source, folder="run", **kwargs):
     kwargs.setdefault("model_id", CLAUDE)
     kwargs.setdefault("prompt_id", "joke_about_topic")
     kwargs.setdefault("quotas", QUOTAS)
-    return preprocess(source, out_dir=tmp_path / "run", **kwargs)
+    return preprocess(source, out_dir=tmp_path / folder, **kwargs)
 
 
 def read_lines(path: Path) -> list[dict]:
@@ -312,25 +312,10 @@ def test_one_pass_plan_writes_what_the_plan_from_every_row_writes(tmp_path, monk
     )
     source = tmp_path / "src.parquet"
     frame.write_parquet(source)
-    one = preprocess(
-        str(source),
-        model_id=CLAUDE,
-        prompt_id="joke_about_topic",
-        quotas=QUOTAS,
-        max_concurrent_jobs=4,
-        out_dir=tmp_path / "one",
-    )
+    one = run(tmp_path, str(source), "one", max_concurrent_jobs=4)
     assert calls == []  # read once: no plan from every row
     # on_missing="skip" always plans from every row; without missing values it must agree.
-    two = preprocess(
-        str(source),
-        model_id=CLAUDE,
-        prompt_id="joke_about_topic",
-        quotas=QUOTAS,
-        max_concurrent_jobs=4,
-        on_missing="skip",
-        out_dir=tmp_path / "two",
-    )
+    two = run(tmp_path, str(source), "two", max_concurrent_jobs=4, on_missing="skip")
     assert calls == [1]
     assert one.shards == two.shards
     assert len(one.shards) == 4 and sum(s.records for s in one.shards) == n
