@@ -240,10 +240,11 @@ def _local_lock(path: Path) -> Iterator[None]:
 
 
 def _precondition_failed(exc: BaseException) -> bool:
-    if error_code(exc) is None:
+    code = error_code(exc)
+    if code is None:
         return False  # not an AWS refusal
     status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
-    return error_code(exc) in _PRECONDITION_FAILED or status in (409, 412)
+    return code in _PRECONDITION_FAILED or status in (409, 412)
 
 
 def read_tagged(uri: str) -> Tagged | None:
