@@ -50,7 +50,9 @@ _LINE = "__line"
 _MISSING = "__missing"
 _BYTES = "__bytes"
 _CHARS = "__chars"
-# A shard's file holds its lines and a newline after each: the byte limit counts both.
+# A shard's file holds its lines and a newline after each: the byte limit counts both. The
+# quota ("Batch inference input file size", Amazon Bedrock endpoints and quotas in the AWS
+# General Reference; batch-inference-data.html: one JSON object per line) is the file's size.
 _NEWLINE_BYTES = 1
 
 
