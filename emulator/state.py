@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import threading
+import time
 from collections.abc import Callable
 
 import boto3
@@ -45,6 +46,9 @@ class EmulatorServerState:
         self.s3_endpoint_url = s3_endpoint_url
         # Called with a job after each of its status changes, under the backend's lock.
         self.status_listeners: list[Callable[[Job], None]] = []
+        # How long writing a job's outputs took here lately, a record: jobs start writing that
+        # long before their paced end (JobWorker._progress).
+        self.write_seconds_per_record = 0.0
         self.use_s3_credentials("testing", "testing")
 
     def use_s3_credentials(
@@ -109,6 +113,7 @@ class EmulatorServerState:
 
     def write_outputs(self, job: Job, files, results, processed: int) -> None:
         """Write the job's outputs and manifest to S3 (with the job's KMS key, as Bedrock does)."""
+        started = time.monotonic()
         runner.write_outputs(
             self.s3,
             job.output_uri,
@@ -118,6 +123,8 @@ class EmulatorServerState:
             processed,
             kms_key_id=job.kms_key_id,
         )
+        if processed:
+            self.write_seconds_per_record = (time.monotonic() - started) / processed
 
     def set_faults(self, **faults) -> None:
         """Change faults at run time; running jobs see them on their next tick."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import time
 from datetime import timedelta
 
 import pytest
@@ -18,6 +19,8 @@ from emu_helpers import (
     unique,
     wait_for,
 )
+
+from emulator import runner
 
 
 def test_create_model_invocation_job_completes_with_outputs_and_manifest(stack):
@@ -264,6 +267,38 @@ def test_get_model_invocation_job_shows_live_counters(stack):
     assert job["totalRecordCount"] == 200 and job["successRecordCount"] == 100
     stack.set_faults(stuck_job_names_containing=None)
     assert wait_for(stack, arn)["processedRecordCount"] == 200
+
+
+def test_job_lasts_its_configured_pace_with_the_emulators_own_work_inside_it(stack, monkeypatch):
+    """100 records at 100 records/s with instant statuses end about 1 s after submission, even
+    when the fake model takes 0.6 s to answer and writing the outputs 0.3 s: the emulator's own
+    work runs inside the pace, as a real job's duration holds no simulator's time. The first job
+    teaches the emulator how long writing takes; the second ends on time. Both took 1.9 s
+    before."""
+    answer, write = runner.answer, runner.write_outputs
+
+    def slow_answer(*args, **kwargs):
+        time.sleep(0.6)  # a slow fake model: work to hide, not synchronisation
+        return answer(*args, **kwargs)
+
+    def slow_write(*args, **kwargs):
+        time.sleep(0.3)  # a slow S3: the same
+        return write(*args, **kwargs)
+
+    monkeypatch.setattr(runner, "answer", slow_answer)
+    monkeypatch.setattr(runner, "write_outputs", slow_write)
+    stack.configure(records_per_second=100)
+    took = []
+    for attempt in range(2):
+        name = unique(f"paced{attempt}")
+        arn = create_job(stack, name, put_jsonl(stack, f"in/{name}.jsonl", records(100)))
+        job = wait_for(stack, arn)
+        assert job["status"] == "Completed" and job["processedRecordCount"] == 100
+        files = read_output(stack, arn, f"out/{name}/")
+        assert len(output_records(files[f"{name}.jsonl.out"])) == 100
+        took.append((job["endTime"] - job["submitTime"]).total_seconds())
+    assert 1.0 <= took[0] < 1.6, took
+    assert 1.0 <= took[1] < 1.5, took
 
 
 def test_list_model_invocation_jobs_filters_sorts_and_paginates(stack):
