@@ -248,6 +248,44 @@ def refill_figures(jobs: list[dict], gate: int) -> dict:
     }
 
 
+def critical_chain(jobs: list[dict], gate: int) -> dict:
+    """Where the makespan went: the chain of jobs that ran one after another in the slot of the
+    job that ended last, split into its start after the first submission (first-wave fill),
+    its jobs' own submitTime→endTime, and the gaps between one's end and the next's submit.
+
+    A job past the first wave took the slot of the latest-ended job not yet followed (as in
+    refill_figures); the three parts add up to the makespan.
+    """
+    ended = sorted((j for j in jobs if j.get("endTime")), key=lambda j: j["submitTime"])
+    if not ended:
+        return dict.fromkeys(("chain_jobs", "chain_start_s", "chain_service_s", "chain_gaps_s"))
+    first = ended[0]["submitTime"].timestamp()
+    chain: dict[str, tuple[float, float, float, int]] = {}  # name: (start, service, gaps, jobs)
+    followed: set[str] = set()
+    for i, job in enumerate(ended):
+        submit, end = job["submitTime"].timestamp(), job["endTime"].timestamp()
+        before = [
+            j
+            for j in ended[:i]
+            if j["jobName"] not in followed and j["endTime"].timestamp() <= submit
+        ]
+        if i < gate or not before:
+            chain[job["jobName"]] = (submit - first, end - submit, 0.0, 1)
+            continue
+        previous = max(before, key=lambda j: j["endTime"])
+        followed.add(previous["jobName"])
+        start, service, gaps, count = chain[previous["jobName"]]
+        gap = submit - previous["endTime"].timestamp()
+        chain[job["jobName"]] = (start, service + end - submit, gaps + gap, count + 1)
+    start, service, gaps, count = chain[max(ended, key=lambda j: j["endTime"])["jobName"]]
+    return {
+        "chain_jobs": count,
+        "chain_start_s": round(start, 2),
+        "chain_service_s": round(service, 2),
+        "chain_gaps_s": round(gaps, 2),
+    }
+
+
 def calls_per_minute(calls: dict, seconds: float) -> dict:
     """Mean calls a minute over the run, the busiest 60 s, and throttled totals, by operation."""
     figures = {}
@@ -396,6 +434,7 @@ def run(settings: OrchestrationSettings) -> dict:
         "waves": waves,
         "ideal_makespan_s": ideal,
         **refill,
+        **critical_chain(jobs, settings.gate),
         **seen,
         "flow_wall_s": child["seconds"],
         "ratio_bedrock": round(refill["bedrock_makespan_s"] / ideal, 2)
