@@ -1,0 +1,108 @@
+"""The exactly-once check at the end of a run: each shard's rows against its own part."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from types import SimpleNamespace
+
+import polars as pl
+import pytest
+
+from tasks.errors import IncompleteOutputError
+from tasks.pipeline import summary
+from tasks.pipeline.columns import (
+    ERROR_CODE,
+    INPUT_TOKENS,
+    OUTPUT_TOKENS,
+    RECORD_ID,
+    UNPARSEABLE_OUTPUT,
+)
+from tasks.run.layout import RunLayout, part_name, rows_file, shard_name
+
+SHARDS, PER_SHARD = 5, 4
+
+
+def ids(shard: int) -> list[str]:
+    return [f"R{shard * PER_SHARD + k:010d}" for k in range(PER_SHARD)]
+
+
+def write_run(root: Path, parts: dict[int, list[str]] | None = None) -> RunLayout:
+    """Rows files of SHARDS shards and their parts (by default each with its own ids), and a
+    skipped pair; record 1 of every shard failed, record 2 of shard 0 was unparseable."""
+    layout = RunLayout("run", str(root), str(root / "jobs"))
+    parts = {i: ids(i) for i in range(SHARDS)} if parts is None else parts
+    for i in range(SHARDS):
+        path = root / rows_file(shard_name(i))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        pl.DataFrame({RECORD_ID: ids(i), "text": ["t"] * PER_SHARD}).write_parquet(path)
+    (root / "output").mkdir(exist_ok=True)
+    for i, got in parts.items():
+        errors = [None, "ModelError", UNPARSEABLE_OUTPUT if i == 0 else None, None][: len(got)]
+        errors += [None] * (len(got) - len(errors))
+        pl.DataFrame(
+            {
+                RECORD_ID: got,
+                ERROR_CODE: pl.Series(errors, dtype=pl.String),
+                INPUT_TOKENS: [10] * len(got),
+                OUTPUT_TOKENS: [3] * len(got),
+            }
+        ).write_parquet(root / "output" / part_name(i))
+    skipped = ["S0000000001"]
+    pl.DataFrame({RECORD_ID: skipped}).write_parquet(root / "rows" / "skipped.parquet")
+    pl.DataFrame({RECORD_ID: skipped, ERROR_CODE: ["Skipped"]}).write_parquet(
+        root / "output" / "skipped.parquet"
+    )
+    return layout
+
+
+PLAN = SimpleNamespace(shards=[SimpleNamespace(records=PER_SHARD)] * SHARDS, skipped_records=1)
+
+
+@pytest.mark.parametrize("at_once", [1_000_000, PER_SHARD], ids=["one batch", "shard by shard"])
+def test_check_output_counts_every_shard_once_in_one_batch_or_many(tmp_path, monkeypatch, at_once):
+    monkeypatch.setattr(summary, "CHECK_RECORDS_AT_ONCE", at_once)
+    check = summary.check_output(write_run(tmp_path), PLAN)
+    records = SHARDS * PER_SHARD + 1
+    assert check["records"] == records
+    assert check["failed"] == SHARDS + 1 + 1  # one ModelError a shard, the unparseable, skipped
+    assert check["succeeded"] == records - check["failed"]
+    assert check["unparseable"] == 1
+    assert check["input_tokens"] == 10 * SHARDS * PER_SHARD
+    assert check["output_tokens"] == 3 * SHARDS * PER_SHARD
+    assert len(check["parts"]) == SHARDS + 1
+
+
+@pytest.mark.parametrize("at_once", [1_000_000, PER_SHARD], ids=["one batch", "shard by shard"])
+def test_check_output_refuses_a_record_in_another_shards_part(tmp_path, monkeypatch, at_once):
+    """Shards 1 and 2 swapped one record: every id is in the output once, but not with its own
+    shard's rows. A check over all ids at once could not see it."""
+    monkeypatch.setattr(summary, "CHECK_RECORDS_AT_ONCE", at_once)
+    parts = {i: ids(i) for i in range(SHARDS)}
+    parts[1][0], parts[2][0] = parts[2][0], parts[1][0]
+    with pytest.raises(IncompleteOutputError) as caught:
+        summary.check_output(write_run(tmp_path, parts), PLAN)
+    message = str(caught.value)
+    assert "2 missing" in message and "2 unexpected" in message
+    assert ids(1)[0] in message and ids(2)[0] in message
+
+
+def test_check_output_names_missing_duplicated_and_unexpected_ids(tmp_path, monkeypatch):
+    monkeypatch.setattr(summary, "CHECK_RECORDS_AT_ONCE", PER_SHARD)
+    parts = {i: ids(i) for i in range(SHARDS - 1)}  # the last shard has no part at all
+    parts[0] = ids(0)[:-1]  # one row lost
+    parts[1] = [*ids(1), ids(1)[2]]  # one row twice
+    parts[2] = [*ids(2), "R9999999999"]  # a row nobody sent
+    with pytest.raises(IncompleteOutputError) as caught:
+        summary.check_output(write_run(tmp_path, parts), PLAN)
+    message = str(caught.value)
+    assert f"{PER_SHARD + 1} missing" in message  # the lost row and all of the last shard
+    assert ids(0)[-1] in message and ids(SHARDS - 1)[0] in message
+    assert f"1 duplicated ['{ids(1)[2]}']" in message
+    assert "1 unexpected ['R9999999999']" in message
+
+
+def test_check_output_without_parts_says_nothing_was_merged(tmp_path):
+    layout = write_run(tmp_path, parts={})
+    (tmp_path / "output" / "skipped.parquet").unlink()
+    with pytest.raises(IncompleteOutputError, match="nothing was merged"):
+        summary.check_output(layout, PLAN)
