@@ -286,6 +286,25 @@ def critical_chain(jobs: list[dict], gate: int) -> dict:
     }
 
 
+def rss_phases(samples: list[tuple[float, float]], jobs: list[dict]) -> dict:
+    """The flow process's peak resident MB before its first job (reading, planning, writing
+    the shards), while jobs run, and after the last job ended (the last merges, the summary):
+    whether a peak that grows with the shard count is the plan's or the orchestration's."""
+    if not samples or not jobs:
+        return dict.fromkeys(("rss_plan_peak_mb", "rss_jobs_peak_mb", "rss_tail_peak_mb"))
+    first = min(j["submitTime"].timestamp() for j in jobs)
+    last = max((j["endTime"].timestamp() for j in jobs if j.get("endTime")), default=first)
+
+    def peak(chosen: list[float]) -> float | None:
+        return round(max(chosen), 1) if chosen else None
+
+    return {
+        "rss_plan_peak_mb": peak([mb for t, mb in samples if t < first]),
+        "rss_jobs_peak_mb": peak([mb for t, mb in samples if first <= t <= last]),
+        "rss_tail_peak_mb": peak([mb for t, mb in samples if t > last]),
+    }
+
+
 def calls_per_minute(calls: dict, seconds: float) -> dict:
     """Mean calls a minute over the run, the busiest 60 s, and throttled totals, by operation."""
     figures = {}
@@ -395,7 +414,10 @@ def run(settings: OrchestrationSettings) -> dict:
         argv += ["--output-uri", f"s3://{stack.bucket}/runs", "--run-name", run_name]
         argv += ["--max-concurrent-jobs", str(settings.gate), "--id-column", ID_COLUMN]
         argv += ["--max-records-per-job", str(settings.records_per_job)]
-        child = run_child(argv, log, env=env, check=False, timeout=settings.timeout_seconds)
+        rss: list[tuple[float, float]] = []
+        child = run_child(
+            argv, log, env=env, check=False, timeout=settings.timeout_seconds, rss_samples=rss
+        )
         calls = stack.api_calls()
         jobs = list_jobs(stack)
         objects = run_folder_objects(stack, prefix)
@@ -443,6 +465,7 @@ def run(settings: OrchestrationSettings) -> dict:
         "ratio_wall": round(child["seconds"] / ideal, 2) if ideal else None,
         "cpu_s": child["cpu_seconds"],
         "peak_rss_mb": child["peak_rss_mb"],
+        **rss_phases(rss, jobs),
         "shards_reached": done,
         "wall_per_shard_ms": round(1000 * child["seconds"] / done, 1),
         "cpu_per_shard_ms": round(1000 * child["cpu_seconds"] / done, 1),

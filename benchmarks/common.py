@@ -73,6 +73,19 @@ def in_fresh_process(module: str) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def _sample_rss(pid: int, samples: list[tuple[float, float]], done: threading.Event) -> None:
+    """Append (wall time, resident MB) of ``pid`` from /proc every 0.25 s until ``done``."""
+    status = Path(f"/proc/{pid}/status")
+    while not done.wait(0.25):
+        try:
+            text = status.read_text()
+        except OSError:
+            return
+        found = [line.split()[1] for line in text.splitlines() if line.startswith("VmRSS:")]
+        if found:  # none once the child has exited
+            samples.append((time.time(), int(found[0]) / 1024))
+
+
 def run_child(
     argv: list[str],
     log: Path,
@@ -80,12 +93,15 @@ def run_child(
     env: dict[str, str] | None = None,
     check: bool = True,
     timeout: float | None = None,
+    rss_samples: list[tuple[float, float]] | None = None,
 ) -> dict:
     """Run `argv` as a child and report its seconds, CPU seconds, peak RSS in MB and exit code.
 
     The figures are the child's own (os.wait4), start-up included; its output goes to `log`.
     `env` is added to this process's environment. With `check=False` a failed child is
-    reported (`exit_code`) instead of raised; past `timeout` seconds it is killed.
+    reported (`exit_code`) instead of raised; past `timeout` seconds it is killed. Given
+    `rss_samples`, the child's resident MB is appended to it every quarter second with the wall
+    time (`time.time()`), to tell which phase the peak is in.
     """
     env = {
         **os.environ,
@@ -101,7 +117,13 @@ def run_child(
         killer = threading.Timer(timeout, child.kill) if timeout else None
         if killer:
             killer.start()
+        done = threading.Event()
+        if rss_samples is not None:
+            threading.Thread(
+                target=_sample_rss, args=(child.pid, rss_samples, done), daemon=True
+            ).start()
         _, status, usage = os.wait4(child.pid, 0)
+        done.set()
         seconds = time.perf_counter() - start
         if killer:
             killer.cancel()
