@@ -20,6 +20,8 @@ from tasks.pipeline.columns import (
 from tasks.run.layout import RunLayout, part_name, rows_file, shard_name
 
 SHARDS, PER_SHARD = 5, 4
+# (records, shards) read at a time by the check: all at once, one shard, two shards a scan.
+BATCHES = [(1_000_000, 256), (PER_SHARD, 256), (1_000_000, 2)]
 
 
 def ids(shard: int) -> list[str]:
@@ -58,9 +60,11 @@ def write_run(root: Path, parts: dict[int, list[str]] | None = None) -> RunLayou
 PLAN = SimpleNamespace(shards=[SimpleNamespace(records=PER_SHARD)] * SHARDS, skipped_records=1)
 
 
-@pytest.mark.parametrize("at_once", [1_000_000, PER_SHARD], ids=["one batch", "shard by shard"])
+@pytest.mark.parametrize("at_once", BATCHES, ids=["one batch", "shard by shard", "two a scan"])
 def test_check_output_counts_every_shard_once_in_one_batch_or_many(tmp_path, monkeypatch, at_once):
-    monkeypatch.setattr(summary, "CHECK_RECORDS_AT_ONCE", at_once)
+    records, shards = at_once
+    monkeypatch.setattr(summary, "CHECK_RECORDS_AT_ONCE", records)
+    monkeypatch.setattr(summary, "CHECK_SHARDS_AT_ONCE", shards)
     check = summary.check_output(write_run(tmp_path), PLAN)
     records = SHARDS * PER_SHARD + 1
     assert check["records"] == records
@@ -72,11 +76,13 @@ def test_check_output_counts_every_shard_once_in_one_batch_or_many(tmp_path, mon
     assert len(check["parts"]) == SHARDS + 1
 
 
-@pytest.mark.parametrize("at_once", [1_000_000, PER_SHARD], ids=["one batch", "shard by shard"])
+@pytest.mark.parametrize("at_once", BATCHES, ids=["one batch", "shard by shard", "two a scan"])
 def test_check_output_refuses_a_record_in_another_shards_part(tmp_path, monkeypatch, at_once):
     """Shards 1 and 2 swapped one record: every id is in the output once, but not with its own
     shard's rows. A check over all ids at once could not see it."""
-    monkeypatch.setattr(summary, "CHECK_RECORDS_AT_ONCE", at_once)
+    records, shards = at_once
+    monkeypatch.setattr(summary, "CHECK_RECORDS_AT_ONCE", records)
+    monkeypatch.setattr(summary, "CHECK_SHARDS_AT_ONCE", shards)
     parts = {i: ids(i) for i in range(SHARDS)}
     parts[1][0], parts[2][0] = parts[2][0], parts[1][0]
     with pytest.raises(IncompleteOutputError) as caught:
