@@ -46,9 +46,10 @@ class EmulatorServerState:
         self.s3_endpoint_url = s3_endpoint_url
         # Called with a job after each of its status changes, under the backend's lock.
         self.status_listeners: list[Callable[[Job], None]] = []
-        # How long writing a job's outputs took here lately, a record: jobs start writing that
-        # long before their paced end (JobWorker._progress).
-        self.write_seconds_per_record = 0.0
+        # How long the last write of a job's outputs took here: jobs start writing that long
+        # before their paced end (JobWorker._progress). Seconds, not per record, so a small
+        # job's fixed cost never makes a large one write minutes early.
+        self.write_seconds = 0.0
         self.use_s3_credentials("testing", "testing")
 
     def use_s3_credentials(
@@ -123,8 +124,7 @@ class EmulatorServerState:
             processed,
             kms_key_id=job.kms_key_id,
         )
-        if processed:
-            self.write_seconds_per_record = (time.monotonic() - started) / processed
+        self.write_seconds = time.monotonic() - started
 
     def set_faults(self, **faults) -> None:
         """Change faults at run time; running jobs see them on their next tick."""

@@ -219,8 +219,7 @@ class JobWorker:
             left = (limit - done) / rate if 0 < rate < float("inf") else 0.0  # paced seconds
             # Writing the outputs is the emulator's work too: it starts about as long before the
             # paced end as writing takes here, so the job ends at its paced time.
-            write_ahead = self.server.write_seconds_per_record * total
-            if written is None and limit == total and 0 < left <= write_ahead:
+            if written is None and limit == total and 0 < left <= self.server.write_seconds:
                 self.server.write_outputs(job, self.files, results, total)
                 written = total
             if int(done) < total:
