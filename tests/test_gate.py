@@ -54,6 +54,21 @@ def _count_calls(monkeypatch, name: str) -> list[float]:
     return calls
 
 
+def _count_answers(monkeypatch, name: str) -> list:
+    """What ``gate.<name>`` answers from now on; a transient error (retried) is not an answer."""
+    answers: list = []
+    real = getattr(gate, name)
+
+    def counting(*args, **kwargs):
+        answer = real(*args, **kwargs)
+        if not isinstance(answer, Exception):
+            answers.append(answer)
+        return answer
+
+    monkeypatch.setattr(gate, name, counting)
+    return answers
+
+
 def _start_waiters(model: str, run_name: str, count: int) -> tuple[list, list[threading.Thread]]:
     """``count`` shards waiting for a slot side by side; each lease lands in the list."""
     taken: list = []
@@ -155,6 +170,39 @@ def test_a_slot_this_process_frees_is_taken_at_once_by_few_asks(gate_settings, m
     assert len(taken) == 8
 
 
+def test_a_slot_freed_on_other_limits_does_not_wake_the_waiters(gate_settings, monkeypatch):
+    # Runs of other models in the same process end jobs all the time: only a slot that counted
+    # on one of the waiters' limits can change their answer, so only such a slot wakes them.
+    monkeypatch.setenv("BEDROCK_BATCH_GATE_WAIT_SECONDS", "30")
+    monkeypatch.setenv("BEDROCK_BATCH_GATE_RECONCILE_AFTER_SECONDS", "600")
+    get_settings.cache_clear()
+    model, other_model = _model("woken"), _model("elsewhere")
+    gate.ensure_gates(model, "woken-run", 1)
+    gate.ensure_gates(model, "woken-neighbour", 1)
+    gate.ensure_gates(other_model, "elsewhere-run", 1)
+    first = gate.acquire_slot(model, "woken-run", 60)
+    neighbour = gate.acquire_slot(model, "woken-neighbour", 60)  # same model gate, own run
+    elsewhere = gate.acquire_slot(other_model, "elsewhere-run", 60)
+    answers = _count_answers(monkeypatch, "_ask")
+    taken, (waiter,) = _start_waiters(model, "woken-run", 1)
+    eventually(lambda: None in answers, timeout=10)
+    waiters = gate._waiters_for([gate.gate_name(model), gate.run_gate_name("woken-run")])
+    wakes = waiters.freed
+
+    gate.release_slot(elsewhere)
+    woken_by_elsewhere = waiters.freed - wakes
+    gate.release_slot(neighbour)  # shares the model's limit: the head asks again, refused
+    woken_by_neighbour = waiters.freed - wakes - woken_by_elsewhere
+    eventually(lambda: len(answers) == 2, timeout=10)
+    gate.release_slot(first)
+    eventually(lambda: len(taken) == 1, timeout=10)
+    waiter.join(timeout=10)
+
+    assert (woken_by_elsewhere, woken_by_neighbour) == (0, 1)
+    assert answers == [None, None, taken[0]]
+    gate.release_slot(taken[0])
+
+
 def test_an_ended_jobs_slot_goes_to_the_runs_next_waiting_shard_without_a_prefect_call(
     gate_settings, monkeypatch
 ):
@@ -166,11 +214,11 @@ def test_an_ended_jobs_slot_goes_to_the_runs_next_waiting_shard_without_a_prefec
     model = _model("handover")
     name, _, run_gate = gate.ensure_gates(model, "handover-run", 2)
     held = [gate.acquire_slot(model, "handover-run", 60) for _ in range(2)]
-    asks = _count_calls(monkeypatch, "_ask")
+    answers = _count_answers(monkeypatch, "_ask")
     releases = _count_calls(monkeypatch, "release_slot")
     taken, waiters = _start_waiters(model, "handover-run", 3)
-    eventually(lambda: len(asks) >= 1, timeout=10)  # the head asked once and was refused
-    asks_before = len(asks)
+    eventually(lambda: None in answers, timeout=10)  # the head asked and was refused
+    asks_before = len(answers)
 
     assert gate.hand_over_or_release(held[0], model, "handover-run") is True
     eventually(lambda: len(taken) == 1, timeout=5)
@@ -178,7 +226,7 @@ def test_an_ended_jobs_slot_goes_to_the_runs_next_waiting_shard_without_a_prefec
     eventually(lambda: len(taken) == 2, timeout=5)
 
     # No release, no new ask: the slots changed hands here (the next head saw the refusal).
-    assert (len(asks), releases) == (asks_before, [])
+    assert (answers, releases) == ([None] * asks_before, [])
     assert {str(t) for t in taken} == {str(h) for h in held}
     assert (gate.active_slots(name), gate.active_slots(run_gate)) == (2, 2)
     # The last one ends with a shard still waiting, then with none: released, not kept.

@@ -270,10 +270,18 @@ def _waiters_for(names: list[str]) -> _Waiters:
         return _waiters.setdefault(tuple(names), _Waiters())
 
 
-def slot_freed() -> None:
-    """A slot of this process was given back: the head waiter of every gate asks again now."""
+def slot_freed(names: tuple[str, ...] | None = None) -> None:
+    """A slot of this process was given back: the head waiters of its gates ask again now.
+
+    ``names``: the limits the slot counted on; waiters sharing none of them are not woken
+    (their answer would not change). None (a lease this process does not know) wakes all.
+    """
     with _waiters_lock:
-        groups = list(_waiters.values())
+        groups = [
+            group
+            for key, group in _waiters.items()
+            if names is None or not set(key).isdisjoint(names)
+        ]
     for group in groups:
         with group.cond:
             group.freed += 1
@@ -483,8 +491,7 @@ def release_slot(lease_id: UUID | str, logger: Logger | None = None) -> None:
         )
         # After the server's decrement, not before: a recount in between then counts one
         # slot too many for a moment (safe), never one too few.
-        _gave_back(lease_id)
-        slot_freed()
+        slot_freed(_gave_back(lease_id))
     except Exception as exc:
         _gave_back(lease_id)
         if not is_transient(exc) and not (
@@ -643,9 +650,10 @@ def _took(lease_id: UUID | str, names: list[str]) -> None:
         _taken[str(lease_id)] = (names[0], names[1])
 
 
-def _gave_back(lease_id: UUID | str) -> None:
+def _gave_back(lease_id: UUID | str) -> tuple[str, str] | None:
+    """Forget a lease given back; the limits it counted on, when this process took it."""
     with _reconcile_lock:
-        _taken.pop(str(lease_id), None)
+        return _taken.pop(str(lease_id), None)
 
 
 def kept_after_restart(lease_id: UUID | str, model_id: str, run_name: str) -> None:
