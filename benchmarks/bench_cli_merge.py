@@ -11,7 +11,7 @@ import shutil
 import sys
 
 from benchmarks.bench_cli_preprocess import cli_run_dir, ours, prepare, ref_run_dir, reference
-from benchmarks.common import CliBenchSettings, record_cli, run_child
+from benchmarks.common import CliBenchSettings, made_apart, record_cli, run_child
 
 NAME = "cli_merge"
 
@@ -31,7 +31,7 @@ def _prepare(settings: CliBenchSettings) -> None:
     if settings.reference and not (ref_run_dir(settings) / "rows").exists():
         reference(settings)
     if not outputs_dir(settings).exists():
-        anthropic_outputs(cli_run_dir(settings), outputs_dir(settings))
+        made_apart(anthropic_outputs, cli_run_dir(settings), outputs_dir(settings))
 
 
 def merge_ours(settings: CliBenchSettings) -> dict:

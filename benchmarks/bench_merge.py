@@ -7,7 +7,7 @@ import shutil
 import sys
 
 from benchmarks.bench_preprocess import prepare, run_dir
-from benchmarks.common import BenchSettings, in_fresh_process, measure, record
+from benchmarks.common import BenchSettings, in_fresh_process, made_apart, measure, record
 
 NAME = "merge"
 
@@ -38,7 +38,7 @@ def main() -> None:
         prepare(settings)
         in_fresh_process("benchmarks.bench_preprocess")
     if not outputs_dir(settings).exists():
-        anthropic_outputs(run_dir(settings), outputs_dir(settings))
+        made_apart(anthropic_outputs, run_dir(settings), outputs_dir(settings))
     shutil.rmtree(run_dir(settings) / "output", ignore_errors=True)
     record(NAME, settings, in_fresh_process("benchmarks.bench_merge"))
 

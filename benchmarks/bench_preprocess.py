@@ -5,8 +5,9 @@ from __future__ import annotations
 import json
 import shutil
 import sys
+from pathlib import Path
 
-from benchmarks.common import BenchSettings, in_fresh_process, measure, record
+from benchmarks.common import BenchSettings, in_fresh_process, made_apart, measure, record
 
 NAME = "preprocess"
 
@@ -24,12 +25,16 @@ def run_dir(settings: BenchSettings):
 
 def prepare(settings: BenchSettings) -> None:
     """Generate the input Parquet if it is not there yet."""
-    from benchmarks.generate import simplecot
-
     path = source_path(settings)
     if not path.exists():
         settings.dir.mkdir(parents=True, exist_ok=True)
-        simplecot(settings.rows, text=settings.text).write_parquet(path)
+        made_apart(_write_simplecot, settings.rows, settings.text, path)
+
+
+def _write_simplecot(rows: int, text: str, path: Path) -> None:
+    from benchmarks.generate import simplecot
+
+    simplecot(rows, text=text).write_parquet(path)
 
 
 def _preprocess(settings: BenchSettings) -> dict:
