@@ -61,12 +61,18 @@ def measure(fn, *args) -> dict:
     }
 
 
+# A child started by vfork leaves its parent's address space at exec, and Linux counts that
+# space's peak in the child's maxrss: a benchmark that had built 2 GB of data reported it as
+# the measured CLI's peak (2,598 MB against 591-766 MB). Forked children start their own count
+# (the documented switch, "Disabling use of vfork()" in the subprocess docs, Python 3.11+).
+subprocess._USE_VFORK = False
+
+
 def made_apart(fn, *args):
     """``fn(*args)`` in a spawned interpreter, for making test data: returns what it returns.
 
-    Linux folds the parent's peak RSS into every child it starts (the address space a
-    vforked child leaves at exec counts in its maxrss), so a benchmark that built 2 GB of
-    data itself reported that as the measured CLI's peak (2,598 MB against 646-766 MB).
+    The benchmark process stays small, so the gigabytes of data made once do not sit in
+    memory (or in a fork's page tables) beside the measured child.
     """
     import multiprocessing
 
