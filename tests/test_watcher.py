@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from datetime import datetime, timedelta, timezone
 
 import pytest
 from botocore.exceptions import ClientError
@@ -33,6 +34,8 @@ class FakeBedrock:
         self.listed: set[str] = set(jobs)
         self.throttle = 0
         self.calls = {"list": 0, "get": 0}
+        self.asked_after: list = []  # each List's submitTimeAfter
+        self.summaries = 0  # job summaries all Lists returned
         self.lock = threading.Lock()
 
     def list_model_invocation_jobs(self, **kwargs):
@@ -42,7 +45,13 @@ class FakeBedrock:
                 self.throttle -= 1
                 raise _throttled("ListModelInvocationJobs")
             assert kwargs["nameContains"] == "rk"
-            return {"invocationJobSummaries": [self.jobs[a] for a in sorted(self.listed)]}
+            self.asked_after.append(kwargs.get("submitTimeAfter"))
+            after = kwargs.get("submitTimeAfter")
+            listed = [self.jobs[a] for a in sorted(self.listed)]
+            if after is not None:  # Bedrock's filter: jobs submitted after the time
+                listed = [job for job in listed if job["submitTime"] > after]
+            self.summaries += len(listed)
+            return {"invocationJobSummaries": listed}
 
     def get_model_invocation_job(self, jobIdentifier):  # noqa: N803 - botocore's name
         with self.lock:
@@ -129,6 +138,45 @@ def test_jobs_the_list_does_not_show_yet_are_asked_for_a_few_at_a_time(fast_poll
     assert {job["status"] for job in results.values()} == {"Completed"}
     assert bedrock.calls["get"] == 25
     assert max(seen_per_tick) <= 10
+
+
+def test_lists_start_at_the_oldest_open_job_and_an_older_one_is_asked_for(fast_polls, monkeypatch):
+    # Jobs that ended stop being listed: a tick's List holds the jobs from the oldest open one
+    # on, not every job of the run (two pages of summaries a tick at 2,000 jobs).
+    t0 = datetime(2026, 12, 3, 8, 0, tzinfo=timezone.utc)
+    jobs = _jobs(10)
+    for i, job in enumerate(jobs.values()):
+        job["submitTime"] = t0 + timedelta(minutes=i)
+    old = {"jobArn": "arn:job/old", "status": "InProgress", "submitTime": t0 - timedelta(hours=1)}
+    bedrock = FakeBedrock({**jobs, "arn:job/old": old})
+    monkeypatch.setattr(watcher_module, "client", lambda service: bedrock)
+    watcher = JobWatcher("rk")
+    arns = list(jobs)
+    results, threads = _follow_all(watcher, arns)
+    margin = watcher_module.SUBMIT_TIME_MARGIN
+    eventually(lambda: t0 - margin in bedrock.asked_after, timeout=10)  # all described
+
+    bedrock.finish(*arns[:6])
+    eventually(lambda: len(results) == 6, timeout=10)
+    eventually(lambda: t0 + timedelta(minutes=6) - margin in bedrock.asked_after, timeout=10)
+    lists_then, summaries_then = bedrock.calls["list"], bedrock.summaries
+    eventually(lambda: bedrock.calls["list"] >= lists_then + 3, timeout=10)
+    per_list = (bedrock.summaries - summaries_then) / (bedrock.calls["list"] - lists_then)
+
+    # A job submitted before the oldest open one (a resumed run's) is not in the List: a Get
+    # describes it, and the Lists reach back to it from then on.
+    gets_before = bedrock.calls["get"]
+    old_results, old_threads = _follow_all(watcher, ["arn:job/old"])
+    eventually(lambda: t0 - timedelta(hours=1) - margin in bedrock.asked_after, timeout=10)
+    bedrock.finish(*arns[6:], "arn:job/old")
+    for thread in threads + old_threads:
+        thread.join(timeout=10)
+    watcher.close()
+
+    assert per_list <= 5  # the four open jobs (a List may race the last ends), not eleven
+    assert bedrock.calls["get"] - gets_before == 1
+    assert {r["status"] for r in [*results.values(), *old_results.values()]} == {"Completed"}
+    assert len(results) == 10
 
 
 def test_throttled_lists_slow_the_watcher_down_and_fail_no_job(fast_polls, monkeypatch, caplog):
