@@ -45,8 +45,8 @@ class FakeBedrock:
                 self.throttle -= 1
                 raise _throttled("ListModelInvocationJobs")
             assert kwargs["nameContains"] == "rk"
-            self.asked_after.append(kwargs.get("submitTimeAfter"))
             after = kwargs.get("submitTimeAfter")
+            self.asked_after.append(after)
             listed = [self.jobs[a] for a in sorted(self.listed)]
             if after is not None:  # Bedrock's filter: jobs submitted after the time
                 listed = [job for job in listed if job["submitTime"] > after]

@@ -34,7 +34,8 @@ from tasks.settings import get_settings
 
 COUNTERS = ("totalRecordCount", "processedRecordCount", "successRecordCount", "errorRecordCount")
 LIST_PAGE = 1000  # botocore: ListModelInvocationJobs maxResults is 1..1000
-# submitTimeAfter is exclusive and its text may drop the fractions of a second.
+# botocore ListModelInvocationJobsRequest.submitTimeAfter: "jobs that were submitted after the
+# time you specify", sent as an ISO 8601 query string that may drop fractions of a second.
 SUBMIT_TIME_MARGIN = timedelta(seconds=5)
 KEPT_EARLY_EVENTS = 10_000  # events for jobs not watched yet (a job that ends before its watch)
 
