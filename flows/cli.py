@@ -486,10 +486,14 @@ def _allocator_conf() -> str:
     return f"dirty_decay_ms:5000,muzzy_decay_ms:5000,narenas:{os.cpu_count() or 1}"
 
 
-def main(argv: list[str] | None = None) -> int:
+def tune_allocator() -> None:
+    """Set Polars' allocator options, unless the user set their own; before Polars loads."""
     if os.environ.get(_ALLOCATOR, _POLARS_DEFAULT) == _POLARS_DEFAULT:
-        # read when Polars loads, which no import above does
         os.environ[_ALLOCATOR] = _allocator_conf()
+
+
+def main(argv: list[str] | None = None) -> int:
+    tune_allocator()  # read when Polars loads, which no import above does
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv  # anywhere on the line: the traceback of any error
     if argv[:1] == ["local"]:
