@@ -21,6 +21,7 @@ from prefect.settings import PREFECT_API_URL
 
 from tasks.pipeline.columns import RECORD_ID
 from tasks.run import gate
+from tasks.run.owner import EXPIRY_ENV
 
 pytestmark = pytest.mark.slow
 
@@ -33,6 +34,8 @@ GATE_ENV = {
     "BEDROCK_BATCH_GATE_RETRY_MAX_SECONDS": "2",
     "BEDROCK_BATCH_POLL_LEASE_SECONDS": "60",
     "BEDROCK_BATCH_POLL_INTERVAL_SECONDS": "0.5",
+    # A rerun after a SIGKILL takes over the dead run's claim after this, not the default 60 s.
+    EXPIRY_ENV: "3",
 }
 
 
