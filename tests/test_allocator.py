@@ -15,13 +15,13 @@ import pytest
 
 from flows.cli import _ALLOCATOR, _POLARS_DEFAULT
 
-_PROGRAM = """
+_PROGRAM = f"""
 import os
 from flows.cli import tune_allocator
 tune_allocator()
-os.environ["_RJEM_MALLOC_CONF"] += ",stats_print:true"  # jemalloc's report at exit
+os.environ["{_ALLOCATOR}"] += ",stats_print:true"  # jemalloc's report at exit
 import polars as pl
-pl.DataFrame({"a": [1]}).sum()
+pl.DataFrame({{"a": [1]}}).sum()
 """
 
 
