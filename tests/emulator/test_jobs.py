@@ -270,11 +270,12 @@ def test_get_model_invocation_job_shows_live_counters(stack):
 
 
 def test_job_lasts_its_configured_pace_with_the_emulators_own_work_inside_it(stack, monkeypatch):
-    """100 records at 100 records/s with instant statuses end about 1 s after submission, even
+    """100 records at 50 records/s with instant statuses end about 2 s after submission, even
     when the fake model takes 0.6 s to answer and writing the outputs 0.3 s: the emulator's own
     work runs inside the pace, as a real job's duration holds no simulator's time. The first job
-    teaches the emulator how long writing takes; the second ends on time. Both took 1.9 s
-    before."""
+    teaches the emulator how long writing takes; the second ends on time. Work on top of the
+    pace would end them at 2.9 s or later. (At 100 records/s the 0.9 s of work left 0.1 s for
+    the rest of the emulator's own, and a loaded CI machine overran it: 1.65 s.)"""
     answer, write = runner.answer, runner.write_outputs
 
     def slow_answer(*args, **kwargs):
@@ -287,7 +288,7 @@ def test_job_lasts_its_configured_pace_with_the_emulators_own_work_inside_it(sta
 
     monkeypatch.setattr(runner, "answer", slow_answer)
     monkeypatch.setattr(runner, "write_outputs", slow_write)
-    stack.configure(records_per_second=100)
+    stack.configure(records_per_second=50)
     took = []
     for attempt in range(2):
         name = unique(f"paced{attempt}")
@@ -297,8 +298,8 @@ def test_job_lasts_its_configured_pace_with_the_emulators_own_work_inside_it(sta
         files = read_output(stack, arn, f"out/{name}/")
         assert len(output_records(files[f"{name}.jsonl.out"])) == 100
         took.append((job["endTime"] - job["submitTime"]).total_seconds())
-    assert 1.0 <= took[0] < 1.6, took
-    assert 1.0 <= took[1] < 1.5, took
+    assert 2.0 <= took[0] < 2.6, took
+    assert 2.0 <= took[1] < 2.5, took
 
 
 def test_list_model_invocation_jobs_filters_sorts_and_paginates(stack):
