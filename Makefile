@@ -27,8 +27,12 @@ run: $(STAMP) ## run the batch flow on the bundled sample data, on the local sta
 		--source data/topics.csv --prompt-id joke_about_topic --model-id $(MODEL) \
 		--output-uri $(OUT) --run-name sample-jokes --max-concurrent-jobs 2
 
+# Test workers: the suite mostly waits (on subprocess runs, paced jobs, Prefect's 60 s lease),
+# using ~0.75 of 2 cores in one process; each worker has its own Prefect server and local stack.
+TEST_WORKERS ?= 4
+
 test: $(STAMP) ## run the test suite (local stack and Prefect test server included)
-	$(BIN)/pytest -q --durations=15
+	$(BIN)/pytest -q -n $(TEST_WORKERS) --maxschedchunk 1 --durations=15
 
 lint: $(STAMP) ## ruff check and format check
 	$(BIN)/ruff check .

@@ -12,6 +12,13 @@ os.environ.setdefault("PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW", "ignore")
 os.environ.setdefault("PREFECT_SERVER_SERVICES_EVENT_PERSISTER_FLUSH_INTERVAL", "0.5")
 
 
+def pytest_collection_modifyitems(items):
+    """Slow tests first (stable, so files keep their order): with `make test`'s workers taking
+    one test at a time, the long end-to-end runs start early side by side and the short tests
+    fill in around them, instead of one 90 s test starting last and running alone."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+
+
 @pytest.fixture(scope="session", autouse=True)
 def prefect_server():
     """One Prefect test server per session; flow heartbeats off so a small flow takes ~0.2 s."""
