@@ -326,6 +326,63 @@ def test_keeper_takes_the_slot_of_a_running_job_again_when_the_server_lost_its_l
             gate.release_slot(slot.lease_id)
 
 
+def test_keeper_does_not_call_a_lease_given_back_during_its_cycle_lost(
+    gate_settings, stack, monkeypatch
+):
+    # Jobs ending while the keeper renewed: their shards gave the leases back between the
+    # keeper's look at its slots and the renewal, the server no longer knew them, and the
+    # keeper recounted the gate as after a restart (gate e2e restart test, CI).
+    model = _model("ended")
+    name, _, run_gate = gate.ensure_gates(model, "ended-run", 2)
+    slot = gate.HeldSlot(
+        "ended-job-a1", model, "ended-run", str(gate.acquire_slot(model, "ended-run", 60))
+    )
+    keeper = gate.LeaseKeeper()
+    keeper._slots = {slot.key: slot}  # held without starting the thread
+    recounts = _count_calls(monkeypatch, "reconcile")
+    real_renew = gate.renew_slot
+
+    def renew_as_the_job_ends(lease_id, seconds, client=None):
+        keeper.drop(slot.key)  # what the shard's _release does, in its order
+        gate.release_slot(lease_id)
+        return real_renew(lease_id, seconds, client=client)
+
+    monkeypatch.setattr(gate, "renew_slot", renew_as_the_job_ends)
+    keeper.renew_all()
+
+    assert recounts == []
+    assert (gate.active_slots(name), gate.active_slots(run_gate)) == (0, 0)
+
+
+def test_a_recount_during_a_release_leaves_no_slot_counted(gate_settings, stack, monkeypatch):
+    # A recount between the server's decrement and the process forgetting the lease counted
+    # the lease as held and set the gate to 1 with nothing in flight; a count set by a recount
+    # has no lease to expire, so the gate stayed a slot short for the next runs.
+    from prefect.client.orchestration import SyncPrefectClient
+
+    model = _model("release")
+    name, _, run_gate = gate.ensure_gates(model, "release-run", 2)
+    lease = gate.acquire_slot(model, "release-run", 60)
+    recount = threading.Thread(
+        target=gate.reconcile, args=(model,), kwargs={"run_name": "release-run"}
+    )
+    real_release = SyncPrefectClient.release_concurrency_slots_with_lease
+
+    def release_then_recount(self, lease_id):
+        response = real_release(self, lease_id)
+        recount.start()
+        recount.join(timeout=1)  # room for a recount that does not wait for the release
+        return response
+
+    monkeypatch.setattr(
+        SyncPrefectClient, "release_concurrency_slots_with_lease", release_then_recount
+    )
+    gate.release_slot(lease)
+    recount.join()
+
+    assert (gate.active_slots(name), gate.active_slots(run_gate)) == (0, 0)
+
+
 def test_wait_for_job_warns_once_per_stalled_period(monkeypatch, caplog):
     monkeypatch.setenv("BEDROCK_BATCH_POLL_INTERVAL_SECONDS", "0.01")
     monkeypatch.setenv("BEDROCK_BATCH_POLL_STALL_WARNING_SECONDS", "0.2")

@@ -480,18 +480,22 @@ def renew_slot(
 
 
 def release_slot(lease_id: UUID | str, logger: Logger | None = None) -> None:
-    """Give the slot back; an unknown lease is fine, and so is a server that stays away."""
+    """Give the slot back; an unknown lease is fine, and so is a server that stays away.
+
+    The server's decrement and forgetting the lease here are one step under the recount's
+    lock, as taking a lease is (`_ask`): a recount between the two counted a slot nobody held
+    any more, and a recount's count has no lease to expire, so the gate stayed a slot too high
+    after the run (seen at the end of a run that had lived through a Prefect restart).
+    """
     deadline = time.monotonic() + get_settings().gate.release_timeout_seconds
+
+    def release(prefect) -> tuple[str, str] | None:
+        with _reconcile_lock:
+            prefect.release_concurrency_slots_with_lease(UUID(str(lease_id)))
+            return _gave_back(lease_id)
+
     try:
-        _call(
-            "release lease " + str(lease_id),
-            lambda p: p.release_concurrency_slots_with_lease(UUID(str(lease_id))),
-            logger,
-            deadline,
-        )
-        # After the server's decrement, not before: a recount in between then counts one
-        # slot too many for a moment (safe), never one too few.
-        slot_freed(_gave_back(lease_id))
+        slot_freed(_call("release lease " + str(lease_id), release, logger, deadline))
     except Exception as exc:
         _gave_back(lease_id)
         if not is_transient(exc) and not (
@@ -591,15 +595,21 @@ class LeaseKeeper:
             if ok is None:
                 unreachable += 1
                 continue
-            if slot.lease_id is not None:
+            with self._lock:
+                if self._slots.get(slot.key) is not slot:
+                    # Its job ended during the cycle: its shard dropped the slot, then gave the
+                    # lease back or handed it on. Not lost, nothing to recount.
+                    continue
+                gone, slot.lease_id = slot.lease_id, None
+                if gone is not None:
+                    slot.lost_since = time.monotonic()
+            if gone is not None:
                 log.warning(
                     "The Prefect server no longer knows the lease of %s (expired or lost in a "
                     "restart); recounting the gate from Bedrock",
                     slot.key,
                 )
-                slot.lost_since = time.monotonic()
-                _gave_back(slot.lease_id)
-                slot.lease_id = None
+                _gave_back(gone)
             lost_models.setdefault(gate_name(slot.model_id), slot.model_id)
         if unreachable:
             log.warning("Prefect API unreachable: %d leases not renewed this cycle", unreachable)
