@@ -272,17 +272,21 @@ def test_get_model_invocation_job_shows_live_counters(stack):
 def test_job_lasts_its_configured_pace_with_the_emulators_own_work_inside_it(stack, monkeypatch):
     """100 records at 50 records/s with instant statuses end about 2 s after submission, even
     when the fake model takes 0.6 s to answer and writing the outputs 0.3 s: the emulator's own
-    work runs inside the pace, as a real job's duration holds no simulator's time. The first job
-    teaches the emulator how long writing takes; the second ends on time. Work on top of the
+    work runs inside the pace, as a real job's duration holds no simulator's time. Writing
+    starts at least half a second before the paced end, so even a job with no earlier write to
+    go by ends on time (20 jobs ending together once ended 0.2-0.5 s late). Work on top of the
     pace would end them at 2.9 s or later. (At 100 records/s the 0.9 s of work left 0.1 s for
     the rest of the emulator's own, and a loaded CI machine overran it: 1.65 s.)"""
     answer, write = runner.answer, runner.write_outputs
+    created: list[float] = []
+    writes: list[float] = []
 
     def slow_answer(*args, **kwargs):
         time.sleep(0.6)  # a slow fake model: work to hide, not synchronisation
         return answer(*args, **kwargs)
 
     def slow_write(*args, **kwargs):
+        writes.append(time.monotonic())
         time.sleep(0.3)  # a slow S3: the same
         return write(*args, **kwargs)
 
@@ -292,13 +296,21 @@ def test_job_lasts_its_configured_pace_with_the_emulators_own_work_inside_it(sta
     took = []
     for attempt in range(2):
         name = unique(f"paced{attempt}")
-        arn = create_job(stack, name, put_jsonl(stack, f"in/{name}.jsonl", records(100)))
+        uri = put_jsonl(stack, f"in/{name}.jsonl", records(100))
+        created.append(time.monotonic())
+        arn = create_job(stack, name, uri)
         job = wait_for(stack, arn)
         assert job["status"] == "Completed" and job["processedRecordCount"] == 100
         files = read_output(stack, arn, f"out/{name}/")
         assert len(output_records(files[f"{name}.jsonl.out"])) == 100
         took.append((job["endTime"] - job["submitTime"]).total_seconds())
-    assert 2.0 <= took[0] < 2.6, took
+    # Each job began writing before its paced end (submitted after `created`, so 2 s after it
+    # at the earliest), whatever the emulator's last write took.
+    assert [w - c < 2.0 for w, c in zip(writes, created, strict=True)] == [True, True], (
+        writes,
+        created,
+    )
+    assert 2.0 <= took[0] < 2.5, took
     assert 2.0 <= took[1] < 2.5, took
 
 
