@@ -5,8 +5,13 @@ Settings come from the environment (BENCH_EMULATOR_ prefix):
   BENCH_EMULATOR_MODEL     model id (default anthropic.claude-3-haiku-20240307-v1:0)
   BENCH_EMULATOR_CSV       results file (default benchmarks/results/bench_emulator.csv)
 
-Two figures: the runner alone (parse JSONL, answer every record, format output lines) and a
-whole job end to end through the local stack (S3 read, Submitted → Completed, S3 write).
+  BENCH_EMULATOR_PACED_JOBS  paced jobs created side by side (default 20)
+
+Three figures: the runner alone (parse JSONL, answer every record, format output lines), a
+whole job end to end through the local stack (S3 read, Submitted → Completed, S3 write), and
+how long paced jobs created together last (2,000 records at a 6.5 s pace each, as in the
+orchestration benchmark's refill scenario): each should last its pace, since the emulator's own
+work runs inside it, also when the jobs end, and write their outputs, side by side.
 """
 
 from __future__ import annotations
@@ -18,18 +23,24 @@ import platform
 import resource
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
 from pathlib import Path
+
+from botocore.config import Config
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from emulator import LocalStack, lookup  # noqa: E402
+from emulator import EmulatorConfig, LocalStack, lookup  # noqa: E402
 from emulator.faults import Faults  # noqa: E402
 from emulator.runner import answer, parse_input  # noqa: E402
 
 RECORDS = int(os.environ.get("BENCH_EMULATOR_RECORDS", "50000"))
 MODEL = os.environ.get("BENCH_EMULATOR_MODEL", "anthropic.claude-3-haiku-20240307-v1:0")
+PACED_JOBS = int(os.environ.get("BENCH_EMULATOR_PACED_JOBS", "20"))
+PACED_RECORDS = 2_000
+PACE_SECONDS = 6.5
 CSV_PATH = Path(
     os.environ.get("BENCH_EMULATOR_CSV", ROOT / "benchmarks" / "results" / "bench_emulator.csv")
 )
@@ -95,20 +106,69 @@ def bench_end_to_end(data: bytes) -> float:
         return elapsed
 
 
+def bench_paced_together(jobs: int) -> list[float]:
+    """Each job's endTime - submitTime, for ``jobs`` paced jobs created side by side."""
+    config = EmulatorConfig(
+        records_per_second=PACED_RECORDS / PACE_SECONDS, max_jobs_per_model=max(jobs, 1)
+    )
+    data = make_input(PACED_RECORDS, MODEL)
+    with LocalStack(config) as stack:
+        s3 = stack.client("s3")
+        bedrock = stack.client("bedrock", config=Config(max_pool_connections=max(jobs, 10)))
+        for i in range(jobs):
+            s3.put_object(Bucket=stack.bucket, Key=f"paced/{i}.jsonl", Body=data)
+
+        def create(i: int) -> str:
+            return bedrock.create_model_invocation_job(
+                jobName=f"paced-{i}",
+                roleArn=stack.env["BEDROCK_BATCH_ROLE_ARN"],
+                modelId=MODEL,
+                inputDataConfig={
+                    "s3InputDataConfig": {"s3Uri": f"s3://{stack.bucket}/paced/{i}.jsonl"}
+                },
+                outputDataConfig={
+                    "s3OutputDataConfig": {"s3Uri": f"s3://{stack.bucket}/paced-out/{i}/"}
+                },
+            )["jobArn"]
+
+        with ThreadPoolExecutor(max_workers=max(jobs, 1)) as pool:
+            arns = list(pool.map(create, range(jobs)))
+        deadline = time.perf_counter() + 10 * PACE_SECONDS + 60
+        ended: dict[str, dict] = {}
+        while len(ended) < len(arns):
+            for arn in arns:
+                if arn not in ended:
+                    job = bedrock.get_model_invocation_job(jobIdentifier=arn)
+                    if job["status"] not in ("Submitted", "Validating", "Scheduled", "InProgress"):
+                        ended[arn] = job
+            if time.perf_counter() > deadline:
+                raise TimeoutError(f"{len(arns) - len(ended)} paced jobs still running")
+            time.sleep(0.1)
+        assert all(job["status"] == "Completed" for job in ended.values()), ended
+        return [(job["endTime"] - job["submitTime"]).total_seconds() for job in ended.values()]
+
+
 def main() -> None:
     data = make_input(RECORDS, MODEL)
     runner_s = bench_runner(data)
     e2e_s = bench_end_to_end(data)
+    paced = bench_paced_together(PACED_JOBS)
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     rows = [
-        ("runner", runner_s),
-        ("end_to_end", e2e_s),
+        ("runner", RECORDS, runner_s),
+        ("end_to_end", RECORDS, e2e_s),
+        (f"paced_{PACED_JOBS}_together", PACED_RECORDS, sum(paced) / len(paced)),
     ]
-    for scenario, seconds in rows:
+    for scenario, records, seconds in rows[:2]:
         print(
-            f"{scenario:>10}: {RECORDS} records of {MODEL} in {seconds:.2f} s "
-            f"= {RECORDS / seconds:,.0f} records/s"
+            f"{scenario:>10}: {records} records of {MODEL} in {seconds:.2f} s "
+            f"= {records / seconds:,.0f} records/s"
         )
+    print(
+        f"     paced: {PACED_JOBS} jobs of {PACED_RECORDS} records created together at a "
+        f"{PACE_SECONDS} s pace lasted min {min(paced):.3f} / mean {rows[2][2]:.3f} / "
+        f"max {max(paced):.3f} s (endTime - submitTime)"
+    )
     print(f"peak RSS {peak_mb:.0f} MB")
     CSV_PATH.parent.mkdir(parents=True, exist_ok=True)
     new = not CSV_PATH.exists()
@@ -128,15 +188,15 @@ def main() -> None:
                     "machine",
                 ]
             )
-        for scenario, seconds in rows:
+        for scenario, records, seconds in rows:
             writer.writerow(
                 [
                     datetime.now(timezone.utc).isoformat(timespec="seconds"),
                     scenario,
                     MODEL,
-                    RECORDS,
+                    records,
                     f"{seconds:.3f}",
-                    f"{RECORDS / seconds:.0f}",
+                    f"{records / seconds:.0f}",
                     f"{peak_mb:.0f}",
                     platform.python_version(),
                     platform.machine(),
