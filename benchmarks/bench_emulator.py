@@ -35,6 +35,7 @@ sys.path.insert(0, str(ROOT))
 from emulator import EmulatorConfig, LocalStack, lookup  # noqa: E402
 from emulator.faults import Faults  # noqa: E402
 from emulator.runner import answer, parse_input  # noqa: E402
+from tasks.bedrock.statuses import FINAL_STATUSES  # noqa: E402
 
 RECORDS = int(os.environ.get("BENCH_EMULATOR_RECORDS", "50000"))
 MODEL = os.environ.get("BENCH_EMULATOR_MODEL", "anthropic.claude-3-haiku-20240307-v1:0")
@@ -77,6 +78,35 @@ def bench_runner(data: bytes) -> float:
     return elapsed
 
 
+def _create_job(bedrock, stack, name: str, input_key: str, output_prefix: str) -> str:
+    """CreateModelInvocationJob on s3://<stack bucket>/<input_key>; its ARN."""
+    return bedrock.create_model_invocation_job(
+        jobName=name,
+        roleArn=stack.env["BEDROCK_BATCH_ROLE_ARN"],
+        modelId=MODEL,
+        inputDataConfig={"s3InputDataConfig": {"s3Uri": f"s3://{stack.bucket}/{input_key}"}},
+        outputDataConfig={"s3OutputDataConfig": {"s3Uri": f"s3://{stack.bucket}/{output_prefix}"}},
+    )["jobArn"]
+
+
+def _completed(bedrock, arns: list[str], deadline: float, interval: float) -> list[dict]:
+    """GetModelInvocationJob of each job until all are final; each must have Completed."""
+    ended: dict[str, dict] = {}
+    while True:
+        for arn in arns:
+            if arn not in ended:
+                job = bedrock.get_model_invocation_job(jobIdentifier=arn)
+                if job["status"] in FINAL_STATUSES:
+                    ended[arn] = job
+        if len(ended) == len(arns):
+            break
+        if time.perf_counter() > deadline:
+            raise TimeoutError(f"{len(arns) - len(ended)} jobs still running")
+        time.sleep(interval)
+    assert all(job["status"] == "Completed" for job in ended.values()), ended
+    return [ended[arn] for arn in arns]
+
+
 def bench_end_to_end(data: bytes) -> float:
     """Seconds from CreateModelInvocationJob to Completed through the local stack."""
     with LocalStack() as stack:
@@ -84,26 +114,9 @@ def bench_end_to_end(data: bytes) -> float:
         s3, bedrock = stack.client("s3"), stack.client("bedrock")
         s3.put_object(Bucket=stack.bucket, Key="bench/input.jsonl", Body=data)
         start = time.perf_counter()
-        arn = bedrock.create_model_invocation_job(
-            jobName="bench",
-            roleArn=stack.env["BEDROCK_BATCH_ROLE_ARN"],
-            modelId=MODEL,
-            inputDataConfig={
-                "s3InputDataConfig": {"s3Uri": f"s3://{stack.bucket}/bench/input.jsonl"}
-            },
-            outputDataConfig={"s3OutputDataConfig": {"s3Uri": f"s3://{stack.bucket}/bench/out/"}},
-        )["jobArn"]
-        deadline = start + 600
-        while True:
-            job = bedrock.get_model_invocation_job(jobIdentifier=arn)
-            if job["status"] not in ("Submitted", "Validating", "Scheduled", "InProgress"):
-                break
-            if time.perf_counter() > deadline:
-                raise TimeoutError(arn)
-            time.sleep(0.05)
-        elapsed = time.perf_counter() - start
-        assert job["status"] == "Completed", job
-        return elapsed
+        arn = _create_job(bedrock, stack, "bench", "bench/input.jsonl", "bench/out/")
+        _completed(bedrock, [arn], start + 600, 0.05)
+        return time.perf_counter() - start
 
 
 def bench_paced_together(jobs: int) -> list[float]:
@@ -117,35 +130,17 @@ def bench_paced_together(jobs: int) -> list[float]:
         bedrock = stack.client("bedrock", config=Config(max_pool_connections=max(jobs, 10)))
         for i in range(jobs):
             s3.put_object(Bucket=stack.bucket, Key=f"paced/{i}.jsonl", Body=data)
-
-        def create(i: int) -> str:
-            return bedrock.create_model_invocation_job(
-                jobName=f"paced-{i}",
-                roleArn=stack.env["BEDROCK_BATCH_ROLE_ARN"],
-                modelId=MODEL,
-                inputDataConfig={
-                    "s3InputDataConfig": {"s3Uri": f"s3://{stack.bucket}/paced/{i}.jsonl"}
-                },
-                outputDataConfig={
-                    "s3OutputDataConfig": {"s3Uri": f"s3://{stack.bucket}/paced-out/{i}/"}
-                },
-            )["jobArn"]
-
         with ThreadPoolExecutor(max_workers=max(jobs, 1)) as pool:
-            arns = list(pool.map(create, range(jobs)))
-        deadline = time.perf_counter() + 10 * PACE_SECONDS + 60
-        ended: dict[str, dict] = {}
-        while len(ended) < len(arns):
-            for arn in arns:
-                if arn not in ended:
-                    job = bedrock.get_model_invocation_job(jobIdentifier=arn)
-                    if job["status"] not in ("Submitted", "Validating", "Scheduled", "InProgress"):
-                        ended[arn] = job
-            if time.perf_counter() > deadline:
-                raise TimeoutError(f"{len(arns) - len(ended)} paced jobs still running")
-            time.sleep(0.1)
-        assert all(job["status"] == "Completed" for job in ended.values()), ended
-        return [(job["endTime"] - job["submitTime"]).total_seconds() for job in ended.values()]
+            arns = list(
+                pool.map(
+                    lambda i: _create_job(
+                        bedrock, stack, f"paced-{i}", f"paced/{i}.jsonl", f"paced-out/{i}/"
+                    ),
+                    range(jobs),
+                )
+            )
+        ended = _completed(bedrock, arns, time.perf_counter() + 10 * PACE_SECONDS + 60, 0.1)
+        return [(job["endTime"] - job["submitTime"]).total_seconds() for job in ended]
 
 
 def main() -> None:
