@@ -115,7 +115,9 @@ class GateSettings(BaseSettings):
         description=(
             "A shard that waited this long for a slot recounts the model's gate from the jobs "
             "Bedrock lists as in flight (once per period per process), healing slots counted "
-            "by leases the Prefect server lost."
+            "by leases the Prefect server lost. Slots nothing explains are freed only once "
+            "the count stayed the same for max(this, 2 x the poll interval): another "
+            "process's slot on its way to a job looks the same for a moment."
         ),
     )
     retry_max_seconds: float = Field(

@@ -6,6 +6,7 @@ import logging
 import threading
 import time
 import uuid
+from datetime import UTC, datetime, timedelta
 
 import httpx
 import pytest
@@ -20,9 +21,11 @@ from tasks.settings import get_settings
 
 @pytest.fixture
 def gate_settings(monkeypatch):
-    """Gate pace for tests: asks every 0.1 s, recounts after 0.5 s of waiting, fast retries."""
+    """Gate pace for tests: asks every 0.1 s, recounts after 0.5 s of waiting, fast retries;
+    polls every 0.1 s, so a count nothing explains is freed after 0.5 s unchanged."""
     monkeypatch.setenv("BEDROCK_BATCH_GATE_WAIT_SECONDS", "0.1")
     monkeypatch.setenv("BEDROCK_BATCH_GATE_RECONCILE_AFTER_SECONDS", "0.5")
+    monkeypatch.setenv("BEDROCK_BATCH_POLL_INTERVAL_SECONDS", "0.1")
     monkeypatch.setenv("BEDROCK_BATCH_GATE_RETRY_MAX_SECONDS", "0.2")
     get_settings.cache_clear()
     yield
@@ -300,6 +303,79 @@ def test_acquire_slot_recounts_a_gate_full_of_lost_leases_instead_of_hanging(gat
     assert time.monotonic() - started < 10
     assert gate.active_slots(name) == 1  # Bedrock has none of this model in flight
     gate.release_slot(lease)
+
+
+def test_a_waiting_shard_does_not_free_a_slot_another_process_holds_on_its_way_to_a_job(
+    gate_settings, stack, monkeypatch
+):
+    # Another run's process took a slot and has not created its job yet: Bedrock lists nothing
+    # and this process does not know the lease. A waiting shard's recount that freed it at once
+    # let two runs of one model have 4 jobs in flight under a gate of 3 (two runs' e2e, CI).
+    monkeypatch.setenv("BEDROCK_BATCH_POLL_INTERVAL_SECONDS", "5")  # settles in 10 s
+    get_settings.cache_clear()
+    model = _model("transit-elsewhere")
+    name, _, _ = gate.ensure_gates(model, "here-run", 2)
+    _, _, other_gate = gate.ensure_gates(model, "elsewhere-run", 2)
+    with gate._prefect() as prefect:
+        prefect.update_global_concurrency_limit(name, gate.GlobalConcurrencyLimitUpdate(limit=1))
+        response = prefect.increment_concurrency_slots_with_lease(
+            names=[name, other_gate], slots=1, mode="concurrency", lease_duration=60
+        )
+    elsewhere = response.json()["lease_id"]  # not through gate: unknown to this process
+    recounts = _count_calls(monkeypatch, "in_flight_jobs")
+
+    taken, waiters = _start_waiters(model, "here-run", 1)
+    _wait_until(lambda: len(recounts) >= 3 or taken)
+
+    assert taken == []
+    assert gate.active_slots(name) == 1
+    with gate._prefect() as prefect:
+        prefect.release_concurrency_slots_with_lease(uuid.UUID(elsewhere))
+    waiters[0].join(timeout=30)
+    assert len(taken) == 1 and gate.active_slots(name) == 1
+    gate.release_slot(taken[0])
+
+
+def test_a_count_freed_after_waiting_is_one_that_stayed_unchanged(
+    gate_settings, stack, monkeypatch
+):
+    # Slots of lost leases stay; anything another process does changes what a recount sees.
+    model = _model("settle")
+    name, quota, _ = gate.ensure_gates(model, "settle-run", 2)
+    gate._set_active_slots(name, quota)
+    freed = _count_calls(monkeypatch, "_free_slots")
+    recounts = _count_calls(monkeypatch, "in_flight_jobs")
+
+    lease = gate.acquire_slot(model, "settle-run", 60)
+
+    assert len(freed) == 1  # once, all of them, after the count was seen twice
+    assert len(recounts) >= 2
+    assert freed[0] - recounts[0] >= gate.settle_seconds()
+    assert gate.active_slots(name) == 1
+    gate.release_slot(lease)
+
+
+def test_jobs_submitted_since_a_sighting_are_listed_by_bedrock_whatever_their_status(stack):
+    # What tells a job that started and ended between two recounts from a quiet gate.
+    model, other = "anthropic.claude-3-haiku-20240307-v1:0", "amazon.titan-embed-text-v2:0"
+    before = datetime.now(UTC) - timedelta(seconds=1)
+    names = {m: f"gate-since-{uuid.uuid4().hex[:8]}" for m in (model, other)}
+    for job_model, job_name in names.items():
+        key = f"in/{job_name}.jsonl"
+        stack.client("s3").put_object(Bucket=stack.bucket, Key=key, Body=b"")
+        stack.client("bedrock").create_model_invocation_job(
+            jobName=job_name,
+            roleArn=stack.env["BEDROCK_BATCH_ROLE_ARN"],
+            modelId=job_model,
+            inputDataConfig={"s3InputDataConfig": {"s3Uri": f"s3://{stack.bucket}/{key}"}},
+            outputDataConfig={
+                "s3OutputDataConfig": {"s3Uri": f"s3://{stack.bucket}/out/{job_name}/"}
+            },
+        )
+
+    assert names[model] in gate._submitted_since(model, before)
+    assert names[other] not in gate._submitted_since(model, before)
+    assert names[model] not in gate._submitted_since(model, datetime.now(UTC) + timedelta(1))
 
 
 def test_keeper_takes_the_slot_of_a_running_job_again_when_the_server_lost_its_lease(

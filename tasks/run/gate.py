@@ -22,6 +22,7 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
 from uuid import UUID
 
@@ -426,7 +427,7 @@ def _ask_until_taken(
             logger.info("Gates %s are full; waiting for a job to finish", " and ".join(names))
         waiting = True
         if time.monotonic() - started >= settings.reconcile_after_seconds:
-            reconcile(model_id, logger, throttle=True, run_name=run_name)
+            reconcile(model_id, logger, waited=True, run_name=run_name)
         # Prefect's Retry-After is not waited for: one asker per process keeps the rate
         # bounded, and a slot this process frees or hands over wakes it at once.
         with group.cond:
@@ -707,27 +708,115 @@ def _list_page(bedrock, kwargs: dict) -> dict:
     return bedrock.list_model_invocation_jobs(**kwargs)
 
 
+@dataclass(frozen=True)
+class _Sighting:
+    """What a waiting shard's recount saw of a model's gate that Bedrock and we do not explain."""
+
+    at: float  # monotonic
+    wall: datetime  # for Bedrock's submitTime
+    counted: int
+    listed: frozenset[str]  # the model's jobs in flight
+    ours: frozenset[str]  # this process's leases on the model's gate
+
+
+# Model gate -> the first sighting of its count as it is now, above what is explained.
+_sightings: dict[str, _Sighting] = {}
+# Bedrock's clock against ours: a job submitted this long before a sighting counts as new.
+SUBMIT_CLOCK_MARGIN_SECONDS = 60.0
+
+
+def settle_seconds() -> float:
+    """How long an unexplained count must stay the same before a waiting shard frees it.
+
+    Another process's slot between its increment (or its last job's end) and its next job
+    being listed looks exactly like a lost lease; it lasts about one poll interval and a
+    create call. A lost lease stays.
+    """
+    settings = get_settings()
+    return max(settings.gate.reconcile_after_seconds, 2 * settings.poll.interval_seconds)
+
+
+def _submitted_since(model_id: str, after: datetime) -> set[str]:
+    """Names of the model's jobs Bedrock says were submitted after ``after``, in any status."""
+    bedrock, key, names, token = client("bedrock"), gate_name(model_id), set(), None
+    while True:
+        # botocore ListModelInvocationJobsRequest.submitTimeAfter, as the watcher uses it.
+        kwargs: dict[str, Any] = {"submitTimeAfter": after, "maxResults": 1000}
+        if token:
+            kwargs["nextToken"] = token
+        page = _list_page(bedrock, kwargs)
+        names |= {
+            job["jobName"]
+            for job in page.get("invocationJobSummaries", [])
+            if gate_name(job["modelId"]) == key
+        }
+        token = page.get("nextToken")
+        if not token:
+            return names
+
+
+def _unexplained_for_long(model_id: str, now: _Sighting) -> bool:
+    """The count above what is explained stayed as it is for ``settle_seconds``: lost leases.
+
+    Anything another process does with the gate shows in between: a slot taken or given back
+    changes the count, a job created or ended changes the jobs in flight, and a job created
+    and ended in between is listed as submitted since the first sighting.
+    """
+    model_gate = gate_name(model_id)
+    before = _sightings.get(model_gate)
+    if before is None or (before.counted, before.listed, before.ours) != (
+        now.counted,
+        now.listed,
+        now.ours,
+    ):
+        _sightings[model_gate] = now
+        return False
+    if now.at - before.at < settle_seconds():
+        return False
+    since = before.wall - timedelta(seconds=SUBMIT_CLOCK_MARGIN_SECONDS)
+    if _submitted_since(model_id, since) - before.listed:
+        _sightings[model_gate] = now
+        return False
+    return True
+
+
+def _free_slots(name: str, slots: int) -> None:
+    """Take ``slots`` off a limit's count by a decrement, not a set: what other processes take
+    or give back meanwhile stays counted (a set would overwrite it)."""
+    _call(
+        "recount " + name,
+        lambda p: p.request(
+            "POST", "/v2/concurrency_limits/decrement", json={"names": [name], "slots": slots}
+        ),
+    )
+
+
 def reconcile(
     model_id: str,
     logger: Logger | None = None,
-    throttle: bool = False,
+    waited: bool = False,
     run_name: str | None = None,
 ) -> None:
     """Recount the model's gate from Bedrock and take lost leases of our running jobs again.
 
-    The model limit is set to the jobs Bedrock has in flight, less our own whose lease was lost
-    (they take a slot again right after, without waiting), plus the leases this process holds
-    whose job Bedrock does not list (not created yet, or handed from an ended job to the next).
-    Each run limit of this process (and ``run_name``'s) is set to the leases this process holds
-    for that run (a run has one process). With ``throttle``, runs at most once per
-    ``reconcile_after_seconds``.
+    The model limit should count the jobs Bedrock has in flight, less our own whose lease was
+    lost (they take a slot again right after, without waiting), plus the leases this process
+    holds whose job Bedrock does not list (not created yet, or handed from an ended job to the
+    next). Each run limit of this process (and ``run_name``'s) is set to the leases this
+    process holds for that run (a run has one process).
+
+    ``waited``: called by a shard that waited ``reconcile_after_seconds`` for a slot, with no
+    lease of this process known lost. At most once a period, and a count above the target is
+    only lowered once it stayed the same for ``settle_seconds``: other processes' leases on
+    their way to a job are invisible here, and freeing them let two runs of one model have 4
+    jobs in flight under a gate of 3 (CI).
     """
     logger = logger or log
     model_gate = gate_name(model_id)
     with _reconcile_lock:
         now = time.monotonic()
         period = get_settings().gate.reconcile_after_seconds
-        if throttle and now - _last_reconcile.get(model_gate, -period) < period:
+        if waited and now - _last_reconcile.get(model_gate, -period) < period:
             return
         _last_reconcile[model_gate] = now
         listed = in_flight_jobs(model_id)
@@ -742,6 +831,27 @@ def reconcile(
         unlisted = sum(job_of.get(lease) not in listed for lease, _ in taken)
         target = max(len(listed) - sum(s.key in listed for s in lost) + unlisted, 0)
         counted = active_slots(model_gate)
+        if counted > target and waited and not lost:
+            mine = frozenset(lease for lease, _ in taken)
+            sighting = _Sighting(now, datetime.now(UTC), counted, frozenset(listed), mine)
+            first = model_gate not in _sightings
+            if not _unexplained_for_long(model_id, sighting):
+                if first:
+                    logger.info(
+                        "Gate %s counts %d slots; Bedrock has %d jobs in flight and %d of our "
+                        "slots wait for a job. Freeing the rest if that stays so for %.0f s "
+                        "(a slot of another process on its way to a job looks the same)",
+                        model_gate,
+                        counted,
+                        len(listed),
+                        unlisted,
+                        settle_seconds(),
+                    )
+                target = counted  # not now: seen again next period
+            else:
+                _sightings.pop(model_gate, None)
+        else:
+            _sightings.pop(model_gate, None)
         if counted != target:
             logger.warning(
                 "Gate %s counted %d slots; Bedrock has %d jobs in flight, %d of ours to take "
@@ -752,7 +862,10 @@ def reconcile(
                 len(lost),
                 target,
             )
-            _set_active_slots(model_gate, target)
+            if counted > target:
+                _free_slots(model_gate, counted - target)
+            else:
+                _set_active_slots(model_gate, target)
         runs = {run_gate_name(s.run_name) for s in ours} | {run_gate for _, run_gate in taken}
         if run_name:
             runs.add(run_gate_name(run_name))
