@@ -91,9 +91,10 @@ def _max_in_flight(stack, jobs: list[dict]) -> int:
 
 
 def test_batch_inference_text_never_exceeds_gate_and_returns_every_row(stack, tmp_path):
-    # Each 100-record job takes ~2 s: two overlap even on a loaded machine, and without the
-    # gate all three would.
-    stack.configure(records_per_second=50)
+    # Each 100-record job takes ~4 s: two overlap even on a loaded machine, and without the
+    # gate all three would. (At ~2 s they once did not: the busy test server answered the
+    # second shard's slot ask with a 503 after 1.8 s, and its job began as the first ended.)
+    stack.configure(records_per_second=25)
     params = _text_params(
         tmp_path,
         "gate-test",
