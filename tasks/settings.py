@@ -116,8 +116,9 @@ class GateSettings(BaseSettings):
             "A shard that waited this long for a slot recounts the model's gate from the jobs "
             "Bedrock lists as in flight (once per period per process), healing slots counted "
             "by leases the Prefect server lost. Slots nothing explains are freed only once "
-            "the count stayed the same for max(this, 2 x the poll interval): another "
-            "process's slot on its way to a job looks the same for a moment."
+            "the count stayed the same for max(this, 2 x the poll interval, the lease + 15 s): "
+            "another process's slot on its way to a job looks the same for a moment, and the "
+            "server frees a dead run's lease itself when it expires."
         ),
     )
     retry_max_seconds: float = Field(

@@ -22,10 +22,11 @@ from tasks.settings import get_settings
 @pytest.fixture
 def gate_settings(monkeypatch):
     """Gate pace for tests: asks every 0.1 s, recounts after 0.5 s of waiting, fast retries;
-    polls every 0.1 s, so a count nothing explains is freed after 0.5 s unchanged."""
+    a count nothing explains is freed after 0.5 s unchanged (a lease lasts 60 s at least, so
+    the real settle time is over a minute: `test_settle_time_outlasts_...` checks it)."""
     monkeypatch.setenv("BEDROCK_BATCH_GATE_WAIT_SECONDS", "0.1")
     monkeypatch.setenv("BEDROCK_BATCH_GATE_RECONCILE_AFTER_SECONDS", "0.5")
-    monkeypatch.setenv("BEDROCK_BATCH_POLL_INTERVAL_SECONDS", "0.1")
+    monkeypatch.setattr(gate, "settle_seconds", lambda: 0.5)
     monkeypatch.setenv("BEDROCK_BATCH_GATE_RETRY_MAX_SECONDS", "0.2")
     get_settings.cache_clear()
     yield
@@ -311,8 +312,7 @@ def test_a_waiting_shard_does_not_free_a_slot_another_process_holds_on_its_way_t
     # Another run's process took a slot and has not created its job yet: Bedrock lists nothing
     # and this process does not know the lease. A waiting shard's recount that freed it at once
     # let two runs of one model have 4 jobs in flight under a gate of 3 (two runs' e2e, CI).
-    monkeypatch.setenv("BEDROCK_BATCH_POLL_INTERVAL_SECONDS", "5")  # settles in 10 s
-    get_settings.cache_clear()
+    monkeypatch.setattr(gate, "settle_seconds", lambda: 10.0)
     model = _model("transit-elsewhere")
     name, _, _ = gate.ensure_gates(model, "here-run", 2)
     _, _, other_gate = gate.ensure_gates(model, "elsewhere-run", 2)
@@ -353,6 +353,25 @@ def test_a_count_freed_after_waiting_is_one_that_stayed_unchanged(
     assert freed[0] - recounts[0] >= gate.settle_seconds()
     assert gate.active_slots(name) == 1
     gate.release_slot(lease)
+
+
+def test_settle_time_outlasts_another_processs_slot_in_transit_and_a_dead_runs_lease(
+    monkeypatch,
+):
+    # The defaults: a 60 s poll (a slot in transit lasts up to one), 120 s leases that the
+    # server frees 15 s after they expire at most; freeing such a slot here too frees it twice.
+    for name in ("POLL_INTERVAL_SECONDS", "POLL_LEASE_SECONDS", "GATE_RECONCILE_AFTER_SECONDS"):
+        monkeypatch.delenv("BEDROCK_BATCH_" + name, raising=False)
+    get_settings.cache_clear()
+    assert gate.settle_seconds() == 135
+    monkeypatch.setenv("BEDROCK_BATCH_POLL_INTERVAL_SECONDS", "300")
+    get_settings.cache_clear()
+    assert gate.settle_seconds() == 600
+    monkeypatch.setenv("BEDROCK_BATCH_POLL_LEASE_SECONDS", "10")  # Prefect's minimum is 60
+    monkeypatch.setenv("BEDROCK_BATCH_POLL_INTERVAL_SECONDS", "1")
+    get_settings.cache_clear()
+    assert gate.settle_seconds() == 75
+    get_settings.cache_clear()
 
 
 def test_jobs_submitted_since_a_sighting_are_listed_by_bedrock_whatever_their_status(stack):

@@ -723,6 +723,9 @@ class _Sighting:
 _sightings: dict[str, _Sighting] = {}
 # Bedrock's clock against ours: a job submitted this long before a sighting counts as new.
 SUBMIT_CLOCK_MARGIN_SECONDS = 60.0
+# How often Prefect's server frees expired leases (its repossessor service's default loop,
+# PREFECT_SERVER_SERVICES_REPOSSESSOR_LOOP_SECONDS).
+REPOSSESSOR_SECONDS = 15.0
 
 
 def settle_seconds() -> float:
@@ -730,10 +733,13 @@ def settle_seconds() -> float:
 
     Another process's slot between its increment (or its last job's end) and its next job
     being listed looks exactly like a lost lease; it lasts about one poll interval and a
-    create call. A lost lease stays.
+    create call. A slot whose lease is alive but not renewed (a dead run's) is freed by the
+    server when the lease expires: freeing it here as well would free it twice. A slot of a
+    lease the server lost stays through both.
     """
     settings = get_settings()
-    return max(settings.gate.reconcile_after_seconds, 2 * settings.poll.interval_seconds)
+    lease = _lease_seconds(settings.poll.lease_seconds) + REPOSSESSOR_SECONDS
+    return max(settings.gate.reconcile_after_seconds, 2 * settings.poll.interval_seconds, lease)
 
 
 def _submitted_since(model_id: str, after: datetime) -> set[str]:
