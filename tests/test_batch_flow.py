@@ -95,6 +95,10 @@ def test_batch_inference_text_never_exceeds_gate_and_returns_every_row(stack, tm
     # gate all three would. (At ~2 s they once did not: the busy test server answered the
     # second shard's slot ask with a 503 after 1.8 s, and its job began as the first ended.)
     stack.configure(records_per_second=25)
+    # Slots an earlier test of this worker left on the shared model gate (a run killed on the
+    # test server, which frees no expired lease) are not this run's: it must give back its own.
+    model_gate, _, run_gate = gate.ensure_gates(CLAUDE, "gate-test", 2)
+    left_before = gate.active_slots(model_gate)
     params = _text_params(
         tmp_path,
         "gate-test",
@@ -108,7 +112,7 @@ def test_batch_inference_text_never_exceeds_gate_and_returns_every_row(stack, tm
     jobs = stack.ledger(name_contains="gate-test")
     assert len(jobs) == 3
     assert _max_in_flight(stack, jobs) == 2
-    assert gate.active_slots(gate.gate_name(CLAUDE)) == 0
+    assert (gate.active_slots(model_gate), gate.active_slots(run_gate)) == (left_before, 0)
     out = pl.read_parquet(summary["parts"])
     assert out.height == 300
     assert out[RECORD_ID].n_unique() == 300
