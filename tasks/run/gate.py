@@ -674,25 +674,31 @@ def kept_after_restart(lease_id: UUID | str, model_id: str, run_name: str) -> No
 
 def in_flight_jobs(model_id: str) -> set[str]:
     """Names of the jobs Bedrock lists as submitted or in progress for the model's quota key."""
-    bedrock = client("bedrock")
-    key = gate_name(model_id)
     names: set[str] = set()
     for status in IN_FLIGHT_STATUSES:
-        token = None
-        while True:
-            kwargs = {"statusEquals": status, "maxResults": 1000}
-            if token:
-                kwargs["nextToken"] = token
-            page = _list_page(bedrock, kwargs)
-            names |= {
-                job["jobName"]
-                for job in page.get("invocationJobSummaries", [])
-                if gate_name(job["modelId"]) == key
-            }
-            token = page.get("nextToken")
-            if not token:
-                break
+        names |= _listed_jobs(model_id, statusEquals=status)
     return names
+
+
+def _listed_jobs(model_id: str, **filters: Any) -> set[str]:
+    """Names of the jobs under the model's quota key that ListModelInvocationJobs returns for
+    ``filters`` (botocore ListModelInvocationJobsRequest), every page."""
+    bedrock, key = client("bedrock"), gate_name(model_id)
+    names: set[str] = set()
+    token = None
+    while True:
+        kwargs = {**filters, "maxResults": 1000}
+        if token:
+            kwargs["nextToken"] = token
+        page = _list_page(bedrock, kwargs)
+        names |= {
+            job["jobName"]
+            for job in page.get("invocationJobSummaries", [])
+            if gate_name(job["modelId"]) == key
+        }
+        token = page.get("nextToken")
+        if not token:
+            return names
 
 
 def _list_page(bedrock, kwargs: dict) -> dict:
@@ -744,21 +750,7 @@ def settle_seconds() -> float:
 
 def _submitted_since(model_id: str, after: datetime) -> set[str]:
     """Names of the model's jobs Bedrock says were submitted after ``after``, in any status."""
-    bedrock, key, names, token = client("bedrock"), gate_name(model_id), set(), None
-    while True:
-        # botocore ListModelInvocationJobsRequest.submitTimeAfter, as the watcher uses it.
-        kwargs: dict[str, Any] = {"submitTimeAfter": after, "maxResults": 1000}
-        if token:
-            kwargs["nextToken"] = token
-        page = _list_page(bedrock, kwargs)
-        names |= {
-            job["jobName"]
-            for job in page.get("invocationJobSummaries", [])
-            if gate_name(job["modelId"]) == key
-        }
-        token = page.get("nextToken")
-        if not token:
-            return names
+    return _listed_jobs(model_id, submitTimeAfter=after)
 
 
 def _unexplained_for_long(model_id: str, now: _Sighting) -> bool:
