@@ -11,6 +11,7 @@ from datetime import UTC, datetime, timedelta
 import httpx
 import pytest
 from helpers import eventually
+from prefect.client.schemas.actions import GlobalConcurrencyLimitUpdate as Update
 
 from tasks.aws import poll
 from tasks.aws import watcher as watcher_module
@@ -316,11 +317,14 @@ def test_a_waiting_shard_does_not_free_a_slot_another_process_holds_on_its_way_t
     model = _model("transit-elsewhere")
     name, _, _ = gate.ensure_gates(model, "here-run", 2)
     _, _, other_gate = gate.ensure_gates(model, "elsewhere-run", 2)
-    with gate._prefect() as prefect:
-        prefect.update_global_concurrency_limit(name, gate.GlobalConcurrencyLimitUpdate(limit=1))
-        response = prefect.increment_concurrency_slots_with_lease(
+    # Raw Prefect calls, through gate._call only for its retries of a busy server's 503s.
+    gate._call("resize", lambda p: p.update_global_concurrency_limit(name, Update(limit=1)))
+    response = gate._call(
+        "take",
+        lambda p: p.increment_concurrency_slots_with_lease(
             names=[name, other_gate], slots=1, mode="concurrency", lease_duration=60
-        )
+        ),
+    )
     elsewhere = response.json()["lease_id"]  # not through gate: unknown to this process
     recounts = _count_calls(monkeypatch, "in_flight_jobs")
 
@@ -329,8 +333,7 @@ def test_a_waiting_shard_does_not_free_a_slot_another_process_holds_on_its_way_t
 
     assert taken == []
     assert gate.active_slots(name) == 1
-    with gate._prefect() as prefect:
-        prefect.release_concurrency_slots_with_lease(uuid.UUID(elsewhere))
+    gate._call("give back", lambda p: p.release_concurrency_slots_with_lease(uuid.UUID(elsewhere)))
     waiters[0].join(timeout=30)
     assert len(taken) == 1 and gate.active_slots(name) == 1
     gate.release_slot(taken[0])
