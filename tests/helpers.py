@@ -1,5 +1,5 @@
 """Helpers shared by the tests: waiting on a condition with a deadline instead of sleeping,
-and Bedrock batch input written by hand."""
+Bedrock batch input written by hand, and a job created straight on the local stack."""
 
 from __future__ import annotations
 
@@ -55,3 +55,21 @@ def claude_jsonl(count: int) -> bytes:
         for i in range(count)
     ]
     return ("\n".join(lines) + "\n").encode()
+
+
+HAIKU = "anthropic.claude-3-haiku-20240307-v1:0"
+
+
+def create_job(stack, name: str, input_uri: str, model_id: str = HAIKU, **kwargs) -> str:
+    """CreateModelInvocationJob on the local stack with its role, output under out/<name>/
+    (``output_uri``, ``client`` and any other request field can be given); the job's ARN."""
+    client = kwargs.pop("client", None) or stack.client("bedrock")
+    out = kwargs.pop("output_uri", f"s3://{stack.bucket}/out/{name}/")
+    return client.create_model_invocation_job(
+        jobName=name,
+        roleArn=stack.env["BEDROCK_BATCH_ROLE_ARN"],
+        modelId=model_id,
+        inputDataConfig={"s3InputDataConfig": {"s3Uri": input_uri}},
+        outputDataConfig={"s3OutputDataConfig": {"s3Uri": out}},
+        **kwargs,
+    )["jobArn"]

@@ -10,7 +10,7 @@ from datetime import UTC, datetime, timedelta
 
 import httpx
 import pytest
-from helpers import eventually
+from helpers import create_job, eventually
 from prefect.client.schemas.actions import GlobalConcurrencyLimitUpdate as Update
 
 from tasks.aws import poll
@@ -385,15 +385,7 @@ def test_jobs_submitted_since_a_sighting_are_listed_by_bedrock_whatever_their_st
     for job_model, job_name in names.items():
         key = f"in/{job_name}.jsonl"
         stack.client("s3").put_object(Bucket=stack.bucket, Key=key, Body=b"")
-        stack.client("bedrock").create_model_invocation_job(
-            jobName=job_name,
-            roleArn=stack.env["BEDROCK_BATCH_ROLE_ARN"],
-            modelId=job_model,
-            inputDataConfig={"s3InputDataConfig": {"s3Uri": f"s3://{stack.bucket}/{key}"}},
-            outputDataConfig={
-                "s3OutputDataConfig": {"s3Uri": f"s3://{stack.bucket}/out/{job_name}/"}
-            },
-        )
+        create_job(stack, job_name, f"s3://{stack.bucket}/{key}", job_model)
 
     assert names[model] in gate._submitted_since(model, before)
     assert names[other] not in gate._submitted_since(model, before)

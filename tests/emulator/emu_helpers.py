@@ -6,8 +6,10 @@ import json
 import time
 import uuid
 
+# One job-creating helper for every test; re-exported here for the emulator's tests.
+from helpers import HAIKU, create_job  # noqa: F401
+
 FINAL = {"Completed", "PartiallyCompleted", "Failed", "Stopped", "Expired"}
-HAIKU = "anthropic.claude-3-haiku-20240307-v1:0"
 
 
 def anthropic_body(i: int, max_tokens: int = 200) -> dict:
@@ -32,19 +34,6 @@ def records(n: int, body=anthropic_body, prefix: str = "r") -> list[dict]:
 def unique(name: str) -> str:
     """A job name no other test uses, so ledger and list filters stay per test."""
     return f"{name}-{uuid.uuid4().hex[:8]}"
-
-
-def create_job(stack, name: str, input_uri: str, model_id: str = HAIKU, **kwargs) -> str:
-    client = kwargs.pop("client", None) or stack.client("bedrock")
-    out = kwargs.pop("output_uri", f"s3://{stack.bucket}/out/{name}/")
-    return client.create_model_invocation_job(
-        jobName=name,
-        roleArn=stack.env["BEDROCK_BATCH_ROLE_ARN"],
-        modelId=model_id,
-        inputDataConfig={"s3InputDataConfig": {"s3Uri": input_uri}},
-        outputDataConfig={"s3OutputDataConfig": {"s3Uri": out}},
-        **kwargs,
-    )["jobArn"]
 
 
 def wait_for(stack, arn: str, statuses=FINAL, timeout: float = 20.0, predicate=None) -> dict:
