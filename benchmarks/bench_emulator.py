@@ -32,6 +32,7 @@ from botocore.config import Config
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.bench_orchestration import DEFAULTS  # noqa: E402
 from emulator import EmulatorConfig, LocalStack, lookup  # noqa: E402
 from emulator.faults import Faults  # noqa: E402
 from emulator.runner import answer, parse_input  # noqa: E402
@@ -40,8 +41,9 @@ from tasks.bedrock.statuses import FINAL_STATUSES  # noqa: E402
 RECORDS = int(os.environ.get("BENCH_EMULATOR_RECORDS", "50000"))
 MODEL = os.environ.get("BENCH_EMULATOR_MODEL", "anthropic.claude-3-haiku-20240307-v1:0")
 PACED_JOBS = int(os.environ.get("BENCH_EMULATOR_PACED_JOBS", "20"))
-PACED_RECORDS = 2_000
-PACE_SECONDS = 6.5
+# The orchestration benchmark's refill jobs, whose service time this scenario checks.
+PACED_RECORDS = DEFAULTS["refill"]["records_per_job"]
+PACE_SECONDS = DEFAULTS["refill"]["pace_seconds"]
 CSV_PATH = Path(
     os.environ.get("BENCH_EMULATOR_CSV", ROOT / "benchmarks" / "results" / "bench_emulator.csv")
 )
