@@ -14,7 +14,7 @@ import time
 import uuid
 
 import pytest
-from helpers import eventually
+from helpers import create_job, eventually
 from prefect.variables import Variable
 
 from emulator import LocalStack
@@ -89,14 +89,7 @@ def _run_job(stack, key: str) -> tuple[str, str]:
     ]
     body = "\n".join(json.dumps(line) for line in lines) + "\n"
     stack.client("s3").put_object(Bucket=stack.bucket, Key=f"in/{name}.jsonl", Body=body.encode())
-    arn = stack.client("bedrock").create_model_invocation_job(
-        jobName=name,
-        roleArn=stack.env["BEDROCK_BATCH_ROLE_ARN"],
-        modelId=MODEL,
-        inputDataConfig={"s3InputDataConfig": {"s3Uri": f"s3://{stack.bucket}/in/{name}.jsonl"}},
-        outputDataConfig={"s3OutputDataConfig": {"s3Uri": f"s3://{stack.bucket}/out/{name}/"}},
-    )["jobArn"]
-    return arn, name
+    return create_job(stack, name, f"s3://{stack.bucket}/in/{name}.jsonl", MODEL), name
 
 
 def _wait_final(stack, arn: str) -> None:
