@@ -25,8 +25,8 @@ from tasks.pipeline import columns as C
 from tasks.pipeline.lines import ROW as _ROW
 from tasks.pipeline.lines import compile_line, record_id_expr
 from tasks.pipeline.plan import RunPlan, format_plan
-from tasks.pipeline.preprocess import preprocess
-from tasks.settings import QuotaSettings
+from tasks.pipeline.preprocess import SAMPLE_FILE, preprocess
+from tasks.settings import QuotaSettings, get_settings
 
 CLAUDE = "anthropic.claude-3-haiku-20240307-v1:0"
 TITAN = "amazon.titan-embed-text-v2:0"
@@ -151,6 +151,38 @@ def test_preprocess_skip_leaves_rows_out_of_jobs_and_keeps_them_with_an_error(tm
     assert skipped[C.RECORD_ID].to_list() == ["R0000000001", "R0000000003"]
     assert skipped[C.ERROR_CODE].to_list() == [C.MISSING_INPUT] * 2
     assert "on_missing='skip'" in skipped[C.ERROR_MESSAGE][0]
+
+
+@pytest.mark.parametrize(("rows", "jobs", "sample"), [(120, 40, 10), (120, 4, 10), (12, 3, 50)])
+def test_preprocess_samples_the_settings_count_of_records_spread_over_the_shards(
+    tmp_path, monkeypatch, rows, jobs, sample
+):
+    # The cost estimate calls CountTokens once a sampled record: the sample is the setting's
+    # size (or every record), not one record a shard or more, however many shards there are.
+    monkeypatch.setenv("BEDROCK_BATCH_COST_SAMPLE_RECORDS", str(sample))
+    get_settings.cache_clear()
+    try:
+        frame = topics(rows).with_columns(
+            pl.when(pl.col("n") % 7 == 3).then(None).otherwise(pl.col("topic")).alias("topic")
+        )
+        plan = run(
+            tmp_path, write_csv(tmp_path, frame), on_missing="skip", max_concurrent_jobs=jobs
+        )
+    finally:
+        get_settings.cache_clear()
+    out = tmp_path / "run"
+    picked = read_lines(out / SAMPLE_FILE)
+    assert len(picked) == min(sample, plan.batch_records)
+    if jobs > sample:
+        assert len(plan.shards) > sample  # where a share a shard counted more than the setting
+    sent = {
+        s.name: {ln["recordId"]: ln for ln in read_lines(out / s.input_file)} for s in plan.shards
+    }
+    for pick in picked:
+        line = json.loads(pick["line"])
+        assert sent[pick["shard"]][line["recordId"]] == line  # the shard's own line, as sent
+    shards = {pick["shard"] for pick in picked}
+    assert len(shards) == min(len(plan.shards), len(picked))  # every shard, or one record each
 
 
 def test_preprocess_empty_dataset_fails(tmp_path):

@@ -348,7 +348,7 @@ def _write_shards(
     shards = []
     skipped: list[pl.DataFrame] = []
     samples: list[pl.DataFrame] = []
-    per_shard = math.ceil(get_settings().cost.sample_records / max(len(ranges), 1))
+    picks = _sample_picks(ranges, get_settings().cost.sample_records)
     # A shard's two files are written side by side; at most two shards' writes are pending, so
     # memory stays at a few shards whatever the row count.
     writer = ThreadPoolExecutor(max_workers=2, thread_name_prefix="shard-writer")
@@ -378,7 +378,7 @@ def _write_shards(
             if speculative:
                 _check_even(w, frame, file_bytes)
             name = shard_name(i)
-            samples.append(_sample(frame, name, per_shard))
+            samples.append(_sample(frame, name, picks[(picks >= a) & (picks < b)] - a))
             chars = int(frame[_CHARS].sum())
             shard = ShardPlan(
                 index=i,
@@ -465,15 +465,25 @@ def _check_even(w: _Work, frame: pl.DataFrame, file_bytes: int) -> None:
         raise _Replan
 
 
-def _sample(frame: pl.DataFrame, name: str, k: int) -> pl.DataFrame:
-    """Up to k lines spread over the shard, with their prompt characters (for CountTokens)."""
-    n = frame.height
-    picks = pl.Series(np.unique(np.linspace(0, n - 1, num=min(k, n)).astype(np.int64)))
+def _sample_picks(ranges: list[tuple[int, int]], k: int) -> np.ndarray:
+    """Positions of `k` records spread evenly over all the shards' records (fewer if fewer).
+
+    The sample is what the estimate counts with CountTokens, one call a record: its size is
+    the setting's, however many shards the run has (a share per shard rounded up counted one
+    record a shard, 2,000 calls for a 2,000-shard run).
+    """
+    n = ranges[-1][1] if ranges else 0
+    return np.unique(np.linspace(0, n - 1, num=min(k, n)).astype(np.int64))
+
+
+def _sample(frame: pl.DataFrame, name: str, picks: np.ndarray) -> pl.DataFrame:
+    """The lines at `picks` of the shard, with their prompt characters (for CountTokens)."""
+    at = pl.Series(picks, dtype=pl.Int64)
     return pl.DataFrame(
         {
-            "shard": [name] * len(picks),
-            "chars": frame.get_column(_CHARS).gather(picks).cast(pl.Int64),
-            "line": frame.get_column(_LINE).gather(picks),
+            "shard": [name] * len(at),
+            "chars": frame.get_column(_CHARS).gather(at).cast(pl.Int64),
+            "line": frame.get_column(_LINE).gather(at),
         }
     )
 
