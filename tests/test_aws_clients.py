@@ -5,9 +5,11 @@ from __future__ import annotations
 import uuid
 
 import pytest
+from helpers import claude_jsonl, create_job
 from prefect_aws import AwsCredentials
 
 from tasks.aws import clients
+from tasks.aws.clients import job_summaries
 from tasks.errors import RunSettingsError
 from tasks.settings import get_settings
 
@@ -123,3 +125,27 @@ def test_error_code_reads_aws_refusals_only():
     refusal = ClientError({"Error": {"Code": "NoSuchKey", "Message": "x"}}, "GetObject")
     assert clients.error_code(refusal) == "NoSuchKey"
     assert clients.error_code(ValueError("not AWS")) is None
+
+
+def test_job_summaries_reads_every_page_and_no_page_past_what_is_read(stack):
+    # One paging loop serves the watcher, the gate's counts and find_job: every job of a
+    # listing longer than a page, and a caller that stops early asks for no further page.
+    name = f"paging-{uuid.uuid4().hex[:8]}"
+    stack.client("s3").put_object(
+        Bucket=stack.bucket, Key=f"in/{name}.jsonl", Body=claude_jsonl(100)
+    )
+    jobs = [
+        create_job(stack, f"{name}-{i}", f"s3://{stack.bucket}/in/{name}.jsonl") for i in range(3)
+    ]
+    bedrock, calls = stack.client("bedrock"), []
+
+    def list_page(**kwargs):
+        calls.append(kwargs.get("nextToken"))
+        return bedrock.list_model_invocation_jobs(**kwargs)
+
+    listed = job_summaries(list_page, nameContains=name, maxResults=1, sortOrder="Ascending")
+    assert [job["jobArn"] for job in listed] == jobs
+    assert len(calls) >= 3 and calls[0] is None and all(calls[1:])
+    calls.clear()
+    first = next(job_summaries(list_page, nameContains=name, maxResults=1))
+    assert first["jobArn"] == jobs[-1] and calls == [None]

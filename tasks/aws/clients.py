@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Callable, Iterator
 from functools import lru_cache
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from tasks.errors import RunSettingsError
 from tasks.settings import get_settings
@@ -115,6 +116,22 @@ def error_code(exc: BaseException) -> str | None:
     if exceptions is None or not isinstance(exc, exceptions.ClientError):
         return None
     return exc.response.get("Error", {}).get("Code")
+
+
+def job_summaries(list_page: Callable[..., dict], **filters: Any) -> Iterator[dict[str, Any]]:
+    """Every ListModelInvocationJobs summary for ``filters``, page after page by nextToken.
+
+    ``list_page`` makes one call (the client's method, or one that counts or retries it):
+    botocore's paginator for it cannot retry a single throttled page. A caller that stops
+    reading asks for no further page.
+    """
+    token = None
+    while True:
+        page = list_page(**filters, **({"nextToken": token} if token else {}))
+        yield from page.get("invocationJobSummaries", [])
+        token = page.get("nextToken")
+        if not token:
+            return
 
 
 def retry_on_error_codes(codes: frozenset[str] | set[str]):

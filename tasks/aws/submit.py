@@ -10,7 +10,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from tasks.aws.clients import client, error_code
+from tasks.aws.clients import client, error_code, job_summaries
 from tasks.bedrock.error_codes import RETRYABLE_CREATE
 from tasks.bedrock.jobs import JOB_NAME_MAX_LENGTH, is_valid_job_name
 
@@ -169,22 +169,13 @@ def find_job(
     return those, not the tags (they need ListTagsForResource), and the token is unique to
     this run.
     """
-    bedrock = client("bedrock")
-    next_token = None
-    while True:
-        page = bedrock.list_model_invocation_jobs(
-            nameContains=job_name,
-            maxResults=100,
-            **({"nextToken": next_token} if next_token else {}),
-        )
-        for summary in page.get("invocationJobSummaries", []):
-            if summary["jobName"] == job_name and _proves_ours(
-                summary, token, input_uri, output_uri
-            ):
-                return summary["jobArn"]
-        next_token = page.get("nextToken")
-        if not next_token:
-            return None
+    listed = job_summaries(
+        client("bedrock").list_model_invocation_jobs, nameContains=job_name, maxResults=100
+    )
+    for summary in listed:
+        if summary["jobName"] == job_name and _proves_ours(summary, token, input_uri, output_uri):
+            return summary["jobArn"]
+    return None
 
 
 def find_own_job(request: JobRequest) -> str | None:

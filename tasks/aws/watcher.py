@@ -26,7 +26,7 @@ from typing import Any
 
 from botocore.exceptions import ClientError
 
-from tasks.aws.clients import client, error_code
+from tasks.aws.clients import client, error_code, job_summaries
 from tasks.bedrock.error_codes import RETRYABLE_GET
 from tasks.bedrock.statuses import FINAL_STATUSES, STATUS_ORDER
 from tasks.errors import JobLostError
@@ -248,25 +248,19 @@ class JobWatcher:
         return False
 
     def _list(self, bedrock, after: datetime | None) -> dict[str, dict[str, Any]]:
-        jobs: dict[str, dict[str, Any]] = {}
-        token = None
-        while True:
-            kwargs: dict[str, Any] = {
-                "nameContains": self.run_key,
-                "maxResults": LIST_PAGE,
-                "sortBy": "CreationTime",
-                "sortOrder": "Descending",
-            }
-            if after is not None:
-                kwargs["submitTimeAfter"] = after
-            if token:
-                kwargs["nextToken"] = token
+        def list_page(**kwargs: Any) -> dict[str, Any]:
             self.calls["list"] += 1
-            page = bedrock.list_model_invocation_jobs(**kwargs)
-            jobs.update({job["jobArn"]: job for job in page.get("invocationJobSummaries", [])})
-            token = page.get("nextToken")
-            if not token:
-                return jobs
+            return bedrock.list_model_invocation_jobs(**kwargs)
+
+        filters: dict[str, Any] = {
+            "nameContains": self.run_key,
+            "maxResults": LIST_PAGE,
+            "sortBy": "CreationTime",
+            "sortOrder": "Descending",
+        }
+        if after is not None:
+            filters["submitTimeAfter"] = after
+        return {job["jobArn"]: job for job in job_summaries(list_page, **filters)}
 
 
 def follow_job(

@@ -38,7 +38,7 @@ from prefect.context import SettingsContext, get_settings_context
 from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
 from prefect.settings import PREFECT_CLIENT_MAX_RETRIES
 
-from tasks.aws.clients import client, error_code
+from tasks.aws.clients import client, error_code, job_summaries
 from tasks.bedrock.catalog import quota_key
 from tasks.bedrock.error_codes import RETRYABLE_GET
 from tasks.bedrock.statuses import ACTIVE_STATUSES
@@ -684,21 +684,8 @@ def _listed_jobs(model_id: str, **filters: Any) -> set[str]:
     """Names of the jobs under the model's quota key that ListModelInvocationJobs returns for
     ``filters`` (botocore ListModelInvocationJobsRequest), every page."""
     bedrock, key = client("bedrock"), gate_name(model_id)
-    names: set[str] = set()
-    token = None
-    while True:
-        kwargs = {**filters, "maxResults": 1000}
-        if token:
-            kwargs["nextToken"] = token
-        page = _list_page(bedrock, kwargs)
-        names |= {
-            job["jobName"]
-            for job in page.get("invocationJobSummaries", [])
-            if gate_name(job["modelId"]) == key
-        }
-        token = page.get("nextToken")
-        if not token:
-            return names
+    listed = job_summaries(lambda **kwargs: _list_page(bedrock, kwargs), **filters, maxResults=1000)
+    return {job["jobName"] for job in listed if gate_name(job["modelId"]) == key}
 
 
 def _list_page(bedrock, kwargs: dict) -> dict:
