@@ -1,11 +1,13 @@
 """Helpers shared by the tests: waiting on a condition with a deadline instead of sleeping,
-Bedrock batch input written by hand, and a job created straight on the local stack."""
+Bedrock batch input written by hand, a job created straight on the local stack, and how many
+jobs Bedrock's own times say were in flight at once."""
 
 from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
+from datetime import datetime
 from typing import TypeVar
 
 T = TypeVar("T")
@@ -73,3 +75,20 @@ def create_job(stack, name: str, input_uri: str, model_id: str = HAIKU, **kwargs
         outputDataConfig={"s3OutputDataConfig": {"s3Uri": out}},
         **kwargs,
     )["jobArn"]
+
+
+def job_spans(stack, job_arns: Iterable[str]) -> list[tuple[datetime, datetime]]:
+    """Each job's (submitTime, endTime), from Bedrock's own description of it."""
+    bedrock = stack.client("bedrock")
+    jobs = [bedrock.get_model_invocation_job(jobIdentifier=arn) for arn in job_arns]
+    return [(job["submitTime"], job["endTime"]) for job in jobs]
+
+
+def peak_in_flight(spans: list[tuple[datetime, datetime]]) -> int:
+    """The most jobs between their submit and their end at one moment."""
+    edges = [(s, 1) for s, _ in spans] + [(e, -1) for _, e in spans]
+    in_flight = peak = 0
+    for _, step in sorted(edges):  # an end and a submit at the same instant: end first
+        in_flight += step
+        peak = max(peak, in_flight)
+    return peak

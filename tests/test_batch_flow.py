@@ -9,7 +9,7 @@ from pathlib import Path
 import boto3
 import polars as pl
 import pytest
-from helpers import eventually
+from helpers import eventually, job_spans, peak_in_flight
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import ArtifactFilter, LogFilter
 from prefect.client.schemas.sorting import ArtifactSort
@@ -60,10 +60,6 @@ def _text_params(tmp_path: Path, run_name: str, rows: int, **overrides) -> Batch
     )
 
 
-def _bedrock(stack):
-    return boto3.client("bedrock", endpoint_url=stack.bedrock_url)
-
-
 def _artifacts(key: str) -> list:
     """Every version of an artifact, newest first."""
     with get_client(sync_client=True) as client:
@@ -74,20 +70,6 @@ def _artifacts(key: str) -> list:
 
 def _artifact(key: str):
     return _artifacts(key)[0]
-
-
-def _max_in_flight(stack, jobs: list[dict]) -> int:
-    """The most jobs that were between submit and end at one moment, from Bedrock's own times."""
-    bedrock = _bedrock(stack)
-    edges: list[tuple[datetime, int]] = []
-    for entry in jobs:
-        job = bedrock.get_model_invocation_job(jobIdentifier=entry["jobArn"])
-        edges += [(job["submitTime"], 1), (job["endTime"], -1)]
-    in_flight = peak = 0
-    for _, step in sorted(edges, key=lambda e: (e[0], e[1])):
-        in_flight += step
-        peak = max(peak, in_flight)
-    return peak
 
 
 def test_batch_inference_text_never_exceeds_gate_and_returns_every_row(stack, tmp_path):
@@ -111,7 +93,7 @@ def test_batch_inference_text_never_exceeds_gate_and_returns_every_row(stack, tm
 
     jobs = stack.ledger(name_contains="gate-test")
     assert len(jobs) == 3
-    assert _max_in_flight(stack, jobs) == 2
+    assert peak_in_flight(job_spans(stack, [job["jobArn"] for job in jobs])) == 2
     assert (gate.active_slots(model_gate), gate.active_slots(run_gate)) == (left_before, 0)
     out = pl.read_parquet(summary["parts"])
     assert out.height == 300

@@ -17,6 +17,7 @@ from pathlib import Path
 import httpx
 import polars as pl
 import pytest
+from helpers import job_spans, peak_in_flight
 from prefect.settings import PREFECT_API_URL
 
 from tasks.pipeline.columns import RECORD_ID
@@ -158,22 +159,8 @@ def _in_progress(stack, run_name: str) -> list[dict]:
 
 
 def _spans(stack, run_name: str) -> list[tuple[datetime, datetime]]:
-    """Each job's (submit, end) from Bedrock's own times."""
-    bedrock = stack.client("bedrock")
-    spans = []
-    for entry in stack.ledger(name_contains=run_name):
-        job = bedrock.get_model_invocation_job(jobIdentifier=entry["jobArn"])
-        spans.append((job["submitTime"], job["endTime"]))
-    return spans
-
-
-def _peak(spans: list[tuple[datetime, datetime]]) -> int:
-    edges = [(s, 1) for s, _ in spans] + [(e, -1) for _, e in spans]
-    in_flight = peak = 0
-    for _, step in sorted(edges):  # an end and a submit at the same instant: end first
-        in_flight += step
-        peak = max(peak, in_flight)
-    return peak
+    """Each job's (submit, end) of the run, from Bedrock's own times."""
+    return job_spans(stack, [entry["jobArn"] for entry in stack.ledger(name_contains=run_name)])
 
 
 def _output_rows(tmp_path: Path, run_name: str) -> pl.DataFrame:
@@ -206,7 +193,7 @@ def test_run_survives_a_prefect_server_restart_and_the_next_run_does_not_hang(
 
     assert _output_rows(tmp_path, "restart-1")[RECORD_ID].n_unique() == 600
     assert len(stack.ledger(name_contains="restart-1-")) == 6  # nothing paid twice
-    assert _peak(_spans(stack, "restart-1")) <= 3
+    assert peak_in_flight(_spans(stack, "restart-1")) <= 3
     assert own_prefect_server.active_slots(gate.gate_name(CLAUDE)) == 0
 
 
@@ -220,13 +207,11 @@ def test_two_runs_on_one_model_stay_within_the_account_gate_and_their_own_caps(s
         _finish(run, tmp_path, f"pair-{i}", 300)
 
     spans = {i: _spans(stack, f"pair-{i}-") for i in (1, 2)}
-    peak = _peak(spans[1] + spans[2])
-    print(
-        f"peak overlap of two runs: {peak} (gate 3), each run {_peak(spans[1])}/{_peak(spans[2])}"
-    )
+    peak, each = peak_in_flight(spans[1] + spans[2]), [peak_in_flight(spans[i]) for i in (1, 2)]
+    print(f"peak overlap of two runs: {peak} (gate 3), each run {each[0]}/{each[1]}")
     assert len(spans[1]) == len(spans[2]) == 6
     assert peak <= 3
-    assert _peak(spans[1]) <= 2 and _peak(spans[2]) <= 2
+    assert each[0] <= 2 and each[1] <= 2
     assert peak == 3  # the runs did overlap: both gates were really exercised
     assert gate.active_slots(gate.gate_name(model)) == 0
 
