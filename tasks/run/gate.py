@@ -21,7 +21,7 @@ from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
 from uuid import UUID
@@ -703,10 +703,13 @@ def _list_page(bedrock, kwargs: dict) -> dict:
 
 @dataclass(frozen=True)
 class _Sighting:
-    """What a waiting shard's recount saw of a model's gate that Bedrock and we do not explain."""
+    """What a waiting shard's recount saw of a model's gate that Bedrock and we do not explain.
 
-    at: float  # monotonic
-    wall: datetime  # for Bedrock's submitTime
+    Two sightings are equal when they saw the same (their times aside).
+    """
+
+    at: float = field(compare=False)  # monotonic
+    wall: datetime = field(compare=False)  # for Bedrock's submitTime
     counted: int
     listed: frozenset[str]  # the model's jobs in flight
     ours: frozenset[str]  # this process's leases on the model's gate
@@ -749,11 +752,7 @@ def _unexplained_for_long(model_id: str, now: _Sighting) -> bool:
     """
     model_gate = gate_name(model_id)
     before = _sightings.get(model_gate)
-    if before is None or (before.counted, before.listed, before.ours) != (
-        now.counted,
-        now.listed,
-        now.ours,
-    ):
+    if before != now:
         _sightings[model_gate] = now
         return False
     if now.at - before.at < settle_seconds():
