@@ -766,7 +766,12 @@ def _unexplained_for_long(model_id: str, now: _Sighting) -> bool:
 
 def _free_slots(name: str, slots: int) -> None:
     """Take ``slots`` off a limit's count by a decrement, not a set: what other processes take
-    or give back meanwhile stays counted (a set would overwrite it)."""
+    or give back meanwhile stays counted (a set would overwrite it).
+
+    The client's ``release_concurrency_slots`` makes the same call but requires an occupancy,
+    which the server averages into the limit's Retry-After; a lost lease's slot has none to
+    give, so the request leaves it out (the endpoint's ``occupancy_seconds`` is optional).
+    """
     _call(
         "recount " + name,
         lambda p: p.request(
