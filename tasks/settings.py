@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from functools import lru_cache
 
 from pydantic import AliasChoices, Field
@@ -196,6 +197,28 @@ class EventsSettings(BaseSettings):
     )
 
 
+def _default_merge_workers() -> int:
+    """One merge a core, at most 4: each merge already spreads over the cores (Polars), so more
+    add memory, not speed."""
+    return min(4, os.cpu_count() or 1)
+
+
+class MergeSettings(BaseSettings):
+    """How many shards one process merges at once (a flow run, or `bedrock-batch merge`)."""
+
+    model_config = SettingsConfigDict(env_prefix="BEDROCK_BATCH_MERGE_")
+
+    workers: int = Field(
+        default_factory=_default_merge_workers,
+        ge=1,
+        description=(
+            "Shards merged at once by one process; each holds its job's outputs and its rows "
+            "in memory until its part is written, so this bounds the process's memory when "
+            "many jobs end together (a resumed run). Default: the cores, at most 4."
+        ),
+    )
+
+
 class Settings(BaseSettings):
     """All settings of the project, one concern each."""
 
@@ -205,6 +228,7 @@ class Settings(BaseSettings):
     gate: GateSettings = Field(default_factory=GateSettings)
     cost: CostSettings = Field(default_factory=CostSettings)
     events: EventsSettings = Field(default_factory=EventsSettings)
+    merge: MergeSettings = Field(default_factory=MergeSettings)
 
 
 @lru_cache

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import threading
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -36,6 +37,7 @@ from tasks.pipeline.columns import (
     SERVED_BY,
 )
 from tasks.run import gate
+from tasks.run import shard as shard_module
 from tasks.run.params import BatchParams, InferenceOverrides
 
 CLAUDE = "anthropic.claude-3-haiku-20240307-v1:0"
@@ -389,3 +391,47 @@ def test_batch_inference_kms_key_encrypts_every_object_of_the_run(stack, tmp_pat
         head = s3.head_object(Bucket=stack.bucket, Key=name)
         assert head.get("ServerSideEncryption") == "aws:kms", name
         assert head.get("SSEKMSKeyId") == key, name
+
+
+def test_jobs_that_end_together_merge_one_turn_at_a_time(stack, tmp_path, environment, monkeypatch):
+    """A shard holds its job's outputs in memory from their reading to its part's write: with
+    BEDROCK_BATCH_MERGE_WORKERS=1 no two shards of the process do at once, however many of
+    their jobs end together, and every row still comes back once."""
+    environment({"BEDROCK_BATCH_MERGE_WORKERS": "1"})
+    stack.configure(records_per_second=25)  # 100-record jobs of ~4 s: they overlap
+    holding: set[str] = set()
+    peak = 0
+    changed = threading.Condition()
+    read_outputs, merge_output = shard_module._attempt_output, shard_module.merge_shard_output
+
+    def read(ctx, shard, attempt):
+        nonlocal peak
+        with changed:
+            holding.add(shard.name)
+            peak = max(peak, len(holding))
+            changed.notify_all()
+        return read_outputs(ctx, shard, attempt)
+
+    def merge(ctx, shard, outputs):
+        with changed:  # a job that ended meanwhile has this long to read its outputs too
+            changed.wait_for(lambda: len(holding) > 1, timeout=2)
+        try:
+            return merge_output(ctx, shard, outputs)
+        finally:
+            with changed:
+                holding.discard(shard.name)
+
+    monkeypatch.setattr(shard_module, "_attempt_output", read)
+    monkeypatch.setattr(shard_module, "merge_shard_output", merge)
+    params = _text_params(
+        tmp_path, "merge-turns", 300, max_concurrent_jobs=3, max_records_per_job=100
+    )
+
+    summary = batch_inference(params)
+
+    jobs = stack.ledger(name_contains="merge-turns")
+    # (A busy test server may answer a slot ask late, so not all three need overlap.)
+    assert peak_in_flight(job_spans(stack, [job["jobArn"] for job in jobs])) >= 2
+    assert peak == 1
+    out = pl.read_parquet(summary["parts"])
+    assert (out.height, out[RECORD_ID].n_unique(), out[RESPONSE_TEXT].null_count()) == (300, 300, 0)

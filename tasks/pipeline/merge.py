@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import functools
 import logging
+import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -28,11 +30,9 @@ from tasks.run.layout import (
     part_name,
     shard_name,
 )
+from tasks.settings import get_settings
 
 logger = logging.getLogger(__name__)
-
-# Shards merge_offline merges at once.
-_MERGE_WORKERS = 2
 
 
 @dataclass(frozen=True)
@@ -44,6 +44,44 @@ class MergeStats:
     failed: int
     input_tokens: int
     output_tokens: int
+
+
+@functools.cache
+def _turns(workers: int) -> threading.BoundedSemaphore:
+    return threading.BoundedSemaphore(workers)
+
+
+class MergeTurn:
+    """One of this process's ``BEDROCK_BATCH_MERGE_WORKERS`` turns to merge a shard.
+
+    A shard takes a turn before it reads its job's outputs into memory and gives it back once
+    its part is written (or while a retry job of its runs), so jobs that end together (a run
+    resumed after they all finished) merge a few at a time instead of all at once: memory
+    bounded by the turns, not the gate, and the threads that submit the next jobs are not
+    starved by a crowd of merges.
+    """
+
+    def __init__(self) -> None:
+        self._turns = _turns(get_settings().merge.workers)
+        self._held = False
+
+    def take(self) -> None:
+        """Wait for a turn, unless this one holds it already."""
+        if not self._held:
+            self._turns.acquire()
+            self._held = True
+
+    def give_back(self) -> None:
+        """Let the next shard merge (a no-op when no turn is held)."""
+        if self._held:
+            self._held = False
+            self._turns.release()
+
+    def __enter__(self) -> MergeTurn:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.give_back()
 
 
 def merged_frame(
@@ -225,7 +263,8 @@ def merge_offline(
     # One shard's plan does not keep every core busy (decoding, joining and writing Parquet
     # are partly serial), so shards are merged side by side; memory grows with the workers,
     # not with the number of shards.
-    with ThreadPoolExecutor(max_workers=_MERGE_WORKERS, thread_name_prefix="merge") as pool:
+    workers = get_settings().merge.workers
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="merge") as pool:
         merges = [
             pool.submit(
                 merge_shard,

@@ -35,6 +35,7 @@ from tasks.errors import PlanError
 from tasks.monitoring import events
 from tasks.pipeline import columns as C
 from tasks.pipeline.attempts import AttemptOutput, merge_attempts, records_to_retry
+from tasks.pipeline.merge import MergeTurn
 from tasks.pipeline.plan import ShardPlan
 from tasks.pipeline.structured import OutputSchema
 from tasks.run import gate
@@ -496,25 +497,31 @@ def run_shard(ctx: RunContext, shard: ShardPlan) -> ShardResult:
         )
         outputs: list[AttemptOutput] = []  # of the finished attempts, each read once
         held = 0
-        while attempt is not None:
-            kept_back = _held_by_ceiling(ctx, shard, attempt, logger)
-            if kept_back is not None:
-                outputs += [
-                    _attempt_output(ctx, shard, a) for a in state.attempts[len(outputs) : -1]
-                ]
-                outputs.append(kept_back)
-                held = attempt.records
-                break
-            if attempt.served_by == C.SERVED_ON_DEMAND:
-                if not attempt.is_final:
-                    _run_on_demand(ctx, shard, attempt)
-            elif not attempt.is_final:
-                _submit(ctx, shard, attempt, resumed, logger)
-                _watch(ctx, shard, attempt, resumed, logger)
-            _release(ctx, shard, attempt)
-            outputs += [_attempt_output(ctx, shard, a) for a in state.attempts[len(outputs) :]]
-            attempt = _plan_retry(ctx, shard, state, outputs, logger)
-        state.merge_stats = merge_shard_output(ctx, shard, outputs)
+        # Outputs are in memory from their reading to the part's write: a few shards at a time.
+        with MergeTurn() as turn:
+            while attempt is not None:
+                kept_back = _held_by_ceiling(ctx, shard, attempt, logger)
+                if kept_back is not None:
+                    turn.take()
+                    outputs += [
+                        _attempt_output(ctx, shard, a) for a in state.attempts[len(outputs) : -1]
+                    ]
+                    outputs.append(kept_back)
+                    held = attempt.records
+                    break
+                if attempt.served_by == C.SERVED_ON_DEMAND:
+                    if not attempt.is_final:
+                        _run_on_demand(ctx, shard, attempt)
+                elif not attempt.is_final:
+                    _submit(ctx, shard, attempt, resumed, logger)
+                    _watch(ctx, shard, attempt, resumed, logger)
+                _release(ctx, shard, attempt)
+                turn.take()
+                outputs += [_attempt_output(ctx, shard, a) for a in state.attempts[len(outputs) :]]
+                attempt = _plan_retry(ctx, shard, state, outputs, logger)
+                if attempt is not None:
+                    turn.give_back()  # while the retry's job runs, others merge
+            state.merge_stats = merge_shard_output(ctx, shard, outputs)
         state.merge_stats["held_back"] = held
         state.part_uri = ctx.part_uri(shard)
         ctx.store.save(shard.name)
