@@ -9,6 +9,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from prefect.utilities.annotations import unmapped
 
 from prompt_templates import output_schema_for
+from tasks.allocator import cap_malloc_arenas
 from tasks.aws import storage
 from tasks.aws.job_events import job_events
 from tasks.aws.submit import run_key
@@ -79,6 +80,7 @@ def batch_inference(params: BatchParams) -> dict[str, Any]:
     or one another live process owns, is refused before anything is spent.
     """
     logger = get_run_logger()
+    cap_malloc_arenas()  # before the shard threads start, each with a malloc arena otherwise
 
     # 1. Name and claim the run, check it is the run recorded before; nothing is spent yet.
     run = resolve_run(params, runtime.flow_run.id)

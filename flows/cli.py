@@ -13,6 +13,7 @@ from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 from flows.monitor_cli import add_subcommands
+from tasks.allocator import cap_malloc_arenas, tune_jemalloc
 
 DEFAULT_MODEL = "anthropic.claude-3-haiku-20240307-v1:0"
 
@@ -470,30 +471,9 @@ def user_error(exc: BaseException) -> str | None:
     return " ".join(message.split())  # one line, whatever the message's layout
 
 
-# Polars' allocator (jemalloc) hands freed pages back to the kernel within a second (Polars sets
-# dirty_decay_ms:500 in polars/__init__.py), so every shard's frames fault theirs in again: the
-# 550k-row merge spent 3.2 of its 10 CPU s in the kernel. Keeping freed pages 5 s halves that;
-# memory still follows the shard, not the run. jemalloc's default of 4 arenas a core spreads
-# the frames of Polars' threads over many arenas, each keeping its own freed pages: one arena a
-# core took the 2.2M-row merge from 9.3-9.9 s to 8.5-8.75 s and its peak RSS from ~1,000 MB to
-# ~700 MB (2 cores). Polars writes its default into the environment, so a parent that
-# imported Polars hands it down: that one is replaced, a user's own is kept.
-_ALLOCATOR = "_RJEM_MALLOC_CONF"
-_POLARS_DEFAULT = "dirty_decay_ms:500,muzzy_decay_ms:1000"
-
-
-def _allocator_conf() -> str:
-    return f"dirty_decay_ms:5000,muzzy_decay_ms:5000,narenas:{os.cpu_count() or 1}"
-
-
-def tune_allocator() -> None:
-    """Set Polars' allocator options, unless the user set their own; before Polars loads."""
-    if os.environ.get(_ALLOCATOR, _POLARS_DEFAULT) == _POLARS_DEFAULT:
-        os.environ[_ALLOCATOR] = _allocator_conf()
-
-
 def main(argv: list[str] | None = None) -> int:
-    tune_allocator()  # read when Polars loads, which no import above does
+    tune_jemalloc()  # read when Polars loads, which no import above does
+    cap_malloc_arenas()
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv  # anywhere on the line: the traceback of any error
     if argv[:1] == ["local"]:

@@ -1,7 +1,8 @@
-"""The CLI's allocator options reach jemalloc, as jemalloc itself reports them.
+"""The allocator settings reach the allocators, as the allocators themselves report them.
 
-Each case starts a real interpreter that sets the options as `bedrock-batch` does, then loads
-Polars with jemalloc's `stats_print` on, and reads the options jemalloc settled on.
+Each case starts a real interpreter that sets the options as `bedrock-batch` and the flow do,
+then reads what the allocator settled on: jemalloc's `stats_print` for Polars' allocator,
+glibc's `malloc_stats` for the C library's malloc arenas.
 """
 
 from __future__ import annotations
@@ -13,24 +14,46 @@ import sys
 
 import pytest
 
-from flows.cli import _ALLOCATOR, _POLARS_DEFAULT
+from tasks.allocator import JEMALLOC_CONF, MALLOC_ARENAS, POLARS_DEFAULT
 
-_PROGRAM = f"""
+_JEMALLOC_PROGRAM = f"""
 import os
-from flows.cli import tune_allocator
-tune_allocator()
-os.environ["{_ALLOCATOR}"] += ",stats_print:true"  # jemalloc's report at exit
+from tasks.allocator import tune_jemalloc
+tune_jemalloc()
+os.environ["{JEMALLOC_CONF}"] += ",stats_print:true"  # jemalloc's report at exit
 import polars as pl
 pl.DataFrame({{"a": [1]}}).sum()
 """
 
+# Eight threads each malloc while all are alive, then glibc reports one block per arena.
+_ARENAS_PROGRAM = """
+import ctypes, sys, threading
+from tasks.allocator import cap_malloc_arenas
+print(cap_malloc_arenas() if sys.argv[1] == "cap" else None)
+all_in, done = threading.Barrier(9), threading.Event()
+def work():
+    kept = bytearray(100_000)  # above pymalloc's sizes: malloc, in this thread's arena
+    all_in.wait()
+    done.wait()
+threads = [threading.Thread(target=work) for _ in range(8)]
+for thread in threads:
+    thread.start()
+all_in.wait()
+ctypes.CDLL(None).malloc_stats()  # to stderr
+done.set()
+"""
+
 
 def _jemalloc_options(conf: str | None) -> dict[str, int]:
-    env = {k: v for k, v in os.environ.items() if k != _ALLOCATOR}
+    env = {k: v for k, v in os.environ.items() if k != JEMALLOC_CONF}
     if conf is not None:
-        env[_ALLOCATOR] = conf
+        env[JEMALLOC_CONF] = conf
     done = subprocess.run(
-        [sys.executable, "-c", _PROGRAM], env=env, capture_output=True, text=True, check=True
+        [sys.executable, "-c", _JEMALLOC_PROGRAM],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
     )
     found = dict(re.findall(r"opt\.(dirty_decay_ms|narenas): (-?\d+)", done.stderr))
     assert set(found) == {"dirty_decay_ms", "narenas"}, done.stderr[-2000:]
@@ -39,7 +62,7 @@ def _jemalloc_options(conf: str | None) -> dict[str, int]:
 
 @pytest.mark.parametrize(
     "conf",
-    [None, _POLARS_DEFAULT],  # nothing set; or handed down by a parent that had loaded Polars
+    [None, POLARS_DEFAULT],  # nothing set; or handed down by a parent that had loaded Polars
 )
 def test_the_cli_keeps_freed_pages_with_one_arena_a_core(conf):
     assert _jemalloc_options(conf) == {"dirty_decay_ms": 5000, "narenas": os.cpu_count()}
@@ -48,3 +71,30 @@ def test_the_cli_keeps_freed_pages_with_one_arena_a_core(conf):
 def test_the_users_own_allocator_options_win():
     options = _jemalloc_options("dirty_decay_ms:2000")
     assert options["dirty_decay_ms"] == 2000
+
+
+def _malloc_arenas(how: str, user_arenas: str | None = None) -> tuple[str, int]:
+    env = {k: v for k, v in os.environ.items() if k != "MALLOC_ARENA_MAX"}
+    if user_arenas is not None:
+        env["MALLOC_ARENA_MAX"] = user_arenas
+    done = subprocess.run(
+        [sys.executable, "-c", _ARENAS_PROGRAM, how],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return done.stdout.strip(), len(re.findall(r"^Arena \d+:", done.stderr, re.MULTILINE))
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc")
+def test_the_run_caps_the_c_librarys_malloc_arenas_for_its_threads():
+    assert _malloc_arenas("cap") == ("True", MALLOC_ARENAS)
+    # Without the cap glibc gives each thread an arena of its own (up to 8 a core).
+    _, arenas = _malloc_arenas("none")
+    assert arenas >= 5 > MALLOC_ARENAS
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc")
+def test_the_users_own_malloc_arena_max_wins():
+    assert _malloc_arenas("cap", user_arenas="4") == ("False", 4)
