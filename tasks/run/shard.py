@@ -522,6 +522,7 @@ def run_shard(ctx: RunContext, shard: ShardPlan) -> ShardResult:
                 if attempt is not None:
                     turn.give_back()  # while the retry's job runs, others merge
             state.merge_stats = merge_shard_output(ctx, shard, outputs)
+            outputs.clear()  # let go of them with the turn
         state.merge_stats["held_back"] = held
         state.part_uri = ctx.part_uri(shard)
         ctx.store.save(shard.name)
