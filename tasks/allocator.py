@@ -26,7 +26,9 @@ POLARS_DEFAULT = "dirty_decay_ms:500,muzzy_decay_ms:1000"
 # memory a merge freed stays in its thread's arena. Python allocates under the GIL, so more
 # arenas buy no parallelism. Measured on 20 jobs of 25,000 records ending together (2 cores,
 # `benchmarks.bench_orchestration --scenario refill --shards 20 --records-per-job 25000 --gate
-# 20 --pace-seconds 20`): peak RSS 1,343 MB with glibc's default, 576 MB with 2 arenas.
+# 20 --pace-seconds 20`), peak RSS: glibc's default 1,129-1,343 MB, 2 arenas 576-691 MB (a
+# fixed 1 MB MALLOC_MMAP_THRESHOLD_ instead: 595-674 MB). 800 shards of 100 records at gate
+# 100: 445-826 MB with 2 arenas, 483-624 MB without, the same within this run-to-run spread.
 MALLOC_ARENAS = 2
 _M_ARENA_MAX = -8  # glibc's malloc.h
 _USER_ARENAS = "MALLOC_ARENA_MAX"  # read by glibc itself at start-up
