@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 import threading
 from datetime import datetime, timezone
 from pathlib import Path
@@ -435,3 +436,40 @@ def test_jobs_that_end_together_merge_one_turn_at_a_time(stack, tmp_path, enviro
     assert peak == 1
     out = pl.read_parquet(summary["parts"])
     assert (out.height, out[RECORD_ID].n_unique(), out[RESPONSE_TEXT].null_count()) == (300, 300, 0)
+
+
+def _references(items: list) -> list[int]:
+    return [sys.getrefcount(item) for item in items]
+
+
+def test_a_shard_holds_no_job_output_while_its_retry_job_runs(stack, tmp_path, monkeypatch):
+    """A retry job may queue for hours: its shard reads the first job's outputs again once the
+    retry ends instead of holding them in memory all that time."""
+    stack.set_faults(partial_job_names_containing="-a1", partial_fraction=0.5)
+    first_bodies: list[bytes] = []
+    nobody_else = _references([bytes(range(3))])[0]  # a body only a list like this one holds
+    while_retrying: list[list[int]] = []
+    read_outputs, watch = shard_module._attempt_output, shard_module._watch
+
+    def read(ctx, shard, attempt):
+        output = read_outputs(ctx, shard, attempt)
+        if attempt.attempt == 1 and not first_bodies:
+            first_bodies.extend(output.outputs)
+        return output
+
+    def watching(ctx, shard, attempt, look_now, logger):
+        if attempt.attempt == 2:
+            while_retrying.append(_references(first_bodies))
+        return watch(ctx, shard, attempt, look_now, logger)
+
+    monkeypatch.setattr(shard_module, "_attempt_output", read)
+    monkeypatch.setattr(shard_module, "_watch", watching)
+    params = _text_params(tmp_path, "retry-memory", 300, max_concurrent_jobs=1, on_demand=False)
+
+    summary = batch_inference(params)
+
+    assert first_bodies and all(isinstance(body, bytes) for body in first_bodies)
+    assert while_retrying == [[nobody_else] * len(first_bodies)]
+    out = pl.read_parquet(summary["parts"])
+    assert (out.height, out[ERROR_CODE].null_count()) == (300, 300)
+    assert out.filter(pl.col(ATTEMPTS) == 2).height == 150

@@ -495,17 +495,16 @@ def run_shard(ctx: RunContext, shard: ShardPlan) -> ShardResult:
         attempt = state.current or _new_attempt(
             ctx, shard, state, shard.input_file, shard.records, C.SERVED_BATCH
         )
-        outputs: list[AttemptOutput] = []  # of the finished attempts, each read once
+        outputs: list[AttemptOutput] = []  # of the finished attempts
         held = 0
-        # Outputs are in memory from their reading to the part's write: a few shards at a time.
+        # Outputs are in memory from their reading to the part's write, a few shards at a time;
+        # a shard whose retry job runs (maybe for hours) holds none and reads them again after.
         with MergeTurn() as turn:
             while attempt is not None:
                 kept_back = _held_by_ceiling(ctx, shard, attempt, logger)
                 if kept_back is not None:
                     turn.take()
-                    outputs += [
-                        _attempt_output(ctx, shard, a) for a in state.attempts[len(outputs) : -1]
-                    ]
+                    outputs = [_attempt_output(ctx, shard, a) for a in state.attempts[:-1]]
                     outputs.append(kept_back)
                     held = attempt.records
                     break
@@ -517,10 +516,11 @@ def run_shard(ctx: RunContext, shard: ShardPlan) -> ShardResult:
                     _watch(ctx, shard, attempt, resumed, logger)
                 _release(ctx, shard, attempt)
                 turn.take()
-                outputs += [_attempt_output(ctx, shard, a) for a in state.attempts[len(outputs) :]]
+                outputs = [_attempt_output(ctx, shard, a) for a in state.attempts]
                 attempt = _plan_retry(ctx, shard, state, outputs, logger)
                 if attempt is not None:
-                    turn.give_back()  # while the retry's job runs, others merge
+                    outputs = []
+                    turn.give_back()  # while the retry runs, others merge
             state.merge_stats = merge_shard_output(ctx, shard, outputs)
             outputs.clear()  # let go of them with the turn
         state.merge_stats["held_back"] = held
