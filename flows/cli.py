@@ -13,7 +13,7 @@ from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 from flows.monitor_cli import add_subcommands
-from tasks.allocator import cap_malloc_arenas, tune_jemalloc
+from tasks.allocator import tune_jemalloc
 
 DEFAULT_MODEL = "anthropic.claude-3-haiku-20240307-v1:0"
 
@@ -473,7 +473,6 @@ def user_error(exc: BaseException) -> str | None:
 
 def main(argv: list[str] | None = None) -> int:
     tune_jemalloc()  # read when Polars loads, which no import above does
-    cap_malloc_arenas()
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv  # anywhere on the line: the traceback of any error
     if argv[:1] == ["local"]:

@@ -29,6 +29,8 @@ POLARS_DEFAULT = "dirty_decay_ms:500,muzzy_decay_ms:1000"
 # 20 --pace-seconds 20`), peak RSS: glibc's default 1,129-1,343 MB, 2 arenas 576-691 MB (a
 # fixed 1 MB MALLOC_MMAP_THRESHOLD_ instead: 595-674 MB). 800 shards of 100 records at gate
 # 100: 445-826 MB with 2 arenas, 483-624 MB without, the same within this run-to-run spread.
+# Only the flow sets it: `bedrock-batch merge` has three Python threads, and its 2.2M-row peak
+# was 727-850 MB with 2 arenas or without.
 MALLOC_ARENAS = 2
 _M_ARENA_MAX = -8  # glibc's malloc.h
 _USER_ARENAS = "MALLOC_ARENA_MAX"  # read by glibc itself at start-up
