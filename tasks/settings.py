@@ -5,8 +5,10 @@ from __future__ import annotations
 import os
 from functools import lru_cache
 
-from pydantic import AliasChoices, Field
+from pydantic import AliasChoices, Field, ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from tasks.errors import RunSettingsError
 
 
 class QuotaSettings(BaseSettings):
@@ -233,5 +235,38 @@ class Settings(BaseSettings):
 
 @lru_cache
 def get_settings() -> Settings:
-    """Settings read once from the environment; tests call `get_settings.cache_clear()`."""
-    return Settings()
+    """Settings read once from the environment; tests call `get_settings.cache_clear()`.
+
+    Raises:
+        RunSettingsError: naming every variable whose value is not valid, and why.
+    """
+    try:
+        return Settings()
+    except ValidationError:
+        problems = [
+            problem
+            for field in Settings.model_fields.values()
+            for problem in _problems(field.annotation)
+        ]
+    msg = f"Invalid setting {'; '.join(problems)} (fix the environment variable or unset it)."
+    raise RunSettingsError(msg)
+
+
+def _problems(group: type[BaseSettings]) -> list[str]:
+    """``VARIABLE='value': what is wrong`` for each refused variable of one settings group."""
+    try:
+        group()
+    except ValidationError as exc:
+        problems = []
+        for error in exc.errors():
+            name = str(error["loc"][0]) if error["loc"] else ""
+            if name in group.model_fields:
+                alias = group.model_fields[name].validation_alias
+                prefix = group.model_config.get("env_prefix", "")
+                variable = (
+                    alias.choices[0] if isinstance(alias, AliasChoices) else prefix + name
+                ).upper()
+                name = f"{variable}={os.environ.get(variable, '')!r}"
+            problems.append(f"{name}: {error['msg']}")
+        return problems
+    return []

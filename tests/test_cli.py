@@ -261,3 +261,21 @@ def test_local_help_is_the_stack_help(capsys):
     assert exit_.value.code == 0
     out = capsys.readouterr().out
     assert out.startswith("usage: bedrock-batch local") and "--fault NAME=VALUE" in out
+
+
+def test_a_bad_setting_is_one_line_naming_its_variable_and_value(tmp_path, capsys, environment):
+    source = tmp_path / "topics.csv"
+    pl.DataFrame({"topic": [f"t{i}" for i in range(150)]}).write_csv(source)
+    environment({"BEDROCK_BATCH_MERGE_WORKERS": "0", "BEDROCK_BATCH_POLL_INTERVAL_SECONDS": "1m"})
+    command = [
+        "preprocess", "--source", str(source), "--prompt-id", "joke_about_topic",
+        "--model-id", CLAUDE, "--out", str(tmp_path / "run"),
+    ]  # fmt: skip
+
+    assert main(command) == 2
+
+    error = capsys.readouterr().err.strip()
+    assert "\n" not in error and "Traceback" not in error
+    assert error.startswith("error: Invalid setting BEDROCK_BATCH_POLL_INTERVAL_SECONDS='1m': ")
+    assert "; BEDROCK_BATCH_MERGE_WORKERS='0': Input should be greater than or equal to 1" in error
+    assert not (tmp_path / "run").exists()
