@@ -1,6 +1,7 @@
 """Helpers shared by the tests: waiting on a condition with a deadline instead of sleeping,
-Bedrock batch input written by hand, a job created straight on the local stack, and how many
-jobs Bedrock's own times say were in flight at once."""
+Bedrock batch input written by hand, a job created straight on the local stack, how many
+jobs Bedrock's own times say were in flight at once, and whether each output row carries the
+answer to its own prompt."""
 
 from __future__ import annotations
 
@@ -9,6 +10,10 @@ import time
 from collections.abc import Callable, Iterable
 from datetime import datetime
 from typing import TypeVar
+
+import polars as pl
+
+from tasks.pipeline.columns import ERROR_CODE, RECORD_ID, RESPONSE_TEXT
 
 T = TypeVar("T")
 
@@ -92,3 +97,18 @@ def peak_in_flight(spans: list[tuple[datetime, datetime]]) -> int:
         in_flight += step
         peak = max(peak, in_flight)
     return peak
+
+
+def assert_answers_match_rows(frame: pl.DataFrame, rows: int) -> None:
+    """Every row once, answered, and the answer to its own prompt.
+
+    The emulator's reply quotes the first 40 characters of the prompt's first text, so the
+    rows' ``source`` must start the prompt and be shorter (the question_answering template).
+    """
+    assert frame.height == rows
+    assert frame[RECORD_ID].n_unique() == rows
+    assert frame[ERROR_CODE].null_count() == rows
+    quoted = frame.select(
+        pl.col(RESPONSE_TEXT).str.contains("Reply to: " + pl.col("source"), literal=True)
+    )
+    assert quoted.to_series().all(), frame.select("source", RESPONSE_TEXT).head(3)

@@ -11,7 +11,7 @@ from pathlib import Path
 import boto3
 import polars as pl
 import pytest
-from helpers import eventually, job_spans, peak_in_flight
+from helpers import assert_answers_match_rows, eventually, job_spans, peak_in_flight
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import ArtifactFilter, LogFilter
 from prefect.client.schemas.sorting import ArtifactSort
@@ -56,6 +56,21 @@ def _text_params(tmp_path: Path, run_name: str, rows: int, **overrides) -> Batch
     return BatchParams(
         source=str(_topics(tmp_path, rows)),
         prompt_id="joke_about_topic",
+        model_id=CLAUDE,
+        output_uri=str(tmp_path / "out"),
+        run_name=run_name,
+        **overrides,
+    )
+
+
+def _question_params(tmp_path: Path, run_name: str, rows: int, **overrides) -> BatchParams:
+    """A question_answering run whose every prompt starts with its row's own text (Q0000 ...),
+    so ``assert_answers_match_rows`` can tell each row's answer from another's."""
+    source = tmp_path / "questions.csv"
+    pl.DataFrame({"source": [f"Q{i:04d} what is {i} + 1?" for i in range(rows)]}).write_csv(source)
+    return BatchParams(
+        source=str(source),
+        prompt_id="question_answering",
         model_id=CLAUDE,
         output_uri=str(tmp_path / "out"),
         run_name=run_name,
@@ -424,7 +439,7 @@ def test_jobs_that_end_together_merge_one_turn_at_a_time(stack, tmp_path, enviro
 
     monkeypatch.setattr(shard_module, "_attempt_output", read)
     monkeypatch.setattr(shard_module, "merge_shard_output", merge)
-    params = _text_params(
+    params = _question_params(
         tmp_path, "merge-turns", 300, max_concurrent_jobs=3, max_records_per_job=100
     )
 
@@ -434,8 +449,7 @@ def test_jobs_that_end_together_merge_one_turn_at_a_time(stack, tmp_path, enviro
     # (A busy test server may answer a slot ask late, so not all three need overlap.)
     assert peak_in_flight(job_spans(stack, [job["jobArn"] for job in jobs])) >= 2
     assert peak == 1
-    out = pl.read_parquet(summary["parts"])
-    assert (out.height, out[RECORD_ID].n_unique(), out[RESPONSE_TEXT].null_count()) == (300, 300, 0)
+    assert_answers_match_rows(pl.read_parquet(summary["parts"]), 300)
 
 
 def _references(items: list) -> list[int]:
@@ -464,12 +478,18 @@ def test_a_shard_holds_no_job_output_while_its_retry_job_runs(stack, tmp_path, m
 
     monkeypatch.setattr(shard_module, "_attempt_output", read)
     monkeypatch.setattr(shard_module, "_watch", watching)
-    params = _text_params(tmp_path, "retry-memory", 300, max_concurrent_jobs=1, on_demand=False)
+    params = _question_params(tmp_path, "retry-memory", 300, max_concurrent_jobs=1, on_demand=False)
+    stack.reset_api_calls()
 
     summary = batch_inference(params)
 
     assert first_bodies and all(isinstance(body, bytes) for body in first_bodies)
     assert while_retrying == [[nobody_else] * len(first_bodies)]
     out = pl.read_parquet(summary["parts"])
-    assert (out.height, out[ERROR_CODE].null_count()) == (300, 300)
+    assert_answers_match_rows(out, 300)
+    # The 150 records the first job failed were paid once more, by the retry job alone.
     assert out.filter(pl.col(ATTEMPTS) == 2).height == 150
+    jobs = stack.ledger(name_contains="retry-memory")
+    assert sorted(job["recordCount"] for job in jobs) == [150, 300]
+    runtime = stack.api_calls()["operations"]
+    assert [runtime.get(name, {}).get("calls", 0) for name in ("InvokeModel", "Converse")] == [0, 0]

@@ -14,7 +14,7 @@ import time
 import uuid
 
 import pytest
-from helpers import create_job, eventually
+from helpers import assert_answers_match_rows, create_job, eventually
 from prefect.variables import Variable
 
 from emulator import LocalStack
@@ -399,7 +399,6 @@ def test_a_run_ends_its_shards_by_job_events_without_polling(
     import polars as pl
 
     from flows.batch_inference import batch_inference
-    from tasks.pipeline.columns import ERROR_CODE, RECORD_ID, RESPONSE_TEXT
     from tasks.run.params import BatchParams
 
     source = tmp_path / "topics.csv"
@@ -420,11 +419,4 @@ def test_a_run_ends_its_shards_by_job_events_without_polling(
     assert overhead["events"] is True
     assert overhead["bedrock_polls"]["list"] == 0 and overhead["bedrock_polls"]["get"] == 0
     assert overhead["bedrock_polls"]["events"] >= 3  # at least each job's final status
-    out = pl.read_parquet(summary["parts"]).sort(RECORD_ID)
-    assert out.height == 300 and out[RECORD_ID].n_unique() == 300
-    assert out[ERROR_CODE].null_count() == 300
-    # Each row carries the answer to its own prompt (the emulator quotes the prompt's start).
-    quoted = pl.col(RESPONSE_TEXT).str.extract(r"Reply to: (Q\d{3})", 1)
-    checked = out.select(quoted.alias("quoted"), pl.col("source").str.slice(0, 4).alias("asked"))
-    assert checked["quoted"].null_count() == 0
-    assert (checked["quoted"] == checked["asked"]).all()
+    assert_answers_match_rows(pl.read_parquet(summary["parts"]), 300)

@@ -19,10 +19,11 @@ from pathlib import Path
 
 import polars as pl
 import pytest
+from helpers import assert_answers_match_rows
 from prefect.settings import PREFECT_API_URL
 
 from tasks.aws.clients import polars_storage_options
-from tasks.pipeline.columns import ERROR_CODE, RECORD_ID, RESPONSE_TEXT, SERVED_BY
+from tasks.pipeline.columns import RECORD_ID, SERVED_BY
 from tasks.run.failpoints import ENV
 from tasks.run.owner import EXPIRY_ENV
 
@@ -94,14 +95,6 @@ def _output(out: str | Path, run_name: str) -> pl.DataFrame:
     return pl.read_parquet(uri, storage_options=options)
 
 
-def _assert_answers_match_rows(frame: pl.DataFrame, rows: int = ROWS) -> None:
-    assert frame.height == rows
-    assert frame[RECORD_ID].n_unique() == rows
-    assert frame[ERROR_CODE].null_count() == rows
-    quoted = frame.select(pl.col(RESPONSE_TEXT).str.contains("Reply to: " + pl.col("source")))
-    assert quoted.to_series().all(), frame.select("source", RESPONSE_TEXT).head(3)
-
-
 def _one_job_per_shard_attempt(jobs: list[dict]) -> None:
     suffixes = [job["jobName"].split("-", 1)[1] for job in jobs]
     assert max(Counter(suffixes).values()) == 1, suffixes
@@ -133,7 +126,7 @@ def test_edited_source_after_kill_before_plan_is_refused_then_restarted(stack, t
 
     assert restarted.returncode == 0, restarted.stderr[-3000:]
     frame = _output(out, "edit-s3")
-    _assert_answers_match_rows(frame)
+    assert_answers_match_rows(frame, ROWS)
     assert frame["source"].str.ends_with("v2").all()
     jobs = stack.ledger(name_contains="edit-s3")
     assert len(jobs) == 3
@@ -162,7 +155,7 @@ def test_other_model_after_crash_is_refused_before_any_job(stack, tmp_path):
 
     assert finished.returncode == 0, finished.stderr[-3000:]
     frame = _output(out, "model-swap")
-    _assert_answers_match_rows(frame)
+    assert_answers_match_rows(frame, ROWS)
     jobs = stack.ledger(name_contains="model-swap")
     assert {job["modelId"] for job in jobs} == {CLAUDE}
     assert len(jobs) == 3
@@ -195,7 +188,7 @@ def test_edited_source_of_finished_run_is_refused_and_default_name_is_a_new_run(
     versions = {name: set(f["source"].str.slice(6)) for name, f in frames.items()}
     assert sorted(map(tuple, versions.values())) == [("v1",), ("v2",)]
     for frame in frames.values():
-        _assert_answers_match_rows(frame)
+        assert_answers_match_rows(frame, ROWS)
     jobs = stack.ledger(name_contains="question-answering-")
     assert len(jobs) == jobs_before + 3
     rows_out = sum(f.height for f in frames.values())
@@ -233,7 +226,7 @@ def test_second_process_on_a_live_run_is_refused_naming_the_owner(stack, tmp_pat
             first.kill()
     assert first.returncode == 0, stderr[-3000:]
     frame = _output(out, "twice")
-    _assert_answers_match_rows(frame)
+    assert_answers_match_rows(frame, ROWS)
     jobs = stack.ledger(name_contains="twice")
     assert len(jobs) == 3
     _one_job_per_shard_attempt(jobs)
@@ -263,7 +256,7 @@ def test_on_demand_killed_midway_resumes_without_invoking_any_record_twice(stack
     assert finished.returncode == 0, finished.stderr[-3000:]
     calls = Counter(trace.read_text().split())
     frame = _output(out, "od-kill")
-    _assert_answers_match_rows(frame)
+    assert_answers_match_rows(frame, ROWS)
     on_demand = set(frame.filter(pl.col(SERVED_BY) == "on_demand")[RECORD_ID])
     assert len(before_resume) == 10 and len(on_demand) > 10
     assert set(calls) == on_demand
@@ -299,6 +292,6 @@ def test_run_names_differing_in_dot_and_underscore_get_their_own_jobs(stack, tmp
     assert len({job["jobName"] for job in jobs}) == 6
     assert len({job["clientRequestToken"] for job in jobs}) == 6
     for name in ("nightly.v1", "nightly_v1"):
-        _assert_answers_match_rows(_output(out, name))
+        assert_answers_match_rows(_output(out, name), ROWS)
     _figure("nightly.v1 and nightly_v1", started, rows_in=2 * ROWS, rows_out=2 * ROWS,
             jobs=len(jobs), reinvoked=0)  # fmt: skip
