@@ -44,17 +44,18 @@ done.set()
 """
 
 
-def _jemalloc_options(conf: str | None) -> dict[str, int]:
-    env = {k: v for k, v in os.environ.items() if k != JEMALLOC_CONF}
-    if conf is not None:
-        env[JEMALLOC_CONF] = conf
-    done = subprocess.run(
-        [sys.executable, "-c", _JEMALLOC_PROGRAM],
-        env=env,
-        capture_output=True,
-        text=True,
-        check=True,
+def _interpreter(program: str, variable: str, value: str | None, *args: str):
+    """Run ``program`` in a new interpreter with ``variable`` set to ``value`` (None: unset)."""
+    env = {k: v for k, v in os.environ.items() if k != variable}
+    if value is not None:
+        env[variable] = value
+    return subprocess.run(
+        [sys.executable, "-c", program, *args], env=env, capture_output=True, text=True, check=True
     )
+
+
+def _jemalloc_options(conf: str | None) -> dict[str, int]:
+    done = _interpreter(_JEMALLOC_PROGRAM, JEMALLOC_CONF, conf)
     found = dict(re.findall(r"opt\.(dirty_decay_ms|narenas): (-?\d+)", done.stderr))
     assert set(found) == {"dirty_decay_ms", "narenas"}, done.stderr[-2000:]
     return {k: int(v) for k, v in found.items()}
@@ -74,16 +75,7 @@ def test_the_users_own_allocator_options_win():
 
 
 def _malloc_arenas(how: str, user_arenas: str | None = None) -> tuple[str, int]:
-    env = {k: v for k, v in os.environ.items() if k != "MALLOC_ARENA_MAX"}
-    if user_arenas is not None:
-        env["MALLOC_ARENA_MAX"] = user_arenas
-    done = subprocess.run(
-        [sys.executable, "-c", _ARENAS_PROGRAM, how],
-        env=env,
-        capture_output=True,
-        text=True,
-        check=True,
-    )
+    done = _interpreter(_ARENAS_PROGRAM, "MALLOC_ARENA_MAX", user_arenas, how)
     return done.stdout.strip(), len(re.findall(r"^Arena \d+:", done.stderr, re.MULTILINE))
 
 
