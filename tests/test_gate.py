@@ -262,6 +262,46 @@ def test_a_recount_counts_the_leases_taken_here_whose_job_does_not_run_yet(gate_
     assert (gate.active_slots(name), gate.active_slots(run_gate)) == (0, 0)
 
 
+def test_a_slot_handed_on_while_the_heads_ask_hangs_goes_to_the_next_waiter(
+    gate_settings, monkeypatch
+):
+    # The refill benchmark's busy server held a head's ask 2 s before answering 503; the
+    # slots of seventeen jobs that ended meanwhile waited for that answer.
+    monkeypatch.setenv("BEDROCK_BATCH_GATE_RECONCILE_AFTER_SECONDS", "600")  # no recount here
+    get_settings.cache_clear()
+    model = _model("hung-ask")
+    name, _, run_gate = gate.ensure_gates(model, "hung-ask-run", 1)
+    held = gate.acquire_slot(model, "hung-ask-run", 60)
+    answers = _count_answers(monkeypatch, "_ask")
+    taken, waiters = _start_waiters(model, "hung-ask-run", 2)
+    eventually(lambda: None in answers, timeout=10)  # the head asked and was refused
+    real_ask, at_server, answer = gate._ask, threading.Event(), threading.Event()
+
+    def hanging_ask(*args):
+        at_server.set()
+        answer.wait(30)
+        return real_ask(*args)
+
+    monkeypatch.setattr(gate, "_ask", hanging_ask)
+    assert at_server.wait(10)  # the head asks again (every 0.1 s here) and hangs
+
+    assert gate.hand_over_or_release(held, model, "hung-ask-run") is True
+    eventually(lambda: len(taken) == 1, timeout=3)
+    head_still_at_server = not answer.is_set()
+    answer.set()
+    eventually(lambda: answers.count(None) >= 2, timeout=10)  # the full gate refused the head
+
+    assert head_still_at_server
+    assert str(taken[0]) == str(held)
+    assert (gate.active_slots(name), gate.active_slots(run_gate)) == (1, 1)
+    assert gate.hand_over_or_release(taken[0], model, "hung-ask-run") is True
+    for waiter in waiters:
+        waiter.join(timeout=10)
+    assert len(taken) == 2
+    gate.release_slot(taken[1])
+    assert (gate.active_slots(name), gate.active_slots(run_gate)) == (0, 0)
+
+
 def test_acquire_slot_retries_transient_prefect_errors(gate_settings, monkeypatch, caplog, stack):
     model = _model("flaky")
     name, _, _ = gate.ensure_gates(model, "flaky-run", 2)

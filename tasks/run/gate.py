@@ -248,8 +248,10 @@ class _Waiters:
     Only the shard at the head asks Prefect, so however many shards wait, the gate is asked at
     most once per ``wait_seconds`` per process, plus once each time this process frees a slot
     (``slot_freed``): a freed slot is taken again at once, not at the next Retry-After. A slot
-    whose job ended while shards of the same run wait is handed to the head as it is
-    (``handed``): no Prefect call at all, so a busy server cannot delay the refill.
+    whose job ended while shards of the same run wait is handed on as it is (``handed``): no
+    Prefect call at all, so a busy server cannot delay the refill. It goes to the first waiter
+    not inside an ask (``asking``): a busy server held a head's ask for 2 s before its 503,
+    and seventeen slots handed meanwhile waited for it (refill benchmark, 2026-12-03).
     """
 
     def __init__(self) -> None:
@@ -257,6 +259,7 @@ class _Waiters:
         self.queue: deque[object] = deque()
         self.freed = 0  # bumped by every slot this process gives back
         self.handed: deque[UUID] = deque()  # leases of ended jobs, for the next waiter
+        self.asking: object | None = None  # the head while its ask is at the server
         # (freed, monotonic time) of the last refusal: a new head does not ask again before
         # a slot is freed here or wait_seconds pass, since the answer would be the same.
         self.refused: tuple[int, float] | None = None
@@ -314,10 +317,11 @@ def hand_over_or_release(
 
 
 def _take_handed(group: _Waiters, ticket: object) -> UUID | None:
-    """A handed-over lease for the head waiter ``ticket``, under ``group.cond``."""
-    if group.handed and group.queue and group.queue[0] is ticket:
-        return group.handed.popleft()
-    return None
+    """A handed-over lease if ``ticket`` is the first waiter not asking; under ``group.cond``."""
+    if not group.handed:
+        return None
+    first = next((t for t in group.queue if t is not group.asking), None)
+    return group.handed.popleft() if first is ticket else None
 
 
 def acquire_slot(
@@ -344,11 +348,17 @@ def acquire_slot(
     names = [gate_name(model_id), run_gate_name(run_name)]
     group = _waiters_for(names)
     ticket = object()
+    handed = None
     with group.cond:
         group.queue.append(ticket)
         while group.queue[0] is not ticket:
+            handed = _take_handed(group, ticket)  # while the head's ask is at the server
+            if handed is not None:
+                break
             group.cond.wait()
     try:
+        if handed is not None:
+            return handed
         return _ask_until_taken(
             group,
             ticket,
@@ -404,7 +414,7 @@ def _ask_until_taken(
         if refused and refused[0] == freed and since_refused < settings.wait_seconds:
             pause = settings.wait_seconds - since_refused  # asked just now by the last head
         else:
-            lease = _ask(names, lease_seconds, holder_flow_run_id)
+            lease = _ask_as(group, ticket, names, lease_seconds, holder_flow_run_id)
             if isinstance(lease, UUID):
                 with group.cond:
                     group.refused = None
@@ -417,7 +427,8 @@ def _ask_until_taken(
                 failures += 1
                 delay = min(FIRST_RETRY_SECONDS * 2 ** (failures - 1), settings.retry_max_seconds)
                 _log_retry(logger, "take a slot of " + names[0], lease, failures, delay)
-                time.sleep(delay)
+                with group.cond:  # a slot handed on meanwhile ends the backoff
+                    group.cond.wait_for(lambda: bool(group.handed), delay)
                 continue
             with group.cond:
                 group.refused = (freed, time.monotonic())
@@ -432,6 +443,21 @@ def _ask_until_taken(
         # bounded, and a slot this process frees or hands over wakes it at once.
         with group.cond:
             group.cond.wait_for(lambda seen=freed: group.freed != seen or bool(group.handed), pause)
+
+
+def _ask_as(
+    group: _Waiters, ticket: object, names: list[str], lease_seconds: float, holder: UUID | None
+) -> UUID | Exception | None:
+    """`_ask` for the head ``ticket``; slots handed on meanwhile go to the waiter behind it."""
+    with group.cond:
+        group.asking = ticket
+        if group.handed:
+            group.cond.notify_all()
+    try:
+        return _ask(names, lease_seconds, holder)
+    finally:
+        with group.cond:
+            group.asking = None
 
 
 def _ask(names: list[str], lease_seconds: float, holder: UUID | None) -> UUID | Exception | None:
