@@ -1,8 +1,8 @@
 """Benchmark `bedrock-batch merge` (offline) as a subprocess against the reference.
 
-Settings as bench_cli_preprocess (BENCH_ prefix). Both runs are made first if missing (not
-timed); synthetic Claude outputs (1% errors, shuffled) are generated once from our run and
-merged onto both. Figures go to cli_merge.csv.
+Settings as bench_cli_preprocess (BENCH_ prefix, the floor included). Both runs are made
+first if missing (not timed); synthetic Claude outputs (1% errors, shuffled) are generated
+once from our run and merged onto both. Figures go to cli_merge.csv.
 """
 
 from __future__ import annotations
@@ -52,11 +52,24 @@ def merge_reference(settings: CliBenchSettings) -> dict:
     return run_child(argv, settings.dir / "logs" / f"{NAME}-reference.log")
 
 
+def merge_floor(settings: CliBenchSettings) -> dict:
+    """Read the outputs and rows and write the rows back as parts, and nothing else."""
+    scratch = settings.dir / "floor-merge"
+    shutil.rmtree(scratch, ignore_errors=True)
+    argv = [sys.executable, "-m", "benchmarks.floor", "merge", str(cli_run_dir(settings))]
+    argv += [str(outputs_dir(settings)), str(scratch)]
+    try:
+        return run_child(argv, settings.dir / "logs" / f"{NAME}-floor.log")
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
 def main() -> None:
     settings = CliBenchSettings()
     _prepare(settings)
     ref = merge_reference(settings) if settings.reference else None
-    record_cli(NAME, settings, merge_ours(settings), ref)
+    figures = merge_ours(settings)
+    record_cli(NAME, settings, figures, ref, merge_floor(settings) if settings.floor else None)
 
 
 if __name__ == "__main__":

@@ -1,8 +1,9 @@
 """Benchmark `bedrock-batch preprocess` (the dry run) as a subprocess against the reference.
 
 Settings (BENCH_ prefix, see common.CliBenchSettings): BENCH_ROWS, BENCH_DIR, BENCH_TEXT
-(default "escaped"), BENCH_RECORDS_PER_SHARD, BENCH_REFERENCE (0 skips the reference).
-Both runs include their interpreter's start-up and imports; figures go to cli_preprocess.csv.
+(default "escaped"), BENCH_RECORDS_PER_SHARD, BENCH_REFERENCE (0 skips the reference),
+BENCH_FLOOR (0 skips the floor: the same bytes read and written, benchmarks/floor.py). Every
+run includes its interpreter's start-up and imports; figures go to cli_preprocess.csv.
 """
 
 from __future__ import annotations
@@ -45,11 +46,24 @@ def reference(settings: CliBenchSettings) -> dict:
     return run_child(argv, settings.dir / "logs" / f"{NAME}-reference.log")
 
 
+def floor(settings: CliBenchSettings) -> dict:
+    """Read and write what our run did, and nothing else (after `ours`: its shard sizes)."""
+    scratch = settings.dir / "floor-preprocess"
+    shutil.rmtree(scratch, ignore_errors=True)
+    argv = [sys.executable, "-m", "benchmarks.floor", "preprocess", str(source_path(settings))]
+    argv += [str(cli_run_dir(settings)), str(scratch)]
+    try:
+        return run_child(argv, settings.dir / "logs" / f"{NAME}-floor.log")
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
 def main() -> None:
     settings = CliBenchSettings()
     prepare(settings)
     ref = reference(settings) if settings.reference else None
-    record_cli(NAME, settings, ours(settings), ref)
+    figures = ours(settings)
+    record_cli(NAME, settings, figures, ref, floor(settings) if settings.floor else None)
 
 
 if __name__ == "__main__":

@@ -39,6 +39,7 @@ class CliBenchSettings(BenchSettings):
 
     text: str = Field("escaped", description='Generated text: "clean" words or "escaped".')
     reference: bool = Field(True, description="Also time the row-by-row reference.")
+    floor: bool = Field(True, description="Also time the bytes alone (benchmarks/floor.py).")
 
 
 def measure(fn, *args) -> dict:
@@ -204,8 +205,14 @@ def record(name: str, settings: BenchSettings, figures: dict) -> Path:
     return append_row(name, figures)
 
 
-def record_cli(name: str, settings: BenchSettings, ours: dict, ref: dict | None) -> Path:
-    """Print our CLI run beside the reference's, with the ratio, and append it to <name>.csv."""
+def record_cli(
+    name: str, settings: BenchSettings, ours: dict, ref: dict | None, floor: dict | None = None
+) -> Path:
+    """Print our CLI run beside the reference's and the floor's, and append it to <name>.csv.
+
+    `of_floor` is our time over the floor's (how much of it is our own work) and
+    `ref_over_floor` the highest ratio to the reference this run's machine allowed.
+    """
     rows = settings.rows
     load = os.getloadavg()
     row = {
@@ -223,6 +230,10 @@ def record_cli(name: str, settings: BenchSettings, ours: dict, ref: dict | None)
         "ref_peak_rss_mb": ref["peak_rss_mb"] if ref else "",
         "ratio": round(ref["seconds"] / ours["seconds"], 2) if ref else "",
         "ratio_cpu": round(ref["cpu_seconds"] / ours["cpu_seconds"], 2) if ref else "",
+        "floor_seconds": floor["seconds"] if floor else "",
+        "floor_cpu_seconds": floor["cpu_seconds"] if floor else "",
+        "of_floor": round(ours["seconds"] / floor["seconds"], 2) if floor else "",
+        "ref_over_floor": round(ref["seconds"] / floor["seconds"], 2) if ref and floor else "",
         "cpus": os.cpu_count(),
         "load_1m": round(load[0], 2),
         "load_5m": round(load[1], 2),
@@ -239,5 +250,12 @@ def record_cli(name: str, settings: BenchSettings, ours: dict, ref: dict | None)
             f"{ref['cpu_seconds']:.2f} CPU s, peak RSS {ref['peak_rss_mb']:,.0f} MB"
             f" | {row['ratio']}x wall, {row['ratio_cpu']}x CPU"
         )
+    if floor:
+        line += (
+            f" | floor (the bytes alone) {floor['seconds']:.2f} s, "
+            f"{floor['cpu_seconds']:.2f} CPU s: ours {row['of_floor']}x of it"
+        )
+        if ref:
+            line += f", the reference {row['ref_over_floor']}x"
     print(f"{line} | load {row['load_1m']} {row['load_5m']}")
     return append_row(name, row)
