@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
+import threading
 from collections.abc import Callable, Iterator
 from functools import lru_cache
 from typing import TYPE_CHECKING, Any
@@ -94,6 +95,13 @@ def _client(service: str, block: str | None, region: str | None, endpoint: str |
     return session().client(service, config=config, **overrides)
 
 
+# The cache builds a missing client in every thread that asks for it meanwhile: a run's first
+# wave of shards reaching their first create together built one each (400 shards at gate 100,
+# 2026-12-04: +22 s of CPU, +1 GB of peak RSS). One client is built at a time; a cached one is
+# returned under the same lock, uncontended once built.
+_building = threading.Lock()
+
+
 def client(service: str):
     """A cached boto3 client; endpoints follow AWS_ENDPOINT_URL_<SERVICE> like any AWS tool."""
     from botocore.utils import CLIENT_NAME_TO_HYPHENIZED_SERVICE_ID_OVERRIDES
@@ -104,7 +112,8 @@ def client(service: str):
     service_id = CLIENT_NAME_TO_HYPHENIZED_SERVICE_ID_OVERRIDES.get(service, service)
     env_name = "AWS_ENDPOINT_URL_" + service_id.upper().replace("-", "_")
     endpoint = os.environ.get(env_name) or os.environ.get("AWS_ENDPOINT_URL")
-    return _client(service, credentials_block(), region, endpoint)
+    with _building:
+        return _client(service, credentials_block(), region, endpoint)
 
 
 def error_code(exc: BaseException) -> str | None:
