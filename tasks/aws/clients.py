@@ -78,8 +78,7 @@ def session() -> boto3.session.Session:
     return boto3.session.Session(region_name=region)
 
 
-@lru_cache(maxsize=32)
-def _client(service: str, block: str | None, region: str | None, endpoint: str | None):
+def _build_client(service: str, block: str | None, region: str | None, endpoint: str | None):
     from botocore.config import Config
 
     attempts = _BEDROCK_ATTEMPTS if service == "bedrock" else _STANDARD_ATTEMPTS
@@ -95,10 +94,12 @@ def _client(service: str, block: str | None, region: str | None, endpoint: str |
     return session().client(service, config=config, **overrides)
 
 
-# The cache builds a missing client in every thread that asks for it meanwhile: a run's first
-# wave of shards reaching their first create together built one each (400 shards at gate 100,
-# 2026-12-04: +22 s of CPU, +1 GB of peak RSS). One client is built at a time; a cached one is
-# returned under the same lock, uncontended once built.
+# Clients by (service, credentials block, region, endpoint). A missing one is built under the
+# lock, once: functools.lru_cache, used before, builds it in every thread that asks meanwhile,
+# and a run's first wave of shards reaching their first create together built one each (400
+# shards at gate 100, 2026-12-04: +22 s of CPU, +1 GB of peak RSS). Built ones are read
+# without the lock, on every AWS call of every shard thread.
+_clients: dict[tuple[str, str | None, str | None, str | None], Any] = {}
 _building = threading.Lock()
 
 
@@ -112,8 +113,14 @@ def client(service: str):
     service_id = CLIENT_NAME_TO_HYPHENIZED_SERVICE_ID_OVERRIDES.get(service, service)
     env_name = "AWS_ENDPOINT_URL_" + service_id.upper().replace("-", "_")
     endpoint = os.environ.get(env_name) or os.environ.get("AWS_ENDPOINT_URL")
-    with _building:
-        return _client(service, credentials_block(), region, endpoint)
+    key = (service, credentials_block(), region, endpoint)
+    made = _clients.get(key)
+    if made is None:
+        with _building:
+            made = _clients.get(key)
+            if made is None:
+                made = _clients[key] = _build_client(*key)
+    return made
 
 
 def error_code(exc: BaseException) -> str | None:
@@ -158,7 +165,7 @@ def retry_on_error_codes(codes: frozenset[str] | set[str]):
 
 def reset_clients() -> None:
     """Forget cached clients and blocks (after the environment changed)."""
-    _client.cache_clear()
+    _clients.clear()
     _block.cache_clear()
 
 
