@@ -100,8 +100,16 @@ def batch_inference(params: BatchParams) -> dict[str, Any]:
         # 3. Estimate the cost; a run whose upper bound passes max_cost_usd stops here.
         estimate = preflight_cost(params, plan, run.layout)
 
-        # 4. The model's gate (the account's quota) and this run's own, of max_concurrent_jobs.
-        gate_name = open_gate(params.model_id, params.max_concurrent_jobs, run_name)
+        # 4. The model's gate (the account's quota) and this run's own, of max_concurrent_jobs;
+        # a run with no job yet takes its first wave's slots now.
+        started = any(shard.attempts for shard in run.store.state.shards.values())
+        gate_name = open_gate(
+            params.model_id,
+            params.max_concurrent_jobs,
+            run_name,
+            new_shards=0 if started else len(plan.shards),
+            flow_run_id=runtime.flow_run.id,
+        )
 
         # 5. Each shard: slot → job → watched → merge its Parquet part as soon as it finishes.
         key = run_key(run_name, run.layout.run_dir, run.identity.run_id)

@@ -338,6 +338,57 @@ def test_a_slot_handed_on_during_a_quick_ask_stays_the_heads(gate_settings, monk
     gate.release_slot(behind_took[0])
 
 
+def test_slots_taken_ahead_go_to_the_first_shards_without_asking(gate_settings, monkeypatch):
+    # The refill benchmark's first wave took 0.9-2.75 s to fill: twenty asks at a server busy
+    # recording the run's new task runs. Taken ahead, the first shards make no Prefect call.
+    model = _model("ahead")
+    name, _, run_gate = gate.ensure_gates(model, "ahead-run", 2)
+
+    taken = gate.take_ahead(model, "ahead-run", 3, 60)  # the run's cap stops it at 2
+
+    assert taken == 2
+    assert (gate.active_slots(name), gate.active_slots(run_gate)) == (2, 2)
+    ahead = sorted(str(lease) for lease in gate._waiters_for([name, run_gate]).ahead)
+    assert all(lease in gate._taken for lease in ahead)  # a recount counts them ours
+    asks = _count_calls(monkeypatch, "_ask")
+    taken, shards = _start_waiters(model, "ahead-run", 2)
+    for shard in shards:
+        shard.join(timeout=10)
+
+    assert (sorted(str(lease) for lease in taken), asks) == (ahead, [])
+    for lease in ahead:
+        gate.release_slot(lease)
+    assert (gate.active_slots(name), gate.active_slots(run_gate)) == (0, 0)
+
+
+def test_slots_taken_ahead_that_no_shard_takes_are_given_back(gate_settings, monkeypatch):
+    # A shard held back by the cost ceiling never asks: its slot must not stay taken.
+    monkeypatch.setattr(gate, "AHEAD_KEEP_SECONDS", 0.5)
+    model = _model("ahead-left")
+    name, _, run_gate = gate.ensure_gates(model, "ahead-left-run", 3)
+
+    assert gate.take_ahead(model, "ahead-left-run", 3, 60) == 3
+    group = gate._waiters_for([name, run_gate])
+    ahead = [str(lease) for lease in group.ahead]
+    lease = gate.acquire_slot(model, "ahead-left-run", 60)  # one shard came
+
+    eventually(lambda: gate.active_slots(run_gate) == 1, timeout=10)
+    assert gate.active_slots(name) == 1 and list(group.ahead) == []
+    assert [lease for lease in ahead if lease in gate._taken] == [str(lease)]
+    gate.release_slot(lease)
+
+
+def test_a_slot_taken_ahead_is_given_back_well_inside_its_lease(monkeypatch):
+    # Not renewed before a shard takes it into the keeper, which renews it one renewal period
+    # later: both must fit in the lease.
+    for lease, renew, keep in (("120", "20", 20.0), ("60", "40", 10.0), ("60", "70", 0.0)):
+        monkeypatch.setenv("BEDROCK_BATCH_POLL_LEASE_SECONDS", lease)
+        monkeypatch.setenv("BEDROCK_BATCH_GATE_RENEW_SECONDS", renew)
+        get_settings.cache_clear()
+        assert gate._ahead_keep_seconds() == keep
+    get_settings.cache_clear()
+
+
 def test_acquire_slot_retries_transient_prefect_errors(gate_settings, monkeypatch, caplog, stack):
     model = _model("flaky")
     name, _, _ = gate.ensure_gates(model, "flaky-run", 2)

@@ -54,6 +54,12 @@ FIRST_RETRY_SECONDS = 0.2
 # How long a handed slot waits for a head whose ask is at the server before the waiter behind
 # it takes the slot (see _Waiters).
 HEAD_PATIENCE_SECONDS = 0.5
+# How long slots taken for a run's first shards (take_ahead) wait for them before they are
+# given back; shorter still when a lease minus a renewal period leaves less (see take_ahead).
+AHEAD_KEEP_SECONDS = 20.0
+# Transient errors take_ahead retries (after 0.2, 0.4, 0.8 s) before it leaves the rest to the
+# shards.
+AHEAD_RETRIES = 3
 # A busy server's 503 cleared by the first quick retry is routine (a 2,000-job run on the
 # test server's SQLite saw 160): logged as info; from this many failures in a row, a warning.
 WARN_AFTER_FAILURES = 2
@@ -267,6 +273,7 @@ class _Waiters:
         self.handed: deque[UUID] = deque()  # leases of ended jobs, for the next waiter
         self.asking: object | None = None  # the head while its ask is at the server
         self.asking_since = 0.0  # monotonic time that ask began
+        self.ahead: deque[UUID] = deque()  # slots taken for the run's first shards (take_ahead)
         # (freed, monotonic time) of the last refusal: a new head does not ask again before
         # a slot is freed here or wait_seconds pass, since the answer would be the same.
         self.refused: tuple[int, float] | None = None
@@ -349,6 +356,7 @@ def acquire_slot(
 ) -> UUID:
     """Wait until both the model's and the run's limits have room; take one slot of each.
 
+    A slot taken ahead for the run's first shards (``take_ahead``) is taken without asking.
     Waiting shards of this process queue up and only the first asks: at most once every
     ``BEDROCK_BATCH_GATE_WAIT_SECONDS`` (a slot freed by another process is found then), and at
     once whenever this process frees a slot. Running jobs of this process whose lease was lost
@@ -365,6 +373,8 @@ def acquire_slot(
     ticket = object()
     handed = None
     with group.cond:
+        if group.ahead:
+            return group.ahead.popleft()
         group.queue.append(ticket)
         while group.queue[0] is not ticket:
             handed = _take_handed(group, ticket)  # while the head's ask is at the server
@@ -395,6 +405,72 @@ def acquire_slot(
                 group.handed.clear()
         for lease_id in unclaimed:
             release_slot(lease_id, logger)
+
+
+def take_ahead(
+    model_id: str,
+    run_name: str,
+    count: int,
+    lease_seconds: float,
+    holder_flow_run_id: UUID | None = None,
+) -> int:
+    """Take up to ``count`` slots for a new run's first shards, before they start.
+
+    The first wave's asks otherwise meet the Prefect server while it records the run's new
+    task runs: on the local stack's SQLite, the first ask often waited 2 s for a 503 (the refill
+    benchmark's first wave took 0.5-6.9 s to fill, against ~10 ms an ask at a quiet server).
+    Stops at the first refusal, or when the server stays busy; the shards ask for the rest. A
+    shard takes one of these without a Prefect call (``acquire_slot``); those not taken within
+    ``_ahead_keep_seconds`` are given back, so a shard that never asks (held back by the cost
+    ceiling) holds nothing.
+
+    Only for a run with no job yet: on a resume, running jobs whose leases were lost must take
+    theirs again first.
+
+    Returns:
+        How many slots were taken.
+    """
+    names = [gate_name(model_id), run_gate_name(run_name)]
+    taken: list[UUID] = []
+    failures = 0
+    while len(taken) < count:
+        lease = _ask(names, lease_seconds, holder_flow_run_id)
+        if isinstance(lease, UUID):
+            taken.append(lease)
+        elif lease is None or failures == AHEAD_RETRIES:  # full, or the server stays busy
+            break
+        else:
+            failures += 1
+            time.sleep(FIRST_RETRY_SECONDS * 2 ** (failures - 1))
+    if taken:
+        group = _waiters_for(names)
+        with group.cond:
+            group.ahead.extend(taken)
+        timer = threading.Timer(_ahead_keep_seconds(), _give_back_ahead, (names, taken))
+        timer.daemon = True
+        timer.start()
+    return len(taken)
+
+
+def _ahead_keep_seconds() -> float:
+    """A slot taken ahead is not renewed until a shard takes it into the keeper, which renews
+    it ``renew_seconds`` later: both must fit in the lease, with room to spare."""
+    settings = get_settings()
+    spare = _lease_seconds(settings.poll.lease_seconds) - settings.gate.renew_seconds
+    return min(AHEAD_KEEP_SECONDS, max(spare, 0.0) / 2)
+
+
+def _give_back_ahead(names: list[str], leases: list[UUID]) -> None:
+    """Release those of ``leases`` no shard took."""
+    group = _waiters_for(names)
+    with group.cond:
+        left = [lease for lease in leases if lease in group.ahead]
+        for lease in left:
+            group.ahead.remove(lease)
+    for lease in left:
+        release_slot(lease)
+    if left:
+        log.info("Gave back %d slots of %s taken ahead that no shard took", len(left), names[0])
 
 
 def _ask_until_taken(

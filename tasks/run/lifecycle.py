@@ -8,6 +8,7 @@ from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+from uuid import UUID
 
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
@@ -46,6 +47,7 @@ from tasks.run.layout import (
 )
 from tasks.run.owner import RunClaim, claim_run
 from tasks.run.state import RunStateStore, now_iso
+from tasks.settings import get_settings
 
 if TYPE_CHECKING:
     from tasks.run.params import BatchParams
@@ -239,16 +241,36 @@ def _upload_run_files(plan: RunPlan, out_dir: Path, layout: RunLayout) -> None:
 
 
 @task
-def open_gate(model_id: str, max_concurrent_jobs: int, run_name: str) -> str:
-    """Open the model's gate (the account's job quota) and size the run's own to its cap."""
+def open_gate(
+    model_id: str,
+    max_concurrent_jobs: int,
+    run_name: str,
+    new_shards: int = 0,
+    flow_run_id: UUID | None = None,
+) -> str:
+    """Open the model's gate (the account's job quota) and size the run's own to its cap.
+
+    ``new_shards``: shards of a run with no job yet, whose first wave takes its slots here,
+    while the Prefect server is still quiet (`gate.take_ahead`).
+    """
     name, quota, run_gate = gate.ensure_gates(model_id, run_name, max_concurrent_jobs)
+    in_use = gate.active_slots(name)
+    ahead = gate.take_ahead(
+        model_id,
+        run_name,
+        min(new_shards, max_concurrent_jobs),
+        get_settings().poll.lease_seconds,
+        flow_run_id,
+    )
     get_run_logger().info(
-        "Gate %s allows %d jobs of the model in flight (%d taken now); %s allows %d of this run",
+        "Gate %s allows %d jobs of the model in flight (%d taken before this run); %s allows %d "
+        "of this run; %d slots taken for its first shards",
         name,
         quota,
-        gate.active_slots(name),
+        in_use,
         run_gate,
         max_concurrent_jobs,
+        ahead,
     )
     return name
 
