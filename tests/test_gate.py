@@ -151,15 +151,27 @@ def test_a_slot_this_process_frees_is_taken_at_once_by_few_asks(gate_settings, m
     model = _model("refill")
     gate.ensure_gates(model, "refill-run", 1)
     first = gate.acquire_slot(model, "refill-run", 60)
-    asks = _count_calls(monkeypatch, "get_client")
+    callers = []  # the thread of each Prefect client the gate opens from now on
+    real = gate.get_client
+    monkeypatch.setattr(
+        gate,
+        "get_client",
+        lambda *a, **k: callers.append(threading.current_thread()) or real(*a, **k),
+    )
     taken, waiters = _start_waiters(model, "refill-run", 8)
-    eventually(lambda: len(asks) >= 1, timeout=10)  # the first in line asked and was refused
+    # This test's threads only: an earlier test's run may give back slots meanwhile.
+    ours = [threading.current_thread(), *waiters]
+
+    def asks() -> int:
+        return sum(caller in ours for caller in callers)
+
+    eventually(lambda: asks() >= 1, timeout=10)  # the first in line asked and was refused
 
     released_at = time.monotonic()
     gate.release_slot(first)
     eventually(lambda: len(taken) == 1, timeout=10)
     refill = time.monotonic() - released_at
-    asks_by_then = len(asks)
+    asks_by_then = asks()
 
     # Each release wakes the next in line at once: all eight get their turn.
     for i in range(8):
