@@ -57,8 +57,8 @@ HEAD_PATIENCE_SECONDS = 0.5
 # How long slots taken for a run's first shards (take_ahead) wait for them before they are
 # given back; shorter still when a lease minus a renewal period leaves less (see take_ahead).
 AHEAD_KEEP_SECONDS = 20.0
-# Transient errors take_ahead retries (after 0.2, 0.4, 0.8 s) before it leaves the rest to the
-# shards.
+# Transient errors take_ahead retries (after 0.2, 0.4, 0.8 s: _retry_delay) before it leaves
+# the rest to the shards.
 AHEAD_RETRIES = 3
 # A busy server's 503 cleared by the first quick retry is routine (a 2,000-job run on the
 # test server's SQLite saw 160): logged as info; from this many failures in a row, a warning.
@@ -140,6 +140,11 @@ def _prefect() -> Iterator[SyncPrefectClient]:
         yield client
 
 
+def _retry_delay(failures: int) -> float:
+    """The wait before trying a failed gate call again: 0.2 s, doubling up to the setting."""
+    return min(FIRST_RETRY_SECONDS * 2 ** (failures - 1), get_settings().gate.retry_max_seconds)
+
+
 def _call(
     what: str,
     fn: Callable[[Any], T],
@@ -147,7 +152,6 @@ def _call(
     deadline: float | None = None,
 ) -> T:
     """``fn(prefect_client)``; transient errors are logged and retried with capped backoff."""
-    delay = FIRST_RETRY_SECONDS
     failures = 0
     while True:
         try:
@@ -157,11 +161,11 @@ def _call(
             if not is_transient(exc):
                 raise
             failures += 1
+            delay = _retry_delay(failures)
             if deadline is not None and time.monotonic() + delay > deadline:
                 raise
             _log_retry(logger, what, exc, failures, delay)
             time.sleep(delay * random.uniform(0.8, 1.2))
-            delay = min(delay * 2, get_settings().gate.retry_max_seconds)
 
 
 def _lease_seconds(seconds: float) -> float:
@@ -441,7 +445,7 @@ def take_ahead(
             break
         else:
             failures += 1
-            time.sleep(FIRST_RETRY_SECONDS * 2 ** (failures - 1))
+            time.sleep(_retry_delay(failures))
     if taken:
         group = _waiters_for(names)
         with group.cond:
@@ -516,7 +520,7 @@ def _ask_until_taken(
                 return lease
             if lease is not None:  # a transient error: ask again after its backoff
                 failures += 1
-                delay = min(FIRST_RETRY_SECONDS * 2 ** (failures - 1), settings.retry_max_seconds)
+                delay = _retry_delay(failures)
                 _log_retry(logger, "take a slot of " + names[0], lease, failures, delay)
                 with group.cond:  # a slot handed on meanwhile ends the backoff
                     group.cond.wait_for(lambda: bool(group.handed), delay)
