@@ -46,13 +46,16 @@ def _wait_until(condition, seconds: float = 30.0) -> None:
         time.sleep(0.05)
 
 
-def _count_calls(monkeypatch, name: str) -> list[float]:
-    """The times ``gate.<name>`` is called from now on (it still does its work)."""
+def _count_calls(monkeypatch, name: str, callers: list | None = None) -> list[float]:
+    """The times ``gate.<name>`` is called from now on (it still does its work); ``callers``
+    gets the calling thread of each."""
     calls: list[float] = []
     real = getattr(gate, name)
 
     def counting(*args, **kwargs):
         calls.append(time.monotonic())
+        if callers is not None:
+            callers.append(threading.current_thread())
         return real(*args, **kwargs)
 
     monkeypatch.setattr(gate, name, counting)
@@ -151,13 +154,8 @@ def test_a_slot_this_process_frees_is_taken_at_once_by_few_asks(gate_settings, m
     model = _model("refill")
     gate.ensure_gates(model, "refill-run", 1)
     first = gate.acquire_slot(model, "refill-run", 60)
-    callers = []  # the thread of each Prefect client the gate opens from now on
-    real = gate.get_client
-    monkeypatch.setattr(
-        gate,
-        "get_client",
-        lambda *a, **k: callers.append(threading.current_thread()) or real(*a, **k),
-    )
+    callers: list[threading.Thread] = []  # of each Prefect client the gate opens from now on
+    _count_calls(monkeypatch, "get_client", callers)
     taken, waiters = _start_waiters(model, "refill-run", 8)
     # This test's threads only: an earlier test's run may give back slots meanwhile.
     ours = [threading.current_thread(), *waiters]
@@ -382,12 +380,12 @@ def test_slots_taken_ahead_that_no_shard_takes_are_given_back(gate_settings, mon
     assert gate.take_ahead(model, "ahead-left-run", 3, 60) == 3
     group = gate._waiters_for([name, run_gate])
     ahead = [str(lease) for lease in group.ahead]
-    lease = gate.acquire_slot(model, "ahead-left-run", 60)  # one shard came
+    came = gate.acquire_slot(model, "ahead-left-run", 60)  # one shard came
 
     eventually(lambda: gate.active_slots(run_gate) == 1, timeout=10)
     assert gate.active_slots(name) == 1 and list(group.ahead) == []
-    assert [lease for lease in ahead if lease in gate._taken] == [str(lease)]
-    gate.release_slot(lease)
+    assert [lease for lease in ahead if lease in gate._taken] == [str(came)]
+    gate.release_slot(came)
 
 
 def test_a_slot_taken_ahead_is_given_back_well_inside_its_lease(monkeypatch):
