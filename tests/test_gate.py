@@ -388,6 +388,40 @@ def test_slots_taken_ahead_that_no_shard_takes_are_given_back(gate_settings, mon
     gate.release_slot(came)
 
 
+def test_taking_ahead_retries_a_busy_server_a_few_times_and_says_so(
+    gate_settings, monkeypatch, caplog
+):
+    # The first asks of a run meet the server recording its new task runs (503s on SQLite):
+    # a few quick retries, logged like the gate's other loops, then the shards ask themselves.
+    model = _model("ahead-busy")
+    name, _, run_gate = gate.ensure_gates(model, "ahead-busy-run", 2)
+    real = gate.get_client
+    request = httpx.Request("POST", "http://prefect/api/v2/concurrency_limits/increment-with-lease")
+    busy = httpx.HTTPStatusError("503", request=request, response=httpx.Response(503))
+    failures = [busy, busy]
+
+    def busy_client(*args, **kwargs):
+        if failures:
+            raise failures.pop(0)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(gate, "get_client", busy_client)
+    with caplog.at_level(logging.INFO, logger="bedrock_batch.gate"):
+        assert gate.take_ahead(model, "ahead-busy-run", 2, 60) == 2
+        failures.extend([busy] * (gate.AHEAD_RETRIES + 1))
+        assert gate.take_ahead(model, "ahead-busy-other-run", 1, 60) == 0
+
+    retries = [r.getMessage() for r in caplog.records if "Prefect API error" in r.getMessage()]
+    assert [m.split(";")[0] for m in retries] == [
+        f"Prefect API error while trying to take slots of {name} ahead (HTTP 503)"
+    ] * (2 + gate.AHEAD_RETRIES)
+    assert (gate.active_slots(name), gate.active_slots(run_gate)) == (2, 2)
+    group = gate._waiters_for([name, run_gate])
+    for lease in list(group.ahead):
+        group.ahead.remove(lease)
+        gate.release_slot(lease)
+
+
 def test_a_slot_taken_ahead_is_given_back_well_inside_its_lease(monkeypatch):
     # Not renewed before a shard takes it into the keeper, which renews it one renewal period
     # later: both must fit in the lease.

@@ -417,6 +417,7 @@ def take_ahead(
     count: int,
     lease_seconds: float,
     holder_flow_run_id: UUID | None = None,
+    logger: Logger | None = None,
 ) -> int:
     """Take up to ``count`` slots for a new run's first shards, before they start.
 
@@ -445,7 +446,9 @@ def take_ahead(
             break
         else:
             failures += 1
-            time.sleep(_retry_delay(failures))
+            delay = _retry_delay(failures)
+            _log_retry(logger, f"take slots of {names[0]} ahead", lease, failures, delay)
+            time.sleep(delay)
     if taken:
         group = _waiters_for(names)
         with group.cond:

@@ -253,6 +253,7 @@ def open_gate(
     ``new_shards``: shards of a run with no job yet, whose first wave takes its slots here,
     while the Prefect server is still quiet (`gate.take_ahead`).
     """
+    logger = get_run_logger()
     name, quota, run_gate = gate.ensure_gates(model_id, run_name, max_concurrent_jobs)
     in_use = gate.active_slots(name)
     ahead = gate.take_ahead(
@@ -261,8 +262,9 @@ def open_gate(
         min(new_shards, max_concurrent_jobs),
         get_settings().poll.lease_seconds,
         flow_run_id,
+        logger,
     )
-    get_run_logger().info(
+    logger.info(
         "Gate %s allows %d jobs of the model in flight (%d taken before this run); %s allows %d "
         "of this run; %d slots taken for its first shards",
         name,
