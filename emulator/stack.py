@@ -15,6 +15,7 @@ import urllib.request
 import boto3
 from moto.server import ThreadedMotoServer
 
+from . import moto_fixes
 from .config import EmulatorConfig
 from .server import EmulatorServer
 
@@ -34,6 +35,8 @@ ALLOW_ALL = {
 _MOTO_PROCESS = """
 import logging, sys
 from moto.server import ThreadedMotoServer
+from emulator import moto_fixes
+moto_fixes.apply()
 logging.getLogger("werkzeug").setLevel(logging.WARNING)
 server = ThreadedMotoServer(ip_address=sys.argv[1], port=0, verbose=False)
 server.start()
@@ -97,6 +100,7 @@ class LocalStack:
             self.moto_url = self._start_enforcing_moto()
             self._bootstrap_admin()
         else:
+            moto_fixes.apply()
             self._moto = ThreadedMotoServer(
                 ip_address=self.host, port=self._moto_port, verbose=False
             )
