@@ -183,6 +183,15 @@ class EventsSettings(BaseSettings):
             "relay finishes its current wait in the background."
         ),
     )
+    receivers: int = Field(
+        4,
+        ge=1,
+        le=20,
+        description=(
+            "ReceiveMessage long polls a relay keeps going at once: more for runs whose "
+            "hundreds of jobs change state together."
+        ),
+    )
     visibility_timeout_seconds: int = Field(
         60,
         ge=1,

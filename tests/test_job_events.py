@@ -12,12 +12,15 @@ import subprocess
 import sys
 import time
 import uuid
+from datetime import datetime, timezone
+from types import SimpleNamespace
 
 import pytest
 from helpers import assert_answers_match_rows, create_job, eventually
 from prefect.variables import Variable
 
 from emulator import LocalStack
+from emulator.events import state_change_entry
 from flows.cli import main
 from tasks.aws import iam
 from tasks.aws.job_events import (
@@ -227,6 +230,59 @@ def test_job_events_finds_the_queue_in_the_prefect_variable(stack, events_queue,
         assert active is True
         arn, _ = _run_job(stack, key)
         eventually(lambda: (arn, "Completed", None) in delivered, what="Completed")
+
+
+def test_a_burst_of_events_is_relayed_once_through_several_long_polls(
+    stack, events_queue, monkeypatch
+):
+    # A gate of 100 whose jobs change state together puts hundreds of events on the queue at
+    # once; one receive-emit-delete loop left them waiting 5-10 s (400 jobs, gate 100).
+    _settings(monkeypatch, BEDROCK_BATCH_EVENTS_RECEIVERS="3")
+    receiving, most = [0], [0]
+    real_receive = JobEventRelay._receive
+
+    def counted_receive(self):
+        receiving[0] += 1
+        most[0] = max(most[0], receiving[0])
+        try:
+            return real_receive(self)
+        finally:
+            receiving[0] -= 1
+
+    monkeypatch.setattr(JobEventRelay, "_receive", counted_receive)
+    key = _key()
+    arns = [
+        f"arn:aws:bedrock:{stack.region}:123456789012:model-invocation-job/b{i:04d}"
+        for i in range(60)
+    ]
+    delivered: list[tuple] = []
+    with job_events(key, lambda *args: delivered.append(args)) as active:
+        assert active is True
+        eventually(lambda: most[0] == 3, what="three long polls at once")
+        events = stack.client("events")
+        for start in range(0, len(arns), 10):
+            events.put_events(
+                Entries=[_state_change(stack, key, arn) for arn in arns[start : start + 10]]
+            )
+        eventually(lambda: len(delivered) >= len(arns), what="every event delivered")
+        eventually(lambda: _queue_empty(stack, events_queue), what="every message deleted")
+
+    assert sorted(delivered) == [(arn, "Completed", None) for arn in arns]
+    assert most[0] == 3
+
+
+def _state_change(stack, key: str, arn: str) -> dict:
+    """The PutEvents entry the emulator sends when a job of run ``key`` completes."""
+    job = SimpleNamespace(
+        name=job_name_for("burst", "shard-" + arn[-4:], 1, key),
+        arn=arn,
+        model_id=MODEL,
+        status=SimpleNamespace(value="Completed"),
+        message=None,
+        submit_time=datetime.now(timezone.utc),
+        last_modified=None,
+    )
+    return state_change_entry(job, stack.region, "123456789012")
 
 
 def test_relay_retries_sqs_errors_and_stops_promptly(stack, monkeypatch, caplog):
