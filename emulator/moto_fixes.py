@@ -27,22 +27,33 @@ from __future__ import annotations
 
 import functools
 import time
+from collections.abc import Callable
+from typing import Any
 
-_APPLIED = "_bedrock_batch_speedup"
+_APPLIED = "_bedrock_batch_moto_fix"
 
 
 def apply() -> list[str]:
-    """Apply the speed-ups that fit the installed moto; return the names of those applied."""
-    applied = []
-    if _retention_check():
-        applied.append("sqs-retention-check")
-    if _sqs_clock():
-        applied.append("sqs-clock")
-    if _jsonpath_cache():
-        applied.append("events-jsonpath-cache")
-    if _sqs_batch_authorization():
-        applied.append("sqs-batch-authorization")
-    return applied
+    """Apply the fixes that fit the installed moto; return the names of those applied."""
+    fixes = {
+        "sqs-retention-check": _retention_check,
+        "sqs-clock": _sqs_clock,
+        "events-jsonpath-cache": _jsonpath_cache,
+        "sqs-batch-authorization": _sqs_batch_authorization,
+    }
+    return [name for name, fix in fixes.items() if fix()]
+
+
+def _replace(owner: Any, name: str, make: Callable[[Any], Any]) -> bool:
+    """Put ``make(current)`` in place of ``owner.name``, once; False when moto has no such name."""
+    current = getattr(owner, name, None)
+    if current is None:
+        return False
+    if not getattr(current, _APPLIED, False):
+        replacement = make(current)
+        setattr(replacement, _APPLIED, True)
+        setattr(owner, name, replacement)
+    return True
 
 
 def _retention_check() -> bool:
@@ -50,66 +61,51 @@ def _retention_check() -> bool:
         from moto.sqs.models import Queue, SQSBackend
     except ImportError:
         return False
-    current = SQSBackend.is_message_valid_based_on_retention_period
-    if getattr(current, _APPLIED, False):
-        return True
     if "MessageRetentionPeriod" not in getattr(Queue, "BASE_ATTRIBUTES", ()):
         return False
 
-    def retention_check(self, queue_name, message) -> bool:
-        # The value get_queue_attributes(["MessageRetentionPeriod"]) returns: the queue's
-        # attribute (an int since Queue._set_attributes).
-        period = getattr(self.get_queue(queue_name), "message_retention_period", None)
-        if period is None:  # another shape of Queue: moto's own way
-            return current(self, queue_name, message)
-        return int(period) + message.sent_timestamp / 1000 > time.time()
+    def make(moto_check):
+        def retention_check(self, queue_name, message) -> bool:
+            # The value get_queue_attributes(["MessageRetentionPeriod"]) returns: the queue's
+            # attribute (an int since Queue._set_attributes).
+            period = getattr(self.get_queue(queue_name), "message_retention_period", None)
+            if period is None:  # another shape of Queue: moto's own way
+                return moto_check(self, queue_name, message)
+            return int(period) + message.sent_timestamp / 1000 > time.time()
 
-    setattr(retention_check, _APPLIED, True)
-    SQSBackend.is_message_valid_based_on_retention_period = retention_check
-    return True
+        return retention_check
+
+    return _replace(SQSBackend, "is_message_valid_based_on_retention_period", make)
 
 
 def _sqs_clock() -> bool:
+    # moto.core.utils.unix_time: (utcnow() - utcfromtimestamp(0)) in seconds, built from two
+    # datetimes at each call; the same clock is time.time(). An explicit datetime still goes
+    # to moto's own function.
     try:
         import moto.sqs.models as sqs_models
     except ImportError:
         return False
-    if getattr(sqs_models.unix_time, _APPLIED, False):
-        return True
-    slow_seconds = getattr(sqs_models, "unix_time", None)
-    slow_millis = getattr(sqs_models, "unix_time_millis", None)
-    if slow_seconds is None or slow_millis is None:
-        return False
 
-    # moto.core.utils.unix_time: (utcnow() - utcfromtimestamp(0)) in seconds, built from two
-    # datetimes at each call; the same clock is time.time(). An explicit datetime still goes
-    # to moto's own function.
-    def unix_time(dt=None) -> float:
-        return time.time() if dt is None else slow_seconds(dt)
+    def seconds(moto_clock):
+        return lambda dt=None: time.time() if dt is None else moto_clock(dt)
 
-    def unix_time_millis(dt=None) -> float:
-        return time.time() * 1000.0 if dt is None else slow_millis(dt)
+    def millis(moto_clock):
+        return lambda dt=None: time.time() * 1000.0 if dt is None else moto_clock(dt)
 
-    for fast in (unix_time, unix_time_millis):
-        setattr(fast, _APPLIED, True)
-    sqs_models.unix_time = unix_time
-    sqs_models.unix_time_millis = unix_time_millis
-    return True
+    return _replace(sqs_models, "unix_time", seconds) and _replace(
+        sqs_models, "unix_time_millis", millis
+    )
 
 
 def _jsonpath_cache() -> bool:
+    # moto imports `parse` from jsonpath_ng.ext inside EventTemplateParser.parse, at each call,
+    # so it finds this one. A parsed path is only read from (find), so sharing it is safe.
     try:
         import jsonpath_ng.ext as jsonpath_ext
     except ImportError:
         return False
-    if getattr(jsonpath_ext.parse, _APPLIED, False):
-        return True
-    # moto imports `parse` from jsonpath_ng.ext inside EventTemplateParser.parse, at each call,
-    # so it finds this one. A parsed path is only read from (find), so sharing it is safe.
-    cached = functools.lru_cache(maxsize=256)(jsonpath_ext.parse)
-    setattr(cached, _APPLIED, True)
-    jsonpath_ext.parse = cached
-    return True
+    return _replace(jsonpath_ext, "parse", functools.lru_cache(maxsize=256))
 
 
 # SQS developer guide, sqs-batch-api.html, "Permissions": "You cannot set permissions explicitly
@@ -129,17 +125,15 @@ def _sqs_batch_authorization() -> bool:
         from moto.iam.access_control import IAMRequestBase
     except ImportError:
         return False
-    original = IAMRequestBase.__init__
-    if getattr(original, _APPLIED, False):
-        return True
 
-    @functools.wraps(original)
-    def __init__(self, *args, **kwargs) -> None:
-        original(self, *args, **kwargs)
-        action = getattr(self, "_action", None)
-        if action in SQS_BATCH_ACTIONS:
-            self._action = SQS_BATCH_ACTIONS[action]
+    def make(moto_init):
+        @functools.wraps(moto_init)
+        def __init__(self, *args, **kwargs) -> None:
+            moto_init(self, *args, **kwargs)
+            action = getattr(self, "_action", None)
+            if action in SQS_BATCH_ACTIONS:
+                self._action = SQS_BATCH_ACTIONS[action]
 
-    setattr(__init__, _APPLIED, True)
-    IAMRequestBase.__init__ = __init__
-    return True
+        return __init__
+
+    return _replace(IAMRequestBase, "__init__", make)

@@ -388,6 +388,22 @@ def test_slots_taken_ahead_that_no_shard_takes_are_given_back(gate_settings, mon
     gate.release_slot(came)
 
 
+_INCREMENT = httpx.Request("POST", "http://prefect/api/v2/concurrency_limits/increment-with-lease")
+
+
+def _failing_first(monkeypatch, failures: list[Exception]) -> list[Exception]:
+    """The gate's Prefect clients raise ``failures`` in turn, then work; the list may grow."""
+    real = gate.get_client
+
+    def client(*args, **kwargs):
+        if failures:
+            raise failures.pop(0)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(gate, "get_client", client)
+    return failures
+
+
 def test_taking_ahead_retries_a_busy_server_a_few_times_and_says_so(
     gate_settings, monkeypatch, caplog
 ):
@@ -395,17 +411,8 @@ def test_taking_ahead_retries_a_busy_server_a_few_times_and_says_so(
     # a few quick retries, logged like the gate's other loops, then the shards ask themselves.
     model = _model("ahead-busy")
     name, _, run_gate = gate.ensure_gates(model, "ahead-busy-run", 2)
-    real = gate.get_client
-    request = httpx.Request("POST", "http://prefect/api/v2/concurrency_limits/increment-with-lease")
-    busy = httpx.HTTPStatusError("503", request=request, response=httpx.Response(503))
-    failures = [busy, busy]
-
-    def busy_client(*args, **kwargs):
-        if failures:
-            raise failures.pop(0)
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(gate, "get_client", busy_client)
+    busy = httpx.HTTPStatusError("503", request=_INCREMENT, response=httpx.Response(503))
+    failures = _failing_first(monkeypatch, [busy, busy])
     with caplog.at_level(logging.INFO, logger="bedrock_batch.gate"):
         assert gate.take_ahead(model, "ahead-busy-run", 2, 60) == 2
         failures.extend([busy] * (gate.AHEAD_RETRIES + 1))
@@ -436,20 +443,14 @@ def test_a_slot_taken_ahead_is_given_back_well_inside_its_lease(monkeypatch):
 def test_acquire_slot_retries_transient_prefect_errors(gate_settings, monkeypatch, caplog, stack):
     model = _model("flaky")
     name, _, _ = gate.ensure_gates(model, "flaky-run", 2)
-    real = gate.get_client
-    request = httpx.Request("POST", "http://prefect/api/v2/concurrency_limits/increment-with-lease")
-    failures = [
-        httpx.HTTPStatusError("503", request=request, response=httpx.Response(503)),
-        httpx.ConnectError("connection refused", request=request),
-        httpx.ReadTimeout("timed out", request=request),
-    ]
-
-    def flaky_client(*args, **kwargs):
-        if failures:
-            raise failures.pop(0)
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(gate, "get_client", flaky_client)
+    _failing_first(
+        monkeypatch,
+        [
+            httpx.HTTPStatusError("503", request=_INCREMENT, response=httpx.Response(503)),
+            httpx.ConnectError("connection refused", request=_INCREMENT),
+            httpx.ReadTimeout("timed out", request=_INCREMENT),
+        ],
+    )
     with caplog.at_level(logging.INFO, logger="bedrock_batch.gate"):
         lease = gate.acquire_slot(model, "flaky-run", 60)
 
