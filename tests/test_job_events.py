@@ -10,6 +10,7 @@ import logging
 import os
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from datetime import datetime, timezone
@@ -238,16 +239,18 @@ def test_a_burst_of_events_is_relayed_once_through_several_long_polls(
     # A gate of 100 whose jobs change state together puts hundreds of events on the queue at
     # once; one receive-emit-delete loop left them waiting 5-10 s (400 jobs, gate 100).
     _settings(monkeypatch, BEDROCK_BATCH_EVENTS_RECEIVERS="3")
-    receiving, most = [0], [0]
+    receiving, most, lock = [0], [0], threading.Lock()
     real_receive = JobEventRelay._receive
 
     def counted_receive(self):
-        receiving[0] += 1
-        most[0] = max(most[0], receiving[0])
+        with lock:  # each receive runs in a thread of its own
+            receiving[0] += 1
+            most[0] = max(most[0], receiving[0])
         try:
             return real_receive(self)
         finally:
-            receiving[0] -= 1
+            with lock:
+                receiving[0] -= 1
 
     monkeypatch.setattr(JobEventRelay, "_receive", counted_receive)
     key = _key()
