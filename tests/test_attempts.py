@@ -8,7 +8,8 @@ import polars as pl
 import pytest
 
 from tasks.pipeline import columns as C
-from tasks.pipeline.attempts import AttemptOutput, merge_attempts, records_to_retry
+from tasks.pipeline.attempts import AttemptOutput, retry_ids, settle
+from tasks.pipeline.merge import write_part
 
 CLAUDE = "anthropic.claude-3-haiku-20240307-v1:0"
 
@@ -46,17 +47,17 @@ def rows_file(tmp_path):
     return path
 
 
-def test_records_to_retry_takes_throttled_and_missing_not_bad_requests(rows_file):
+def test_retry_ids_takes_throttled_and_missing_not_bad_requests(rows_file):
     first = AttemptOutput(
         1, [_lines(_ok("R1", "x"), _err("R2", 429), _err("R3", 400))], job_id="j1"
     )
 
-    retry = records_to_retry(rows_file, [first], CLAUDE, "InvokeModel")
+    retry = retry_ids(settle(rows_file, [first], CLAUDE, "InvokeModel"))
 
     assert sorted(retry) == ["R2", "R4"]
 
 
-def test_merge_attempts_latest_attempt_decides_and_counts_attempts(rows_file, tmp_path):
+def test_settled_attempts_latest_attempt_decides_and_counts_attempts(rows_file, tmp_path):
     first = AttemptOutput(
         1, [_lines(_ok("R1", "one"), _err("R2", 429), _err("R3", 400))], job_id="j1"
     )
@@ -65,7 +66,7 @@ def test_merge_attempts_latest_attempt_decides_and_counts_attempts(rows_file, tm
     )
     dest = tmp_path / "part.parquet"
 
-    stats = merge_attempts(rows_file, [first, second], CLAUDE, "InvokeModel", dest)
+    stats = write_part(settle(rows_file, [first, second], CLAUDE, "InvokeModel"), dest)
 
     out = pl.read_parquet(dest).sort(C.RECORD_ID)
     assert out[C.RECORD_ID].to_list() == ["R1", "R2", "R3", "R4"]
@@ -76,11 +77,11 @@ def test_merge_attempts_latest_attempt_decides_and_counts_attempts(rows_file, tm
     assert (stats.records, stats.succeeded, stats.failed) == (4, 2, 2)
 
 
-def test_merge_attempts_failed_job_error_applies_to_its_records(rows_file, tmp_path):
+def test_settled_attempts_failed_job_error_applies_to_its_records(rows_file, tmp_path):
     failed = AttemptOutput(1, [], job_id="j1", job_error=("Failed", "internal error"))
     dest = tmp_path / "part.parquet"
 
-    merge_attempts(rows_file, [failed], CLAUDE, "InvokeModel", dest)
+    write_part(settle(rows_file, [failed], CLAUDE, "InvokeModel"), dest)
 
     out = pl.read_parquet(dest)
     assert out[C.ERROR_CODE].unique().to_list() == ["Failed"]

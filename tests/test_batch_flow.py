@@ -28,6 +28,7 @@ from tasks.monitoring.events import (
     RUN_RESOURCE_PREFIX,
     read_events,
 )
+from tasks.pipeline import attempts as attempts_module
 from tasks.pipeline.columns import (
     ATTEMPTS,
     EMBEDDING,
@@ -458,8 +459,17 @@ def _references(items: list) -> list[int]:
 
 def test_a_shard_holds_no_job_output_while_its_retry_job_runs(stack, tmp_path, monkeypatch):
     """A retry job may queue for hours: its shard reads the first job's outputs again once the
-    retry ends instead of holding them in memory all that time."""
+    retry ends instead of holding them in memory all that time. Each reading is parsed once,
+    for the retry decision and the part alike."""
     stack.set_faults(partial_job_names_containing="-a1", partial_fraction=0.5)
+    parsed: list[int] = []  # the outputs parsed, one entry a job's
+    parse = attempts_module.parse_outputs
+
+    def counted(outputs, *args, **kwargs):
+        parsed.append(len(outputs))
+        return parse(outputs, *args, **kwargs)
+
+    monkeypatch.setattr(attempts_module, "parse_outputs", counted)
     first_bodies: list[bytes] = []
     nobody_else = _references([bytes(range(3))])[0]  # a body only a list like this one holds
     while_retrying: list[list[int]] = []
@@ -485,6 +495,8 @@ def test_a_shard_holds_no_job_output_while_its_retry_job_runs(stack, tmp_path, m
 
     assert first_bodies and all(isinstance(body, bytes) for body in first_bodies)
     assert while_retrying == [[nobody_else] * len(first_bodies)]
+    # The first job's outputs once to plan the retry, then both jobs' once for the part.
+    assert len(parsed) == 3
     out = pl.read_parquet(summary["parts"])
     assert_answers_match_rows(out, 300)
     # The 150 records the first job failed were paid once more, by the retry job alone.

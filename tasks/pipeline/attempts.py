@@ -15,7 +15,6 @@ import polars as pl
 from tasks.bedrock.error_codes import RETRYABLE_RECORD
 from tasks.bedrock.families import family_for
 from tasks.pipeline import columns as C
-from tasks.pipeline.merge import MergeStats, write_part
 from tasks.pipeline.outputs import MATCHED, parse_outputs, result_schema
 from tasks.pipeline.structured import SCHEMA_REPAIRED, SCHEMA_VALIDATION_ERROR, OutputSchema
 
@@ -122,39 +121,29 @@ def outcomes(
     )
 
 
-def records_to_retry(
+def settle(
     rows_file: Path,
     attempts: list[AttemptOutput],
     model_id: str,
     invocation_type: str,
-    job_errors: frozenset[str] | set[str] = frozenset(),
     output_schema: OutputSchema | None = None,
+) -> pl.DataFrame:
+    """The shard's part as its attempts leave it: every row once, with its latest outcome.
+
+    The one parse of the attempts' outputs: the same frame tells which records a retry takes
+    (`retry_ids`) and, when there is none, is the part written (`write_part`).
+    """
+    return outcomes(
+        pl.scan_parquet(rows_file), attempts, model_id, invocation_type, output_schema
+    ).collect()
+
+
+def retry_ids(
+    settled: pl.DataFrame, job_errors: frozenset[str] | set[str] = frozenset()
 ) -> list[str]:
     """Record ids whose latest outcome is a retryable failure (not a fault of the record).
 
     ``job_errors`` names the job statuses (Failed, Expired, ...) whose records count too.
     """
-    frame = outcomes(pl.scan_parquet(rows_file), attempts, model_id, invocation_type, output_schema)
     retryable = list(RETRYABLE_RECORD_ERRORS | set(job_errors))
-    return (
-        frame.filter(pl.col(C.ERROR_CODE).is_in(retryable))
-        .select(C.RECORD_ID)
-        .collect()
-        .get_column(C.RECORD_ID)
-        .to_list()
-    )
-
-
-def merge_attempts(
-    rows_file: Path,
-    attempts: list[AttemptOutput],
-    model_id: str,
-    invocation_type: str,
-    dest: Path,
-    output_schema: OutputSchema | None = None,
-) -> MergeStats:
-    """Write the shard's Parquet part from all its attempts: every row once."""
-    frame = outcomes(
-        pl.scan_parquet(rows_file), attempts, model_id, invocation_type, output_schema
-    ).collect()
-    return write_part(frame, dest)
+    return settled.filter(pl.col(C.ERROR_CODE).is_in(retryable)).get_column(C.RECORD_ID).to_list()

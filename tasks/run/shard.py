@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 from uuid import UUID
 
+import polars as pl
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
@@ -34,8 +35,8 @@ from tasks.bedrock.statuses import outcome, retry_statuses
 from tasks.errors import PlanError
 from tasks.monitoring import events
 from tasks.pipeline import columns as C
-from tasks.pipeline.attempts import AttemptOutput, merge_attempts, records_to_retry
-from tasks.pipeline.merge import MergeTurn
+from tasks.pipeline.attempts import AttemptOutput, retry_ids, settle
+from tasks.pipeline.merge import MergeTurn, write_part
 from tasks.pipeline.plan import ShardPlan
 from tasks.pipeline.structured import OutputSchema
 from tasks.run import gate
@@ -371,8 +372,14 @@ def _attempt_output(ctx: RunContext, shard: ShardPlan, attempt: JobAttempt) -> A
     )
 
 
+def _settle(ctx: RunContext, shard: ShardPlan, outputs: list[AttemptOutput]) -> pl.DataFrame:
+    """The shard's rows with what its attempts so far made of them (`attempts.settle`)."""
+    with storage.local_copy(ctx.rows_uri(shard)) as rows:
+        return settle(rows, outputs, ctx.model_id, ctx.invocation_type, ctx.output_schema)
+
+
 def _plan_retry(
-    ctx: RunContext, shard: ShardPlan, state: ShardState, outputs: list[AttemptOutput], logger
+    ctx: RunContext, shard: ShardPlan, state: ShardState, settled: pl.DataFrame, logger
 ) -> JobAttempt | None:
     """The next attempt for records that failed for reasons not their own, if any is due."""
     if len(state.attempts) >= ctx.max_attempts:
@@ -380,11 +387,7 @@ def _plan_retry(
     last = state.current
     if outcome(last.status).stopped and not ctx.retry_stopped:
         return None
-    also = retry_statuses(ctx.retry_stopped)
-    with storage.local_copy(ctx.rows_uri(shard)) as rows:
-        ids = records_to_retry(
-            rows, outputs, ctx.model_id, ctx.invocation_type, also, ctx.output_schema
-        )
+    ids = retry_ids(settled, retry_statuses(ctx.retry_stopped))
     if not ids:
         return None
     minimum = get_settings().quotas.min_records_per_job
@@ -446,10 +449,8 @@ def _held_by_ceiling(
     )
 
 
-def merge_shard_output(
-    ctx: RunContext, shard: ShardPlan, outputs: list[AttemptOutput]
-) -> dict[str, Any]:
-    """Write the shard's Parquet part from all its attempts, right as the shard finishes.
+def merge_shard_output(ctx: RunContext, shard: ShardPlan, settled: pl.DataFrame) -> dict[str, Any]:
+    """Write the shard's Parquet part, right as the shard finishes.
 
     Inside the shard's task: one task run per shard (not four) keeps the Prefect server's
     writes per job low enough that a run of thousands of jobs does not make it refuse the gate.
@@ -457,20 +458,15 @@ def merge_shard_output(
     Args:
         ctx: the run.
         shard: the shard.
-        outputs: what each attempt produced.
+        settled: every row of the shard with its final outcome (`_settle`).
 
     Returns:
         The merge statistics (records, succeeded, failed, tokens).
     """
     part = ctx.part_uri(shard)
-    with (
-        storage.local_copy(ctx.rows_uri(shard)) as rows,
-        storage.local_dir_for(ctx.layout.output_dir) as out_dir,
-    ):
+    with storage.local_dir_for(ctx.layout.output_dir) as out_dir:
         dest = out_dir / part.rsplit("/", 1)[-1]
-        stats = merge_attempts(
-            rows, outputs, ctx.model_id, ctx.invocation_type, dest, ctx.output_schema
-        )
+        stats = write_part(settled, dest)
         if storage.is_s3(part):
             storage.upload_file(dest, part, ctx.kms_key_id)
     failpoint("merge")
@@ -495,17 +491,19 @@ def run_shard(ctx: RunContext, shard: ShardPlan) -> ShardResult:
         attempt = state.current or _new_attempt(
             ctx, shard, state, shard.input_file, shard.records, C.SERVED_BATCH
         )
-        outputs: list[AttemptOutput] = []  # of the finished attempts
+        settled: pl.DataFrame | None = None  # the rows with their outcomes so far
         held = 0
-        # Outputs are in memory from their reading to the part's write, a few shards at a time;
-        # a shard whose retry job runs (maybe for hours) holds none and reads them again after.
+        # Outputs and their parse are in memory from their reading to the part's write, a few
+        # shards at a time; a shard whose retry job runs (maybe for hours) holds neither and
+        # reads the outputs again after. They are parsed once a reading, for the retry decision
+        # and the part alike.
         with MergeTurn() as turn:
             while attempt is not None:
                 kept_back = _held_by_ceiling(ctx, shard, attempt, logger)
                 if kept_back is not None:
                     turn.take()
                     outputs = [_attempt_output(ctx, shard, a) for a in state.attempts[:-1]]
-                    outputs.append(kept_back)
+                    settled = _settle(ctx, shard, [*outputs, kept_back])
                     held = attempt.records
                     break
                 if attempt.served_by == C.SERVED_ON_DEMAND:
@@ -517,12 +515,15 @@ def run_shard(ctx: RunContext, shard: ShardPlan) -> ShardResult:
                 _release(ctx, shard, attempt)
                 turn.take()
                 outputs = [_attempt_output(ctx, shard, a) for a in state.attempts]
-                attempt = _plan_retry(ctx, shard, state, outputs, logger)
+                settled = _settle(ctx, shard, outputs)
+                del outputs
+                attempt = _plan_retry(ctx, shard, state, settled, logger)
                 if attempt is not None:
-                    outputs = []
+                    settled = None
                     turn.give_back()  # while the retry runs, others merge
-            state.merge_stats = merge_shard_output(ctx, shard, outputs)
-            outputs.clear()  # let go of them with the turn
+            assert settled is not None  # the loop ends only with the final outcomes settled
+            state.merge_stats = merge_shard_output(ctx, shard, settled)
+            del settled  # let go of it with the turn
         state.merge_stats["held_back"] = held
         state.part_uri = ctx.part_uri(shard)
         ctx.store.save(shard.name)
