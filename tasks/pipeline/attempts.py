@@ -15,7 +15,7 @@ import polars as pl
 from tasks.bedrock.error_codes import RETRYABLE_RECORD
 from tasks.bedrock.families import family_for
 from tasks.pipeline import columns as C
-from tasks.pipeline.outputs import MATCHED, parse_outputs, result_schema
+from tasks.pipeline.outputs import JOIN_ENGINE, MATCHED, parse_outputs, result_schema
 from tasks.pipeline.structured import SCHEMA_REPAIRED, SCHEMA_VALIDATION_ERROR, OutputSchema
 
 # A record with no output line is retried like one that failed for reasons not its own, and
@@ -135,7 +135,7 @@ def settle(
     """
     return outcomes(
         pl.scan_parquet(rows_file), attempts, model_id, invocation_type, output_schema
-    ).collect()
+    ).collect(engine=JOIN_ENGINE)
 
 
 def retry_ids(

@@ -17,7 +17,7 @@ from tasks.bedrock.families import ModelFamily, family_for
 from tasks.errors import PlanError
 from tasks.files import write_parquet_atomic
 from tasks.pipeline import columns as C
-from tasks.pipeline.outputs import MATCHED, parse_outputs, result_schema
+from tasks.pipeline.outputs import JOIN_ENGINE, MATCHED, parse_outputs, result_schema
 from tasks.pipeline.plan import RunPlan
 from tasks.pipeline.structured import SCHEMA_REPAIRED, OutputSchema
 from tasks.run.layout import (
@@ -178,8 +178,6 @@ def merge_shard(
         Counts of records, successes, failures and tokens.
     """
     family = family_for(model_id, invocation_type)
-    # The whole shard is needed in memory (for the write and the counts) anyway; the in-memory
-    # engine takes about a tenth less CPU than streaming here.
     frame = merged_frame(
         pl.scan_parquet(rows_file),
         outputs,
@@ -187,7 +185,7 @@ def merge_shard(
         job_id=job_id,
         job_error=job_error,
         output_schema=output_schema,
-    ).collect()
+    ).collect(engine=JOIN_ENGINE)
     return write_part(frame, dest)
 
 

@@ -15,6 +15,11 @@ from tasks.files import LINE, scan_lines
 from tasks.pipeline import columns as C
 from tasks.pipeline.structured import OutputSchema, apply_schema
 
+# The engine that joins parsed outputs onto a shard's rows (merge and settle). Polars 2 runs
+# `collect()` on its streaming engine by default, which suits the parse (a file's lines are
+# cut and decoded a batch at a time); joining a Titan v2 shard's outputs (50k x 1024 floats)
+# it peaked at 1.05 GB of RSS against 0.57 GB in memory, and took 0.29-0.32 s against 0.16-0.18.
+JOIN_ENGINE = "in-memory"
 ERROR_DTYPE = pl.Struct({"errorCode": pl.String, "errorMessage": pl.String})
 _OK = "__ok"
 MATCHED = "__matched"
