@@ -228,6 +228,48 @@ def anthropic_outputs(
     return written
 
 
+def titan_outputs(
+    run_dir: Path, outputs_dir: Path, dimensions: int = 1024, seed: int = 0
+) -> list[Path]:
+    """Write Titan Text Embeddings v2 `.out` files (shuffled) for an embedding run.
+
+    Each line echoes its input line and answers `{"embedding": [...], "inputTextTokenCount": n}`,
+    the shape the emulator writes (`emulator/responders.py`, from the InvokeModel response of
+    the Titan v2 docs): unit vectors of float32 values, ~13 kB a line at 1,024 dimensions.
+    """
+    plan = RunPlan.load(run_dir)
+    rng = np.random.default_rng(seed)
+    written = []
+    for shard in plan.shards:
+        lines = pl.read_csv(
+            Path(run_dir) / shard.input_file,
+            has_header=False,
+            separator="\x01",
+            quote_char=None,
+            new_columns=["line"],
+            schema_overrides={"line": pl.String},
+        )
+        n = lines.height
+        vectors = rng.standard_normal((n, dimensions), dtype=np.float32)
+        vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+        line = pl.col("line")
+        output = pl.struct(
+            embedding=pl.Series(vectors).arr.to_list(),
+            inputTextTokenCount=(line.str.len_bytes() // 6).cast(pl.Int64),
+        ).struct.json_encode()
+        del vectors
+        out = lines.select(
+            pl.concat_str(
+                [line.str.head(-1), pl.lit(',"modelOutput":'), output, pl.lit("}")]
+            ).alias("line")
+        ).sample(fraction=1.0, shuffle=True, seed=seed + shard.index)
+        dest = Path(outputs_dir) / f"job{shard.index:05d}" / (Path(shard.input_file).name + ".out")
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        out.write_csv(dest, include_header=False, quote_style="never")
+        written.append(dest)
+    return written
+
+
 if __name__ == "__main__":
     import os
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import sys
 import threading
 from datetime import datetime, timezone
 from pathlib import Path
@@ -421,13 +420,13 @@ def test_jobs_that_end_together_merge_one_turn_at_a_time(stack, tmp_path, enviro
     changed = threading.Condition()
     read_outputs, merge_output = shard_module._attempt_output, shard_module.merge_shard_output
 
-    def read(ctx, shard, attempt):
+    def read(ctx, shard, attempt, files):
         nonlocal peak
         with changed:
             holding.add(shard.name)
             peak = max(peak, len(holding))
             changed.notify_all()
-        return read_outputs(ctx, shard, attempt)
+        return read_outputs(ctx, shard, attempt, files)
 
     def merge(ctx, shard, outputs):
         with changed:  # a job that ended meanwhile has this long to read its outputs too
@@ -453,14 +452,11 @@ def test_jobs_that_end_together_merge_one_turn_at_a_time(stack, tmp_path, enviro
     assert_answers_match_rows(pl.read_parquet(summary["parts"]), 300)
 
 
-def _references(items: list) -> list[int]:
-    return [sys.getrefcount(item) for item in items]
-
-
 def test_a_shard_holds_no_job_output_while_its_retry_job_runs(stack, tmp_path, monkeypatch):
     """A retry job may queue for hours: its shard reads the first job's outputs again once the
-    retry ends instead of holding them in memory all that time. Each reading is parsed once,
-    for the retry decision and the part alike."""
+    retry ends instead of holding them all that time. Each reading is parsed once, for the
+    retry decision and the part alike, from files deleted right after (a parse from bytes in
+    memory held twice as much)."""
     stack.set_faults(partial_job_names_containing="-a1", partial_fraction=0.5)
     parsed: list[int] = []  # the outputs parsed, one entry a job's
     parse = attempts_module.parse_outputs
@@ -470,20 +466,20 @@ def test_a_shard_holds_no_job_output_while_its_retry_job_runs(stack, tmp_path, m
         return parse(outputs, *args, **kwargs)
 
     monkeypatch.setattr(attempts_module, "parse_outputs", counted)
-    first_bodies: list[bytes] = []
-    nobody_else = _references([bytes(range(3))])[0]  # a body only a list like this one holds
-    while_retrying: list[list[int]] = []
+    first_files: list[Path] = []
+    while_retrying: list[list[bool]] = []  # whether each first output file is still there
     read_outputs, watch = shard_module._attempt_output, shard_module._watch
 
-    def read(ctx, shard, attempt):
-        output = read_outputs(ctx, shard, attempt)
-        if attempt.attempt == 1 and not first_bodies:
-            first_bodies.extend(output.outputs)
+    def read(ctx, shard, attempt, files):
+        output = read_outputs(ctx, shard, attempt, files)
+        if attempt.attempt == 1 and not first_files:
+            first_files.extend(output.outputs)
+            assert all(path.stat().st_size for path in first_files)
         return output
 
     def watching(ctx, shard, attempt, look_now, logger):
         if attempt.attempt == 2:
-            while_retrying.append(_references(first_bodies))
+            while_retrying.append([path.exists() for path in first_files])
         return watch(ctx, shard, attempt, look_now, logger)
 
     monkeypatch.setattr(shard_module, "_attempt_output", read)
@@ -493,8 +489,8 @@ def test_a_shard_holds_no_job_output_while_its_retry_job_runs(stack, tmp_path, m
 
     summary = batch_inference(params)
 
-    assert first_bodies and all(isinstance(body, bytes) for body in first_bodies)
-    assert while_retrying == [[nobody_else] * len(first_bodies)]
+    assert first_files and all(isinstance(path, Path) for path in first_files)
+    assert while_retrying == [[False] * len(first_files)]
     # The first job's outputs once to plan the retry, then both jobs' once for the part.
     assert len(parsed) == 3
     out = pl.read_parquet(summary["parts"])
