@@ -21,11 +21,17 @@ slower than polling (a job's end seen 31-34 s late, moto's process at ~100% of a
 - ``EventTemplateParser.parse`` builds a fresh ``jsonpath_ng`` parser (PLY's yacc tables) for
   each of the eight paths of its default input template, for every event and target; each
   path is now parsed once.
+- A ranged S3 GetObject read the whole object and then sliced it. boto3's managed download
+  (``download_file``, the project's for objects of 8 MB and more) asks for a large object in
+  8 MB ranges, so a 646 MB Titan v2 job output took 30 s to download (81 reads of all of it)
+  against 0.65 s in one GET. A single byte range is now read alone; everything else (the
+  range's parsing, 206 / 416, the headers) is still moto's.
 """
 
 from __future__ import annotations
 
 import functools
+import re
 import time
 from collections.abc import Callable
 from typing import Any
@@ -40,6 +46,7 @@ def apply() -> list[str]:
         "sqs-clock": _sqs_clock,
         "events-jsonpath-cache": _jsonpath_cache,
         "sqs-batch-authorization": _sqs_batch_authorization,
+        "s3-ranged-get": _s3_ranged_get,
     }
     return [name for name, fix in fixes.items() if fix()]
 
@@ -137,3 +144,80 @@ def _sqs_batch_authorization() -> bool:
         return __init__
 
     return _replace(IAMRequestBase, "__init__", make)
+
+
+# One byte range (RFC 9110 "bytes=first-last", "bytes=first-", "bytes=-suffix"); a list of
+# ranges, which S3 does not serve as ranges, stays moto's.
+_SINGLE_RANGE = re.compile(r"bytes=(\d+-\d*|-\d+)")
+
+
+class _KeyBytes:
+    """An S3 key's value that reads only the bytes a slice of it asks for."""
+
+    def __init__(self, key: Any) -> None:
+        self._key = key
+
+    def __len__(self) -> int:
+        return self._key.size
+
+    def __getitem__(self, part: slice) -> bytes:
+        start, stop, _ = part.indices(len(self))
+        with self._key.lock:
+            self._key._value_buffer.seek(start)
+            return self._key._value_buffer.read(max(0, stop - start))
+
+    def __bytes__(self) -> bytes:
+        return self[:]
+
+
+class _RangedKey:
+    """A FakeKey whose ``value`` is a `_KeyBytes`; everything else is the key's own."""
+
+    def __init__(self, key: Any) -> None:
+        self._key = key
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._key, name)
+
+    @property
+    def value(self) -> _KeyBytes:
+        return _KeyBytes(self._key)
+
+
+def _s3_ranged_get() -> bool:
+    # S3Response.key_response handles a GET: get_object returns key.value (all of the object,
+    # read from its spooled file) and _handle_range_header slices the range out of it. For a
+    # single range the key _get_key hands to get_object reads only that slice. moto makes an
+    # S3Response per request (key_dispatch), so the instance's _get_key is this request's.
+    try:
+        from moto.s3.models import FakeKey
+        from moto.s3.responses import S3Response
+    except ImportError:
+        return False
+    if not all(hasattr(S3Response, n) for n in ("_get_key", "get_object", "_handle_range_header")):
+        return False
+    if not isinstance(getattr(FakeKey, "size", None), property):
+        return False
+
+    def make(moto_key_response):
+        @functools.wraps(moto_key_response)
+        def key_response(self, request, full_url, headers):
+            asked = request.headers.get("range") or ""
+            if request.method != "GET" or not _SINGLE_RANGE.fullmatch(asked.strip()):
+                return moto_key_response(self, request, full_url, headers)
+            moto_get_key = self._get_key
+
+            def get_key(*args, **kwargs):
+                key, not_modified = moto_get_key(*args, **kwargs)
+                has_buffer = hasattr(key, "_value_buffer") and hasattr(key, "lock")
+                return (_RangedKey(key) if has_buffer else key), not_modified
+
+            self._get_key = get_key
+            status, response_headers, body = moto_key_response(self, request, full_url, headers)
+            if isinstance(body, _KeyBytes):  # served whole after all (a range past the end)
+                body = bytes(body)
+            return status, response_headers, body
+
+        return key_response
+
+    return _replace(S3Response, "key_response", make)

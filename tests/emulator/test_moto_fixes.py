@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import pytest
+from boto3.s3.transfer import TransferConfig
+from botocore.exceptions import ClientError
 from emu_helpers import unique
 from helpers import eventually
+from moto.s3.models import FakeKey
 from moto.sqs.models import sqs_backends
 
 from emulator import moto_fixes
@@ -18,6 +22,7 @@ def test_every_fix_fits_the_installed_moto():
         "sqs-clock",
         "events-jsonpath-cache",
         "sqs-batch-authorization",
+        "s3-ranged-get",
     ]
 
 
@@ -53,3 +58,38 @@ def test_a_received_message_stays_hidden_for_its_visibility_timeout(stack):
     assert receive(2) == []  # in flight for 2 s
     assert eventually(lambda: receive(2), what="the message visible again") == ["one"]
     sqs.delete_queue(QueueUrl=url)
+
+
+def test_a_ranged_get_reads_only_its_range_and_answers_as_s3_does(stack, monkeypatch, tmp_path):
+    s3 = stack.client("s3")
+    key = unique("ranged")
+    data = bytes(range(256)) * 4096  # 1 MiB
+    s3.put_object(Bucket=stack.bucket, Key=key, Body=data)
+    whole_reads: list[str] = []  # keys whose whole value moto read
+    moto_value = FakeKey.value
+
+    def value(fake_key):
+        whole_reads.append(fake_key.name)
+        return moto_value.fget(fake_key)
+
+    monkeypatch.setattr(FakeKey, "value", property(value, moto_value.fset))
+
+    def get(asked: str) -> tuple[bytes, str]:
+        got = s3.get_object(Bucket=stack.bucket, Key=key, Range=asked)
+        return got["Body"].read(), got["ContentRange"]
+
+    size = len(data)
+    assert get("bytes=10-19") == (data[10:20], f"bytes 10-19/{size}")
+    assert get(f"bytes={size - 6}-") == (data[-6:], f"bytes {size - 6}-{size - 1}/{size}")
+    assert get("bytes=-5") == (data[-5:], f"bytes {size - 5}-{size - 1}/{size}")
+    assert get(f"bytes=100-{size + 50}") == (data[100:], f"bytes 100-{size - 1}/{size}")
+    with pytest.raises(ClientError, match="InvalidRange"):
+        s3.get_object(Bucket=stack.bucket, Key=key, Range=f"bytes={size}-{size + 9}")
+    # boto3's managed download, in 64 kB ranges here (8 MB in the project's downloads).
+    dest = tmp_path / "copy"
+    small = TransferConfig(multipart_threshold=64 * 1024, multipart_chunksize=64 * 1024)
+    s3.download_file(stack.bucket, key, str(dest), Config=small)
+    assert dest.read_bytes() == data
+    assert whole_reads == []
+    assert s3.get_object(Bucket=stack.bucket, Key=key)["Body"].read() == data
+    assert whole_reads == [key]  # a GET without a range still reads the object whole
