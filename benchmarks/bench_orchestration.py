@@ -97,7 +97,10 @@ class OrchestrationSettings(BaseSettings):
     )
     dir: Path = Field(Path("/tmp/bench-orch"), description="Scratch folder: data and logs.")
     model_id: str = Field("anthropic.claude-3-haiku-20240307-v1:0", description="Model id.")
-    prompt_id: str = Field("question_answering", description="Prompt template id.")
+    prompt_id: str = Field(
+        "question_answering",
+        description="Prompt template id; empty for an embedding run of the `source` column.",
+    )
     timeout_seconds: float = Field(7200.0, description="The run is killed after this long.")
 
     def resolved(self) -> OrchestrationSettings:
@@ -410,7 +413,11 @@ def run(settings: OrchestrationSettings) -> dict:
             setup = [sys.executable, "-m", "flows.cli", "events", "setup"]
             run_child(setup, log.with_suffix(".events-setup.log"), env=env)
         argv = [sys.executable, "-m", "flows.cli", "run", "--source", str(source)]
-        argv += ["--prompt-id", settings.prompt_id, "--model-id", settings.model_id]
+        if settings.prompt_id:
+            argv += ["--prompt-id", settings.prompt_id]
+        else:
+            argv += ["--text-column", "source"]
+        argv += ["--model-id", settings.model_id]
         argv += ["--output-uri", f"s3://{stack.bucket}/runs", "--run-name", run_name]
         argv += ["--max-concurrent-jobs", str(settings.gate), "--id-column", ID_COLUMN]
         argv += ["--max-records-per-job", str(settings.records_per_job)]
