@@ -174,6 +174,26 @@ def simplecot_escaped(n: int, seed: int = 0) -> pl.DataFrame:
     )
 
 
+def _input_lines(run_dir: Path, input_file: str) -> pl.DataFrame:
+    """A shard's JSONL input lines, undecoded, as the column `line`."""
+    return pl.read_csv(
+        Path(run_dir) / input_file,
+        has_header=False,
+        separator="\x01",
+        quote_char=None,
+        new_columns=["line"],
+        schema_overrides={"line": pl.String},
+    )
+
+
+def _write_outputs(out: pl.DataFrame, outputs_dir: Path, index: int, input_file: str) -> Path:
+    """Write the lines of `out` where Bedrock would: `<outputs_dir>/job<index>/<input>.out`."""
+    dest = Path(outputs_dir) / f"job{index:05d}" / (Path(input_file).name + ".out")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    out.write_csv(dest, include_header=False, quote_style="never")
+    return dest
+
+
 def anthropic_outputs(
     run_dir: Path, outputs_dir: Path, error_rate: float = 0.01, seed: int = 0
 ) -> list[Path]:
@@ -186,14 +206,7 @@ def anthropic_outputs(
     answers = _texts(random.Random(seed), _POOL, 45)
     written = []
     for shard in plan.shards:
-        lines = pl.read_csv(
-            Path(run_dir) / shard.input_file,
-            has_header=False,
-            separator="\x01",
-            quote_char=None,
-            new_columns=["line"],
-            schema_overrides={"line": pl.String},
-        )
+        lines = _input_lines(run_dir, shard.input_file)
         n = lines.height
         line = pl.col("line")
         is_error = pl.lit(pl.Series(picks.random(n) < error_rate))
@@ -221,10 +234,7 @@ def anthropic_outputs(
                 ]
             ).alias("line")
         ).sample(fraction=1.0, shuffle=True, seed=seed + shard.index)
-        dest = Path(outputs_dir) / f"job{shard.index:05d}" / (Path(shard.input_file).name + ".out")
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        out.write_csv(dest, include_header=False, quote_style="never")
-        written.append(dest)
+        written.append(_write_outputs(out, outputs_dir, shard.index, shard.input_file))
     return written
 
 
@@ -241,14 +251,7 @@ def titan_outputs(
     rng = np.random.default_rng(seed)
     written = []
     for shard in plan.shards:
-        lines = pl.read_csv(
-            Path(run_dir) / shard.input_file,
-            has_header=False,
-            separator="\x01",
-            quote_char=None,
-            new_columns=["line"],
-            schema_overrides={"line": pl.String},
-        )
+        lines = _input_lines(run_dir, shard.input_file)
         n = lines.height
         vectors = rng.standard_normal((n, dimensions), dtype=np.float32)
         vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
@@ -263,10 +266,7 @@ def titan_outputs(
                 [line.str.head(-1), pl.lit(',"modelOutput":'), output, pl.lit("}")]
             ).alias("line")
         ).sample(fraction=1.0, shuffle=True, seed=seed + shard.index)
-        dest = Path(outputs_dir) / f"job{shard.index:05d}" / (Path(shard.input_file).name + ".out")
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        out.write_csv(dest, include_header=False, quote_style="never")
-        written.append(dest)
+        written.append(_write_outputs(out, outputs_dir, shard.index, shard.input_file))
     return written
 
 
