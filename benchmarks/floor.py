@@ -29,6 +29,19 @@ def _workers() -> int:
     return min(4, os.cpu_count() or 1)  # as BEDROCK_BATCH_MERGE_WORKERS' default
 
 
+# One buffer of zeros, written as often as a file needs: a fresh `bytes(size)` a shard had the
+# kernel fault in and clear 48 MB of pages first, which our own writer (its memory reused
+# from shard to shard) does not pay; the floor took 8.0-8.9 s of system time against ours 3.3-4.8.
+_ZEROS = memoryview(bytes(1 << 20))
+
+
+def _write_zeros(path: Path, size: int) -> None:
+    """Write `size` bytes to `path`, a MiB at a time from the one buffer."""
+    with open(path, "wb") as handle:
+        for start in range(0, size, len(_ZEROS)):
+            handle.write(_ZEROS[: min(len(_ZEROS), size - start)])
+
+
 def preprocess(source: str, run_dir: Path, scratch: Path) -> int:
     """Per shard of `run_dir`: read its source rows, write them as Parquet and its JSONL's size."""
     import polars as pl
@@ -44,7 +57,7 @@ def preprocess(source: str, run_dir: Path, scratch: Path) -> int:
         offset = index * per + min(index, extra)
         rows = pl.scan_parquet(source).slice(offset, per + (index < extra)).collect()
         write_parquet_atomic(rows.with_row_index("record_id"), scratch / f"{index}.parquet")
-        (scratch / shards[index].name).write_bytes(bytes(shards[index].stat().st_size))
+        _write_zeros(scratch / shards[index].name, shards[index].stat().st_size)
         return rows.height
 
     with ThreadPoolExecutor(_workers()) as pool:
