@@ -62,7 +62,7 @@ def test_merge_shard_joins_outputs_and_marks_missing_records(rows_file, tmp_path
             C.ERROR_CODE: [None, C.MISSING_OUTPUT, None],
             C.ERROR_MESSAGE: [
                 None,
-                "No output line for this record in the job's output (job job1).",
+                "No output line for this record (attempt 1, job job1).",
                 None,
             ],
             C.RAW_OUTPUT: pl.Series([None, None, None], dtype=pl.String),

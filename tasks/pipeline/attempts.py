@@ -47,9 +47,10 @@ def _included(rows: pl.LazyFrame, attempts: list[AttemptOutput]) -> pl.LazyFrame
             if a.record_ids is None
             else pl.LazyFrame({C.RECORD_ID: a.record_ids}, schema={C.RECORD_ID: pl.String})
         )
+        job = f", job {a.job_id}" if a.job_id else ""
         code, message = a.job_error or (
             C.MISSING_OUTPUT,
-            f"No output line for this record (attempt {a.number}, job {a.job_id}).",
+            f"No output line for this record (attempt {a.number}{job}).",
         )
         frames.append(
             ids.with_columns(

@@ -13,11 +13,12 @@ from pathlib import Path
 import polars as pl
 
 from prompt_templates import output_schema_for
-from tasks.bedrock.families import ModelFamily, family_for
+from tasks.bedrock.families import family_for
 from tasks.errors import PlanError
 from tasks.files import write_parquet_atomic
 from tasks.pipeline import columns as C
-from tasks.pipeline.outputs import JOIN_ENGINE, MATCHED, parse_outputs, result_schema
+from tasks.pipeline.attempts import AttemptOutput, settle
+from tasks.pipeline.outputs import result_schema
 from tasks.pipeline.plan import RunPlan
 from tasks.pipeline.structured import SCHEMA_REPAIRED, OutputSchema
 from tasks.run.layout import (
@@ -84,52 +85,6 @@ class MergeTurn:
         self.give_back()
 
 
-def merged_frame(
-    rows: pl.LazyFrame,
-    outputs: list[Path | bytes],
-    family: ModelFamily,
-    job_id: str | None = None,
-    job_error: tuple[str, str] | None = None,
-    output_schema: OutputSchema | None = None,
-) -> pl.LazyFrame:
-    """The shard's input rows left-joined with their outputs, with status columns filled in."""
-    if job_error is not None:
-        code, message = job_error
-    else:
-        code = C.MISSING_OUTPUT
-        message = "No output line for this record in the job's output" + (
-            f" (job {job_id})." if job_id else "."
-        )
-    input_columns = rows.collect_schema().names()
-    matched = pl.col(MATCHED).fill_null(False)
-    schema = result_schema(family, output_schema)
-    if output_schema is not None:
-        schema[SCHEMA_REPAIRED] = pl.Boolean()
-    return (
-        rows.join(
-            parse_outputs(outputs, family, output_schema),
-            on=C.RECORD_ID,
-            how="left",
-            maintain_order="left",
-        )
-        .with_columns(
-            pl.when(matched).then(pl.col(C.ERROR_CODE)).otherwise(pl.lit(code)).alias(C.ERROR_CODE),
-            pl.when(matched)
-            .then(pl.col(C.ERROR_MESSAGE))
-            .otherwise(pl.lit(message))
-            .alias(C.ERROR_MESSAGE),
-            pl.lit(job_id, dtype=pl.String).alias(C.JOB_ID),
-            pl.lit(C.SERVED_BATCH).alias(C.SERVED_BY),
-            pl.lit(1, dtype=pl.Int32).alias(C.ATTEMPTS),
-            pl.lit(False).alias(SCHEMA_REPAIRED),
-        )
-        .select(
-            *[c for c in input_columns],
-            *[pl.col(name).cast(dtype) for name, dtype in schema.items()],
-        )
-    )
-
-
 def write_part(frame: pl.DataFrame, dest: Path) -> MergeStats:
     """Write a merged part atomically and count what it holds."""
     write_parquet_atomic(frame, dest)
@@ -177,15 +132,8 @@ def merge_shard(
     Returns:
         Counts of records, successes, failures and tokens.
     """
-    family = family_for(model_id, invocation_type)
-    frame = merged_frame(
-        pl.scan_parquet(rows_file),
-        outputs,
-        family,
-        job_id=job_id,
-        job_error=job_error,
-        output_schema=output_schema,
-    ).collect(engine=JOIN_ENGINE)
+    attempt = AttemptOutput(1, outputs, job_id=job_id, job_error=job_error)
+    frame = settle(rows_file, [attempt], model_id, invocation_type, output_schema)
     return write_part(frame, dest)
 
 
