@@ -76,6 +76,20 @@ def test_merge_shard_joins_outputs_and_marks_missing_records(rows_file, tmp_path
     assert stats == MergeStats(records=3, succeeded=2, failed=1, input_tokens=17, output_tokens=5)
 
 
+def test_merge_shard_without_a_job_id_names_no_job_in_the_missing_output_message(
+    rows_file, tmp_path
+):
+    # Outputs merged offline without their job folder have no job id: the message must not
+    # read "job None".
+    _, frame = merge(rows_file, [claude_ok("R0", "joke a")], tmp_path)
+    assert frame[C.ERROR_MESSAGE].to_list() == [
+        None,
+        "No output line for this record (attempt 1).",
+        "No output line for this record (attempt 1).",
+    ]
+    assert frame[C.RESPONSE_TEXT].to_list() == ["joke a", None, None]
+
+
 def test_merge_shard_record_errors_become_columns(rows_file, tmp_path):
     lines = [claude_ok("R0", "x"), error_line("R1", 400, "Bad body"), error_line("R2", 429, "Slow")]
     stats, frame = merge(rows_file, lines, tmp_path)
