@@ -97,8 +97,8 @@ def outcomes(
         )
         rows = rows.join(failed_before, on=C.RECORD_ID, how="left", maintain_order="left")
     # One attempt of every row (a shard without retries): its lines join on the record id
-    # alone. The same join on (record id, attempt) peaked ~170 MB higher on a Titan v2 shard
-    # of 50k x 1024 floats (927-945 MB against 758-789).
+    # alone. The same join on (record id, attempt) peaked 120-190 MB higher on a Titan v2 shard
+    # of 50k x 1024 floats (927-945 MB against 758-811).
     whole = len(attempts) == 1 and attempts[0].record_ids is None
     keys = C.RECORD_ID if whole else [C.RECORD_ID, _ATTEMPT]
     frame = (
