@@ -200,9 +200,21 @@ def test_run_survives_a_prefect_server_restart_and_the_next_run_does_not_hang(
 def test_two_runs_on_one_model_stay_within_the_account_gate_and_their_own_caps(stack, tmp_path):
     # The account quota (the model gate) is 3; each run may have 2 in flight: 4 wanted at once.
     model = "anthropic.claude-3-opus-20240229-v1:0"
-    stack.configure(records_per_second=25)  # 4 s per 100-record job: the runs must overlap
+    # Jobs hardly move until both runs have theirs in flight: the runs overlap whatever their
+    # start-up takes (at 4 s a job, a loaded CI machine once started the second run too late to
+    # meet the first: peak 2). Then 4 s a 100-record job to the end.
+    stack.configure(records_per_second=0.5)
     api, env = PREFECT_API_URL.value(), {"BEDROCK_BATCH_QUOTA_MAX_JOBS_PER_MODEL": "3"}
     runs = [_start_run(tmp_path, f"pair-{i}", 600, 2, api, model, env) for i in (1, 2)]
+    _wait_until(
+        lambda: (
+            len(_in_progress(stack, "pair-")) >= 3
+            and all(_in_progress(stack, f"pair-{i}-") for i in (1, 2))
+        ),
+        120,
+        "both runs' jobs in flight at once",
+    )
+    stack.configure(records_per_second=25)
     for i, run in enumerate(runs, start=1):
         _finish(run, tmp_path, f"pair-{i}", 300)
 
