@@ -92,3 +92,15 @@ def environment():
         os.environ.update(saved)
         get_settings.cache_clear()
         reset_clients()
+
+
+@pytest.fixture
+def own_prefect_server(tmp_path):
+    """A Prefect server of the test's own (``helpers.PrefectServer``), stopped afterwards."""
+    from helpers import PrefectServer
+
+    server = PrefectServer(tmp_path / "prefect-home")
+    server.home.mkdir()
+    server.start()
+    yield server
+    server.stop()

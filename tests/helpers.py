@@ -1,16 +1,23 @@
 """Helpers shared by the tests: waiting on a condition with a deadline instead of sleeping,
 Bedrock batch input written by hand, a job created straight on the local stack, how many
-jobs Bedrock's own times say were in flight at once, and whether each output row carries the
-answer to its own prompt."""
+jobs Bedrock's own times say were in flight at once, whether each output row carries the
+answer to its own prompt, and a Prefect server of a test's own that it can stop and start."""
 
 from __future__ import annotations
 
 import json
+import os
+import signal
+import socket
+import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterable
 from datetime import datetime
+from pathlib import Path
 from typing import TypeVar
 
+import httpx
 import polars as pl
 
 from tasks.pipeline.columns import ERROR_CODE, RECORD_ID, RESPONSE_TEXT
@@ -112,3 +119,62 @@ def assert_answers_match_rows(frame: pl.DataFrame, rows: int) -> None:
         pl.col(RESPONSE_TEXT).str.contains("Reply to: " + pl.col("source"), literal=True)
     )
     assert quoted.to_series().all(), frame.select("source", RESPONSE_TEXT).head(3)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class PrefectServer:
+    """`prefect server start` in a subprocess: own home, sqlite DB and port; in-memory leases.
+
+    ``stop`` then ``start`` is a real restart on the same port: what a run sees when the
+    server it talks to is redeployed (leases and in-flight events gone, the database kept).
+    """
+
+    def __init__(self, home: Path) -> None:
+        self.home = home
+        self.port = _free_port()
+        self.url = f"http://127.0.0.1:{self.port}/api"
+        self.process: subprocess.Popen | None = None
+
+    def start(self) -> float:
+        env = {
+            **os.environ,
+            "PREFECT_HOME": str(self.home),
+            "PREFECT_API_DATABASE_CONNECTION_URL": f"sqlite+aiosqlite:///{self.home}/prefect.db",
+            "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+            "PREFECT_UI_ENABLED": "false",
+            "PREFECT_API_URL": self.url,
+        }
+        env.pop("PREFECT_SERVER_CONCURRENCY_LEASE_STORAGE", None)  # the default: in memory
+        command = [str(Path(sys.executable).parent / "prefect"), "server", "start"]
+        # Services stay on: the repossessor is what frees expired leases.
+        command += ["--host", "127.0.0.1", "--port", str(self.port)]
+        log = open(self.home / "server.log", "ab")  # noqa: SIM115 - closed with the process
+        self.process = subprocess.Popen(command, env=env, stdout=log, stderr=log)
+        eventually(self._healthy, timeout=120, what="the Prefect server to answer")
+        return time.monotonic()
+
+    def _healthy(self) -> bool:
+        assert self.process and self.process.poll() is None, "the Prefect server exited"
+        try:
+            return httpx.get(self.url + "/health", timeout=2).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    def stop(self) -> None:
+        if self.process and self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+    def active_slots(self, name: str) -> int:
+        response = httpx.get(f"{self.url}/v2/concurrency_limits/{name}", timeout=10)
+        response.raise_for_status()
+        return response.json()["active_slots"]

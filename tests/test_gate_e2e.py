@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -14,7 +13,6 @@ import uuid
 from datetime import datetime
 from pathlib import Path
 
-import httpx
 import polars as pl
 import pytest
 from helpers import job_spans, peak_in_flight
@@ -40,12 +38,6 @@ GATE_ENV = {
 }
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _wait_until(condition, seconds: float, what: str):
     deadline = time.monotonic() + seconds
     while True:
@@ -54,64 +46,6 @@ def _wait_until(condition, seconds: float, what: str):
             return value
         assert time.monotonic() < deadline, f"timed out waiting for {what}"
         time.sleep(0.2)
-
-
-class PrefectServer:
-    """`prefect server start` in a subprocess: own home, sqlite DB and port; in-memory leases."""
-
-    def __init__(self, home: Path) -> None:
-        self.home = home
-        self.port = _free_port()
-        self.url = f"http://127.0.0.1:{self.port}/api"
-        self.process: subprocess.Popen | None = None
-
-    def start(self) -> float:
-        env = {
-            **os.environ,
-            "PREFECT_HOME": str(self.home),
-            "PREFECT_API_DATABASE_CONNECTION_URL": f"sqlite+aiosqlite:///{self.home}/prefect.db",
-            "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-            "PREFECT_UI_ENABLED": "false",
-            "PREFECT_API_URL": self.url,
-        }
-        env.pop("PREFECT_SERVER_CONCURRENCY_LEASE_STORAGE", None)  # the default: in memory
-        command = [str(Path(sys.executable).parent / "prefect"), "server", "start"]
-        # Services stay on: the repossessor is what frees expired leases.
-        command += ["--host", "127.0.0.1", "--port", str(self.port)]
-        log = open(self.home / "server.log", "ab")  # noqa: SIM115 - closed with the process
-        self.process = subprocess.Popen(command, env=env, stdout=log, stderr=log)
-        _wait_until(self._healthy, 120, "the Prefect server")
-        return time.monotonic()
-
-    def _healthy(self) -> bool:
-        assert self.process and self.process.poll() is None, "the Prefect server exited"
-        try:
-            return httpx.get(self.url + "/health", timeout=2).status_code == 200
-        except httpx.HTTPError:
-            return False
-
-    def stop(self) -> None:
-        if self.process and self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-
-    def active_slots(self, name: str) -> int:
-        response = httpx.get(f"{self.url}/v2/concurrency_limits/{name}", timeout=10)
-        response.raise_for_status()
-        return response.json()["active_slots"]
-
-
-@pytest.fixture
-def own_prefect_server(tmp_path):
-    server = PrefectServer(tmp_path / "prefect-home")
-    server.home.mkdir()
-    server.start()
-    yield server
-    server.stop()
 
 
 def _source(tmp_path: Path, rows: int) -> Path:
