@@ -148,8 +148,9 @@ def batch_inference(params: BatchParams) -> dict[str, Any]:
         )
         try:
             # Job state change events (when `bedrock-batch events setup` made the queue) end a
-            # shard's wait at once; the watcher's polls remain the fallback.
-            with job_events(key, ctx.watcher.deliver) as events_active:
+            # shard's wait at once; the watcher's polls remain the fallback, at the poll
+            # interval while the events stop reaching the run.
+            with job_events(key, ctx.watcher.deliver, ctx.watcher.events_flowing) as events_active:
                 ctx.watcher.events_active = events_active
                 logger.info(
                     "Following the jobs of %d shards by %s",

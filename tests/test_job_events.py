@@ -34,6 +34,7 @@ from tasks.aws.job_events import (
     setup_job_events,
 )
 from tasks.aws.submit import job_name_for, run_key
+from tasks.aws.watcher import JobWatcher
 from tasks.monitoring.events import JOB_RESOURCE_PREFIX, JOB_STATE_CHANGED, read_events
 from tasks.run.layout import layout_for
 from tasks.settings import get_settings
@@ -294,14 +295,17 @@ def test_relay_retries_sqs_errors_and_stops_promptly(stack, monkeypatch, caplog)
     missing = stack.client("sqs").create_queue(QueueName=_unique("gone"))["QueueUrl"]
     stack.client("sqs").delete_queue(QueueUrl=missing)
 
-    relay = JobEventRelay(missing).start()
-    eventually(lambda: "retrying in" in caplog.text, what="a logged retry")
+    told: list[bool] = []
+    relay = JobEventRelay(missing, told.append).start()
+    eventually(lambda: caplog.text.count("retrying in") >= 2, what="two logged retries")
     assert relay.running  # an error is never fatal
     started = time.monotonic()
     relay.stop()
     assert time.monotonic() - started < 1.5
     eventually(lambda: not relay.running, timeout=5, what="the relay thread ends")
     get_settings.cache_clear()
+    # The run hears that events stopped, and not "back" at every retry against a dead queue.
+    assert told and set(told) == {False}
 
 
 def test_a_message_twice_is_the_same_prefect_event():
@@ -442,6 +446,64 @@ def test_a_process_ends_promptly_while_its_relay_long_polls(stack, events_queue,
 
     # The interpreter does not wait for the 20-second long poll in flight.
     assert time.monotonic() - polling < 5 and process.returncode == 0
+
+
+def _hidden_messages(stack, queue_url: str) -> int:
+    """Messages a relay received and has not deleted (hidden for the visibility timeout)."""
+    attributes = stack.client("sqs").get_queue_attributes(
+        QueueUrl=queue_url, AttributeNames=["ApproximateNumberOfMessagesNotVisible"]
+    )["Attributes"]
+    return int(attributes["ApproximateNumberOfMessagesNotVisible"])
+
+
+@pytest.mark.slow
+def test_a_job_that_ends_while_the_prefect_server_is_down_is_seen_once_it_is_back(
+    stack, events_queue, own_prefect_server, monkeypatch, caplog
+):
+    # Polls an hour apart, and a message the relay could not send hidden for an hour: only the
+    # poll the run makes when its events are back can see this job end within the test.
+    _settings(
+        monkeypatch,
+        BEDROCK_BATCH_POLL_INTERVAL_SECONDS="3600",
+        BEDROCK_BATCH_POLL_INTERVAL_WITH_EVENTS_SECONDS="3600",
+        BEDROCK_BATCH_EVENTS_VISIBILITY_TIMEOUT_SECONDS="3600",
+    )
+    stack.configure(records_per_second=20)  # 100 records: the job runs ~5 s
+    caplog.set_level(logging.INFO, logger="tasks.aws.watcher")
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    key = _key()
+    watcher = JobWatcher(key)
+    with (
+        temporary_settings({PREFECT_API_URL: own_prefect_server.url}),
+        job_events(key, watcher.deliver, watcher.events_flowing) as active,
+    ):
+        assert active is True
+        watcher.events_active = True
+        own_prefect_server.stop()
+        eventually(lambda: "Job events stopped" in caplog.text, what="the run to hear it")
+
+        arn, name = _run_job(stack, key)
+        watch = watcher.watch(arn, name)
+        eventually(lambda: watcher.calls["list"] >= 1, what="a poll while the server is down")
+        _wait_final(stack, arn)
+        # The relay took the job's messages and could not hand them to the server.
+        eventually(lambda: _hidden_messages(stack, events_queue) > 0, what="a hidden message")
+        assert not watch.final  # the poll before the end saw it running; none came since
+        polls_while_down = watcher.calls["list"]
+
+        own_prefect_server.start()
+        back = time.monotonic()
+        eventually(lambda: watch.take(0.5) and watch.final, timeout=60, what="the job's end")
+        seen_after = time.monotonic() - back
+
+    watcher.close()
+    assert watch.latest["status"] == "Completed"
+    assert watcher.calls["list"] == polls_while_down + 1  # the one poll at the events' return
+    assert "Job events reach the run again: polling Bedrock now" in caplog.text
+    assert f"Listening for job events of run key {key} again after" in caplog.text
+    print(f"job end seen {seen_after:.1f} s after the Prefect server was back")
+    assert seen_after < 30  # the listener subscribes again within its backoff (1-8 s)
 
 
 @pytest.mark.slow

@@ -237,6 +237,32 @@ def test_events_end_a_job_without_a_poll_even_one_that_came_before_its_watch(mon
     assert results["arn:job/late"]["message"] == "The model timed out"
 
 
+def test_polls_come_at_the_poll_interval_while_events_stop_and_a_while_after(monkeypatch):
+    monkeypatch.setenv("BEDROCK_BATCH_POLL_INTERVAL_SECONDS", "60")
+    monkeypatch.setenv("BEDROCK_BATCH_POLL_INTERVAL_WITH_EVENTS_SECONDS", "300")
+    monkeypatch.setenv("BEDROCK_BATCH_EVENTS_VISIBILITY_TIMEOUT_SECONDS", "120")
+    get_settings.cache_clear()
+    now = [1000.0]
+    monkeypatch.setattr(watcher_module.time, "monotonic", lambda: now[0])
+    watcher = JobWatcher("rk")
+    watcher.events_active = True
+    assert watcher.interval() == 300  # events flowing: polls are the slow fallback
+
+    watcher.events_flowing(False)  # e.g. the Prefect server restarts
+    assert watcher._wake.is_set()  # the tick asleep for 300 s wakes to the new interval
+    watcher._wake.clear()
+    now[0] += 600
+    assert watcher.interval() == 60  # for as long as the events do not come
+
+    watcher.events_flowing(True)
+    assert watcher._wake.is_set()  # one poll at once: events of the gap may be lost
+    now[0] += 119
+    assert watcher.interval() == 60  # a held message could still come back this long
+    now[0] += 1
+    assert watcher.interval() == 300
+    get_settings.cache_clear()
+
+
 def test_a_late_in_flight_event_before_the_watch_does_not_hide_the_jobs_end(monkeypatch):
     # Every event of a job may come before its shard watches it (a busy process): a late copy
     # of InProgress after Failed must not be what the shard finds, or it waits for a poll.

@@ -120,6 +120,8 @@ class JobWatcher:
         self.run_key = run_key
         self.max_gets = max_gets
         self.events_active = False  # set by the flow when job events reach it
+        self._events_down = False  # events stopped reaching the run (told by the feed)
+        self._events_back_at = float("-inf")  # when they last came back (time.monotonic)
         self.calls: dict[str, int] = {"list": 0, "get": 0, "throttled": 0, "events": 0}
         self._watches: dict[str, Watch] = {}
         self._early: OrderedDict[str, dict[str, Any]] = OrderedDict()
@@ -177,6 +179,25 @@ class JobWatcher:
         """Ask Bedrock at once instead of at the next tick."""
         self._wake.set()
 
+    def events_flowing(self, flowing: bool) -> None:
+        """Told by the event feed when events stop reaching the run and when they do again.
+
+        While they do not, ticks come at the poll interval. When they are back, one tick at
+        once and the poll interval for a visibility timeout more: the events of the gap may be
+        lost (a Prefect server restart drops those it has not stored) or held in the queue for
+        that long, and a job just ended may not show as ended in the List yet.
+        """
+        with self._lock:
+            self._events_down = not flowing
+            if flowing:
+                self._events_back_at = time.monotonic()
+        log.info(
+            "Job events %s for %s",
+            "reach the run again: polling Bedrock now" if flowing else "stopped",
+            self.run_key,
+        )
+        self.poll_now()  # a tick now, and the next delay from the new interval
+
     def close(self) -> None:
         self._closed.set()
         self._wake.set()
@@ -185,10 +206,14 @@ class JobWatcher:
 
     def interval(self) -> float:
         """Seconds between ticks: the poll interval, or the slower fallback with events."""
-        settings = get_settings().poll
-        if self.events_active:
-            return max(settings.interval_seconds, settings.interval_with_events_seconds)
-        return settings.interval_seconds
+        settings = get_settings()
+        poll = settings.poll
+        with self._lock:
+            recent = time.monotonic() - self._events_back_at
+            flowing = self.events_active and not self._events_down
+        if flowing and recent >= settings.events.visibility_timeout_seconds:
+            return max(poll.interval_seconds, poll.interval_with_events_seconds)
+        return poll.interval_seconds
 
     def _run(self) -> None:
         delay = self.interval()
