@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 import time
 
 import pytest
@@ -57,6 +60,69 @@ def test_claim_run_released_claim_is_free_at_once(layout):
     again = claim_run(layout, flow_run_id="two")
 
     again.release()
+
+
+# A process that claims the run and then does nothing: killed, it leaves its claim behind.
+CLAIM_AND_WAIT = """
+import sys, time
+from tasks.run.layout import RunLayout
+from tasks.run.owner import claim_run
+claim_run(RunLayout(*sys.argv[1:4]), flow_run_id="killed")
+print("claimed", flush=True)
+time.sleep(600)
+"""
+
+
+@pytest.mark.parametrize("reaped", [False, True], ids=["zombie", "reaped"])
+def test_a_claim_whose_process_was_killed_on_this_machine_is_taken_over_at_once(
+    layout, monkeypatch, reaped
+):
+    monkeypatch.setenv(EXPIRY_ENV, "60")
+    owner = subprocess.Popen(
+        [sys.executable, "-c", CLAIM_AND_WAIT, layout.run_name, layout.run_dir, layout.job_prefix],
+        stdout=subprocess.PIPE,
+        text=True,
+        # Its heartbeat every half second, so the refusal below comes quickly.
+        env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path), EXPIRY_ENV: "2"},
+    )
+    try:
+        assert owner.stdout.readline() == "claimed\n"
+        # Alive, its claim stands: a second claim is refused once the heartbeat moves it.
+        monkeypatch.setenv(EXPIRY_ENV, "8")
+        with pytest.raises(RunOwnedError, match="already running: flow run killed"):
+            claim_run(layout, flow_run_id="too-early").release()
+        monkeypatch.setenv(EXPIRY_ENV, "60")
+    finally:
+        owner.kill()
+    if reaped:
+        owner.wait()
+    started = time.monotonic()
+
+    second = claim_run(layout, flow_run_id="second")
+
+    took = time.monotonic() - started
+    holder = json.loads(storage.read_bytes(layout.owner_uri))
+    second.release()
+    owner.wait()
+    assert holder["flow_run_id"] == "second"
+    assert took < 5  # not the 60-s expiry: the owner's process is provably gone
+
+
+def test_a_claim_from_another_machine_is_watched_for_the_whole_expiry(layout, monkeypatch):
+    # Same pid as a process that is gone here, but another boot: nothing proves it dead.
+    crashed = claim_run(layout, flow_run_id="elsewhere")
+    crashed._stop.set()
+    crashed._thread.join()
+    holder = json.loads(storage.read_bytes(layout.owner_uri))
+    holder["pid"] = 2**22 + 1  # above pid_max's ceiling: no process here has it
+    holder["process"]["boot_id"] = "another-machine"
+    storage.write_bytes(layout.owner_uri, json.dumps(holder).encode())
+    monkeypatch.setenv(EXPIRY_ENV, "2")
+    started = time.monotonic()
+
+    claim_run(layout, flow_run_id="second").release()
+
+    assert time.monotonic() - started >= 2
 
 
 def test_find_own_job_adopts_only_a_job_whose_token_and_locations_match(stack):

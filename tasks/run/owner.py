@@ -11,7 +11,9 @@ on restart), and a DynamoDB lock would add a table to create and grant.
 
 A live owner rewrites the claim every quarter of the expiry. A process that finds a claim
 watches it: if it changes, its owner is alive and the process is refused, naming the owner; if
-it stays unchanged for the expiry (the owner crashed), the claim is taken over.
+it stays unchanged for the expiry (the owner crashed), the claim is taken over. An owner that
+ran on this same machine is asked about directly: when its process is gone (a SIGKILL, the OOM
+killer), the claim is taken over at once instead of after the expiry.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import socket
 import threading
 import time
 import uuid
+from pathlib import Path
 from typing import Any
 
 from tasks.aws import storage
@@ -39,6 +42,45 @@ log = logging.getLogger(__name__)
 def expiry_seconds() -> float:
     """How long an unrefreshed claim stands (``BEDROCK_BATCH_OWNER_EXPIRY_SECONDS``, 60 s)."""
     return float(os.environ.get(EXPIRY_ENV) or DEFAULT_EXPIRY_SECONDS)
+
+
+def _process(pid: int) -> dict[str, Any] | None:
+    """Who ``pid`` is on this machine: boot id, PID namespace and start time (Linux /proc).
+
+    The three together name one process for good: a PID is reused after its process ends (a
+    different start time), and the same number in another container or after a reboot is
+    another process (a different namespace or boot id). None where /proc is not there (macOS,
+    Windows) or the process is gone.
+    """
+    try:
+        boot_id = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+        pid_ns = os.stat("/proc/self/ns/pid").st_ino
+        # proc(5): fields 3 on follow the command name, which is in parentheses and may
+        # itself hold spaces or parentheses; field 3 is the state, 22 the start time in clock
+        # ticks after boot.
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        start_ticks = int(fields[19])
+    except (OSError, ValueError, IndexError):
+        return None
+    if fields[0] in ("Z", "X"):  # killed, not yet reaped by its parent: it runs no more
+        return None
+    return {"boot_id": boot_id, "pid_ns": pid_ns, "start_ticks": start_ticks}
+
+
+def _gone_from_this_machine(holder: dict[str, Any]) -> bool:
+    """Whether the claim's owner ran on this machine and its process no longer runs.
+
+    False whenever that is not certain (another machine, container or boot, no /proc, an
+    older claim without the process): the claim is then watched for the whole expiry.
+    """
+    theirs, pid = holder.get("process"), holder.get("pid")
+    ours = _process(os.getpid())
+    if not isinstance(theirs, dict) or not isinstance(pid, int) or ours is None:
+        return False
+    if (theirs.get("boot_id"), theirs.get("pid_ns")) != (ours["boot_id"], ours["pid_ns"]):
+        return False
+    now = _process(pid)
+    return now is None or now["start_ticks"] != theirs.get("start_ticks")
 
 
 def _owner_text(owner: dict[str, Any]) -> str:
@@ -119,6 +161,7 @@ def claim_run(
         "flow_run_id": str(flow_run_id) if flow_run_id else None,
         "host": socket.gethostname(),
         "pid": os.getpid(),
+        "process": _process(os.getpid()),
         "since": now_iso(),
         "expiry_seconds": expiry,
     }
@@ -140,6 +183,16 @@ def claim_run(
                 f"it; a claim left unrefreshed for {expiry:.0f} s (a crashed owner) is taken over."
             )
             raise RunOwnedError(msg)
+        if _gone_from_this_machine(holder):
+            tag = storage.put_if_match(layout.owner_uri, body, current.tag)
+            if tag is not None:
+                logger.warning(
+                    "Took over run %s from %s: that process no longer runs on this machine",
+                    layout.run_name,
+                    _owner_text(holder),
+                )
+                return RunClaim(layout.owner_uri, owner, tag, expiry)
+            continue  # someone else moved first: the next read tells who
         if seen is None:
             seen = current
             # The whole expiry is watched from here, by this process's own clock: the store's
