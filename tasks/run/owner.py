@@ -183,17 +183,8 @@ def claim_run(
                 f"it; a claim left unrefreshed for {expiry:.0f} s (a crashed owner) is taken over."
             )
             raise RunOwnedError(msg)
-        if _gone_from_this_machine(holder):
-            tag = storage.put_if_match(layout.owner_uri, body, current.tag)
-            if tag is not None:
-                logger.warning(
-                    "Took over run %s from %s: that process no longer runs on this machine",
-                    layout.run_name,
-                    _owner_text(holder),
-                )
-                return RunClaim(layout.owner_uri, owner, tag, expiry)
-            continue  # someone else moved first: the next read tells who
-        if seen is None:
+        gone = _gone_from_this_machine(holder)
+        if seen is None and not gone:
             seen = current
             # The whole expiry is watched from here, by this process's own clock: the store's
             # timestamp has one-second granularity and another host's clock may be skewed, so
@@ -207,14 +198,16 @@ def claim_run(
                 max(0.0, time.time() - current.modified),
                 expiry,
             )
-        if time.monotonic() >= stale_at:
+        if gone or time.monotonic() >= stale_at:
             tag = storage.put_if_match(layout.owner_uri, body, current.tag)
             if tag is not None:
+                why = (
+                    "that process no longer runs on this machine"
+                    if gone
+                    else f"its claim was not refreshed for {expiry:.0f} s"
+                )
                 logger.warning(
-                    "Took over run %s from %s: its claim was not refreshed for %.0f s",
-                    layout.run_name,
-                    _owner_text(holder),
-                    expiry,
+                    "Took over run %s from %s: %s", layout.run_name, _owner_text(holder), why
                 )
                 return RunClaim(layout.owner_uri, owner, tag, expiry)
             continue  # someone else moved first: the next read tells who
