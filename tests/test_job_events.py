@@ -499,7 +499,9 @@ def test_a_job_that_ends_while_the_prefect_server_is_down_is_seen_once_it_is_bac
 
     watcher.close()
     assert watch.latest["status"] == "Completed"
-    assert watcher.calls["list"] == polls_while_down + 1  # the one poll at the events' return
+    # A poll at the events' return (one more if the relay's first send after it fails and
+    # reconnects), and no polling loop.
+    assert polls_while_down + 1 <= watcher.calls["list"] <= polls_while_down + 2
     assert "Job events reach the run again: polling Bedrock now" in caplog.text
     assert f"Listening for job events of run key {key} again after" in caplog.text
     print(f"job end seen {seen_after:.1f} s after the Prefect server was back")
