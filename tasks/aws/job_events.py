@@ -56,6 +56,12 @@ _EVENT_NAMESPACE = uuid.UUID("6f1c2a52-5d0e-4a43-9a0c-2b7f64a1d3e9")
 log = logging.getLogger("bedrock_batch.job_events")
 
 
+def _queue_arn(queue_url: str) -> str:
+    """The queue's ARN; the call also proves the queue is there and readable by us."""
+    attributes = client("sqs").get_queue_attributes(QueueUrl=queue_url, AttributeNames=["QueueArn"])
+    return attributes["Attributes"]["QueueArn"]
+
+
 # -- setup -------------------------------------------------------------------------------------
 
 
@@ -98,9 +104,7 @@ def setup_job_events(
     try:
         sqs, events = client("sqs"), client("events")
         queue_url = sqs.create_queue(QueueName=queue_name)["QueueUrl"]
-        queue_arn = sqs.get_queue_attributes(QueueUrl=queue_url, AttributeNames=["QueueArn"])[
-            "Attributes"
-        ]["QueueArn"]
+        queue_arn = _queue_arn(queue_url)
         rule_arn = events.put_rule(
             Name=rule_name,
             EventPattern=json.dumps(EVENT_PATTERN),
@@ -281,7 +285,7 @@ class JobEventRelay:
                 async with get_events_client(checkpoint_every=1) as prefect_events:
                     # Up once both ends answer: a queue gone or denied would otherwise flap
                     # up and down with every retry.
-                    await _in_daemon_thread(self._check_queue)
+                    await _in_daemon_thread(functools.partial(_queue_arn, self.queue_url))
                     self._report(True)
                     await self._pumps(prefect_events, settings.receivers, backoff)
             except Exception as exc:  # noqa: BLE001 - never fatal: log, wait, try again
@@ -295,9 +299,6 @@ class JobEventRelay:
                     wait,
                 )
                 await _in_daemon_thread(functools.partial(self._stop.wait, wait))
-
-    def _check_queue(self) -> None:
-        client("sqs").get_queue_attributes(QueueUrl=self.queue_url, AttributeNames=["QueueArn"])
 
     def _report(self, flowing: bool) -> None:
         if self.flowing is not None and not self._stop.is_set():
@@ -598,7 +599,7 @@ def _start(
         )
         return None, None
     try:
-        client("sqs").get_queue_attributes(QueueUrl=queue_url, AttributeNames=["QueueArn"])
+        _queue_arn(queue_url)
     except (ClientError, BotoCoreError) as exc:
         msg = f"the queue {queue_url} cannot be read ({_describe(exc)})"
         raise RuntimeError(msg) from None
