@@ -15,7 +15,7 @@ from pathlib import Path
 
 import polars as pl
 import pytest
-from helpers import job_spans, peak_in_flight
+from helpers import eventually, job_spans, peak_in_flight
 from prefect.settings import PREFECT_API_URL
 
 from tasks.pipeline.columns import RECORD_ID
@@ -36,16 +36,6 @@ GATE_ENV = {
     # A rerun after a SIGKILL takes over the dead run's claim after this, not the default 60 s.
     EXPIRY_ENV: "3",
 }
-
-
-def _wait_until(condition, seconds: float, what: str):
-    deadline = time.monotonic() + seconds
-    while True:
-        value = condition()
-        if value:
-            return value
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.2)
 
 
 def _source(tmp_path: Path, rows: int) -> Path:
@@ -108,15 +98,17 @@ def test_run_survives_a_prefect_server_restart_and_the_next_run_does_not_hang(
     # and some waiting for the gate when the server comes back without its leases.
     stack.configure(records_per_second=5)
     run = _start_run(tmp_path, "restart-1", 600, 3, own_prefect_server.url)
-    _wait_until(lambda: len(_in_progress(stack, "restart-1")) == 3, 120, "three jobs running")
+    eventually(
+        lambda: len(_in_progress(stack, "restart-1")) == 3, timeout=120, what="three jobs running"
+    )
     assert own_prefect_server.active_slots(gate.gate_name(CLAUDE)) == 3
 
     own_prefect_server.stop()
     back_at = own_prefect_server.start()
-    recovered = _wait_until(
+    recovered = eventually(
         lambda: "recounted to" in _log(tmp_path, "restart-1") and time.monotonic(),
-        60,
-        "the gate to be recounted after the restart",
+        timeout=60,
+        what="the gate to be recounted after the restart",
     )
     print(f"gate recounted {recovered - back_at:.1f} s after the server came back")
     _finish(run, tmp_path, "restart-1", 300)
@@ -140,13 +132,13 @@ def test_two_runs_on_one_model_stay_within_the_account_gate_and_their_own_caps(s
     stack.configure(records_per_second=0.5)
     api, env = PREFECT_API_URL.value(), {"BEDROCK_BATCH_QUOTA_MAX_JOBS_PER_MODEL": "3"}
     runs = [_start_run(tmp_path, f"pair-{i}", 600, 2, api, model, env) for i in (1, 2)]
-    _wait_until(
+    eventually(
         lambda: (
             len(_in_progress(stack, "pair-")) >= 3
             and all(_in_progress(stack, f"pair-{i}-") for i in (1, 2))
         ),
-        120,
-        "both runs' jobs in flight at once",
+        timeout=120,
+        what="both runs' jobs in flight at once",
     )
     stack.configure(records_per_second=25)
     for i, run in enumerate(runs, start=1):
@@ -168,13 +160,17 @@ def test_slots_of_a_killed_run_free_within_the_lease(stack, tmp_path, own_prefec
     model = "anthropic.claude-3-sonnet-20240229-v1:0"
     stack.configure(records_per_second=2)  # jobs outlive the lease: only expiry frees slots
     run = _start_run(tmp_path, "killed", 200, 2, server.url, model)
-    _wait_until(lambda: len(_in_progress(stack, "killed")) == 2, 120, "two jobs running")
+    eventually(
+        lambda: len(_in_progress(stack, "killed")) == 2, timeout=120, what="two jobs running"
+    )
     assert server.active_slots(gate.gate_name(model)) == 2
 
     run.send_signal(signal.SIGKILL)
     run.wait()
     killed_at = time.monotonic()
-    _wait_until(lambda: server.active_slots(gate.gate_name(model)) == 0, 120, "slots to free")
+    eventually(
+        lambda: server.active_slots(gate.gate_name(model)) == 0, timeout=120, what="slots to free"
+    )
     freed = time.monotonic() - killed_at
     print(f"slots of the killed run free {freed:.1f} s after SIGKILL (lease 60 s)")
     assert freed <= 60 + 15 + 15  # the lease, the repossessor's loop, slack
@@ -195,7 +191,9 @@ def test_cancel_hook_stops_the_jobs_of_a_killed_flow_process(stack, tmp_path):
     model = "anthropic.claude-3-5-haiku-20241022-v1:0"
     stack.configure(records_per_second=2)
     run = _start_run(tmp_path, "cancelled", 200, 2, PREFECT_API_URL.value(), model)
-    _wait_until(lambda: len(_in_progress(stack, "cancelled")) == 2, 120, "two jobs running")
+    eventually(
+        lambda: len(_in_progress(stack, "cancelled")) == 2, timeout=120, what="two jobs running"
+    )
     run.send_signal(signal.SIGKILL)
     run.wait()
     params = {
@@ -213,7 +211,7 @@ def test_cancel_hook_stops_the_jobs_of_a_killed_flow_process(stack, tmp_path):
         jobs = stack.ledger(name_contains="cancelled")
         return len(jobs) == 2 and all(j["statusHistory"][-1] == "Stopped" for j in jobs)
 
-    _wait_until(stopped, 60, "the jobs to be Stopped")
+    eventually(stopped, timeout=60, what="the jobs to be Stopped")
     state = json.loads((tmp_path / "out" / "cancelled" / "state.json").read_text())
     attempts = [a for shard in state["shards"].values() for a in shard["attempts"]]
     assert [a["stopped_by"] for a in attempts] == ["cancelled", "cancelled"]
@@ -229,7 +227,9 @@ def test_stop_command_stops_jobs_and_a_rerun_merges_them_without_paying_again(
     model = "anthropic.claude-3-5-sonnet-20240620-v1:0"
     stack.configure(records_per_second=5)
     run = _start_run(tmp_path, "stopped", 200, 2, PREFECT_API_URL.value(), model)
-    _wait_until(lambda: len(_in_progress(stack, "stopped")) == 2, 120, "two jobs running")
+    eventually(
+        lambda: len(_in_progress(stack, "stopped")) == 2, timeout=120, what="two jobs running"
+    )
     run.send_signal(signal.SIGKILL)  # the run's process is gone; its jobs bill on
     run.wait()
 
@@ -240,10 +240,10 @@ def test_stop_command_stops_jobs_and_a_rerun_merges_them_without_paying_again(
     state = json.loads((tmp_path / "out" / "stopped" / "state.json").read_text())
     attempts = [a for shard in state["shards"].values() for a in shard["attempts"]]
     assert [a["stopped_by"] for a in attempts] == ["stop", "stop"]
-    _wait_until(
+    eventually(
         lambda: all(j["status"] == "Stopped" for j in stack.ledger(name_contains="stopped")),
-        60,
-        "the jobs to be Stopped",
+        timeout=60,
+        what="the jobs to be Stopped",
     )
     assert gate.active_slots(gate.run_gate_name("stopped")) == 0
 
