@@ -85,6 +85,22 @@ def _case(name: str, tmp: Path) -> tuple[dict, type[Exception], list[str]]:
             SourceError,
             ["a.csv", "b.csv", "subject", "same columns"],
         )
+    if name == "ragged-csv":
+        path = tmp / "ragged.csv"
+        path.write_text("topic\n" + "a topic\n" * 120 + "one, too many\n" + "b\n" * 30)
+        return {"source": str(path)}, SourceError, ["line 122", "2 fields", "header has 1"]
+    if name == "bad-jsonl-line":
+        path = tmp / "bad.jsonl"
+        path.write_text('{"topic": "a"}\n' * 140 + '{"topic": "b",}\n' + '{"topic": "c"}\n' * 9)
+        return {"source": str(path)}, SourceError, ["line 141 is not JSON"]
+    if name == "csv-header-twice":
+        path = tmp / "twice.csv"
+        path.write_text("topic,topic\n" + "a,b\n" * 150)
+        return {"source": str(path)}, SourceError, ["'topic' more than once"]
+    if name == "blank-csv-line":
+        path = tmp / "blank.csv"
+        path.write_text("topic,n\n" + "a,1\n" * 150 + "\n")
+        return {"source": str(path)}, MissingValuesError, ["R0000000150", "delete blank lines"]
     if name == "missing-bucket":
         src = _csv(tmp / "a.csv", _topics())
         return (
@@ -107,6 +123,10 @@ CASES = [
     "missing-bucket",
     "nested-prompt-column",
     "glob-different-columns",
+    "ragged-csv",
+    "bad-jsonl-line",
+    "csv-header-twice",
+    "blank-csv-line",
 ]
 
 

@@ -101,6 +101,92 @@ def test_load_source_non_utf8_csv_names_file_and_fix(tmp_path):
     assert "iconv" in str(exc.value)
 
 
+def _read(source: str) -> SourceError:
+    """The error reading `source` all the way, as preprocess does, ends in."""
+    with pytest.raises(SourceError) as exc:
+        try:
+            load_source(source).collect()
+        except pl.exceptions.PolarsError as polars_error:
+            raise sources.read_error(polars_error, source) from None
+    return exc.value
+
+
+# A quoted value over two lines first: the line named is the file's line, not the record's.
+_TWO_LINES = 'topic,n\n"two\nlines",1\nok,2\n'
+
+
+@pytest.mark.parametrize(
+    ("text", "words"),
+    [
+        (_TWO_LINES + "a,b,c\n", ["line 5 has 3 fields where the header has 2", "quote"]),
+        (_TWO_LINES + '"never closed,3\nx,4\n', ["starts on line 5", "not closed"]),
+    ],
+)
+def test_read_error_names_the_csv_line_and_not_polars_options(tmp_path, text, words):
+    path = tmp_path / "bad.csv"
+    path.write_text(text)
+
+    message = str(_read(str(path)))
+
+    for word in words:
+        assert word in message, message
+    assert "bad.csv" in message and "Fix that line" in message
+    for polars_option in ("truncate_ragged_lines", "ignore_errors", "infer_schema_length"):
+        assert polars_option not in message, message
+
+
+@pytest.mark.parametrize(
+    ("lines", "words"),
+    [
+        (['{"topic": "a"}', "not json"], ["line 2 is not JSON", "one object"]),
+        (['{"topic": "a"}', "", "[1, 2]"], ["line 3 is an array, not a JSON object"]),
+        (
+            ['{"m": {"x": 1}}', '{"m": null}', '{"m": [1]}'],
+            ["line 3 has an array under 'm' where line 1 has an object"],
+        ),
+    ],
+)
+def test_read_error_names_the_jsonl_line(tmp_path, lines, words):
+    path = tmp_path / "bad.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+
+    message = str(_read(str(path)))
+
+    for word in words:
+        assert word in message, message
+
+
+def test_read_error_of_a_glob_names_the_file_at_fault(tmp_path):
+    (tmp_path / "a.csv").write_text("topic\nfine\n")
+    (tmp_path / "b.csv").write_text('topic\nfine\n"open\n')
+
+    message = str(_read(str(tmp_path / "*.csv")))
+
+    assert "b.csv" in message and "starts on line 3" in message, message
+    assert "a.csv" not in message
+
+
+def test_read_error_of_an_empty_file_says_it_is_empty(tmp_path):
+    path = tmp_path / "empty.csv"
+    path.write_bytes(b"")
+    assert "is empty" in str(_read(str(path)))
+
+
+def test_check_header_refuses_a_csv_column_named_twice(tmp_path):
+    path = tmp_path / "twice.csv"
+    path.write_text("topic,n,topic\na,1,b\n")
+    names = load_source(str(path)).collect_schema().names()
+
+    with pytest.raises(SourceError, match="'topic' more than once"):
+        sources.check_header(names, str(path))
+
+
+def test_check_header_leaves_parquet_names_alone(tmp_path):
+    path = tmp_path / "x.parquet"
+    pl.DataFrame({"a": [1], "a_duplicated_0": [2]}).write_parquet(path)
+    sources.check_header(["a", "a_duplicated_0"], str(path))
+
+
 @pytest.mark.parametrize("source", ["ftp://x/y.csv", "", "s3://bucket-only", "s3:///key.csv"])
 def test_load_source_malformed_uri_is_refused(source):
     with pytest.raises(SourceError):

@@ -29,7 +29,7 @@ from tasks.pipeline import validation as V
 from tasks.pipeline.lines import ROW, LineFormat, compile_line, record_id_expr
 from tasks.pipeline.plan import RunPlan, ShardPlan
 from tasks.pipeline.sharding import cut_shards, even_bounds, shard_count
-from tasks.pipeline.sources import CsvTypes, load_source
+from tasks.pipeline.sources import CsvTypes, check_header, load_source, read_error
 from tasks.run.layout import (
     INPUT_DIR,
     ROWS_DIR,
@@ -153,7 +153,7 @@ def preprocess(
                     staged, compression="lz4", statistics=False, engine="streaming"
                 )
             except pl.exceptions.ComputeError as exc:
-                raise V.source_error(exc, source) from None
+                raise read_error(exc, source) from None
             work.lf = pl.scan_parquet(staged)
         if work.opts.on_missing == "fail" and work.line.pieces:
             try:
@@ -214,7 +214,8 @@ def _resolve(source: str, opts: PreprocessOptions, out_dir: Path) -> _Work:
     try:
         schema = lf.collect_schema()
     except pl.exceptions.PolarsError as exc:
-        raise V.source_error(exc, source) from None
+        raise read_error(exc, source) from None
+    check_header(schema.names(), source)
     what = f"prompt template {opts.prompt_id!r}" if opts.prompt_id else "the text column"
     V.check_columns(schema, template.columns, opts.id_column, what)
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -21,6 +21,7 @@ from __future__ import annotations
 import codecs
 import glob as globlib
 import os
+import re
 from pathlib import Path
 from typing import Literal
 from urllib.parse import parse_qs, urlsplit
@@ -28,6 +29,7 @@ from urllib.parse import parse_qs, urlsplit
 import polars as pl
 
 from tasks.errors import SourceEncodingError, SourceError
+from tasks.pipeline import bad_lines
 
 FORMATS = {
     ".csv": "csv",
@@ -37,6 +39,7 @@ FORMATS = {
     ".ndjson": "jsonl",
 }
 _SNIFF_BYTES = 1 << 20
+_DUPLICATED = re.compile(r"(.+)_duplicated_\d+")
 
 
 CsvTypes = Literal["text", "infer"]
@@ -229,12 +232,11 @@ def _scan_files(fmt: str, files: list[str], source: str, csv_types: CsvTypes) ->
         return _scan(fmt, files, None, csv_types)
     scans = [_scan(fmt, f, None, csv_types) for f in files]
     columns = []
-    for file, scan in zip(files, scans, strict=True):
+    for scan in scans:
         try:
             columns.append(scan.collect_schema().names())
         except pl.exceptions.PolarsError as exc:
-            msg = f"Could not read {file!r} of source {source!r}: {exc}"
-            raise SourceError(msg) from None
+            raise read_error(exc, source) from None
     first = set(columns[0])
     for file, names in zip(files[1:], columns[1:], strict=True):
         if set(names) != first:
@@ -265,6 +267,15 @@ def _load_s3(source: str, csv_types: CsvTypes) -> pl.LazyFrame:
 
 
 def _load_local(source: str, csv_types: CsvTypes) -> pl.LazyFrame:
+    fmt, files = local_files(source)
+    if fmt == "csv":
+        for file in files:
+            check_utf8(file)
+    return _scan_files(fmt, files, source, csv_types)
+
+
+def local_files(source: str) -> tuple[str, list[str]]:
+    """The format and files of a local source (a file, folder or glob), refused if none or mixed."""
     path = Path(source).expanduser()
     if path.is_dir():
         files = sorted(str(p) for p in path.iterdir() if p.suffix.lower() in FORMATS)
@@ -284,11 +295,59 @@ def _load_local(source: str, csv_types: CsvTypes) -> pl.LazyFrame:
     if len(formats) > 1:
         msg = f"source {source!r} mixes formats ({', '.join(sorted(formats))}); use one per run."
         raise SourceError(msg)
-    fmt = formats.pop()
-    if fmt == "csv":
+    return formats.pop(), files
+
+
+def read_error(exc: Exception, source: str) -> SourceError:
+    """The project's error for a source Polars could not read: the file, line and fix if local.
+
+    Polars names neither the line nor a fix the user can apply, so a local CSV or JSONL source
+    is read again line by line (this error path only) to find the first line at fault.
+    """
+    text = bad_lines.polars_reason(exc)
+    if "utf-8" in text.lower() or "utf8" in text.lower():
+        return SourceEncodingError(encoding_message(source))
+    if not source.startswith(("hf://", "s3://")):
+        try:
+            fmt, files = local_files(source)
+        except SourceError:
+            files = []
         for file in files:
-            check_utf8(file)
-    return _scan_files(fmt, files, source, csv_types)
+            found = bad_lines.first_bad_line(file, fmt)
+            if found:
+                where = "" if len(files) == 1 else f"in {file!r}, "
+                return SourceError(
+                    f"Could not read source {source!r}: {where}{found}. Fix that line and run "
+                    "again."
+                )
+            if os.path.getsize(file) == 0:
+                return SourceError(f"Source file {file!r} is empty: not even a header.")
+    return SourceError(f"Could not read source {source!r}: {text}")
+
+
+def check_header(names: list[str], source: str) -> None:
+    """Refuse a CSV header that names a column twice (Polars renames the second `x_duplicated_0`).
+
+    The output keeps the column names as written, which two columns of one name cannot.
+    """
+    doubled = sorted(
+        {m.group(1) for n in names if (m := _DUPLICATED.fullmatch(n)) and m.group(1) in names}
+    )
+    if doubled and _is_csv(source):
+        listed = ", ".join(repr(n) for n in doubled)
+        msg = (
+            f"The header of source {source!r} names column(s) {listed} more than once. Give each "
+            "column its own name: the output keeps the names as written."
+        )
+        raise SourceError(msg)
+
+
+def _is_csv(source: str) -> bool:
+    if source.startswith("hf://"):
+        return False
+    if source.startswith("s3://"):
+        return _format_of(urlsplit(source).path, source) == "csv"
+    return local_files(source)[0] == "csv"
 
 
 def check_utf8(file: str | Path, limit: int | None = _SNIFF_BYTES) -> None:

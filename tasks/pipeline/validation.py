@@ -11,15 +11,14 @@ from tasks.errors import (
     InputValidationError,
     MissingColumnsError,
     RecordTooLargeError,
-    SourceEncodingError,
-    SourceError,
 )
 from tasks.pipeline import columns as C
 from tasks.pipeline.lines import ROW, record_id_expr
-from tasks.pipeline.sources import encoding_message
+from tasks.pipeline.sources import read_error
 
 DEFAULT_TEXT_COLUMN = "input_text"
 SHOW_IDS = 5
+_BLANK = "__rows_empty_in_every_column"
 RESERVED_COLUMNS = (
     C.RECORD_ID,
     C.RESPONSE_TEXT,
@@ -91,8 +90,8 @@ def check_columns(
         raise InputValidationError(msg)
 
 
-def missing_expr(needed: tuple[str, ...], schema: pl.Schema) -> pl.Expr:
-    """True for rows with a null or blank value in a column the prompt needs."""
+def missing_expr(needed: tuple[str, ...], schema: pl.Schema, *, every: bool = False) -> pl.Expr:
+    """True for rows with a null or blank value in a column the prompt needs (`every`: in all)."""
     flags = []
     for column in needed:
         value = pl.col(column)
@@ -100,7 +99,7 @@ def missing_expr(needed: tuple[str, ...], schema: pl.Schema) -> pl.Expr:
         if schema[column] == pl.String:
             flag = flag | (value.str.strip_chars() == "")
         flags.append(flag)
-    return pl.any_horizontal(flags)
+    return pl.all_horizontal(flags) if every else pl.any_horizontal(flags)
 
 
 def collect(lf: pl.LazyFrame, source: str) -> pl.DataFrame:
@@ -108,15 +107,7 @@ def collect(lf: pl.LazyFrame, source: str) -> pl.DataFrame:
     try:
         return lf.collect(engine="streaming")
     except pl.exceptions.ComputeError as exc:
-        raise source_error(exc, source) from None
-
-
-def source_error(exc: Exception, source: str) -> Exception:
-    """The project's error for a source Polars could not read."""
-    text = str(exc)
-    if "utf-8" in text.lower() or "utf8" in text.lower():
-        return SourceEncodingError(encoding_message(source))
-    return SourceError(f"Could not read source {source!r}: {text}")
+        raise read_error(exc, source) from None
 
 
 def first_ids(frame: pl.DataFrame, mask: pl.Expr) -> list[str]:
@@ -141,6 +132,7 @@ def missing_message(lf: pl.LazyFrame, needed: tuple[str, ...], schema: pl.Schema
                 for c in needed
             ]
             + [missing_expr((c,), schema).sum().alias(f"n_{c}") for c in needed]
+            + [missing_expr(tuple(schema.names()), schema, every=True).sum().alias(_BLANK)]
         )
         .collect(engine="streaming")
     )
@@ -150,6 +142,13 @@ def missing_message(lf: pl.LazyFrame, needed: tuple[str, ...], schema: pl.Schema
         if count:
             ids = ", ".join(details[column][0].to_list())
             parts.append(f"column {column!r}: {count} null or empty (first record ids: {ids})")
+    blank = details[_BLANK][0]
+    if blank:
+        # Polars reads a blank line of a CSV as a row of empty values, where pandas skips it.
+        parts.append(
+            f"{blank} of these rows are empty in every column (a blank line of a CSV file reads "
+            "as such a row: delete blank lines)"
+        )
     return (
         f"{n} rows have no value for the prompt: " + "; ".join(parts) + ". Fill them in, or "
         'pass on_missing="skip" to leave them out of the jobs (they still appear in the output '

@@ -1,0 +1,110 @@
+"""The first line of a CSV or JSONL file that cannot be read, named for the error message.
+
+Polars reports a bad CSV or JSONL line by a byte offset or a character of some line, and
+suggests options of its own (``truncate_ragged_lines``, ``ignore_errors``, ...) that a user of
+this project cannot set. On that error path only, the file is read again with Python's ``csv``
+and ``json``, which count lines, so the message can name the line and the fix. Nothing here runs
+when a source reads cleanly.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import re
+
+# Polars' own advice, cut from its messages: the options it names are not ours to set.
+_POLARS_ADVICE = re.compile(
+    r"\s*(Consider setting|You might want to try:|This error occurred with the following context)"
+    r".*",
+    re.DOTALL,
+)
+_ORIGINAL = re.compile(r"Original error: ```(.*?)```", re.DOTALL)
+_FIELD_LIMIT = 1 << 30
+
+
+def polars_reason(exc: Exception) -> str:
+    """Polars' message without its advice; its `Original error` when it gives one."""
+    text = str(exc).strip()
+    original = _ORIGINAL.search(text)
+    if original:
+        return original.group(1).strip()
+    return _POLARS_ADVICE.sub("", text).strip() or text
+
+
+def first_bad_line(path: str, fmt: str) -> str | None:
+    """What is wrong with the first unreadable line of a local `fmt` file, or None if none is."""
+    if fmt == "csv":
+        return _first_bad_csv_line(path)
+    if fmt == "jsonl":
+        return _first_bad_json_line(path)
+    return None
+
+
+def _first_bad_csv_line(path: str) -> str | None:
+    # Records, not lines: a quoted value may span lines, so a record's first line is tracked.
+    csv.field_size_limit(max(csv.field_size_limit(), _FIELD_LIMIT))
+    with open(path, newline="", encoding="utf-8-sig", errors="replace") as handle:
+        reader = csv.reader(handle, strict=True)
+        try:
+            header = next(reader)
+        except StopIteration:
+            return None
+        except csv.Error as exc:
+            return f"line 1 (the header) is not valid CSV ({exc})"
+        start = reader.line_num + 1
+        while True:
+            try:
+                record = next(reader)
+            except StopIteration:
+                return None
+            except csv.Error as exc:
+                return (
+                    f"the record that starts on line {start} is not valid CSV ({exc}): a quote "
+                    "opened there is not closed, or a quote inside a quoted value is not "
+                    'doubled ("")'
+                )
+            if len(record) > len(header):
+                return (
+                    f"line {start} has {len(record)} fields where the header has "
+                    f"{len(header)}: quote the values that hold a comma"
+                )
+            start = reader.line_num + 1
+
+
+def _kind(value: object) -> str | None:
+    if value is None:
+        return None
+    if isinstance(value, dict):
+        return "an object"
+    if isinstance(value, list):
+        return "an array"
+    return "a value"
+
+
+def _first_bad_json_line(path: str) -> str | None:
+    # A key must keep one shape (object, array or plain value) on every line for one column.
+    shapes: dict[str, tuple[str, int]] = {}
+    with open(path, "rb") as handle:
+        for number, line in enumerate(handle, 1):
+            if not line.strip():
+                continue
+            try:
+                value = json.loads(line)
+            except ValueError as exc:
+                reason = getattr(exc, "msg", str(exc)).removesuffix(" at")
+                where = f" at column {exc.colno}" if hasattr(exc, "colno") else ""
+                return f"line {number} is not JSON ({reason}{where}); each line must be one object"
+            if not isinstance(value, dict):
+                return f"line {number} is {_kind(value) or 'null'}, not a JSON object"
+            for key, item in value.items():
+                kind = _kind(item)
+                if kind is None:
+                    continue
+                seen = shapes.setdefault(key, (kind, number))
+                if seen[0] != kind:
+                    return (
+                        f"line {number} has {kind} under {key!r} where line {seen[1]} has "
+                        f"{seen[0]}: a key needs one shape on every line"
+                    )
+    return None
