@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import boto3
 import polars as pl
 import pytest
 
@@ -157,3 +158,25 @@ def test_batch_params_trims_spaces_around_the_model_id():
     params = BatchParams(source=" data.csv ", model_id="  " + CLAUDE + " ", output_uri="out")
     assert params.model_id == CLAUDE
     assert params.source == "data.csv"
+
+
+def test_batch_inference_bad_line_of_an_s3_glob_names_object_and_line(stack, tmp_path):
+    s3 = boto3.client("s3", endpoint_url=stack.moto_url)
+    good = '{"topic": "a"}\n' * 100
+    s3.put_object(Bucket=stack.bucket, Key="in/part-0.jsonl", Body=good.encode())
+    s3.put_object(Bucket=stack.bucket, Key="in/part-1.jsonl", Body=(good + "{oops\n").encode())
+    params = BatchParams(
+        source=f"s3://{stack.bucket}/in/part-*.jsonl",
+        prompt_id="joke_about_topic",
+        model_id=CLAUDE,
+        output_uri=str(tmp_path / "out"),
+        run_name="bad-s3-line",
+    )
+
+    with pytest.raises(SourceError) as excinfo:
+        batch_inference(params)
+
+    message = str(excinfo.value)
+    assert f"s3://{stack.bucket}/in/part-1.jsonl" in message, message
+    assert "line 101 is not JSON" in message, message
+    assert stack.ledger(name_contains="bad-s3-line") == []

@@ -119,7 +119,7 @@ _TWO_LINES = 'topic,n\n"two\nlines",1\nok,2\n'
     ("text", "words"),
     [
         (_TWO_LINES + "a,b,c\n", ["line 5 has 3 fields where the header has 2", "quote"]),
-        (_TWO_LINES + '"never closed,3\nx,4\n', ["starts on line 5", "not closed"]),
+        (_TWO_LINES + '"never closed,3\nx,4\n', ["starts on line 5", "close the quote"]),
     ],
 )
 def test_read_error_names_the_csv_line_and_not_polars_options(tmp_path, text, words):
@@ -130,7 +130,7 @@ def test_read_error_names_the_csv_line_and_not_polars_options(tmp_path, text, wo
 
     for word in words:
         assert word in message, message
-    assert "bad.csv" in message and "Fix that line" in message
+    assert "bad.csv" in message
     for polars_option in ("truncate_ragged_lines", "ignore_errors", "infer_schema_length"):
         assert polars_option not in message, message
 
@@ -138,8 +138,8 @@ def test_read_error_names_the_csv_line_and_not_polars_options(tmp_path, text, wo
 @pytest.mark.parametrize(
     ("lines", "words"),
     [
-        (['{"topic": "a"}', "not json"], ["line 2 is not JSON", "one object"]),
-        (['{"topic": "a"}', "", "[1, 2]"], ["line 3 is an array, not a JSON object"]),
+        (['{"topic": "a"}', "not json"], ["line 2 is not JSON", "one object per line"]),
+        (['{"topic": "a"}', "", "[1, 2]"], ["line 3 is an array: write one object"]),
         (
             ['{"m": {"x": 1}}', '{"m": null}', '{"m": [1]}'],
             ["line 3 has an array under 'm' where line 1 has an object"],
@@ -169,7 +169,7 @@ def test_read_error_of_a_glob_names_the_file_at_fault(tmp_path):
 def test_read_error_of_an_empty_file_says_it_is_empty(tmp_path):
     path = tmp_path / "empty.csv"
     path.write_bytes(b"")
-    assert "is empty" in str(_read(str(path)))
+    assert "the file is empty, without even a header" in str(_read(str(path)))
 
 
 def test_check_header_refuses_a_csv_column_named_twice(tmp_path):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import fcntl
+import fnmatch
 import hashlib
 import os
 import shutil
@@ -11,6 +12,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 from tasks.aws.clients import client, error_code
 from tasks.files import atomic_path, write_bytes_atomic
@@ -51,6 +53,29 @@ def read_bytes(uri: str) -> bytes:
         bucket, key = split_s3(uri)
         return client("s3").get_object(Bucket=bucket, Key=key)["Body"].read()
     return Path(uri).read_bytes()
+
+
+def open_stream(uri: str) -> BinaryIO:
+    """The object or file as a stream read from the start, for a pass over it line by line."""
+    if is_s3(uri):
+        bucket, key = split_s3(uri)
+        return client("s3").get_object(Bucket=bucket, Key=key)["Body"]
+    return open(uri, "rb")  # noqa: SIM115 - the caller closes it
+
+
+def glob_s3(pattern: str) -> list[str]:
+    """The objects an ``s3://bucket/prefix/*.csv`` pattern matches (``fnmatch``), sorted."""
+    bucket, key = split_s3(pattern)
+    magic = [i for i, c in enumerate(key) if c in "*?["]
+    if not magic:
+        return [pattern]
+    paginator = client("s3").get_paginator("list_objects_v2")
+    return sorted(
+        f"s3://{bucket}/{obj['Key']}"
+        for page in paginator.paginate(Bucket=bucket, Prefix=key[: magic[0]])
+        for obj in page.get("Contents", [])
+        if fnmatch.fnmatchcase(obj["Key"], key)
+    )
 
 
 def _encryption(kms_key_id: str | None) -> dict[str, str]:

@@ -10,8 +10,10 @@ when a source reads cleanly.
 from __future__ import annotations
 
 import csv
+import io
 import json
 import re
+from typing import BinaryIO
 
 # Polars' own advice, cut from its messages: the options it names are not ours to set.
 _POLARS_ADVICE = re.compile(
@@ -32,26 +34,29 @@ def polars_reason(exc: Exception) -> str:
     return _POLARS_ADVICE.sub("", text).strip() or text
 
 
-def first_bad_line(path: str, fmt: str) -> str | None:
-    """What is wrong with the first unreadable line of a local `fmt` file, or None if none is."""
-    if fmt == "csv":
-        return _first_bad_csv_line(path)
-    if fmt == "jsonl":
-        return _first_bad_json_line(path)
+def first_bad_line(stream: BinaryIO, fmt: str) -> str | None:
+    """What is wrong with the first unreadable line of a `fmt` stream, or None if none is."""
+    # A stream from S3 reads into a buffer; a local file is buffered already.
+    buffered = stream if hasattr(stream, "peek") else io.BufferedReader(stream, 1 << 20)
+    with buffered:
+        if fmt == "csv":
+            return _first_bad_csv_line(buffered)
+        if fmt == "jsonl":
+            return _first_bad_json_line(buffered)
     return None
 
 
-def _first_bad_csv_line(path: str) -> str | None:
+def _first_bad_csv_line(stream: BinaryIO) -> str | None:
     # Records, not lines: a quoted value may span lines, so a record's first line is tracked.
     csv.field_size_limit(max(csv.field_size_limit(), _FIELD_LIMIT))
-    with open(path, newline="", encoding="utf-8-sig", errors="replace") as handle:
+    with io.TextIOWrapper(stream, encoding="utf-8-sig", errors="replace", newline="") as handle:
         reader = csv.reader(handle, strict=True)
         try:
             header = next(reader)
         except StopIteration:
-            return None
+            return "the file is empty, without even a header line"
         except csv.Error as exc:
-            return f"line 1 (the header) is not valid CSV ({exc})"
+            return f"line 1 (the header) is not valid CSV ({exc}); fix it and run again"
         start = reader.line_num + 1
         while True:
             try:
@@ -60,14 +65,13 @@ def _first_bad_csv_line(path: str) -> str | None:
                 return None
             except csv.Error as exc:
                 return (
-                    f"the record that starts on line {start} is not valid CSV ({exc}): a quote "
-                    "opened there is not closed, or a quote inside a quoted value is not "
-                    'doubled ("")'
+                    f"the record that starts on line {start} is not valid CSV ({exc}): close "
+                    'the quote opened there, or double a quote inside a quoted value ("")'
                 )
             if len(record) > len(header):
                 return (
                     f"line {start} has {len(record)} fields where the header has "
-                    f"{len(header)}: quote the values that hold a comma"
+                    f"{len(header)}: quote the values there that hold a comma"
                 )
             start = reader.line_num + 1
 
@@ -82,29 +86,28 @@ def _kind(value: object) -> str | None:
     return "a value"
 
 
-def _first_bad_json_line(path: str) -> str | None:
+def _first_bad_json_line(stream: BinaryIO) -> str | None:
     # A key must keep one shape (object, array or plain value) on every line for one column.
     shapes: dict[str, tuple[str, int]] = {}
-    with open(path, "rb") as handle:
-        for number, line in enumerate(handle, 1):
-            if not line.strip():
+    for number, line in enumerate(stream, 1):
+        if not line.strip():
+            continue
+        try:
+            value = json.loads(line)
+        except ValueError as exc:
+            reason = getattr(exc, "msg", str(exc)).removesuffix(" at")
+            where = f" at column {exc.colno}" if hasattr(exc, "colno") else ""
+            return f"line {number} is not JSON ({reason}{where}): write one object per line"
+        if not isinstance(value, dict):
+            return f"line {number} is {_kind(value) or 'null'}: write one object per line"
+        for key, item in value.items():
+            kind = _kind(item)
+            if kind is None:
                 continue
-            try:
-                value = json.loads(line)
-            except ValueError as exc:
-                reason = getattr(exc, "msg", str(exc)).removesuffix(" at")
-                where = f" at column {exc.colno}" if hasattr(exc, "colno") else ""
-                return f"line {number} is not JSON ({reason}{where}); each line must be one object"
-            if not isinstance(value, dict):
-                return f"line {number} is {_kind(value) or 'null'}, not a JSON object"
-            for key, item in value.items():
-                kind = _kind(item)
-                if kind is None:
-                    continue
-                seen = shapes.setdefault(key, (kind, number))
-                if seen[0] != kind:
-                    return (
-                        f"line {number} has {kind} under {key!r} where line {seen[1]} has "
-                        f"{seen[0]}: a key needs one shape on every line"
-                    )
+            seen = shapes.setdefault(key, (kind, number))
+            if seen[0] != kind:
+                return (
+                    f"line {number} has {kind} under {key!r} where line {seen[1]} has "
+                    f"{seen[0]}: give a key one shape on every line"
+                )
     return None

@@ -299,30 +299,41 @@ def local_files(source: str) -> tuple[str, list[str]]:
 
 
 def read_error(exc: Exception, source: str) -> SourceError:
-    """The project's error for a source Polars could not read: the file, line and fix if local.
+    """The project's error for a source Polars could not read: the file, line and fix.
 
-    Polars names neither the line nor a fix the user can apply, so a local CSV or JSONL source
-    is read again line by line (this error path only) to find the first line at fault.
+    Polars names neither the line nor a fix the user can apply, so a CSV or JSONL source is read
+    again line by line (this error path only; from S3 too) to find the first line at fault.
     """
+    from tasks.aws import storage
+
     text = bad_lines.polars_reason(exc)
     if "utf-8" in text.lower() or "utf8" in text.lower():
         return SourceEncodingError(encoding_message(source))
-    if not source.startswith(("hf://", "s3://")):
-        try:
-            fmt, files = local_files(source)
-        except SourceError:
-            files = []
-        for file in files:
-            found = bad_lines.first_bad_line(file, fmt)
-            if found:
-                where = "" if len(files) == 1 else f"in {file!r}, "
-                return SourceError(
-                    f"Could not read source {source!r}: {where}{found}. Fix that line and run "
-                    "again."
-                )
-            if os.path.getsize(file) == 0:
-                return SourceError(f"Source file {file!r} is empty: not even a header.")
+    for file, fmt in _files_of(source):
+        found = bad_lines.first_bad_line(storage.open_stream(file), fmt)
+        if found:
+            where = "" if file == source else f"in {file!r}, "
+            return SourceError(f"Could not read source {source!r}: {where}{found}.")
     return SourceError(f"Could not read source {source!r}: {text}")
+
+
+def _files_of(source: str) -> list[tuple[str, str]]:
+    """The (file, format) pairs of a CSV or JSONL source, to read again for an error."""
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    from tasks.aws import storage
+
+    try:
+        if source.startswith("hf://"):
+            return []
+        if source.startswith("s3://"):
+            fmt = _format_of(urlsplit(source).path, source)
+            files = storage.glob_s3(source) if fmt != "parquet" else []
+        else:
+            fmt, files = local_files(source)
+    except (SourceError, OSError, BotoCoreError, ClientError):
+        return []
+    return [(f, fmt) for f in files if fmt != "parquet"]
 
 
 def check_header(names: list[str], source: str) -> None:
