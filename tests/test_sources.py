@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import gzip
+
 import polars as pl
 import pytest
 from polars.testing import assert_frame_equal
@@ -13,17 +15,61 @@ from tasks.pipeline.sources import load_source, parse_hf_source
 FRAME = pl.DataFrame({"topic": ["a", "b", "c"], "n": [1, 2, 3]})
 
 
-@pytest.mark.parametrize("name", ["x.csv", "x.parquet", "x.jsonl", "x.ndjson"])
+def _write(frame: pl.DataFrame, path) -> None:
+    """`frame` in the format its name says, gzipped for a `.gz` name."""
+    gzipped = path.name.lower().endswith(".gz")
+    plain = path.with_name(path.name[:-3] if gzipped else path.name)
+    if plain.name.lower().endswith(".csv"):
+        frame.write_csv(plain)
+    elif plain.name.endswith(".parquet"):
+        frame.write_parquet(plain)
+    else:
+        frame.write_ndjson(plain)
+    if gzipped:
+        path.write_bytes(gzip.compress(plain.read_bytes()))
+        plain.unlink()
+
+
+@pytest.mark.parametrize(
+    "name", ["x.csv", "x.parquet", "x.jsonl", "x.ndjson", "x.csv.gz", "x.jsonl.gz", "X.CSV.GZ"]
+)
 def test_load_source_reads_each_format(tmp_path, name):
     path = tmp_path / name
-    if name.endswith(".csv"):
-        FRAME.write_csv(path)
-    elif name.endswith(".parquet"):
-        FRAME.write_parquet(path)
-    else:
-        FRAME.write_ndjson(path)
-    csv_types = "infer" if name.endswith(".csv") else "text"
+    _write(FRAME, path)
+    csv_types = "infer" if ".csv" in name.lower() else "text"
     assert_frame_equal(load_source(str(path), csv_types).collect(), FRAME)
+
+
+def test_load_source_folder_of_gzipped_csv_reads_them_all(tmp_path):
+    _write(FRAME, tmp_path / "a.csv.gz")
+    _write(FRAME, tmp_path / "b.csv.gz")
+    assert load_source(str(tmp_path)).collect().height == 2 * FRAME.height
+
+
+def test_load_source_gzipped_parquet_is_refused_with_the_extensions(tmp_path):
+    (tmp_path / "x.parquet.gz").write_bytes(gzip.compress(b"not read"))
+    with pytest.raises(SourceError, match=r"\.csv / \.jsonl / \.ndjson compressed"):
+        load_source(str(tmp_path / "x.parquet.gz"))
+
+
+@pytest.mark.parametrize("name", ["x.csv.gz", "x.jsonl.gz"])
+def test_load_source_gz_that_is_not_gzip_says_so(tmp_path, name):
+    (tmp_path / name).write_text("topic\na\n")
+    message = str(_read(str(tmp_path / name)))
+    assert "is not gzip" in message and name in message, message
+
+
+def test_read_error_names_the_line_inside_a_gzipped_csv(tmp_path):
+    path = tmp_path / "bad.csv.gz"
+    path.write_bytes(gzip.compress(b"topic,n\na,1\nb,2,3\n"))
+    assert "line 3 has 3 fields" in str(_read(str(path)))
+
+
+def test_load_source_non_utf8_gzipped_csv_says_how_to_recode_it(tmp_path):
+    path = tmp_path / "latin.csv.gz"
+    path.write_bytes(gzip.compress("topic\ncaf\xe9\n".encode("latin-1")))
+    with pytest.raises(SourceEncodingError, match="gunzip -c .*latin.csv.gz | iconv"):
+        load_source(str(path))
 
 
 def test_load_source_csv_keeps_values_as_written(tmp_path):

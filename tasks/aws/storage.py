@@ -6,6 +6,7 @@ import fcntl
 import fnmatch
 import hashlib
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -63,19 +64,27 @@ def open_stream(uri: str) -> BinaryIO:
     return open(uri, "rb")  # noqa: SIM115 - the caller closes it
 
 
-def glob_s3(pattern: str) -> list[str]:
-    """The objects an ``s3://bucket/prefix/*.csv`` pattern matches (``fnmatch``), sorted."""
-    bucket, key = split_s3(pattern)
-    magic = [i for i, c in enumerate(key) if c in "*?["]
-    if not magic:
-        return [pattern]
+@dataclass(frozen=True)
+class S3Object:
+    """One listed object: its URI, size and ETag."""
+
+    uri: str
+    size: int
+    etag: str
+
+
+def glob_s3(pattern: str) -> list[S3Object]:
+    """The objects ``s3://bucket/key`` names: that key, or every key a glob in it matches."""
+    bucket, key = split_s3(pattern.split("?", 1)[0])
+    literal = re.split(r"[*?\[]", key, maxsplit=1)[0]
     paginator = client("s3").get_paginator("list_objects_v2")
-    return sorted(
-        f"s3://{bucket}/{obj['Key']}"
-        for page in paginator.paginate(Bucket=bucket, Prefix=key[: magic[0]])
+    found = [
+        S3Object(f"s3://{bucket}/{obj['Key']}", obj["Size"], obj["ETag"])
+        for page in paginator.paginate(Bucket=bucket, Prefix=literal)
         for obj in page.get("Contents", [])
-        if fnmatch.fnmatchcase(obj["Key"], key)
-    )
+        if obj["Key"] == key or literal != key and fnmatch.fnmatchcase(obj["Key"], key)
+    ]
+    return sorted(found, key=lambda o: o.uri)
 
 
 def _encryption(kms_key_id: str | None) -> dict[str, str]:

@@ -29,7 +29,13 @@ from tasks.pipeline import validation as V
 from tasks.pipeline.lines import ROW, LineFormat, compile_line, record_id_expr
 from tasks.pipeline.plan import RunPlan, ShardPlan
 from tasks.pipeline.sharding import cut_shards, even_bounds, shard_count
-from tasks.pipeline.sources import CsvTypes, check_header, load_source, read_error
+from tasks.pipeline.sources import (
+    CsvTypes,
+    check_header,
+    file_format,
+    load_source,
+    read_error,
+)
 from tasks.run.layout import (
     INPUT_DIR,
     ROWS_DIR,
@@ -110,14 +116,9 @@ def _sliceable(source: str) -> bool:
     """Whether row ranges of the source can be read without re-reading it from the start."""
     if source.startswith("hf://"):
         return True
-    path = source.split("?", 1)[0].lower()
-    return (
-        path.endswith((".parquet", ".pq"))
-        or Path(source).is_dir()
-        and not any(
-            p.suffix.lower() in (".csv", ".jsonl", ".ndjson") for p in Path(source).iterdir()
-        )
-    )
+    if Path(source).is_dir():
+        return all(file_format(p.name) in (None, "parquet") for p in Path(source).iterdir())
+    return file_format(source) == "parquet"
 
 
 def preprocess(

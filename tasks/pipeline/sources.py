@@ -9,7 +9,9 @@ Source syntax:
   reaching the same S3 (and endpoint) as boto3.
 - A local file, a glob (``data/part-*.csv``) or a folder (every supported file directly in it).
 
-Formats follow the extension: ``.csv``, ``.parquet`` / ``.pq``, ``.jsonl`` / ``.ndjson``.
+Formats follow the extension: ``.csv``, ``.parquet`` / ``.pq``, ``.jsonl`` / ``.ndjson``; CSV
+and JSONL may be compressed (``.csv.gz``, ``.jsonl.zst``), which Polars undoes as it reads.
+A file that cannot be read is named with its first bad line (``bad_lines``).
 
 Values reach the prompt and the output as the user wrote them: CSV columns are read as text
 (``00007`` stays ``00007``) unless ``csv_types="infer"``; JSONL types come from every line, so a
@@ -20,10 +22,11 @@ from __future__ import annotations
 
 import codecs
 import glob as globlib
+import gzip
 import os
 import re
 from pathlib import Path
-from typing import Literal
+from typing import BinaryIO, Literal
 from urllib.parse import parse_qs, urlsplit
 
 import polars as pl
@@ -38,6 +41,8 @@ FORMATS = {
     ".jsonl": "jsonl",
     ".ndjson": "jsonl",
 }
+# Compressed CSV and JSONL that Polars reads (it decompresses the whole file in memory first).
+COMPRESSIONS = (".gz", ".zst")
 _SNIFF_BYTES = 1 << 20
 _DUPLICATED = re.compile(r"(.+)_duplicated_\d+")
 
@@ -197,15 +202,26 @@ def _arrow_frame(dataset) -> pl.LazyFrame:
     return frame.lazy()
 
 
+def file_format(name: str) -> str | None:
+    """The format a file name's extension says (``x.csv.gz`` is CSV), or None."""
+    suffixes = [s.lower() for s in Path(name.split("?", 1)[0]).suffixes]
+    if len(suffixes) > 1 and suffixes[-1] in COMPRESSIONS and suffixes[-2] in FORMATS:
+        fmt = FORMATS[suffixes[-2]]
+        return None if fmt == "parquet" else fmt
+    return FORMATS.get(suffixes[-1]) if suffixes else None
+
+
 def _format_of(path: str, source: str) -> str:
-    suffix = Path(path.split("?", 1)[0]).suffix.lower()
-    if suffix not in FORMATS:
+    fmt = file_format(path)
+    if fmt is None:
+        suffix = "".join(Path(path.split("?", 1)[0]).suffixes[-2:]).lower()
         msg = (
             f"source {source!r}: unknown file extension {suffix or '(none)'!r}; supported "
-            f"extensions: {', '.join(FORMATS)}."
+            f"extensions: {', '.join(FORMATS)}, and .csv / .jsonl / .ndjson compressed with "
+            f"{' or '.join(COMPRESSIONS)}."
         )
         raise SourceError(msg)
-    return FORMATS[suffix]
+    return fmt
 
 
 def _scan(
@@ -278,7 +294,7 @@ def local_files(source: str) -> tuple[str, list[str]]:
     """The format and files of a local source (a file, folder or glob), refused if none or mixed."""
     path = Path(source).expanduser()
     if path.is_dir():
-        files = sorted(str(p) for p in path.iterdir() if p.suffix.lower() in FORMATS)
+        files = sorted(str(p) for p in path.iterdir() if p.is_file() and file_format(p.name))
     elif globlib.has_magic(source):
         files = sorted(f for f in globlib.glob(os.path.expanduser(source)) if Path(f).is_file())
     elif path.is_file():
@@ -310,7 +326,12 @@ def read_error(exc: Exception, source: str) -> SourceError:
     if "utf-8" in text.lower() or "utf8" in text.lower():
         return SourceEncodingError(encoding_message(source))
     for file, fmt in _files_of(source):
-        found = bad_lines.first_bad_line(storage.open_stream(file), fmt)
+        if file.lower().endswith(".zst"):
+            continue
+        try:
+            found = bad_lines.first_bad_line(_decompressed(storage.open_stream(file), file), fmt)
+        except (OSError, EOFError) as exc:  # gzip.BadGzipFile is an OSError
+            return SourceError(_gzip_message(file, exc))
         if found:
             where = "" if file == source else f"in {file!r}, "
             return SourceError(f"Could not read source {source!r}: {where}{found}.")
@@ -328,7 +349,7 @@ def _files_of(source: str) -> list[tuple[str, str]]:
             return []
         if source.startswith("s3://"):
             fmt = _format_of(urlsplit(source).path, source)
-            files = storage.glob_s3(source) if fmt != "parquet" else []
+            files = [o.uri for o in storage.glob_s3(source)] if fmt != "parquet" else []
         else:
             fmt, files = local_files(source)
     except (SourceError, OSError, BotoCoreError, ClientError):
@@ -365,9 +386,12 @@ def check_utf8(file: str | Path, limit: int | None = _SNIFF_BYTES) -> None:
     """Raise SourceEncodingError if the start of `file` (or all of it) is not UTF-8."""
     decoder = codecs.getincrementaldecoder("utf-8")()
     offset = 0
-    with open(file, "rb") as handle:
+    with _decompressed(open(file, "rb"), str(file)) as handle:
         while limit is None or offset < limit:
-            chunk = handle.read(1 << 16)
+            try:
+                chunk = handle.read(1 << 16)
+            except (OSError, EOFError) as exc:  # gzip.BadGzipFile is an OSError
+                raise SourceError(_gzip_message(str(file), exc)) from None
             if not chunk:
                 break
             try:
@@ -377,10 +401,28 @@ def check_utf8(file: str | Path, limit: int | None = _SNIFF_BYTES) -> None:
             offset += len(chunk)
 
 
+def _decompressed(stream: BinaryIO, name: str) -> BinaryIO:
+    """The stream of a file's text: gzip undone (.zst files are left to Polars alone)."""
+    if name.lower().endswith(".gz"):
+        return gzip.GzipFile(fileobj=stream)  # type: ignore[return-value]
+    return stream
+
+
+def _gzip_message(file: str, exc: Exception) -> str:
+    return (
+        f"Source file {file!r} ends in .gz but is not gzip, or is cut short ({exc}). Rename it "
+        "without .gz if it is plain text, or compress it again."
+    )
+
+
 def encoding_message(file: str, offset: int | None = None) -> str:
     """The message for a CSV that is not UTF-8, with the fix."""
     where = f" (first bad byte at offset {offset})" if offset is not None else ""
+    recode = f"iconv -f latin1 -t utf-8 {file}"
+    if file.lower().endswith(".gz"):
+        where = f" (first bad byte at offset {offset} of its text)" if offset is not None else ""
+        recode = f"gunzip -c {file} | iconv -f latin1 -t utf-8"
     return (
-        f"CSV file {file!r} is not UTF-8{where}. Re-encode it, e.g. "
-        f"`iconv -f latin1 -t utf-8 {file} > fixed.csv`, or save it as Parquet."
+        f"CSV file {file!r} is not UTF-8{where}. Re-encode it, e.g. `{recode} > fixed.csv`, or "
+        "save it as Parquet."
     )

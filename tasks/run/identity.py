@@ -10,22 +10,18 @@ never mix with, or hide behind, an earlier run of the same name.
 
 from __future__ import annotations
 
-import glob as globlib
 import hashlib
 import json
 import os
-import re
 import uuid
 from dataclasses import dataclass, field
-from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from prompt_templates import get_template
 from tasks.aws import storage
-from tasks.aws.clients import client
 from tasks.errors import RunIdentityError, SourceError
-from tasks.pipeline.sources import FORMATS, hf_local_path, load_hf_dataset
+from tasks.pipeline.sources import hf_local_path, load_hf_dataset, local_files
 from tasks.run.layout import RunLayout
 from tasks.settings import get_settings
 
@@ -77,13 +73,10 @@ def fingerprint_digest(fingerprint: dict[str, Any]) -> str:
 
 
 def _local_files(source: str) -> list[str]:
-    # The same resolution as tasks.pipeline.sources: a folder, a glob or one file.
-    path = Path(source).expanduser()
-    if path.is_dir():
-        return sorted(str(p) for p in path.iterdir() if p.suffix.lower() in FORMATS)
-    if globlib.has_magic(source):
-        return sorted(f for f in globlib.glob(os.path.expanduser(source)) if Path(f).is_file())
-    return [str(path)] if path.is_file() else []
+    try:
+        return local_files(source)[1]
+    except SourceError:
+        return []
 
 
 def _local_source(
@@ -106,19 +99,11 @@ def _local_source(
 
 
 def _s3_source(source: str) -> dict[str, Any]:
-    bucket, key = storage.split_s3(source.split("?", 1)[0])
-    literal = re.split(r"[*?\[]", key, maxsplit=1)[0]
-    paginator = client("s3").get_paginator("list_objects_v2")
-    files = [
-        {"name": f"s3://{bucket}/{obj['Key']}", "size": obj["Size"], "etag": obj["ETag"]}
-        for page in paginator.paginate(Bucket=bucket, Prefix=literal)
-        for obj in page.get("Contents", [])
-        if obj["Key"] == key or literal != key and fnmatchcase(obj["Key"], key)
-    ]
+    files = [{"name": o.uri, "size": o.size, "etag": o.etag} for o in storage.glob_s3(source)]
     if not files:
         msg = f"source {source!r} matches no S3 object."
         raise SourceError(msg)
-    return {"uri": source, "files": sorted(files, key=lambda f: f["name"])}
+    return {"uri": source, "files": files}
 
 
 def _hf_source(source: str, known: dict[str, dict]) -> dict[str, Any]:
