@@ -40,6 +40,17 @@ def test_load_source_reads_each_format(tmp_path, name):
     assert_frame_equal(load_source(str(path), csv_types).collect(), FRAME)
 
 
+def test_load_source_reads_zstd_csv_and_names_it_when_not_utf8(tmp_path):
+    pa = pytest.importorskip("pyarrow")
+    good, bad = tmp_path / "x.csv.zst", tmp_path / "latin.csv.zst"
+    good.write_bytes(pa.compress(FRAME.write_csv().encode(), codec="zstd", asbytes=True))
+    bad.write_bytes(pa.compress("topic\ncaf\xe9\n".encode("latin-1"), "zstd", asbytes=True))
+
+    assert_frame_equal(load_source(str(good), "infer").collect(), FRAME)
+    error = _read(str(bad))
+    assert isinstance(error, SourceEncodingError) and "latin.csv.zst" in str(error), error
+
+
 def test_load_source_folder_of_gzipped_csv_reads_them_all(tmp_path):
     _write(FRAME, tmp_path / "a.csv.gz")
     _write(FRAME, tmp_path / "b.csv.gz")
