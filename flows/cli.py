@@ -35,6 +35,15 @@ def _add_data_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--temperature", type=float)
     parser.add_argument("--top-p", type=float)
     parser.add_argument("--dimensions", type=int, help="embedding size (Titan v2)")
+    parser.add_argument(
+        "--stop-sequence", action="append", help="text that ends generation, repeatable"
+    )
+    parser.add_argument(
+        "--normalize",
+        action=argparse.BooleanOptionalAction,
+        help="unit-norm embeddings (Titan v2)",
+    )
+    parser.add_argument("--input-type", help="Cohere Embed input_type (e.g. search_document)")
 
 
 def _params(args: argparse.Namespace):
@@ -45,6 +54,9 @@ def _params(args: argparse.Namespace):
         temperature=args.temperature,
         top_p=args.top_p,
         dimensions=args.dimensions,
+        stop_sequences=args.stop_sequence,
+        normalize=args.normalize,
+        input_type=args.input_type,
     )
     fields = {
         "source": args.source,
@@ -65,6 +77,10 @@ def _params(args: argparse.Namespace):
         "aws_credentials_block": getattr(args, "aws_credentials_block", None),
         "restart": getattr(args, "restart", None) or None,
         "on_demand_rps": getattr(args, "on_demand_rps", None),
+        "on_demand": getattr(args, "on_demand", None),
+        "max_attempts": getattr(args, "max_attempts", None),
+        "retry_stopped": getattr(args, "retry_stopped", None) or None,
+        "max_cost_usd": getattr(args, "max_cost_usd", None),
         "tags": dict(tag.split("=", 1) for tag in getattr(args, "tag", None) or []),
         "inference": inference,
     }
@@ -115,25 +131,30 @@ def cmd_run(args: argparse.Namespace) -> int:
     _preflight(params, needs_aws=not args.local_stack)
     with ExitStack() as stack:
         if args.local_stack:
-            from emulator import EmulatorConfig, LocalStack
-
-            # Demo pace, tunable through BEDROCK_EMULATOR_* (as for `bedrock-batch local`).
-            config = EmulatorConfig.from_env(EmulatorConfig.demo())
-            local = stack.enter_context(LocalStack(config))
-            os.environ.update(local.env)
-            from tasks.aws.clients import reset_clients
-            from tasks.settings import get_settings
-
-            get_settings.cache_clear()  # the settings must see the stack's variables
-            reset_clients()
-            print(f"Local stack: Bedrock emulator {local.bedrock_url}, S3 {local.moto_url}")
+            start_local_stack(stack)
         from flows.batch_inference import batch_inference
 
         if not args.debug:
-            _quiet_tracebacks()
+            quiet_tracebacks()
         summary = batch_inference(params)
         _show_output(summary)
     return 0
+
+
+def start_local_stack(stack: ExitStack) -> None:
+    """The local stack for this command, its variables in the environment the run reads."""
+    from emulator import EmulatorConfig, LocalStack
+
+    # Demo pace, tunable through BEDROCK_EMULATOR_* (as for `bedrock-batch local`).
+    config = EmulatorConfig.from_env(EmulatorConfig.demo())
+    local = stack.enter_context(LocalStack(config))
+    os.environ.update(local.env)
+    from tasks.aws.clients import reset_clients
+    from tasks.settings import get_settings
+
+    get_settings.cache_clear()  # the settings must see the stack's variables
+    reset_clients()
+    print(f"Local stack: Bedrock emulator {local.bedrock_url}, S3 {local.moto_url}")
 
 
 def cmd_pipeline_run(args: argparse.Namespace) -> int:
@@ -144,16 +165,28 @@ def cmd_pipeline_run(args: argparse.Namespace) -> int:
 
 
 def _preflight(params, needs_aws: bool) -> None:
-    """The user mistakes a run can show before Prefect starts: one line each, no traceback."""
+    """The user mistakes a run can show before Prefect starts: one line each, no traceback.
+
+    Everything that needs no AWS call comes first, so a user with no credentials yet hears of
+    a bad model id or output_uri at once, not after setting credentials up.
+    """
     from prompt_templates import get_template
+    from tasks.bedrock.families import family_for
+    from tasks.run.layout import ANY_RUN, expand_run_name, layout_for, resolve_role_arn
 
     if params.prompt_id:
         get_template(params.prompt_id)  # TemplateError lists the known ids
+    family_for(params.model_id, params.invocation_type)  # UnknownModelError lists the families
+    if params.run_name:
+        expand_run_name(params.run_name)
     source = params.source
     if "://" not in source and not any(c in source for c in "*?[") and not Path(source).exists():
         raise FileNotFoundError(errno.ENOENT, "no such file or folder", source)
     if "://" not in params.output_uri:
         _check_writable(Path(params.output_uri))
+    if needs_aws:  # the local stack sets the staging prefix and role when it starts
+        layout_for(params.output_uri, ANY_RUN, params.kms_key_id)
+        resolve_role_arn(params.role_arn)
     if needs_aws and not os.environ.get("AWS_ENDPOINT_URL_BEDROCK"):
         import boto3
         from botocore.exceptions import NoCredentialsError
@@ -171,7 +204,7 @@ def _check_writable(folder: Path) -> None:
         raise PermissionError(errno.EACCES, "not a writable folder", str(existing))
 
 
-def _quiet_tracebacks() -> None:
+def quiet_tracebacks() -> None:
     """Prefect's console logs keep their lines but not the traceback (``--debug`` shows it)."""
     import logging
 
@@ -188,7 +221,8 @@ def _quiet_tracebacks() -> None:
             finally:
                 record.exc_info, record.exc_text = saved
 
-    for name in ("prefect", "prefect.flow_runs", "prefect.task_runs"):
+    # Prefect 3.8 puts its console handler on the root logger; older layouts on its own.
+    for name in ("", "prefect", "prefect.flow_runs", "prefect.task_runs"):
         for handler in logging.getLogger(name).handlers:
             if isinstance(handler, logging.StreamHandler) and not isinstance(
                 handler.formatter, NoTraceback
@@ -345,6 +379,21 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--kms-key-id")
     run.add_argument("--tag", action="append", help="key=value, repeatable")
     run.add_argument("--on-demand-rps", type=float, help="on-demand calls per second")
+    run.add_argument(
+        "--on-demand",
+        action=argparse.BooleanOptionalAction,
+        help="serve retry remainders under the job minimum on demand (default: on)",
+    )
+    run.add_argument("--max-attempts", type=int, help="tries per record (default 3)")
+    run.add_argument(
+        "--retry-stopped", action="store_true", help="also resubmit the records of stopped jobs"
+    )
+    run.add_argument(
+        "--max-cost-usd",
+        type=float,
+        help="cost ceiling: refused before any job if the estimate may pass it, and stops "
+        "submitting once actual plus in-flight cost would",
+    )
     run.add_argument(
         "--restart",
         action="store_true",

@@ -3,21 +3,7 @@
 from __future__ import annotations
 
 import argparse
-import os
 from contextlib import ExitStack
-
-
-def _local_stack(stack: ExitStack) -> None:
-    from emulator import EmulatorConfig, LocalStack
-
-    local = stack.enter_context(LocalStack(EmulatorConfig.demo()))
-    os.environ.update(local.env)
-    from tasks.aws.clients import reset_clients
-    from tasks.settings import get_settings
-
-    get_settings.cache_clear()  # the settings must see the stack's variables
-    reset_clients()
-    print(f"Local stack: Bedrock emulator {local.bedrock_url}, S3 {local.moto_url}")
 
 
 def show_summary(summary: dict) -> None:
@@ -41,10 +27,15 @@ def show_summary(summary: dict) -> None:
 
 def run_pipeline(args: argparse.Namespace) -> int:
     """Build the parameters, run the pipeline flow, print its summary."""
+    from flows.cli import quiet_tracebacks, start_local_stack
+
     with ExitStack() as stack:
         if args.local_stack:
-            _local_stack(stack)
+            start_local_stack(stack)
         from flows.pipeline import PipelineParams, batch_pipeline
+
+        if not args.debug:
+            quiet_tracebacks()  # after Prefect's import, which sets its logging up
 
         fields = {
             "pipeline_id": args.pipeline_id,

@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 
 import polars as pl
+import pytest
 
 from flows.cli import main
 from tasks.pipeline.columns import ERROR_CODE, RESPONSE_TEXT
+from tasks.settings import get_settings
 
 CLAUDE = "anthropic.claude-3-haiku-20240307-v1:0"
 
@@ -173,13 +177,71 @@ def test_run_without_credentials_says_how_to_set_them_or_use_the_local_stack(
     monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
     monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
     monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
-
-    code = main(["run", "--source", str(_topics_csv(tmp_path)), "--prompt-id", "joke_about_topic",
-                 "--output-uri", str(tmp_path / "out")])  # fmt: skip
+    monkeypatch.setenv("BEDROCK_BATCH_ROLE_ARN", "arn:aws:iam::111122223333:role/B")
+    get_settings.cache_clear()
+    try:
+        code = main(["run", "--source", str(_topics_csv(tmp_path)), "--prompt-id",
+                     "joke_about_topic", "--output-uri", "s3://my-bucket/runs"])  # fmt: skip
+    finally:
+        get_settings.cache_clear()
 
     assert code == 2
     line = _one_error_line(capsys)
     assert "no AWS credentials" in line and "AWS_PROFILE" in line and "--local-stack" in line
+
+
+@pytest.mark.parametrize(
+    ("extra", "words"),
+    [
+        (["--model-id", "acme.unknown-v1"], "Unknown model id 'acme.unknown-v1'"),
+        (["--output-uri", "s3://"], "output_uri 's3://' is not a valid S3 URI"),
+        (["--run-name", "bad name/x"], "run_name 'bad name/x' is not usable"),
+        (["--role-arn", "my-role"], "role_arn 'my-role' is not an IAM role ARN"),
+        ([], "BEDROCK_BATCH_STAGING_URI"),  # a local output_uri needs a staging prefix on S3
+    ],
+)
+def test_run_mistakes_known_offline_come_before_the_credentials_check(
+    tmp_path, capsys, monkeypatch, extra, words
+):
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE",
+                 "AWS_ENDPOINT_URL_BEDROCK", "BEDROCK_BATCH_STAGING_URI"):  # fmt: skip
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("BEDROCK_BATCH_ROLE_ARN", "arn:aws:iam::111122223333:role/B")
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    get_settings.cache_clear()
+    output = str(tmp_path / "out") if not extra else "s3://my-bucket/runs"
+    try:
+        code = main(["run", "--source", str(_topics_csv(tmp_path)), "--prompt-id",
+                     "joke_about_topic", "--output-uri", output, *extra])  # fmt: skip
+    finally:
+        get_settings.cache_clear()
+
+    assert code == 2
+    line = _one_error_line(capsys)
+    assert words in line and "credentials" not in line, line
+
+
+@pytest.mark.slow
+def test_run_failing_inside_the_flow_prints_one_error_line_and_no_traceback(tmp_path):
+    """In a real process: Prefect's console handler sits on the root logger and logs the
+    flow's and task's exceptions with their tracebacks unless the command quiets them."""
+    source = tmp_path / "topics.csv"
+    pl.DataFrame({"topic": [f"t{i}" for i in range(149)] + [""]}).write_csv(source)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "BEDROCK_BATCH_"))}
+
+    done = subprocess.run(
+        [sys.executable, "-m", "flows.cli", "run", "--source", str(source),
+         "--prompt-id", "joke_about_topic", "--output-uri", str(tmp_path / "out"),
+         "--local-stack"],
+        capture_output=True, text=True, env=env, timeout=300, check=False,
+    )  # fmt: skip
+
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert "Traceback" not in done.stderr, done.stderr[-4000:]
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and "R0000000149" in errors[0], done.stderr[-2000:]
 
 
 def test_run_unwritable_output_is_one_line(tmp_path, capsys):
@@ -279,3 +341,25 @@ def test_a_bad_setting_is_one_line_naming_its_variable_and_value(tmp_path, capsy
     assert error.startswith("error: Invalid setting BEDROCK_BATCH_POLL_INTERVAL_SECONDS='1m': ")
     assert "; BEDROCK_BATCH_MERGE_WORKERS='0': Input should be greater than or equal to 1" in error
     assert not (tmp_path / "run").exists()
+
+
+def test_run_flags_reach_every_parameter_they_name():
+    from flows.cli import _params, build_parser
+
+    args = build_parser().parse_args(
+        ["run", "--source", "s.csv", "--output-uri", "s3://my-bucket/runs",
+         "--max-cost-usd", "12.5", "--max-attempts", "5", "--no-on-demand", "--retry-stopped",
+         "--stop-sequence", "END", "--stop-sequence", "STOP", "--no-normalize",
+         "--input-type", "search_query", "--on-demand-rps", "2"]
+    )  # fmt: skip
+
+    params = _params(args)
+
+    assert (params.max_cost_usd, params.max_attempts) == (12.5, 5)
+    assert (params.on_demand, params.retry_stopped, params.on_demand_rps) == (False, True, 2.0)
+    assert params.inference.stop_sequences == ["END", "STOP"]
+    assert (params.inference.normalize, params.inference.input_type) == (False, "search_query")
+    defaults = _params(build_parser().parse_args(["run", "--source", "s.csv", "--output-uri", "o"]))
+    assert (defaults.on_demand, defaults.retry_stopped) == (True, False)
+    assert defaults.max_cost_usd is None
+    assert defaults.inference.normalize is None and defaults.inference.stop_sequences is None
