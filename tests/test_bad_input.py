@@ -102,6 +102,10 @@ def _case(name: str, tmp: Path) -> tuple[dict, type[Exception], list[str]]:
         path = tmp / "blank.csv"
         path.write_text("topic,n\n" + "a,1\n" * 150 + "\n")
         return {"source": str(path)}, MissingValuesError, ["R0000000150", "delete blank lines"]
+    if name == "semicolon-csv":
+        path = tmp / "excel.csv"
+        path.write_text("topic;n\n" + "a;1\n" * 150)
+        return {"source": str(path)}, MissingColumnsError, ["separated by ';'", "commas"]
     if name == "missing-bucket":
         src = _csv(tmp / "a.csv", _topics())
         return (
@@ -128,6 +132,7 @@ CASES = [
     "bad-jsonl-line",
     "csv-header-twice",
     "blank-csv-line",
+    "semicolon-csv",
 ]
 
 

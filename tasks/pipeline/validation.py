@@ -69,6 +69,12 @@ def check_columns(
             f"needs. Columns found: {', '.join(found) or '(none)'}. Rename the column in the "
             "source, or pick a template / text_column that matches it."
         )
+        separator = _other_separator(found, missing)
+        if separator:
+            msg += (
+                f" The header looks separated by {separator!r}: CSV sources are read with "
+                "commas; save the file with commas, or as Parquet."
+            )
         raise MissingColumnsError(msg)
     nested = [f"{c!r} ({schema[c]})" for c in needed if isinstance(schema[c], _NESTED)]
     if nested:
@@ -88,6 +94,20 @@ def check_columns(
             "Rename or drop them (a user id belongs in id_column)."
         )
         raise InputValidationError(msg)
+
+
+def _other_separator(found: list[str], missing: list[str]) -> str | None:
+    """The separator of a CSV header read as one column ('topic;n') that holds a missing column.
+
+    Spreadsheets in many locales save CSV with semicolons; read with commas, the whole header is
+    one column name that holds the column the prompt needs.
+    """
+    if len(found) != 1:
+        return None
+    for separator in (";", "\t", "|"):
+        if any(c in found[0].split(separator) for c in missing):
+            return separator
+    return None
 
 
 def missing_expr(needed: tuple[str, ...], schema: pl.Schema, *, every: bool = False) -> pl.Expr:
