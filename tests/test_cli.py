@@ -363,3 +363,20 @@ def test_run_flags_reach_every_parameter_they_name():
     assert (defaults.on_demand, defaults.retry_stopped) == (True, False)
     assert defaults.max_cost_usd is None
     assert defaults.inference.normalize is None and defaults.inference.stop_sequences is None
+
+
+def test_every_run_parameter_has_a_flag():
+    """A parameter the UI form shows and the command cannot set is a gap a user hits later."""
+    from flows.cli import build_parser
+    from tasks.run.params import BatchParams, InferenceOverrides
+
+    parser = build_parser()
+    run = next(a for a in parser._subparsers._group_actions[0].choices.items() if a[0] == "run")[1]
+    flags = {s for action in [*run._actions, *parser._actions] for s in action.option_strings}
+    singular = {"tags": "--tag", "stop_sequences": "--stop-sequence"}
+    names = [n for n in BatchParams.model_fields if n != "inference"]
+    names += list(InferenceOverrides.model_fields)
+
+    missing = [n for n in names if singular.get(n, "--" + n.replace("_", "-")) not in flags]
+
+    assert missing == []

@@ -41,7 +41,7 @@ FORMATS = {
     ".jsonl": "jsonl",
     ".ndjson": "jsonl",
 }
-# Compressed CSV and JSONL that Polars reads (it decompresses the whole file in memory first).
+# Compressed CSV and JSONL that Polars reads and undoes by itself.
 COMPRESSIONS = (".gz", ".zst")
 _SNIFF_BYTES = 1 << 20
 _DUPLICATED = re.compile(r"(.+)_duplicated_\d+")
