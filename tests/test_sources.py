@@ -213,6 +213,22 @@ def test_read_error_names_the_jsonl_line(tmp_path, lines, words):
         assert word in message, message
 
 
+def test_read_error_of_a_value_unlike_its_guessed_type_names_it_and_the_default(tmp_path):
+    path = tmp_path / "late.csv"
+    path.write_text("topic,n\n" + "".join(f"t{i},{i}\n" for i in range(10_500)) + "tx,abc\n")
+
+    with pytest.raises(SourceError) as exc:
+        try:
+            load_source(str(path), "infer").collect()
+        except pl.exceptions.PolarsError as polars_error:
+            raise sources.read_error(polars_error, str(path)) from None
+
+    message = str(exc.value)
+    assert "could not parse `abc` as dtype `i64` at column 'n'" in message, message
+    assert 'keep the default csv_types="text"' in message
+    assert "infer_schema_length" not in message and "offset in the file" not in message
+
+
 def test_read_error_of_a_glob_names_the_file_at_fault(tmp_path):
     (tmp_path / "a.csv").write_text("topic\nfine\n")
     (tmp_path / "b.csv").write_text('topic\nfine\n"open\n')

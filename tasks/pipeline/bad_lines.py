@@ -22,16 +22,31 @@ _POLARS_ADVICE = re.compile(
     re.DOTALL,
 )
 _ORIGINAL = re.compile(r"Original error: ```(.*?)```", re.DOTALL)
+_OFFSET = re.compile(r"\s*The current offset in the file is \d+ bytes\.?")
+# A value that does not fit the type `csv_types="infer"` guessed from the first rows.
+_TYPED_VALUE = re.compile(r"could not parse `.*` as dtype `(?!str`)")
 _FIELD_LIMIT = 1 << 30
 
 
 def polars_reason(exc: Exception) -> str:
-    """Polars' message without its advice; its `Original error` when it gives one."""
+    """Polars' message without its advice: its first words, else its `Original error`."""
     text = str(exc).strip()
+    lead = _OFFSET.sub("", _POLARS_ADVICE.sub("", text)).strip()
+    if lead and not lead.startswith("Original error"):
+        return lead
     original = _ORIGINAL.search(text)
-    if original:
-        return original.group(1).strip()
-    return _POLARS_ADVICE.sub("", text).strip() or text
+    return original.group(1).strip() if original else text
+
+
+def inferred_type_hint(reason: str) -> str:
+    """What to do when a CSV value does not fit its guessed type ("" for other reasons)."""
+    if not _TYPED_VALUE.search(reason):
+        return ""
+    return (
+        '. With csv_types="infer" a column\'s type is guessed from its first 10,000 rows and a '
+        'later value that does not fit stops the read: keep the default csv_types="text" '
+        "(values as written), or fix that value"
+    )
 
 
 def first_bad_line(stream: BinaryIO, fmt: str) -> str | None:

@@ -335,7 +335,8 @@ def read_error(exc: Exception, source: str) -> SourceError:
         if found:
             where = "" if file == source else f"in {file!r}, "
             return SourceError(f"Could not read source {source!r}: {where}{found}.")
-    return SourceError(f"Could not read source {source!r}: {text}")
+    hint = bad_lines.inferred_type_hint(text)
+    return SourceError(f"Could not read source {source!r}: {text.rstrip('.')}{hint}.")
 
 
 def _files_of(source: str) -> list[tuple[str, str]]:
