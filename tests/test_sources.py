@@ -76,6 +76,14 @@ def test_read_error_names_the_line_inside_a_gzipped_csv(tmp_path):
     assert "line 3 has 3 fields" in str(_read(str(path)))
 
 
+def test_load_source_utf16_csv_says_it_is_utf16_and_how_to_recode_it(tmp_path):
+    path = tmp_path / "unicode.csv"
+    path.write_bytes("topic,n\ncafé,1\n".encode("utf-16"))  # with its byte order mark
+    with pytest.raises(SourceEncodingError) as exc:
+        load_source(str(path))
+    assert "it is UTF-16" in str(exc.value) and "iconv -f utf-16 -t utf-8" in str(exc.value)
+
+
 def test_load_source_non_utf8_gzipped_csv_says_how_to_recode_it(tmp_path):
     path = tmp_path / "latin.csv.gz"
     path.write_bytes(gzip.compress("topic\ncaf\xe9\n".encode("latin-1")))
@@ -197,6 +205,7 @@ def test_read_error_names_the_csv_line_and_not_polars_options(tmp_path, text, wo
     [
         (['{"topic": "a"}', "not json"], ["line 2 is not JSON", "one object per line"]),
         (['{"topic": "a"}', "", "[1, 2]"], ["line 3 is an array: write one object"]),
+        (['\ufeff{"topic": "a"}', '{"topic": "b"}'], ["line 1 starts with a byte order mark"]),
         (
             ['{"m": {"x": 1}}', '{"m": null}', '{"m": [1]}'],
             ["line 3 has an array under 'm' where line 1 has an object"],

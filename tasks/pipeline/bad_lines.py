@@ -9,6 +9,7 @@ when a source reads cleanly.
 
 from __future__ import annotations
 
+import codecs
 import csv
 import io
 import json
@@ -105,6 +106,11 @@ def _first_bad_json_line(stream: BinaryIO) -> str | None:
     # A key must keep one shape (object, array or plain value) on every line for one column.
     shapes: dict[str, tuple[str, int]] = {}
     for number, line in enumerate(stream, 1):
+        if number == 1 and line.startswith(codecs.BOM_UTF8):  # Python's json skips it, Polars not
+            return (
+                "line 1 starts with a byte order mark (BOM), which the JSONL reader refuses: "
+                "save the file as UTF-8 without BOM"
+            )
         if not line.strip():
             continue
         try:

@@ -404,7 +404,10 @@ def check_utf8(file: str | Path, limit: int | None = _SNIFF_BYTES) -> None:
             try:
                 decoder.decode(chunk, final=False)
             except UnicodeDecodeError as exc:
-                raise SourceEncodingError(encoding_message(str(file), offset + exc.start)) from None
+                # Spreadsheets' "Unicode text" is UTF-16 with its byte order mark first.
+                utf16 = offset == 0 and chunk.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE))
+                where = None if utf16 else offset + exc.start
+                raise SourceEncodingError(encoding_message(str(file), where, utf16)) from None
             offset += len(chunk)
 
 
@@ -422,13 +425,16 @@ def _gzip_message(file: str, exc: Exception) -> str:
     )
 
 
-def encoding_message(file: str, offset: int | None = None) -> str:
+def encoding_message(file: str, offset: int | None = None, utf16: bool = False) -> str:
     """The message for a CSV that is not UTF-8, with the fix."""
     where = f" (first bad byte at offset {offset})" if offset is not None else ""
-    recode = f"iconv -f latin1 -t utf-8 {file}"
+    encoding = "utf-16" if utf16 else "latin1"
+    if utf16:
+        where = " (it is UTF-16, as spreadsheets save 'Unicode text')"
+    recode = f"iconv -f {encoding} -t utf-8 {file}"
     if file.lower().endswith(".gz"):
-        where = f" (first bad byte at offset {offset} of its text)" if offset is not None else ""
-        recode = f"gunzip -c {file} | iconv -f latin1 -t utf-8"
+        where = f" (first bad byte at offset {offset} of its text)" if offset is not None else where
+        recode = f"gunzip -c {file} | iconv -f {encoding} -t utf-8"
     return (
         f"CSV file {file!r} is not UTF-8{where}. Re-encode it, e.g. `{recode} > fixed.csv`, or "
         "save it as Parquet."
