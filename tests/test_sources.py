@@ -166,11 +166,11 @@ def test_load_source_non_utf8_csv_names_file_and_fix(tmp_path):
     assert "iconv" in str(exc.value)
 
 
-def _read(source: str) -> SourceError:
+def _read(source: str, csv_types: str = "text") -> SourceError:
     """The error reading `source` all the way, as preprocess does, ends in."""
     with pytest.raises(SourceError) as exc:
         try:
-            load_source(source).collect()
+            load_source(source, csv_types).collect()
         except pl.exceptions.PolarsError as polars_error:
             raise sources.read_error(polars_error, source) from None
     return exc.value
@@ -226,13 +226,8 @@ def test_read_error_of_a_value_unlike_its_guessed_type_names_it_and_the_default(
     path = tmp_path / "late.csv"
     path.write_text("topic,n\n" + "".join(f"t{i},{i}\n" for i in range(10_500)) + "tx,abc\n")
 
-    with pytest.raises(SourceError) as exc:
-        try:
-            load_source(str(path), "infer").collect()
-        except pl.exceptions.PolarsError as polars_error:
-            raise sources.read_error(polars_error, str(path)) from None
+    message = str(_read(str(path), "infer"))
 
-    message = str(exc.value)
     assert "could not parse `abc` as dtype `i64` at column 'n'" in message, message
     assert 'keep the default csv_types="text"' in message
     assert "infer_schema_length" not in message and "offset in the file" not in message

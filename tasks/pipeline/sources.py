@@ -346,16 +346,16 @@ def _files_of(source: str) -> list[tuple[str, str]]:
     from tasks.aws import storage
 
     try:
-        if source.startswith("hf://"):
+        fmt = _source_format(source)
+        if fmt not in ("csv", "jsonl"):
             return []
         if source.startswith("s3://"):
-            fmt = _format_of(urlsplit(source).path, source)
-            files = [o.uri for o in storage.glob_s3(source)] if fmt != "parquet" else []
+            files = [o.uri for o in storage.glob_s3(source)]
         else:
-            fmt, files = local_files(source)
+            files = local_files(source)[1]
     except (SourceError, OSError, BotoCoreError, ClientError):
         return []
-    return [(f, fmt) for f in files if fmt != "parquet"]
+    return [(f, fmt) for f in files]
 
 
 def check_header(names: list[str], source: str) -> None:
@@ -366,7 +366,7 @@ def check_header(names: list[str], source: str) -> None:
     doubled = sorted(
         {m.group(1) for n in names if (m := _DUPLICATED.fullmatch(n)) and m.group(1) in names}
     )
-    if doubled and _is_csv(source):
+    if doubled and _source_format(source) == "csv":
         listed = ", ".join(repr(n) for n in doubled)
         msg = (
             f"The header of source {source!r} names column(s) {listed} more than once. Give each "
@@ -375,12 +375,13 @@ def check_header(names: list[str], source: str) -> None:
         raise SourceError(msg)
 
 
-def _is_csv(source: str) -> bool:
+def _source_format(source: str) -> str | None:
+    """The format of a file source, as its extension says (None for a Hugging Face dataset)."""
     if source.startswith("hf://"):
-        return False
+        return None
     if source.startswith("s3://"):
-        return _format_of(urlsplit(source).path, source) == "csv"
-    return local_files(source)[0] == "csv"
+        return _format_of(urlsplit(source).path, source)
+    return local_files(source)[0]
 
 
 def check_utf8(file: str | Path, limit: int | None = _SNIFF_BYTES) -> None:
