@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import subprocess
@@ -371,7 +372,8 @@ def test_every_run_parameter_has_a_flag():
     from tasks.run.params import BatchParams, InferenceOverrides
 
     parser = build_parser()
-    run = next(a for a in parser._subparsers._group_actions[0].choices.items() if a[0] == "run")[1]
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    run = commands.choices["run"]
     flags = {s for action in [*run._actions, *parser._actions] for s in action.option_strings}
     singular = {"tags": "--tag", "stop_sequences": "--stop-sequence"}
     names = [n for n in BatchParams.model_fields if n != "inference"]
