@@ -153,6 +153,31 @@ def test_preprocess_skip_leaves_rows_out_of_jobs_and_keeps_them_with_an_error(tm
     assert "on_missing='skip'" in skipped[C.ERROR_MESSAGE][0]
 
 
+@pytest.mark.parametrize("missing", [{0, 1}, {0, 5, 11}, {4, 5}, {10, 11}])
+@pytest.mark.parametrize("jobs", [1, 3])
+def test_preprocess_skip_keeps_every_row_once_wherever_the_missing_ones_are(
+    tmp_path, missing, jobs
+):
+    # Rows skipped before the first valid row were once in no shard and not in skipped either.
+    frame = pl.DataFrame(
+        {"topic": [None if i in missing else f"t{i}" for i in range(12)], "k": list(range(12))}
+    )
+    plan = run(tmp_path, write_csv(tmp_path, frame), on_missing="skip", max_concurrent_jobs=jobs)
+    out = tmp_path / "run"
+    sent = pl.concat([pl.read_parquet(out / s.rows_file) for s in plan.shards])
+    skipped = pl.read_parquet(out / plan.skipped_file)
+    assert sorted(skipped["k"].cast(pl.Int64).to_list()) == sorted(missing)
+    assert sorted(sent["k"].cast(pl.Int64).to_list()) == sorted(set(range(12)) - missing)
+    for shard in plan.shards:  # each shard's lines are its own rows'
+        rows = pl.read_parquet(out / shard.rows_file)
+        lines = read_lines(out / shard.input_file)
+        assert [ln["recordId"] for ln in lines] == rows[C.RECORD_ID].to_list()
+        assert [ln["modelInput"]["messages"][0]["content"] for ln in lines] == [
+            f"Tell me a short, family-friendly joke about {t}. Reply with the joke only."
+            for t in rows["topic"]
+        ]
+
+
 @pytest.mark.parametrize(("rows", "jobs", "sample"), [(120, 40, 10), (120, 4, 10), (12, 3, 50)])
 def test_preprocess_samples_the_settings_count_of_records_spread_over_the_shards(
     tmp_path, monkeypatch, rows, jobs, sample

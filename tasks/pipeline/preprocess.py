@@ -317,8 +317,10 @@ def _plan_ranges(w: _Work) -> tuple[list[tuple[int, int]], list[int], int, int]:
             max_bytes=w.max_bytes,
             target_jobs=target_jobs,
         )
+    # A shard's source rows run from its first valid row to the next shard's; the first shard's
+    # from row 0, so that rows skipped before the first valid one are written as skipped too.
     valid_rows = valid[ROW].to_numpy()
-    bounds = [int(valid_rows[a]) for a, _ in ranges] + [total]
+    bounds = [0] + [int(valid_rows[a]) for a, _ in ranges[1:]] + [total]
     return ranges, bounds, total, n_missing
 
 
