@@ -174,9 +174,10 @@ def _preflight(params, needs_aws: bool) -> None:
     from tasks.bedrock.families import family_for
     from tasks.run.layout import ANY_RUN, expand_run_name, layout_for, resolve_role_arn
 
-    if params.prompt_id:
-        get_template(params.prompt_id)  # TemplateError lists the known ids
-    family_for(params.model_id, params.invocation_type)  # UnknownModelError lists the families
+    template = get_template(params.prompt_id) if params.prompt_id else None  # lists known ids
+    family = family_for(params.model_id, params.invocation_type)  # lists the families
+    # The model's limits and rules (max_tokens over its output cap, temperature with top_p).
+    family.options(template.inference_params() if template else {}, params.inference.as_dict())
     if params.run_name:
         expand_run_name(params.run_name)
     source = params.source

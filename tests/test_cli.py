@@ -198,6 +198,11 @@ def test_run_without_credentials_says_how_to_set_them_or_use_the_local_stack(
         (["--output-uri", "s3://"], "output_uri 's3://' is not a valid S3 URI"),
         (["--run-name", "bad name/x"], "run_name 'bad name/x' is not usable"),
         (["--role-arn", "my-role"], "role_arn 'my-role' is not an IAM role ARN"),
+        (["--max-tokens", "9000"], "max_tokens=9000 is over the 4,096 output tokens"),
+        (
+            ["--model-id", "us.anthropic.claude-sonnet-4-5-20250929-v1:0", "--top-p", "0.5"],
+            "accepts temperature or top_p, not both",
+        ),
         ([], "BEDROCK_BATCH_STAGING_URI"),  # a local output_uri needs a staging prefix on S3
     ],
 )

@@ -605,6 +605,35 @@ def test_anthropic_older_model_accepts_temperature_with_top_p():
     assert (body["temperature"], body["top_p"]) == (0.5, 0.9)
 
 
+@pytest.mark.parametrize(
+    ("model_id", "invocation_type", "alias"),
+    [
+        ("anthropic.claude-3-haiku-20240307-v1:0", "InvokeModel", "max_tokens"),
+        ("us.anthropic.claude-3-5-haiku-20241022-v1:0", "Converse", "max_tokens"),
+        ("meta.llama3-1-70b-instruct-v1:0", "InvokeModel", "max_gen_len"),
+    ],
+)
+def test_max_tokens_over_the_models_output_limit_is_refused_before_any_job(
+    model_id, invocation_type, alias
+):
+    # Bedrock fails every record of such a job ("exceeds the model limit of 4096"); the
+    # limit is the catalog's, whatever the family calls the setting.
+    limit = mf.catalog.lookup(model_id).max_output_tokens
+    family = mf.family_for(model_id, invocation_type)
+    assert family.options({}, {alias: limit}).max_tokens == limit
+    with pytest.raises(InvalidOptionsError) as exc:
+        family.options({}, {alias: limit + 1})
+    message = str(exc.value)
+    assert f"max_tokens={limit + 1}" in message and f"{limit:,}" in message
+    assert mf.catalog.base_model_id(model_id) in message
+
+
+def test_max_tokens_of_a_model_without_a_known_limit_is_left_to_bedrock():
+    family = mf.family_for("amazon.nova-2-lite-v1:0")
+    assert mf.catalog.lookup("amazon.nova-2-lite-v1:0").max_output_tokens is None
+    assert family.options({}, {"max_tokens": 60_000}).max_tokens == 60_000
+
+
 def test_mistral_chat_body_sends_messages_with_system_role():
     assert body_of("mistral.mistral-large-2407-v1:0") == {
         "messages": [

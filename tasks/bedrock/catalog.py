@@ -81,6 +81,8 @@ class CatalogEntry:
     plain_regions: tuple[str, ...] | None = None
     # Regions where its inference profile works for batch; None when the source did not say.
     profile_regions: tuple[str, ...] | None = None
+    # The most max_tokens Bedrock accepts for it (options above it are refused before a job:
+    # Bedrock fails every such record); None: not known here, Bedrock decides.
     max_output_tokens: int | None = None
     dimensions: tuple[int, ...] = ()
     default_dimension: int | None = None
@@ -108,6 +110,17 @@ _QUOTA_NOTE = "batch support from AWS Service Quotas names (read 2026-11-22)"
 _UNVERIFIED = "regions not read from the batch page; Bedrock decides"
 
 
+# Anthropic documents 8,192 output tokens for these two, but Bedrock refused more than 4,096:
+# "The maximum tokens you requested exceeds the model limit of 4096" (Claude 3.5 Sonnet
+# 20240620 in vercel/ai issue #2772 and RooCodeInc/Roo-Code issue #248; Claude 3.5 Haiku in
+# langgenius/dify issue #10390; read 2026-12-07).
+_BEDROCK_4096 = "Bedrock caps output at 4,096 tokens (its own error, quoted in public issues)"
+# Nova 1's output cap: the model cards say 5K (5,120 where listed), AWS's Nova 1 -> Nova 2
+# migration post 10K (both quoted in quattro004/Agent004's wiki, read 2026-12-07). The higher is
+# kept, so that no value Bedrock accepts is refused here.
+_NOVA1_MAX_OUTPUT = 10_000
+
+
 def _claude(model_id: str, name: str, max_out: int, *rules: str, note: str = "") -> CatalogEntry:
     return CatalogEntry(
         model_id, name, "anthropic", max_output_tokens=max_out, rules=rules, note=note
@@ -115,13 +128,18 @@ def _claude(model_id: str, name: str, max_out: int, *rules: str, note: str = "")
 
 
 MODELS: tuple[CatalogEntry, ...] = (
-    # Anthropic: messages API. Max output tokens from Anthropic's model overview.
+    # Anthropic: messages API. Max output tokens from Anthropic's model overview, except where
+    # Bedrock's own answers show a lower cap (_BEDROCK_4096 below).
     _claude("anthropic.claude-3-haiku-20240307-v1:0", "Claude 3 Haiku", 4096),
     _claude("anthropic.claude-3-sonnet-20240229-v1:0", "Claude 3 Sonnet", 4096),
     _claude("anthropic.claude-3-opus-20240229-v1:0", "Claude 3 Opus", 4096),
-    _claude("anthropic.claude-3-5-sonnet-20240620-v1:0", "Claude 3.5 Sonnet", 8192),
+    _claude(
+        "anthropic.claude-3-5-sonnet-20240620-v1:0", "Claude 3.5 Sonnet", 4096, note=_BEDROCK_4096
+    ),
     _claude("anthropic.claude-3-5-sonnet-20241022-v2:0", "Claude 3.5 Sonnet v2", 8192),
-    _claude("anthropic.claude-3-5-haiku-20241022-v1:0", "Claude 3.5 Haiku", 8192),
+    _claude(
+        "anthropic.claude-3-5-haiku-20241022-v1:0", "Claude 3.5 Haiku", 4096, note=_BEDROCK_4096
+    ),
     _claude("anthropic.claude-3-7-sonnet-20250219-v1:0", "Claude 3.7 Sonnet", 64000),
     _claude("anthropic.claude-sonnet-4-20250514-v1:0", "Claude Sonnet 4", 64000),
     _claude("anthropic.claude-opus-4-20250514-v1:0", "Claude Opus 4", 32000),
@@ -151,7 +169,7 @@ MODELS: tuple[CatalogEntry, ...] = (
         "amazon-nova",
         plain_regions=_NOVA1_PLAIN,
         profile_regions=_NOVA1_PROFILE,
-        max_output_tokens=5120,
+        max_output_tokens=_NOVA1_MAX_OUTPUT,
     ),
     CatalogEntry(
         "amazon.nova-lite-v1:0",
@@ -159,7 +177,7 @@ MODELS: tuple[CatalogEntry, ...] = (
         "amazon-nova",
         plain_regions=_NOVA1_PLAIN,
         profile_regions=_NOVA1_PROFILE,
-        max_output_tokens=5120,
+        max_output_tokens=_NOVA1_MAX_OUTPUT,
     ),
     CatalogEntry(
         "amazon.nova-pro-v1:0",
@@ -167,7 +185,7 @@ MODELS: tuple[CatalogEntry, ...] = (
         "amazon-nova",
         plain_regions=_NOVA1_PLAIN,
         profile_regions=_NOVA1_PROFILE,
-        max_output_tokens=5120,
+        max_output_tokens=_NOVA1_MAX_OUTPUT,
     ),
     CatalogEntry(
         "amazon.nova-premier-v1:0",

@@ -79,7 +79,7 @@ def _bind(family: ModelFamily, entry: catalog.CatalogEntry) -> ModelFamily:
     key = (id(family), entry.model_id)
     bound = _bound.get(key)
     if bound is None:
-        bound = _bound[key] = family.bind(entry.model_id, entry.rules)
+        bound = _bound[key] = family.bind(entry.model_id, entry.rules, entry.max_output_tokens)
     return bound
 
 

@@ -115,11 +115,15 @@ class ModelFamily:
     # Set on the copy `bind` makes for one catalog model.
     model_id: str | None = None
     rules: tuple[str, ...] = ()
+    max_output_tokens: int | None = None
 
-    def bind(self, model_id: str, rules: tuple[str, ...] = ()) -> ModelFamily:
+    def bind(
+        self, model_id: str, rules: tuple[str, ...] = (), max_output_tokens: int | None = None
+    ) -> ModelFamily:
         """A copy of this family for one model, carrying that model's parameter rules."""
         bound = copy.copy(self)
         bound.model_id, bound.rules = model_id, tuple(rules)
+        bound.max_output_tokens = max_output_tokens
         return bound
 
     @property
@@ -162,7 +166,19 @@ class ModelFamily:
         return options
 
     def check_options(self, options: Options) -> None:
-        """Refuse option combinations the bound model does not accept (see `rules`)."""
+        """Refuse options the bound model does not accept: its `rules`, its output limit."""
+        limit, asked = self.max_output_tokens, getattr(options, "max_tokens", None)
+        if limit is not None and asked is not None and asked > limit:
+            # Bedrock answers every such record with "The maximum tokens you requested exceeds
+            # the model limit of 4096. Try again with a maximum tokens value that is lower than
+            # 4096." (quoted in langgenius/dify issue #10390, vercel/ai issue #2772).
+            msg = (
+                f"max_tokens={asked} is over the {limit:,} output tokens model {self.model_id} "
+                "can return: Bedrock would fail every record ('The maximum tokens you requested "
+                f"exceeds the model limit of {limit}'). Set max_tokens to {limit} or less in the "
+                "template params or the overrides."
+            )
+            raise InvalidOptionsError(msg)
         if (
             TEMPERATURE_XOR_TOP_P in self.rules
             and getattr(options, "temperature", None) is not None
