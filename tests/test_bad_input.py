@@ -22,6 +22,7 @@ from tasks.errors import (
     SourceError,
     UnknownModelError,
 )
+from tasks.pipeline.sources import load_source
 from tasks.run.params import BatchParams
 
 CLAUDE = "anthropic.claude-3-haiku-20240307-v1:0"
@@ -185,3 +186,24 @@ def test_batch_inference_bad_line_of_an_s3_glob_names_object_and_line(stack, tmp
     assert f"s3://{stack.bucket}/in/part-1.jsonl" in message, message
     assert "line 101 is not JSON" in message, message
     assert stack.ledger(name_contains="bad-s3-line") == []
+
+
+def test_an_s3_glob_whose_files_differ_in_columns_is_refused_like_a_local_one(stack):
+    # One Polars scan of the glob took the first file's columns: customer_id, only in the
+    # second file, was dropped from every row without a word.
+    s3 = boto3.client("s3", endpoint_url=stack.moto_url)
+    s3.put_object(Bucket=stack.bucket, Key="cols/a.jsonl", Body=b'{"topic": "a"}\n')
+    s3.put_object(
+        Bucket=stack.bucket, Key="cols/b.jsonl", Body=b'{"topic": "b", "customer_id": "C-17"}\n'
+    )
+    s3.put_object(Bucket=stack.bucket, Key="cols/c.jsonl", Body=b'{"topic": "c"}\n')
+
+    with pytest.raises(SourceError) as excinfo:
+        load_source(f"s3://{stack.bucket}/cols/*.jsonl")
+    message = str(excinfo.value)
+    assert f"'s3://{stack.bucket}/cols/b.jsonl' has customer_id" in message, message
+
+    frame = load_source(f"s3://{stack.bucket}/cols/[ac].jsonl").collect()
+    assert sorted(frame["topic"].to_list()) == ["a", "c"]
+    with pytest.raises(SourceError, match="No object matches"):
+        load_source(f"s3://{stack.bucket}/cols/*.csv")

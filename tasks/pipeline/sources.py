@@ -242,11 +242,17 @@ def _scan(
     return pl.scan_ndjson(paths, storage_options=storage_options, infer_schema_length=None)
 
 
-def _scan_files(fmt: str, files: list[str], source: str, csv_types: CsvTypes) -> pl.LazyFrame:
+def _scan_files(
+    fmt: str,
+    files: list[str],
+    source: str,
+    csv_types: CsvTypes,
+    storage_options: dict | None = None,
+) -> pl.LazyFrame:
     """One scan per file, refused with the files and columns named when their columns differ."""
     if len(files) == 1:
-        return _scan(fmt, files, None, csv_types)
-    scans = [_scan(fmt, f, None, csv_types) for f in files]
+        return _scan(fmt, files, storage_options, csv_types)
+    scans = [_scan(fmt, f, storage_options, csv_types) for f in files]
     columns = []
     for scan in scans:
         try:
@@ -279,7 +285,17 @@ def _load_s3(source: str, csv_types: CsvTypes) -> pl.LazyFrame:
         msg = f"Malformed S3 source {source!r}: write s3://<bucket>/<key or glob>."
         raise SourceError(msg)
     fmt = _format_of(parts.path, source)
-    return _scan(fmt, source, polars_storage_options(), csv_types)
+    if not globlib.has_magic(parts.path):
+        return _scan(fmt, source, polars_storage_options(), csv_types)
+    # A glob's files are listed and scanned one by one, as on disk: one scan of the glob took
+    # the first file's columns and dropped a column only a later JSONL file had.
+    from tasks.aws import storage
+
+    files = [obj.uri for obj in storage.glob_s3(source)]
+    if not files:
+        msg = f"No object matches the S3 source {source!r}; check the bucket, prefix and glob."
+        raise SourceError(msg)
+    return _scan_files(fmt, files, source, csv_types, polars_storage_options())
 
 
 def _load_local(source: str, csv_types: CsvTypes) -> pl.LazyFrame:
