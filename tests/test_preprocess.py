@@ -153,6 +153,18 @@ def test_preprocess_skip_leaves_rows_out_of_jobs_and_keeps_them_with_an_error(tm
     assert "on_missing='skip'" in skipped[C.ERROR_MESSAGE][0]
 
 
+def test_preprocess_blank_values_of_a_categorical_column_are_missing_too(tmp_path):
+    # pandas' "category" columns read as Categorical: their blanks were sent as empty prompts.
+    source = tmp_path / "cat.parquet"
+    topics_ = ["good", "", "   ", "bad"] * 30
+    pl.DataFrame({"topic": pl.Series(topics_, dtype=pl.Categorical)}).write_parquet(source)
+    with pytest.raises(MissingValuesError) as exc:
+        run(tmp_path, str(source))
+    message = str(exc.value)
+    assert "60 rows have no value" in message and "R0000000001, R0000000002" in message
+    assert "CSV" not in message  # the blank-line hint is for CSV sources only
+
+
 @pytest.mark.parametrize("missing", [{0, 1}, {0, 5, 11}, {4, 5}, {10, 11}])
 @pytest.mark.parametrize("jobs", [1, 3])
 def test_preprocess_skip_keeps_every_row_once_wherever_the_missing_ones_are(

@@ -35,6 +35,7 @@ from tasks.pipeline.sources import (
     file_format,
     load_source,
     read_error,
+    source_format,
 )
 from tasks.run.layout import (
     INPUT_DIR,
@@ -291,7 +292,8 @@ def _plan_ranges(w: _Work) -> tuple[list[tuple[int, int]], list[int], int, int]:
         raise EmptyDatasetError(msg)
     n_missing = int(stats[_MISSING].sum())
     if n_missing and w.opts.on_missing == "fail":
-        raise MissingValuesError(V.missing_message(w.lf, needed, w.schema, n_missing))
+        csv = source_format(w.source) == "csv"
+        raise MissingValuesError(V.missing_message(w.lf, needed, w.schema, n_missing, csv))
     ok = ~pl.col(_MISSING)
     stats = stats.with_row_index(ROW)
     V.check_input_chars(stats, ok, _CHARS, w.family)

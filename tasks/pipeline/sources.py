@@ -362,7 +362,7 @@ def _files_of(source: str) -> list[tuple[str, str]]:
     from tasks.aws import storage
 
     try:
-        fmt = _source_format(source)
+        fmt = source_format(source)
         if fmt not in ("csv", "jsonl"):
             return []
         if source.startswith("s3://"):
@@ -382,7 +382,7 @@ def check_header(names: list[str], source: str) -> None:
     doubled = sorted(
         {m.group(1) for n in names if (m := _DUPLICATED.fullmatch(n)) and m.group(1) in names}
     )
-    if doubled and _source_format(source) == "csv":
+    if doubled and source_format(source) == "csv":
         listed = ", ".join(repr(n) for n in doubled)
         msg = (
             f"The header of source {source!r} names column(s) {listed} more than once. Give each "
@@ -391,7 +391,7 @@ def check_header(names: list[str], source: str) -> None:
         raise SourceError(msg)
 
 
-def _source_format(source: str) -> str | None:
+def source_format(source: str) -> str | None:
     """The format of a file source, as its extension says (None for a Hugging Face dataset)."""
     if source.startswith("hf://"):
         return None

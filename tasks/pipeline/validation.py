@@ -116,8 +116,11 @@ def missing_expr(needed: tuple[str, ...], schema: pl.Schema, *, every: bool = Fa
     for column in needed:
         value = pl.col(column)
         flag = value.is_null()
-        if schema[column] == pl.String:
+        dtype = schema[column]
+        if dtype == pl.String:
             flag = flag | (value.str.strip_chars() == "")
+        elif isinstance(dtype, pl.Categorical | pl.Enum):  # pandas' "category": text too
+            flag = flag | (value.cast(pl.String).str.strip_chars() == "")
         flags.append(flag)
     return pl.all_horizontal(flags) if every else pl.any_horizontal(flags)
 
@@ -137,8 +140,13 @@ def first_ids(frame: pl.DataFrame, mask: pl.Expr) -> list[str]:
     )
 
 
-def missing_message(lf: pl.LazyFrame, needed: tuple[str, ...], schema: pl.Schema, n: int) -> str:
-    """Which columns are empty in how many rows, with the first record ids of each."""
+def missing_message(
+    lf: pl.LazyFrame, needed: tuple[str, ...], schema: pl.Schema, n: int, csv: bool = False
+) -> str:
+    """Which columns are empty in how many rows, with the first record ids of each.
+
+    ``csv``: the source is CSV, where a row empty in every column is most likely a blank line.
+    """
     details = (
         lf.with_row_index(ROW)
         .with_columns(record_id_expr(pl.col(ROW)).alias(C.RECORD_ID))
@@ -163,7 +171,7 @@ def missing_message(lf: pl.LazyFrame, needed: tuple[str, ...], schema: pl.Schema
             ids = ", ".join(details[column][0].to_list())
             parts.append(f"column {column!r}: {count} null or empty (first record ids: {ids})")
     blank = details[_BLANK][0]
-    if blank:
+    if blank and csv:
         # Polars reads a blank line of a CSV as a row of empty values, where pandas skips it.
         parts.append(
             f"{blank} of these rows are empty in every column (a blank line of a CSV file reads "
