@@ -207,3 +207,37 @@ def test_an_s3_glob_whose_files_differ_in_columns_is_refused_like_a_local_one(st
     assert sorted(frame["topic"].to_list()) == ["a", "c"]
     with pytest.raises(SourceError, match="No object matches"):
         load_source(f"s3://{stack.bucket}/cols/*.csv")
+
+
+def test_a_run_that_skips_rows_finishes_with_every_row_once(stack, tmp_path):
+    # The exactly-once check scanned rows/skipped.parquet (with its error columns) together
+    # with the shards' rows files, and Polars refused the extra columns: every run with a
+    # skipped row failed at its last step. Missing rows first, in the middle and last.
+    source = tmp_path / "topics.csv"
+    topics = [None if i in (0, 1, 57, 119) else f"topic {i}" for i in range(120)]
+    pl.DataFrame({"topic": topics, "n": list(range(120))}).write_csv(source)
+    params = BatchParams(
+        source=str(source),
+        prompt_id="joke_about_topic",
+        model_id=CLAUDE,
+        output_uri=str(tmp_path / "out"),
+        run_name="skips",
+        on_missing="skip",
+    )
+
+    summary = batch_inference(params)
+
+    assert (summary["counts"]["records"], summary["counts"]["failed"]) == (120, 4)
+    out = pl.read_parquet(summary["parts"]).sort(pl.col("n").cast(pl.Int64))
+    assert out["n"].cast(pl.Int64).to_list() == list(range(120))
+    skipped = out.filter(pl.col("error_code").is_not_null())
+    assert skipped["n"].cast(pl.Int64).to_list() == [0, 1, 57, 119]
+    assert set(skipped["error_code"]) == {"MissingInput"}
+    answered = out.filter(pl.col("error_code").is_null())
+    assert (
+        answered.select(
+            pl.col("response_text").str.contains("Reply to: Tell me a short, family-friendly joke")
+        )
+        .to_series()
+        .all()
+    )

@@ -125,6 +125,9 @@ def _tagged(uris: list[str], shard_of: dict[str, str]) -> pl.LazyFrame:
         uris,
         storage_options=polars_storage_options() if storage.is_s3(uris[0]) else None,
         missing_columns="insert",
+        # rows/skipped.parquet has error columns the shards' rows files lack: a scan that
+        # met both failed every run with skipped rows at its last step.
+        extra_columns="ignore",
         include_file_paths=_FILE,
     )
     return scan.join(keys.lazy(), on=_FILE, how="left")
