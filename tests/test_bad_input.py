@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
 import boto3
@@ -241,3 +242,36 @@ def test_a_run_that_skips_rows_finishes_with_every_row_once(stack, tmp_path):
         .to_series()
         .all()
     )
+
+
+def test_a_create_that_fails_frees_its_slot_and_the_run_ends(stack, tmp_path):
+    # A model id Bedrock refuses at create (ValidationException) through a gate of one: the
+    # failed shard kept its slot, renewed for ever, and the shard behind it waited for ever.
+    source = tmp_path / "topics.csv"
+    pl.DataFrame({"topic": [f"topic {i}" for i in range(200)]}).write_csv(source)
+    params = BatchParams(
+        source=str(source),
+        prompt_id="joke_about_topic",
+        model_id="anthropic.claude-not-a-batch-model-v1:0",
+        output_uri=str(tmp_path / "out"),
+        run_name="refused",
+        max_concurrent_jobs=1,
+        max_records_per_job=100,
+    )
+    outcome: list[BaseException | None] = []
+
+    def run() -> None:
+        try:
+            batch_inference(params)
+        except BaseException as exc:  # noqa: BLE001 - the outcome is what the test checks
+            outcome.append(exc)
+        else:
+            outcome.append(None)
+
+    worker = threading.Thread(target=run, daemon=True)
+    worker.start()
+    worker.join(timeout=120)  # a bound on a hang, not a wait for something to happen
+
+    assert not worker.is_alive(), "the run hung behind a slot its failed shard kept"
+    assert outcome and outcome[0] is not None and "ValidationException" in repr(outcome[0])
+    assert stack.ledger(name_contains="refused") == []

@@ -238,17 +238,11 @@ def _submit(ctx: RunContext, shard: ShardPlan, attempt: JobAttempt, resumed: boo
     _hold_slot(ctx, shard, attempt, logger)
     if attempt.job_arn is not None:
         return
-    request = _request(ctx, shard, attempt)
-    # A crash between create and saving the ARN leaves a job we must not pay for twice:
-    # look it up by its deterministic name, adopting it only if its token and locations prove
-    # it ours; the idempotency token covers the rest.
-    existing = find_own_job(request) if resumed else None
-    if existing:
-        logger.info("Found job %s created before a restart", attempt.job_name)
-    else:
-        _verify_input(ctx, attempt, shard)
-    backoff = create_backoff(get_settings().poll.create_backoff_seconds)
-    job_arn = existing or create_job(request, backoff, logger)
+    try:
+        job_arn = _create(ctx, shard, attempt, resumed, logger)
+    except Exception:
+        _give_back_unused_slot(ctx, shard, attempt, logger)
+        raise
     failpoint("after-create")
     attempt.job_arn = job_arn
     attempt.submitted_at = attempt.submitted_at or now_iso()
@@ -258,6 +252,40 @@ def _submit(ctx: RunContext, shard: ShardPlan, attempt: JobAttempt, resumed: boo
     events.emit_job_submitted(
         ctx.run_name, attempt.job_arn, shard.name, ctx.model_id, attempt.records
     )
+
+
+def _create(ctx: RunContext, shard: ShardPlan, attempt: JobAttempt, resumed: bool, logger) -> str:
+    """The ARN of the attempt's job: created now, or found from before a restart."""
+    request = _request(ctx, shard, attempt)
+    # A crash between create and saving the ARN leaves a job we must not pay for twice:
+    # look it up by its deterministic name, adopting it only if its token and locations prove
+    # it ours; the idempotency token covers the rest.
+    existing = find_own_job(request) if resumed else None
+    if existing:
+        logger.info("Found job %s created before a restart", attempt.job_name)
+        return existing
+    _verify_input(ctx, attempt, shard)
+    backoff = create_backoff(get_settings().poll.create_backoff_seconds)
+    return create_job(request, backoff, logger)
+
+
+def _give_back_unused_slot(
+    ctx: RunContext, shard: ShardPlan, attempt: JobAttempt, logger: logging.LoggerAdapter
+) -> None:
+    """The create failed: free the slot unless a job was made after all.
+
+    Left held, the lease keeper renewed it for ever and the shards waiting behind a full gate
+    never moved: the flow run failed and its process hung. A job that was made unbeknown to
+    us is still found by its name when the run resumes (`find_own_job`), and the gate's
+    recount from Bedrock counts it meanwhile.
+    """
+    try:
+        made = find_job(attempt.job_name, attempt.client_token) is not None
+    except Exception:  # noqa: BLE001 - Bedrock unreachable too: free it rather than hang
+        logger.warning("Could not tell whether %s was created; freeing its slot", attempt.job_name)
+        made = False
+    if not made:
+        _release(ctx, shard, attempt)
 
 
 def _watch(ctx: RunContext, shard: ShardPlan, attempt: JobAttempt, look_now: bool, logger) -> None:
