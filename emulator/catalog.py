@@ -46,6 +46,9 @@ class ModelSpec:
     dimensions: tuple[int, ...] = ()
     default_dimension: int = 0
     max_output_tokens: int = DEFAULT_MAX_OUTPUT_TOKENS
+    # The catalog's cap, when it knows one: a record asking for more is refused, as Bedrock does.
+    output_limit: int | None = None
+    rules: tuple[str, ...] = ()
 
     @property
     def converse(self) -> bool:
@@ -71,6 +74,8 @@ def _spec(entry: project_catalog.CatalogEntry) -> ModelSpec:
         dimensions=entry.dimensions,
         default_dimension=entry.default_dimension or 0,
         max_output_tokens=entry.max_output_tokens or DEFAULT_MAX_OUTPUT_TOKENS,
+        output_limit=entry.max_output_tokens,
+        rules=entry.rules,
     )
 
 

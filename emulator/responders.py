@@ -5,6 +5,8 @@ from __future__ import annotations
 import numpy as np
 import polars as pl
 
+from tasks.bedrock.catalog import TEMPERATURE_XOR_TOP_P
+
 from .catalog import (
     ANTHROPIC,
     COHERE_EMBED,
@@ -80,19 +82,29 @@ def _bad_value(key: str, value: pl.Expr, constraint: str) -> pl.Expr:
 
 def _checks(spec: ModelSpec, invocation_type: str) -> list[tuple[pl.Expr, str | pl.Expr]]:
     """(is_bad, message) pairs, first match wins; the message names the key and constraint."""
+    # Reading the input refused lines whose modelInput is not a JSON object (runner).
     mi = pl.col(MODEL_INPUT)
-    checks: list[tuple[pl.Expr, str | pl.Expr]] = [
-        # Lines were checked to be JSON when the input was read: an object starts with "{".
-        (~mi.str.strip_chars_start().str.starts_with("{"), _malformed("#: expected an object")),
-    ]
+    checks: list[tuple[pl.Expr, str | pl.Expr]] = []
     if invocation_type == CONVERSE:
         return [
-            *checks,
             (~mi.str.contains('"messages"', literal=True), _missing("messages")),
             (
                 _path(mi, "$.messages[0].role").is_null(),
                 _malformed("#/messages: expected a non-empty array of {role, content}"),
             ),
+            # A Converse message's content is a list of blocks (botocore bedrock-runtime
+            # `Message.content`: ContentBlocks).
+            (
+                ~_path(mi, "$.messages[0].content").str.starts_with("["),
+                _malformed("#/messages/0/content: expected type: JSONArray"),
+            ),
+            # "Records that include toolConfig fail with a 400 error" (user guide,
+            # batch-inference.html, Converse invocation type); the message wording is ours.
+            (
+                _path(mi, "$.toolConfig").is_not_null(),
+                _malformed("#: extraneous key [toolConfig] is not permitted"),
+            ),
+            *_limit_checks(spec, invocation_type),
         ]
     family = spec.family
     if family == ANTHROPIC:
@@ -164,7 +176,7 @@ def _checks(spec: ModelSpec, invocation_type: str) -> list[tuple[pl.Expr, str | 
                 _malformed("#/messages: expected a non-empty array of {role, content}"),
             ),
         ]
-    return checks
+    return [*checks, *_limit_checks(spec, invocation_type)]
 
 
 def _error_message(spec: ModelSpec, invocation_type: str) -> pl.Expr:
@@ -232,18 +244,66 @@ def _prompt_text(spec: ModelSpec, invocation_type: str) -> tuple[pl.Expr, pl.Exp
     return text, text
 
 
-def _max_tokens(spec: ModelSpec, invocation_type: str) -> pl.Expr:
-    mi = pl.col(MODEL_INPUT)
+def _max_tokens_path(spec: ModelSpec, invocation_type: str) -> str:
+    """Where a text body asks for its most output tokens."""
     if invocation_type == CONVERSE or spec.family == NOVA:
-        path = "$.inferenceConfig.maxTokens"
-    elif spec.family == LLAMA:
-        path = "$.max_gen_len"
-    elif spec.family == OPENAI_GPT_OSS:
-        path = "$.max_completion_tokens"
-    else:
-        path = "$.max_tokens"
-    limit = _path(mi, path).cast(pl.Int64, strict=False)
+        return "$.inferenceConfig.maxTokens"
+    if spec.family == LLAMA:
+        return "$.max_gen_len"
+    if spec.family == OPENAI_GPT_OSS:
+        return "$.max_completion_tokens"
+    return "$.max_tokens"
+
+
+def _asked_tokens(spec: ModelSpec, invocation_type: str) -> pl.Expr:
+    path = _max_tokens_path(spec, invocation_type)
+    return _path(pl.col(MODEL_INPUT), path).cast(pl.Int64, strict=False)
+
+
+def _max_tokens(spec: ModelSpec, invocation_type: str) -> pl.Expr:
+    limit = _asked_tokens(spec, invocation_type)
     return limit.fill_null(spec.max_output_tokens).clip(1, spec.max_output_tokens)
+
+
+def _limit_checks(spec: ModelSpec, invocation_type: str) -> list[tuple[pl.Expr, str | pl.Expr]]:
+    """The model's own limits, checked per record as Bedrock does (a 400 each)."""
+    if spec.embedding:
+        return []
+    mi = pl.col(MODEL_INPUT)
+    asked = _asked_tokens(spec, invocation_type)
+    key = _max_tokens_path(spec, invocation_type).removeprefix("$.").replace(".", "/")
+    # "is not greater or equal to" is the JSON-schema validator's wording Bedrock's other
+    # "Malformed input request: #/..." messages come from.
+    checks = [
+        (
+            asked.is_not_null() & (asked < 1),
+            _bad_value(key, asked.cast(pl.String), "is not greater or equal to 1"),
+        )
+    ]
+    if spec.output_limit is not None:
+        # Bedrock's answer, quoted in langgenius/dify issue #10390 and vercel/ai issue #2772.
+        limit = spec.output_limit
+        checks.append(
+            (
+                asked.is_not_null() & (asked > limit),
+                f"The maximum tokens you requested exceeds the model limit of {limit}. Try "
+                f"again with a maximum tokens value that is lower than {limit}.",
+            )
+        )
+    if TEMPERATURE_XOR_TOP_P in spec.rules:
+        # "`temperature` and `top_p` cannot both be specified for this model. Please use only
+        # one." (aws-samples/sample-connector-for-bedrock issue #87, Claude Sonnet 4.5).
+        config = "$.inferenceConfig." if invocation_type == CONVERSE else "$."
+        top_p = "topP" if invocation_type == CONVERSE else "top_p"
+        checks.append(
+            (
+                _path(mi, config + "temperature").is_not_null()
+                & _path(mi, config + top_p).is_not_null(),
+                "`temperature` and `top_p` cannot both be specified for this model. Please use "
+                "only one.",
+            )
+        )
+    return checks
 
 
 def _text_output(spec: ModelSpec, invocation_type: str) -> pl.Expr:
