@@ -12,7 +12,6 @@ from tasks.bedrock.catalog import quota_key
 
 from .catalog import ModelSpec
 from .exceptions import (
-    ConflictException,
     ResourceNotFoundException,
     ServiceQuotaExceededException,
     ValidationException,
@@ -159,9 +158,10 @@ class BedrockBackend:
     ) -> Job:
         """CreateModelInvocationJob.
 
-        Unsupported (accepted and stored, without effect): vpcConfig, s3BucketOwner,
-        s3InputFormat (JSONL is the only value). roleArn is checked for shape only; no IAM
-        policy is evaluated. s3EncryptionKeyId is passed to S3 as SSE-KMS on every output.
+        Unsupported (accepted and stored, without effect): vpcConfig (its shape is checked),
+        s3BucketOwner, s3InputFormat (JSONL is the only value). roleArn is checked for shape
+        only; no IAM policy is evaluated. s3EncryptionKeyId is passed to S3 as SSE-KMS on every
+        output.
         """
         self.server.check_throttle("create")
         validate_create_model_invocation_job(
@@ -174,12 +174,17 @@ class BedrockBackend:
             timeout_duration_in_hours=timeout_duration_in_hours,
             tags=tags,
             model_invocation_type=model_invocation_type,
+            vpc_config=vpc_config,
         )
         token = client_request_token or uuid.uuid4().hex
         input_uri = input_data_config["s3InputDataConfig"]["s3Uri"]
         output_uri = output_data_config["s3OutputDataConfig"]["s3Uri"]
-        existing = self._same_token(token, job_name, model_id, input_uri, output_uri)
+        with self.lock:
+            existing = self.by_token.get(token)
         if existing is not None:
+            # "If this token matches a previous request, Amazon Bedrock ignores the request,
+            # but does not return an error" (botocore CreateModelInvocationJobRequest
+            # .clientRequestToken): the job the token made, whatever the other parameters.
             return existing
         invocation_type = model_invocation_type or INVOKE_MODEL
         spec = model_for_batch(model_id, invocation_type, self.region)
@@ -225,23 +230,6 @@ class BedrockBackend:
             target=JobWorker(self, job, files).run, name=f"job-{job_id}", daemon=True
         ).start()
         return job
-
-    def _same_token(
-        self, token: str, name: str, model_id: str, input_uri: str, output_uri: str
-    ) -> Job | None:
-        """The job this clientRequestToken already created, if the request is the same one."""
-        with self.lock:
-            existing = self.by_token.get(token)
-        if existing is None:
-            return None
-        request = (name, model_id, input_uri, output_uri)
-        if (existing.name, existing.model_id, existing.input_uri, existing.output_uri) != request:
-            msg = (
-                f"clientRequestToken {token!r} was already used for job {existing.arn} "
-                f"({existing.name}) with different parameters; use a new token for a different job"
-            )
-            raise ConflictException(msg)
-        return existing
 
     def _check_quota(self, model_id: str) -> None:
         # One owner of how the quota counts: a profile's jobs count against its base model.
@@ -292,6 +280,7 @@ class BedrockBackend:
             max_results=max_results,
             sort_by=sort_by,
             sort_order=sort_order,
+            name_contains=name_contains,
         )
         with self.lock:
             jobs = list(self.jobs.values())

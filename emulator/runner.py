@@ -9,6 +9,7 @@ from urllib.parse import urlparse
 
 import numpy as np
 import polars as pl
+from botocore.exceptions import ClientError
 
 from .catalog import ModelSpec
 from .faults import Faults
@@ -25,6 +26,10 @@ from .responders import (
 
 FILE = "file"
 LINE = "line"
+# "Your JSONL file must end in the extension .jsonl" (AWS user guide, "Format and upload your
+# batch inference data"); Validating checks "Your files are .jsonl files" (botocore's
+# GetModelInvocationJobResponse.status).
+JSONL_EXTENSION = ".jsonl"
 
 
 class InputError(Exception):
@@ -76,7 +81,11 @@ def split_s3_uri(uri: str) -> tuple[str, str]:
 
 
 def list_inputs(s3, uri: str) -> list[InputFile]:
-    """The .jsonl objects a job reads: the object itself, or every .jsonl under the prefix."""
+    """The objects a job reads: the object itself, or every .jsonl under the prefix.
+
+    An object given by its key is taken whatever its name: Bedrock accepts the job and fails
+    it in Validating when the name does not end in .jsonl (`check_extension`).
+    """
     bucket, key = split_s3_uri(uri)
     if key and not key.endswith("/"):
         try:
@@ -93,7 +102,7 @@ def list_inputs(s3, uri: str) -> list[InputFile]:
     files = []
     for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
         for obj in page.get("Contents", []):
-            if obj["Key"].endswith(".jsonl"):
+            if obj["Key"].endswith(JSONL_EXTENSION):
                 name = obj["Key"][len(prefix) :]
                 files.append(InputFile(bucket, obj["Key"], name, obj["Size"]))
     return files
@@ -105,11 +114,39 @@ def _denied(exc: Exception) -> bool:
     return error.get("Code") in ("403", "AccessDenied", "Forbidden")
 
 
+def check_extension(file: InputFile) -> None:
+    """Fail the job when an input object's name does not end in .jsonl."""
+    if not file.key.endswith(JSONL_EXTENSION):
+        msg = (
+            f"Input file s3://{file.bucket}/{file.key} does not end in the extension .jsonl: "
+            "Bedrock reads only JSONL files named *.jsonl. Rename the object (or give a prefix "
+            "with .jsonl files under it) and submit the job again"
+        )
+        raise InputError(msg)
+
+
+def _model_input_is_object() -> pl.Expr:
+    """Whether the line's modelInput is a JSON object, not a string, number, array or bool.
+
+    `json_path_match` returns a string value without its quotes, so a string holding an
+    object's text (a twice-encoded modelInput) starts with "{" like an object. The filter
+    compares modelInput with a string, which only a string value satisfies (polars's JSONPath
+    compares no other type with one); the "twice-encoded" case of
+    test_create_model_invocation_job_model_input_not_an_object_fails_in_validation holds it.
+    """
+    extracted = pl.col(LINE).str.json_path_match("$.modelInput")
+    is_string = pl.col(LINE).str.json_path_match("$[?(@.modelInput >= '')]").is_not_null()
+    return extracted.str.starts_with("{") & ~is_string
+
+
 def parse_input(data: bytes, source: str, first_index: int = 0) -> pl.DataFrame:
     """Lines of one input file → (recordId, modelInput); a malformed line fails the job.
 
-    A record without a recordId keeps a null one here; `fill_record_ids` assigns it per job.
-    `first_index` is unused and kept for callers that pass it.
+    Validating checks that "each individual record is a JSON object in the correct format"
+    (botocore's GetModelInvocationJobResponse.status), the format being {"recordId": ...,
+    "modelInput": {JSON body}} (AWS user guide, "Format and upload your batch inference
+    data"). A record without a recordId keeps a null one here; `fill_record_ids` assigns it
+    per job. `first_index` is unused and kept for callers that pass it.
     """
     lines = pl.Series(LINE, data.decode("utf-8", errors="replace").splitlines())
     frame = (
@@ -119,14 +156,20 @@ def parse_input(data: bytes, source: str, first_index: int = 0) -> pl.DataFrame:
         .with_columns(
             pl.col(LINE).str.json_path_match("$.modelInput").alias(MODEL_INPUT),
             pl.col(LINE).str.json_path_match("$.recordId").alias(RECORD_ID),
+            _model_input_is_object().alias("_object"),
         )
     )
-    # Invalid JSON yields no modelInput, so one test finds both kinds of malformed line.
-    bad = frame.filter(pl.col(MODEL_INPUT).is_null())
+    # Invalid JSON yields no modelInput, so one test finds every kind of malformed line.
+    bad = frame.filter(pl.col(MODEL_INPUT).is_null() | ~pl.col("_object"))
     if bad.height:
         first = bad.head(1).with_columns(pl.col(LINE).str.json_path_match("$").alias("_whole"))
         first = first.row(0, named=True)
-        reason = "not valid JSON" if first["_whole"] is None else "no modelInput"
+        if first["_whole"] is None:
+            reason = "not valid JSON"
+        elif first[MODEL_INPUT] is None:
+            reason = "no modelInput"
+        else:
+            reason = "modelInput is not a JSON object"
         msg = (
             f"Malformed input: {bad.height} line(s) in {source} are not "
             f'{{"recordId": "...", "modelInput": {{...}}}} objects; first at line '
@@ -217,6 +260,41 @@ def answer(
     )
 
 
+def _output_base(output_uri: str, job_id: str) -> tuple[str, str]:
+    """(bucket, key prefix) of a job's outputs: `<outputUri>/<jobId>`."""
+    bucket, prefix = split_s3_uri(output_uri)
+    prefix = prefix.rstrip("/")
+    return bucket, f"{prefix}/{job_id}" if prefix else job_id
+
+
+def _sse(kms_key_id: str | None) -> dict:
+    return {"ServerSideEncryption": "aws:kms", "SSEKMSKeyId": kms_key_id} if kms_key_id else {}
+
+
+def probe_output(s3, output_uri: str, job_id: str, kms_key_id: str | None = None) -> None:
+    """Ask S3 whether the job may write its outputs, without writing anything.
+
+    A PutObject of the manifest's key with If-Match on an object that does not exist yet: S3
+    authorizes the write (s3:PutObject, the one grant writing outputs needs) and finds the
+    bucket before it tests the precondition, which then fails (404 NoSuchKey, or 412), so
+    nothing is stored. AccessDenied and NoSuchBucket come back as ClientError. HeadBucket
+    would need s3:ListBucket on the whole bucket, which a role writing outputs need not have.
+    """
+    bucket, base = _output_base(output_uri, job_id)
+    try:
+        s3.put_object(
+            Bucket=bucket,
+            Key=f"{base}/manifest.json.out",
+            Body=b"",
+            IfMatch='"probe"',
+            **_sse(kms_key_id),
+        )
+    except ClientError as exc:
+        code = exc.response.get("Error", {}).get("Code")
+        if code not in ("NoSuchKey", "404", "PreconditionFailed", "412"):
+            raise
+
+
 def write_outputs(
     s3,
     output_uri: str,
@@ -227,10 +305,8 @@ def write_outputs(
     kms_key_id: str | None = None,
 ) -> None:
     """Write `<outputUri>/<jobId>/<input>.out` for the processed records and the manifest."""
-    sse = {"ServerSideEncryption": "aws:kms", "SSEKMSKeyId": kms_key_id} if kms_key_id else {}
-    bucket, prefix = split_s3_uri(output_uri)
-    prefix = prefix.rstrip("/")
-    base = f"{prefix}/{job_id}" if prefix else job_id
+    sse = _sse(kms_key_id)
+    bucket, base = _output_base(output_uri, job_id)
     done = results.frame.head(processed)
     by_file = {name: group for (name,), group in done.group_by(FILE)}
     for file in files:

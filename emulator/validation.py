@@ -11,7 +11,8 @@ from .catalog import ModelSpec, resolve_batch_model
 from .exceptions import ValidationException
 
 # Constraints of CreateModelInvocationJob, ListModelInvocationJobs and the job identifier, as in
-# botocore's bedrock service-2.json (botocore 1.44.5). AWS anchors every pattern: fullmatch.
+# botocore's bedrock service-2.json (botocore 1.44.5; VpcConfig and nameContains's
+# ModelInvocationJobName read in 1.44.18). AWS anchors every pattern: fullmatch.
 JOB_NAME_PATTERN = r"[a-zA-Z0-9]{1,63}(-*[a-zA-Z0-9\+\-\.]){0,63}"
 ROLE_ARN_PATTERN = r"arn:aws(-[^:]+)?:iam::([0-9]{12})?:role/.+"
 TOKEN_PATTERN = r"[a-zA-Z0-9]{1,256}(-*[a-zA-Z0-9]){0,256}"
@@ -24,6 +25,11 @@ KMS_KEY_PATTERN = (
 )
 ACCOUNT_ID_PATTERN = r"[0-9]{12}"
 TAG_PATTERN = r"[a-zA-Z0-9\s._:/=+@-]*"
+# VpcConfig: subnetIds (SubnetIds, 1-16 of SubnetId) and securityGroupIds (SecurityGroupIds,
+# 1-5 of SecurityGroupId), both required; each id a string of length 0-32 and this pattern.
+VPC_ID_PATTERN = r"[-0-9a-zA-Z]+"
+VPC_ID_MAX_LENGTH = 32
+MAX_SUBNET_IDS, MAX_SECURITY_GROUP_IDS = 16, 5
 JOB_IDENTIFIER_PATTERN = (
     r"((arn:aws(-[^:]+)?:bedrock:[a-z0-9-]{1,20}:[0-9]{12}:model-invocation-job/)?[a-z0-9]{12})"
 )
@@ -46,6 +52,9 @@ def format_value(value: object) -> str:
         return "null"
     if isinstance(value, str):
         return f"'{value}'"
+    if isinstance(value, list):
+        # Lists the way AWS's (Java) messages print them: '[subnet-1, sg_2]'.
+        return "'[" + ", ".join(str(item) for item in value) + "]'"
     return str(value)
 
 
@@ -115,6 +124,48 @@ class FieldErrors:
         if value > maximum:
             self.add(name, value, f"Member must have value less than or equal to {maximum}")
 
+    def string_list(
+        self,
+        name: str,
+        value: object,
+        *,
+        min_items: int,
+        max_items: int,
+        max_length: int,
+        pattern: str,
+        min_length: int = 0,
+    ) -> None:
+        """Check a list of strings that is present: its length, then its members as AWS does.
+
+        A bad member is reported on the whole list with every constraint of the member shape,
+        as in AWS's own messages (ACM RequestCertificate: "Value '[ccc]' at
+        'subjectAlternativeNames' failed to satisfy constraint: Member must satisfy
+        constraint: [Member must have length less than or equal to 253, Member must have
+        length greater than or equal to 1, Member must satisfy regular expression pattern:
+        ...]").
+        """
+        if value is None:
+            return
+        if not isinstance(value, list):
+            self.add(name, value, "Member must be a list")
+            return
+        if len(value) < min_items:
+            self.add(name, value, f"Member must have length greater than or equal to {min_items}")
+        if len(value) > max_items:
+            self.add(name, value, f"Member must have length less than or equal to {max_items}")
+        if any(
+            not isinstance(item, str)
+            or not min_length <= len(item) <= max_length
+            or not re.fullmatch(pattern, item)
+            for item in value
+        ):
+            constraint = (
+                f"Member must satisfy constraint: [Member must have length less than or equal "
+                f"to {max_length}, Member must have length greater than or equal to "
+                f"{min_length}, Member must satisfy regular expression pattern: {pattern}]"
+            )
+            self.add(name, value, constraint)
+
     def enum(self, name: str, value: object, allowed: Iterable[str]) -> None:
         """Check an enum member that is present."""
         allowed = list(allowed)
@@ -138,6 +189,7 @@ def validate_create_model_invocation_job(
     timeout_duration_in_hours: object,
     tags: object,
     model_invocation_type: object,
+    vpc_config: object = None,
 ) -> None:
     """Every member constraint of CreateModelInvocationJob, reported together."""
     errors = FieldErrors()
@@ -161,6 +213,7 @@ def validate_create_model_invocation_job(
     )
     _s3_config(errors, "inputDataConfig", "s3InputDataConfig", input_data_config)
     _s3_config(errors, "outputDataConfig", "s3OutputDataConfig", output_data_config)
+    _vpc_config(errors, vpc_config)
     errors.integer(
         "timeoutDurationInHours",
         timeout_duration_in_hours,
@@ -211,6 +264,28 @@ def _s3_config(errors: FieldErrors, name: str, member: str, config: object) -> N
     errors.string(f"{path}.s3BucketOwner", inner.get("s3BucketOwner"), pattern=ACCOUNT_ID_PATTERN)
 
 
+def _vpc_config(errors: FieldErrors, vpc_config: object) -> None:
+    if vpc_config is None:
+        return
+    if not isinstance(vpc_config, dict):
+        errors.add("vpcConfig", vpc_config, "Member must be a structure")
+        return
+    for member, max_items in (
+        ("subnetIds", MAX_SUBNET_IDS),
+        ("securityGroupIds", MAX_SECURITY_GROUP_IDS),
+    ):
+        path, value = f"vpcConfig.{member}", vpc_config.get(member)
+        if errors.required(path, value):
+            errors.string_list(
+                path,
+                value,
+                min_items=1,
+                max_items=max_items,
+                max_length=VPC_ID_MAX_LENGTH,
+                pattern=VPC_ID_PATTERN,
+            )
+
+
 def _tags(errors: FieldErrors, tags: object) -> None:
     if tags is None:
         return
@@ -250,10 +325,15 @@ def validate_list_model_invocation_jobs(
     max_results: object,
     sort_by: object,
     sort_order: object,
+    name_contains: object = None,
 ) -> None:
     """Every member constraint of ListModelInvocationJobs, reported together."""
     errors = FieldErrors()
     errors.enum("statusEquals", status_equals, statuses)
+    # nameContains is a ModelInvocationJobName, with jobName's length and pattern.
+    errors.string(
+        "nameContains", name_contains, min_length=1, max_length=63, pattern=JOB_NAME_PATTERN
+    )
     errors.integer("maxResults", max_results, minimum=1, maximum=MAX_LIST_RESULTS)
     errors.enum("sortBy", sort_by, SORT_BY)
     errors.enum("sortOrder", sort_order, SORT_ORDERS)

@@ -125,9 +125,11 @@ class JobWorker:
 
     def _load(self):
         config = self.server.config
+        self._check_output()
         inputs, total_bytes, first = [], 0, 0
         for file in self.files:
             uri = f"s3://{file.bucket}/{file.key}"
+            runner.check_extension(file)
             if file.size > config.max_file_bytes:
                 msg = (
                     f"Input file {uri} is {file.size} bytes, over the quota of "
@@ -180,6 +182,36 @@ class JobWorker:
                 f"file s3://{file.bucket}/{file.key} (s3:GetObject). Allow it in the role's "
                 "policy (`bedrock-batch iam-policy` prints one) and submit the job again"
             )
+            raise runner.InputError(msg) from exc
+
+    def _check_output(self) -> None:
+        """Fail in Validating when the output bucket is missing or the role may not write it.
+
+        Validating checks that "Your IAM service role has access to the Amazon S3 buckets
+        containing your files" (botocore's GetModelInvocationJobResponse.status), so a job that
+        cannot write its outputs ends there, with nothing processed, not after its records.
+        """
+        job = self.job
+        try:
+            runner.probe_output(self.server.s3, job.output_uri, job.job_id, job.kms_key_id)
+        except ClientError as exc:
+            code = exc.response.get("Error", {}).get("Code")
+            bucket, _ = runner.split_s3_uri(job.output_uri)
+            if code == "NoSuchBucket":
+                msg = (
+                    f"The output bucket {bucket} of {job.output_uri} does not exist "
+                    "(NoSuchBucket). Create it, or give an s3OutputDataConfig.s3Uri in an "
+                    "existing bucket, and submit the job again"
+                )
+            elif code in ("403", "AccessDenied"):
+                msg = (
+                    f"AccessDenied: the service role {job.role_arn} may not write the job's "
+                    f"outputs under {job.output_uri} in bucket {bucket} (s3:PutObject). Allow it "
+                    "in the role's policy (`bedrock-batch iam-policy` prints one) and submit the "
+                    "job again"
+                )
+            else:
+                raise
             raise runner.InputError(msg) from exc
 
     def _progress(self, results: runner.JobResults, started: float) -> None:

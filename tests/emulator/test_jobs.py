@@ -190,6 +190,21 @@ def test_create_model_invocation_job_outputs_are_deterministic(stack):
     assert outputs[0] == outputs[1]
 
 
+def test_create_model_invocation_job_output_check_in_validation_writes_nothing(stack):
+    name = unique("probe")
+    uri = put_jsonl(stack, f"in/{name}.jsonl", records(100))
+    stack.set_faults(stuck_job_names_containing=name, stuck_after_fraction=0.0)
+    arn = create_job(stack, name, uri)
+    wait_for(stack, arn, {"InProgress"})
+    assert read_output(stack, arn, f"out/{name}/") == {}
+    stack.set_faults(stuck_job_names_containing=None)
+    assert wait_for(stack, arn)["status"] == "Completed"
+    assert set(read_output(stack, arn, f"out/{name}/")) == {
+        f"{name}.jsonl.out",
+        "manifest.json.out",
+    }
+
+
 def test_create_model_invocation_job_same_token_returns_same_job(stack):
     name = unique("idem")
     uri = put_jsonl(stack, f"in/{name}.jsonl", records(100))
@@ -200,15 +215,24 @@ def test_create_model_invocation_job_same_token_returns_same_job(stack):
     assert stack.ledger(name)[0]["clientRequestToken"] == f"tok-{name}"
 
 
-def test_create_model_invocation_job_same_token_other_params_conflicts(stack):
-    name = unique("idemconflict")
+def test_create_model_invocation_job_same_token_other_params_returns_the_first_job(stack):
+    name = unique("idemother")
     uri = put_jsonl(stack, f"in/{name}.jsonl", records(100))
-    create_job(stack, name, uri, clientRequestToken=f"tok-{name}")
-    client = stack.client("bedrock")
-    with pytest.raises(client.exceptions.ConflictException) as err:
-        create_job(stack, name + "-b", uri, clientRequestToken=f"tok-{name}", client=client)
-    assert err.value.response["Error"]["Code"] == "ConflictException"
-    assert f"tok-{name}" in err.value.response["Error"]["Message"]
+    other_uri = put_jsonl(stack, f"in/{name}-other.jsonl", records(100))
+    first = create_job(stack, name, uri, clientRequestToken=f"tok-{name}")
+    second = create_job(
+        stack,
+        name + "-b",
+        other_uri,
+        clientRequestToken=f"tok-{name}",
+        output_uri=f"s3://{stack.bucket}/elsewhere/{name}/",
+        timeoutDurationInHours=24,
+    )
+    assert second == first
+    listed = stack.client("bedrock").list_model_invocation_jobs(nameContains=name)
+    jobs = listed["invocationJobSummaries"]
+    assert [(j["jobArn"], j["jobName"]) for j in jobs] == [(first, name)]
+    assert jobs[0]["timeoutDurationInHours"] == 168
     assert len(stack.ledger(name)) == 1
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 from botocore.config import Config
 from emu_helpers import HAIKU, anthropic_body, create_job, put_jsonl, records, unique, wait_for
@@ -160,6 +162,48 @@ def test_create_model_invocation_job_line_without_model_input_fails_in_validatio
     assert "line 101 (no modelInput)" in message
 
 
+def test_create_model_invocation_job_input_without_jsonl_extension_fails_in_validation(stack):
+    name = unique("notjsonl")
+    key = f"in/{name}.json"
+    body = "\n".join(json.dumps(r) for r in records(100)).encode()
+    stack.client("s3").put_object(Bucket=stack.bucket, Key=key, Body=body)
+    job = wait_for(stack, create_job(stack, name, f"s3://{stack.bucket}/{key}"))
+    assert job["status"] == "Failed" and "processedRecordCount" not in job
+    assert stack.ledger(name)[0]["statusHistory"] == ["Submitted", "Validating", "Failed"]
+    assert job["message"].startswith(
+        f"Input file s3://{stack.bucket}/{key} does not end in the extension .jsonl"
+    )
+
+
+@pytest.mark.parametrize(
+    "model_input",
+    ["a prompt", 42, [anthropic_body(1)], json.dumps(anthropic_body(1))],
+    ids=["string", "number", "array", "twice-encoded"],
+)
+def test_create_model_invocation_job_model_input_not_an_object_fails_in_validation(
+    stack, model_input
+):
+    rows = records(100)
+    rows[41] = {"recordId": "r00041", "modelInput": model_input}
+    message = _failed_job(stack, unique("notobject"), rows)
+    assert "Malformed input: 1 line(s)" in message
+    assert message.endswith("first at line 42 (modelInput is not a JSON object).")
+
+
+def test_create_model_invocation_job_missing_output_bucket_fails_in_validation(stack):
+    name = unique("nooutbucket")
+    uri = put_jsonl(stack, f"in/{name}.jsonl", records(100))
+    output = "s3://no-such-output-bucket/out/"
+    job = wait_for(stack, create_job(stack, name, uri, output_uri=output))
+    assert job["status"] == "Failed" and "processedRecordCount" not in job
+    assert stack.ledger(name)[0]["statusHistory"] == ["Submitted", "Validating", "Failed"]
+    assert job["message"] == (
+        f"The output bucket no-such-output-bucket of {output} does not exist (NoSuchBucket). "
+        "Create it, or give an s3OutputDataConfig.s3Uri in an existing bucket, and submit the "
+        "job again"
+    )
+
+
 NAME_PATTERN = r"[a-zA-Z0-9]{1,63}(-*[a-zA-Z0-9\+\-\.]){0,63}"
 ROLE_PATTERN = "arn:aws(-[^:]+)?:iam::([0-9]{12})?:role/.+"
 
@@ -254,4 +298,94 @@ def test_list_model_invocation_jobs_bad_status_and_sort_order_in_one_message(sta
         "PartiallyCompleted, Failed, Stopping, Stopped, Expired]; "
         "Value 'Sideways' at 'sortOrder' failed to satisfy constraint: Member must satisfy enum "
         "value set: [Ascending, Descending]"
+    )
+
+
+VPC_ID_CONSTRAINT = (
+    "Member must satisfy constraint: [Member must have length less than or equal to 32, Member "
+    "must have length greater than or equal to 0, Member must satisfy regular expression "
+    "pattern: [-0-9a-zA-Z]+]"
+)
+
+
+def test_create_model_invocation_job_bad_vpc_config_ids(stack, input_uri):
+    client = stack.client("bedrock", config=Config(parameter_validation=False))
+    message = _raises(
+        stack,
+        "ValidationException",
+        client=client,
+        input_uri=input_uri,
+        vpcConfig={
+            "subnetIds": ["subnet-0abc", "subnet_1!"],
+            "securityGroupIds": [f"sg-{i}" for i in range(6)],
+        },
+    )
+    assert message == (
+        "2 validation errors detected: "
+        "Value '[subnet-0abc, subnet_1!]' at 'vpcConfig.subnetIds' failed to satisfy constraint: "
+        f"{VPC_ID_CONSTRAINT}; "
+        "Value '[sg-0, sg-1, sg-2, sg-3, sg-4, sg-5]' at 'vpcConfig.securityGroupIds' failed to "
+        "satisfy constraint: Member must have length less than or equal to 5"
+    )
+
+
+def test_create_model_invocation_job_vpc_config_without_ids(stack, input_uri):
+    client = stack.client("bedrock", config=Config(parameter_validation=False))
+    message = _raises(
+        stack,
+        "ValidationException",
+        client=client,
+        input_uri=input_uri,
+        vpcConfig={"subnetIds": []},
+    )
+    assert message == (
+        "2 validation errors detected: "
+        "Value '[]' at 'vpcConfig.subnetIds' failed to satisfy constraint: Member must have "
+        "length greater than or equal to 1; "
+        "Value null at 'vpcConfig.securityGroupIds' failed to satisfy constraint: Member must "
+        "not be null"
+    )
+
+
+def test_create_model_invocation_job_vpc_config_id_over_32_characters(stack, input_uri):
+    long_id = "subnet-" + "0" * 26
+    message = _raises(
+        stack,
+        "ValidationException",
+        input_uri=input_uri,
+        vpcConfig={"subnetIds": [long_id], "securityGroupIds": ["sg-1"]},
+    )
+    assert message == (
+        f"1 validation error detected: Value '[{long_id}]' at 'vpcConfig.subnetIds' failed to "
+        f"satisfy constraint: {VPC_ID_CONSTRAINT}"
+    )
+
+
+def test_create_model_invocation_job_valid_vpc_config_is_kept(stack, input_uri):
+    vpc = {"subnetIds": ["subnet-0abc123"], "securityGroupIds": ["sg-0def456"]}
+    arn = create_job(stack, unique("vpc"), input_uri, vpcConfig=vpc)
+    job = stack.client("bedrock").get_model_invocation_job(jobIdentifier=arn)
+    assert job["vpcConfig"] == vpc
+
+
+def test_list_model_invocation_jobs_bad_name_contains(stack):
+    client = stack.client("bedrock")
+    with pytest.raises(client.exceptions.ValidationException) as err:
+        client.list_model_invocation_jobs(nameContains="run_1")
+    assert err.value.response["Error"]["Code"] == "ValidationException"
+    assert err.value.response["Error"]["Message"] == (
+        "1 validation error detected: Value 'run_1' at 'nameContains' failed to satisfy "
+        f"constraint: Member must satisfy regular expression pattern: {NAME_PATTERN}"
+    )
+
+
+def test_list_model_invocation_jobs_name_contains_over_63_characters(stack):
+    client = stack.client("bedrock", config=Config(parameter_validation=False))
+    name = "a" * 64
+    with pytest.raises(client.exceptions.ValidationException) as err:
+        client.list_model_invocation_jobs(nameContains=name)
+    assert err.value.response["Error"]["Code"] == "ValidationException"
+    assert err.value.response["Error"]["Message"] == (
+        f"1 validation error detected: Value '{name}' at 'nameContains' failed to satisfy "
+        "constraint: Member must have length less than or equal to 63"
     )
