@@ -24,7 +24,7 @@ ROWS = 300
 
 
 def _run(
-    source: Path, out: Path, run_name: str, kill_at: str | None
+    source: Path, out: Path, run_name: str, kill_at: str | None, *extra: str
 ) -> subprocess.CompletedProcess:
     # A killed owner's claim is taken over once it stops being refreshed: 3 s here.
     env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value(), EXPIRY_ENV: "3"}
@@ -35,9 +35,60 @@ def _run(
         sys.executable, "-m", "flows.cli", "run",
         "--source", str(source), "--prompt-id", "joke_about_topic", "--model-id", CLAUDE,
         "--output-uri", str(out), "--run-name", run_name,
-        "--max-concurrent-jobs", "3", "--max-records-per-job", "100",
+        "--max-concurrent-jobs", "3", "--max-records-per-job", "100", *extra,
     ]  # fmt: skip
     return subprocess.run(command, env=env, capture_output=True, text=True, timeout=240)
+
+
+@pytest.mark.slow
+def test_restart_stops_the_old_runs_jobs_still_in_flight(stack, tmp_path):
+    # The old run's jobs went on to the end and were paid in full beside the new run's; once
+    # its state was moved aside, `bedrock-batch stop` could not find them either.
+    source = tmp_path / "topics.csv"
+    pl.DataFrame({"topic": [f"topic {i}" for i in range(ROWS)]}).write_csv(source)
+    stack.set_faults(stuck_job_names_containing="restarted", stuck_after_fraction=0.5)
+    try:
+        crashed = _run(source, tmp_path / "out", "restarted", "polling")
+        assert crashed.returncode == -signal.SIGKILL, crashed.stderr[-2000:]
+        old_key = stack.ledger(name_contains="restarted")[0]["jobName"].split("-", 1)[0]
+        stack.set_faults(stuck_job_names_containing=old_key)  # the old run's jobs stay stuck
+        finished = _run(source, tmp_path / "out", "restarted", None, "--restart")
+    finally:
+        stack.set_faults(stuck_job_names_containing=None)
+    assert finished.returncode == 0, finished.stderr[-3000:]
+
+    jobs = stack.ledger(name_contains="restarted")
+    old = {job["jobName"]: job["status"] for job in jobs if job["jobName"].startswith(old_key)}
+    new = {job["jobName"]: job["status"] for job in jobs if not job["jobName"].startswith(old_key)}
+    assert old and set(old.values()) == {"Stopped"}, old
+    assert len(new) == 3 and set(new.values()) == {"Completed"}, new
+    assert "stopped" in finished.stderr and "old run" in finished.stderr
+    out = pl.read_parquet(tmp_path / "out" / "restarted" / "output" / "*.parquet")
+    assert out.height == ROWS and out[RECORD_ID].n_unique() == ROWS
+    assert out[ERROR_CODE].null_count() == ROWS
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("point", ["preprocess", "inputs-uploaded"])
+def test_rerun_after_sigkill_keeps_the_skipped_rows(stack, tmp_path, point):
+    # The plan was sealed before the skipped rows' part was written: a crash in between (the
+    # whole input upload) left them out of the output on every re-run.
+    source = tmp_path / "topics.csv"
+    topics = [None if i % 50 == 7 else f"topic {i}" for i in range(ROWS)]
+    pl.DataFrame({"topic": topics, "n": list(range(ROWS))}).write_csv(source)
+    run_name = f"skip-{point}"
+
+    skip = ("--on-missing", "skip", "--max-records-per-job", "150")  # 294 sent: 2 x 147
+    crashed = _run(source, tmp_path / "out", run_name, point, *skip)
+    assert crashed.returncode == -signal.SIGKILL, crashed.stderr[-2000:]
+    finished = _run(source, tmp_path / "out", run_name, None, *skip)
+    assert finished.returncode == 0, finished.stderr[-3000:]
+
+    out = pl.read_parquet(tmp_path / "out" / run_name / "output" / "*.parquet")
+    assert sorted(out["n"].cast(pl.Int64).to_list()) == list(range(ROWS))
+    skipped = out.filter(pl.col(ERROR_CODE).is_not_null())
+    assert sorted(skipped["n"].cast(pl.Int64).to_list()) == [i for i in range(ROWS) if i % 50 == 7]
+    assert set(skipped[ERROR_CODE]) == {"MissingInput"}
 
 
 @pytest.mark.slow

@@ -47,6 +47,7 @@ from tasks.run.layout import (
 )
 from tasks.run.owner import RunClaim, claim_run
 from tasks.run.state import RunStateStore, now_iso
+from tasks.run.stop import stop_run_jobs
 from tasks.settings import get_settings
 
 if TYPE_CHECKING:
@@ -80,7 +81,19 @@ class ResolvedRun:
 
 
 def _move_aside(layout: RunLayout, logger) -> None:
-    """``restart``: the old run's files go to a sibling folder, kept for reference."""
+    """``restart``: the old run's files go to a sibling folder, kept for reference.
+
+    Its jobs still in flight are stopped first: nobody would merge their answers, they would
+    be paid in full beside the new run's, and once the state is moved aside no `stop` finds
+    them. The state records each stop, as `bedrock-batch stop` does.
+    """
+    stopped = stop_run_jobs(layout.run_dir, layout.run_name, "restart", layout.kms_key_id)
+    if stopped:
+        logger.warning(
+            "restart: stopped %d jobs of the old run still in flight: %s",
+            len(stopped),
+            ", ".join(stopped),
+        )
     aside = layout.aside(datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S"))
     moved = storage.move_tree(layout.run_dir, aside.run_dir, keep=(OWNER_FILE,))
     if layout.job_prefix != layout.run_dir:
@@ -165,13 +178,16 @@ def prepare_run(params: BatchParams, run: ResolvedRun) -> RunPlan:
             return plan
         # A plan without the run's identity was left by a preprocess that did not finish.
     with storage.local_dir_for(layout.run_dir) as out_dir:
-        plan = _seal(preprocess_params(params, out_dir), out_dir, run.identity)
+        plan = preprocess_params(params, out_dir)
+        # Before the plan is sealed: a local run folder's sealed plan is what a resume trusts,
+        # and a crash between the two left the skipped rows out of the output for good.
+        if plan.skipped_file:
+            _write_skipped_part(plan, out_dir, params)
+        plan = _seal(plan, out_dir, run.identity)
         save_estimate(plan, out_dir, layout, params.kms_key_id)
         failpoint("preprocess")
         _upload_inputs(plan, out_dir, layout)
         failpoint("inputs-uploaded")
-        if plan.skipped_file:
-            _write_skipped_part(plan, out_dir, params)
         if storage.is_s3(layout.run_dir):
             _upload_run_files(plan, out_dir, layout)
     logger.info(
