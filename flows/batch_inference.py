@@ -144,7 +144,7 @@ def batch_inference(params: BatchParams) -> dict[str, Any]:
                 runtime.flow_run.id,
                 cost_of=batch_cost_of(params.model_id),
             ),
-            cost_guard=cost_guard(params, estimate),
+            cost_guard=cost_guard(params, estimate, run.store.state),
         )
         try:
             # Job state change events (when `bedrock-batch events setup` made the queue) end a

@@ -197,3 +197,54 @@ def test_run_stops_at_the_ceiling_and_reports_what_was_held_back(stack, tmp_path
     assert sum(row["held_back"] for row in summary["jobs"]) == held.height
     # What was held back was never sent: no job and no on-demand answer for those rows.
     assert len(stack.ledger(name_contains="cost-ceiling")) <= 3
+
+
+class _PerRecord:
+    """An estimate whose every shard costs at most ``usd`` a record."""
+
+    def __init__(self, usd: float) -> None:
+        self.usd = usd
+
+    def shard(self, name: str):
+        return self
+
+    def per_record_high(self) -> float:
+        return self.usd
+
+
+def test_a_resumed_run_counts_what_it_spent_before_the_crash(tmp_path):
+    # A fresh guard took a resumed run for one that had spent nothing: its retries were
+    # admitted past max_cost_usd. Shard 0 merged, shard 1's job ran when the run crashed.
+    from tasks.pipeline.columns import JOB_ID, OUTPUT_TOKENS
+    from tasks.run.cost import CostGuard, actual_cost, run_price
+    from tasks.run.state import JobAttempt, RunState, ShardState
+
+    price = run_price(CLAUDE)
+    part = tmp_path / "part-00000.parquet"
+    pl.DataFrame(
+        {INPUT_TOKENS: [400_000], OUTPUT_TOKENS: [100_000], SERVED_BY: ["batch"], JOB_ID: ["j0"]}
+    ).write_parquet(part)
+    merged = actual_cost([str(part)], price)["total_usd"]
+    assert merged > 0
+
+    def attempt(n: int, **fields) -> JobAttempt:
+        return JobAttempt(1, f"run-shard-{n}-a1", f"t{n}", records=100, **fields)
+
+    state = RunState(
+        "run",
+        shards={
+            "s0": ShardState("s0", [attempt(0, job_arn="a0", status="Completed")], str(part)),
+            "s1": ShardState("s1", [attempt(1, job_arn="a1", status="InProgress")]),
+            "s2": ShardState("s2", [attempt(2)]),
+        },
+    )
+    estimate = _PerRecord(0.001)  # 100 records: at most $0.10 a job
+    ceiling = merged + 0.15  # room for shard 1's job, not for shard 2's as well
+
+    resumed = CostGuard(ceiling, estimate, price)
+    resumed.resume(state)
+    assert resumed.spent == pytest.approx(merged)
+    assert not resumed.admit("s2", 100, on_demand=False)
+    assert resumed.held == {"s2": 100}
+    fresh = CostGuard(ceiling, estimate, price)
+    assert fresh.admit("s2", 100, on_demand=False)  # what the run did before

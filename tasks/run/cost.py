@@ -24,6 +24,7 @@ from tasks.settings import get_settings
 if TYPE_CHECKING:
     from tasks.run.layout import RunLayout
     from tasks.run.params import BatchParams
+    from tasks.run.state import RunState
 
 ESTIMATE_FILE = "estimate.json"
 COST_CEILING_REACHED = "CostCeilingReached"
@@ -160,6 +161,23 @@ class CostGuard:
             self._reserved[shard] = self._reserved.get(shard, 0.0) + cost
             return True
 
+    def resume(self, state: RunState) -> None:
+        """Count what a resumed run spent before its crash; a new guard knew none of it.
+
+        Merged shards at their actual cost; the batch jobs of shards not merged yet (in flight,
+        or ended before the crash) at their upper bound until they merge. Without this, the
+        retries of a resumed run were admitted as if nothing had been spent.
+        """
+        for name, shard in state.shards.items():
+            if shard.part_uri:
+                self.settle(name, shard_actual(shard.part_uri, self.price))
+                continue
+            for attempt in shard.attempts:
+                if attempt.job_arn is not None and attempt.served_by == C.SERVED_BATCH:
+                    cost = self.upper_bound(name, attempt.records, on_demand=False)
+                    with self._lock:
+                        self._reserved[name] = self._reserved.get(name, 0.0) + cost
+
     def settle(self, shard: str, actual: float | None) -> None:
         """The shard merged: its reservations become what it actually cost."""
         with self._lock:
@@ -269,11 +287,16 @@ def _safe(name: str) -> str:
     return "".join(c if c.isalnum() else "-" for c in name.lower())
 
 
-def cost_guard(params: BatchParams, estimate: CostEstimate) -> CostGuard | None:
-    """The run's guard when it has a ceiling."""
+def cost_guard(
+    params: BatchParams, estimate: CostEstimate, state: RunState | None = None
+) -> CostGuard | None:
+    """The run's guard when it has a ceiling, counting what ``state`` says was spent."""
     if params.max_cost_usd is None:
         return None
-    return CostGuard(params.max_cost_usd, estimate, run_price(params.model_id))
+    guard = CostGuard(params.max_cost_usd, estimate, run_price(params.model_id))
+    if state is not None:
+        guard.resume(state)
+    return guard
 
 
 def cost_summary(ctx: Any, results: list[Any], parts: list[str]) -> dict[str, Any]:

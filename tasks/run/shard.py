@@ -476,6 +476,10 @@ def _held_by_ceiling(
         return None
     if on_demand and _on_demand_answers(ctx, attempt):
         return None
+    # Created just before a crash, its ARN not saved: the job runs and is paid, so it goes on
+    # (`_submit` adopts it); held back, it was never merged nor stopped.
+    if not on_demand and attempt.lease_id and find_job(attempt.job_name, attempt.client_token):
+        return None
     if guard.admit(shard.name, attempt.records, on_demand):
         return None
     from tasks.run.cost import COST_CEILING_REACHED
