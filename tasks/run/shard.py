@@ -366,6 +366,7 @@ def _run_on_demand(ctx: RunContext, shard: ShardPlan, attempt: JobAttempt) -> No
         uri = ctx.layout.on_demand_batch_uri(attempt.job_name, first_record_id)
         storage.write_bytes(uri, batch, ctx.kms_key_id)
         failpoint("on-demand")
+        ctx.check_owner()  # a claim lost mid-tail: the new owner serves the rest, not both
 
     serve_on_demand(
         attempt.job_name, ctx.model_id, ctx.invocation_type, remaining, ctx.on_demand_rps, keep
