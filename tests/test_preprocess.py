@@ -127,7 +127,7 @@ def test_preprocess_missing_template_column_lists_columns_found(tmp_path):
         run(tmp_path, source)
     message = str(exc.value)
     assert "'topic'" in message and "joke_about_topic" in message
-    assert "Columns found: subject, other" in message
+    assert "Columns found: 'subject', 'other'" in message
 
 
 def test_preprocess_nulls_and_empties_fail_with_counts_ids_and_skip_hint(tmp_path):
@@ -270,7 +270,14 @@ def test_preprocess_duplicate_user_ids_are_listed(tmp_path):
     frame = topics(6).with_columns(pl.Series("my_id", ["a", "b", "a", "c", "b", "d"]))
     with pytest.raises(DuplicateIdError) as exc:
         run(tmp_path, write_csv(tmp_path, frame), id_column="my_id")
-    assert "'my_id'" in str(exc.value) and "a, b" in str(exc.value)
+    assert "'my_id'" in str(exc.value) and "'a', 'b'" in str(exc.value)
+
+
+def test_preprocess_empty_duplicate_ids_are_shown_as_empty(tmp_path):
+    frame = topics(4).with_columns(pl.Series("my_id", ["", "x", "", "y"]))
+    with pytest.raises(DuplicateIdError) as exc:
+        run(tmp_path, write_csv(tmp_path, frame), id_column="my_id")
+    assert "e.g. ''." in str(exc.value)  # was "e.g. ." with nothing to see
 
 
 def test_preprocess_keeps_user_id_column_as_a_normal_column(tmp_path):

@@ -210,6 +210,8 @@ def test_read_error_names_the_csv_line_and_not_polars_options(tmp_path, text, wo
             ['{"m": {"x": 1}}', '{"m": null}', '{"m": [1]}'],
             ["line 3 has an array under 'm' where line 1 has an object"],
         ),
+        # Python's json.dumps writes NaN, which Python's json reads and JSON (Polars) does not.
+        (['{"topic": "a", "x": 1.5}', '{"topic": "b", "x": NaN}'], ["line 2 has NaN", "null"]),
     ],
 )
 def test_read_error_names_the_jsonl_line(tmp_path, lines, words):

@@ -102,6 +102,14 @@ def _kind(value: object) -> str | None:
     return "a value"
 
 
+class _NotJson(Exception):
+    """A constant Python's json reads and JSON has not (NaN, Infinity)."""
+
+
+def _not_json(constant: str) -> None:
+    raise _NotJson(constant)
+
+
 def _first_bad_json_line(stream: BinaryIO) -> str | None:
     # A key must keep one shape (object, array or plain value) on every line for one column.
     shapes: dict[str, tuple[str, int]] = {}
@@ -114,7 +122,13 @@ def _first_bad_json_line(stream: BinaryIO) -> str | None:
         if not line.strip():
             continue
         try:
-            value = json.loads(line)
+            # NaN and Infinity are Python's extension (json.dumps writes them), not JSON.
+            value = json.loads(line, parse_constant=_not_json)
+        except _NotJson as exc:
+            return (
+                f"line {number} has {exc.args[0]}, which is not JSON: write null for a missing "
+                "number (json.dumps(..., allow_nan=False) catches it when writing)"
+            )
         except ValueError as exc:
             reason = getattr(exc, "msg", str(exc)).removesuffix(" at")
             where = f" at column {exc.colno}" if hasattr(exc, "colno") else ""

@@ -66,8 +66,8 @@ def check_columns(
     if missing:
         msg = (
             f"The source has no column {', '.join(repr(c) for c in missing)}, which {prompt} "
-            f"needs. Columns found: {', '.join(found) or '(none)'}. Rename the column in the "
-            "source, or pick a template / text_column that matches it."
+            f"needs. Columns found: {', '.join(repr(c) for c in found) or '(none)'}. Rename the "
+            "column in the source, or pick a template / text_column that matches it."
         )
         separator = _other_separator(found, missing)
         if separator:
@@ -203,7 +203,8 @@ def check_ids(lf: pl.LazyFrame, id_column: str, source: str) -> None:
     if dups:
         msg = (
             f"id_column {id_column!r} repeats ids ({stats['n_dup'][0]} rows share an id), e.g. "
-            f"{', '.join(dups)}. Each row needs its own id so outputs can be matched; "
+            f"{', '.join(repr(d) for d in dups)}. Each row needs its own id so outputs can be "
+            "matched; "
             "de-duplicate the source or drop id_column."
         )
         raise DuplicateIdError(msg)
