@@ -456,3 +456,15 @@ def test_one_pass_duplicate_ids_fail_and_leave_no_shard(tmp_path):
         run(tmp_path, write_csv(tmp_path, frame), id_column="doc", max_concurrent_jobs=2)
     assert not (tmp_path / "run" / "input").exists()
     assert not (tmp_path / "run" / "rows").exists()
+
+
+def test_preprocess_a_duration_in_the_prompt_is_refused_by_name(tmp_path):
+    from datetime import timedelta
+
+    from tasks.errors import InputValidationError
+
+    source = tmp_path / "durations.parquet"
+    pl.DataFrame({"topic": [timedelta(seconds=i) for i in range(3)]}).write_parquet(source)
+    with pytest.raises(InputValidationError) as exc:  # a Polars traceback before
+        run(tmp_path, str(source))
+    assert "'topic' (Duration" in str(exc.value) and "no text form" in str(exc.value)

@@ -371,3 +371,25 @@ def test_run_fingerprint_of_a_local_hf_folder_follows_its_files(tmp_path):
     (saved / "extra.txt").write_text("changed")
     after = source_fingerprint(f"hf://{saved}")
     assert before["files"] and before != after
+
+
+def test_read_error_of_text_not_utf8_speaks_of_the_sources_own_format(tmp_path):
+    # Both were told "CSV file ... is not UTF-8 ... > fixed.csv".
+    latin = tmp_path / "latin.jsonl"
+    latin.write_bytes(b'{"topic": "caf\xe9"}\n')
+    message = str(_read(str(latin)))
+    assert message.startswith(f"JSONL file '{latin}' is not UTF-8"), message
+    assert "> fixed.jsonl" in message
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    binary = tmp_path / "bin.parquet"
+    pq.write_table(pa.table({"topic": pa.array([b"caf\xe9", b"ok"])}), binary)
+    with pytest.raises(SourceError) as exc:
+        try:
+            load_source(str(binary)).select(pl.col("topic").cast(pl.String)).collect()
+        except pl.exceptions.PolarsError as polars_error:
+            raise sources.read_error(polars_error, str(binary)) from None
+    assert "Parquet source" in str(exc.value) and "not UTF-8" in str(exc.value)
+    assert "CSV" not in str(exc.value)

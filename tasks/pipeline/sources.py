@@ -340,7 +340,11 @@ def read_error(exc: Exception, source: str) -> SourceError:
 
     text = bad_lines.polars_reason(exc)
     if "utf-8" in text.lower() or "utf8" in text.lower():
-        return SourceEncodingError(encoding_message(source))
+        try:
+            fmt = source_format(source)
+        except (SourceError, OSError):
+            fmt = None
+        return SourceEncodingError(encoding_message(source, fmt=fmt or "csv"))
     for file, fmt in _files_of(source):
         if file.lower().endswith(".zst"):
             continue
@@ -442,8 +446,16 @@ def _gzip_message(file: str, exc: Exception) -> str:
     )
 
 
-def encoding_message(file: str, offset: int | None = None, utf16: bool = False) -> str:
-    """The message for a CSV that is not UTF-8, with the fix."""
+def encoding_message(
+    file: str, offset: int | None = None, utf16: bool = False, fmt: str = "csv"
+) -> str:
+    """The message for a CSV or JSONL file (or Parquet text) that is not UTF-8, with the fix."""
+    if fmt == "parquet":
+        return (
+            f"Parquet source {file!r} holds text that is not UTF-8 (a binary column where the "
+            "prompt needs text?). Decode or cast that column to UTF-8 text, and write the file "
+            "again."
+        )
     where = f" (first bad byte at offset {offset})" if offset is not None else ""
     encoding = "utf-16" if utf16 else "latin1"
     if utf16:
@@ -452,7 +464,8 @@ def encoding_message(file: str, offset: int | None = None, utf16: bool = False) 
     if file.lower().endswith(".gz"):
         where = f" (first bad byte at offset {offset} of its text)" if offset is not None else where
         recode = f"gunzip -c {file} | iconv -f {encoding} -t utf-8"
+    ext = "jsonl" if fmt == "jsonl" else "csv"
     return (
-        f"CSV file {file!r} is not UTF-8{where}. Re-encode it, e.g. `{recode} > fixed.csv`, or "
-        "save it as Parquet."
+        f"{ext.upper()} file {file!r} is not UTF-8{where}. Re-encode it, e.g. `{recode} > "
+        f"fixed.{ext}`, or save it as Parquet."
     )

@@ -30,6 +30,9 @@ RESERVED_COLUMNS = (
 )
 # Types a prompt can be rendered from: a list or a struct has no single text form.
 _NESTED = (pl.List, pl.Array, pl.Struct, pl.Object)
+# Nor a duration: Polars cannot cast it to text (a traceback before). Binary stays: Parquet
+# writers such as older Spark store text as plain BINARY, read back as bytes of UTF-8.
+_NO_TEXT = (pl.Duration,)
 
 
 def template_for(
@@ -82,6 +85,13 @@ def check_columns(
             f"Column(s) {', '.join(nested)} used by {prompt} hold lists or structs, which have no "
             "single text form. Flatten them into a text column first (e.g. join a list), or "
             "name a field with its own column."
+        )
+        raise InputValidationError(msg)
+    untyped = [f"{c!r} ({schema[c]})" for c in needed if isinstance(schema[c], _NO_TEXT)]
+    if untyped:
+        msg = (
+            f"Column(s) {', '.join(untyped)} used by {prompt} have no text form to put in a "
+            "prompt. Convert them to a text column first (write a duration as text)."
         )
         raise InputValidationError(msg)
     if id_column is not None and id_column not in schema:
