@@ -330,6 +330,19 @@ def test_load_source_hf_from_a_folder_of_parquet_files(tmp_path):
     assert sorted(frame["input_text"].to_list()) == ["a", "b", "c"]
 
 
+def test_load_source_hf_folder_of_parquet_files_that_disagree_is_one_line(tmp_path):
+    # datasets' DatasetGenerationError came out as a traceback.
+    folder = tmp_path / "pq"
+    folder.mkdir()
+    pl.DataFrame({"topic": ["a", "b"], "n": [1, 2]}).write_parquet(folder / "a.parquet")
+    pl.DataFrame({"n": [3.5], "topic": ["c"]}).write_parquet(folder / "b.parquet")
+    with pytest.raises(SourceError) as exc:
+        load_source(f"hf://{folder}").collect()
+    message = str(exc.value)
+    assert f"the .parquet files under {folder} could not be read as one dataset" in message
+    assert "DatasetGenerationError" in message and "\n" not in message
+
+
 def test_load_source_hf_unreachable_hub_fails_fast_with_the_offline_switch(monkeypatch):
     import time
 

@@ -144,7 +144,16 @@ def _load_hf_local(path: Path, config: str | None, split: str, source: str):
     for builder, suffix in (("parquet", ".parquet"), ("arrow", ".arrow")):
         files = sorted(str(f) for f in path.rglob(f"*{suffix}"))
         if files:
-            return datasets.load_dataset(builder, data_files={split: files}, split=split)
+            try:
+                return datasets.load_dataset(builder, data_files={split: files}, split=split)
+            except Exception as exc:  # datasets' own errors (files of different schemas...)
+                reason = str(exc.__cause__ or exc).strip().splitlines()[0][:500]
+                msg = (
+                    f"source {source!r}: the {suffix} files under {path} could not be read as "
+                    f"one dataset ({type(exc).__name__}: {reason}). Give files of one schema, "
+                    "or pass them as a Parquet glob to be told which file differs."
+                )
+                raise SourceError(msg) from exc
     msg = (
         f"source {source!r}: {path} holds neither a dataset saved with save_to_disk nor "
         ".parquet / .arrow files."
