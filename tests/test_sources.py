@@ -406,3 +406,13 @@ def test_read_error_of_text_not_utf8_speaks_of_the_sources_own_format(tmp_path):
             raise sources.read_error(polars_error, str(binary)) from None
     assert "Parquet source" in str(exc.value) and "not UTF-8" in str(exc.value)
     assert "CSV" not in str(exc.value)
+
+
+def test_load_source_glob_with_an_empty_jsonl_names_it(tmp_path):
+    # Polars: "Cannot infer NDJSON types on empty reader", naming no file.
+    (tmp_path / "a.jsonl").write_text('{"topic": "a"}\n')
+    (tmp_path / "b.jsonl").write_text("\n")
+    with pytest.raises(SourceError) as exc:
+        load_source(str(tmp_path / "*.jsonl"))
+    assert f"The file '{tmp_path / 'b.jsonl'}'" in str(exc.value)
+    assert "is empty: remove it" in str(exc.value)

@@ -263,10 +263,16 @@ def _scan_files(
         return _scan(fmt, files, storage_options, csv_types)
     scans = [_scan(fmt, f, storage_options, csv_types) for f in files]
     columns = []
-    for scan in scans:
+    for file, scan in zip(files, scans, strict=True):
         try:
             columns.append(scan.collect_schema().names())
         except pl.exceptions.PolarsError as exc:
+            if _is_empty(file):  # Polars: "Cannot infer NDJSON types on empty reader"
+                msg = (
+                    f"The file {file!r} of source {source!r} is empty: remove it, or give a "
+                    "glob that leaves it out."
+                )
+                raise SourceError(msg) from None
             raise read_error(exc, source) from None
     first = set(columns[0])
     for file, names in zip(files[1:], columns[1:], strict=True):
@@ -284,6 +290,20 @@ def _scan_files(
             raise SourceError(msg)
     # Columns matched by name; a column typed differently across files takes a common type.
     return pl.concat(scans, how="diagonal_relaxed")
+
+
+def _is_empty(file: str) -> bool:
+    """Whether a file holds nothing but white space (read on the error path only)."""
+    from tasks.aws import storage
+
+    try:
+        stream = storage.open_stream(file)
+    except OSError:
+        return False
+    try:
+        return not stream.read(1 << 16).strip()
+    finally:
+        stream.close()
 
 
 def _load_s3(source: str, csv_types: CsvTypes) -> pl.LazyFrame:
