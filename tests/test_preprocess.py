@@ -468,3 +468,12 @@ def test_preprocess_a_duration_in_the_prompt_is_refused_by_name(tmp_path):
     with pytest.raises(InputValidationError) as exc:  # a Polars traceback before
         run(tmp_path, str(source))
     assert "'topic' (Duration" in str(exc.value) and "no text form" in str(exc.value)
+
+
+def test_preprocess_too_few_rows_left_after_skipping_says_how_many_were_skipped(tmp_path):
+    frame = pl.DataFrame({"topic": ["a", None, "", "b"]})
+    with pytest.raises(TooFewRecordsError) as exc:
+        run(tmp_path, write_csv(tmp_path, frame), on_missing="skip")
+    message = str(exc.value)
+    assert message.startswith("Only 2 records to send")
+    assert "Of the source's 4 rows, 2 were skipped for a missing value" in message

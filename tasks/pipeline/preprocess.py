@@ -302,7 +302,17 @@ def _plan_ranges(w: _Work) -> tuple[list[tuple[int, int]], list[int], int, int]:
 
     valid = stats.filter(ok) if n_missing else stats
     target_jobs = 1 if w.opts.max_records_per_job is not None else w.opts.max_concurrent_jobs
-    ranges = _cut(valid, w.max_records, w.max_bytes, target_jobs, w.quotas)
+    try:
+        ranges = _cut(valid, w.max_records, w.max_bytes, target_jobs, w.quotas)
+    except TooFewRecordsError as exc:
+        if not n_missing:
+            raise
+        # "Only 0 records to send ... Add rows" said nothing of the rows the source has.
+        msg = (
+            f"{exc} Of the source's {total:,} rows, {n_missing:,} were skipped for a missing "
+            'value (on_missing="skip"): fill them in to send them.'
+        )
+        raise TooFewRecordsError(msg) from None
     if ranges is None:
         # The cheap bound says a limit may bind: measure the exact line sizes.
         exact = V.collect(
