@@ -477,3 +477,21 @@ def test_preprocess_too_few_rows_left_after_skipping_says_how_many_were_skipped(
     message = str(exc.value)
     assert message.startswith("Only 2 records to send")
     assert "Of the source's 4 rows, 2 were skipped for a missing value" in message
+
+
+def test_preprocess_a_source_column_named_like_an_answer_field_is_refused(tmp_path):
+    # grade_answer's schema writes `correct` and `reason`: a source column `reason` made every
+    # shard's merge fail on a duplicate name, after its job was paid.
+    from tasks.errors import InputValidationError
+
+    frame = pl.DataFrame(
+        {
+            "source": ["q1", "q2", "q3"],
+            "target": ["a", "b", "c"],
+            "answer_response_text": ["a", "x", "c"],
+            "reason": ["r1", "r2", "r3"],
+        }
+    )
+    with pytest.raises(InputValidationError) as exc:
+        run(tmp_path, write_csv(tmp_path, frame), prompt_id="grade_answer")
+    assert "'reason'" in str(exc.value) and "output schema" in str(exc.value)

@@ -219,7 +219,8 @@ def _resolve(source: str, opts: PreprocessOptions, out_dir: Path) -> _Work:
         raise read_error(exc, source) from None
     check_header(schema.names(), source)
     what = f"prompt template {opts.prompt_id!r}" if opts.prompt_id else "the text column"
-    V.check_columns(schema, template.columns, opts.id_column, what)
+    answer = template.output_schema.fields if template.output_schema is not None else ()
+    V.check_columns(schema, template.columns, opts.id_column, what, answer)
     out_dir.mkdir(parents=True, exist_ok=True)
     return _Work(
         source=source,

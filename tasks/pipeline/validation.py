@@ -61,9 +61,16 @@ def template_for(
 
 
 def check_columns(
-    schema: pl.Schema, needed: tuple[str, ...], id_column: str | None, prompt: str
+    schema: pl.Schema,
+    needed: tuple[str, ...],
+    id_column: str | None,
+    prompt: str,
+    answer_fields: list[str] | tuple[str, ...] = (),
 ) -> None:
-    """The columns the prompt and id need exist, can be rendered, and clash with no output."""
+    """The columns the prompt and id need exist, can be rendered, and clash with no output.
+
+    ``answer_fields``: the typed columns the template's output schema adds to the output.
+    """
     found = list(schema.names())
     missing = [c for c in needed if c not in schema]
     if missing:
@@ -97,6 +104,16 @@ def check_columns(
     if id_column is not None and id_column not in schema:
         msg = f"id_column {id_column!r} is not in the source. Columns found: {', '.join(found)}."
         raise MissingColumnsError(msg)
+    # A source column named like a schema field made every shard's merge fail, after its
+    # job was paid (a duplicate output name), on every re-run too.
+    fields = [c for c in found if c in answer_fields]
+    if fields:
+        msg = (
+            f"The source has column(s) {', '.join(repr(c) for c in fields)}, which {prompt}'s "
+            "output schema also writes (a field of the answer). Rename the column in the "
+            "source, or drop it."
+        )
+        raise InputValidationError(msg)
     clashes = [c for c in found if c in RESERVED_COLUMNS or c.startswith("__")]
     if clashes:
         msg = (
