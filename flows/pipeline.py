@@ -69,6 +69,8 @@ def _stage_params(params: PipelineParams, stage: Stage, index: int) -> BatchPara
 def record_definition(params: PipelineParams, stages: list[Stage]) -> dict[str, Any] | None:
     """Record the pipeline's definition (or refuse a changed one); a finished run's summary."""
     base = S.pipeline_dir(params.output_uri, params.run_name)
+    # Every stage checked before the definition is recorded and stage 1 is paid.
+    S.check_stages(stages, S.source_columns(params.source))
     S.check_definition(base, stages, params.source, params.restart)
     summary_uri = storage.join(base, S.SUMMARY_FILE)
     if not params.restart and storage.exists(summary_uri):

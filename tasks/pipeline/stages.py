@@ -106,6 +106,89 @@ def check_definition(base: str, stages: list[Stage], source: str, restart: bool)
     storage.write_bytes(uri, json.dumps(current, indent=1).encode())
 
 
+def check_stages(stages: list[Stage], source: list[str]) -> None:
+    """What can be known wrong in any stage before stage 1 is paid, one line each.
+
+    Each stage's template, model and options, its filter's SQL and columns, its carried
+    columns and its template's columns, against the columns each stage will have. Before,
+    such a mistake in stage 2 showed only after stage 1's jobs were paid, and fixing it meant
+    a restart that paid stage 1 again.
+    """
+    from prompt_templates import get_template
+    from tasks.bedrock.families import family_for
+
+    names = [s.name for s in stages]
+    doubled = sorted({n for n in names if names.count(n) > 1})
+    if doubled:
+        msg = (
+            f"Stage name(s) {', '.join(doubled)} used more than once: each stage needs its own "
+            "name (it names the stage's run and prefixes its columns)."
+        )
+        raise PlanError(msg)
+    taken = [c for c in source if c == ROW_ID or any(c.startswith(f"{n}_") for n in names)]
+    if taken:
+        msg = (
+            f"The source has column(s) {', '.join(repr(c) for c in taken)}, which the pipeline "
+            f"writes itself ({ROW_ID}, and <stage>_<column> for its stages "
+            f"{', '.join(names)}). Rename them in the source (a joined pipeline output fed to "
+            "another pipeline carries them)."
+        )
+        raise PlanError(msg)
+    columns = list(source)
+    for index, stage in enumerate(stages):
+        template = get_template(stage.prompt_id)
+        family = family_for(stage.model_id, stage.invocation_type)
+        family.options(template.inference_params(), stage.inference.as_dict())
+        if index > 0:
+            columns = _next_stage_columns(stages[index - 1], stage, columns)
+        missing = [c for c in template.columns if c not in columns]
+        if missing:
+            msg = (
+                f"Stage {stage.name}'s template {stage.prompt_id!r} needs column(s) "
+                f"{', '.join(repr(c) for c in missing)}, which its input does not have "
+                f"({', '.join(columns)}). "
+                + (
+                    "Carry them from the stage before (Stage.carry)."
+                    if index
+                    else "Rename the source's columns or pick another template."
+                )
+            )
+            raise PlanError(msg)
+
+
+def _next_stage_columns(previous: Stage, stage: Stage, inputs: list[str]) -> list[str]:
+    """The input columns of `stage`, from those of the stage before it (as build_stage_input)."""
+    results = result_columns(previous)
+    outputs = [ROW_ID, *[c for c in inputs if c != ROW_ID], *results]
+    if stage.filter:
+        try:
+            used = pl.sql_expr(stage.filter).meta.root_names()
+        except Exception as exc:  # noqa: BLE001 - Polars' SQL errors have several types
+            reason = str(exc).strip().splitlines()[0]
+            msg = f"Stage {stage.name}'s filter {stage.filter!r} is not SQL Polars reads: {reason}"
+            raise PlanError(msg) from None
+        unknown = sorted(set(used) - set(outputs))
+        if unknown:
+            msg = (
+                f"Stage {stage.name}'s filter {stage.filter!r} names {', '.join(unknown)}, not "
+                f"columns of stage {previous.name}'s output ({', '.join(outputs)})."
+            )
+            raise PlanError(msg)
+    schema = output_schema_for(previous.prompt_id)
+    default = [c for c in inputs if c != ROW_ID] + [C.RESPONSE_TEXT]
+    default += list(schema.columns) if schema is not None else []
+    carry = stage.carry if stage.carry is not None else default
+    missing = sorted(set(carry) - set(outputs))
+    if missing:
+        msg = (
+            f"Stage {stage.name} carries {missing}, not columns of stage {previous.name}'s "
+            f"output ({', '.join(outputs)})."
+        )
+        raise PlanError(msg)
+    prefixed = set(results)
+    return [ROW_ID, *[f"{previous.name}_{c}" if c in prefixed else c for c in carry]]
+
+
 def source_columns(source: str) -> list[str]:
     """The columns of the pipeline's source."""
     return load_source(source).collect_schema().names()

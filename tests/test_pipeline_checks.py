@@ -1,0 +1,77 @@
+"""A pipeline's mistakes in any stage are found before stage 1 is paid."""
+
+from __future__ import annotations
+
+import pytest
+
+from data.make_samples import simplecot
+from flows.pipeline import PipelineParams, batch_pipeline
+from pipelines import NOVA_LITE, Stage
+from tasks.errors import PlanError, TemplateError, UnknownModelError
+from tasks.pipeline.stages import check_stages
+
+CLAUDE = "anthropic.claude-3-haiku-20240307-v1:0"
+SOURCE = ["source", "target", "rationale", "task", "type"]  # simplecot's columns
+
+
+def _stages(**grade) -> list[Stage]:
+    fields = dict(
+        name="grade",
+        prompt_id="grade_answer",
+        model_id=CLAUDE,
+        filter="error_code IS NULL",
+        carry=["source", "target", "response_text"],
+    )
+    fields.update(grade)
+    return [
+        Stage(name="answer", prompt_id="answer_with_rationale", model_id=NOVA_LITE),
+        Stage(**fields),
+    ]
+
+
+def test_a_sound_pipeline_passes():
+    check_stages(_stages(), SOURCE)
+    check_stages(_stages(carry=None), SOURCE)  # the default carry keeps what grading needs
+
+
+@pytest.mark.parametrize(
+    ("grade", "error", "words"),
+    [
+        ({"prompt_id": "grade_answr"}, TemplateError, "grade_answr"),
+        ({"model_id": "acme.unknown-v1"}, UnknownModelError, "acme.unknown-v1"),
+        ({"filter": "eror_code IS NULL"}, PlanError, "names eror_code, not columns"),
+        ({"filter": "error_code IS NUL"}, PlanError, "is not SQL Polars reads"),
+        ({"carry": ["source", "response_txt"]}, PlanError, "carries ['response_txt']"),
+        ({"carry": ["source", "response_text"]}, PlanError, "needs column(s) 'target'"),
+        ({"name": "answer"}, PlanError, "answer used more than once"),
+        ({"inference": {"max_tokens": 9000}}, Exception, "max_tokens=9000 is over"),
+    ],
+)
+def test_a_mistake_in_stage_two_is_named(grade, error, words):
+    with pytest.raises(error) as exc:
+        check_stages(_stages(**grade), SOURCE)
+    assert words in str(exc.value), str(exc.value)
+
+
+def test_a_source_that_holds_pipeline_columns_is_refused():
+    # A joined pipeline output fed to another pipeline: its ids and prefixed columns clashed
+    # at the final join, after every stage was paid.
+    with pytest.raises(PlanError) as exc:
+        check_stages(_stages(), [*SOURCE, "pipeline_row_id", "answer_response_text"])
+    assert "'pipeline_row_id', 'answer_response_text'" in str(exc.value)
+
+
+def test_a_bad_stage_two_stops_the_pipeline_before_any_job(stack, tmp_path):
+    source = tmp_path / "simplecot.jsonl"
+    simplecot(120).write_ndjson(source)
+    params = PipelineParams(
+        source=str(source),
+        output_uri=str(tmp_path / "out"),
+        run_name="pipe-typo",
+        stages=_stages(filter="eror_code IS NULL"),
+    )
+    with pytest.raises(PlanError, match="eror_code"):
+        batch_pipeline(params)
+    assert stack.ledger(name_contains="pipe-typo") == []
+    # Not recorded: the corrected pipeline runs under the same name without a restart.
+    assert not (tmp_path / "out" / "pipe-typo" / "pipeline.json").exists()
