@@ -75,3 +75,37 @@ def test_a_bad_stage_two_stops_the_pipeline_before_any_job(stack, tmp_path):
     assert stack.ledger(name_contains="pipe-typo") == []
     # Not recorded: the corrected pipeline runs under the same name without a restart.
     assert not (tmp_path / "out" / "pipe-typo" / "pipeline.json").exists()
+
+
+@pytest.mark.slow
+def test_a_finished_pipeline_whose_template_or_source_changed_is_refused(
+    stack, tmp_path, monkeypatch
+):
+    # The definition held prompt ids and the source's name only: after an edit of the
+    # template's text, or of the source file, the re-run returned the old summary.
+    import dataclasses
+
+    import prompt_templates
+    from tasks.errors import RunIdentityError
+
+    source = tmp_path / "simplecot.jsonl"
+    simplecot(120).write_ndjson(source)
+    params = PipelineParams(
+        source=str(source), output_uri=str(tmp_path / "out"), run_name="pipe-edit", stages=_stages()
+    )
+    first = batch_pipeline(params)
+    assert first["rows"] == 120
+    assert batch_pipeline(params) == first  # unchanged: reported, nothing paid
+    jobs = len(stack.ledger(name_contains="pipe-edit"))
+
+    grade = prompt_templates.prompt_id_to_template["grade_answer"]
+    edited = dataclasses.replace(grade, text=grade.text + "\nBe strict.")
+    monkeypatch.setitem(prompt_templates.prompt_id_to_template, "grade_answer", edited)
+    with pytest.raises(RunIdentityError, match=r"changed: grade\)"):
+        batch_pipeline(params)
+    monkeypatch.setitem(prompt_templates.prompt_id_to_template, "grade_answer", grade)
+
+    simplecot(130).write_ndjson(source)
+    with pytest.raises(RunIdentityError, match=r"changed: source\)"):
+        batch_pipeline(params)
+    assert len(stack.ledger(name_contains="pipe-edit")) == jobs

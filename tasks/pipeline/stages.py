@@ -85,21 +85,56 @@ def result_columns(stage: Stage) -> list[str]:
     return [C.RECORD_ID, *C.TEXT_RESULT_COLUMNS, *typed, *C.STATUS_COLUMNS, *extra]
 
 
+def _template_of(prompt_id: str) -> dict[str, Any]:
+    """What of a stage's template decides its answers (a prompt id alone does not)."""
+    from prompt_templates import get_template
+
+    t = get_template(prompt_id)
+    schema = t.output_schema.schema_json() if t.output_schema is not None else None
+    return {"text": t.text, "system": t.system, "params": t.inference_params(), "schema": schema}
+
+
 def check_definition(base: str, stages: list[Stage], source: str, restart: bool) -> None:
-    """Record the pipeline's definition, or refuse a changed one before anything is spent."""
+    """Record the pipeline's definition, or refuse a changed one before anything is spent.
+
+    The definition holds what decides the answers: the source's content (as a batch run's
+    identity has it), and each stage with its template's text, system prompt, parameters
+    and schema. With the prompt id and the source's name alone, a finished pipeline whose
+    template or source file was edited returned its old summary as if nothing changed.
+    """
+    from tasks.run.identity import comparable, source_fingerprint
+
     uri = storage.join(base, DEFINITION_FILE)
-    current = {"source": source, "stages": [s.model_dump(mode="json") for s in stages]}
-    if storage.exists(uri) and not restart:
-        recorded = json.loads(storage.read_bytes(uri))
-        if recorded != current:
+    recorded = json.loads(storage.read_bytes(uri)) if storage.exists(uri) else None
+    known = (
+        recorded.get("source") if recorded and isinstance(recorded.get("source"), dict) else None
+    )
+    current = {
+        "source": source_fingerprint(source, known),
+        "stages": [
+            {**s.model_dump(mode="json"), "template": _template_of(s.prompt_id)} for s in stages
+        ],
+    }
+    if recorded is not None and not restart and isinstance(recorded.get("source"), str):
+        # Recorded before the definition held contents: compared as it was then, then kept
+        # in today's form, so a pipeline started earlier resumes instead of being refused.
+        before = {"source": source, "stages": [s.model_dump(mode="json") for s in stages]}
+        if recorded == before:
+            recorded = current
+            storage.write_bytes(uri, json.dumps(current, indent=1).encode())
+    if recorded is not None and not restart:
+        if comparable(recorded) != comparable(current):
             changed = [
                 s.get("name", "?")
                 for s, r in zip(current["stages"], recorded["stages"] + [{}] * 9, strict=False)
-                if s != r
-            ] or ["source"]
+                if comparable(s) != comparable(r)
+            ]
+            if comparable(recorded.get("source")) != comparable(current["source"]):
+                changed.insert(0, "source")
             msg = (
                 f"Pipeline run {base} was started with another definition (changed: "
-                f"{', '.join(changed)}); nothing was submitted. Use a new run name, or restart."
+                f"{', '.join(changed) or 'stages'}); nothing was submitted. Use a new run "
+                "name, or restart."
             )
             raise RunIdentityError(msg)
         return

@@ -58,17 +58,18 @@ class RunIdentity:
         return cls(body["fingerprint"], body["run_id"], body.get("created_at"))
 
 
-def _comparable(value: Any) -> Any:
+def comparable(value: Any) -> Any:
+    """``value`` without the modification times, which decide nothing (a touched file)."""
     if isinstance(value, dict):
-        return {k: _comparable(v) for k, v in value.items() if k != MTIME}
+        return {k: comparable(v) for k, v in value.items() if k != MTIME}
     if isinstance(value, list):
-        return [_comparable(v) for v in value]
+        return [comparable(v) for v in value]
     return value
 
 
 def fingerprint_digest(fingerprint: dict[str, Any]) -> str:
     """sha256 of the fingerprint without the modification times."""
-    text = json.dumps(_comparable(fingerprint), sort_keys=True, separators=(",", ":"))
+    text = json.dumps(comparable(fingerprint), sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(text.encode()).hexdigest()
 
 
@@ -161,7 +162,7 @@ def fingerprint_of(params: BatchParams, known: dict[str, Any] | None = None) -> 
 def differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
     """What changed between two fingerprints, one line per changed field."""
     lines = []
-    old, new = _comparable(old), _comparable(new)
+    old, new = comparable(old), comparable(new)
     for key in sorted(set(old) | set(new)):
         before, after = old.get(key), new.get(key)
         if before == after:
