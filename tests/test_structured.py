@@ -78,6 +78,21 @@ def test_apply_schema_json_in_prose_and_fenced_block_are_found():
     assert out["correct"].to_list() == [True, True]
 
 
+def test_apply_schema_finds_the_answer_among_other_braces():
+    # Good answers were refused ("Extra data at character 91") and retried, paid again.
+    texts = [
+        f"{CLEAN}\n\nI hope this helps.",
+        f"Here it is: {CLEAN} Note: I used {{braces}} in my reasoning.",
+        f'The input was {{"label": "unsure"}}. Answer: {CLEAN}',
+        f"{CLEAN}\n\nThe echoed row was {{x}}",
+        f"{CLEAN} and, redone, {CLEAN}",
+    ]
+    out = _apply(texts)
+    assert out[C.ERROR_CODE].to_list() == [None] * len(texts), out[C.ERROR_MESSAGE].to_list()
+    assert out["label"].to_list() == ["positive"] * len(texts)
+    assert out["confidence"].to_list() == [0.9] * len(texts)
+
+
 def test_apply_schema_extra_fields_are_ignored_and_kept_in_the_text():
     text = '{"label": "neutral", "confidence": 1, "correct": false, "mood": "calm"}'
     out = _apply([text])

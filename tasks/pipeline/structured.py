@@ -192,11 +192,50 @@ def json_candidate_expr(text: pl.Expr) -> pl.Expr:
     """The JSON object text an answer holds: a fenced block, the whole text, or {...} in prose."""
     fenced = text.str.extract(r"(?s)```(?:json|JSON)?\s*(\{.*?\})\s*```", 1)
     stripped = text.str.strip_chars()
-    whole = pl.when(stripped.str.starts_with("{")).then(stripped)
+    # Whole only when it ends as an object too: "{...}\n\nI hope this helps." is prose.
+    whole = pl.when(stripped.str.starts_with("{") & stripped.str.ends_with("}")).then(stripped)
     in_prose = text.str.extract(r"(?s)(\{.*\})", 1)
     # An opening brace with no closing one: a cut answer, kept so the reason can say so.
     cut = text.str.extract(r"(?s)(\{.*)", 1)
     return pl.coalesce(fenced, whole, in_prose, cut)
+
+
+def _object_in(text: str, schema: dict[str, Any]) -> str | None:
+    """The JSON object in ``text`` that fits ``schema`` (else the first one), by trying each
+    opening brace: the few rows the vectorised candidates miss (braces in the prose around
+    the answer, or an echoed object before it)."""
+    decoder = json.JSONDecoder()
+    first = None
+    start = text.find("{")
+    while start != -1:
+        try:
+            value, end = decoder.raw_decode(text, start)
+        except ValueError:
+            pass
+        else:
+            if isinstance(value, dict):
+                if _problem(value, schema, "$") is None:
+                    return text[start:end]
+                first = first or text[start:end]
+        start = text.find("{", start + 1)
+    return first
+
+
+def _decode_again(answered: pl.DataFrame, schema: OutputSchema) -> pl.DataFrame:
+    """Rows not decoded whose text holds an object elsewhere get that object instead."""
+    missed = answered.filter(
+        pl.col(_DECODED).is_null() & pl.col(C.RESPONSE_TEXT).str.contains("{", literal=True)
+    )
+    if not missed.height:
+        return answered
+    found = [_object_in(text, schema.json_schema) for text in missed[C.RESPONSE_TEXT]]
+    retry = missed.select("__i", pl.Series(_CANDIDATE, found, dtype=pl.String)).filter(
+        pl.col(_CANDIDATE).is_not_null()
+    )
+    if not retry.height:
+        return answered
+    again = _decode(retry, schema.dtype).filter(pl.col(_DECODED).is_not_null())
+    return answered.update(again, on="__i")
 
 
 def _decode(frame: pl.DataFrame, dtype: pl.Struct) -> pl.DataFrame:
@@ -329,7 +368,7 @@ def apply_schema(frame: pl.DataFrame, schema: OutputSchema) -> pl.DataFrame:
     answered = frame.with_row_index("__i").filter(pl.col(C.ERROR_CODE).is_null())
     answered = answered.with_columns(json_candidate_expr(pl.col(C.RESPONSE_TEXT)).alias(_CANDIDATE))
     answered = (
-        _decode(answered, schema.dtype)
+        _decode_again(_decode(answered, schema.dtype), schema)
         if answered.height
         else answered.with_columns(pl.lit(None, dtype=schema.dtype).alias(_DECODED))
     )
