@@ -93,6 +93,55 @@ def test_apply_schema_finds_the_answer_among_other_braces():
     assert out["confidence"].to_list() == [0.9] * len(texts)
 
 
+class Inner(BaseModel):
+    """A nested object."""
+
+    label: Literal["a", "b"]
+    score: int
+
+
+class Nested(BaseModel):
+    """Nested objects, arrays of enums and integers: what Polars decodes leniently."""
+
+    inner: Inner
+    tags: list[Literal["x", "y"]]
+    count: int
+
+
+NESTED = OutputSchema.from_model(Nested, name="nested")
+NESTED_OK = {"inner": {"label": "a", "score": 1}, "tags": ["x"], "count": 3}
+COLUMNS = (C.RESPONSE_TEXT, C.STOP_REASON, C.ERROR_CODE, C.ERROR_MESSAGE)
+
+
+@pytest.mark.parametrize(
+    ("answer", "reason"),
+    [
+        ({**NESTED_OK, "inner": {"label": "zzz", "score": 1}}, "$.inner.label: zzz is not one of"),
+        ({**NESTED_OK, "inner": {"label": "a"}}, "$.inner.score: required field is missing"),
+        ({**NESTED_OK, "inner": {}}, "$.inner.label: required field is missing"),
+        ({**NESTED_OK, "tags": ["x", "nope"]}, "$.tags[]: an item is not one of"),
+        ({**NESTED_OK, "tags": "x"}, "$.tags: expected array, got a single value"),
+        ({**NESTED_OK, "count": 3.7}, "$.count: expected integer, got 3.7"),
+        ({**NESTED_OK, "inner": {"label": "a", "score": 1.5}}, "$.inner.score: expected integer"),
+    ],
+)
+def test_apply_schema_checks_nested_fields_and_what_polars_decodes_leniently(answer, reason):
+    # Each passed before, some with a wrong value (3.7 written as 3, "x" as ["x"]).
+    frame = pl.DataFrame(
+        {
+            C.RESPONSE_TEXT: [json.dumps(NESTED_OK), json.dumps(answer)],
+            C.STOP_REASON: ["end_turn"] * 2,
+            C.ERROR_CODE: [None, None],
+            C.ERROR_MESSAGE: [None, None],
+        },
+        schema=dict.fromkeys(COLUMNS, pl.String),
+    )
+    out = apply_schema(frame, NESTED)
+    assert out[C.ERROR_CODE].to_list() == [None, "SchemaValidationError"]
+    assert reason in out[C.ERROR_MESSAGE][1], out[C.ERROR_MESSAGE][1]
+    assert out["count"].to_list() == [3, None] and out["inner"][0] == {"label": "a", "score": 1}
+
+
 def test_apply_schema_extra_fields_are_ignored_and_kept_in_the_text():
     text = '{"label": "neutral", "confidence": 1, "correct": false, "mood": "calm"}'
     out = _apply([text])
@@ -142,9 +191,7 @@ def test_apply_schema_rows_that_already_failed_keep_their_error():
             C.ERROR_CODE: ["429"],
             C.ERROR_MESSAGE: ["ThrottlingException"],
         },
-        schema={
-            c: pl.String for c in (C.RESPONSE_TEXT, C.STOP_REASON, C.ERROR_CODE, C.ERROR_MESSAGE)
-        },
+        schema=dict.fromkeys(COLUMNS, pl.String),
     )
     out = apply_schema(frame, SCHEMA)
     assert out[C.ERROR_CODE].to_list() == ["429"]

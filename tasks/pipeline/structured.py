@@ -328,33 +328,88 @@ def _lenient_type_checks(schema: OutputSchema) -> list[tuple[pl.Expr, pl.Expr]]:
 
 
 def validation_exprs(schema: OutputSchema) -> list[tuple[pl.Expr, pl.Expr]]:
-    """(is_bad, reason) over the decoded struct: required fields, enums, strict strings."""
+    """(is_bad, reason) over the decoded struct, nested fields included: required fields,
+    enums (of arrays' items too), strict strings, integers and arrays as written.
+
+    Polars decodes leniently where the schema is strict (3.7 into an integer field as 3, a
+    lone "x" into a list field as ["x"]), so integers and arrays are checked on the answer's
+    own JSON text; the rest on the decoded values. Before, only top-level fields were checked
+    and a nested enum or required field passed unseen.
+    """
     decoded = pl.col(_DECODED)
     checks: list[tuple[pl.Expr, pl.Expr]] = [
         (decoded.is_null(), pl.lit(None, dtype=pl.String))  # explained one by one
     ]
-    for name in schema.required:
-        checks.append(
-            (
-                decoded.struct.field(name).is_null(),
-                pl.lit(f"$.{name}: required field is missing."),
-            )
-        )
+    checks += _required(decoded, schema.json_schema, "$")
     checks += _lenient_type_checks(schema)
     for name, node in schema.properties.items():
-        if "enum" in node:
-            value = decoded.struct.field(name)
-            allowed = [v for v in node["enum"] if v is not None]
+        checks += _field_checks(decoded.struct.field(name), node, f"$.{name}")
+    return checks
+
+
+def _required(value: pl.Expr, node: dict[str, Any], where: str) -> list[tuple[pl.Expr, pl.Expr]]:
+    """An object's required fields that are missing (an object that is there)."""
+    return [
+        (
+            value.is_not_null() & value.struct.field(name).is_null(),
+            pl.lit(f"{where}.{name}: required field is missing."),
+        )
+        for name in _unwrap(node).get("required", [])
+    ]
+
+
+def _raw(where: str) -> pl.Expr:
+    """The JSON text at ``where`` in the answer (a string value without its quotes)."""
+    return pl.col(_CANDIDATE).str.json_path_match(where)
+
+
+def _field_checks(value: pl.Expr, node: dict[str, Any], where: str) -> list:
+    """The checks of one field and, for objects, of its own fields."""
+    node = _unwrap(node)
+    kind = _type_of(node)
+    plain = re.fullmatch(r"\$(\.[A-Za-z_][A-Za-z0-9_]*)+", where) is not None
+    checks: list[tuple[pl.Expr, pl.Expr]] = []
+    if "enum" in node:
+        allowed = [v for v in node["enum"] if v is not None]
+        checks.append(
+            (
+                value.is_not_null() & ~value.is_in(allowed),
+                pl.concat_str(
+                    pl.lit(f"{where}: "),
+                    value.cast(pl.String),
+                    pl.lit(f" is not one of {node['enum']}."),
+                ),
+            )
+        )
+    if kind == "integer" and plain:
+        raw = _raw(where)
+        checks.append(
+            (
+                value.is_not_null() & ~raw.str.contains(r"^-?\d+$"),
+                pl.concat_str(pl.lit(f"{where}: expected integer, got "), raw, pl.lit(".")),
+            )
+        )
+    if kind == "array":
+        if plain:
             checks.append(
                 (
-                    value.is_not_null() & ~value.is_in(allowed),
-                    pl.concat_str(
-                        pl.lit(f"$.{name}: "),
-                        value.cast(pl.String),
-                        pl.lit(f" is not one of {node['enum']}."),
-                    ),
+                    value.is_not_null() & ~_raw(where).str.starts_with("["),
+                    pl.lit(f"{where}: expected array, got a single value."),
                 )
             )
+        items = _unwrap(node.get("items") or {})
+        if "enum" in items:
+            allowed = [v for v in items["enum"] if v is not None]
+            checks.append(
+                (
+                    value.is_not_null() & ~value.list.eval(pl.element().is_in(allowed)).list.all(),
+                    pl.lit(f"{where}[]: an item is not one of {items['enum']}."),
+                )
+            )
+    if kind == "object":
+        checks += _required(value, node, where)
+        for name, child in (node.get("properties") or {}).items():
+            checks += _field_checks(value.struct.field(name), child, f"{where}.{name}")
     return checks
 
 
