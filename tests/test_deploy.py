@@ -61,6 +61,23 @@ def test_deploy_all_creates_every_deployment(deployed):
     assert monitor.schedules[0].schedule.interval.total_seconds() == 300
 
 
+def test_the_monitors_schedule_makes_runs(deployed):
+    # The server's scheduler inserts a schedule's runs in bulk; under SQLAlchemy 2.1 (allowed by
+    # prefect 3.8.8's own range) it failed on every pass ("Can't evaluate bulk DML statement")
+    # and no scheduled deployment ever ran. The same insert, through the API's schedule call.
+    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId
+
+    with get_client(sync_client=True) as client:
+        monitor = client.read_deployment_by_name("bedrock_batch_monitor/bedrock-batch-monitor")
+        response = client._client.post(f"/deployments/{monitor.id}/schedule", json={})
+        assert response.is_success, response.text
+        runs = client.read_flow_runs(
+            deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[monitor.id]))
+        )
+    scheduled = [r for r in runs if r.state is not None and r.state.is_scheduled()]
+    assert len(scheduled) >= 2, [r.state for r in runs]
+
+
 def test_deploy_all_attaches_the_run_finished_trigger_to_summarize_run(deployed):
     with get_client(sync_client=True) as client:
         deployment = client.read_deployment_by_name("summarize-run/summarize-run")
