@@ -20,13 +20,20 @@ CLAUDE = "anthropic.claude-3-haiku-20240307-v1:0"
 TITAN = "amazon.titan-embed-text-v2:0"
 
 
-def claude_ok(record_id: str, text: str, tokens=(10, 2)) -> str:
+def claude_ok(record_id: str, text: str, tokens=(10, 2), model_input=None) -> str:
     output = {
         "content": [{"type": "text", "text": text}],
         "stop_reason": "end_turn",
         "usage": {"input_tokens": tokens[0], "output_tokens": tokens[1]},
     }
-    return json.dumps({"recordId": record_id, "modelInput": {"big": "echo"}, "modelOutput": output})
+    echo = {"big": "echo"} if model_input is None else model_input
+    return json.dumps({"recordId": record_id, "modelInput": echo, "modelOutput": output})
+
+
+def sent(run_dir: Path, input_file: str) -> dict[str, dict]:
+    """Each record's modelInput as the run wrote it: what Bedrock echoes in its output line."""
+    lines = (run_dir / input_file).read_text().splitlines()
+    return {(line := json.loads(text))["recordId"]: line["modelInput"] for text in lines}
 
 
 def error_line(record_id: str, code=400, message="Malformed input") -> str:
@@ -260,7 +267,8 @@ def test_merge_offline_matches_outputs_to_shards_at_any_depth(tmp_path):
         job_dir = outputs / "prefix" / f"job{shard.index}"
         job_dir.mkdir(parents=True)
         ids = pl.read_parquet(run_dir / shard.rows_file)[C.RECORD_ID].to_list()
-        lines = [claude_ok(r, f"joke {r}") for r in ids]
+        echo = sent(run_dir, shard.input_file)
+        lines = [claude_ok(r, f"joke {r}", model_input=echo[r]) for r in ids]
         (job_dir / (Path(shard.input_file).name + ".out")).write_text("\n".join(lines) + "\n")
     (outputs / "prefix" / "job0" / "manifest.json.out").write_text("{}")
     written = merge_offline(run_dir, outputs)
@@ -290,7 +298,8 @@ def test_merge_offline_writes_skipped_rows_with_their_error(tmp_path):
     )
     outputs = tmp_path / "outputs" / "j"
     outputs.mkdir(parents=True)
-    lines = [claude_ok(r, "ok") for r in ("R0000000000", "R0000000002", "R0000000003")]
+    echo = sent(run_dir, plan.shards[0].input_file)
+    lines = [claude_ok(r, "ok", model_input=echo[r]) for r in echo]
     (outputs / "shard-00000.jsonl.out").write_text("\n".join(lines))
     written = merge_offline(run_dir, tmp_path / "outputs")
     assert [p.name for p in written] == ["part-00000.parquet", "skipped.parquet"]
@@ -339,7 +348,8 @@ def test_merge_offline_truncated_output_line_is_unparseable_and_the_rest_merge(t
     broken = None
     for shard in plan.shards:
         ids = pl.read_parquet(run_dir / shard.rows_file)[C.RECORD_ID].to_list()
-        lines = [claude_ok(r, "joke") for r in ids]
+        echo = sent(run_dir, shard.input_file)
+        lines = [claude_ok(r, "joke", model_input=echo[r]) for r in ids]
         if shard.index == 1:
             broken, lines[1] = ids[1], lines[1][:-5]  # a truncated line
         (outputs / (Path(shard.input_file).name + ".out")).write_text("\n".join(lines) + "\n")
@@ -351,3 +361,49 @@ def test_merge_offline_truncated_output_line_is_unparseable_and_the_rest_merge(t
     assert bad[C.ERROR_MESSAGE].item() == "The output line is not valid JSON."
     assert bad[C.RAW_OUTPUT].item().startswith('{"recordId": "' + broken)
     assert frame.height == 9 and frame[C.RESPONSE_TEXT].null_count() == 1
+
+
+def _run_with_outputs(tmp_path: Path, topics: list[str], name: str) -> tuple[Path, Path]:
+    """A preprocessed run of ``topics`` and Bedrock-shaped outputs that echo its inputs."""
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    source = tmp_path / f"{name}.csv"
+    pl.DataFrame({"topic": topics}).write_csv(source)
+    run_dir = tmp_path / name
+    plan = preprocess(
+        str(source),
+        model_id=CLAUDE,
+        prompt_id="joke_about_topic",
+        out_dir=run_dir,
+        max_concurrent_jobs=1,
+        quotas=QuotaSettings(min_records_per_job=1),
+    )
+    outputs = tmp_path / f"{name}-outputs" / "job0"
+    outputs.mkdir(parents=True)
+    echo = sent(run_dir, plan.shards[0].input_file)
+    lines = [claude_ok(r, f"{name} {r}", model_input=body) for r, body in echo.items()]
+    (outputs / "shard-00000.jsonl.out").write_text("\n".join(reversed(lines)) + "\n")
+    return run_dir, outputs.parent
+
+
+def test_merge_offline_refuses_the_outputs_of_another_run(tmp_path):
+    # Record ids are row positions, the same in every run: another run's outputs (the same
+    # topics in another order) filled every row with another row's answer, and exit 0.
+    run_dir, _ = _run_with_outputs(tmp_path, ["cats", "dogs", "owls"], "mine")
+    _, theirs = _run_with_outputs(tmp_path, ["owls", "dogs", "cats"], "theirs")
+    with pytest.raises(PlanError) as exc:
+        merge_offline(run_dir, theirs)
+    assert "echoes a modelInput other than the one this run sent" in str(exc.value)
+    assert not (run_dir / "output").exists()
+    _, own = _run_with_outputs(tmp_path / "again", ["cats", "dogs", "owls"], "mine")
+    merged = pl.read_parquet(merge_offline(run_dir, own)[0])
+    assert merged["response_text"].to_list() == [f"mine R000000000{i}" for i in range(3)]
+
+
+def test_merge_offline_refuses_two_jobs_outputs_for_one_shard(tmp_path):
+    run_dir, outputs = _run_with_outputs(tmp_path, ["cats", "dogs", "owls"], "mine")
+    (outputs / "job1").mkdir()
+    (outputs / "job1" / "shard-00000.jsonl.out").write_text(
+        (outputs / "job0" / "shard-00000.jsonl.out").read_text()
+    )
+    with pytest.raises(PlanError, match="2 output files under .* are for input/shard-00000.jsonl"):
+        merge_offline(run_dir, outputs)
