@@ -275,3 +275,23 @@ def test_a_create_that_fails_frees_its_slot_and_the_run_ends(stack, tmp_path):
     assert not worker.is_alive(), "the run hung behind a slot its failed shard kept"
     assert outcome and outcome[0] is not None and "ValidationException" in repr(outcome[0])
     assert stack.ledger(name_contains="refused") == []
+
+
+def test_a_bad_run_name_fails_the_flow_run_with_its_reason(stack, tmp_path):
+    # Raised in Prefect's run setup (the flow run's name), it crashed the run ("Process exited
+    # with status code: 1") with the reason only in the worker's traceback.
+    from tasks.errors import RunSettingsError
+
+    source = tmp_path / "topics.csv"
+    pl.DataFrame({"topic": [f"topic {i}" for i in range(120)]}).write_csv(source)
+    params = BatchParams(
+        source=str(source),
+        prompt_id="joke_about_topic",
+        model_id=CLAUDE,
+        output_uri=str(tmp_path / "out"),
+        run_name="bad name/with slash",
+    )
+    state = batch_inference(params, return_state=True)
+    assert state.is_failed() and not state.is_crashed(), state
+    with pytest.raises(RunSettingsError, match="run_name 'bad name/with slash' is not usable"):
+        state.result()

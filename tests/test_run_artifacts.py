@@ -237,6 +237,8 @@ def test_flow_run_name_is_the_given_run_name_or_a_provisional_one():
     assert flow_run_name({"run_name": "nightly-{date}"}).startswith("nightly-20")
     params = BatchParams(source="x.csv", model_id="m", output_uri="out", prompt_id="sentiment")
     assert flow_run_name(params) == "sentiment-resolving-name"
+    # A name the run refuses is not refused here (that crashed the run): resolve_run says why.
+    assert flow_run_name({"run_name": "bad/name", "prompt_id": "x"}) == "x-bad-run-name"
     assert batch_inference.flow_run_name is not None
 
 

@@ -554,11 +554,18 @@ def flow_run_name(raw: Any) -> str:
     slow for a name callable; the flow renames the run once `resolve_run` knows it.
     """
     params = raw.model_dump() if hasattr(raw, "model_dump") else dict(raw or {})
+    label = params.get("prompt_id") or "embed"
     if params.get("run_name"):
+        from tasks.errors import RunSettingsError
         from tasks.run.layout import expand_run_name
 
-        return expand_run_name(params["run_name"])
-    label = params.get("prompt_id") or "embed"
+        try:
+            return expand_run_name(params["run_name"])
+        except RunSettingsError:
+            # Raised here, in Prefect's run setup, it crashed the flow run with "Process
+            # exited with status code: 1"; `resolve_run` raises it in the flow, a Failed run
+            # with the one-line reason.
+            return f"{label}-bad-run-name"
     return f"{label}-resolving-name"
 
 
