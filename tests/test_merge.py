@@ -407,3 +407,15 @@ def test_merge_offline_refuses_two_jobs_outputs_for_one_shard(tmp_path):
     )
     with pytest.raises(PlanError, match="2 output files under .* are for input/shard-00000.jsonl"):
         merge_offline(run_dir, outputs)
+
+
+def test_merge_offline_removes_parts_an_earlier_plan_left(tmp_path):
+    # Preprocessed again into the same folder with fewer shards: the old part-00001 stayed,
+    # and reading output/ gave its rows twice.
+    run_dir, outputs = _run_with_outputs(tmp_path, ["cats", "dogs", "owls"], "mine")
+    stale = run_dir / "output" / "part-00001.parquet"
+    stale.parent.mkdir(parents=True, exist_ok=True)
+    pl.DataFrame({"topic": ["dogs"], C.RECORD_ID: ["R0000000001"]}).write_parquet(stale)
+    merge_offline(run_dir, outputs)
+    assert not stale.exists()
+    assert pl.read_parquet(run_dir / "output" / "*.parquet").height == 3

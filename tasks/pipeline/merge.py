@@ -275,6 +275,13 @@ def merge_offline(
         )
         raise PlanError(msg)
     written = [run_dir / OUTPUT_DIR / part_name(shard.index) for shard in plan.shards]
+    # Parts of an earlier plan in the same folder (preprocessed again with fewer shards) were
+    # left beside the new ones: reading the folder gave their rows twice.
+    keep = {p.name for p in written} | ({SKIPPED_FILE} if plan.skipped_file else set())
+    for stale in (run_dir / OUTPUT_DIR).glob("*.parquet"):
+        if stale.name not in keep:
+            logger.warning("%s is not a part of this plan; removed", stale)
+            stale.unlink()
     # One shard's plan does not keep every core busy (decoding, joining and writing Parquet
     # are partly serial), so shards are merged side by side; memory grows with the workers,
     # not with the number of shards.
