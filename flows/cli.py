@@ -172,7 +172,13 @@ def _preflight(params, needs_aws: bool) -> None:
     """
     from prompt_templates import get_template
     from tasks.bedrock.families import family_for
-    from tasks.run.layout import ANY_RUN, expand_run_name, layout_for, resolve_role_arn
+    from tasks.run.layout import (
+        ANY_RUN,
+        check_output_uri_form,
+        expand_run_name,
+        layout_for,
+        resolve_role_arn,
+    )
 
     template = get_template(params.prompt_id) if params.prompt_id else None  # lists known ids
     family = family_for(params.model_id, params.invocation_type)  # lists the families
@@ -183,6 +189,7 @@ def _preflight(params, needs_aws: bool) -> None:
     source = params.source
     if "://" not in source and not any(c in source for c in "*?[") and not Path(source).exists():
         raise FileNotFoundError(errno.ENOENT, "no such file or folder", source)
+    check_output_uri_form(params.output_uri)
     if "://" not in params.output_uri:
         _check_writable(Path(params.output_uri))
     if needs_aws:  # the local stack sets the staging prefix and role when it starts

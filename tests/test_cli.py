@@ -199,6 +199,7 @@ def test_run_without_credentials_says_how_to_set_them_or_use_the_local_stack(
         (["--run-name", "bad name/x"], "run_name 'bad name/x' is not usable"),
         (["--role-arn", "my-role"], "role_arn 'my-role' is not an IAM role ARN"),
         (["--max-tokens", "9000"], "max_tokens=9000 is over the 4,096 output tokens"),
+        (["--output-uri", "s3:/my-bucket/runs"], "Write 's3://my-bucket/runs'"),
         (
             ["--model-id", "us.anthropic.claude-sonnet-4-5-20250929-v1:0", "--top-p", "0.5"],
             "accepts temperature or top_p, not both",

@@ -54,3 +54,13 @@ def test_resolve_role_arn_missing_names_setting_and_command(settings_env):
         resolve_role_arn(None)
 
     assert "bedrock-batch iam-policy" in str(excinfo.value)
+
+
+@pytest.mark.parametrize("uri", ["s3:/my-bucket/runs", "S3:/b/p", "gs:/bucket"])
+def test_an_output_uri_missing_a_slash_is_refused_before_it_becomes_a_folder(uri):
+    from tasks.run.layout import check_output_uri_form
+
+    with pytest.raises(OutputUriError, match="one slash after"):
+        check_output_uri_form(uri)
+    for fine in ("s3://my-bucket/runs", "out/runs", "C:/runs", "./s3/runs"):
+        check_output_uri_form(fine)

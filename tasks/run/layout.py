@@ -231,10 +231,28 @@ def _staging_prefix(staging: str, run_name: str, run_dir: str) -> str:
     return storage.join(staging, run_name, folder)
 
 
+# A scheme with one slash ("s3:/bucket/runs"): read as a local path, the run went to a folder
+# named "s3:". Two letters at least, so that a Windows drive ("C:/runs") stays a path.
+_ONE_SLASH_URI = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]+):/(?!/)")
+
+
+def check_output_uri_form(output_uri: str) -> None:
+    """Refuse an output_uri that is a URI missing a slash, before it becomes a folder."""
+    typo = _ONE_SLASH_URI.match(output_uri or "")
+    if typo:
+        fixed = f"{typo[1]}://{output_uri[typo.end() :]}"
+        msg = (
+            f"output_uri {output_uri!r} has one slash after '{typo[1]}:', and would be read as "
+            f"a local folder named '{typo[1]}:'. Write {fixed!r}."
+        )
+        raise OutputUriError(msg)
+
+
 def layout_for(
     output_uri: str, run_name: str, kms_key_id: str | None = None, *, check: bool = False
 ) -> RunLayout:
     """The layout of ``run_name`` (or ANY_RUN) under ``output_uri``; ``check`` asks S3 too."""
+    check_output_uri_form(output_uri)
     if not output_uri or "://" in output_uri and not storage.is_s3(output_uri):
         msg = (
             f"output_uri {output_uri!r} is not supported: give s3://<bucket>/<prefix> "
