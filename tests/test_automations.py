@@ -168,3 +168,38 @@ def test_run_finished_and_failed_events_send_notifications(webhook):
     assert run in finished["subject"] and "Records: 250 (ok 249, failed 1)" in finished["text"]
     failed = next(m for m in messages if "gate was closed" in m.get("text", ""))
     assert "failed" in failed["subject"] and "resume" in failed["text"]
+
+
+def test_the_run_finished_message_gives_the_cost_totals_not_every_job():
+    # It printed the whole cost payload, one entry per job: thousands of lines at scale.
+    import asyncio
+    from types import SimpleNamespace
+
+    from prefect.server.utilities.user_templates import (
+        render_user_template,
+        validate_user_template,
+    )
+
+    from tasks.monitoring.automations import RUN_FINISHED_BODY
+
+    validate_user_template(RUN_FINISHED_BODY)
+    payload = {
+        "run_name": "r",
+        "model_id": "m",
+        "counts": {"records": 3, "succeeded": 3, "failed": 0},
+        "tokens": {"input": 10, "output": 5},
+        "output_uri": "out/r/output",
+        "cost": {
+            "total_usd": 0.0069,
+            "batch_usd": 0.0069,
+            "on_demand_usd": 0.0,
+            "jobs": [{"job_id": f"job-{i}"} for i in range(2000)],
+        },
+    }
+    event = SimpleNamespace(payload=payload)
+    text = asyncio.run(render_user_template(RUN_FINISHED_BODY, {"event": event}))
+    assert "Cost: $0.0069 (batch $0.0069, on demand $0.0)" in text
+    assert "job-" not in text and len(text) < 400
+    payload["cost"] = {"total_usd": None, "jobs": []}  # no price known
+    text = asyncio.run(render_user_template(RUN_FINISHED_BODY, {"event": event}))
+    assert "Cost" not in text and text.endswith("Output: out/r/output")

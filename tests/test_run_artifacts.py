@@ -100,6 +100,15 @@ def test_job_rows_shard_not_started_waits_for_a_slot_and_totals_add_up():
     assert rows[-1]["records"] == "3,000" and rows[-1]["processed"] == "5"
 
 
+def test_job_rows_total_cost_is_summed_before_it_is_rounded():
+    # Two shards of $0.00346 each: the rows show 0.0035, the total is 0.0069 (their rounded
+    # figures added up to 0.0070).
+    stats = {"succeeded": 1, "failed": 0, "input_tokens": 27_680, "output_tokens": 0}
+    views = [ShardView(f"shard-0000{i}", 1, (), stats, merged=True) for i in range(2)]
+    rows = job_rows(views, 3, cost_of=lambda i, o: i * 0.125 / 1e6)
+    assert [r["cost so far (USD)"] for r in rows] == ["0.0035", "0.0035", "0.0069"]
+
+
 def test_console_url_none_without_an_arn():
     assert console_url(None) is None
     assert console_url("abcdefghijkl") is None

@@ -56,7 +56,10 @@ RUN_FINISHED_BODY = (
     "Records: {{ event.payload.counts.records }} (ok {{ event.payload.counts.succeeded }}, "
     "failed {{ event.payload.counts.failed }}).\n"
     "Tokens: {{ event.payload.tokens.input }} in, {{ event.payload.tokens.output }} out.\n"
-    "{% if event.payload.cost %}Cost: {{ event.payload.cost }}\n{% endif %}"
+    # The totals only: the cost payload lists every job, thousands of lines at scale.
+    "{% if event.payload.cost and event.payload.cost.total_usd is not none %}"
+    "Cost: ${{ event.payload.cost.total_usd }} (batch ${{ event.payload.cost.batch_usd }}, "
+    "on demand ${{ event.payload.cost.on_demand_usd }})\n{% endif %}"
     "Output: {{ event.payload.output_uri }}"
 )
 RUN_FAILED_SUBJECT = "Bedrock batch run failed: {{ event.payload.run_name }}"
