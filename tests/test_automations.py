@@ -203,3 +203,12 @@ def test_the_run_finished_message_gives_the_cost_totals_not_every_job():
     payload["cost"] = {"total_usd": None, "jobs": []}  # no price known
     text = asyncio.run(render_user_template(RUN_FINISHED_BODY, {"event": event}))
     assert "Cost" not in text and text.endswith("Output: out/r/output")
+
+
+def test_a_summarize_deployment_that_is_not_flow_slash_name_is_one_line(capsys):
+    from flows.cli import main
+
+    code = main(["automations", "apply", "--summarize-deployment", "nosuch"])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err, err
+    assert "--summarize-deployment 'nosuch' is not <flow name>/<deployment name>" in err

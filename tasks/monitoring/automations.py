@@ -15,6 +15,7 @@ from prefect.events.schemas.automations import EventTrigger, Posture
 from prefect.events.schemas.deployment_triggers import DeploymentEventTrigger
 from prefect.exceptions import ObjectNotFound
 
+from tasks.errors import RunSettingsError
 from tasks.monitoring.alerts import STALLED
 from tasks.monitoring.defaults import NOTIFICATION_BLOCK, SUMMARIZE_DEPLOYMENT
 from tasks.monitoring.events import (
@@ -208,6 +209,13 @@ def upsert_automation(automation: Automation) -> Automation:
 
 
 def _deployment_id(name: str) -> UUID | None:
+    if name.count("/") != 1 or not all(name.split("/")):
+        # Prefect's own ValueError came out of the CLI as a traceback.
+        msg = (
+            f"--summarize-deployment {name!r} is not <flow name>/<deployment name> "
+            f"(e.g. {SUMMARIZE_DEPLOYMENT!r}); `prefect deployment ls` lists them."
+        )
+        raise RunSettingsError(msg)
     with get_client(sync_client=True) as client:
         try:
             return client.read_deployment_by_name(name).id
