@@ -315,6 +315,14 @@ def cmd_iam_policy(args: argparse.Namespace) -> int:
         msg = f"--role-arn {role!r} has no account id; the policies' ARNs need it."
         raise RunSettingsError(msg)
     region = iam.resolve_region(args.region)
+    partition = iam.partition_of(role)
+    region_partition = iam.region_partition(region)
+    if region_partition != partition:
+        msg = (
+            f"--region {region!r} is in the {region_partition} partition, but --role-arn "
+            f"{role!r} is in {partition}: give a region of the role's partition."
+        )
+        raise RunSettingsError(msg)
     run_name = expand_run_name(args.run_name) if args.run_name else ANY_RUN
     # The same layout a run uses: local output folders put their job files under staging.
     layout = layout_for(args.output_uri, run_name, args.kms_key_id)
@@ -327,7 +335,7 @@ def cmd_iam_policy(args: argparse.Namespace) -> int:
             layout, role, args.model_id, region, account, args.source or ()
         ),
     }
-    print(json.dumps(policies, indent=2))
+    print(json.dumps(iam.in_partition(policies, partition), indent=2))
     return 0
 
 

@@ -136,3 +136,25 @@ def test_iam_policy_local_output_without_staging_names_the_setting(capsys, monke
 
     assert code == 2
     assert "BEDROCK_BATCH_STAGING_URI" in capsys.readouterr().err
+
+
+def _policy_strings(document) -> list[str]:
+    if isinstance(document, dict):
+        return [s for v in document.values() for s in _policy_strings(v)]
+    if isinstance(document, list):
+        return [s for v in document for s in _policy_strings(v)]
+    return [document] if isinstance(document, str) else []
+
+
+def test_iam_policy_arns_are_in_the_roles_partition(capsys):
+    # Every ARN was written arn:aws:..., which in GovCloud (or China) matches nothing.
+    argv = ["iam-policy", "--model-id", "anthropic.claude-3-haiku-20240307-v1:0",
+            "--output-uri", "s3://my-bucket/runs"]  # fmt: skip
+    role = "arn:aws-us-gov:iam::123456789012:role/BedrockBatch"
+    assert main([*argv, "--role-arn", role, "--region", "us-gov-west-1"]) == 0
+    arns = [s for s in _policy_strings(json.loads(capsys.readouterr().out)) if s.startswith("arn:")]
+    assert arns and all(a.startswith("arn:aws-us-gov:") for a in arns), arns
+    assert {a.split(":")[2] for a in arns} >= {"s3", "bedrock", "iam", "sqs"}
+
+    assert main([*argv, "--role-arn", role, "--region", "us-east-1"]) == 2
+    assert "is in the aws partition, but --role-arn" in capsys.readouterr().err

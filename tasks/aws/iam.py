@@ -33,6 +33,40 @@ def resolve_region(region: str | None = None) -> str:
     return found
 
 
+def region_partition(region: str) -> str:
+    """The partition a region belongs to, from botocore's endpoint data; refused if unknown."""
+    from botocore.exceptions import UnknownRegionError
+    from botocore.session import get_session
+
+    try:
+        return get_session().get_partition_for_region(region)
+    except UnknownRegionError:
+        msg = f"--region {region!r} is not an AWS region botocore knows (e.g. us-east-1)."
+        raise RunSettingsError(msg) from None
+
+
+def partition_of(role_arn: str) -> str:
+    """The AWS partition of an ARN: aws, aws-us-gov, aws-cn."""
+    return role_arn.split(":")[1]
+
+
+def in_partition(document: Any, partition: str) -> Any:
+    """``document`` with the ARNs the policies write (``arn:aws:...``) in ``partition``.
+
+    The policies are written for the aws partition; in GovCloud or China the same ARNs under
+    arn:aws: match nothing. ARNs the user gave (the role, a KMS key) keep their own.
+    """
+    if partition == "aws":
+        return document
+    if isinstance(document, dict):
+        return {k: in_partition(v, partition) for k, v in document.items()}
+    if isinstance(document, list):
+        return [in_partition(v, partition) for v in document]
+    if isinstance(document, str) and document.startswith("arn:aws:"):
+        return f"arn:{partition}:" + document.removeprefix("arn:aws:")
+    return document
+
+
 def _object_arn(uri: str) -> str:
     bucket, key = storage.split_s3(uri)
     return f"arn:aws:s3:::{bucket}/{key.rstrip('/')}/*" if key else f"arn:aws:s3:::{bucket}/*"
