@@ -536,6 +536,16 @@ def user_error(exc: BaseException) -> str | None:
     return " ".join(message.split())  # one line, whatever the message's layout
 
 
+_RESUME_DEFAULT = "run the same command again."
+_RESUME_HINT = {
+    "run": (
+        "jobs already submitted keep running on Bedrock. Run the same command again to resume "
+        "(nothing answered is paid again), or `bedrock-batch stop --run-name <name>` to stop them."
+    ),
+    "merge": "the parts written are whole; run the same command again to merge the rest.",
+}
+
+
 def main(argv: list[str] | None = None) -> int:
     tune_jemalloc()  # read when Polars loads, which no import above does
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -552,6 +562,15 @@ def main(argv: list[str] | None = None) -> int:
         use_credentials_block(args.aws_credentials_block)
     try:
         return args.func(args)
+    except KeyboardInterrupt:
+        if debug:
+            traceback.print_exc()
+        # Whatever was written is whole (parts and state are written atomically).
+        print(
+            f"error: interrupted; {_RESUME_HINT.get(args.command, _RESUME_DEFAULT)}",
+            file=sys.stderr,
+        )
+        return 130
     except Exception as exc:
         message = user_error(exc)
         if message is None:

@@ -388,3 +388,20 @@ def test_every_run_parameter_has_a_flag():
     missing = [n for n in names if singular.get(n, "--" + n.replace("_", "-")) not in flags]
 
     assert missing == []
+
+
+def test_ctrl_c_is_one_line_with_what_to_do(monkeypatch, capsys):
+    # Ctrl-C during `merge` printed a KeyboardInterrupt traceback.
+    import flows.cli as cli
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "cmd_merge", interrupted)
+    code = main(["merge", "--run-dir", "r", "--outputs", "o"])
+    err = capsys.readouterr().err
+    assert code == 130 and "Traceback" not in err
+    assert err.strip() == (
+        "error: interrupted; the parts written are whole; run the same command again to merge "
+        "the rest."
+    )
