@@ -89,3 +89,7 @@ class RunOwnedError(BedrockBatchError):
 
 class CostCeilingError(BedrockBatchError):
     """The run's estimated cost is over its max_cost_usd; nothing was submitted."""
+
+
+class StopJobsError(BedrockBatchError):
+    """Some of a run's jobs could not be stopped; the others were."""

@@ -12,6 +12,7 @@ from tasks.aws.clients import client, error_code
 from tasks.aws.poll import describe_job
 from tasks.aws.submit import find_job
 from tasks.bedrock.error_codes import CONFLICT, RETRYABLE_GET, VALIDATION
+from tasks.errors import StopJobsError
 from tasks.pipeline import columns as C
 from tasks.run import gate
 from tasks.run.state import JobAttempt, RunStateStore, has_state, now_iso
@@ -88,15 +89,30 @@ def stop_run_jobs(
             return []
         store = RunStateStore(run_dir, run_name, kms_key_id)
     stopped = []
+    refused: list[tuple[str, Exception]] = []
     for shard in list(store.state.shards.values()):
         for attempt in shard.attempts:
             if attempt.served_by != C.SERVED_BATCH or attempt.is_final:
                 continue
             if attempt.job_arn is None and attempt.lease_id is None:
                 continue  # never reached the gate: nothing was created
-            if _stop_attempt(store, shard.name, attempt, reason):
+            try:
+                done = _stop_attempt(store, shard.name, attempt, reason)
+            except ClientError as exc:
+                # One job AWS will not stop (another region or account?) left the rest running.
+                refused.append((attempt.job_name, exc))
+                continue
+            if done:
                 log.warning("Stopped job %s of run %s (%s)", attempt.job_name, run_name, reason)
                 stopped.append(attempt.job_name)
     if stopped:
         store.save()  # and the whole picture compacted in state.json, for people and tools
+    if refused:
+        first_name, first = refused[0]
+        msg = (
+            f"{len(refused)} job(s) of run {run_name} could not be stopped (first: {first_name}: "
+            f"{error_code(first)}: {first}); {len(stopped)} stopped. Check the region and "
+            "account the credentials point at: they must be the run's."
+        )
+        raise StopJobsError(msg) from first
     return stopped
