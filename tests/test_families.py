@@ -705,3 +705,19 @@ def test_family_for_converse_works_for_any_catalog_text_model(model_id):
 def test_family_for_unknown_model_names_the_closest_catalog_ids():
     with pytest.raises(UnknownModelError, match="anthropic.claude-3-haiku-20240307-v1:0"):
         mf.family_for("antropic.claude-3-haiku-20240307-v1:0")
+
+
+@pytest.mark.parametrize(
+    "model_id",
+    [
+        "anthropic.claude-3-haiku-20240307-v1:0",
+        "mistral.mistral-large-2402-v1:0",
+        "amazon.nova-lite-v1:0",
+    ],
+)
+def test_an_empty_stop_sequence_is_refused(model_id):
+    # It went into every record's body as "stop_sequences": [""].
+    family = mf.family_for(model_id)
+    with pytest.raises(InvalidOptionsError, match="a stop sequence is empty"):
+        family.options({}, {"stop_sequences": ["END", ""]})
+    assert family.options({}, {"stop_sequences": ["\n\n"]}).stop_sequences == ["\n\n"]

@@ -6,7 +6,7 @@ import copy
 from typing import Any, ClassVar
 
 import polars as pl
-from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from tasks.bedrock.catalog import TEMPERATURE_XOR_TOP_P
 from tasks.errors import InvalidOptionsError
@@ -46,6 +46,15 @@ class TextOptions(Options):
     temperature: float | None = Field(None, ge=0, le=1, description="Sampling temperature.")
     top_p: float | None = Field(None, ge=0, le=1, description="Nucleus sampling mass.")
     stop_sequences: list[str] | None = Field(None, description="Strings that end generation.")
+
+    @field_validator("stop_sequences")
+    @classmethod
+    def _no_empty_stop(cls, value: list[str] | None) -> list[str] | None:
+        # An empty one ended nothing and went into every record's body.
+        if value is not None and any(s == "" for s in value):
+            msg = "a stop sequence is empty; give text that ends generation, or none"
+            raise ValueError(msg)
+        return value
 
 
 def _lit(value: Any) -> pl.Expr:
