@@ -62,6 +62,28 @@ def cmd_monitor(args: argparse.Namespace) -> int:
     return 0
 
 
+def _number(kind: type, minimum: float, above: bool = False):
+    """An argparse type: a number at least (or above) ``minimum``, else argparse's one line
+    naming the flag (a Prefect validation error or a pydantic dump came out before)."""
+
+    def parse(text: str):
+        value = kind(text)
+        if value < minimum or (above and value == minimum):
+            bound = "more than" if above else "at least"
+            msg = f"must be {bound} {minimum:g}, got {text}"
+            raise argparse.ArgumentTypeError(msg)
+        return value
+
+    return parse
+
+
+def _url(text: str) -> str:
+    if not text.startswith(("https://", "http://")):
+        msg = f"must be an http(s):// URL, got {text!r}"
+        raise argparse.ArgumentTypeError(msg)
+    return text
+
+
 def add_subcommands(subparsers: argparse._SubParsersAction) -> None:
     """Add `automations apply`, `cloudwatch setup|teardown`, `serve` and `monitor`."""
     from tasks.monitoring.defaults import NOTIFICATION_BLOCK, SUMMARIZE_DEPLOYMENT
@@ -74,6 +96,7 @@ def add_subcommands(subparsers: argparse._SubParsersAction) -> None:
     )
     apply.add_argument(
         "--webhook-url",
+        type=_url,
         help="create the block first: a hooks.slack.com URL makes a Slack block, "
         "any other URL a custom webhook",
     )
@@ -84,7 +107,7 @@ def add_subcommands(subparsers: argparse._SubParsersAction) -> None:
     )
     apply.add_argument(
         "--heartbeat-seconds",
-        type=int,
+        type=_number(int, 10),  # Prefect: a proactive trigger's `within` is at least 10 s
         default=90,
         help="crash flow runs without a heartbeat for this long",
     )
@@ -96,7 +119,10 @@ def add_subcommands(subparsers: argparse._SubParsersAction) -> None:
     setup.add_argument("--model-id", action="append", required=True, help="repeat per model")
     setup.add_argument("--email", help="subscribe this address to the SNS topic")
     setup.add_argument(
-        "--threshold", type=float, default=1_000_000.0, help="input tokens/min (6 h average)"
+        "--threshold",
+        type=_number(float, 0, above=True),
+        default=1_000_000.0,
+        help="input tokens/min (6 h average)",
     )
     setup.set_defaults(func=cmd_cloudwatch_setup)
     teardown = cloudwatch_sub.add_parser("teardown", help="delete the alarms of these models")
@@ -104,7 +130,9 @@ def add_subcommands(subparsers: argparse._SubParsersAction) -> None:
     teardown.set_defaults(func=cmd_cloudwatch_teardown)
 
     serve = subparsers.add_parser("serve", help="serve the flows without a worker")
-    serve.add_argument("--monitor-interval-minutes", type=float, default=5.0)
+    serve.add_argument(
+        "--monitor-interval-minutes", type=_number(float, 0, above=True), default=5.0
+    )
     serve.set_defaults(func=cmd_serve)
 
     monitor = subparsers.add_parser("monitor", help="run the CloudWatch monitor once")

@@ -405,3 +405,20 @@ def test_ctrl_c_is_one_line_with_what_to_do(monkeypatch, capsys):
         "error: interrupted; the parts written are whole; run the same command again to merge "
         "the rest."
     )
+
+
+@pytest.mark.parametrize(
+    ("argv", "words"),
+    [
+        (["automations", "apply", "--heartbeat-seconds", "-1"], "--heartbeat-seconds: must be at"),
+        (["automations", "apply", "--webhook-url", "notaurl"], "--webhook-url: must be an http"),
+        (["serve", "--monitor-interval-minutes", "0"], "--monitor-interval-minutes: must be more"),
+        (["cloudwatch", "setup", "--model-id", "m", "--threshold", "-5"], "--threshold: must be"),
+    ],
+)
+def test_monitoring_flags_out_of_range_name_the_flag(argv, words, capsys):
+    # A Prefect validation message, a pydantic dump or a block made from "notaurl" before.
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and words in err and "Traceback" not in err
