@@ -6,6 +6,7 @@ import argparse
 import errno
 import json
 import os
+import re
 import sys
 import traceback
 from collections.abc import Callable, Iterator
@@ -313,6 +314,20 @@ def cmd_iam_policy(args: argparse.Namespace) -> int:
     account = role.split(":")[4]
     if not account:
         msg = f"--role-arn {role!r} has no account id; the policies' ARNs need it."
+        raise RunSettingsError(msg)
+    from tasks.bedrock.families import family_for
+
+    for model_id in args.model_id:
+        family_for(model_id)  # an id a run refuses: UnknownModelError lists the known ones
+    # IAM names a KMS key by its ARN (botocore KmsKeyId: arn:aws(-*)?:kms:<region>:<account>:
+    # key/<id>); a bare id or an alias granted nothing.
+    if args.kms_key_id and not re.fullmatch(
+        r"arn:aws(-[^:]+)?:kms:[a-zA-Z0-9-]*:[0-9]{12}:key/[a-zA-Z0-9-]{36}", args.kms_key_id
+    ):
+        msg = (
+            f"--kms-key-id {args.kms_key_id!r} is not a KMS key ARN "
+            "(arn:aws:kms:<region>:<account>:key/<key id>): IAM policies name keys by ARN."
+        )
         raise RunSettingsError(msg)
     region = iam.resolve_region(args.region)
     partition = iam.partition_of(role)

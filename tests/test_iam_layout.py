@@ -158,3 +158,20 @@ def test_iam_policy_arns_are_in_the_roles_partition(capsys):
 
     assert main([*argv, "--role-arn", role, "--region", "us-east-1"]) == 2
     assert "is in the aws partition, but --role-arn" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("extra", "words"),
+    [
+        (["--kms-key-id", "notakey"], "--kms-key-id 'notakey' is not a KMS key ARN"),
+        (["--model-id", "foo.bar"], "foo.bar"),
+    ],
+)
+def test_iam_policy_refuses_what_no_policy_can_name(extra, words, capsys):
+    # Printed before: "Resource": ["notakey"] (malformed for IAM), a model id a run refuses.
+    argv = ["iam-policy", "--model-id", "anthropic.claude-3-haiku-20240307-v1:0",
+            "--output-uri", "s3://my-bucket/runs", "--region", "us-east-1",
+            "--role-arn", "arn:aws:iam::123456789012:role/R", *extra]  # fmt: skip
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert words in err and "Traceback" not in err, err
