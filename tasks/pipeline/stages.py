@@ -209,19 +209,31 @@ def _next_stage_columns(previous: Stage, stage: Stage, inputs: list[str]) -> lis
                 f"columns of stage {previous.name}'s output ({', '.join(outputs)})."
             )
             raise PlanError(msg)
+    return [ROW_ID, *[name for _, name in _carried(previous, inputs, stage, outputs)]]
+
+
+def _carried(
+    previous: Stage, inputs: list[str], stage: Stage, available: list[str]
+) -> list[tuple[str, str]]:
+    """(column of `previous`'s output, its name in `stage`'s input) for each carried column.
+
+    Carried: `stage.carry`, else `previous`'s inputs, its answer and its typed fields; its
+    result columns arrive prefixed with its name. One rule for the check before stage 1 and
+    for the input the stage is given.
+    """
     schema = output_schema_for(previous.prompt_id)
     default = [c for c in inputs if c != ROW_ID] + [C.RESPONSE_TEXT]
     default += list(schema.columns) if schema is not None else []
     carry = stage.carry if stage.carry is not None else default
-    missing = sorted(set(carry) - set(outputs))
+    missing = sorted(set(carry) - set(available))
     if missing:
         msg = (
             f"Stage {stage.name} carries {missing}, not columns of stage {previous.name}'s "
-            f"output ({', '.join(outputs)})."
+            f"output ({', '.join(available)})."
         )
         raise PlanError(msg)
-    prefixed = set(results)
-    return [ROW_ID, *[f"{previous.name}_{c}" if c in prefixed else c for c in carry]]
+    results = set(result_columns(previous))
+    return [(c, f"{previous.name}_{c}" if c in results else c) for c in carry]
 
 
 def source_columns(source: str) -> list[str]:
@@ -245,19 +257,8 @@ def build_stage_input(
     if ROW_ID not in frame.columns:  # the first stage: its record id is the row id
         frame = frame.with_columns(pl.col(C.RECORD_ID).alias(ROW_ID))
     kept = frame.filter(pl.sql_expr(stage.filter)) if stage.filter else frame
-    results = set(result_columns(previous_stage))
-    schema = output_schema_for(previous_stage.prompt_id)
-    default = [c for c in previous_inputs if c != ROW_ID] + [C.RESPONSE_TEXT]
-    default += list(schema.columns) if schema is not None else []
-    carry = stage.carry if stage.carry is not None else default
-    missing = sorted(set(carry) - set(frame.columns))
-    if missing:
-        msg = (
-            f"Stage {stage.name} carries {missing}, not columns of stage "
-            f"{previous_stage.name}'s output ({', '.join(frame.columns)})."
-        )
-        raise PlanError(msg)
-    renamed = [pl.col(c).alias(f"{previous_stage.name}_{c}" if c in results else c) for c in carry]
+    carried = _carried(previous_stage, previous_inputs, stage, frame.columns)
+    renamed = [pl.col(column).alias(name) for column, name in carried]
     rows = kept.select(pl.col(ROW_ID), *renamed).sort(ROW_ID)
     buffer = io.BytesIO()
     rows.write_parquet(buffer, compression="zstd", statistics=False)
