@@ -107,6 +107,14 @@ def _job_attempt(view: ShardView) -> JobAttempt | None:
     return next((a for a in reversed(view.attempts) if a.job_arn), None)
 
 
+def _shard_cost(view: ShardView, cost_of: CostOf | None) -> float | None:
+    """What a merged shard's tokens cost (None before its merge, or without a price)."""
+    stats = view.merge_stats or {}
+    if cost_of is None or stats.get("input_tokens") is None:
+        return None
+    return cost_of(stats["input_tokens"], stats.get("output_tokens"))
+
+
 def shard_row(view: ShardView, max_attempts: int, cost_of: CostOf | None = None) -> dict[str, Any]:
     """One table row: where the shard's jobs are, what they processed and spent so far."""
     current = view.attempts[-1] if view.attempts else None
@@ -127,7 +135,7 @@ def shard_row(view: ShardView, max_attempts: int, cost_of: CostOf | None = None)
         failed = counters.get("errorRecordCount")
         # GetModelInvocationJob carries no token counts: they come with the merged output.
         tokens_in = tokens_out = None
-    cost = cost_of(tokens_in, tokens_out) if cost_of and tokens_in is not None else None
+    cost = _shard_cost(view, cost_of)
     return {
         "shard": view.name,
         "status": status,
@@ -158,13 +166,7 @@ def job_rows(
         return fmt_int(sum(int(v.replace(",", "")) for v in values)) if values else NONE
 
     # Summed unrounded: the rows' 4-decimal figures added up to $0.0070 for a $0.00692 run.
-    costs = [
-        cost
-        for v in views
-        if v.merge_stats and cost_of and v.merge_stats.get("input_tokens") is not None
-        for cost in [cost_of(v.merge_stats["input_tokens"], v.merge_stats.get("output_tokens"))]
-        if cost is not None
-    ]
+    costs = [c for c in (_shard_cost(v, cost_of) for v in views) if c is not None]
     merged = sum(1 for v in views if v.merged)
     rows.append(
         {
