@@ -427,11 +427,12 @@ def apply_schema(frame: pl.DataFrame, schema: OutputSchema) -> pl.DataFrame:
         if answered.height
         else answered.with_columns(pl.lit(None, dtype=schema.dtype).alias(_DECODED))
     )
+    checks = validation_exprs(schema)  # built once: a nested schema has many
     reason = pl.lit(None, dtype=pl.String)
-    for bad, message in reversed(validation_exprs(schema)):
+    for bad, message in reversed(checks):
         reason = pl.when(bad).then(message).otherwise(reason)
     bad = pl.col(_DECODED).is_null()
-    for check, _ in validation_exprs(schema)[1:]:
+    for check, _ in checks[1:]:
         bad = bad | check.fill_null(False)
     answered = answered.with_columns(bad.alias("__bad"), reason.alias(_REASON))
     # Undecodable rows are few (a bad shard is a bug, not the norm): explain each in Python.
