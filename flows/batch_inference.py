@@ -107,7 +107,7 @@ def batch_inference(params: BatchParams) -> dict[str, Any]:
             params.model_id,
             params.max_concurrent_jobs,
             run_name,
-            new_shards=0 if started else len(plan.shards),
+            new_shards=0 if started else sum(not s.on_demand for s in plan.shards),
             flow_run_id=runtime.flow_run.id,
         )
 

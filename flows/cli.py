@@ -413,7 +413,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--on-demand",
         action=argparse.BooleanOptionalAction,
-        help="serve retry remainders under the job minimum on demand (default: on)",
+        help=(
+            "serve records too few for a batch job (a small run, a retry remainder) on demand "
+            "at the full price (default: on)"
+        ),
     )
     run.add_argument("--max-attempts", type=int, help="tries per record (default 3)")
     run.add_argument(

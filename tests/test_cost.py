@@ -7,12 +7,13 @@ from pathlib import Path
 
 import polars as pl
 import pytest
+from helpers import assert_answers_match_rows
 
 from flows.batch_inference import batch_inference
 from flows.cli import main as cli_main
 from tasks.bedrock import catalog, prices
 from tasks.errors import CostCeilingError, RunSettingsError
-from tasks.pipeline.columns import ERROR_CODE, INPUT_TOKENS, SERVED_BY
+from tasks.pipeline.columns import ERROR_CODE, INPUT_TOKENS, OUTPUT_TOKENS, SERVED_BY
 from tasks.pipeline.estimate import estimate_from_dir
 from tasks.pipeline.preprocess import preprocess_params
 from tasks.run.cost import COST_CEILING_REACHED, ESTIMATE_FILE
@@ -149,6 +150,38 @@ def test_on_demand_rows_are_priced_apart_at_the_on_demand_price(stack, tmp_path)
     )
     assert cost["on_demand_usd"] == pytest.approx(expected)
     assert cost["batch_rows"] + cost["on_demand_rows"] == 300
+
+
+def test_a_run_under_the_job_minimum_is_served_on_demand_at_its_price(stack, tmp_path):
+    # 40 records, under the minimum of 100 a batch job takes: one shard, answered through
+    # bedrock-runtime, estimated and reported at the on-demand price, no batch job created.
+    source = tmp_path / "questions.csv"
+    pl.DataFrame({"source": [f"Q{i:04d} what is {i} + 1?" for i in range(40)]}).write_csv(source)
+    params = BatchParams(
+        source=str(source), prompt_id="question_answering", model_id=CLAUDE,
+        output_uri=str(tmp_path / "out"), run_name="small-run", on_demand_rps=200,
+        max_cost_usd=1.0,
+    )  # fmt: skip
+
+    summary = batch_inference(params)
+
+    out = pl.read_parquet(summary["parts"])
+    assert_answers_match_rows(out, 40)
+    assert out[SERVED_BY].unique().to_list() == ["on_demand"]
+    assert stack.ledger(name_contains="small-run") == []
+    price = prices.price_for(CLAUDE)
+    paid = price.cost(int(out[INPUT_TOKENS].sum()), int(out[OUTPUT_TOKENS].sum()), "on_demand")
+    cost = summary["cost"]
+    assert (cost["batch_rows"], cost["on_demand_rows"]) == (0, 40)
+    assert cost["on_demand_usd"] == pytest.approx(paid) and cost["batch_usd"] == 0
+    estimate = json.loads((tmp_path / "out" / "small-run" / ESTIMATE_FILE).read_text())
+    assert [s["on_demand"] for s in estimate["shards"]] == [True]
+    assert paid <= estimate["totals"]["cost_high_usd"]
+    # At the batch price the upper bound would be half of it, under what the run paid.
+    assert estimate["totals"]["cost_high_usd"] == pytest.approx(
+        price.cost(estimate["totals"]["input_tokens"], estimate["totals"]["output_max"],
+                   "on_demand")
+    )  # fmt: skip
 
 
 def test_run_over_the_ceiling_is_refused_before_any_job(stack, tmp_path):

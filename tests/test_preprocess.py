@@ -235,6 +235,17 @@ def test_preprocess_fewer_records_than_job_minimum_explains_quota(tmp_path):
     message = str(exc.value)
     assert "Only 50 records" in message and "at least 100" in message
     assert "BEDROCK_BATCH_QUOTA_MIN_RECORDS_PER_JOB" in message
+    assert "Or set on_demand=True to serve them through bedrock-runtime" in message
+
+
+def test_preprocess_fewer_records_than_job_minimum_on_demand_is_one_shard_of_every_row(tmp_path):
+    source = write_csv(tmp_path, topics(50))
+    plan = run(tmp_path, source, quotas=QuotaSettings(), small_on_demand=True)
+    assert [(s.records, s.on_demand) for s in plan.shards] == [(50, True)]
+    lines = read_lines(tmp_path / "run" / plan.shards[0].input_file)
+    rows = pl.read_parquet(tmp_path / "run" / plan.shards[0].rows_file)
+    assert [line["recordId"] for line in lines] == rows[C.RECORD_ID].to_list()
+    assert rows["topic"].to_list() == pl.read_csv(source)["topic"].to_list()
 
 
 def test_preprocess_record_over_model_limit_names_record_and_size(tmp_path):

@@ -9,7 +9,8 @@ no CountTokens, a characters-per-token ratio stands in and the output says so.
 
 Output tokens are a range: expected from ``BEDROCK_BATCH_COST_EXPECTED_OUTPUT_TOKENS`` (unknown
 when unset), at most ``max_tokens`` a record. Costs are at the batch price of
-``tasks.bedrock.prices``; an unknown price gives an unknown (None) cost.
+``tasks.bedrock.prices`` (the on-demand price for a run too small for a batch job); an unknown
+price gives an unknown (None) cost.
 """
 
 from __future__ import annotations
@@ -36,7 +37,11 @@ _CONVERSE_MEMBERS = ("messages", "system", "toolConfig", "additionalModelRequest
 
 @dataclass
 class ShardEstimate:
-    """One shard's estimated tokens and cost (USD at the batch price; None when unknown)."""
+    """One shard's estimated tokens and cost (USD at its price; None when unknown).
+
+    The price is the batch one, or the on-demand one for a shard under a job's minimum
+    (`ShardPlan.on_demand`).
+    """
 
     shard: str
     records: int
@@ -45,6 +50,7 @@ class ShardEstimate:
     output_max: int
     cost_low: float | None
     cost_high: float | None
+    on_demand: bool = False
 
     def per_record_high(self) -> float | None:
         """The upper-bound cost of one record of this shard."""
@@ -203,9 +209,12 @@ def estimate_plan(
         tokens = math.ceil(slope * s.chars + intercept * s.records)
         out_max = max_tokens * s.records
         out_expected = None if expected_output is None else expected_output * s.records
-        low = price.cost(tokens, out_expected or 0, "batch") if price else None
-        high = price.cost(tokens, out_max, "batch") if price else None
-        shards.append(ShardEstimate(s.name, s.records, tokens, out_expected, out_max, low, high))
+        mode = "on_demand" if s.on_demand else "batch"
+        low = price.cost(tokens, out_expected or 0, mode) if price else None
+        high = price.cost(tokens, out_max, mode) if price else None
+        shards.append(
+            ShardEstimate(s.name, s.records, tokens, out_expected, out_max, low, high, s.on_demand)
+        )
     return CostEstimate(
         model_id=plan.model_id,
         method=method,
@@ -289,6 +298,12 @@ def format_estimate(estimate: CostEstimate) -> str:
     )
     if estimate.output_expected is None:
         lines.append("(low: input tokens only, as no expected output is set)")
+    for s in estimate.shards:
+        if s.on_demand:
+            lines.append(
+                f"({s.shard}: {s.records:,} records, fewer than a batch job takes; served on "
+                "demand through bedrock-runtime, its cost at the on-demand price)"
+            )
     return "\n".join(lines)
 
 

@@ -24,6 +24,9 @@ class ShardPlan:
     rows_file: str
     sha256: str = ""  # of input_file: a resume checks the copy on S3 against it
     chars: int = 0  # characters of the rendered prompts (the cost estimate's measure)
+    # A run with fewer records than a job's minimum is one shard served through
+    # bedrock-runtime at the on-demand price (`on_demand`); its plan says so.
+    on_demand: bool = False
 
 
 @dataclass

@@ -79,6 +79,8 @@ class PreprocessOptions:
         max_concurrent_jobs: the gate; shards default to about this many jobs.
         quotas: Bedrock quotas; default from settings.
         csv_types: "text" keeps CSV values as written; "infer" guesses numbers and dates.
+        small_on_demand: fewer records than a job's minimum make one shard served on demand
+            (bedrock-runtime, the full price) instead of a refusal.
     """
 
     model_id: str
@@ -92,6 +94,7 @@ class PreprocessOptions:
     max_concurrent_jobs: int = 10
     quotas: QuotaSettings | None = None
     csv_types: CsvTypes = "text"
+    small_on_demand: bool = False
 
 
 @dataclass
@@ -190,6 +193,7 @@ def preprocess_params(
         csv_types=params.csv_types,
         max_records_per_job=params.max_records_per_job,
         max_concurrent_jobs=params.max_concurrent_jobs,
+        small_on_demand=params.on_demand,
     )
     return preprocess(params.source, options, out_dir=out_dir, on_shard=on_shard)
 
@@ -306,14 +310,10 @@ def _plan_ranges(w: _Work) -> tuple[list[tuple[int, int]], list[int], int, int]:
     try:
         ranges = _cut(valid, w.max_records, w.max_bytes, target_jobs, w.quotas)
     except TooFewRecordsError as exc:
-        if not n_missing:
-            raise
-        # "Only 0 records to send ... Add rows" said nothing of the rows the source has.
-        msg = (
-            f"{exc} Of the source's {total:,} rows, {n_missing:,} were skipped for a missing "
-            'value (on_missing="skip"): fill them in to send them.'
-        )
-        raise TooFewRecordsError(msg) from None
+        if w.opts.small_on_demand and valid.height:
+            ranges = [(0, valid.height)]  # one shard, served on demand (`ShardPlan.on_demand`)
+        else:
+            raise _too_few(exc, total, n_missing, w.opts.small_on_demand) from None
     if ranges is None:
         # The cheap bound says a limit may bind: measure the exact line sizes.
         exact = V.collect(
@@ -406,6 +406,7 @@ def _write_shards(
                 chars=chars,
                 input_file=input_file(name),
                 rows_file=rows_file(name),
+                on_demand=b - a < w.quotas.min_records_per_job,
             )
             # Files are written in the background while the next shard is computed.
             writes.append(
@@ -450,6 +451,22 @@ def _write_shards(
     )
     plan.save(out_dir)
     return plan
+
+
+def _too_few(
+    exc: TooFewRecordsError, total: int, n_missing: int, on_demand: bool
+) -> TooFewRecordsError:
+    """The refusal of a run under the job minimum, with what the user can do about it."""
+    msg = str(exc)
+    if n_missing:
+        # "Only 0 records to send ... Add rows" said nothing of the rows the source has.
+        msg += (
+            f" Of the source's {total:,} rows, {n_missing:,} were skipped for a missing "
+            'value (on_missing="skip"): fill them in to send them.'
+        )
+    if not on_demand and total > n_missing:
+        msg += " Or set on_demand=True to serve them through bedrock-runtime at the full price."
+    return TooFewRecordsError(msg)
 
 
 def _cut(

@@ -70,6 +70,7 @@ def preflight_cost(params: BatchParams, plan: RunPlan, layout: RunLayout) -> Cos
     """
     logger = get_run_logger()
     estimate = load_estimate(plan, layout)
+    basis = _price_basis(estimate)
     rows = [
         {
             "shard": s.shard,
@@ -85,22 +86,33 @@ def preflight_cost(params: BatchParams, plan: RunPlan, layout: RunLayout) -> Cos
     create_table_artifact(
         rows,
         key=f"bedrock-batch-{_safe(layout.run_name)}-estimate"[:100].strip("-"),
-        description=f"Cost estimate (batch price): {estimate.method}",
+        description=f"Cost estimate ({basis}): {estimate.method}",
     )
     logger.info(
-        "Estimate: %s input tokens (%s), output up to %s tokens, cost %s – %s at the batch price",
+        "Estimate: %s input tokens (%s), output up to %s tokens, cost %s – %s at %s",
         f"{estimate.input_tokens:,}",
         estimate.method,
         f"{estimate.output_max:,}",
         _usd(estimate.cost_low),
         _usd(estimate.cost_high),
+        basis,
     )
+    for s in estimate.shards:
+        if s.on_demand:
+            logger.warning(
+                "%s records are fewer than a batch job's minimum (%s, "
+                "BEDROCK_BATCH_QUOTA_MIN_RECORDS_PER_JOB): served on demand through "
+                "bedrock-runtime at the full price, not the batch discount (on_demand=False "
+                "refuses such a run instead)",
+                f"{s.records:,}",
+                f"{plan.quotas.get('min_records_per_job', '?'):,}",
+            )
     ceiling = params.max_cost_usd
     if ceiling is not None:
         high = estimate.cost_high
         if high is None:
             msg = (
-                f"max_cost_usd={ceiling} is set but the batch price of {params.model_id} is "
+                f"max_cost_usd={ceiling} is set but {basis} of {params.model_id} is "
                 "unknown, so the run cannot be kept under it; nothing was submitted. Set the "
                 "price in BEDROCK_BATCH_PRICES_FILE or the Prefect Variable bedrock-batch-prices."
             )
@@ -109,13 +121,20 @@ def preflight_cost(params: BatchParams, plan: RunPlan, layout: RunLayout) -> Cos
             max_tokens = plan.options.get("max_tokens")
             msg = (
                 f"The estimated cost of run {layout.run_name} is {_usd(estimate.cost_low)} – "
-                f"{_usd(high)} at the batch price ({estimate.input_tokens:,} input tokens, up to "
+                f"{_usd(high)} at {basis} ({estimate.input_tokens:,} input tokens, up to "
                 f"{estimate.output_max:,} output tokens), over max_cost_usd={ceiling}; nothing "
                 f"was submitted. Raise max_cost_usd to at least {high:.4f}, lower max_tokens "
                 f"(now {max_tokens}) or send fewer records."
             )
             raise CostCeilingError(msg)
     return estimate
+
+
+def _price_basis(estimate: CostEstimate) -> str:
+    """Which price the estimate is at: a run under a job's minimum is served on demand."""
+    if estimate.shards and all(s.on_demand for s in estimate.shards):
+        return "the on-demand price"
+    return "the batch price"
 
 
 class CostGuard:
@@ -142,7 +161,7 @@ class CostGuard:
         if per_record is None:
             return float("inf")
         cost = per_record * records
-        if on_demand and self.price is not None:
+        if on_demand and not s.on_demand and self.price is not None:
             batch_in, batch_out = self.price.per_million("batch")
             od_in, od_out = self.price.per_million("on_demand")
             if None in (batch_in, od_in):

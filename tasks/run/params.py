@@ -157,8 +157,10 @@ class BatchParams(BaseModel):
     on_demand: bool = Field(
         True,
         description=(
-            "Serve a retry remainder smaller than the job minimum through bedrock-runtime "
-            "(InvokeModel or Converse) instead of leaving it failed."
+            "Serve records too few for a batch job through bedrock-runtime (InvokeModel or "
+            "Converse) at the on-demand price: a retry remainder under the job minimum "
+            "instead of leaving it failed, and a run (or pipeline stage) under it instead of "
+            "refusing it."
         ),
     )
     on_demand_rps: float = Field(

@@ -544,8 +544,9 @@ def run_shard(ctx: RunContext, shard: ShardPlan) -> ShardResult:
     state = ctx.store.shard(shard.name)
     resumed = bool(state.attempts)
     if state.part_uri is None:
+        how = C.SERVED_ON_DEMAND if shard.on_demand else C.SERVED_BATCH
         attempt = state.current or _new_attempt(
-            ctx, shard, state, shard.input_file, shard.records, C.SERVED_BATCH
+            ctx, shard, state, shard.input_file, shard.records, how
         )
         settled: pl.DataFrame | None = None  # the rows with their outcomes so far
         held = 0
