@@ -98,11 +98,12 @@ def join_and_report(
     params: PipelineParams, stages: list[Stage], reports: list[dict[str, Any]]
 ) -> dict[str, Any]:
     """Join the stages per original row, summarise counts, tokens and cost, write summary.json."""
-    joined = S.join_stages(params.output_uri, params.run_name, stages, params.source)
+    not_run = {r["stage"] for r in reports if r.get("not_run")}
+    joined = S.join_stages(params.output_uri, params.run_name, stages, params.source, not_run)
     frame: pl.DataFrame = joined.pop("frame")
     for report, stage in zip(reports, stages, strict=True):
         schema = output_schema_for(stage.prompt_id)
-        if schema is not None:
+        if schema is not None and stage.name not in not_run:
             repaired = frame.get_column(f"{stage.name}_schema_repaired").sum()
             report["schema_repaired"] = int(repaired or 0)
     booleans = [c for c in frame.columns if c.endswith("correct") and frame[c].dtype == pl.Boolean]
@@ -154,15 +155,26 @@ def batch_pipeline(params: PipelineParams) -> dict[str, Any]:
         return finished
 
     # 2. Each stage, in order: its input from every part of the previous stage, then its run.
+    # A stage whose filter keeps no row has nothing to send: it and the stages after it are
+    # not run (a batch run of no record is refused), and every row says why in the output.
     reports: list[dict[str, Any]] = []
     inputs = S.source_columns(params.source)
     arm = S.stage_failpoints()
+    emptied_by: str | None = None
     for index, stage in enumerate(stages):
         arm(stage.name)
         extra: dict[str, Any] = {}
-        if index > 0:
+        if index > 0 and emptied_by is None:
             extra = prepare_stage_input(params, stages, index, inputs)
             inputs = extra.pop("columns")
+            if extra["rows_kept"] == 0:
+                emptied_by = stage.name
+        if emptied_by is not None:
+            logger.warning(
+                "Stage %s is not run: the filter of stage %s kept no row", stage.name, emptied_by
+            )
+            reports.append(S.stage_report(stage, S.NOT_RUN, {"rows_kept": 0, **extra}))
+            continue
         stage_params = _stage_params(params, stage, index)
         summary = batch_inference.with_options(flow_run_name=stage_params.run_name)(stage_params)
         reports.append(S.stage_report(stage, summary, extra))

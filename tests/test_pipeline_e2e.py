@@ -124,3 +124,42 @@ def test_pipeline_rerun_after_sigkill_in_stage_two_pays_no_job_twice(stack, tmp_
     assert sorted(j for j in jobs if "grade" in j) == [
         f"pipe-kill--grade-shard-0000{i}-a1" for i in range(3)
     ]
+
+
+def test_small_stage_is_served_on_demand_and_an_empty_one_is_not_run(stack, tmp_path):
+    # Stage 2 keeps 30 rows, fewer than a batch job takes: served on demand, not refused.
+    # Stage 3 keeps none: not run, and every row says why.
+    small = "error_code IS NULL AND source LIKE 'Q%7:%'"
+    regrade = _stages()[1].model_copy(
+        update={
+            "name": "regrade",
+            "filter": "false",
+            "carry": ["source", "target", "answer_response_text"],
+        }
+    )
+    params = PipelineParams(
+        source=str(_source(tmp_path)),
+        output_uri=str(tmp_path / "out"),
+        run_name="pipe-small",
+        stages=[_stages()[0], _stages()[1].model_copy(update={"filter": small}), regrade],
+        max_records_per_job=150,
+        max_concurrent_jobs=3,
+    )
+
+    summary = batch_pipeline(params)
+
+    out = pl.read_parquet(tmp_path / "out" / "pipe-small" / "output" / "*.parquet")
+    assert out.height == ROWS and out["pipeline_row_id"].n_unique() == ROWS
+    sevens = out["source"].str.contains(r"^Q\d*7:")
+    graded = out.filter(sevens)
+    assert graded.height == ROWS // 10 == summary["stages"][1]["counts"]["records"]
+    assert graded["grade_error_code"].null_count() == graded.height
+    assert graded["grade_served_by"].unique().to_list() == ["on_demand"]
+    assert out.filter(~sevens)["grade_skipped"].str.starts_with("filtered out before").all()
+    assert stack.ledger(name_contains="pipe-small--grade") == []
+    assert len(stack.ledger(name_contains="pipe-small--answer")) == 2
+    regraded = summary["stages"][2]
+    assert regraded["not_run"] and regraded["counts"]["records"] == 0
+    assert regraded["cost_usd"] == 0.0 and summary["cost_usd"] is not None
+    assert out["regrade_skipped"].to_list() == ["filtered out before stage regrade (false)"] * ROWS
+    assert stack.ledger(name_contains="pipe-small--regrade") == []

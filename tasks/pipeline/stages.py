@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import json
 import os
+from collections.abc import Collection
 from dataclasses import dataclass
 from typing import Any
 
@@ -269,8 +270,17 @@ def build_stage_input(
     return {"rows_in": frame.height, "rows_kept": rows.height, "columns": rows.columns}
 
 
-def join_stages(output_uri: str, run_name: str, stages: list[Stage], source: str) -> dict[str, Any]:
+def join_stages(
+    output_uri: str,
+    run_name: str,
+    stages: list[Stage],
+    source: str,
+    not_run: Collection[str] = (),
+) -> dict[str, Any]:
     """The final output: every original row once, each stage's columns prefixed by its name.
+
+    A stage in ``not_run`` (a filter before it kept no row) adds only its skipped column,
+    which says why for every row.
 
     Returns:
         The output parts written and the row count.
@@ -280,7 +290,10 @@ def join_stages(output_uri: str, run_name: str, stages: list[Stage], source: str
     inputs = [c for c in first.columns if c not in set(result_columns(stages[0]))]
     base = first.select(pl.col(C.RECORD_ID).alias(ROW_ID), *inputs)
     for index, (stage, layout) in enumerate(zip(stages, layouts, strict=True)):
-        out = _read_parts(layout.output_dir)
+        if stage.name in not_run:
+            out = pl.DataFrame(schema={ROW_ID: base.schema[ROW_ID]})
+        else:
+            out = _read_parts(layout.output_dir)
         if index == 0:
             out = out.with_columns(pl.col(C.RECORD_ID).alias(ROW_ID))
         wanted = [c for c in result_columns(stage) if c in out.columns]
@@ -332,9 +345,19 @@ def stage_failpoints():
     return arm
 
 
+# The batch summary of a stage that is not run: nothing sent, nothing paid.
+NOT_RUN: dict[str, Any] = {
+    "not_run": True,
+    "counts": {"records": 0, "succeeded": 0, "failed": 0, "unparseable": 0},
+    "tokens": {"input": 0, "output": 0},
+    "cost": {"total_usd": 0.0},
+}
+
+
 def stage_report(stage: Stage, summary: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
     """A stage's counts, tokens and cost for the pipeline summary."""
     return {
+        **({"not_run": True} if summary.get("not_run") else {}),
         "stage": stage.name,
         "model_id": stage.model_id,
         "prompt_id": stage.prompt_id,
