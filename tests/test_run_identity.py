@@ -295,3 +295,28 @@ def test_run_names_differing_in_dot_and_underscore_get_their_own_jobs(stack, tmp
         assert_answers_match_rows(_output(out, name), ROWS)
     _figure("nightly.v1 and nightly_v1", started, rows_in=2 * ROWS, rows_out=2 * ROWS,
             jobs=len(jobs), reinvoked=0)  # fmt: skip
+
+
+def test_the_same_local_file_named_another_way_is_the_same_run(tmp_path, monkeypatch):
+    # `data/x.csv` then its absolute path (the run resumed from a script, another folder):
+    # refused as "created from different inputs" before. An edited file still is.
+    from tasks.errors import RunIdentityError
+    from tasks.run.identity import RunIdentity, check_identity, source_fingerprint
+    from tasks.run.layout import RunLayout
+
+    monkeypatch.chdir(tmp_path)
+    source = _write_source(tmp_path / "questions.csv", "v1")
+    layout = RunLayout("named", str(tmp_path / "out" / "named"), str(tmp_path / "jobs"))
+    recorded = RunIdentity({"source": source_fingerprint("questions.csv"), "model_id": CLAUDE})
+    for spelling in (str(source), "./questions.csv", str(tmp_path / "." / "questions.csv")):
+        current = RunIdentity({"source": source_fingerprint(spelling), "model_id": CLAUDE})
+        assert current.digest != recorded.digest  # the default run name is unchanged
+        check_identity(layout, recorded, current)
+
+    _write_source(source, "v2")
+    edited = RunIdentity({"source": source_fingerprint(str(source)), "model_id": CLAUDE})
+    with pytest.raises(RunIdentityError, match="source"):
+        check_identity(layout, recorded, edited)
+    other = RunIdentity({"source": source_fingerprint("questions.csv"), "model_id": SONNET})
+    with pytest.raises(RunIdentityError, match="model_id"):
+        check_identity(layout, recorded, other)

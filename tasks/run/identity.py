@@ -192,6 +192,23 @@ def _file_change(before: dict, after: dict) -> str:
     return "; ".join(parts)
 
 
+def _answers_alike(fingerprint: dict[str, Any]) -> dict[str, Any]:
+    """The fingerprint with a local source reduced to its files' contents, in order.
+
+    The path as typed decides no answer: a run started with `data/x.csv` and resumed with
+    its absolute path, from another folder or through a symlink, was refused as a different
+    run. Only local files are reduced (an S3 or hf:// URI names one thing); their order stays,
+    as it decides the record ids. The digest, and so the default run name, is not changed.
+    """
+    value = comparable(fingerprint)
+    source = value.get("source") or {}
+    uri = str(source.get("uri", ""))
+    if "files" not in source or uri.startswith("hf://") or storage.is_s3(uri):
+        return value
+    contents = [(f.get("size"), f.get("sha256")) for f in source["files"]]
+    return {**value, "source": {"local_contents": contents}}
+
+
 def read_identity(layout: RunLayout) -> RunIdentity | None:
     """The identity recorded when the run was created, if there is one."""
     uri = layout.identity_uri
@@ -222,5 +239,7 @@ def check_identity(layout: RunLayout, recorded: RunIdentity | None, current: Run
             raise RunIdentityError(changed_message(layout, changes))
         return
     if recorded.digest != current.digest:
+        if _answers_alike(recorded.fingerprint) == _answers_alike(current.fingerprint):
+            return  # the same local files, named another way (`data/x.csv`, `./data/x.csv`)
         changes = differences(recorded.fingerprint, current.fingerprint)
         raise RunIdentityError(changed_message(layout, changes or ["fingerprint"]))
