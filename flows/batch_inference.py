@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from typing import Any
+from uuid import UUID
 
 from prefect import flow, get_run_logger, runtime
 from prefect.task_runners import ThreadPoolTaskRunner
@@ -36,8 +37,20 @@ from tasks.run.stop import stop_run_jobs
 MAX_SHARDS_IN_FLIGHT = MAX_CONCURRENT_JOBS + 28
 
 
+# Flow runs of this process that a Ctrl-C interrupted: their jobs keep running (a re-run
+# resumes them, as the CLI says) and no failure is announced for them.
+_INTERRUPTED: set[str] = set()
+
+
+def _interrupted(flow_run_id: UUID | str, exc: BaseException) -> None:
+    if isinstance(exc, KeyboardInterrupt):
+        _INTERRUPTED.add(str(flow_run_id))
+
+
 def _emit_failed(flow, flow_run, state) -> None:
     """Flow failure hook: a `bedrock.batch.run.failed` event automations can act on."""
+    if str(flow_run.id) in _INTERRUPTED:
+        return
     raw = flow_run.parameters.get("params") or {}
     try:
         run_name = name_for_events(BatchParams.model_validate(raw))
@@ -47,7 +60,12 @@ def _emit_failed(flow, flow_run, state) -> None:
 
 
 def _stop_jobs(flow, flow_run, state) -> None:
-    """Cancel / crash hook: stop the run's jobs still in flight, so nothing keeps billing."""
+    """Cancel / crash hook: stop the run's jobs still in flight, so nothing keeps billing.
+
+    Not after Ctrl-C: the user left the jobs running, to resume (`bedrock-batch stop` stops).
+    """
+    if str(flow_run.id) in _INTERRUPTED:
+        return
     raw = flow_run.parameters.get("params") or {}
     try:
         params = BatchParams.model_validate(raw)
@@ -157,7 +175,13 @@ def batch_inference(params: BatchParams) -> dict[str, Any]:
                     len(plan.shards),
                     "job events, polling as the fallback" if events_active else "polling",
                 )
-                results = run_shard.map(unmapped(ctx), plan.shards).result()
+                try:
+                    results = run_shard.map(unmapped(ctx), plan.shards).result()
+                except BaseException as exc:
+                    if not isinstance(exc, Exception):  # Ctrl-C, SIGTERM: the process goes
+                        _interrupted(runtime.flow_run.id, exc)
+                        ctx.interrupt()
+                    raise
         finally:
             ctx.watcher.close()
 

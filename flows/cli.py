@@ -137,6 +137,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
         if not args.debug:
             quiet_tracebacks()
+        interruptible()
         summary = batch_inference(params)
         _show_output(summary)
     return 0
@@ -211,6 +212,23 @@ def _check_writable(folder: Path) -> None:
         existing = existing.parent
     if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
         raise PermissionError(errno.EACCES, "not a writable folder", str(existing))
+
+
+def interruptible() -> None:
+    """Ctrl-C reaches the run again while it waits: Python's own SIGINT handler back in place.
+
+    Importing Polars installs a SIGINT handler of its own with SA_RESTART (pola-rs/polars
+    #21739), so a wait on a lock or event is not interrupted: Ctrl-C during a run did nothing
+    until every job had ended (a run of two 2-minute jobs went on for minutes after it, then
+    hung on its dead temporary Prefect server). Python's handler raises KeyboardInterrupt
+    where the main thread waits; a Polars call in progress finishes first.
+    """
+    import signal
+    import threading
+
+    main = threading.current_thread() is threading.main_thread()
+    if main and signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def quiet_tracebacks() -> None:

@@ -27,7 +27,7 @@ def show_summary(summary: dict) -> None:
 
 def run_pipeline(args: argparse.Namespace) -> int:
     """Build the parameters, run the pipeline flow, print its summary."""
-    from flows.cli import quiet_tracebacks, start_local_stack
+    from flows.cli import interruptible, quiet_tracebacks, start_local_stack
 
     with ExitStack() as stack:
         if args.local_stack:
@@ -49,5 +49,6 @@ def run_pipeline(args: argparse.Namespace) -> int:
             "restart": args.restart or None,
         }
         params = PipelineParams(**{k: v for k, v in fields.items() if v is not None})
+        interruptible()
         show_summary(batch_pipeline(params))
     return 0

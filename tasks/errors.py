@@ -93,3 +93,7 @@ class CostCeilingError(BedrockBatchError):
 
 class StopJobsError(BedrockBatchError):
     """Some of a run's jobs could not be stopped; the others were."""
+
+
+class RunInterrupted(BedrockBatchError):
+    """The run's process was interrupted (Ctrl-C, SIGTERM): its shards stop where they wait."""

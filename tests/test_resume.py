@@ -6,10 +6,12 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import polars as pl
 import pytest
+from helpers import assert_answers_match_rows, eventually
 from prefect.settings import PREFECT_API_URL
 
 from tasks.pipeline.columns import ERROR_CODE, RECORD_ID
@@ -113,3 +115,50 @@ def test_rerun_after_sigkill_finishes_without_paying_twice(stack, tmp_path, poin
     assert out.height == ROWS
     assert out[RECORD_ID].n_unique() == ROWS
     assert out[ERROR_CODE].null_count() == ROWS
+
+
+def test_ctrl_c_while_jobs_run_leaves_them_running_and_the_same_command_resumes(stack, tmp_path):
+    # Polars' SIGINT handler (SA_RESTART) kept Ctrl-C from reaching the waiting run: it went on
+    # until every job ended, then hung on its dead temporary Prefect server. And the crash
+    # hook stopped the jobs the CLI's message said would keep running. Two jobs run, the
+    # third shard waits for a slot of the gate of 2.
+    source = tmp_path / "questions.csv"
+    pl.DataFrame({"source": [f"Q{i:04d} what is {i} + 1?" for i in range(ROWS)]}).write_csv(source)
+    out = tmp_path / "out"
+    env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value(), EXPIRY_ENV: "3"}
+    env.pop(ENV, None)
+    command = [
+        sys.executable, "-m", "flows.cli", "run",
+        "--source", str(source), "--prompt-id", "question_answering", "--model-id", CLAUDE,
+        "--output-uri", str(out), "--run-name", "ctrl-c",
+        "--max-concurrent-jobs", "2", "--max-records-per-job", "100",
+    ]  # fmt: skip
+    stack.set_faults(stuck_job_names_containing="ctrl-c", stuck_after_fraction=0.5)
+    try:
+        # Its own session, as a terminal's foreground group: the signal goes to every process.
+        log = (tmp_path / "stderr.txt").open("w")
+        run = subprocess.Popen(command, env=env, stderr=log, start_new_session=True)
+        eventually(
+            lambda: len([j for j in stack.ledger("ctrl-c") if j["status"] == "InProgress"]) == 2,
+            timeout=120,
+        )
+        os.killpg(run.pid, signal.SIGINT)
+        interrupted_at = time.monotonic()
+        run.wait(timeout=60)
+        left_after = time.monotonic() - interrupted_at
+    finally:
+        stack.set_faults(stuck_job_names_containing=None)
+    stderr = (tmp_path / "stderr.txt").read_text()
+    assert run.returncode == 130, stderr[-3000:]
+    assert left_after < 30, left_after  # it waited for its jobs to end before: minutes
+    assert stderr.strip().splitlines()[-1].startswith("error: interrupted; jobs already submitted")
+    # Not stopped by a crash hook; the third shard, waiting for a gate slot, made no job.
+    jobs = stack.ledger("ctrl-c")
+    assert [j["status"] for j in jobs] == ["InProgress"] * 2
+
+    finished = subprocess.run(command, env=env, capture_output=True, text=True, timeout=240)
+
+    assert finished.returncode == 0, finished.stderr[-3000:]
+    after = stack.ledger("ctrl-c")
+    assert [j["jobArn"] for j in after[:2]] == [j["jobArn"] for j in jobs] and len(after) == 3
+    assert_answers_match_rows(pl.read_parquet(out / "ctrl-c" / "output" / "*.parquet"), ROWS)

@@ -128,6 +128,7 @@ class JobWatcher:
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._closed = threading.Event()
+        self._interrupted: Exception | None = None
         self._thread: threading.Thread | None = None
 
     # -- what shards call ----------------------------------------------------------------
@@ -136,6 +137,9 @@ class JobWatcher:
         """Start following a job; an event that came before the watch is applied at once."""
         watch = Watch(job_arn, job_name)
         with self._lock:
+            if self._interrupted is not None:
+                watch.fail(self._interrupted)
+                return watch
             self._watches[job_arn] = watch
             early = self._early.pop(job_arn, None)
             if self._thread is None or not self._thread.is_alive():
@@ -201,6 +205,15 @@ class JobWatcher:
     def close(self) -> None:
         self._closed.set()
         self._wake.set()
+
+    def interrupt(self, error: Exception) -> None:
+        """Stop polling and end every wait, now and to come, with ``error``."""
+        with self._lock:
+            self._interrupted = error
+            watches = list(self._watches.values())
+        self.close()
+        for watch in watches:
+            watch.fail(error)
 
     # -- the one polling thread ----------------------------------------------------------
 

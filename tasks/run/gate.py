@@ -42,6 +42,7 @@ from tasks.aws.clients import client, error_code, job_summaries
 from tasks.bedrock.catalog import quota_key
 from tasks.bedrock.error_codes import RETRYABLE_GET
 from tasks.bedrock.statuses import ACTIVE_STATUSES
+from tasks.errors import RunInterrupted
 from tasks.settings import get_settings
 
 # Prefect's server bounds a lease to 60 s .. 1 day.
@@ -281,6 +282,7 @@ class _Waiters:
         # (freed, monotonic time) of the last refusal: a new head does not ask again before
         # a slot is freed here or wait_seconds pass, since the answer would be the same.
         self.refused: tuple[int, float] | None = None
+        self.abandoned = False  # the run was interrupted: its waiters leave (`abandon_waiters`)
 
 
 _waiters: dict[tuple[str, ...], _Waiters] = {}
@@ -290,6 +292,23 @@ _waiters_lock = threading.Lock()
 def _waiters_for(names: list[str]) -> _Waiters:
     with _waiters_lock:
         return _waiters.setdefault(tuple(names), _Waiters())
+
+
+def abandon_waiters(model_id: str, run_name: str, abandoned: bool = True) -> None:
+    """The run is interrupted: its shards waiting for a slot leave with `RunInterrupted`.
+
+    ``abandoned=False``: a new start of the run in this process, whose shards wait again.
+    """
+    group = _waiters_for([gate_name(model_id), run_gate_name(run_name)])
+    with group.cond:
+        group.abandoned = abandoned
+        group.cond.notify_all()
+
+
+def _leave_if_abandoned(group: _Waiters) -> None:
+    """Called with ``group.cond`` held, after each wake."""
+    if group.abandoned:
+        raise RunInterrupted("The run was interrupted while its shard waited for a gate slot.")
 
 
 def slot_freed(names: tuple[str, ...] | None = None) -> None:
@@ -377,14 +396,20 @@ def acquire_slot(
     ticket = object()
     handed = None
     with group.cond:
+        _leave_if_abandoned(group)
         if group.ahead:
             return group.ahead.popleft()
         group.queue.append(ticket)
-        while group.queue[0] is not ticket:
-            handed = _take_handed(group, ticket)  # while the head's ask is at the server
-            if handed is not None:
-                break
-            group.cond.wait(_behind_a_slow_ask(group, ticket) if group.handed else None)
+        try:
+            while group.queue[0] is not ticket:
+                handed = _take_handed(group, ticket)  # while the head's ask is at the server
+                if handed is not None:
+                    break
+                group.cond.wait(_behind_a_slow_ask(group, ticket) if group.handed else None)
+                _leave_if_abandoned(group)
+        except RunInterrupted:
+            group.queue.remove(ticket)
+            raise
     try:
         if handed is not None:
             return handed
@@ -499,6 +524,7 @@ def _ask_until_taken(
     failures = 0
     while True:
         with group.cond:
+            _leave_if_abandoned(group)
             freed = group.freed
             handed = _take_handed(group, ticket)
             refused = group.refused
@@ -526,7 +552,7 @@ def _ask_until_taken(
                 delay = _retry_delay(failures)
                 _log_retry(logger, "take a slot of " + names[0], lease, failures, delay)
                 with group.cond:  # a slot handed on meanwhile ends the backoff
-                    group.cond.wait_for(lambda: bool(group.handed), delay)
+                    group.cond.wait_for(lambda: bool(group.handed) or group.abandoned, delay)
                 continue
             with group.cond:
                 group.refused = (freed, time.monotonic())
@@ -540,7 +566,10 @@ def _ask_until_taken(
         # Prefect's Retry-After is not waited for: one asker per process keeps the rate
         # bounded, and a slot this process frees or hands over wakes it at once.
         with group.cond:
-            group.cond.wait_for(lambda seen=freed: group.freed != seen or bool(group.handed), pause)
+            group.cond.wait_for(
+                lambda seen=freed: group.freed != seen or bool(group.handed) or group.abandoned,
+                pause,
+            )
 
 
 def _ask_as(

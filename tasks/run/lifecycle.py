@@ -271,6 +271,7 @@ def open_gate(
     """
     logger = get_run_logger()
     name, quota, run_gate = gate.ensure_gates(model_id, run_name, max_concurrent_jobs)
+    gate.abandon_waiters(model_id, run_name, abandoned=False)  # interrupted before, here
     in_use = gate.active_slots(name)
     ahead = gate.take_ahead(
         model_id,

@@ -9,6 +9,7 @@ minimum, else through bedrock-runtime on demand.
 from __future__ import annotations
 
 import logging
+import threading
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,7 +34,7 @@ from tasks.aws.submit import (
 )
 from tasks.aws.watcher import JobWatcher
 from tasks.bedrock.statuses import outcome, retry_statuses
-from tasks.errors import PlanError
+from tasks.errors import PlanError, RunInterrupted
 from tasks.monitoring import events
 from tasks.pipeline import columns as C
 from tasks.pipeline.attempts import AttemptOutput, retry_ids, settle
@@ -78,6 +79,7 @@ class RunContext:
     # The template's output schema: answers are validated into typed columns, and repaired.
     output_schema: OutputSchema | None = None
     board: JobBoard | None = None  # the live job table and timeline in the UI
+    interrupted: threading.Event = field(default_factory=threading.Event)
 
     def changed(self) -> None:
         """A job of the run moved: let the UI's live table and timeline know."""
@@ -103,9 +105,22 @@ class RunContext:
         return self.layout.part_uri(shard.index)
 
     def check_owner(self) -> None:
-        """Stop before spending if another process took the run over."""
+        """Stop before spending if the run was interrupted or another process took it over."""
+        if self.interrupted.is_set():
+            raise RunInterrupted(f"Run {self.run_name} was interrupted; nothing more is sent.")
         if self.claim is not None:
             self.claim.check()
+
+    def interrupt(self) -> None:
+        """The process is going (Ctrl-C, SIGTERM): every shard stops where it waits.
+
+        Shards waiting on a job, for a gate slot or between on-demand batches raise
+        `RunInterrupted`; none creates a job after this. The jobs already created keep running
+        on Bedrock and a re-run resumes them, as after a kill.
+        """
+        self.interrupted.set()
+        self.watcher.interrupt(RunInterrupted(f"Run {self.run_name} was interrupted."))
+        gate.abandon_waiters(self.model_id, self.run_name)
 
 
 @dataclass
@@ -239,6 +254,7 @@ def _submit(ctx: RunContext, shard: ShardPlan, attempt: JobAttempt, resumed: boo
     if attempt.job_arn is not None:
         return
     try:
+        ctx.check_owner()  # interrupted, or taken over, while it waited for the slot
         job_arn = _create(ctx, shard, attempt, resumed, logger)
     except Exception:
         _give_back_unused_slot(ctx, shard, attempt, logger)
