@@ -331,6 +331,66 @@ def test_a_message_twice_is_the_same_prefect_event():
     assert event_from_message("not json") is None
 
 
+def _envelope(**detail) -> str:
+    return json.dumps(
+        {
+            "version": "0",
+            "id": _unique("eb"),
+            "detail-type": "Batch Inference Job State Change",
+            "source": "aws.bedrock",
+            "detail": detail,
+        }
+    )
+
+
+ARN = "arn:aws:bedrock:us-east-1:123456789012:model-invocation-job/abc"
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        _envelope(batchJobArn=None, status="Completed"),
+        _envelope(batchJobArn=42, status="Completed"),
+        _envelope(batchJobArn=[ARN], status="Completed"),
+        _envelope(batchJobArn="", status="Completed"),
+        _envelope(batchJobArn=ARN),
+        _envelope(batchJobArn=ARN, status=None),
+        _envelope(batchJobArn=ARN, status=""),
+        _envelope(batchJobArn=ARN, status={"value": "Completed"}),
+        _envelope(batchJobArn=ARN, status="Completed").replace("aws.bedrock", "my.app"),
+    ],
+)
+def test_a_message_that_is_not_a_whole_job_state_change_is_no_event(body):
+    # A job state change names its job and its status (the Bedrock user guide's sample,
+    # monitoring-eventbridge-how-it-works.html); one without them can tell a run nothing.
+    assert event_from_message(body) is None
+
+
+def test_a_malformed_message_is_dropped_and_the_event_beside_it_delivered(
+    stack, events_queue, caplog
+):
+    # A batchJobArn that is not a string raised out of the relay: the events received with it
+    # were never deleted, and the message came back after every visibility timeout to fail
+    # the relay again (and tell the run that events stopped).
+    caplog.set_level(logging.WARNING, logger=LOGGER)
+    key = _key()
+    arn = f"arn:aws:bedrock:{stack.region}:123456789012:model-invocation-job/poison0001"
+    bad = _envelope(batchJobArn=None, status="Completed")
+    stack.client("sqs").send_message(QueueUrl=events_queue, MessageBody=bad)
+    stack.client("events").put_events(Entries=[_state_change(stack, key, arn)])
+    delivered: list[tuple] = []
+    told: list[bool] = []
+
+    with job_events(key, lambda *args: delivered.append(args), told.append) as active:
+        assert active is True
+        eventually(lambda: delivered == [(arn, "Completed", None)], what="the good event")
+        eventually(lambda: _queue_empty(stack, events_queue), what="both messages deleted")
+
+    assert "retrying in" not in caplog.text
+    assert "not a job state change" in caplog.text
+    assert False not in told
+
+
 def test_events_setup_twice_gives_one_queue_and_one_target(stack, capsys):
     name = _unique("clievents")
     args = ["events", "setup", "--queue-name", name, "--rule-name", name]

@@ -172,19 +172,36 @@ def prefect_event_id(eventbridge_id: str) -> uuid.UUID:
     return uuid.uuid5(_EVENT_NAMESPACE, eventbridge_id)
 
 
+def _is_job_state_change(envelope: Any) -> bool:
+    """Whether an EventBridge event is Bedrock's batch job state change, whole enough to use.
+
+    Source and detail-type as the rule matches them; the detail names the job and its status
+    as strings (``batchJobArn``, ``status``: the Bedrock user guide's sample event,
+    monitoring-eventbridge-how-it-works.html). Anything else on the queue (a wider rule, a
+    hand-sent test message) must be dropped, never raise: a message that fails the relay
+    comes back after every visibility timeout and takes the events received with it along.
+    """
+    if not isinstance(envelope, dict):
+        return False
+    detail = envelope.get("detail")
+    return (
+        envelope.get("source") == EVENT_PATTERN["source"][0]
+        and envelope.get("detail-type") == EVENT_PATTERN["detail-type"][0]
+        and isinstance(detail, dict)
+        and all(isinstance(detail.get(k), str) and detail[k] for k in ("batchJobArn", "status"))
+    )
+
+
 def event_from_message(body: str):
     """The Prefect event of one SQS message body (an EventBridge event), or None if not ours."""
     try:
         envelope = json.loads(body)
-        detail = envelope["detail"]
-        if envelope.get("detail-type") != EVENT_PATTERN["detail-type"][0] or not isinstance(
-            detail, dict
-        ):
+        if not _is_job_state_change(envelope):
             return None
         return job_state_changed_event(
-            prefect_event_id(str(envelope["id"])), detail, envelope.get("time")
+            prefect_event_id(str(envelope["id"])), envelope["detail"], envelope.get("time")
         )
-    except (ValueError, KeyError, TypeError):
+    except (ValueError, KeyError, TypeError, AttributeError):
         return None
 
 
