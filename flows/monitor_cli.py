@@ -26,7 +26,15 @@ def cmd_cloudwatch_setup(args: argparse.Namespace) -> int:
     from tasks.monitoring.alarms import setup
 
     print(
-        json.dumps(setup(args.model_id, sns_email=args.email, threshold=args.threshold), indent=2)
+        json.dumps(
+            setup(
+                args.model_id,
+                sns_email=args.email,
+                threshold=args.threshold,
+                allow_unknown=args.allow_unknown_model,
+            ),
+            indent=2,
+        )
     )
     return 0
 
@@ -123,6 +131,11 @@ def add_subcommands(subparsers: argparse._SubParsersAction) -> None:
         type=_number(float, 0, above=True),
         default=1_000_000.0,
         help="input tokens/min (6 h average)",
+    )
+    setup.add_argument(
+        "--allow-unknown-model",
+        action="store_true",
+        help="alarm on model ids the batch model catalog does not know (refused otherwise)",
     )
     setup.set_defaults(func=cmd_cloudwatch_setup)
     teardown = cloudwatch_sub.add_parser("teardown", help="delete the alarms of these models")

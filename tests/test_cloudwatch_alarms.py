@@ -7,12 +7,31 @@ import os
 
 import pytest
 
+from flows.cli import main
 from tasks.aws.clients import client, reset_clients
+from tasks.errors import UnknownModelError
 from tasks.monitoring import alarms as cloudwatch_alarms
 from tasks.settings import get_settings
 
 # moto keeps state per process, account and region: one region per test keeps tests apart.
-REGIONS = iter(["eu-west-3", "eu-north-1", "ap-south-1", "sa-east-1", "ca-central-1", "ap-east-1"])
+REGIONS = iter(
+    [
+        "eu-west-3",
+        "eu-north-1",
+        "ap-south-1",
+        "sa-east-1",
+        "ca-central-1",
+        "ap-east-1",
+        "eu-west-2",
+        "eu-central-2",
+        "ap-southeast-3",
+        "me-south-1",
+        "af-south-1",
+        "il-central-1",
+        "eu-south-2",
+        "ap-northeast-3",
+    ]
+)
 MODELS = ["anthropic.claude-3-haiku-20240307-v1:0", "amazon.nova-lite-v1:0"]
 
 
@@ -79,6 +98,62 @@ def test_setup_twice_keeps_one_alarm_each(aws):
 def test_setup_without_models_names_the_flag(aws):
     with pytest.raises(ValueError, match="--model-id"):
         cloudwatch_alarms.setup([])
+
+
+def _nothing_created() -> bool:
+    cw = client("cloudwatch")
+    return (
+        cw.describe_alarms(AlarmNamePrefix="bedrock-batch-")["MetricAlarms"] == []
+        and cw.list_dashboards()["DashboardEntries"] == []
+        and client("sns").list_topics()["Topics"] == []
+    )
+
+
+# ":0" left off: Bedrock never publishes this ModelId, so its alarms would watch nothing.
+TYPO = "anthropic.claude-3-haiku-20240307-v1"
+
+
+def test_setup_refuses_a_model_id_the_catalog_does_not_know(aws):
+    with pytest.raises(UnknownModelError) as raised:
+        cloudwatch_alarms.setup([MODELS[1], TYPO])
+
+    message = str(raised.value)
+    assert len(message.splitlines()) == 1
+    assert f"{TYPO!r} is not in the batch model catalog" in message
+    assert "closest: anthropic.claude-3-haiku-20240307-v1:0" in message
+    assert "--allow-unknown-model" in message
+    assert MODELS[1] not in message  # the known one is not named as a problem
+    assert _nothing_created()
+
+
+def test_setup_with_the_override_alarms_on_a_model_id_the_catalog_does_not_know(aws):
+    result = cloudwatch_alarms.setup([TYPO], allow_unknown=True)
+    assert result["alarms"] == list(cloudwatch_alarms.alarm_names(TYPO).values())
+    assert result["dashboard_models"] == [TYPO]
+
+
+def test_setup_takes_catalog_models_through_an_inference_profile_or_an_arn(aws):
+    profile = "us.anthropic.claude-3-haiku-20240307-v1:0"
+    arn = "arn:aws:bedrock:us-east-1::foundation-model/amazon.nova-lite-v1:0"
+    result = cloudwatch_alarms.setup([profile, arn])
+    assert result["dashboard_models"] == sorted([profile, arn])
+
+
+def test_cloudwatch_setup_with_an_unknown_model_id_prints_one_line_and_creates_nothing(aws, capsys):
+    assert main(["cloudwatch", "setup", "--model-id", TYPO]) == 2
+
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert captured.err.startswith(f"error: cloudwatch setup: model id {TYPO!r}")
+    assert len(captured.err.splitlines()) == 1
+    assert _nothing_created()
+
+
+def test_cloudwatch_setup_with_allow_unknown_model_creates_its_alarms(aws, capsys):
+    assert main(["cloudwatch", "setup", "--model-id", TYPO, "--allow-unknown-model"]) == 0
+
+    result = json.loads(capsys.readouterr().out)
+    assert result["alarms"] == list(cloudwatch_alarms.alarm_names(TYPO).values())
 
 
 def test_teardown_removes_alarms_then_dashboard_and_topic(aws):

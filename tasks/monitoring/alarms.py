@@ -9,6 +9,8 @@ from typing import Any
 from botocore.exceptions import ClientError
 
 from tasks.aws.clients import client, error_code
+from tasks.bedrock import catalog
+from tasks.errors import UnknownModelError
 from tasks.monitoring.cloudwatch import (
     DIMENSION,
     INPUT_TOKENS_PER_MINUTE,
@@ -159,8 +161,34 @@ def _put_dashboard(cloudwatch, model_ids: list[str]) -> None:
     cloudwatch.put_dashboard(DashboardName=DASHBOARD_NAME, DashboardBody=json.dumps(body))
 
 
+def check_model_ids(model_ids: list[str]) -> None:
+    """Refuse, in one line, the ids the batch model catalog does not know, with close matches.
+
+    CloudWatch takes an alarm on any dimension value, and one whose ModelId Bedrock never
+    publishes stays quiet for ever: a typo would leave the user believing the model watched.
+    """
+    unknown = [m for m in model_ids if catalog.find(m) is None]
+    if not unknown:
+        return
+    problems = []
+    for model_id in unknown:
+        near = catalog.closest_ids(model_id, n=3)
+        hint = f"closest: {', '.join(near)}" if near else "no close match"
+        problems.append(f"model id {model_id!r} is not in the batch model catalog ({hint})")
+    msg = (
+        f"cloudwatch setup: {'; '.join(problems)}. An alarm on an id Bedrock does not publish "
+        "as its ModelId never fires: fix the id, or pass --allow-unknown-model for a "
+        "model the catalog does not know yet (`python -m tasks.bedrock.catalog --markdown` "
+        "lists the known ones)."
+    )
+    raise UnknownModelError(msg)
+
+
 def setup(
-    model_ids: list[str], sns_email: str | None = None, threshold: float = TOKENS_THRESHOLD
+    model_ids: list[str],
+    sns_email: str | None = None,
+    threshold: float = TOKENS_THRESHOLD,
+    allow_unknown: bool = False,
 ) -> dict[str, Any]:
     """Create the SNS topic, both alarms per model and the dashboard; safe to run again.
 
@@ -168,6 +196,8 @@ def setup(
         model_ids: Bedrock model ids to alarm on.
         sns_email: Subscribe this address to the topic (AWS sends a confirmation mail).
         threshold: Input tokens per minute for the throughput alarm.
+        allow_unknown: Alarm on ids the batch model catalog does not know (else refused
+            before anything is created).
 
     Returns:
         The topic ARN, the alarm names and the dashboard name.
@@ -175,6 +205,8 @@ def setup(
     if not model_ids:
         msg = "cloudwatch setup needs at least one model id (--model-id MODEL_ID)"
         raise ValueError(msg)
+    if not allow_unknown:
+        check_model_ids(model_ids)
     sns = client("sns")
     cloudwatch = client("cloudwatch")
     topic_arn = sns.create_topic(Name=TOPIC_NAME)["TopicArn"]
