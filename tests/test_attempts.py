@@ -52,7 +52,7 @@ def test_retry_ids_takes_throttled_and_missing_not_bad_requests(rows_file):
         1, [_lines(_ok("R1", "x"), _err("R2", 429), _err("R3", 400))], job_id="j1"
     )
 
-    retry = retry_ids(settle(rows_file, [first], CLAUDE, "InvokeModel"))
+    retry = retry_ids(settle(rows_file, [first], CLAUDE, "InvokeModel").frame)
 
     assert sorted(retry) == ["R2", "R4"]
 
@@ -66,7 +66,7 @@ def test_settled_attempts_latest_attempt_decides_and_counts_attempts(rows_file, 
     )
     dest = tmp_path / "part.parquet"
 
-    stats = write_part(settle(rows_file, [first, second], CLAUDE, "InvokeModel"), dest)
+    stats = write_part(settle(rows_file, [first, second], CLAUDE, "InvokeModel").frame, dest)
 
     out = pl.read_parquet(dest).sort(C.RECORD_ID)
     assert out[C.RECORD_ID].to_list() == ["R1", "R2", "R3", "R4"]
@@ -81,8 +81,22 @@ def test_settled_attempts_failed_job_error_applies_to_its_records(rows_file, tmp
     failed = AttemptOutput(1, [], job_id="j1", job_error=("Failed", "internal error"))
     dest = tmp_path / "part.parquet"
 
-    write_part(settle(rows_file, [failed], CLAUDE, "InvokeModel"), dest)
+    write_part(settle(rows_file, [failed], CLAUDE, "InvokeModel").frame, dest)
 
     out = pl.read_parquet(dest)
     assert out[C.ERROR_CODE].unique().to_list() == ["Failed"]
     assert out[C.ERROR_MESSAGE].unique().to_list() == ["internal error"]
+
+
+def test_settled_attempts_count_retry_lines_of_records_the_retry_did_not_send(rows_file):
+    # A retry's output naming a record answered by the first attempt must not replace that
+    # answer, and is counted as a line that reached no row.
+    first = AttemptOutput(1, [_lines(_ok("R1", "one"), _err("R2", 429))], job_id="j1")
+    second = AttemptOutput(
+        2, [_lines(_ok("R2", "two"), _ok("R1", "not sent"))], record_ids=["R2"], job_id="j2"
+    )
+
+    settled = settle(rows_file, [first, second], CLAUDE, "InvokeModel")
+
+    assert settled.frame[C.RESPONSE_TEXT].to_list() == ["one", "two", None, None]
+    assert (settled.stray_lines, settled.stray_examples) == (1, ("R1",))

@@ -112,3 +112,37 @@ def test_check_output_without_parts_says_nothing_was_merged(tmp_path):
     (tmp_path / "output" / "skipped.parquet").unlink()
     with pytest.raises(IncompleteOutputError, match="nothing was merged"):
         summary.check_output(layout, PLAN)
+
+
+def test_summary_artifacts_report_output_lines_that_reached_no_row(tmp_path, monkeypatch):
+    # A merge that ignored output lines of records its shard never sent (another job's or
+    # run's outputs) must say so in the run's summary, not only in one shard's log.
+    from prefect.artifacts import Artifact
+
+    from tasks.run import cost
+    from tasks.run.shard import ShardResult
+
+    monkeypatch.setattr(cost, "cost_summary", lambda *a: {"parts": {}})
+    monkeypatch.setattr(cost, "cost_markdown", lambda c: "- Cost: n/a")
+    layout = write_run(tmp_path)
+    ctx = SimpleNamespace(
+        run_name="strays",
+        layout=layout,
+        model_id="m",
+        invocation_type="InvokeModel",
+        store=SimpleNamespace(writes=0, bytes_written=0),
+        watcher=SimpleNamespace(calls={}, events_active=False),
+    )
+    plan = SimpleNamespace(skipped_records=0)
+    results = [
+        ShardResult(shard_name(i), PER_SHARD, None, "Completed", f"part-{i}", stats, 1, None, None)
+        for i, stats in enumerate([{"stray_lines": 3}, {}, {"stray_lines": 0}])
+    ]
+    check = summary.check_output(layout, PLAN)
+
+    out = summary.summary_artifacts(ctx, plan, results, check)
+
+    assert out["stray_output_lines"] == 3
+    assert [job["stray_lines"] for job in out["jobs"]] == [3, 0, 0]
+    note = Artifact.get("bedrock-batch-strays-output").data
+    assert "Output lines that match no record of their shard: 3, ignored (in shard-00000;" in note

@@ -207,9 +207,34 @@ def test_merge_shard_nested_error_key_in_model_output_is_not_a_record_error(rows
     assert frame[C.RESPONSE_TEXT][0] == "ok"
 
 
-def test_merge_shard_ignores_output_lines_of_unknown_records(rows_file, tmp_path):
-    _, frame = merge(rows_file, [claude_ok("R9", "stray"), claude_ok("R0", "a")], tmp_path)
-    assert frame.height == 3 and "stray" not in frame[C.RESPONSE_TEXT].to_list()
+def test_merge_shard_counts_and_names_output_lines_of_records_not_in_the_shard(
+    rows_file, tmp_path, caplog
+):
+    # Lines of records the shard never sent (another job's outputs in its folder) reached no
+    # row and were dropped without a word; a cut line without its recordId (Bedrock writes it
+    # last) too. The rows keep their own answers, and the user learns how many and which.
+    lines = [
+        claude_ok("R9", "stray"),
+        claude_ok("R0", "a"),
+        claude_ok("RX1", "other"),
+        '{"modelInput": {}, "modelOutput": {"content": [',
+    ]
+    with caplog.at_level("WARNING", logger="tasks.pipeline.merge"):
+        stats, frame = merge(rows_file, lines, tmp_path)
+    assert frame[C.RECORD_ID].to_list() == ["R0", "R1", "R2"]
+    assert frame[C.RESPONSE_TEXT].to_list() == ["a", None, None]
+    assert frame[C.ERROR_CODE].to_list() == [None, C.MISSING_OUTPUT, C.MISSING_OUTPUT]
+    assert stats.stray_lines == 3
+    warning = caplog.records[-1].getMessage()
+    assert "3 output lines" in warning and "R9, RX1" in warning
+    assert "1 without a readable recordId" in warning
+
+
+def test_merge_shard_without_stray_lines_warns_nothing(rows_file, tmp_path, caplog):
+    with caplog.at_level("WARNING", logger="tasks.pipeline.merge"):
+        stats, _ = merge(rows_file, [claude_ok("R0", "a")], tmp_path)
+    assert stats.stray_lines == 0
+    assert not caplog.records
 
 
 def test_merge_shard_job_error_marks_rows_without_output(rows_file, tmp_path):

@@ -23,6 +23,20 @@ from tasks.pipeline.structured import SCHEMA_REPAIRED, SCHEMA_VALIDATION_ERROR, 
 RETRYABLE_RECORD_ERRORS = RETRYABLE_RECORD | {C.MISSING_OUTPUT, SCHEMA_VALIDATION_ERROR}
 
 _ATTEMPT = "__attempt"
+# Record ids of stray lines named in a warning.
+STRAY_EXAMPLES = 5
+
+
+@dataclass(frozen=True)
+class Settled:
+    """A shard's rows with their outcomes, and the output lines that reached none of them."""
+
+    frame: pl.DataFrame
+    # Output lines whose record is not one the attempt sent (another job's or run's outputs,
+    # a retry's line for a record it did not carry) or whose recordId could not be read.
+    stray_lines: int = 0
+    stray_examples: tuple[str, ...] = ()  # the first few of their record ids
+    unreadable_ids: int = 0  # of the stray lines, those without a readable recordId
 
 
 @dataclass
@@ -70,8 +84,9 @@ def outcomes(
     model_id: str,
     invocation_type: str,
     output_schema: OutputSchema | None = None,
-) -> pl.LazyFrame:
-    """Each input row with the result of the latest attempt that included it."""
+) -> tuple[pl.LazyFrame, pl.LazyFrame]:
+    """Each input row with the result of the latest attempt that included it, and the record
+    ids (null when unreadable) of output lines that match no record their attempt sent."""
     family = family_for(model_id, invocation_type)
     included = _included(rows, attempts)
     latest = (
@@ -86,6 +101,9 @@ def outcomes(
             )
             for a in attempts
         ]
+    )
+    strays = lines.select(C.RECORD_ID, _ATTEMPT).join(
+        included.select(C.RECORD_ID, _ATTEMPT), on=[C.RECORD_ID, _ATTEMPT], how="anti"
     )
     matched = pl.col(MATCHED).fill_null(False)
     schema = result_schema(family, output_schema)
@@ -124,7 +142,7 @@ def outcomes(
     return frame.select(
         *input_columns,
         *[pl.col(name).cast(dtype) for name, dtype in schema.items()],
-    )
+    ), strays.select(C.RECORD_ID)
 
 
 def settle(
@@ -133,15 +151,25 @@ def settle(
     model_id: str,
     invocation_type: str,
     output_schema: OutputSchema | None = None,
-) -> pl.DataFrame:
+) -> Settled:
     """The shard's part as its attempts leave it: every row once, with its latest outcome.
 
     The one parse of the attempts' outputs: the same frame tells which records a retry takes
-    (`retry_ids`) and, when there is none, is the part written (`write_part`).
+    (`retry_ids`) and, when there is none, is the part written (`write_part`). The lines that
+    reached no row are counted beside it, for the merge's warning and the run's summary.
     """
-    return outcomes(
+    frame, strays = outcomes(
         pl.scan_parquet(rows_file), attempts, model_id, invocation_type, output_schema
-    ).collect(engine=JOIN_ENGINE)
+    )
+    frame = frame.collect(engine=JOIN_ENGINE)
+    # The outputs were parsed once, above; this only compares their ids with the rows'.
+    ids = strays.collect(engine=JOIN_ENGINE).get_column(C.RECORD_ID)
+    return Settled(
+        frame,
+        stray_lines=len(ids),
+        stray_examples=tuple(ids.drop_nulls().head(STRAY_EXAMPLES).to_list()),
+        unreadable_ids=ids.null_count(),
+    )
 
 
 def retry_ids(

@@ -9,7 +9,7 @@ import mmap
 import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import polars as pl
@@ -19,7 +19,7 @@ from tasks.bedrock.families import family_for
 from tasks.errors import PlanError
 from tasks.files import write_parquet_atomic
 from tasks.pipeline import columns as C
-from tasks.pipeline.attempts import AttemptOutput, settle
+from tasks.pipeline.attempts import AttemptOutput, Settled, settle
 from tasks.pipeline.outputs import result_schema
 from tasks.pipeline.plan import RunPlan
 from tasks.pipeline.structured import SCHEMA_REPAIRED, OutputSchema
@@ -47,6 +47,8 @@ class MergeStats:
     failed: int
     input_tokens: int
     output_tokens: int
+    # Output lines that reached no row (records the job did not carry, unreadable ids).
+    stray_lines: int = 0
 
 
 @functools.cache
@@ -87,10 +89,26 @@ class MergeTurn:
         self.give_back()
 
 
-def write_part(frame: pl.DataFrame, dest: Path) -> MergeStats:
-    """Write a merged part atomically and count what it holds."""
+def write_part(frame: pl.DataFrame, dest: Path, stray_lines: int = 0) -> MergeStats:
+    """Write a merged part atomically and count what it holds (and the lines it could not)."""
     write_parquet_atomic(frame, dest)
-    return _stats(frame)
+    return replace(_stats(frame), stray_lines=stray_lines)
+
+
+def stray_warning(settled: Settled, where: str) -> str | None:
+    """What to tell the user of output lines that reached no row of `where`, or None."""
+    if not settled.stray_lines:
+        return None
+    examples = ", ".join(settled.stray_examples)
+    unreadable = (
+        f"{settled.unreadable_ids} without a readable recordId" if settled.unreadable_ids else ""
+    )
+    detail = "; ".join(d for d in (f"e.g. {examples}" if examples else "", unreadable) if d)
+    return (
+        f"{settled.stray_lines} output lines of {where} name no record its job sent ({detail}): "
+        "their answers are not in the output. Outputs of another job or run in this job's "
+        "output folder?"
+    )
 
 
 def _stats(frame: pl.DataFrame) -> MergeStats:
@@ -135,8 +153,11 @@ def merge_shard(
         Counts of records, successes, failures and tokens.
     """
     attempt = AttemptOutput(1, outputs, job_id=job_id, job_error=job_error)
-    frame = settle(rows_file, [attempt], model_id, invocation_type, output_schema)
-    return write_part(frame, dest)
+    settled = settle(rows_file, [attempt], model_id, invocation_type, output_schema)
+    warning = stray_warning(settled, dest.stem)
+    if warning:
+        logger.warning("%s", warning)
+    return write_part(settled.frame, dest, settled.stray_lines)
 
 
 def merge_skipped(

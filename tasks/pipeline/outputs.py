@@ -143,7 +143,6 @@ def _strict_lines(
             decoded.alias(_DECODED),
             _TOOL,
         )
-        .filter(pl.col("recordId").is_not_null())
         .with_columns(
             pl.col(_DECODED).is_not_null().alias(_HAS_OUTPUT),
             pl.lit(True).alias(_LINE_OK),
@@ -192,7 +191,7 @@ def _lenient_lines(
         record_id.is_not_null().alias(_LINE_OK),
         pl.when(record_id.is_null()).then(line).alias(LINE),
         _tool_input(line, family, structured),
-    ).filter(pl.col("recordId").is_not_null())
+    )
     top = top.with_columns(pl.col(_RAW).is_not_null().alias(_HAS_OUTPUT))
     answered = pl.col(_HAS_OUTPUT) & pl.col("__code").is_null()
     nulls = [pl.lit(None, dtype=dtype).alias(n) for n, dtype in family.result_schema.items()]
@@ -244,6 +243,9 @@ def parse_outputs(
 ) -> pl.LazyFrame:
     """One row per record id: the parsed result or the record's error (success wins duplicates).
 
+    A line whose recordId cannot be read (one cut short: Bedrock writes the id last) is kept
+    with a null record id, so that the merge can count it among the lines that reached no row.
+
     A record succeeds only when its modelOutput holds everything its family must return
     (`ModelFamily.problem_expr`); otherwise it becomes an UnparseableOutput row that keeps
     the raw modelOutput. No line, however malformed, fails the merge: the outputs are parsed
@@ -291,8 +293,10 @@ def parse_outputs(
     if frame.get_column("recordId").n_unique() < frame.height:
         # A record id Bedrock wrote twice (a retried record): its success wins. Sorting and
         # grouping copy every column, so a file without repeats (the usual case) skips both.
-        parsed = parsed.sort(_OK, descending=True, maintain_order=True).unique(
-            C.RECORD_ID, keep="first", maintain_order=True
+        # Lines without a record id are not one record's: each is kept, to be counted.
+        ids = pl.col(C.RECORD_ID)
+        parsed = parsed.sort(_OK, descending=True, maintain_order=True).filter(
+            ids.is_null() | ids.is_first_distinct()
         )
     parsed = parsed.drop(_OK).with_columns(pl.lit(True).alias(MATCHED))
     if output_schema is None:

@@ -206,6 +206,7 @@ def summary_artifacts(
             "input_tokens": r.stats.get("input_tokens", 0),
             "output_tokens": r.stats.get("output_tokens", 0),
             "attempts": r.attempts,
+            "stray_lines": r.stats.get("stray_lines", 0),
             "submitted": r.submitted_at,
             "ended": r.ended_at,
             "duration_s": _seconds_between(r.submitted_at, r.ended_at),
@@ -215,6 +216,18 @@ def summary_artifacts(
     ]
     # The job table itself is the run's live one (tasks.run.artifacts), final at this point.
     output_dir = ctx.layout.output_dir
+    # Output lines that reached no row: each shard's log names how many and which ids.
+    strays = {r.shard: r.stats.get("stray_lines", 0) for r in results}
+    stray_total = sum(strays.values())
+    stray_note = (
+        [
+            f"- Output lines that match no record of their shard: {stray_total:,}, ignored (in "
+            + ", ".join(s for s, n in strays.items() if n)[:300]
+            + "; see their logs)"
+        ]
+        if stray_total
+        else []
+    )
     markdown = "\n".join(
         [
             f"# Run `{ctx.run_name}`",
@@ -227,6 +240,7 @@ def summary_artifacts(
             f"- Tokens: {check['input_tokens']:,} in, {check['output_tokens']:,} out",
             cost_markdown(cost),
             "- Every input record is in the output exactly once (checked).",
+            *stray_note,
         ]
     )
     create_markdown_artifact(markdown, key=_key(ctx.run_name, "output"), description="Output")
@@ -236,6 +250,7 @@ def summary_artifacts(
         "parts": check["parts"],
         "counts": {k: check.get(k, 0) for k in ("records", "succeeded", "failed", "unparseable")},
         "tokens": {"input": check["input_tokens"], "output": check["output_tokens"]},
+        "stray_output_lines": stray_total,
         "jobs": rows,
         "cost": cost,
         # What following the run cost us: state objects written, Bedrock polls made.

@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Any
 from uuid import UUID
 
-import polars as pl
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
@@ -37,8 +36,8 @@ from tasks.bedrock.statuses import outcome, retry_statuses
 from tasks.errors import PlanError, RunInterrupted
 from tasks.monitoring import events
 from tasks.pipeline import columns as C
-from tasks.pipeline.attempts import AttemptOutput, retry_ids, settle
-from tasks.pipeline.merge import MergeTurn, write_part
+from tasks.pipeline.attempts import AttemptOutput, Settled, retry_ids, settle
+from tasks.pipeline.merge import MergeTurn, stray_warning, write_part
 from tasks.pipeline.plan import ShardPlan
 from tasks.pipeline.structured import OutputSchema
 from tasks.run import gate
@@ -433,7 +432,7 @@ def _settle(
     shard: ShardPlan,
     attempts: list[JobAttempt],
     kept_back: AttemptOutput | None = None,
-) -> pl.DataFrame:
+) -> Settled:
     """The shard's rows with what `attempts` (and `kept_back`) made of them (`attempts.settle`).
 
     The attempts' outputs are downloaded for the parse and deleted right after it.
@@ -447,7 +446,7 @@ def _settle(
 
 
 def _plan_retry(
-    ctx: RunContext, shard: ShardPlan, state: ShardState, settled: pl.DataFrame, logger
+    ctx: RunContext, shard: ShardPlan, state: ShardState, settled: Settled, logger
 ) -> JobAttempt | None:
     """The next attempt for records that failed for reasons not their own, if any is due."""
     if len(state.attempts) >= ctx.max_attempts:
@@ -455,7 +454,7 @@ def _plan_retry(
     last = state.current
     if outcome(last.status).stopped and not ctx.retry_stopped:
         return None
-    ids = retry_ids(settled, retry_statuses(ctx.retry_stopped))
+    ids = retry_ids(settled.frame, retry_statuses(ctx.retry_stopped))
     if not ids:
         return None
     minimum = get_settings().quotas.min_records_per_job
@@ -521,7 +520,7 @@ def _held_by_ceiling(
     )
 
 
-def merge_shard_output(ctx: RunContext, shard: ShardPlan, settled: pl.DataFrame) -> dict[str, Any]:
+def merge_shard_output(ctx: RunContext, shard: ShardPlan, settled: Settled) -> dict[str, Any]:
     """Write the shard's Parquet part, right as the shard finishes.
 
     Inside the shard's task: one task run per shard (not four) keeps the Prefect server's
@@ -538,7 +537,7 @@ def merge_shard_output(ctx: RunContext, shard: ShardPlan, settled: pl.DataFrame)
     part = ctx.part_uri(shard)
     with storage.local_dir_for(ctx.layout.output_dir) as out_dir:
         dest = out_dir / part.rsplit("/", 1)[-1]
-        stats = write_part(settled, dest)
+        stats = write_part(settled.frame, dest, settled.stray_lines)
         if storage.is_s3(part):
             storage.upload_file(dest, part, ctx.kms_key_id)
     failpoint("merge")
@@ -564,7 +563,7 @@ def run_shard(ctx: RunContext, shard: ShardPlan) -> ShardResult:
         attempt = state.current or _new_attempt(
             ctx, shard, state, shard.input_file, shard.records, how
         )
-        settled: pl.DataFrame | None = None  # the rows with their outcomes so far
+        settled: Settled | None = None  # the rows with their outcomes so far
         held = 0
         # A shard's parsed outputs are in memory from their reading to the part's write, a few
         # shards at a time; a shard whose retry job runs (maybe for hours) holds none and reads
@@ -592,6 +591,9 @@ def run_shard(ctx: RunContext, shard: ShardPlan) -> ShardResult:
                     settled = None
                     turn.give_back()  # while the retry runs, others merge
             assert settled is not None  # the loop ends only with the final outcomes settled
+            warning = stray_warning(settled, shard.name)
+            if warning:
+                logger.warning("%s", warning)
             state.merge_stats = merge_shard_output(ctx, shard, settled)
             del settled  # let go of it with the turn
         state.merge_stats["held_back"] = held
