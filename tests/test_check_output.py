@@ -11,6 +11,7 @@ import pytest
 from tasks.errors import IncompleteOutputError
 from tasks.pipeline import summary
 from tasks.pipeline.columns import (
+    CONTENT_FILTERED,
     ERROR_CODE,
     INPUT_TOKENS,
     OUTPUT_TOKENS,
@@ -30,7 +31,8 @@ def ids(shard: int) -> list[str]:
 
 def write_run(root: Path, parts: dict[int, list[str]] | None = None) -> RunLayout:
     """Rows files of SHARDS shards and their parts (by default each with its own ids), and a
-    skipped pair; record 1 of every shard failed, record 2 of shard 0 was unparseable."""
+    skipped pair; record 1 of every shard failed, record 2 of shard 0 was unparseable, record 3
+    of shard 1 refused."""
     layout = RunLayout("run", str(root), str(root / "jobs"))
     parts = {i: ids(i) for i in range(SHARDS)} if parts is None else parts
     for i in range(SHARDS):
@@ -39,7 +41,8 @@ def write_run(root: Path, parts: dict[int, list[str]] | None = None) -> RunLayou
         pl.DataFrame({RECORD_ID: ids(i), "text": ["t"] * PER_SHARD}).write_parquet(path)
     (root / "output").mkdir(exist_ok=True)
     for i, got in parts.items():
-        errors = [None, "ModelError", UNPARSEABLE_OUTPUT if i == 0 else None, None][: len(got)]
+        last = CONTENT_FILTERED if i == 1 else None
+        errors = [None, "ModelError", UNPARSEABLE_OUTPUT if i == 0 else None, last][: len(got)]
         errors += [None] * (len(got) - len(errors))
         pl.DataFrame(
             {
@@ -68,9 +71,11 @@ def test_check_output_counts_every_shard_once_in_one_batch_or_many(tmp_path, mon
     check = summary.check_output(write_run(tmp_path), PLAN)
     records = SHARDS * PER_SHARD + 1
     assert check["records"] == records
-    assert check["failed"] == SHARDS + 1 + 1  # one ModelError a shard, the unparseable, skipped
+    # One ModelError a shard, the unparseable, the refused, the skipped.
+    assert check["failed"] == SHARDS + 1 + 1 + 1
     assert check["succeeded"] == records - check["failed"]
     assert check["unparseable"] == 1
+    assert check["filtered"] == 1
     assert check["input_tokens"] == 10 * SHARDS * PER_SHARD
     assert check["output_tokens"] == 3 * SHARDS * PER_SHARD
     assert len(check["parts"]) == SHARDS + 1
@@ -146,3 +151,4 @@ def test_summary_artifacts_report_output_lines_that_reached_no_row(tmp_path, mon
     assert [job["stray_lines"] for job in out["jobs"]] == [3, 0, 0]
     note = Artifact.get("bedrock-batch-strays-output").data
     assert "Output lines that match no record of their shard: 3, ignored (in shard-00000;" in note
+    assert "refused or filtered: 1;" in note

@@ -721,3 +721,82 @@ def test_an_empty_stop_sequence_is_refused(model_id):
     with pytest.raises(InvalidOptionsError, match="a stop sequence is empty"):
         family.options({}, {"stop_sequences": ["END", ""]})
     assert family.options({}, {"stop_sequences": ["\n\n"]}).stop_sequences == ["\n\n"]
+
+
+def _claude(stop_reason, content, tokens=(12, 0)):
+    usage = {"input_tokens": tokens[0], "output_tokens": tokens[1]}
+    return {"content": content, "stop_reason": stop_reason, "usage": usage}
+
+
+def _messages(stop_reason, text, tokens=(12, 9)):
+    usage = {"inputTokens": tokens[0], "outputTokens": tokens[1], "totalTokens": sum(tokens)}
+    message = {"role": "assistant", "content": [{"text": text}]}
+    return {"output": {"message": message}, "stopReason": stop_reason, "usage": usage}
+
+
+def _chat(finish_reason, text):
+    choice = {"index": 0, "message": {"role": "assistant", "content": text}}
+    usage = {"prompt_tokens": 12, "completion_tokens": 9}
+    return {"choices": [{**choice, "finish_reason": finish_reason}], "usage": usage}
+
+
+BLOCKED = "The generated text has been blocked by our content filters."
+FILTERED_SHAPES = [
+    # Claude's refusal: empty content, or the text written before the classifier stopped it.
+    pytest.param(CLAUDE_45, "InvokeModel", _claude("refusal", []), None, id="claude-refusal"),
+    pytest.param(
+        CLAUDE_45,
+        "InvokeModel",
+        _claude("refusal", [{"type": "text", "text": "Sure, step one"}], (12, 4)),
+        "Sure, step one",
+        id="claude-refusal-partial",
+    ),
+    # Nova writes a notice in place of the answer, with stopReason content_filtered.
+    pytest.param(
+        "amazon.nova-lite-v1:0",
+        "InvokeModel",
+        _messages("content_filtered", BLOCKED),
+        BLOCKED,
+        id="nova-content-filtered",
+    ),
+    pytest.param(
+        CLAUDE_45, "Converse", _messages("guardrail_intervened", "x"), "x", id="converse-guardrail"
+    ),
+    pytest.param("qwen.qwen3-32b-v1:0", "InvokeModel", _chat("content_filter", ""), "", id="qwen"),
+]
+
+
+@pytest.mark.parametrize(("model_id", "invocation_type", "output", "text"), FILTERED_SHAPES)
+def test_merge_refused_or_filtered_answer_is_a_content_filtered_error_keeping_what_was_written(
+    tmp_path, model_id, invocation_type, output, text
+):
+    # A refusal passed for a success when it carried text (the filter's notice read as the
+    # answer), or for an UnparseableOutput when it carried none; either way the row must say
+    # what stopped it, keep what was paid for, and not be retried (it would be refused again).
+    ok = {
+        "amazon.nova-lite-v1:0": _messages("end_turn", "fine"),
+        "qwen.qwen3-32b-v1:0": _chat("stop", "fine"),
+    }.get(model_id, _claude("end_turn", [{"type": "text", "text": "fine"}], (12, 9)))
+    if invocation_type == "Converse":
+        ok = _messages("end_turn", "fine")
+    stats, frame = merged(tmp_path, model_id, [output, ok], invocation_type)
+    reason = frame[C.STOP_REASON][0]
+    assert frame[C.ERROR_CODE].to_list() == [C.CONTENT_FILTERED, None]
+    assert frame[C.ERROR_MESSAGE][0] == (
+        f"The model refused, or a content filter stopped the answer (stop reason {reason!r}); "
+        "response_text holds what was written before, if anything. Not retried: the same "
+        "request would be refused again."
+    )
+    assert frame[C.RESPONSE_TEXT].to_list() == [text, "fine"]
+    assert frame[C.INPUT_TOKENS][0] == 12 and frame[C.RAW_OUTPUT][0] is None
+    assert (stats.succeeded, stats.failed) == (1, 1)
+
+
+def test_merge_length_cut_answer_is_kept_with_its_stop_reason(tmp_path):
+    output = _claude("max_tokens", [{"type": "text", "text": "Once upon a"}], (12, 3))
+    _, frame = merged(tmp_path, CLAUDE_45, [output])
+    assert frame.select(C.RESPONSE_TEXT, C.STOP_REASON, C.ERROR_CODE).row(0) == (
+        "Once upon a",
+        "max_tokens",
+        None,
+    )

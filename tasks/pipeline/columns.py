@@ -38,6 +38,10 @@ MISSING_INPUT = "MissingInput"
 UNPARSEABLE_OUTPUT = "UnparseableOutput"
 # An output line that is valid JSON but has neither modelOutput nor error.
 INVALID_OUTPUT = "InvalidOutput"
+# The model refused or a content filter stopped the answer (its family's stop reasons for
+# that, `ModelFamily.filtered_stop_reasons`): what was written and the tokens are kept, and
+# the record is not retried, as the same request would be refused again.
+CONTENT_FILTERED = "ContentFiltered"
 
 TEXT_RESULT_COLUMNS = (RESPONSE_TEXT, STOP_REASON, INPUT_TOKENS, OUTPUT_TOKENS)
 EMBEDDING_RESULT_COLUMNS = (EMBEDDING, INPUT_TOKENS)

@@ -258,19 +258,37 @@ def parse_outputs(
     except pl.exceptions.ComputeError:
         frame = _lenient_lines(lines.collect(), family, structured)
     answered = pl.col(_HAS_OUTPUT) & pl.col("__code").is_null()
-    ok = answered & pl.col(_PROBLEM).is_null()
+    # A refusal or a filtered answer is the error that stopped it, even with text (a notice
+    # in the answer's place, or what was written before), and is checked before the shape
+    # (a refusal may have no text at all).
+    stop = pl.col(C.STOP_REASON) if C.STOP_REASON in family.result_schema else pl.lit(None)
+    filtered = answered & stop.is_in(list(family.filtered_stop_reasons)).fill_null(False)
+    ok = answered & pl.col(_PROBLEM).is_null() & ~filtered
     unparseable = answered | ~pl.col(_LINE_OK)
     parsed = frame.lazy().select(
         pl.col("recordId").alias(C.RECORD_ID),
         *[pl.col(name) for name in family.result_schema],
         pl.when(ok)
         .then(None)
+        .when(filtered)
+        .then(pl.lit(C.CONTENT_FILTERED))
         .when(unparseable)
         .then(pl.lit(C.UNPARSEABLE_OUTPUT))
         .otherwise(pl.coalesce(pl.col("__code"), pl.lit(C.INVALID_OUTPUT)))
         .alias(C.ERROR_CODE),
         pl.when(ok)
         .then(None)
+        .when(filtered)
+        .then(
+            pl.concat_str(
+                pl.lit("The model refused, or a content filter stopped the answer (stop reason '"),
+                stop,
+                pl.lit(
+                    "'); response_text holds what was written before, if anything. Not "
+                    "retried: the same request would be refused again."
+                ),
+            )
+        )
         .when(~pl.col(_LINE_OK))
         .then(pl.lit("The output line is not valid JSON."))
         .when(unparseable)
@@ -281,7 +299,7 @@ def parse_outputs(
             )
         )
         .alias(C.ERROR_MESSAGE),
-        pl.when(ok)
+        pl.when(ok | filtered)
         .then(None)
         .when(~pl.col(_LINE_OK))
         .then(pl.col(LINE))

@@ -15,6 +15,7 @@ from tasks.aws.clients import polars_storage_options
 from tasks.bedrock.jobs import job_id_from_arn
 from tasks.errors import IncompleteOutputError
 from tasks.pipeline.columns import (
+    CONTENT_FILTERED,
     ERROR_CODE,
     INPUT_TOKENS,
     OUTPUT_TOKENS,
@@ -71,6 +72,8 @@ def check_output(layout: RunLayout, plan: RunPlan) -> dict[str, Any]:
         "failed": found.failed,
         # Paid answers the family could not parse (counted in failed too; not retried).
         "unparseable": found.unparseable,
+        # Refusals and filtered answers (counted in failed too; not retried).
+        "filtered": found.filtered,
         "input_tokens": found.input_tokens,
         "output_tokens": found.output_tokens,
         "parts": parts,
@@ -101,6 +104,7 @@ class _Found:
     records: int = 0
     failed: int = 0
     unparseable: int = 0
+    filtered: int = 0
     input_tokens: int = 0
     output_tokens: int = 0
     missing: int = 0
@@ -111,7 +115,14 @@ class _Found:
     )
 
     def add(self, other: _Found) -> None:
-        for name in ("records", "failed", "unparseable", "input_tokens", "output_tokens"):
+        for name in (
+            "records",
+            "failed",
+            "unparseable",
+            "filtered",
+            "input_tokens",
+            "output_tokens",
+        ):
             setattr(self, name, getattr(self, name) + getattr(other, name))
         for name in ("missing", "duplicated", "unexpected"):
             setattr(self, name, getattr(self, name) + getattr(other, name))
@@ -174,6 +185,7 @@ def _check_batch(batch: dict[str, tuple[list[str], list[str]]]) -> _Found:
         records=got.height,
         failed=int(errors.is_not_null().sum()),
         unparseable=int((errors == UNPARSEABLE_OUTPUT).sum()),
+        filtered=int((errors == CONTENT_FILTERED).sum()),
         input_tokens=int(got.get_column(INPUT_TOKENS).sum() or 0),
         output_tokens=int(got.get_column(OUTPUT_TOKENS).sum() or 0),
         missing=len(missing),
@@ -236,6 +248,7 @@ def summary_artifacts(
             f"- Model: `{ctx.model_id}` ({ctx.invocation_type})",
             f"- Records: {check['records']:,} — ok {check['succeeded']:,},"
             f" failed {check['failed']:,} (unparseable outputs: {check.get('unparseable', 0):,};"
+            f" refused or filtered: {check.get('filtered', 0):,};"
             f" skipped before submit: {plan.skipped_records:,})",
             f"- Tokens: {check['input_tokens']:,} in, {check['output_tokens']:,} out",
             cost_markdown(cost),

@@ -9,6 +9,7 @@ from pydantic import AliasChoices, Field
 
 from tasks.bedrock.families.base import ModelFamily, Options, TextOptions, _field, _one, _struct
 from tasks.bedrock.families.converse import (
+    MESSAGES_FILTERED,
     MESSAGES_OUTPUT,
     MESSAGES_SHAPE,
     parse_messages_output,
@@ -37,6 +38,7 @@ class AmazonNova(ModelFamily):
     options_model = NovaOptions
     output_dtype = MESSAGES_OUTPUT
     expected_shape = MESSAGES_SHAPE
+    filtered_stop_reasons = MESSAGES_FILTERED
 
     def body_expr(self, prompt, system, options):
         return _struct(

@@ -29,6 +29,10 @@ class AnthropicMessages(ModelFamily):
     prefixes = ("anthropic.",)
     options_model = AnthropicOptions
     expected_shape = "content[].text, usage.input_tokens, usage.output_tokens"
+    # Claude 4+ stops with "refusal" when its safety classifiers intervene, with empty content
+    # or the text written before (platform.claude.com/docs/en/build-with-claude/
+    # handling-stop-reasons).
+    filtered_stop_reasons = ("refusal",)
     output_dtype = pl.Struct(
         {
             "content": pl.List(pl.Struct({"type": pl.String, "text": pl.String})),

@@ -121,6 +121,9 @@ class ModelFamily:
     embedding_dimensions: ClassVar[tuple[int, ...]] = ()
     # The fields the parser reads, named in UnparseableOutput messages.
     expected_shape: ClassVar[str] = ""
+    # Stop reasons that mean the model refused or a content filter stopped the answer: such a
+    # record is a ContentFiltered error (its text, if any, kept), not a success.
+    filtered_stop_reasons: ClassVar[tuple[str, ...]] = ()
     # Set on the copy `bind` makes for one catalog model.
     model_id: str | None = None
     rules: tuple[str, ...] = ()

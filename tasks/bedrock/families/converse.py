@@ -19,6 +19,12 @@ MESSAGES_OUTPUT = pl.Struct(
     }
 )
 MESSAGES_SHAPE = "output.message.content[].text, usage.inputTokens, usage.outputTokens"
+# Converse's StopReason enum (botocore 1.44.18, data/bedrock-runtime/2023-09-30/service-2.json:
+# end_turn, tool_use, max_tokens, stop_sequence, guardrail_intervened, content_filtered, ...);
+# Nova's invoke schema answers with the same values and puts a notice ("The generated text has
+# been blocked by our content filters.") where the answer was (docs.aws.amazon.com/nova/latest/
+# userguide/complete-request-schema-response.html and text-error-handing.html).
+MESSAGES_FILTERED = ("content_filtered", "guardrail_intervened")
 
 
 def parse_messages_output(output: pl.Expr) -> list[pl.Expr]:
@@ -39,6 +45,7 @@ class Converse(ModelFamily):
     invocation_type = "Converse"
     output_dtype = MESSAGES_OUTPUT
     expected_shape = MESSAGES_SHAPE
+    filtered_stop_reasons = MESSAGES_FILTERED
 
     def body_expr(self, prompt, system, options):
         return _struct(

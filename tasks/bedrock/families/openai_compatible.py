@@ -26,6 +26,9 @@ class OpenAICompatible(ModelFamily):
     options_model = TextOptions
     max_tokens_field = "max_tokens"
     expected_shape = "choices[0].message.content, usage.prompt_tokens, usage.completion_tokens"
+    # OpenAI's finish_reason "content_filter": "content was omitted due to a flag from our
+    # content filters" (openai/openai-python commit f10c757, chat/completions.ts).
+    filtered_stop_reasons = ("content_filter",)
     output_dtype = pl.Struct(
         {
             "choices": pl.List(
