@@ -151,7 +151,9 @@ def parse_input(data: bytes, source: str, first_index: int = 0) -> pl.DataFrame:
     data"). A record without a recordId keeps a null one here; `fill_record_ids` assigns it
     per job. `first_index` is unused and kept for callers that pass it.
     """
-    lines = pl.Series(LINE, data.decode("utf-8", errors="replace").splitlines())
+    # JSON Lines end at "\n" (a "\r" before it is JSON white space); str.splitlines() also
+    # cut at U+2028, U+2029 and U+0085, which JSON leaves raw inside a prompt's string.
+    lines = pl.Series(LINE, data.decode("utf-8", errors="replace").split("\n"))
     frame = (
         lines.to_frame()
         .with_row_index("_n", offset=1)

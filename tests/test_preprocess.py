@@ -506,3 +506,15 @@ def test_preprocess_a_source_column_named_like_an_answer_field_is_refused(tmp_pa
     with pytest.raises(InputValidationError) as exc:
         run(tmp_path, write_csv(tmp_path, frame), prompt_id="grade_answer")
     assert "'reason'" in str(exc.value) and "output schema" in str(exc.value)
+
+
+def test_read_sample_keeps_a_prompt_with_a_line_separator_in_one_request(tmp_path):
+    # The sample lines hold prompts as the user wrote them; U+2028 stays raw in JSON, and
+    # str.splitlines() cut the line there: the estimate failed with a JSONDecodeError.
+    from tasks.pipeline.estimate import read_sample
+
+    body = {"messages": [{"role": "user", "content": "one\u2028two\u2029three\x85four"}]}
+    line = json.dumps({"recordId": "R0000000000", "modelInput": body}, ensure_ascii=False)
+    (tmp_path / SAMPLE_FILE).write_text(line + "\n", encoding="utf-8")
+
+    assert read_sample(tmp_path) == [{"recordId": "R0000000000", "modelInput": body}]

@@ -121,7 +121,10 @@ def read_sample(out_dir: Path) -> list[dict[str, Any]]:
     path = Path(out_dir) / SAMPLE_FILE
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    # Records end at "\n" only: a prompt's U+2028 or U+0085 is raw JSON text that
+    # str.splitlines() would cut at.
+    text = path.read_text(encoding="utf-8")
+    return [json.loads(line) for line in text.split("\n") if line.strip()]
 
 
 def _count_input(model_input: dict, invocation_type: str) -> dict[str, Any]:

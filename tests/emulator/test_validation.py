@@ -389,3 +389,19 @@ def test_list_model_invocation_jobs_name_contains_over_63_characters(stack):
         f"1 validation error detected: Value '{name}' at 'nameContains' failed to satisfy "
         "constraint: Member must have length less than or equal to 63"
     )
+
+
+@pytest.mark.parametrize("separator", ["\u2028", "\u2029", "\x85"], ids=["LS", "PS", "NEL"])
+def test_parse_input_splits_lines_at_newlines_only(separator):
+    # JSON leaves U+2028, U+2029 and U+0085 unescaped inside strings (Polars' encoder writes
+    # them raw) and JSON Lines separates records by "\n" only; str.splitlines() also cut there,
+    # and a prompt holding one failed the whole job as malformed, where Bedrock answers it.
+    from emulator.runner import parse_input
+
+    body = {"messages": [{"role": "user", "content": f"one{separator}two"}]}
+    line = json.dumps({"recordId": "R0000000000", "modelInput": body}, ensure_ascii=False)
+
+    frame = parse_input((line + "\n").encode(), "s3://b/in.jsonl")
+
+    assert frame["recordId"].to_list() == ["R0000000000"]
+    assert json.loads(frame["modelInput"][0]) == body
