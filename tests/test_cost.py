@@ -9,6 +9,7 @@ import polars as pl
 import pytest
 from helpers import assert_answers_match_rows
 
+from data.make_samples import simplecot
 from flows.batch_inference import batch_inference
 from flows.cli import main as cli_main
 from tasks.bedrock import catalog, prices
@@ -150,6 +151,50 @@ def test_on_demand_rows_are_priced_apart_at_the_on_demand_price(stack, tmp_path)
     )
     assert cost["on_demand_usd"] == pytest.approx(expected)
     assert cost["batch_rows"] + cost["on_demand_rows"] == 300
+
+
+def _manifest_tokens(stack, name_contains: str) -> tuple[int, int]:
+    """Input and output tokens the run's batch jobs report in their manifests (what was paid)."""
+    s3 = stack.client("s3")
+    tokens_in = tokens_out = 0
+    for job in stack.ledger(name_contains=name_contains):
+        bucket, prefix = job["outputUri"].removeprefix("s3://").split("/", 1)
+        key = f"{prefix.rstrip('/')}/{job['jobId']}/manifest.json.out"
+        manifest = json.loads(s3.get_object(Bucket=bucket, Key=key)["Body"].read())
+        tokens_in += manifest["inputTokenCount"]
+        tokens_out += manifest["outputTokenCount"]
+    return tokens_in, tokens_out
+
+
+def test_answers_a_repair_replaced_are_counted_in_the_cost(stack, tmp_path):
+    # Answers that break the schema are paid for, then asked again: the part keeps only the
+    # repaired answer, and the cost left the first one out (batch $0.00247 for two jobs whose
+    # manifests said $0.00366).
+    stack.set_faults(schema_error_rate=0.3, schema_error_job_names_containing="-a1")
+    source = tmp_path / "graded.parquet"
+    simplecot(200).with_columns(pl.lit("Answer: B").alias("answer_response_text")).write_parquet(
+        source
+    )
+    params = BatchParams(
+        source=str(source), prompt_id="grade_answer", model_id=CLAUDE,
+        output_uri=str(tmp_path / "out"), run_name="cost-repaired", max_records_per_job=100,
+        on_demand_rps=200,
+    )  # fmt: skip
+
+    summary = batch_inference(params)
+
+    out = pl.read_parquet(summary["parts"])
+    assert out.filter(pl.col("attempts") > 1).height > 0  # some answers were repaired
+    price = prices.price_for(CLAUDE)
+    tokens_in, tokens_out = _manifest_tokens(stack, "cost-repaired")
+    cost = summary["cost"]
+    assert cost["batch_usd"] == pytest.approx(price.cost(tokens_in, tokens_out, "batch"))
+    on_demand = out.filter(pl.col(SERVED_BY) == "on_demand")
+    expected = price.cost(
+        int(on_demand[INPUT_TOKENS].sum()), int(on_demand["output_tokens"].sum()), "on_demand"
+    )
+    assert cost["on_demand_usd"] == pytest.approx(expected)
+    assert cost["total_usd"] == pytest.approx(cost["batch_usd"] + cost["on_demand_usd"])
 
 
 def test_a_run_under_the_job_minimum_is_served_on_demand_at_its_price(stack, tmp_path):

@@ -23,6 +23,8 @@ from tasks.pipeline.structured import SCHEMA_REPAIRED, SCHEMA_VALIDATION_ERROR, 
 RETRYABLE_RECORD_ERRORS = RETRYABLE_RECORD | {C.MISSING_OUTPUT, SCHEMA_VALIDATION_ERROR}
 
 _ATTEMPT = "__attempt"
+# The merge stats' key for the paid answers a later attempt replaced (`Settled.superseded`).
+SUPERSEDED = "superseded"
 # Record ids of stray lines named in a warning.
 STRAY_EXAMPLES = 5
 
@@ -37,6 +39,8 @@ class Settled:
     stray_lines: int = 0
     stray_examples: tuple[str, ...] = ()  # the first few of their record ids
     unreadable_ids: int = 0  # of the stray lines, those without a readable recordId
+    # By attempt, the tokens of paid answers a later attempt of their record replaced.
+    superseded: list[dict] = field(default_factory=list)
 
 
 @dataclass
@@ -84,6 +88,7 @@ def outcomes(
     model_id: str,
     invocation_type: str,
     output_schema: OutputSchema | None = None,
+    lines: pl.LazyFrame | None = None,
 ) -> tuple[pl.LazyFrame, pl.LazyFrame]:
     """Each input row with the result of the latest attempt that included it, and the record
     ids (null when unreadable) of output lines that match no record their attempt sent."""
@@ -94,14 +99,8 @@ def outcomes(
         .group_by(C.RECORD_ID)
         .agg(pl.len().cast(pl.Int32).alias(C.ATTEMPTS), pl.all().last())
     )
-    lines = pl.concat(
-        [
-            parse_outputs(a.outputs, family, output_schema).with_columns(
-                pl.lit(a.number, pl.Int32).alias(_ATTEMPT)
-            )
-            for a in attempts
-        ]
-    )
+    if lines is None:
+        lines = _lines(attempts, family, output_schema)
     strays = lines.select(C.RECORD_ID, _ATTEMPT).join(
         included.select(C.RECORD_ID, _ATTEMPT), on=[C.RECORD_ID, _ATTEMPT], how="anti"
     )
@@ -145,6 +144,60 @@ def outcomes(
     ), strays.select(C.RECORD_ID)
 
 
+def _lines(
+    attempts: list[AttemptOutput], family, output_schema: OutputSchema | None
+) -> pl.LazyFrame:
+    """Every output line of every attempt, parsed once, with its attempt number."""
+    return pl.concat(
+        [
+            parse_outputs(a.outputs, family, output_schema).with_columns(
+                pl.lit(a.number, pl.Int32).alias(_ATTEMPT)
+            )
+            for a in attempts
+        ]
+    )
+
+
+def _superseded(
+    rows: pl.LazyFrame, attempts: list[AttemptOutput], lines: pl.LazyFrame
+) -> list[dict]:
+    """Tokens of the answers a later attempt of the same record replaced, by attempt.
+
+    Bedrock charged for them (a schema repair re-asks a record that was answered), but the
+    part keeps only each record's latest outcome: without these the run's cost left them out.
+    Lines with an ``error`` and no output carry no tokens and are not counted.
+    """
+    names = lines.collect_schema().names()
+    tokens = [c for c in (C.INPUT_TOKENS, C.OUTPUT_TOKENS) if c in names]
+    if C.INPUT_TOKENS not in tokens:
+        return []  # a family that reports no tokens: its cost is unknown anyway
+    latest = (
+        _included(rows, attempts)
+        .group_by(C.RECORD_ID)
+        .agg(pl.col(_ATTEMPT).max().alias("__latest"))
+    )
+    by_attempt = {a.number: a for a in attempts}
+    usage = (
+        lines.join(latest, on=C.RECORD_ID, how="inner")
+        .filter((pl.col(_ATTEMPT) < pl.col("__latest")) & pl.col(C.INPUT_TOKENS).is_not_null())
+        .group_by(_ATTEMPT)
+        .agg(pl.len().alias("rows"), *[pl.col(c).fill_null(0).sum() for c in tokens])
+        .sort(_ATTEMPT)
+        .collect()
+    )
+    return [
+        {
+            "attempt": r[_ATTEMPT],
+            C.JOB_ID: by_attempt[r[_ATTEMPT]].job_id,
+            C.SERVED_BY: by_attempt[r[_ATTEMPT]].served_by,
+            "rows": r["rows"],
+            C.INPUT_TOKENS: int(r[C.INPUT_TOKENS]),
+            C.OUTPUT_TOKENS: int(r.get(C.OUTPUT_TOKENS) or 0),
+        }
+        for r in usage.iter_rows(named=True)
+    ]
+
+
 def settle(
     rows_file: Path,
     attempts: list[AttemptOutput],
@@ -155,20 +208,23 @@ def settle(
     """The shard's part as its attempts leave it: every row once, with its latest outcome.
 
     The one parse of the attempts' outputs: the same frame tells which records a retry takes
-    (`retry_ids`) and, when there is none, is the part written (`write_part`). The lines that
-    reached no row are counted beside it, for the merge's warning and the run's summary.
+    (`retry_ids`) and, when there is none, is the part written (`write_part`). Beside it: the
+    lines that reached no row, for the merge's warning and the run's summary, and the paid
+    answers a later attempt replaced (`_superseded`), for the cost.
     """
-    frame, strays = outcomes(
-        pl.scan_parquet(rows_file), attempts, model_id, invocation_type, output_schema
-    )
+    family = family_for(model_id, invocation_type)
+    rows = pl.scan_parquet(rows_file)
+    lines = _lines(attempts, family, output_schema)
+    frame, strays = outcomes(rows, attempts, model_id, invocation_type, output_schema, lines)
     frame = frame.collect(engine=JOIN_ENGINE)
-    # The outputs were parsed once, above; this only compares their ids with the rows'.
+    # Only the lines' ids: the projection reads no answer again.
     ids = strays.collect(engine=JOIN_ENGINE).get_column(C.RECORD_ID)
     return Settled(
         frame,
         stray_lines=len(ids),
         stray_examples=tuple(ids.drop_nulls().head(STRAY_EXAMPLES).to_list()),
         unreadable_ids=ids.null_count(),
+        superseded=_superseded(rows, attempts, lines) if len(attempts) > 1 else [],
     )
 
 

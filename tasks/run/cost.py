@@ -17,6 +17,7 @@ from tasks.aws.clients import polars_storage_options
 from tasks.bedrock.prices import ModelPrice, price_for
 from tasks.errors import CostCeilingError
 from tasks.pipeline import columns as C
+from tasks.pipeline.attempts import SUPERSEDED
 from tasks.pipeline.estimate import CostEstimate, estimate_from_dir
 from tasks.pipeline.plan import RunPlan
 from tasks.settings import get_settings
@@ -29,6 +30,7 @@ if TYPE_CHECKING:
 ESTIMATE_FILE = "estimate.json"
 COST_CEILING_REACHED = "CostCeilingReached"
 _PART = "__part"
+_SUPERSEDED_ROWS = "superseded_rows"
 
 
 def save_estimate(plan: RunPlan, out_dir: Path, layout: RunLayout, kms_key_id: str | None) -> None:
@@ -189,7 +191,8 @@ class CostGuard:
         """
         for name, shard in state.shards.items():
             if shard.part_uri:
-                self.settle(name, shard_actual(shard.part_uri, self.price))
+                superseded = (shard.merge_stats or {}).get(SUPERSEDED)
+                self.settle(name, shard_actual(shard.part_uri, self.price, superseded))
                 continue
             for attempt in shard.attempts:
                 if attempt.job_arn is not None and attempt.served_by == C.SERVED_BATCH:
@@ -209,8 +212,14 @@ class CostGuard:
             return sum(self._actual.values())
 
 
-def token_usage(parts: list[str]) -> pl.DataFrame:
-    """Tokens and rows of the output parts, by part, job and how they were served."""
+def token_usage(
+    parts: list[str], superseded: dict[str, list[dict[str, Any]]] | None = None
+) -> pl.DataFrame:
+    """Tokens and rows of the output parts, by part, job and how they were served.
+
+    ``superseded`` (by part URI) adds the tokens of paid answers a later attempt replaced
+    (`Settled.superseded`): ``rows`` counts the part's rows, ``superseded_rows`` those answers.
+    """
     if not parts:
         return pl.DataFrame()
     options = polars_storage_options() if storage.is_s3(parts[0]) else None
@@ -222,12 +231,33 @@ def token_usage(parts: list[str]) -> pl.DataFrame:
         (pl.col(c) if c in names else pl.lit(0, pl.Int64)).fill_null(0).sum().alias(c)
         for c in (C.INPUT_TOKENS, C.OUTPUT_TOKENS)
     ]
-    return (
-        frame.group_by(_PART, C.JOB_ID, C.SERVED_BY)
-        .agg(pl.len().alias("rows"), *tokens)
-        .sort(_PART, C.SERVED_BY, C.JOB_ID, nulls_last=True)
-        .collect()
+    keys = [_PART, C.JOB_ID, C.SERVED_BY]
+    usage = frame.group_by(keys).agg(
+        pl.len().cast(pl.Int64).alias("rows"), *tokens, pl.lit(0, pl.Int64).alias(_SUPERSEDED_ROWS)
     )
+    by_name = {Path(p).name: p for p in parts}
+    extra = [
+        {
+            _PART: by_name[Path(part).name],
+            C.JOB_ID: s.get(C.JOB_ID),
+            C.SERVED_BY: s.get(C.SERVED_BY),
+            "rows": 0,
+            C.INPUT_TOKENS: s.get(C.INPUT_TOKENS) or 0,
+            C.OUTPUT_TOKENS: s.get(C.OUTPUT_TOKENS) or 0,
+            _SUPERSEDED_ROWS: s.get("rows") or 0,
+        }
+        for part, entries in (superseded or {}).items()
+        if Path(part).name in by_name
+        for s in entries
+    ]
+    if extra:
+        schema = usage.collect_schema()
+        usage = (
+            pl.concat([usage, pl.LazyFrame(extra, schema=schema)])
+            .group_by(keys)
+            .agg(pl.all().sum())
+        )
+    return usage.sort(_PART, C.SERVED_BY, C.JOB_ID, nulls_last=True).collect()
 
 
 def _price_rows(usage: pl.DataFrame, price: ModelPrice | None) -> list[dict[str, Any]]:
@@ -244,13 +274,18 @@ def _price_rows(usage: pl.DataFrame, price: ModelPrice | None) -> list[dict[str,
     return rows
 
 
-def actual_cost(parts: list[str], price: ModelPrice | None) -> dict[str, Any]:
+def actual_cost(
+    parts: list[str],
+    price: ModelPrice | None,
+    superseded: dict[str, list[dict[str, Any]]] | None = None,
+) -> dict[str, Any]:
     """What the outputs cost, per job, per part and in all; batch and on demand apart.
 
     Costs come from the token counts of the output rows, priced at the batch price for
-    rows a batch job served and at the full on-demand price for the on-demand tail.
+    rows a batch job served and at the full on-demand price for the on-demand tail, plus
+    (``superseded``, by part URI) the answers a later attempt of their record replaced.
     """
-    rows = _price_rows(token_usage(parts), price)
+    rows = _price_rows(token_usage(parts, superseded), price)
     by_part: dict[str, dict[str, Any]] = {}
     totals = {"batch_usd": 0.0, "on_demand_usd": 0.0, "on_demand_rows": 0, "batch_rows": 0}
     jobs = []
@@ -264,6 +299,7 @@ def actual_cost(parts: list[str], price: ModelPrice | None) -> dict[str, Any]:
                     "job_id": r[C.JOB_ID],
                     "served_by": r[C.SERVED_BY],
                     "rows": r["rows"],
+                    "superseded_rows": r[_SUPERSEDED_ROWS],
                     "input_tokens": r[C.INPUT_TOKENS],
                     "output_tokens": r[C.OUTPUT_TOKENS],
                     "cost_usd": r["cost_usd"],
@@ -279,9 +315,11 @@ def actual_cost(parts: list[str], price: ModelPrice | None) -> dict[str, Any]:
     return {"jobs": jobs, "parts": by_part, **totals}
 
 
-def shard_actual(part_uri: str, price: ModelPrice | None) -> float | None:
-    """What one merged part cost (for the guard), None when a price is unknown."""
-    total = actual_cost([part_uri], price)
+def shard_actual(
+    part_uri: str, price: ModelPrice | None, superseded: list[dict[str, Any]] | None = None
+) -> float | None:
+    """What one merged shard cost (for the guard), None when a price is unknown."""
+    total = actual_cost([part_uri], price, {part_uri: superseded or []})
     return total["total_usd"]
 
 
@@ -321,7 +359,8 @@ def cost_guard(
 def cost_summary(ctx: Any, results: list[Any], parts: list[str]) -> dict[str, Any]:
     """The run's cost for summary.json and the event: actual (batch, on demand), held back."""
     price = run_price(ctx.model_id)
-    actual = actual_cost(parts, price)
+    superseded = {r.part_uri: r.stats.get(SUPERSEDED) or [] for r in results}
+    actual = actual_cost(parts, price, superseded)
     guard = ctx.cost_guard
     held = {r.shard: r.held_back for r in results if r.held_back}
     return {

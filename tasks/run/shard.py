@@ -36,7 +36,7 @@ from tasks.bedrock.statuses import outcome, retry_statuses
 from tasks.errors import PlanError, RunInterrupted
 from tasks.monitoring import events
 from tasks.pipeline import columns as C
-from tasks.pipeline.attempts import AttemptOutput, Settled, retry_ids, settle
+from tasks.pipeline.attempts import SUPERSEDED, AttemptOutput, Settled, retry_ids, settle
 from tasks.pipeline.merge import MergeTurn, stray_warning, write_part
 from tasks.pipeline.plan import ShardPlan
 from tasks.pipeline.structured import OutputSchema
@@ -595,14 +595,18 @@ def run_shard(ctx: RunContext, shard: ShardPlan) -> ShardResult:
             if warning:
                 logger.warning("%s", warning)
             state.merge_stats = merge_shard_output(ctx, shard, settled)
+            superseded = settled.superseded
             del settled  # let go of it with the turn
         state.merge_stats["held_back"] = held
+        state.merge_stats[SUPERSEDED] = superseded
         state.part_uri = ctx.part_uri(shard)
         ctx.store.save(shard.name)
         if ctx.cost_guard is not None:
             from tasks.run.cost import shard_actual
 
-            ctx.cost_guard.settle(shard.name, shard_actual(state.part_uri, ctx.cost_guard.price))
+            ctx.cost_guard.settle(
+                shard.name, shard_actual(state.part_uri, ctx.cost_guard.price, superseded)
+            )
         ctx.progress.update(shard.name, shard.records)
         ctx.changed()
         events.emit_job_merged(
