@@ -17,7 +17,7 @@ from tasks.errors import CostCeilingError, RunSettingsError
 from tasks.pipeline.columns import ERROR_CODE, INPUT_TOKENS, OUTPUT_TOKENS, SERVED_BY
 from tasks.pipeline.estimate import estimate_from_dir
 from tasks.pipeline.preprocess import preprocess_params
-from tasks.run.cost import COST_CEILING_REACHED, ESTIMATE_FILE
+from tasks.run.cost import COST_CEILING_REACHED, ESTIMATE_FILE, cost_markdown
 from tasks.run.params import BatchParams, InferenceOverrides
 from tasks.settings import get_settings
 
@@ -241,6 +241,36 @@ def test_run_over_the_ceiling_is_refused_before_any_job(stack, tmp_path):
     assert "over max_cost_usd=0.0001; nothing was submitted" in str(err.value)
     assert "Raise max_cost_usd to at least" in str(err.value)
     assert stack.ledger(name_contains="cost-refused") == []
+
+
+def test_refused_run_names_a_ceiling_that_lets_it_run(stack, tmp_path):
+    # The refusal rounded the upper bound to 4 decimals, down as often as up: $0.0195375
+    # became "at least 0.0195", a ceiling the same run was refused again under.
+    fields = dict(
+        source=_topics(tmp_path, 150), prompt_id="joke_about_topic", model_id=CLAUDE,
+        output_uri=str(tmp_path / "out"), inference=InferenceOverrides(max_tokens=199),
+    )  # fmt: skip
+    with pytest.raises(CostCeilingError) as err:
+        batch_inference(BatchParams(**fields, run_name="cost-low", max_cost_usd=0.0001))
+    suggested = float(str(err.value).split("Raise max_cost_usd to at least ")[1].split(",")[0])
+    estimate = json.loads((tmp_path / "out" / "cost-low" / ESTIMATE_FILE).read_text())
+    assert suggested >= estimate["totals"]["cost_high_usd"]
+
+    summary = batch_inference(BatchParams(**fields, run_name="cost-raised", max_cost_usd=suggested))
+
+    assert summary["cost"]["batch_rows"] == 150
+
+
+def test_tiny_costs_are_shown_with_their_digits():
+    # One Nova Micro record costs about $0.0000018: 4 decimals showed "$0.0000", as if free.
+    cost = {
+        "batch_usd": 0.0000018, "on_demand_usd": 0.0, "total_usd": 0.0000018,
+        "batch_rows": 1, "on_demand_rows": 0, "held_back_rows": 0,
+    }  # fmt: skip
+    assert cost_markdown(cost) == (
+        "- Cost: $0.0000018 batch (1 rows) + $0.0000 on demand at the full price (0 rows) "
+        "= $0.0000018"
+    )
 
 
 def test_run_stops_at_the_ceiling_and_reports_what_was_held_back(stack, tmp_path):

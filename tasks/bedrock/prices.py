@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
@@ -75,6 +76,30 @@ class ModelPrice:
         if price_in is None or (output_tokens and price_out is None):
             return None
         return (input_tokens * price_in + output_tokens * (price_out or 0.0)) / MILLION
+
+
+def format_usd(value: float | None, sign: str = "$") -> str:
+    """A cost for people: 4 decimals, more for a cost under $0.001 so it never reads as $0.
+
+    Two significant digits at least: $0.0000018 for a one-record Nova Micro run, which 4
+    decimals showed as $0.0000 (and 2 as $0.00). "unknown" for None.
+    """
+    if value is None:
+        return "unknown"
+    decimals = 4
+    if 0 < abs(value) < 0.001:
+        decimals = 1 - math.floor(math.log10(abs(value)))
+    return f"{sign}{value:,.{decimals}f}"
+
+
+def ceil_usd(value: float) -> str:
+    """``value`` rounded up at `format_usd`'s precision: a ceiling that is at least it."""
+    decimals = 4 if value >= 0.001 or value <= 0 else 1 - math.floor(math.log10(value))
+    scale = 10**decimals
+    units = math.ceil(value * scale)
+    if units / scale < value:  # the product rounded down in floating point
+        units += 1
+    return f"{units / scale:.{decimals}f}"
 
 
 def _p(model_id, od_in, od_out, b_in=None, b_out=None, source=_PAGE_2025) -> ModelPrice:

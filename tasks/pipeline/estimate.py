@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from tasks.bedrock.prices import ModelPrice
+from tasks.bedrock.prices import ModelPrice, format_usd
 from tasks.pipeline.plan import RunPlan
 from tasks.pipeline.preprocess import SAMPLE_FILE
 
@@ -229,10 +229,6 @@ def estimate_plan(
     )
 
 
-def _usd(value: float | None) -> str:
-    return "unknown" if value is None else f"${value:,.4f}"
-
-
 def _tokens(value: int | None) -> str:
     return "?" if value is None else f"{value:,}"
 
@@ -272,7 +268,7 @@ def format_estimate(estimate: CostEstimate) -> str:
 
     def row(name, records, tin, texp, tmax, low, high):
         outs = f"{_tokens(texp)} / {_tokens(tmax)}"
-        cost = f"{_usd(low)} – {_usd(high)}"
+        cost = f"{format_usd(low)} – {format_usd(high)}"
         return f"{name:<12} {records:>9,} {tin:>13,} {outs:>24} {cost:>26}"
 
     for s in estimate.shards:

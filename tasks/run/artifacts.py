@@ -22,6 +22,7 @@ from typing import Any
 from urllib.parse import quote
 from uuid import UUID
 
+from tasks.bedrock.prices import format_usd
 from tasks.bedrock.statuses import STATUS_OUTCOMES
 from tasks.pipeline.columns import SERVED_BATCH
 from tasks.run.state import JobAttempt, ShardState
@@ -146,7 +147,7 @@ def shard_row(view: ShardView, max_attempts: int, cost_of: CostOf | None = None)
         "failed": fmt_int(failed),
         "input tokens": fmt_int(tokens_in),
         "output tokens": fmt_int(tokens_out),
-        "cost so far (USD)": NONE if cost is None else f"{cost:,.4f}",
+        "cost so far (USD)": NONE if cost is None else format_usd(cost, sign=""),
         "served by": _served_by(view.attempts),
         "job ARN": job.job_arn if job else NONE,
         "AWS console": console_url(job.job_arn if job else None) or NONE,
@@ -176,7 +177,7 @@ def job_rows(
             **{c: total(c) for c in ("records", "processed", "ok", "failed")},
             "input tokens": total("input tokens"),
             "output tokens": total("output tokens"),
-            "cost so far (USD)": f"{sum(costs):,.4f}" if costs else NONE,
+            "cost so far (USD)": format_usd(sum(costs), sign="") if costs else NONE,
             "served by": _served_by([a for v in views for a in v.attempts]),
             "job ARN": NONE,
             "AWS console": NONE,

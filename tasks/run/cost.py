@@ -14,7 +14,7 @@ from prefect.cache_policies import NO_CACHE
 
 from tasks.aws import storage
 from tasks.aws.clients import polars_storage_options
-from tasks.bedrock.prices import ModelPrice, price_for
+from tasks.bedrock.prices import ModelPrice, ceil_usd, format_usd, price_for
 from tasks.errors import CostCeilingError
 from tasks.pipeline import columns as C
 from tasks.pipeline.attempts import SUPERSEDED
@@ -54,10 +54,6 @@ def load_estimate(plan: RunPlan, layout: RunLayout) -> CostEstimate:
     return estimate_from_dir(plan, None, use_variable=True, offline_reason="no saved estimate")
 
 
-def _usd(value: float | None) -> str:
-    return "unknown" if value is None else f"${value:,.4f}"
-
-
 @task(cache_policy=NO_CACHE)
 def preflight_cost(params: BatchParams, plan: RunPlan, layout: RunLayout) -> CostEstimate:
     """Show the estimate as an artifact, and refuse the run when it may pass max_cost_usd.
@@ -95,8 +91,8 @@ def preflight_cost(params: BatchParams, plan: RunPlan, layout: RunLayout) -> Cos
         f"{estimate.input_tokens:,}",
         estimate.method,
         f"{estimate.output_max:,}",
-        _usd(estimate.cost_low),
-        _usd(estimate.cost_high),
+        format_usd(estimate.cost_low),
+        format_usd(estimate.cost_high),
         basis,
     )
     for s in estimate.shards:
@@ -121,11 +117,12 @@ def preflight_cost(params: BatchParams, plan: RunPlan, layout: RunLayout) -> Cos
             raise CostCeilingError(msg)
         if high > ceiling:
             max_tokens = plan.options.get("max_tokens")
+            low = format_usd(estimate.cost_low)
             msg = (
-                f"The estimated cost of run {layout.run_name} is {_usd(estimate.cost_low)} – "
-                f"{_usd(high)} at {basis} ({estimate.input_tokens:,} input tokens, up to "
+                f"The estimated cost of run {layout.run_name} is {low} – {format_usd(high)} at "
+                f"{basis} ({estimate.input_tokens:,} input tokens, up to "
                 f"{estimate.output_max:,} output tokens), over max_cost_usd={ceiling}; nothing "
-                f"was submitted. Raise max_cost_usd to at least {high:.4f}, lower max_tokens "
+                f"was submitted. Raise max_cost_usd to at least {ceil_usd(high)}, lower max_tokens "
                 f"(now {max_tokens}) or send fewer records."
             )
             raise CostCeilingError(msg)
@@ -381,10 +378,11 @@ def cost_summary(ctx: Any, results: list[Any], parts: list[str]) -> dict[str, An
 
 def cost_markdown(cost: dict[str, Any]) -> str:
     """One line of the run's markdown artifact."""
+    on_demand = format_usd(cost["on_demand_usd"])
     line = (
-        f"- Cost: {_usd(cost['batch_usd'])} batch ({cost['batch_rows']} rows) + "
-        f"{_usd(cost['on_demand_usd'])} on demand at the full price ({cost['on_demand_rows']} "
-        f"rows) = {_usd(cost['total_usd'])}"
+        f"- Cost: {format_usd(cost['batch_usd'])} batch ({cost['batch_rows']} rows) + "
+        f"{on_demand} on demand at the full price ({cost['on_demand_rows']} rows) = "
+        f"{format_usd(cost['total_usd'])}"
     )
     if cost["held_back_rows"]:
         line += (
