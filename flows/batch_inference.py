@@ -17,7 +17,7 @@ from tasks.aws.submit import run_key
 from tasks.aws.watcher import JobWatcher
 from tasks.monitoring import events
 from tasks.run.artifacts import JobBoard, flow_run_name, rename_flow_run
-from tasks.run.cost import batch_cost_of, cost_guard, preflight_cost
+from tasks.run.cost import batch_cost_of, cost_guard, preflight_cost, run_price
 from tasks.run.lifecycle import (
     finish_run,
     name_for_events,
@@ -163,6 +163,7 @@ def batch_inference(params: BatchParams) -> dict[str, Any]:
                 cost_of=batch_cost_of(params.model_id),
             ),
             cost_guard=cost_guard(params, estimate, run.store.state),
+            price=run_price(params.model_id),
         )
         try:
             # Job state change events (when `bedrock-batch events setup` made the queue) end a

@@ -197,6 +197,34 @@ def test_answers_a_repair_replaced_are_counted_in_the_cost(stack, tmp_path):
     assert cost["total_usd"] == pytest.approx(cost["batch_usd"] + cost["on_demand_usd"])
 
 
+def test_job_table_prices_the_on_demand_tail_at_its_own_price(stack, tmp_path):
+    # The live job table priced a merged shard's tokens all at the batch price: a shard whose
+    # tail went on demand showed $0.0028 where the summary said $0.0040.
+    from tasks.run.artifacts import ShardView, job_rows
+    from tasks.run.cost import batch_cost_of
+    from tasks.run.state import RunState
+
+    stack.set_faults(record_error_rate=0.3, seed=5)
+    params = BatchParams(
+        source=_topics(tmp_path, 300), prompt_id="joke_about_topic", model_id=CLAUDE,
+        output_uri=str(tmp_path / "out"), run_name="cost-table", max_records_per_job=100,
+        on_demand_rps=200,
+    )  # fmt: skip
+
+    summary = batch_inference(params)
+
+    run_dir = tmp_path / "out" / "cost-table"
+    state = RunState.from_dict(json.loads((run_dir / "state.json").read_text()))
+    views = [ShardView.of(name, 100, shard) for name, shard in sorted(state.shards.items())]
+    rows = job_rows(views, 3, cost_of=batch_cost_of(CLAUDE))
+    parts = summary["cost"]["parts"]
+    expected = [p["batch_usd"] + p["on_demand_usd"] for _, p in sorted(parts.items())]
+    assert summary["cost"]["on_demand_rows"] > 0
+    shown = [float(r["cost so far (USD)"]) for r in rows]
+    assert shown[:-1] == pytest.approx(expected, abs=5e-5)  # each row to 4 decimals
+    assert shown[-1] == pytest.approx(summary["cost"]["total_usd"], abs=5e-5)
+
+
 def test_a_run_under_the_job_minimum_is_served_on_demand_at_its_price(stack, tmp_path):
     # 40 records, under the minimum of 100 a batch job takes: one shard, answered through
     # bedrock-runtime, estimated and reported at the on-demand price, no batch job created.

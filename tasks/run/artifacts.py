@@ -47,6 +47,8 @@ IN_FLIGHT_COLOUR = "#3b7dd8"
 BLOCKS = "▁▂▃▄▅▆▇█"
 
 CostOf = Callable[[int, int], float | None]
+# A merged shard's actual cost in its merge stats (`run_shard`): batch and on demand apart.
+COST_USD = "cost_usd"
 
 
 def artifact_key(run_name: str, what: str) -> str:
@@ -109,8 +111,14 @@ def _job_attempt(view: ShardView) -> JobAttempt | None:
 
 
 def _shard_cost(view: ShardView, cost_of: CostOf | None) -> float | None:
-    """What a merged shard's tokens cost (None before its merge, or without a price)."""
+    """What a merged shard cost (None before its merge, or without a price).
+
+    The cost worked out at its merge (each row at the price of how it was served); a shard
+    merged by an older version has only its tokens, priced with ``cost_of`` (batch).
+    """
     stats = view.merge_stats or {}
+    if COST_USD in stats:
+        return stats[COST_USD]
     if cost_of is None or stats.get("input_tokens") is None:
         return None
     return cost_of(stats["input_tokens"], stats.get("output_tokens"))

@@ -41,7 +41,7 @@ from tasks.pipeline.merge import MergeTurn, stray_warning, write_part
 from tasks.pipeline.plan import ShardPlan
 from tasks.pipeline.structured import OutputSchema
 from tasks.run import gate
-from tasks.run.artifacts import JobBoard
+from tasks.run.artifacts import COST_USD, JobBoard
 from tasks.run.failpoints import failpoint
 from tasks.run.layout import JSONL, OUT_SUFFIX, RunLayout, input_file
 from tasks.run.owner import RunClaim
@@ -86,6 +86,7 @@ class RunContext:
             self.board.changed()
 
     cost_guard: Any = None  # tasks.run.cost.CostGuard when the run has max_cost_usd
+    price: Any = None  # the run's tasks.bedrock.prices.ModelPrice (None: unknown)
 
     @property
     def run_dir(self) -> str:
@@ -600,13 +601,16 @@ def run_shard(ctx: RunContext, shard: ShardPlan) -> ShardResult:
         state.merge_stats["held_back"] = held
         state.merge_stats[SUPERSEDED] = superseded
         state.part_uri = ctx.part_uri(shard)
-        ctx.store.save(shard.name)
-        if ctx.cost_guard is not None:
+        price = ctx.cost_guard.price if ctx.cost_guard is not None else ctx.price
+        if price is not None:
             from tasks.run.cost import shard_actual
 
-            ctx.cost_guard.settle(
-                shard.name, shard_actual(state.part_uri, ctx.cost_guard.price, superseded)
-            )
+            # Each row at the price of how it was served (the job table priced the on-demand
+            # tail at the batch price), the answers a repair replaced included.
+            state.merge_stats[COST_USD] = shard_actual(state.part_uri, price, superseded)
+        ctx.store.save(shard.name)
+        if ctx.cost_guard is not None:
+            ctx.cost_guard.settle(shard.name, state.merge_stats.get(COST_USD))
         ctx.progress.update(shard.name, shard.records)
         ctx.changed()
         events.emit_job_merged(
