@@ -68,6 +68,28 @@ def test_prices_file_with_unknown_field_is_refused(tmp_path):
         prices.load_prices(str(path))
 
 
+def test_answers_without_token_counts_cost_unknown_not_zero(tmp_path):
+    # Cohere Embed and Mistral report no tokens: with a price set for them, their run was
+    # reported as costing $0.0 (and the guard settled it at $0, freeing the ceiling).
+    from tasks.pipeline.columns import JOB_ID
+    from tasks.run.cost import actual_cost
+
+    part = tmp_path / "part-00000.parquet"
+    pl.DataFrame(
+        {
+            INPUT_TOKENS: pl.Series([None, None], dtype=pl.Int64),
+            SERVED_BY: ["batch", "batch"],
+            JOB_ID: ["j0", "j0"],
+            ERROR_CODE: pl.Series([None, None], dtype=pl.String),
+        }
+    ).write_parquet(part)
+    price = prices.ModelPrice("cohere.embed-english-v3", 0.1, None, 0.05, None)
+
+    cost = actual_cost([str(part)], price)
+
+    assert (cost["batch_usd"], cost["total_usd"], cost["batch_rows"]) == (None, None, 2)
+
+
 def test_preprocess_dry_run_prints_cost_per_shard_and_total(tmp_path, capsys):
     code = cli_main(
         ["preprocess", "--source", str(SAMPLE), "--prompt-id", "joke_about_topic", "--out",

@@ -31,6 +31,7 @@ ESTIMATE_FILE = "estimate.json"
 COST_CEILING_REACHED = "CostCeilingReached"
 _PART = "__part"
 _SUPERSEDED_ROWS = "superseded_rows"
+_UNCOUNTED = "__uncounted"
 
 
 def save_estimate(plan: RunPlan, out_dir: Path, layout: RunLayout, kms_key_id: str | None) -> None:
@@ -228,9 +229,16 @@ def token_usage(
         (pl.col(c) if c in names else pl.lit(0, pl.Int64)).fill_null(0).sum().alias(c)
         for c in (C.INPUT_TOKENS, C.OUTPUT_TOKENS)
     ]
+    # Answered rows without a token count (Cohere Embed and Mistral report none): what they
+    # cost is unknown, not $0.
+    answered = pl.col(C.ERROR_CODE).is_null() if C.ERROR_CODE in names else pl.lit(True)
+    counted = pl.col(C.INPUT_TOKENS).is_not_null() if C.INPUT_TOKENS in names else pl.lit(False)
     keys = [_PART, C.JOB_ID, C.SERVED_BY]
     usage = frame.group_by(keys).agg(
-        pl.len().cast(pl.Int64).alias("rows"), *tokens, pl.lit(0, pl.Int64).alias(_SUPERSEDED_ROWS)
+        pl.len().cast(pl.Int64).alias("rows"),
+        *tokens,
+        pl.lit(0, pl.Int64).alias(_SUPERSEDED_ROWS),
+        (answered & ~counted).sum().cast(pl.Int64).alias(_UNCOUNTED),
     )
     by_name = {Path(p).name: p for p in parts}
     extra = [
@@ -242,6 +250,7 @@ def token_usage(
             C.INPUT_TOKENS: s.get(C.INPUT_TOKENS) or 0,
             C.OUTPUT_TOKENS: s.get(C.OUTPUT_TOKENS) or 0,
             _SUPERSEDED_ROWS: s.get("rows") or 0,
+            _UNCOUNTED: 0,
         }
         for part, entries in (superseded or {}).items()
         if Path(part).name in by_name
@@ -263,7 +272,9 @@ def _price_rows(usage: pl.DataFrame, price: ModelPrice | None) -> list[dict[str,
         served = r[C.SERVED_BY]
         mode = "on_demand" if served == C.SERVED_ON_DEMAND else "batch"
         cost = None
-        if served in (C.SERVED_BATCH, C.SERVED_ON_DEMAND) and price is not None:
+        if served in (C.SERVED_BATCH, C.SERVED_ON_DEMAND) and r[_UNCOUNTED]:
+            cost = None
+        elif served in (C.SERVED_BATCH, C.SERVED_ON_DEMAND) and price is not None:
             cost = price.cost(r[C.INPUT_TOKENS], r[C.OUTPUT_TOKENS], mode)
         elif served not in (C.SERVED_BATCH, C.SERVED_ON_DEMAND):
             cost = 0.0
