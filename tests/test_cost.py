@@ -14,7 +14,13 @@ from flows.batch_inference import batch_inference
 from flows.cli import main as cli_main
 from tasks.bedrock import catalog, prices
 from tasks.errors import CostCeilingError, RunSettingsError
-from tasks.pipeline.columns import ERROR_CODE, INPUT_TOKENS, OUTPUT_TOKENS, SERVED_BY
+from tasks.pipeline.columns import (
+    ERROR_CODE,
+    INPUT_TOKENS,
+    OUTPUT_TOKENS,
+    SERVED_BY,
+    SERVED_ON_DEMAND,
+)
 from tasks.pipeline.estimate import estimate_from_dir
 from tasks.pipeline.preprocess import preprocess_params
 from tasks.run.cost import COST_CEILING_REACHED, ESTIMATE_FILE, cost_markdown
@@ -358,7 +364,9 @@ def test_run_stops_at_the_ceiling_and_reports_what_was_held_back(stack, tmp_path
 
 
 class _PerRecord:
-    """An estimate whose every shard costs at most ``usd`` a record."""
+    """An estimate whose every shard costs at most ``usd`` a record (at the batch price)."""
+
+    on_demand = False
 
     def __init__(self, usd: float) -> None:
         self.usd = usd
@@ -406,3 +414,43 @@ def test_a_resumed_run_counts_what_it_spent_before_the_crash(tmp_path):
     assert resumed.held == {"s2": 100}
     fresh = CostGuard(ceiling, estimate, price)
     assert fresh.admit("s2", 100, on_demand=False)  # what the run did before
+
+
+def test_a_resumed_run_counts_the_tail_and_the_job_a_crash_may_have_left_paid(tmp_path):
+    # An on-demand tail under way and a job created just before the crash (its slot held, its
+    # ARN not saved) were reserved by nobody after a resume: other shards' attempts were
+    # admitted past max_cost_usd beside them. Reserved now, once, and decided again by their
+    # own admit if they had not started.
+    from tasks.run.cost import CostGuard, run_price
+    from tasks.run.state import JobAttempt, RunState, ShardState
+
+    def attempt(n: int, number: int = 1, records: int = 100, **fields) -> JobAttempt:
+        return JobAttempt(number, f"run-shard-{n}-a{number}", f"t{n}", records=records, **fields)
+
+    state = RunState(
+        "run",
+        shards={
+            "s1": ShardState("s1", [attempt(1, job_arn="a1", status="InProgress")]),
+            "s2": ShardState("s2", [attempt(2)]),
+            "s3": ShardState(
+                "s3",
+                [
+                    attempt(3, job_arn="a3", status="Completed"),
+                    attempt(3, 2, records=10, served_by=SERVED_ON_DEMAND),
+                ],
+            ),
+            "s4": ShardState("s4", [attempt(4, lease_id="l4")]),
+        },
+    )
+    # $0.001 a record at the batch price, $0.002 on demand: s1 0.10 + s3's job 0.10 and its
+    # tail 0.02 + s4 0.10 may be paid; s2's 0.10 passes a ceiling of 0.35.
+    guard = CostGuard(0.35, _PerRecord(0.001), run_price(CLAUDE))
+    guard.resume(state)
+    assert not guard.admit("s2", 100, on_demand=False, attempt=1)
+    # s4's job had not been created after all: its own admit takes its place, not a second one.
+    assert guard.admit("s4", 100, on_demand=False, attempt=1)
+    assert guard.admit("s5", 20, on_demand=False)  # 0.32 + 0.02 is within the ceiling
+    assert not guard.admit("s6", 20, on_demand=False)
+    guard.settle("s3", 0.05)
+    assert guard.spent == pytest.approx(0.05)
+    assert guard.admit("s6", 60, on_demand=False)  # s3's 0.12 reserved became 0.05 spent

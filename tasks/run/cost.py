@@ -152,6 +152,9 @@ class CostGuard:
         self._lock = threading.Lock()
         self._reserved: dict[str, float] = {}
         self._actual: dict[str, float] = {}
+        # What `resume` reserved for an attempt that may not have started (shard, attempt):
+        # its `admit`, if it comes, decides again instead of reserving it twice.
+        self._resumed: dict[tuple[str, int], float] = {}
         self.held: dict[str, int] = {}
 
     def upper_bound(self, shard: str, records: int, on_demand: bool) -> float:
@@ -169,23 +172,28 @@ class CostGuard:
             cost *= max(od_in / batch_in, (od_out or 0) / (batch_out or 1))
         return cost
 
-    def admit(self, shard: str, records: int, on_demand: bool) -> bool:
+    def admit(self, shard: str, records: int, on_demand: bool, attempt: int = 0) -> bool:
         """Reserve the attempt's upper bound, or refuse it (and count the records held back)."""
         cost = self.upper_bound(shard, records, on_demand)
         with self._lock:
-            spent = sum(self._actual.values()) + sum(self._reserved.values())
+            own = self._resumed.pop((shard, attempt), 0.0)
+            spent = sum(self._actual.values()) + sum(self._reserved.values()) - own
             if spent + cost > self.ceiling:
+                self._reserved[shard] = self._reserved.get(shard, 0.0) - own
                 self.held[shard] = self.held.get(shard, 0) + records
                 return False
-            self._reserved[shard] = self._reserved.get(shard, 0.0) + cost
+            self._reserved[shard] = self._reserved.get(shard, 0.0) + cost - own
             return True
 
     def resume(self, state: RunState) -> None:
         """Count what a resumed run spent before its crash; a new guard knew none of it.
 
-        Merged shards at their actual cost; the batch jobs of shards not merged yet (in flight,
-        or ended before the crash) at their upper bound until they merge. Without this, the
-        retries of a resumed run were admitted as if nothing had been spent.
+        Merged shards at their actual cost; the attempts of shards not merged yet at their
+        upper bound until they merge: batch jobs created (in flight, or ended before the
+        crash), a job that may have been created just before it (its slot held, no ARN saved)
+        and on-demand tails (answers may be kept). Without this, the retries of a resumed run
+        were admitted as if nothing had been spent. Those that may not have started are
+        decided again by their `admit`.
         """
         for name, shard in state.shards.items():
             if shard.part_uri:
@@ -193,15 +201,25 @@ class CostGuard:
                 self.settle(name, shard_actual(shard.part_uri, self.price, superseded))
                 continue
             for attempt in shard.attempts:
-                if attempt.job_arn is not None and attempt.served_by == C.SERVED_BATCH:
-                    cost = self.upper_bound(name, attempt.records, on_demand=False)
-                    with self._lock:
-                        self._reserved[name] = self._reserved.get(name, 0.0) + cost
+                on_demand = attempt.served_by == C.SERVED_ON_DEMAND
+                created = attempt.job_arn is not None and not on_demand
+                maybe = attempt.status != COST_CEILING_REACHED and (
+                    on_demand or (attempt.job_arn is None and attempt.lease_id is not None)
+                )
+                if not (created or maybe):
+                    continue
+                cost = self.upper_bound(name, attempt.records, on_demand)
+                with self._lock:
+                    self._reserved[name] = self._reserved.get(name, 0.0) + cost
+                    if maybe:
+                        self._resumed[(name, attempt.attempt)] = cost
 
     def settle(self, shard: str, actual: float | None) -> None:
         """The shard merged: its reservations become what it actually cost."""
         with self._lock:
             reserved = self._reserved.pop(shard, 0.0)
+            for key in [k for k in self._resumed if k[0] == shard]:
+                del self._resumed[key]
             self._actual[shard] = reserved if actual is None else actual
 
     @property

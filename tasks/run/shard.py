@@ -497,7 +497,7 @@ def _held_by_ceiling(
     # (`_submit` adopts it); held back, it was never merged nor stopped.
     if not on_demand and attempt.lease_id and find_job(attempt.job_name, attempt.client_token):
         return None
-    if guard.admit(shard.name, attempt.records, on_demand):
+    if guard.admit(shard.name, attempt.records, on_demand, attempt.attempt):
         return None
     from tasks.run.cost import COST_CEILING_REACHED
 
