@@ -57,6 +57,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def cmd_monitor(args: argparse.Namespace) -> int:
     """Run the monitor once and print the latest values and alert changes."""
+    from tasks.monitoring.alarms import check_model_ids
+
+    if args.model_id and not args.allow_unknown_model:
+        check_model_ids(args.model_id, "monitor")  # a typo read nothing, every time
     from flows.monitor import MonitorParameters, bedrock_batch_monitor
 
     params = MonitorParameters(
@@ -153,4 +157,9 @@ def add_subcommands(subparsers: argparse._SubParsersAction) -> None:
     monitor.add_argument("--lookback-minutes", type=float, default=60.0)
     monitor.add_argument("--period-seconds", type=int, default=60)
     monitor.add_argument("--stall-minutes", type=float, default=30.0)
+    monitor.add_argument(
+        "--allow-unknown-model",
+        action="store_true",
+        help="watch model ids the batch model catalog does not know (refused otherwise)",
+    )
     monitor.set_defaults(func=cmd_monitor)

@@ -127,7 +127,8 @@ def join_and_report(
             "input": sum(r["tokens"].get("input", 0) for r in reports),
             "output": sum(r["tokens"].get("output", 0) for r in reports),
         },
-        "cost_usd": None if any(c is None for c in costs) else round(sum(costs), 6),
+        # Unrounded, as each stage's: a rounded total differed from the stages' sum.
+        "cost_usd": None if any(c is None for c in costs) else sum(costs),
         "accuracy": accuracy,
     }
     base = S.pipeline_dir(params.output_uri, params.run_name)

@@ -156,6 +156,17 @@ def test_cloudwatch_setup_with_allow_unknown_model_creates_its_alarms(aws, capsy
     assert result["alarms"] == list(cloudwatch_alarms.alarm_names(TYPO).values())
 
 
+def test_monitor_with_an_unknown_model_id_prints_one_line_and_reads_nothing(aws, capsys):
+    # The monitor read no metric for a mistyped id, every run, and said nothing of it.
+    assert main(["monitor", "--model-id", TYPO]) == 2
+
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert captured.err.startswith(f"error: monitor: model id {TYPO!r}")
+    assert "--allow-unknown-model" in captured.err
+    assert len(captured.err.splitlines()) == 1
+
+
 def test_teardown_removes_alarms_then_dashboard_and_topic(aws):
     cloudwatch_alarms.setup(MODELS)
     partial = cloudwatch_alarms.teardown(MODELS[:1])

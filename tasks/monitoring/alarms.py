@@ -161,7 +161,7 @@ def _put_dashboard(cloudwatch, model_ids: list[str]) -> None:
     cloudwatch.put_dashboard(DashboardName=DASHBOARD_NAME, DashboardBody=json.dumps(body))
 
 
-def check_model_ids(model_ids: list[str]) -> None:
+def check_model_ids(model_ids: list[str], command: str = "cloudwatch setup") -> None:
     """Refuse, in one line, the ids the batch model catalog does not know, with close matches.
 
     CloudWatch takes an alarm on any dimension value, and one whose ModelId Bedrock never
@@ -176,8 +176,8 @@ def check_model_ids(model_ids: list[str]) -> None:
         hint = f"closest: {', '.join(near)}" if near else "no close match"
         problems.append(f"model id {model_id!r} is not in the batch model catalog ({hint})")
     msg = (
-        f"cloudwatch setup: {'; '.join(problems)}. An alarm on an id Bedrock does not publish "
-        "as its ModelId never fires: fix the id, or pass --allow-unknown-model for a "
+        f"{command}: {'; '.join(problems)}. Bedrock publishes no ModelId metric for such an "
+        "id, so it is never seen: fix the id, or pass --allow-unknown-model for a "
         "model the catalog does not know yet (`python -m tasks.bedrock.catalog --markdown` "
         "lists the known ones)."
     )
