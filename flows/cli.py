@@ -100,6 +100,10 @@ def _show_output(summary: dict) -> None:
         f"Records: {counts['records']:,}  ok: {counts['succeeded']:,}  "
         f"failed: {counts['failed']:,}  tokens in/out: {tokens['input']:,}/{tokens['output']:,}"
     )
+    if summary.get("cost"):
+        from tasks.run.cost import cost_markdown
+
+        print(cost_markdown(summary["cost"]).removeprefix("- "))
     if summary["parts"] and not summary["parts"][0].startswith("s3://"):
         from tasks.pipeline import columns as C
 

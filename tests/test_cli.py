@@ -422,3 +422,26 @@ def test_monitoring_flags_out_of_range_name_the_flag(argv, words, capsys):
         main(argv)
     err = capsys.readouterr().err
     assert exc.value.code == 2 and words in err and "Traceback" not in err
+
+
+def test_run_output_says_what_the_run_cost(tmp_path, capsys):
+    # The CLI printed records and tokens; the cost was only in summary.json and the UI.
+    from flows.cli import _show_output
+
+    summary = {
+        "output_uri": "s3://bucket/out/run/output",
+        "parts": ["s3://bucket/out/run/output/part-00000.parquet"],
+        "counts": {"records": 40, "succeeded": 40, "failed": 0},
+        "tokens": {"input": 1634, "output": 1476},
+        "cost": {
+            "batch_usd": 0.0, "batch_rows": 0, "on_demand_usd": 0.0022535,
+            "on_demand_rows": 40, "total_usd": 0.0022535, "held_back_rows": 0,
+        },
+    }  # fmt: skip
+
+    _show_output(summary)
+
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[-1] == (
+        "Cost: $0.0000 batch (0 rows) + $0.0023 on demand at the full price (40 rows) = $0.0023"
+    )
