@@ -157,15 +157,20 @@ def test_estimate_matches_the_tokens_the_local_stack_reports(stack, tmp_path):
     assert all("batch_usd" in row and "on_demand_usd" in row for row in summary["jobs"])
 
 
+def _tail_run(stack, tmp_path: Path, run_name: str) -> BatchParams:
+    """300 rows in three jobs, 30% of whose records fail: their remainders go on demand."""
+    stack.set_faults(record_error_rate=0.3, seed=5)
+    return BatchParams(
+        source=_topics(tmp_path, 300), prompt_id="joke_about_topic", model_id=CLAUDE,
+        output_uri=str(tmp_path / "out"), run_name=run_name, max_records_per_job=100,
+        on_demand_rps=200,
+    )  # fmt: skip
+
+
 def test_on_demand_rows_are_priced_apart_at_the_on_demand_price(stack, tmp_path):
     # 30% of records fail in their batch job; the remainder (under the job minimum) goes on
     # demand at full price.
-    stack.set_faults(record_error_rate=0.3, seed=5)
-    params = BatchParams(
-        source=_topics(tmp_path, 300), prompt_id="joke_about_topic", model_id=CLAUDE,
-        output_uri=str(tmp_path / "out"), run_name="cost-on-demand", max_records_per_job=100,
-        on_demand_rps=200,
-    )  # fmt: skip
+    params = _tail_run(stack, tmp_path, "cost-on-demand")
 
     summary = batch_inference(params)
 
@@ -232,12 +237,7 @@ def test_job_table_prices_the_on_demand_tail_at_its_own_price(stack, tmp_path):
     from tasks.run.cost import batch_cost_of
     from tasks.run.state import RunState
 
-    stack.set_faults(record_error_rate=0.3, seed=5)
-    params = BatchParams(
-        source=_topics(tmp_path, 300), prompt_id="joke_about_topic", model_id=CLAUDE,
-        output_uri=str(tmp_path / "out"), run_name="cost-table", max_records_per_job=100,
-        on_demand_rps=200,
-    )  # fmt: skip
+    params = _tail_run(stack, tmp_path, "cost-table")
 
     summary = batch_inference(params)
 
