@@ -98,7 +98,7 @@ def join_and_report(
     params: PipelineParams, stages: list[Stage], reports: list[dict[str, Any]]
 ) -> dict[str, Any]:
     """Join the stages per original row, summarise counts, tokens and cost, write summary.json."""
-    not_run = {r["stage"] for r in reports if r.get("not_run")}
+    not_run = {r["stage"]: r["emptied_by"] for r in reports if r.get("not_run")}
     joined = S.join_stages(params.output_uri, params.run_name, stages, params.source, not_run)
     frame: pl.DataFrame = joined.pop("frame")
     for report, stage in zip(reports, stages, strict=True):
@@ -174,7 +174,10 @@ def batch_pipeline(params: PipelineParams) -> dict[str, Any]:
             logger.warning(
                 "Stage %s is not run: the filter of stage %s kept no row", stage.name, emptied_by
             )
-            reports.append(S.stage_report(stage, S.NOT_RUN, {"rows_kept": 0, **extra}))
+            # The stages after it received no row (`rows_in` 0); the CLI and the summary say
+            # which filter emptied them.
+            why = {"rows_in": 0, "rows_kept": 0, **extra, "emptied_by": emptied_by}
+            reports.append(S.stage_report(stage, S.NOT_RUN, why))
             continue
         stage_params = _stage_params(params, stage, index)
         summary = batch_inference.with_options(flow_run_name=stage_params.run_name)(stage_params)

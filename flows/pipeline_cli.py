@@ -12,6 +12,10 @@ def show_summary(summary: dict) -> None:
     for s in summary["stages"]:
         counts, tokens = s["counts"], s["tokens"]
         kept = f", {s['rows_kept']}/{s['rows_in']} rows kept by filter" if "rows_kept" in s else ""
+        if s.get("not_run"):
+            from tasks.pipeline.stages import not_run_reason
+
+            kept = f" ({not_run_reason(s['stage'], s['emptied_by'])})"
         repaired = f", repaired {s['schema_repaired']}" if "schema_repaired" in s else ""
         print(
             f"  stage {s['stage']:<8} {s['model_id']}: records {counts.get('records')} "

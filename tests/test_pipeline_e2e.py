@@ -14,6 +14,7 @@ from prefect.settings import PREFECT_API_URL
 
 from data.make_samples import simplecot
 from flows.pipeline import PipelineParams, batch_pipeline
+from flows.pipeline_cli import show_summary
 from pipelines import NOVA_LITE, Stage
 from tasks.errors import RunIdentityError
 from tasks.pipeline.stages import KILL_STAGE_ENV
@@ -163,3 +164,36 @@ def test_small_stage_is_served_on_demand_and_an_empty_one_is_not_run(stack, tmp_
     assert regraded["cost_usd"] == 0.0 and summary["cost_usd"] is not None
     assert out["regrade_skipped"].to_list() == ["filtered out before stage regrade (false)"] * ROWS
     assert stack.ledger(name_contains="pipe-small--regrade") == []
+
+
+def test_stages_after_an_emptied_one_say_which_filter_emptied_them(stack, tmp_path, capsys):
+    # Stage grade keeps no row; stage regrade after it (with a filter of its own) is not run
+    # either. Its rows said "filtered out before stage regrade (...)", a filter that never
+    # ran, and `pipeline run` died on a KeyError printing its report (no rows_in).
+    regrade = _stages()[1].model_copy(
+        update={"name": "regrade", "carry": ["source", "target", "answer_response_text"]}
+    )
+    params = PipelineParams(
+        source=str(_source(tmp_path)),
+        output_uri=str(tmp_path / "out"),
+        run_name="pipe-empty",
+        stages=[_stages()[0], _stages()[1].model_copy(update={"filter": "false"}), regrade],
+        max_records_per_job=150,
+        max_concurrent_jobs=3,
+    )
+
+    summary = batch_pipeline(params)
+    show_summary(summary)
+
+    out = pl.read_parquet(tmp_path / "out" / "pipe-empty" / "output" / "*.parquet")
+    assert out["grade_skipped"].to_list() == ["filtered out before stage grade (false)"] * ROWS
+    why = "stage regrade not run: the filter of stage grade kept no row"
+    assert out["regrade_skipped"].to_list() == [why] * ROWS
+    grade, after = summary["stages"][1:]
+    assert (grade["rows_in"], grade["rows_kept"], grade["emptied_by"]) == (ROWS, 0, "grade")
+    assert (after["rows_in"], after["rows_kept"], after["emptied_by"]) == (0, 0, "grade")
+    assert after["not_run"] and after["cost_usd"] == 0.0
+    printed = capsys.readouterr().out
+    assert f"records 0 ok 0 failed 0 ({why})" in printed
+    assert stack.ledger(name_contains="pipe-empty--grade") == []
+    assert stack.ledger(name_contains="pipe-empty--regrade") == []

@@ -10,7 +10,7 @@ from __future__ import annotations
 import io
 import json
 import os
-from collections.abc import Collection
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -275,12 +275,12 @@ def join_stages(
     run_name: str,
     stages: list[Stage],
     source: str,
-    not_run: Collection[str] = (),
+    not_run: Mapping[str, str] | None = None,
 ) -> dict[str, Any]:
     """The final output: every original row once, each stage's columns prefixed by its name.
 
-    A stage in ``not_run`` (a filter before it kept no row) adds only its skipped column,
-    which says why for every row.
+    A stage in ``not_run`` (stage -> the stage whose filter kept no row) adds only its skipped
+    column, which says why for every row.
 
     Returns:
         The output parts written and the row count.
@@ -289,6 +289,7 @@ def join_stages(
     first = _read_parts(layouts[0].output_dir)
     inputs = [c for c in first.columns if c not in set(result_columns(stages[0]))]
     base = first.select(pl.col(C.RECORD_ID).alias(ROW_ID), *inputs)
+    not_run = not_run or {}
     for index, (stage, layout) in enumerate(zip(stages, layouts, strict=True)):
         if stage.name in not_run:
             out = pl.DataFrame(schema={ROW_ID: base.schema[ROW_ID]})
@@ -302,11 +303,14 @@ def join_stages(
             *[pl.col(c).alias(f"{stage.name}_{c}") for c in wanted],
             pl.lit(True).alias("__in"),
         )
-        reason = (
-            f"filtered out before stage {stage.name} ({stage.filter})"
-            if stage.filter
-            else f"not sent to stage {stage.name}"
-        )
+        emptied_by = not_run.get(stage.name)
+        if emptied_by not in (None, stage.name):
+            # Its own filter never ran: the rows stopped at the stage that kept none.
+            reason = not_run_reason(stage.name, emptied_by)
+        elif stage.filter:
+            reason = f"filtered out before stage {stage.name} ({stage.filter})"
+        else:
+            reason = f"not sent to stage {stage.name}"
         base = (
             base.join(prefixed, on=ROW_ID, how="left", maintain_order="left")
             .with_columns(
@@ -352,6 +356,11 @@ NOT_RUN: dict[str, Any] = {
     "tokens": {"input": 0, "output": 0},
     "cost": {"total_usd": 0.0},
 }
+
+
+def not_run_reason(stage: str, emptied_by: str) -> str:
+    """Why a stage after one whose filter kept no row was not run."""
+    return f"stage {stage} not run: the filter of stage {emptied_by} kept no row"
 
 
 def stage_report(stage: Stage, summary: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
