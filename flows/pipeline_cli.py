@@ -11,11 +11,14 @@ def show_summary(summary: dict) -> None:
     print(f"\nPipeline {summary['run_name']}: {summary['rows']} rows -> {summary['output_uri']}/")
     for s in summary["stages"]:
         counts, tokens = s["counts"], s["tokens"]
-        kept = f", {s['rows_kept']}/{s['rows_in']} rows kept by filter" if "rows_kept" in s else ""
         if s.get("not_run"):
             from tasks.pipeline.stages import not_run_reason
 
-            kept = f" ({not_run_reason(s['stage'], s['emptied_by'])})"
+            kept = f" ({not_run_reason(s['stage'], s.get('emptied_by'))})"
+        elif "rows_kept" in s:
+            kept = f", {s['rows_kept']}/{s['rows_in']} rows kept by filter"
+        else:
+            kept = ""
         repaired = f", repaired {s['schema_repaired']}" if "schema_repaired" in s else ""
         print(
             f"  stage {s['stage']:<8} {s['model_id']}: records {counts.get('records')} "

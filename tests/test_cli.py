@@ -445,3 +445,22 @@ def test_run_output_says_what_the_run_cost(tmp_path, capsys):
     assert lines[-1] == (
         "Cost: $0.0000 batch (0 rows) + $0.0023 on demand at the full price (40 rows) = $0.0023"
     )
+
+
+def test_pipeline_summary_of_a_stage_not_run_before_emptied_by_was_recorded(capsys):
+    # A pipeline finished by an earlier version: its not-run stages have no rows_in nor
+    # emptied_by, and printing its summary on a resume died on a KeyError.
+    from flows.pipeline_cli import show_summary
+
+    stage = {"model_id": "m", "counts": {"records": 0, "succeeded": 0, "failed": 0}}
+    stage |= {"tokens": {"input": 0, "output": 0}, "cost_usd": 0.0, "not_run": True}
+    summary = {"run_name": "p", "rows": 3, "output_uri": "out", "cost_usd": 0.0}
+    summary |= {"tokens": {"input": 0, "output": 0}}
+    summary["stages"] = [{**stage, "stage": "grade", "rows_kept": 0, "rows_in": 3}]
+    summary["stages"] += [{**stage, "stage": "regrade", "rows_kept": 0}]
+
+    show_summary(summary)
+
+    printed = capsys.readouterr().out
+    assert "stage grade not run: a filter kept no row" in printed
+    assert "stage regrade not run: a filter kept no row" in printed

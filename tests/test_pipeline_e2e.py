@@ -195,5 +195,11 @@ def test_stages_after_an_emptied_one_say_which_filter_emptied_them(stack, tmp_pa
     assert after["not_run"] and after["cost_usd"] == 0.0
     printed = capsys.readouterr().out
     assert f"records 0 ok 0 failed 0 ({why})" in printed
+    assert "records 0 ok 0 failed 0 (stage grade not run: its filter kept no row)" in printed
+
+    # Resumed once finished: the recorded summary, printed the same.
+    assert batch_pipeline(params) == summary
+    show_summary(summary)
+    assert capsys.readouterr().out == printed
     assert stack.ledger(name_contains="pipe-empty--grade") == []
     assert stack.ledger(name_contains="pipe-empty--regrade") == []

@@ -358,8 +358,12 @@ NOT_RUN: dict[str, Any] = {
 }
 
 
-def not_run_reason(stage: str, emptied_by: str) -> str:
-    """Why a stage after one whose filter kept no row was not run."""
+def not_run_reason(stage: str, emptied_by: str | None) -> str:
+    """Why a stage was not run: its filter, or the filter of a stage before it, kept no row."""
+    if emptied_by is None:  # a summary written before `emptied_by` was recorded
+        return f"stage {stage} not run: a filter kept no row"
+    if emptied_by == stage:
+        return f"stage {stage} not run: its filter kept no row"
     return f"stage {stage} not run: the filter of stage {emptied_by} kept no row"
 
 
