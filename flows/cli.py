@@ -233,6 +233,38 @@ def interruptible() -> None:
     main = threading.current_thread() is threading.main_thread()
     if main and signal.getsignal(signal.SIGINT) is signal.default_int_handler:
         signal.signal(signal.SIGINT, signal.default_int_handler)
+    _temporary_server_apart()
+
+
+def _temporary_server_apart() -> None:
+    """Without PREFECT_API_URL, start Prefect's temporary server out of Ctrl-C's reach.
+
+    Prefect starts it as a child in the terminal's process group, so Ctrl-C killed it with
+    the run: the interrupted run then failed to record its state, retried the dead server for
+    minutes and never exited. In a session of its own the server outlives the interrupt; the
+    run ends in seconds and stops it on exit, as Prefect does (atexit).
+    """
+    import subprocess
+    from types import SimpleNamespace
+
+    from prefect.server.api import server
+    from prefect.settings import PREFECT_API_URL
+
+    if PREFECT_API_URL.value():
+        return
+    temporary = server.SubprocessASGIServer()  # the one Prefect's client takes (a singleton)
+    if temporary.running:
+        return
+
+    def apart(*args, **kwargs):
+        return subprocess.Popen(*args, **kwargs, start_new_session=True)
+
+    # Only the server module's view of subprocess changes, and only for this start.
+    server.subprocess = SimpleNamespace(Popen=apart)
+    try:
+        temporary.start()
+    finally:
+        server.subprocess = subprocess
 
 
 def quiet_tracebacks() -> None:

@@ -162,3 +162,43 @@ def test_ctrl_c_while_jobs_run_leaves_them_running_and_the_same_command_resumes(
     after = stack.ledger("ctrl-c")
     assert [j["jobArn"] for j in after[:2]] == [j["jobArn"] for j in jobs] and len(after) == 3
     assert_answers_match_rows(pl.read_parquet(out / "ctrl-c" / "output" / "*.parquet"), ROWS)
+
+
+def test_ctrl_c_with_the_temporary_prefect_server_ends_the_run_in_seconds(stack, tmp_path):
+    # Without PREFECT_API_URL the CLI runs on Prefect's temporary server, a child in the
+    # terminal's process group: Ctrl-C killed it too, and the interrupted run retried the
+    # dead server for minutes and never exited (killed after 120 s).
+    source = tmp_path / "questions.csv"
+    pl.DataFrame({"source": [f"Q{i:04d} what is {i} + 1?" for i in range(ROWS)]}).write_csv(source)
+    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect"), EXPIRY_ENV: "3"}
+    for name in ("PREFECT_API_URL", ENV):
+        env.pop(name, None)
+    command = [
+        sys.executable, "-m", "flows.cli", "run",
+        "--source", str(source), "--prompt-id", "question_answering", "--model-id", CLAUDE,
+        "--output-uri", str(tmp_path / "out"), "--run-name", "ctrl-c-temp",
+        "--max-concurrent-jobs", "2", "--max-records-per-job", "150",
+    ]  # fmt: skip
+    stack.set_faults(stuck_job_names_containing="ctrl-c-temp", stuck_after_fraction=0.5)
+    try:
+        log = (tmp_path / "stderr.txt").open("w")
+        run = subprocess.Popen(command, env=env, stderr=log, start_new_session=True)
+        eventually(
+            lambda: [j["status"] for j in stack.ledger("ctrl-c-temp")] == ["InProgress"] * 2,
+            timeout=120,
+        )
+        os.killpg(run.pid, signal.SIGINT)
+        interrupted_at = time.monotonic()
+        try:
+            run.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(run.pid, signal.SIGKILL)
+            run.wait()
+        left_after = time.monotonic() - interrupted_at
+    finally:
+        stack.set_faults(stuck_job_names_containing=None)
+    stderr = (tmp_path / "stderr.txt").read_text()
+    assert run.returncode == 130, stderr[-3000:]
+    assert left_after < 30, left_after
+    assert "Connection refused" not in stderr
+    assert [j["status"] for j in stack.ledger("ctrl-c-temp")] == ["InProgress"] * 2
