@@ -22,6 +22,9 @@ from tasks.run.owner import EXPIRY_ENV
 pytestmark = pytest.mark.slow
 
 CLAUDE = "anthropic.claude-3-haiku-20240307-v1:0"
+# The Ctrl-C tests leave their jobs' gate slots to expire (the jobs run on): a model of their
+# own keeps the tests after them in the worker from waiting on a shared model gate.
+INTERRUPTED_MODEL = "anthropic.claude-3-7-sonnet-20250219-v1:0"
 ROWS = 300
 
 
@@ -129,7 +132,8 @@ def test_ctrl_c_while_jobs_run_leaves_them_running_and_the_same_command_resumes(
     env.pop(ENV, None)
     command = [
         sys.executable, "-m", "flows.cli", "run",
-        "--source", str(source), "--prompt-id", "question_answering", "--model-id", CLAUDE,
+        "--source", str(source), "--prompt-id", "question_answering", "--model-id",
+        INTERRUPTED_MODEL,
         "--output-uri", str(out), "--run-name", "ctrl-c",
         "--max-concurrent-jobs", "2", "--max-records-per-job", "100",
     ]  # fmt: skip
@@ -175,7 +179,8 @@ def test_ctrl_c_with_the_temporary_prefect_server_ends_the_run_in_seconds(stack,
         env.pop(name, None)
     command = [
         sys.executable, "-m", "flows.cli", "run",
-        "--source", str(source), "--prompt-id", "question_answering", "--model-id", CLAUDE,
+        "--source", str(source), "--prompt-id", "question_answering", "--model-id",
+        INTERRUPTED_MODEL,
         "--output-uri", str(tmp_path / "out"), "--run-name", "ctrl-c-temp",
         "--max-concurrent-jobs", "2", "--max-records-per-job", "150",
     ]  # fmt: skip
