@@ -120,40 +120,64 @@ def test_rerun_after_sigkill_finishes_without_paying_twice(stack, tmp_path, poin
     assert out[ERROR_CODE].null_count() == ROWS
 
 
+def _questions(tmp_path: Path) -> Path:
+    """question_answering rows whose prompts start with their own text (the emulator quotes it)."""
+    source = tmp_path / "questions.csv"
+    pl.DataFrame({"source": [f"Q{i:04d} what is {i} + 1?" for i in range(ROWS)]}).write_csv(source)
+    return source
+
+
+def _ctrl_c_command(source: Path, out: Path, run_name: str, per_job: int) -> list[str]:
+    return [
+        sys.executable, "-m", "flows.cli", "run",
+        "--source", str(source), "--prompt-id", "question_answering", "--model-id",
+        INTERRUPTED_MODEL, "--output-uri", str(out), "--run-name", run_name,
+        "--max-concurrent-jobs", "2", "--max-records-per-job", str(per_job),
+    ]  # fmt: skip
+
+
+def _interrupt_while_two_jobs_run(
+    stack, command: list[str], env: dict[str, str], run_name: str, log: Path
+) -> tuple[int, float]:
+    """Run ``command`` in a session of its own (a terminal's foreground group, which Ctrl-C
+    signals whole), SIGINT it once two of its jobs are InProgress (held there by a fault), and
+    return its exit code and the seconds it took to go (killed after 60 s)."""
+    stack.set_faults(stuck_job_names_containing=run_name, stuck_after_fraction=0.5)
+    try:
+        with log.open("w") as stderr:
+            run = subprocess.Popen(command, env=env, stderr=stderr, start_new_session=True)
+            eventually(
+                lambda: [j["status"] for j in stack.ledger(run_name)].count("InProgress") == 2,
+                timeout=120,
+            )
+            os.killpg(run.pid, signal.SIGINT)
+            interrupted_at = time.monotonic()
+            try:
+                run.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                os.killpg(run.pid, signal.SIGKILL)
+                run.wait()
+            return run.returncode, time.monotonic() - interrupted_at
+    finally:
+        stack.set_faults(stuck_job_names_containing=None)
+
+
 def test_ctrl_c_while_jobs_run_leaves_them_running_and_the_same_command_resumes(stack, tmp_path):
     # Polars' SIGINT handler (SA_RESTART) kept Ctrl-C from reaching the waiting run: it went on
     # until every job ended, then hung on its dead temporary Prefect server. And the crash
     # hook stopped the jobs the CLI's message said would keep running. Two jobs run, the
     # third shard waits for a slot of the gate of 2.
-    source = tmp_path / "questions.csv"
-    pl.DataFrame({"source": [f"Q{i:04d} what is {i} + 1?" for i in range(ROWS)]}).write_csv(source)
     out = tmp_path / "out"
+    command = _ctrl_c_command(_questions(tmp_path), out, "ctrl-c", per_job=100)
     env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value(), EXPIRY_ENV: "3"}
     env.pop(ENV, None)
-    command = [
-        sys.executable, "-m", "flows.cli", "run",
-        "--source", str(source), "--prompt-id", "question_answering", "--model-id",
-        INTERRUPTED_MODEL,
-        "--output-uri", str(out), "--run-name", "ctrl-c",
-        "--max-concurrent-jobs", "2", "--max-records-per-job", "100",
-    ]  # fmt: skip
-    stack.set_faults(stuck_job_names_containing="ctrl-c", stuck_after_fraction=0.5)
-    try:
-        # Its own session, as a terminal's foreground group: the signal goes to every process.
-        log = (tmp_path / "stderr.txt").open("w")
-        run = subprocess.Popen(command, env=env, stderr=log, start_new_session=True)
-        eventually(
-            lambda: len([j for j in stack.ledger("ctrl-c") if j["status"] == "InProgress"]) == 2,
-            timeout=120,
-        )
-        os.killpg(run.pid, signal.SIGINT)
-        interrupted_at = time.monotonic()
-        run.wait(timeout=60)
-        left_after = time.monotonic() - interrupted_at
-    finally:
-        stack.set_faults(stuck_job_names_containing=None)
+
+    code, left_after = _interrupt_while_two_jobs_run(
+        stack, command, env, "ctrl-c", tmp_path / "stderr.txt"
+    )
+
     stderr = (tmp_path / "stderr.txt").read_text()
-    assert run.returncode == 130, stderr[-3000:]
+    assert code == 130, stderr[-3000:]
     assert left_after < 30, left_after  # it waited for its jobs to end before: minutes
     assert stderr.strip().splitlines()[-1].startswith("error: interrupted; jobs already submitted")
     # Not stopped by a crash hook; the third shard, waiting for a gate slot, made no job.
@@ -172,38 +196,17 @@ def test_ctrl_c_with_the_temporary_prefect_server_ends_the_run_in_seconds(stack,
     # Without PREFECT_API_URL the CLI runs on Prefect's temporary server, a child in the
     # terminal's process group: Ctrl-C killed it too, and the interrupted run retried the
     # dead server for minutes and never exited (killed after 120 s).
-    source = tmp_path / "questions.csv"
-    pl.DataFrame({"source": [f"Q{i:04d} what is {i} + 1?" for i in range(ROWS)]}).write_csv(source)
+    command = _ctrl_c_command(_questions(tmp_path), tmp_path / "out", "sigint-temp", per_job=150)
     env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect"), EXPIRY_ENV: "3"}
     for name in ("PREFECT_API_URL", ENV):
         env.pop(name, None)
-    command = [
-        sys.executable, "-m", "flows.cli", "run",
-        "--source", str(source), "--prompt-id", "question_answering", "--model-id",
-        INTERRUPTED_MODEL,
-        "--output-uri", str(tmp_path / "out"), "--run-name", "ctrl-c-temp",
-        "--max-concurrent-jobs", "2", "--max-records-per-job", "150",
-    ]  # fmt: skip
-    stack.set_faults(stuck_job_names_containing="ctrl-c-temp", stuck_after_fraction=0.5)
-    try:
-        log = (tmp_path / "stderr.txt").open("w")
-        run = subprocess.Popen(command, env=env, stderr=log, start_new_session=True)
-        eventually(
-            lambda: [j["status"] for j in stack.ledger("ctrl-c-temp")] == ["InProgress"] * 2,
-            timeout=120,
-        )
-        os.killpg(run.pid, signal.SIGINT)
-        interrupted_at = time.monotonic()
-        try:
-            run.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(run.pid, signal.SIGKILL)
-            run.wait()
-        left_after = time.monotonic() - interrupted_at
-    finally:
-        stack.set_faults(stuck_job_names_containing=None)
+
+    code, left_after = _interrupt_while_two_jobs_run(
+        stack, command, env, "sigint-temp", tmp_path / "stderr.txt"
+    )
+
     stderr = (tmp_path / "stderr.txt").read_text()
-    assert run.returncode == 130, stderr[-3000:]
+    assert code == 130, stderr[-3000:]
     assert left_after < 30, left_after
     assert "Connection refused" not in stderr
-    assert [j["status"] for j in stack.ledger("ctrl-c-temp")] == ["InProgress"] * 2
+    assert [j["status"] for j in stack.ledger("sigint-temp")] == ["InProgress"] * 2

@@ -7,6 +7,7 @@ import json
 import pytest
 from emu_helpers import (
     anthropic_body,
+    create_job,
     output_records,
     put_jsonl,
     read_output,
@@ -14,7 +15,6 @@ from emu_helpers import (
     unique,
     wait_for,
 )
-from helpers import create_job
 
 SONNET_45 = "us.anthropic.claude-sonnet-4-5-20250929-v1:0"
 

@@ -17,6 +17,14 @@ def _raises(stack, exception: str, **kwargs):
     return err.value.response["Error"]["Message"]
 
 
+def _list_refused(client, **kwargs) -> str:
+    """The message of the ValidationException ListModelInvocationJobs answers ``kwargs`` with."""
+    with pytest.raises(client.exceptions.ValidationException) as err:
+        client.list_model_invocation_jobs(**kwargs)
+    assert err.value.response["Error"]["Code"] == "ValidationException"
+    return err.value.response["Error"]["Message"]
+
+
 @pytest.fixture
 def input_uri(stack):
     return put_jsonl(stack, f"in/{unique('valid')}.jsonl", records(100))
@@ -288,10 +296,7 @@ def test_create_model_invocation_job_bad_invocation_type(stack, input_uri):
 
 def test_list_model_invocation_jobs_bad_status_and_sort_order_in_one_message(stack):
     client = stack.client("bedrock")
-    with pytest.raises(client.exceptions.ValidationException) as err:
-        client.list_model_invocation_jobs(statusEquals="Done", sortOrder="Sideways")
-    assert err.value.response["Error"]["Code"] == "ValidationException"
-    assert err.value.response["Error"]["Message"] == (
+    assert _list_refused(client, statusEquals="Done", sortOrder="Sideways") == (
         "2 validation errors detected: "
         "Value 'Done' at 'statusEquals' failed to satisfy constraint: Member must satisfy enum "
         "value set: [Submitted, Validating, Scheduled, InProgress, Completed, "
@@ -370,10 +375,7 @@ def test_create_model_invocation_job_valid_vpc_config_is_kept(stack, input_uri):
 
 def test_list_model_invocation_jobs_bad_name_contains(stack):
     client = stack.client("bedrock")
-    with pytest.raises(client.exceptions.ValidationException) as err:
-        client.list_model_invocation_jobs(nameContains="run_1")
-    assert err.value.response["Error"]["Code"] == "ValidationException"
-    assert err.value.response["Error"]["Message"] == (
+    assert _list_refused(client, nameContains="run_1") == (
         "1 validation error detected: Value 'run_1' at 'nameContains' failed to satisfy "
         f"constraint: Member must satisfy regular expression pattern: {NAME_PATTERN}"
     )
@@ -382,10 +384,7 @@ def test_list_model_invocation_jobs_bad_name_contains(stack):
 def test_list_model_invocation_jobs_name_contains_over_63_characters(stack):
     client = stack.client("bedrock", config=Config(parameter_validation=False))
     name = "a" * 64
-    with pytest.raises(client.exceptions.ValidationException) as err:
-        client.list_model_invocation_jobs(nameContains=name)
-    assert err.value.response["Error"]["Code"] == "ValidationException"
-    assert err.value.response["Error"]["Message"] == (
+    assert _list_refused(client, nameContains=name) == (
         f"1 validation error detected: Value '{name}' at 'nameContains' failed to satisfy "
         "constraint: Member must have length less than or equal to 63"
     )
