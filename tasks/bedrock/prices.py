@@ -86,15 +86,19 @@ def format_usd(value: float | None, sign: str = "$") -> str:
     """
     if value is None:
         return "unknown"
-    decimals = 4
+    return f"{sign}{value:,.{_decimals(value)}f}"
+
+
+def _decimals(value: float) -> int:
+    """4, or enough for two significant digits of a cost under $0.001."""
     if 0 < abs(value) < 0.001:
-        decimals = 1 - math.floor(math.log10(abs(value)))
-    return f"{sign}{value:,.{decimals}f}"
+        return 1 - math.floor(math.log10(abs(value)))
+    return 4
 
 
 def ceil_usd(value: float) -> str:
     """``value`` rounded up at `format_usd`'s precision: a ceiling that is at least it."""
-    decimals = 4 if value >= 0.001 or value <= 0 else 1 - math.floor(math.log10(value))
+    decimals = _decimals(value)
     scale = 10**decimals
     units = math.ceil(value * scale)
     if units / scale < value:  # the product rounded down in floating point
