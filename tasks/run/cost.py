@@ -229,19 +229,25 @@ class CostGuard:
 
 
 def token_usage(
-    parts: list[str], superseded: dict[str, list[dict[str, Any]]] | None = None
+    parts: list[str],
+    superseded: dict[str, list[dict[str, Any]]] | None = None,
+    part_rows: pl.DataFrame | None = None,
 ) -> pl.DataFrame:
     """Tokens and rows of the output parts, by part, job and how they were served.
 
     ``superseded`` (by part URI) adds the tokens of paid answers a later attempt replaced
     (`Settled.superseded`): ``rows`` counts the part's rows, ``superseded_rows`` those answers.
+    ``part_rows``: the one part's rows, still in memory at its merge, read instead of the file.
     """
     if not parts:
         return pl.DataFrame()
-    options = polars_storage_options() if storage.is_s3(parts[0]) else None
-    frame = pl.scan_parquet(
-        parts, storage_options=options, missing_columns="insert", include_file_paths=_PART
-    )
+    if part_rows is not None:
+        frame = part_rows.lazy().with_columns(pl.lit(parts[0]).alias(_PART))
+    else:
+        options = polars_storage_options() if storage.is_s3(parts[0]) else None
+        frame = pl.scan_parquet(
+            parts, storage_options=options, missing_columns="insert", include_file_paths=_PART
+        )
     names = frame.collect_schema().names()
     tokens = [
         (pl.col(c) if c in names else pl.lit(0, pl.Int64)).fill_null(0).sum().alias(c)
@@ -304,6 +310,7 @@ def actual_cost(
     parts: list[str],
     price: ModelPrice | None,
     superseded: dict[str, list[dict[str, Any]]] | None = None,
+    part_rows: pl.DataFrame | None = None,
 ) -> dict[str, Any]:
     """What the outputs cost, per job, per part and in all; batch and on demand apart.
 
@@ -311,7 +318,7 @@ def actual_cost(
     rows a batch job served and at the full on-demand price for the on-demand tail, plus
     (``superseded``, by part URI) the answers a later attempt of their record replaced.
     """
-    rows = _price_rows(token_usage(parts, superseded), price)
+    rows = _price_rows(token_usage(parts, superseded, part_rows), price)
     by_part: dict[str, dict[str, Any]] = {}
     totals = {"batch_usd": 0.0, "on_demand_usd": 0.0, "on_demand_rows": 0, "batch_rows": 0}
     jobs = []
@@ -342,10 +349,16 @@ def actual_cost(
 
 
 def shard_actual(
-    part_uri: str, price: ModelPrice | None, superseded: list[dict[str, Any]] | None = None
+    part_uri: str,
+    price: ModelPrice | None,
+    superseded: list[dict[str, Any]] | None = None,
+    part_rows: pl.DataFrame | None = None,
 ) -> float | None:
-    """What one merged shard cost (for the guard), None when a price is unknown."""
-    total = actual_cost([part_uri], price, {part_uri: superseded or []})
+    """What one merged shard cost (for the guard), None when a price is unknown.
+
+    ``part_rows``: the part's rows at its merge, so the part is not read back from storage.
+    """
+    total = actual_cost([part_uri], price, {part_uri: superseded or []}, part_rows)
     return total["total_usd"]
 
 

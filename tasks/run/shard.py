@@ -597,17 +597,20 @@ def run_shard(ctx: RunContext, shard: ShardPlan) -> ShardResult:
                 logger.warning("%s", warning)
             state.merge_stats = merge_shard_output(ctx, shard, settled)
             superseded = settled.superseded
+            price = ctx.cost_guard.price if ctx.cost_guard is not None else ctx.price
+            if price is not None:
+                from tasks.run.cost import shard_actual
+
+                # Each row at the price of how it was served (the job table priced the
+                # on-demand tail at the batch price), the answers a repair replaced included;
+                # from the rows in memory, not the part read back.
+                state.merge_stats[COST_USD] = shard_actual(
+                    ctx.part_uri(shard), price, superseded, settled.frame
+                )
             del settled  # let go of it with the turn
         state.merge_stats["held_back"] = held
         state.merge_stats[SUPERSEDED] = superseded
         state.part_uri = ctx.part_uri(shard)
-        price = ctx.cost_guard.price if ctx.cost_guard is not None else ctx.price
-        if price is not None:
-            from tasks.run.cost import shard_actual
-
-            # Each row at the price of how it was served (the job table priced the on-demand
-            # tail at the batch price), the answers a repair replaced included.
-            state.merge_stats[COST_USD] = shard_actual(state.part_uri, price, superseded)
         ctx.store.save(shard.name)
         if ctx.cost_guard is not None:
             ctx.cost_guard.settle(shard.name, state.merge_stats.get(COST_USD))
