@@ -518,3 +518,44 @@ def test_read_sample_keeps_a_prompt_with_a_line_separator_in_one_request(tmp_pat
     (tmp_path / SAMPLE_FILE).write_text(line + "\n", encoding="utf-8")
 
     assert read_sample(tmp_path) == [{"recordId": "R0000000000", "modelInput": body}]
+
+
+def _jsonl(path: Path, lines: list[str]) -> str:
+    """JSONL as written by hand, so escapes reach the reader exactly as the test spells them."""
+    opener = __import__("gzip").open if path.name.endswith(".gz") else open
+    with opener(path, "wt", encoding="utf-8") as handle:
+        handle.write("".join(line + "\n" for line in lines))
+    return str(path)
+
+
+@pytest.mark.parametrize("name", ["src.jsonl", "src.jsonl.gz"])
+@pytest.mark.parametrize("column", ["topic", "note"])
+def test_half_a_surrogate_pair_in_jsonl_is_refused_with_its_line(tmp_path, name, column):
+    # json.dumps writes text cut inside an emoji as "\ud83d" alone: UTF-8 cannot hold it and
+    # Polars reads it as U+0000, so prompt and output would carry a NUL the user never wrote.
+    rows = [{"topic": f"topic {i}", "note": "ok 😀"} for i in range(6)]
+    rows[4][column] = "cut \ud83d"
+    source = _jsonl(tmp_path / name, [json.dumps(row) for row in rows])
+    with pytest.raises(InputValidationError) as exc:
+        run(tmp_path, source)
+    message = str(exc.value)
+    assert f"line 5 has half a UTF-16 surrogate pair (\\ud83d) in '{column}'" in message
+    assert "U+0000" in message
+    assert not list((tmp_path / "run" / "input").glob("*"))
+
+
+def test_a_genuine_nul_and_whole_pairs_in_jsonl_are_kept_as_written(tmp_path):
+    values = ["nul \u0000 here", "pair \U0001f600", 'escaped "\\\\ud83d" text', "plain"]
+    lines = [
+        '{"topic": "nul \\u0000 here"}',
+        '{"topic": "pair \\ud83d\\ude00"}',
+        '{"topic": "escaped \\"\\\\\\\\ud83d\\" text"}',
+        '{"topic": "plain"}',
+    ]
+    plan = run(tmp_path, _jsonl(tmp_path / "src.jsonl", lines))
+    assert plan.total_records == 4
+    rows = pl.read_parquet(tmp_path / "run" / plan.shards[0].rows_file)
+    assert rows["topic"].to_list() == values
+    lines = read_lines(tmp_path / "run" / plan.shards[0].input_file)
+    prompts = [line["modelInput"]["messages"][0]["content"] for line in lines]
+    assert all(v in p for v, p in zip(values, prompts, strict=True)), prompts

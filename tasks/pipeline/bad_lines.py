@@ -27,6 +27,8 @@ _OFFSET = re.compile(r"\s*The current offset in the file is \d+ bytes\.?")
 # A value that does not fit the type `csv_types="infer"` guessed from the first rows.
 _TYPED_VALUE = re.compile(r"could not parse `.*` as dtype `(?!str`)")
 _FIELD_LIMIT = 1 << 30
+# A \uD800-\uDFFF escape: half of a UTF-16 pair, a character only beside its other half.
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F][0-9a-fA-F]{2}")
 
 
 def polars_reason(exc: Exception) -> str:
@@ -145,4 +147,49 @@ def _first_bad_json_line(stream: BinaryIO) -> str | None:
                     f"line {number} has {kind} under {key!r} where line {seen[1]} has "
                     f"{seen[0]}: give a key one shape on every line"
                 )
+    return None
+
+
+def first_lone_surrogate(stream: BinaryIO) -> str | None:
+    """Where the first JSONL value holding half a UTF-16 surrogate pair is, or None.
+
+    JSON may escape one half of a pair alone (`"\\ud83d"`: text cut inside an emoji by a
+    UTF-16 tool, or Python's json.dumps of such text); UTF-8 text cannot hold it, and Polars
+    reads it as U+0000. Run only when a JSONL source's text holds U+0000, to tell such a value
+    from a genuine `\\u0000`.
+    """
+    buffered = stream if hasattr(stream, "peek") else io.BufferedReader(stream, 1 << 20)
+    with buffered:
+        for number, line in enumerate(buffered, 1):
+            if not _SURROGATE_ESCAPE.search(line):
+                continue
+            try:
+                found = _lone_surrogate(json.loads(line), "")
+            except ValueError:
+                continue  # not JSON: the reader refuses it with its own message
+            if found:
+                key, char = found
+                return (
+                    f"line {number} has half a UTF-16 surrogate pair (\\u{ord(char):04x}) in "
+                    f"{key!r}"
+                )
+    return None
+
+
+def _lone_surrogate(value: object, key: str) -> tuple[str, str] | None:
+    """The key and character of the first lone surrogate in a decoded JSON value (the decoder
+    joins a pair into one character, so any surrogate left is alone)."""
+    if isinstance(value, str):
+        char = next((c for c in value if "\ud800" <= c <= "\udfff"), None)
+        return (key, char) if char else None
+    if isinstance(value, dict):
+        items = list(value.items())
+    elif isinstance(value, list):
+        items = list(enumerate(value))
+    else:
+        return None
+    for name, item in items:
+        found = _lone_surrogate(item, f"{key}.{name}" if key else str(name))
+        if found:
+            return found
     return None

@@ -32,6 +32,7 @@ from tasks.pipeline.sharding import cut_shards, even_bounds, shard_count
 from tasks.pipeline.sources import (
     CsvTypes,
     check_header,
+    check_lone_surrogates,
     file_format,
     load_source,
     read_error,
@@ -114,6 +115,8 @@ class _Work:
     out_dir: Path
     max_records: int
     max_bytes: int
+    # A JSONL source's text columns, looked at for U+0000 until it is found (`_check_text`).
+    nul_columns: list[str] = field(default_factory=list)
 
 
 def _sliceable(source: str) -> bool:
@@ -240,7 +243,24 @@ def _resolve(source: str, opts: PreprocessOptions, out_dir: Path) -> _Work:
         out_dir=out_dir,
         max_records=max_records,
         max_bytes=min(quotas.max_file_bytes, quotas.max_job_bytes),
+        nul_columns=[n for n, t in schema.items() if t == pl.String]
+        if source_format(source) == "jsonl"
+        else [],
     )
+
+
+def _check_text(w: _Work, frame: pl.DataFrame) -> None:
+    """Refuse a JSONL source whose text holds half a surrogate pair (Polars reads U+0000).
+
+    U+0000 in a shard's text is rare and costs a memchr per value to rule out; only then is the
+    source read again (`check_lone_surrogates`), once.
+    """
+    if not w.nul_columns:
+        return
+    has_nul = pl.any_horizontal(pl.col(w.nul_columns).str.contains("\x00", literal=True).any())
+    if frame.select(has_nul).item():
+        w.nul_columns = []
+        check_lone_surrogates(w.source)
 
 
 class _Replan(Exception):
@@ -385,6 +405,7 @@ def _write_shards(
                 .with_columns(line.expr(pl.col(C.RECORD_ID)).alias(_LINE)),
                 source,
             )
+            _check_text(w, frame)
             if n_missing:
                 skipped.append(frame.filter(pl.col(_MISSING)).select(keep))
                 frame = frame.filter(~pl.col(_MISSING))

@@ -31,7 +31,7 @@ from urllib.parse import parse_qs, urlsplit
 
 import polars as pl
 
-from tasks.errors import SourceEncodingError, SourceError
+from tasks.errors import InputValidationError, SourceEncodingError, SourceError
 from tasks.pipeline import bad_lines
 
 FORMATS = {
@@ -386,6 +386,28 @@ def read_error(exc: Exception, source: str) -> SourceError:
             return SourceError(f"Could not read source {source!r}: {where}{found}.")
     hint = bad_lines.inferred_type_hint(text)
     return SourceError(f"Could not read source {source!r}: {text.rstrip('.')}{hint}.")
+
+
+def check_lone_surrogates(source: str) -> None:
+    """Refuse a JSONL source holding half a UTF-16 surrogate pair, which reads as U+0000.
+
+    Called once a value of a JSONL source is seen to hold U+0000, to tell a lone surrogate
+    escape (which would reach the prompt and the output changed) from a genuine `\\u0000`.
+    """
+    from tasks.aws import storage
+
+    for file, fmt in _files_of(source):
+        if fmt != "jsonl" or file.lower().endswith(".zst"):
+            continue
+        found = bad_lines.first_lone_surrogate(_decompressed(storage.open_stream(file), file))
+        if found:
+            where = "" if file == source else f"in {file!r}, "
+            msg = (
+                f"Source {source!r}: {where}{found}, which is not a character: UTF-8 text cannot "
+                "hold it, and it would reach the prompt and the output as U+0000 instead of as "
+                "written. Mend that value (text cut inside an emoji?) and run again."
+            )
+            raise InputValidationError(msg)
 
 
 def _files_of(source: str) -> list[tuple[str, str]]:
