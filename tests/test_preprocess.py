@@ -559,3 +559,14 @@ def test_a_genuine_nul_and_whole_pairs_in_jsonl_are_kept_as_written(tmp_path):
     lines = read_lines(tmp_path / "run" / plan.shards[0].input_file)
     prompts = [line["modelInput"]["messages"][0]["content"] for line in lines]
     assert all(v in p for v, p in zip(values, prompts, strict=True)), prompts
+
+
+def test_plan_of_a_small_run_says_it_is_served_on_demand(tmp_path):
+    small = run(tmp_path, write_csv(tmp_path, topics(2)), small_on_demand=True)
+    assert small.jobs_phrase() == "1 shard on demand (bedrock-runtime, the full price)"
+    assert "shard-00000: 2 records, under a job's minimum of 3: served on demand" in format_plan(
+        small
+    )
+    batch = run(tmp_path, write_csv(tmp_path, topics(10), "big.csv"), "big", max_concurrent_jobs=2)
+    assert batch.jobs_phrase() == "2 batch jobs"
+    assert "on demand" not in format_plan(batch)

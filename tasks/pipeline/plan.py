@@ -65,6 +65,18 @@ class RunPlan:
         """Rough input tokens of every shard (characters / 4)."""
         return sum(s.est_input_tokens for s in self.shards)
 
+    def jobs_phrase(self) -> str:
+        """How the shards are served, for logs: "3 batch jobs", "1 shard on demand", or both."""
+        on_demand = sum(s.on_demand for s in self.shards)
+        batch = len(self.shards) - on_demand
+        parts = [f"{batch:,} batch job{'s' * (batch != 1)}"] if batch or not on_demand else []
+        if on_demand:
+            parts.append(
+                f"{on_demand:,} shard{'s' * (on_demand != 1)} on demand (bedrock-runtime, "
+                "the full price)"
+            )
+        return " and ".join(parts)
+
     def to_json(self) -> str:
         """The plan as JSON (with totals, for people and other tools)."""
         data = asdict(self)
@@ -133,4 +145,11 @@ def format_plan(plan: RunPlan) -> str:
         f"{len(plan.shards):>5}  {'total':<12} {plan.batch_records:>10,} "
         f"{_human_bytes(plan.total_bytes):>12} {plan.est_input_tokens:>14,}"
     )
+    for s in plan.shards:
+        if s.on_demand:
+            lines.append(
+                f"{s.name}: {s.records:,} records, under a job's minimum of "
+                f"{plan.quotas.get('min_records_per_job', '?')}: served on demand through "
+                "bedrock-runtime at the full price, not as a batch job."
+            )
     return "\n".join(lines)

@@ -191,9 +191,9 @@ def prepare_run(params: BatchParams, run: ResolvedRun) -> RunPlan:
         if storage.is_s3(layout.run_dir):
             _upload_run_files(plan, out_dir, layout)
     logger.info(
-        "Planned %d records in %d jobs (%d rows skipped)",
+        "Planned %d records in %s (%d rows skipped)",
         plan.total_records,
-        len(plan.shards),
+        plan.jobs_phrase(),
         plan.skipped_records,
     )
     return plan
