@@ -1,10 +1,12 @@
 """Helpers shared by the tests: waiting on a condition with a deadline instead of sleeping,
 Bedrock batch input written by hand, a job created straight on the local stack, how many
 jobs Bedrock's own times say were in flight at once, whether each output row carries the
-answer to its own prompt, and a Prefect server of a test's own that it can stop and start."""
+answer to its own prompt, a Prefect server of a test's own that it can stop and start, and
+automations a test made removed after it."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -12,7 +14,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from datetime import datetime
 from pathlib import Path
 from typing import TypeVar
@@ -178,3 +180,25 @@ class PrefectServer:
         response = httpx.get(f"{self.url}/v2/concurrency_limits/{name}", timeout=10)
         response.raise_for_status()
         return response.json()["active_slots"]
+
+
+@contextlib.contextmanager
+def automations_removed_after() -> Iterator[None]:
+    """Delete the automations made inside, from the worker's Prefect server.
+
+    Left behind, they acted on every later test's `bedrock.batch.run.finished` event; each of
+    their actions builds a Prefect app inside the server's event loop, which then answered
+    no request for up to a minute, and a test of a few seconds waited out the client's 60 s
+    request timeout.
+    """
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        before = {a.id for a in client.read_automations()}
+    try:
+        yield
+    finally:
+        with get_client(sync_client=True) as client:
+            for automation in client.read_automations():
+                if automation.id not in before:
+                    client.delete_automation(automation.id)

@@ -6,7 +6,7 @@ import uuid
 from datetime import timedelta
 
 import pytest
-from helpers import eventually
+from helpers import automations_removed_after, eventually
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId
 from prefect.client.schemas.objects import StateType
@@ -29,16 +29,17 @@ SUMMARIZE_TEST_DEPLOYMENT = "summarize-run-automations-test"
 
 @pytest.fixture(scope="module")
 def applied():
-    """A summarize-run deployment of its own, then apply_automations twice."""
+    """A summarize-run deployment of its own, then apply_automations twice (removed after)."""
     deployment_id = summarize_run.to_deployment(name=SUMMARIZE_TEST_DEPLOYMENT).apply()
     kwargs = {
         "notification_block": "bedrock-batch-alerts-test",
         "webhook_url": "http://127.0.0.1:9/alerts",
         "summarize_deployment": f"summarize-run/{SUMMARIZE_TEST_DEPLOYMENT}",
     }
-    first = apply_automations(**kwargs)
-    second = apply_automations(**kwargs)
-    return deployment_id, first, second
+    with automations_removed_after():
+        first = apply_automations(**kwargs)
+        second = apply_automations(**kwargs)
+        yield deployment_id, first, second
 
 
 def _flow_runs(deployment_id):

@@ -5,7 +5,8 @@ from __future__ import annotations
 import os
 import uuid
 
-from helpers import claude_jsonl, eventually
+import pytest
+from helpers import automations_removed_after, claude_jsonl, eventually
 from prefect import flow
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId
@@ -48,6 +49,12 @@ def _flow_runs(deployment_id):
 
 def _alerts(name: str) -> list:
     return read_events(names=[name], resource_ids=[MODEL_RESOURCE_PREFIX + MODEL_ID])
+
+
+@pytest.fixture(autouse=True)
+def _no_automation_left():
+    with automations_removed_after():
+        yield
 
 
 def test_stuck_job_alerts_once_fires_automation_and_resolves_once(stack):
