@@ -12,6 +12,7 @@ from tasks.aws.clients import client, error_code
 from tasks.aws.poll import describe_job
 from tasks.aws.submit import find_job
 from tasks.bedrock.error_codes import CONFLICT, RETRYABLE_GET, VALIDATION
+from tasks.bedrock.statuses import STOPPED, STOPPING
 from tasks.errors import StopJobsError
 from tasks.pipeline import columns as C
 from tasks.run import gate
@@ -47,23 +48,36 @@ def _stop_job(job_arn: str) -> None:
     client("bedrock").stop_model_invocation_job(jobIdentifier=job_arn)
 
 
-def _stop_attempt(store: RunStateStore, shard: str, attempt: JobAttempt, reason: str) -> bool:
+def _stop_attempt(attempt: JobAttempt, reason: str) -> bool:
+    """Ask Bedrock to stop the attempt's job; True when it is stopping (or stopped) now.
+
+    A job that ended on its own before the request reached it (Completed, Failed...) keeps
+    its status and is not recorded as stopped: its answers are whole and were paid anyway.
+    """
     job_arn = attempt.job_arn
     if job_arn is None and attempt.lease_id:  # created just before a crash, ARN not saved
         job_arn = find_job(attempt.job_name, attempt.client_token)
-    if job_arn is not None:
-        _stop_job(job_arn)
-        attempt.job_arn = job_arn
-        attempt.status = describe_job(job_arn)["status"]
-        attempt.stop_requested_at = now_iso()
-        attempt.stopped_by = reason
+    if job_arn is None:
+        return False
+    _stop_job(job_arn)
+    attempt.job_arn = job_arn
+    attempt.status = describe_job(job_arn)["status"]
+    if attempt.status not in (STOPPING, STOPPED):
+        log.info("Job %s had already ended (%s): nothing to stop", attempt.job_name, attempt.status)
+        return False
+    attempt.stop_requested_at = now_iso()
+    attempt.stopped_by = reason
+    return True
+
+
+def _free_slot(store: RunStateStore, shard: str, attempt: JobAttempt) -> None:
+    """Give the attempt's gate slot back and save its shard's state."""
     slot = gate.KEEPER.drop(attempt.job_name)
     lease_id = (slot.lease_id if slot else None) or attempt.lease_id
     if lease_id:
         gate.release_slot(lease_id, log)
         attempt.lease_id = None
     store.save(shard)
-    return job_arn is not None
 
 
 def stop_run_jobs(
@@ -89,7 +103,11 @@ def stop_run_jobs(
             return []
         store = RunStateStore(run_dir, run_name, kms_key_id)
     stopped = []
+    asked: list[tuple[str, JobAttempt]] = []
     refused: list[tuple[str, Exception]] = []
+    # Every job is asked to stop before any slot is given back: a slow Prefect server (the
+    # CLI's temporary one starting) held the next job's stop for half a minute a job, long
+    # enough for it to bill on to its end.
     for shard in list(store.state.shards.values()):
         for attempt in shard.attempts:
             if attempt.served_by != C.SERVED_BATCH or attempt.is_final:
@@ -97,14 +115,17 @@ def stop_run_jobs(
             if attempt.job_arn is None and attempt.lease_id is None:
                 continue  # never reached the gate: nothing was created
             try:
-                done = _stop_attempt(store, shard.name, attempt, reason)
+                done = _stop_attempt(attempt, reason)
             except ClientError as exc:
                 # One job AWS will not stop (another region or account?) left the rest running.
                 refused.append((attempt.job_name, exc))
                 continue
+            asked.append((shard.name, attempt))
             if done:
                 log.warning("Stopped job %s of run %s (%s)", attempt.job_name, run_name, reason)
                 stopped.append(attempt.job_name)
+    for shard_name, attempt in asked:
+        _free_slot(store, shard_name, attempt)
     if stopped:
         store.save()  # and the whole picture compacted in state.json, for people and tools
     if refused:
