@@ -80,6 +80,9 @@ def test_iam_policy_scopes_role_prefixes_and_models(capsys):
     ]
     runner = {s["Sid"]: s for s in policies["runner_policy"]["Statement"]}
     assert runner["PassServiceRole"]["Resource"] == [role]
+    # The run's cost estimate calls CountTokens on the chosen models, nothing else.
+    assert runner["EstimateInputTokens"]["Action"] == ["bedrock:CountTokens"]
+    assert runner["EstimateInputTokens"]["Resource"] == service["InvokeChosenModels"]["Resource"]
 
 
 def test_iam_policy_grants_the_runner_its_s3_sources_only(capsys):
@@ -464,3 +467,4 @@ def test_pipeline_summary_of_a_stage_not_run_before_emptied_by_was_recorded(caps
     printed = capsys.readouterr().out
     assert "stage grade not run: a filter kept no row" in printed
     assert "stage regrade not run: a filter kept no row" in printed
+

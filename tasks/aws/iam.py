@@ -266,6 +266,16 @@ def runner_policy(
                 "Resource": _model_arns(model_ids, region, account),
             },
             {
+                # The cost estimate asks bedrock-runtime CountTokens for a sample of the run's
+                # requests (tasks/pipeline/estimate.py); without the grant every run fell back
+                # to the characters-per-token guess, "CountTokens unavailable: ... not
+                # authorized".
+                "Sid": "EstimateInputTokens",
+                "Effect": "Allow",
+                "Action": ["bedrock:CountTokens"],
+                "Resource": _model_arns(model_ids, region, account),
+            },
+            {
                 "Sid": "PassServiceRole",
                 "Effect": "Allow",
                 "Action": ["iam:PassRole"],
