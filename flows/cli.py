@@ -136,7 +136,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     _preflight(params, needs_aws=not args.local_stack)
     with ExitStack() as stack:
         if args.local_stack:
-            start_local_stack(stack)
+            start_local_stack(stack, params.output_uri)
         from flows.batch_inference import batch_inference
 
         if not args.debug:
@@ -147,8 +147,14 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
-def start_local_stack(stack: ExitStack) -> None:
-    """The local stack for this command, its variables in the environment the run reads."""
+def start_local_stack(stack: ExitStack, output_uri: str | None = None) -> None:
+    """The local stack for this command, its variables in the environment the run reads.
+
+    The stack's S3 is new and empty but for its demo bucket, and lives only as long as the
+    command: nobody could create the bucket of an ``s3://`` output_uri in it beforehand, so
+    the stack creates it (`--output-uri s3://my-bucket/runs --local-stack` as the README
+    shows it was refused: the bucket 'my-bucket' does not exist).
+    """
     from emulator import EmulatorConfig, LocalStack
 
     # Demo pace, tunable through BEDROCK_EMULATOR_* (as for `bedrock-batch local`).
@@ -161,6 +167,11 @@ def start_local_stack(stack: ExitStack) -> None:
     get_settings.cache_clear()  # the settings must see the stack's variables
     reset_clients()
     print(f"Local stack: Bedrock emulator {local.bedrock_url}, S3 {local.moto_url}")
+    if output_uri and output_uri.startswith("s3://"):
+        bucket = output_uri.removeprefix("s3://").split("/", 1)[0]
+        if bucket and bucket != local.bucket:
+            local.client("s3").create_bucket(Bucket=bucket)
+            print(f"Local stack: bucket s3://{bucket} created for --output-uri")
 
 
 def cmd_pipeline_run(args: argparse.Namespace) -> int:

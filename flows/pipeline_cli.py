@@ -38,7 +38,7 @@ def run_pipeline(args: argparse.Namespace) -> int:
 
     with ExitStack() as stack:
         if args.local_stack:
-            start_local_stack(stack)
+            start_local_stack(stack, args.output_uri)
         from flows.pipeline import PipelineParams, batch_pipeline
 
         if not args.debug:

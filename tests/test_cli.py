@@ -468,3 +468,19 @@ def test_pipeline_summary_of_a_stage_not_run_before_emptied_by_was_recorded(caps
     assert "stage grade not run: a filter kept no row" in printed
     assert "stage regrade not run: a filter kept no row" in printed
 
+
+def test_local_stack_creates_the_bucket_of_an_s3_output_uri(environment, capsys):
+    # The README's `bedrock-batch run ... --output-uri s3://my-bucket/runs --local-stack` was
+    # refused ("The bucket 'my-bucket' ... does not exist. Create it"), in an S3 that lives
+    # only as long as the command.
+    from contextlib import ExitStack
+
+    from flows.cli import start_local_stack
+    from tasks.aws.clients import client
+
+    environment({})  # the stack's variables go when the test ends
+    with ExitStack() as stack:
+        start_local_stack(stack, "s3://my-bucket/runs")
+        buckets = {b["Name"] for b in client("s3").list_buckets()["Buckets"]}
+    assert {"my-bucket", "bedrock-batch-demo"} <= buckets
+    assert "bucket s3://my-bucket created" in capsys.readouterr().out
