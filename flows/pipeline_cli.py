@@ -6,8 +6,18 @@ import argparse
 from contextlib import ExitStack
 
 
+def _count(value: int | None) -> str:
+    return "?" if value is None else f"{value:,}"
+
+
 def show_summary(summary: dict) -> None:
-    """Per-stage counts, the totals, the accuracy, and where the joined output is."""
+    """Per-stage counts, the totals, the accuracy, and where the joined output is.
+
+    Costs as the run command prints them ($0.0075, "unknown" without a price), not the raw
+    float (0.007492749999999999) nor None.
+    """
+    from tasks.bedrock.prices import format_usd
+
     print(f"\nPipeline {summary['run_name']}: {summary['rows']} rows -> {summary['output_uri']}/")
     for s in summary["stages"]:
         counts, tokens = s["counts"], s["tokens"]
@@ -23,10 +33,14 @@ def show_summary(summary: dict) -> None:
         print(
             f"  stage {s['stage']:<8} {s['model_id']}: records {counts.get('records')} "
             f"ok {counts.get('succeeded')} failed {counts.get('failed')}{repaired}{kept}; "
-            f"tokens {tokens.get('input')}/{tokens.get('output')}; cost {s.get('cost_usd')}"
+            f"tokens {_count(tokens.get('input'))}/{_count(tokens.get('output'))}; "
+            f"cost {format_usd(s.get('cost_usd'))}"
         )
     total = summary["tokens"]
-    print(f"  total tokens in/out: {total['input']}/{total['output']}; cost {summary['cost_usd']}")
+    print(
+        f"  total tokens in/out: {_count(total['input'])}/{_count(total['output'])}; "
+        f"cost {format_usd(summary['cost_usd'])}"
+    )
     if summary.get("accuracy"):
         a = summary["accuracy"]
         print(f"  accuracy ({a['column']}): {a['correct']}/{a['graded']} = {a['accuracy']}")

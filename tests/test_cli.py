@@ -484,3 +484,30 @@ def test_local_stack_creates_the_bucket_of_an_s3_output_uri(environment, capsys)
         buckets = {b["Name"] for b in client("s3").list_buckets()["Buckets"]}
     assert {"my-bucket", "bedrock-batch-demo"} <= buckets
     assert "bucket s3://my-bucket created" in capsys.readouterr().out
+
+
+def test_pipeline_summary_prints_costs_in_dollars_and_unknown_when_unpriced(capsys):
+    # It printed "cost 0.007492749999999999" for a priced stage and "cost None" for one
+    # without a price.
+    from flows.pipeline_cli import show_summary
+
+    def stage(name, cost):
+        return {
+            "stage": name,
+            "model_id": "m",
+            "counts": {"records": 300, "succeeded": 300, "failed": 0},
+            "tokens": {"input": 40557, "output": 3877},
+            "cost_usd": cost,
+        }
+
+    summary = {"run_name": "p", "rows": 300, "output_uri": "out", "cost_usd": 0.007492749999999999}
+    summary |= {"tokens": {"input": 81114, "output": 7754}}
+    summary["stages"] = [stage("answer", None), stage("grade", 0.007492749999999999)]
+
+    show_summary(summary)
+
+    printed = capsys.readouterr().out
+    assert "tokens 40,557/3,877; cost unknown" in printed
+    assert "tokens 40,557/3,877; cost $0.0075" in printed
+    assert "total tokens in/out: 81,114/7,754; cost $0.0075" in printed
+    assert "None" not in printed and "0.00749" not in printed
