@@ -316,7 +316,7 @@ def cmd_preprocess(args: argparse.Namespace) -> int:
     print(format_plan(plan))
     print()
     print(_estimate(plan, args))
-    print(f"Shards written under {args.out}/input/")
+    print(f"Shards written under {Path(args.out) / 'input'}/")
     return 0
 
 

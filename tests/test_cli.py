@@ -35,13 +35,15 @@ def test_preprocess_then_merge_offline_round_trip(tmp_path, capsys):
 
     command = [
         "preprocess", "--source", str(source), "--prompt-id", "joke_about_topic",
-        "--model-id", CLAUDE, "--out", str(run_dir), "--max-concurrent-jobs", "2",
+        "--model-id", CLAUDE, "--out", f"{run_dir}/", "--max-concurrent-jobs", "2",
     ]  # fmt: skip
     assert main(command) == 0
     printed = capsys.readouterr().out
     shards = sorted((run_dir / "input").glob("*.jsonl"))
     assert [p.name for p in shards] == ["shard-00000.jsonl", "shard-00001.jsonl"]
     assert "250" in printed
+    # `--out plan/`, as the README types it, printed "Shards written under plan//input/".
+    assert f"Shards written under {run_dir}/input/" in printed
     # Bedrock's layout: <jobId>/<input file>.out; the second job never ran.
     job_dir = tmp_path / "outputs" / "job0abc12345"
     job_dir.mkdir(parents=True)

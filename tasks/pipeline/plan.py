@@ -125,8 +125,13 @@ def _human_bytes(n: int) -> str:
 
 
 def format_plan(plan: RunPlan) -> str:
-    """A table of the plan for the CLI dry run: one line per job, then the totals."""
-    header = f"{'job':>5}  {'shard':<12} {'records':>10} {'bytes':>12} {'est. tokens':>14}"
+    """A table of the plan for the CLI dry run: one line per job, then the totals.
+
+    No token column: the cost estimate printed after it has each shard's input tokens (with
+    the system prompt, or counted by CountTokens), and a second, lower guess here (prompt
+    characters / 4) contradicted it on the same screen.
+    """
+    header = f"{'job':>5}  {'shard':<12} {'records':>10} {'bytes':>12}"
     lines = [
         f"model {plan.model_id} ({plan.family}, {plan.invocation_type}), "
         f"prompt {plan.prompt_id or plan.text_column}",
@@ -136,14 +141,11 @@ def format_plan(plan: RunPlan) -> str:
         "-" * len(header),
     ]
     for s in plan.shards:
-        lines.append(
-            f"{s.index:>5}  {s.name:<12} {s.records:>10,} {_human_bytes(s.bytes):>12} "
-            f"{s.est_input_tokens:>14,}"
-        )
+        lines.append(f"{s.index:>5}  {s.name:<12} {s.records:>10,} {_human_bytes(s.bytes):>12}")
     lines.append("-" * len(header))
     lines.append(
         f"{len(plan.shards):>5}  {'total':<12} {plan.batch_records:>10,} "
-        f"{_human_bytes(plan.total_bytes):>12} {plan.est_input_tokens:>14,}"
+        f"{_human_bytes(plan.total_bytes):>12}"
     )
     for s in plan.shards:
         if s.on_demand:
