@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import os
 from functools import lru_cache
+from typing import TypeVar
 
 from pydantic import AliasChoices, Field, ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from tasks.errors import RunSettingsError
+
+_Group = TypeVar("_Group", bound=BaseSettings)
 
 
 class QuotaSettings(BaseSettings):
@@ -230,6 +233,21 @@ class MergeSettings(BaseSettings):
     )
 
 
+class OwnerSettings(BaseSettings):
+    """One live owner per run (tasks/run/owner.py), read at each claim: see `read_now`."""
+
+    model_config = SettingsConfigDict(env_prefix="BEDROCK_BATCH_OWNER_")
+
+    expiry_seconds: float = Field(
+        60.0,
+        gt=0,
+        description=(
+            "A crashed owner's claim on a run is taken over after this long (at once when it "
+            "ran on this machine and its process is gone)."
+        ),
+    )
+
+
 class Settings(BaseSettings):
     """All settings of the project, one concern each."""
 
@@ -240,6 +258,7 @@ class Settings(BaseSettings):
     cost: CostSettings = Field(default_factory=CostSettings)
     events: EventsSettings = Field(default_factory=EventsSettings)
     merge: MergeSettings = Field(default_factory=MergeSettings)
+    owner: OwnerSettings = Field(default_factory=OwnerSettings)
 
 
 @lru_cache
@@ -257,6 +276,20 @@ def get_settings() -> Settings:
             for field in Settings.model_fields.values()
             for problem in _problems(field.annotation)
         ]
+    msg = f"Invalid setting {'; '.join(problems)} (fix the environment variable or unset it)."
+    raise RunSettingsError(msg)
+
+
+def read_now(group: type[_Group]) -> _Group:
+    """One settings group read from the environment as it is now, not cached.
+
+    Raises:
+        RunSettingsError: as `get_settings` does, naming each refused variable and value.
+    """
+    try:
+        return group()
+    except ValidationError:
+        problems = _problems(group)
     msg = f"Invalid setting {'; '.join(problems)} (fix the environment variable or unset it)."
     raise RunSettingsError(msg)
 

@@ -146,3 +146,15 @@ def test_find_own_job_adopts_only_a_job_whose_token_and_locations_match(stack):
 
     arn = stack.client("bedrock").create_model_invocation_job(**ours.to_api())["jobArn"]
     assert find_own_job(ours) == arn
+
+
+def test_a_bad_owner_expiry_is_one_line_naming_the_variable(tmp_path, monkeypatch):
+    # float() of it ended a run with a ValueError traceback, where the README promises every
+    # setting one line naming the variable, its value and what is wrong.
+    from tasks.errors import RunSettingsError
+
+    monkeypatch.setenv(EXPIRY_ENV, "1m")
+    with pytest.raises(RunSettingsError) as exc:
+        claim_run(layout_for(str(tmp_path / "out"), "bad-expiry"), flow_run_id="f")
+    assert str(exc.value).startswith(f"Invalid setting {EXPIRY_ENV}='1m': ")
+    assert not (tmp_path / "out" / "bad-expiry" / "owner.json").exists()

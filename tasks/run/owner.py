@@ -32,16 +32,20 @@ from tasks.aws import storage
 from tasks.errors import RunOwnedError
 from tasks.run.layout import RunLayout
 from tasks.run.state import now_iso
+from tasks.settings import OwnerSettings, read_now
 
 EXPIRY_ENV = "BEDROCK_BATCH_OWNER_EXPIRY_SECONDS"
-DEFAULT_EXPIRY_SECONDS = 60.0
 
 log = logging.getLogger(__name__)
 
 
 def expiry_seconds() -> float:
-    """How long an unrefreshed claim stands (``BEDROCK_BATCH_OWNER_EXPIRY_SECONDS``, 60 s)."""
-    return float(os.environ.get(EXPIRY_ENV) or DEFAULT_EXPIRY_SECONDS)
+    """How long an unrefreshed claim stands (``BEDROCK_BATCH_OWNER_EXPIRY_SECONDS``, 60 s).
+
+    A value that is no positive number is one line naming it (RunSettingsError), as for every
+    other setting: ``float()`` of it ended the run with a ValueError traceback.
+    """
+    return read_now(OwnerSettings).expiry_seconds
 
 
 def _process(pid: int) -> dict[str, Any] | None:
