@@ -621,12 +621,20 @@ def user_error(exc: BaseException) -> str | None:
 
 _RESUME_DEFAULT = "run the same command again."
 _RESUME_HINT = {
-    "run": (
-        "jobs already submitted keep running on Bedrock. Run the same command again to resume "
-        "(nothing answered is paid again), or `bedrock-batch stop --run-name <name>` to stop them."
-    ),
     "merge": "the parts written are whole; run the same command again to merge the rest.",
 }
+
+
+def _resume_hint(args: argparse.Namespace) -> str:
+    """What to do after Ctrl-C; for a run, the whole `stop` command (it needs --output-uri)."""
+    if args.command != "run":
+        return _RESUME_HINT.get(args.command, _RESUME_DEFAULT)
+    run_name = args.run_name or "<the run name the flow run is named after>"
+    return (
+        "jobs already submitted keep running on Bedrock. Run the same command again to resume "
+        "(nothing answered is paid again), or `bedrock-batch stop --run-name "
+        f"{run_name} --output-uri {args.output_uri}` to stop them."
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -650,7 +658,7 @@ def main(argv: list[str] | None = None) -> int:
             traceback.print_exc()
         # Whatever was written is whole (parts and state are written atomically).
         print(
-            f"error: interrupted; {_RESUME_HINT.get(args.command, _RESUME_DEFAULT)}",
+            f"error: interrupted; {_resume_hint(args)}",
             file=sys.stderr,
         )
         return 130

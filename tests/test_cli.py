@@ -412,6 +412,28 @@ def test_ctrl_c_is_one_line_with_what_to_do(monkeypatch, capsys):
     )
 
 
+def test_ctrl_c_during_a_run_gives_the_whole_stop_command(monkeypatch, capsys):
+    # It said `bedrock-batch stop --run-name <name>`, which argparse refuses: stop needs
+    # --output-uri too.
+    import flows.cli as cli
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "cmd_run", interrupted)
+    base = ["run", "--source", "data/topics.csv", "--output-uri", "s3://my-bucket/runs"]
+    assert main([*base, "--run-name", "jokes-1"]) == 130
+    err = capsys.readouterr().err
+    assert "`bedrock-batch stop --run-name jokes-1 --output-uri s3://my-bucket/runs`" in err
+    stop = err.split("`")[1].split()[1:]
+    assert cli.build_parser().parse_args(stop).func is cli.cmd_stop
+
+    assert main(base) == 130
+    assert "--run-name <the run name the flow run is named after> --output-uri" in (
+        capsys.readouterr().err
+    )
+
+
 @pytest.mark.parametrize(
     ("argv", "words"),
     [
