@@ -333,6 +333,15 @@ def test_preprocess_parquet_source_and_embedding_text_column(tmp_path):
     }
 
 
+def test_format_plan_of_an_embedding_run_names_the_column_it_embeds(tmp_path):
+    # Without --text-column it said "prompt None".
+    source = tmp_path / "reviews.parquet"
+    pl.DataFrame({"input_text": ["good", "bad", "fine", "meh"]}).write_parquet(source)
+    plan = run(tmp_path, str(source), model_id=TITAN, prompt_id=None)
+    first = format_plan(plan).splitlines()[0]
+    assert first.endswith("(amazon-titan-embed-v2, InvokeModel), embedding column input_text")
+
+
 def test_format_plan_shows_jobs_records_and_bytes_but_leaves_tokens_to_the_estimate(tmp_path):
     # Its "est. tokens" (prompt characters / 4, no system prompt: 5,480 for data/topics.csv)
     # sat above the cost estimate's input tokens for the same shards (8,792).

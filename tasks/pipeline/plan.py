@@ -131,10 +131,15 @@ def format_plan(plan: RunPlan) -> str:
     the system prompt, or counted by CountTokens), and a second, lower guess here (prompt
     characters / 4) contradicted it on the same screen.
     """
+    from tasks.pipeline.validation import DEFAULT_TEXT_COLUMN
+
     header = f"{'job':>5}  {'shard':<12} {'records':>10} {'bytes':>12}"
+    if plan.prompt_id:
+        what = f"prompt {plan.prompt_id}"
+    else:
+        what = f"embedding column {plan.text_column or DEFAULT_TEXT_COLUMN}"
     lines = [
-        f"model {plan.model_id} ({plan.family}, {plan.invocation_type}), "
-        f"prompt {plan.prompt_id or plan.text_column}",
+        f"model {plan.model_id} ({plan.family}, {plan.invocation_type}), {what}",
         f"source {plan.source}: {plan.total_records:,} records, {plan.skipped_records:,} skipped",
         "",
         header,
