@@ -167,6 +167,13 @@ def _tail_run(stack, tmp_path: Path, run_name: str) -> BatchParams:
     )  # fmt: skip
 
 
+def _on_demand_paid(out: pl.DataFrame) -> float:
+    """What a run's rows served on demand cost at the on-demand price, from their own tokens."""
+    rows = out.filter(pl.col(SERVED_BY) == "on_demand")
+    tokens_in, tokens_out = int(rows[INPUT_TOKENS].sum()), int(rows[OUTPUT_TOKENS].sum())
+    return prices.price_for(CLAUDE).cost(tokens_in, tokens_out, "on_demand")
+
+
 def test_on_demand_rows_are_priced_apart_at_the_on_demand_price(stack, tmp_path):
     # 30% of records fail in their batch job; the remainder (under the job minimum) goes on
     # demand at full price.
@@ -178,11 +185,7 @@ def test_on_demand_rows_are_priced_apart_at_the_on_demand_price(stack, tmp_path)
     out = pl.read_parquet(summary["parts"])
     on_demand = out.filter(pl.col(SERVED_BY) == "on_demand")
     assert on_demand.height > 0 and cost["on_demand_rows"] == on_demand.height
-    price = prices.price_for(CLAUDE)
-    expected = price.cost(
-        int(on_demand["input_tokens"].sum()), int(on_demand["output_tokens"].sum()), "on_demand"
-    )
-    assert cost["on_demand_usd"] == pytest.approx(expected)
+    assert cost["on_demand_usd"] == pytest.approx(_on_demand_paid(out))
     assert cost["batch_rows"] + cost["on_demand_rows"] == 300
 
 
@@ -222,11 +225,7 @@ def test_answers_a_repair_replaced_are_counted_in_the_cost(stack, tmp_path):
     tokens_in, tokens_out = _manifest_tokens(stack, "cost-repaired")
     cost = summary["cost"]
     assert cost["batch_usd"] == pytest.approx(price.cost(tokens_in, tokens_out, "batch"))
-    on_demand = out.filter(pl.col(SERVED_BY) == "on_demand")
-    expected = price.cost(
-        int(on_demand[INPUT_TOKENS].sum()), int(on_demand["output_tokens"].sum()), "on_demand"
-    )
-    assert cost["on_demand_usd"] == pytest.approx(expected)
+    assert cost["on_demand_usd"] == pytest.approx(_on_demand_paid(out))
     assert cost["total_usd"] == pytest.approx(cost["batch_usd"] + cost["on_demand_usd"])
 
 
@@ -271,7 +270,7 @@ def test_a_run_under_the_job_minimum_is_served_on_demand_at_its_price(stack, tmp
     assert out[SERVED_BY].unique().to_list() == ["on_demand"]
     assert stack.ledger(name_contains="small-run") == []
     price = prices.price_for(CLAUDE)
-    paid = price.cost(int(out[INPUT_TOKENS].sum()), int(out[OUTPUT_TOKENS].sum()), "on_demand")
+    paid = _on_demand_paid(out)  # every row was served on demand (above)
     cost = summary["cost"]
     assert (cost["batch_rows"], cost["on_demand_rows"]) == (0, 40)
     assert cost["on_demand_usd"] == pytest.approx(paid) and cost["batch_usd"] == 0
