@@ -276,8 +276,7 @@ def get_settings() -> Settings:
             for field in Settings.model_fields.values()
             for problem in _problems(field.annotation)
         ]
-    msg = f"Invalid setting {'; '.join(problems)} (fix the environment variable or unset it)."
-    raise RunSettingsError(msg)
+    raise _invalid(problems)
 
 
 def read_now(group: type[_Group]) -> _Group:
@@ -290,8 +289,13 @@ def read_now(group: type[_Group]) -> _Group:
         return group()
     except ValidationError:
         problems = _problems(group)
+    raise _invalid(problems)
+
+
+def _invalid(problems: list[str]) -> RunSettingsError:
+    """The one-line error of settings whose environment variables were refused."""
     msg = f"Invalid setting {'; '.join(problems)} (fix the environment variable or unset it)."
-    raise RunSettingsError(msg)
+    return RunSettingsError(msg)
 
 
 def _problems(group: type[BaseSettings]) -> list[str]:
