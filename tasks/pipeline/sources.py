@@ -25,6 +25,7 @@ import glob as globlib
 import gzip
 import os
 import re
+from collections.abc import Iterator
 from pathlib import Path
 from typing import BinaryIO, Literal
 from urllib.parse import parse_qs, urlsplit
@@ -374,15 +375,12 @@ def read_error(exc: Exception, source: str) -> SourceError:
         except (SourceError, OSError):
             fmt = None
         return SourceEncodingError(encoding_message(source, fmt=fmt or "csv"))
-    for file, fmt in _files_of(source):
-        if file.lower().endswith(".zst"):
-            continue
+    for file, fmt, where in _rereadable(source):
         try:
             found = bad_lines.first_bad_line(_decompressed(storage.open_stream(file), file), fmt)
         except (OSError, EOFError) as exc:  # gzip.BadGzipFile is an OSError
             return SourceError(_gzip_message(file, exc))
         if found:
-            where = "" if file == source else f"in {file!r}, "
             return SourceError(f"Could not read source {source!r}: {where}{found}.")
     hint = bad_lines.inferred_type_hint(text)
     return SourceError(f"Could not read source {source!r}: {text.rstrip('.')}{hint}.")
@@ -396,18 +394,25 @@ def check_lone_surrogates(source: str) -> None:
     """
     from tasks.aws import storage
 
-    for file, fmt in _files_of(source):
-        if fmt != "jsonl" or file.lower().endswith(".zst"):
+    for file, fmt, where in _rereadable(source):
+        if fmt != "jsonl":
             continue
         found = bad_lines.first_lone_surrogate(_decompressed(storage.open_stream(file), file))
         if found:
-            where = "" if file == source else f"in {file!r}, "
             msg = (
                 f"Source {source!r}: {where}{found}, which is not a character: UTF-8 text cannot "
                 "hold it, and it would reach the prompt and the output as U+0000 instead of as "
                 "written. Mend that value (text cut inside an emoji?) and run again."
             )
             raise InputValidationError(msg)
+
+
+def _rereadable(source: str) -> Iterator[tuple[str, str, str]]:
+    """(file, format, "in <file>, " when the source names more than it) of each CSV or JSONL
+    file Python can read again for an error's line (a .zst file it cannot: no zstd in 3.11)."""
+    for file, fmt in _files_of(source):
+        if not file.lower().endswith(".zst"):
+            yield file, fmt, "" if file == source else f"in {file!r}, "
 
 
 def _files_of(source: str) -> list[tuple[str, str]]:
