@@ -100,3 +100,18 @@ def test_settled_attempts_count_retry_lines_of_records_the_retry_did_not_send(ro
 
     assert settled.frame[C.RESPONSE_TEXT].to_list() == ["one", "two", None, None]
     assert (settled.stray_lines, settled.stray_examples) == (1, ("R1",))
+
+
+def test_settled_attempts_count_records_one_attempt_answered_twice(rows_file):
+    # A record in two attempts (its retry) is not a repeat; a record with two lines in one
+    # attempt's outputs is, whichever file of the attempt holds them.
+    first = AttemptOutput(
+        1, [_lines(_ok("R1", "one"), _err("R2", 429)), _lines(_ok("R1", "again"))], job_id="j1"
+    )
+    second = AttemptOutput(2, [_lines(_ok("R2", "two"))], record_ids=["R2"], job_id="j2")
+
+    settled = settle(rows_file, [first, second], CLAUDE, "InvokeModel")
+
+    assert settled.frame[C.RESPONSE_TEXT].to_list() == ["one", "two", None, None]
+    assert (settled.repeated, settled.repeated_examples) == (1, ("R1",))
+    assert settled.stray_lines == 0

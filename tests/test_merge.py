@@ -116,6 +116,25 @@ def test_merge_shard_duplicate_lines_collapse_preferring_success(rows_file, tmp_
     assert frame[C.ERROR_CODE][2] in ("400", "500")
 
 
+def test_merge_shard_names_records_answered_twice(rows_file, tmp_path, caplog):
+    # Two answers for one record in one job's output: the row kept the first success and
+    # nobody heard of the other. The rows keep their own answers, and the user learns which.
+    lines = [
+        claude_ok("R0", "first"),
+        claude_ok("R1", "b"),
+        claude_ok("R0", "second"),
+        error_line("R2"),
+        error_line("R2", 500, "again"),
+    ]
+    with caplog.at_level("WARNING", logger="tasks.pipeline.merge"):
+        stats, frame = merge(rows_file, lines, tmp_path)
+    assert frame[C.RESPONSE_TEXT].to_list() == ["first", "b", None]
+    assert (stats.records, stats.succeeded, stats.stray_lines) == (3, 2, 0)
+    (warning,) = [r.getMessage() for r in caplog.records]
+    assert warning.startswith("2 records of part-00000 have more than one line")
+    assert "(e.g. R0, R2)" in warning
+
+
 def test_merge_shard_reads_output_lines_whatever_their_key_order(rows_file, tmp_path):
     output = json.loads(claude_ok("R0", "first"))["modelOutput"]
     error = {"errorCode": 400, "errorMessage": "Bad body"}

@@ -15,7 +15,7 @@ import polars as pl
 from tasks.bedrock.error_codes import RETRYABLE_RECORD
 from tasks.bedrock.families import family_for
 from tasks.pipeline import columns as C
-from tasks.pipeline.outputs import JOIN_ENGINE, MATCHED, parse_outputs, result_schema
+from tasks.pipeline.outputs import JOIN_ENGINE, MATCHED, REPEATS, parse_outputs, result_schema
 from tasks.pipeline.structured import SCHEMA_REPAIRED, SCHEMA_VALIDATION_ERROR, OutputSchema
 
 # A record with no output line is retried like one that failed for reasons not its own, and
@@ -39,6 +39,9 @@ class Settled:
     stray_lines: int = 0
     stray_examples: tuple[str, ...] = ()  # the first few of their record ids
     unreadable_ids: int = 0  # of the stray lines, those without a readable recordId
+    # Records with more than one line in one attempt's outputs (each keeps its first success).
+    repeated: int = 0
+    repeated_examples: tuple[str, ...] = ()
     # By attempt, the tokens of paid answers a later attempt of their record replaced.
     superseded: list[dict] = field(default_factory=list)
 
@@ -219,11 +222,17 @@ def settle(
     frame = frame.collect(engine=JOIN_ENGINE)
     # Only the lines' ids: the projection reads no answer again.
     ids = strays.collect(engine=JOIN_ENGINE).get_column(C.RECORD_ID)
+    # The lines are parsed already (parse_outputs collects them): this reads two columns.
+    repeated = (
+        lines.filter(pl.col(REPEATS) > 1).select(C.RECORD_ID).unique(maintain_order=True).collect()
+    ).get_column(C.RECORD_ID)
     return Settled(
         frame,
         stray_lines=len(ids),
         stray_examples=tuple(ids.drop_nulls().head(STRAY_EXAMPLES).to_list()),
         unreadable_ids=ids.null_count(),
+        repeated=len(repeated),
+        repeated_examples=tuple(repeated.head(STRAY_EXAMPLES).to_list()),
         superseded=_superseded(rows, attempts, lines) if len(attempts) > 1 else [],
     )
 

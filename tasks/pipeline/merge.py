@@ -95,20 +95,33 @@ def write_part(frame: pl.DataFrame, dest: Path, stray_lines: int = 0) -> MergeSt
     return replace(_stats(frame), stray_lines=stray_lines)
 
 
-def stray_warning(settled: Settled, where: str) -> str | None:
-    """What to tell the user of output lines that reached no row of `where`, or None."""
-    if not settled.stray_lines:
-        return None
-    examples = ", ".join(settled.stray_examples)
-    unreadable = (
-        f"{settled.unreadable_ids} without a readable recordId" if settled.unreadable_ids else ""
-    )
-    detail = "; ".join(d for d in (f"e.g. {examples}" if examples else "", unreadable) if d)
-    return (
-        f"{settled.stray_lines} output lines of {where} name no record its job sent ({detail}): "
-        "their answers are not in the output. Outputs of another job or run in this job's "
-        "output folder?"
-    )
+def settle_warnings(settled: Settled, where: str) -> list[str]:
+    """What to tell the user of output lines that reached no row of `where`, or that a record
+    had twice."""
+    said = []
+    if settled.stray_lines:
+        examples = ", ".join(settled.stray_examples)
+        unreadable = (
+            f"{settled.unreadable_ids} without a readable recordId"
+            if settled.unreadable_ids
+            else ""
+        )
+        detail = "; ".join(d for d in (f"e.g. {examples}" if examples else "", unreadable) if d)
+        said.append(
+            f"{settled.stray_lines} output lines of {where} name no record its job sent "
+            f"({detail}): their answers are not in the output. Outputs of another job or run in "
+            "this job's output folder?"
+        )
+    if settled.repeated:
+        # AWS documents one output line a record; the row keeps one of them, and which one
+        # was not the user's choice, so they hear of it.
+        said.append(
+            f"{settled.repeated} records of {where} have more than one line in their job's "
+            f"output (e.g. {', '.join(settled.repeated_examples)}): each row keeps its record's "
+            "first answer that succeeded (else its first error); the others are not in the "
+            "output."
+        )
+    return said
 
 
 def _stats(frame: pl.DataFrame) -> MergeStats:
@@ -154,8 +167,7 @@ def merge_shard(
     """
     attempt = AttemptOutput(1, outputs, job_id=job_id, job_error=job_error)
     settled = settle(rows_file, [attempt], model_id, invocation_type, output_schema)
-    warning = stray_warning(settled, dest.stem)
-    if warning:
+    for warning in settle_warnings(settled, dest.stem):
         logger.warning("%s", warning)
     return write_part(settled.frame, dest, settled.stray_lines)
 

@@ -23,6 +23,8 @@ JOIN_ENGINE = "in-memory"
 ERROR_DTYPE = pl.Struct({"errorCode": pl.String, "errorMessage": pl.String})
 _OK = "__ok"
 MATCHED = "__matched"
+# How many lines of one attempt's outputs named the line's record id (1 but for repeats).
+REPEATS = "__repeats"
 
 
 def result_schema(family: ModelFamily, output_schema: OutputSchema | None = None) -> dict:
@@ -309,13 +311,24 @@ def parse_outputs(
         ok.alias(_OK),
     )
     if frame.get_column("recordId").n_unique() < frame.height:
-        # A record id Bedrock wrote twice (a retried record): its success wins. Sorting and
-        # grouping copy every column, so a file without repeats (the usual case) skips both.
-        # Lines without a record id are not one record's: each is kept, to be counted.
+        # A record id Bedrock wrote twice (AWS documents one line a record): its first success
+        # wins, and the repeats are counted for the merge's warning. Sorting and grouping copy
+        # every column, so a file without repeats (the usual case) skips both. Lines without a
+        # record id are not one record's: each is kept, to be counted.
         ids = pl.col(C.RECORD_ID)
-        parsed = parsed.sort(_OK, descending=True, maintain_order=True).filter(
-            ids.is_null() | ids.is_first_distinct()
+        parsed = (
+            parsed.with_columns(
+                pl.when(ids.is_null())
+                .then(1)
+                .otherwise(pl.len().over(ids))
+                .cast(pl.UInt32)
+                .alias(REPEATS)
+            )
+            .sort(_OK, descending=True, maintain_order=True)
+            .filter(ids.is_null() | ids.is_first_distinct())
         )
+    else:
+        parsed = parsed.with_columns(pl.lit(1, pl.UInt32).alias(REPEATS))
     parsed = parsed.drop(_OK).with_columns(pl.lit(True).alias(MATCHED))
     if output_schema is None:
         return parsed

@@ -37,7 +37,7 @@ from tasks.errors import PlanError, RunInterrupted
 from tasks.monitoring import events
 from tasks.pipeline import columns as C
 from tasks.pipeline.attempts import SUPERSEDED, AttemptOutput, Settled, retry_ids, settle
-from tasks.pipeline.merge import MergeTurn, stray_warning, write_part
+from tasks.pipeline.merge import MergeTurn, settle_warnings, write_part
 from tasks.pipeline.plan import ShardPlan
 from tasks.pipeline.structured import OutputSchema
 from tasks.run import gate
@@ -592,8 +592,7 @@ def run_shard(ctx: RunContext, shard: ShardPlan) -> ShardResult:
                     settled = None
                     turn.give_back()  # while the retry runs, others merge
             assert settled is not None  # the loop ends only with the final outcomes settled
-            warning = stray_warning(settled, shard.name)
-            if warning:
+            for warning in settle_warnings(settled, shard.name):
                 logger.warning("%s", warning)
             state.merge_stats = merge_shard_output(ctx, shard, settled)
             superseded = settled.superseded
