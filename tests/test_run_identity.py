@@ -84,9 +84,12 @@ def _env(kill_at: str | None) -> dict[str, str]:
     return env
 
 
-def _run(source, out, run_name=None, *, model=CLAUDE, kill_at=None, extra=(), trace=None):
+def _run(source, out, run_name=None, *, model=CLAUDE, kill_at=None, extra=(), trace=None, cwd=None):
     command = _command(source, out, run_name, model, list(extra), trace)
-    return subprocess.run(command, env=_env(kill_at), capture_output=True, text=True, timeout=240)
+    env = _env(kill_at)
+    if cwd is not None:  # the CLI run from another folder still imports the project
+        env["PYTHONPATH"] = os.pathsep.join([str(Path.cwd()), env.get("PYTHONPATH", "")])
+    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=240, cwd=cwd)
 
 
 def _output(out: str | Path, run_name: str) -> pl.DataFrame:
@@ -310,7 +313,7 @@ def test_the_same_local_file_named_another_way_is_the_same_run(tmp_path, monkeyp
     recorded = RunIdentity({"source": source_fingerprint("questions.csv"), "model_id": CLAUDE})
     for spelling in (str(source), "./questions.csv", str(tmp_path / "." / "questions.csv")):
         current = RunIdentity({"source": source_fingerprint(spelling), "model_id": CLAUDE})
-        assert current.digest != recorded.digest  # the default run name is unchanged
+        assert current.digest != recorded.digest  # the path is recorded as typed
         check_identity(layout, recorded, current)
 
     _write_source(source, "v2")
@@ -320,3 +323,54 @@ def test_the_same_local_file_named_another_way_is_the_same_run(tmp_path, monkeyp
     other = RunIdentity({"source": source_fingerprint("questions.csv"), "model_id": SONNET})
     with pytest.raises(RunIdentityError, match="model_id"):
         check_identity(layout, recorded, other)
+
+
+def test_the_same_local_file_named_another_way_has_the_same_default_run(stack, tmp_path):
+    # Without a run name, `questions.csv` from its folder and then its absolute path (a
+    # deployment, a script run elsewhere) named two runs, and the second paid again.
+    started = time.monotonic()
+    source = _write_source(tmp_path / "questions.csv", "v1")
+    out = tmp_path / "out"
+    first = _run("questions.csv", out, cwd=tmp_path)
+    assert first.returncode == 0, first.stderr[-3000:]
+    jobs = stack.ledger(name_contains="question-answering-")
+
+    again = _run(source, out)
+
+    assert again.returncode == 0, again.stderr[-3000:]
+    runs = [p.name for p in out.iterdir() if p.name.startswith("question-answering-")]
+    assert len(runs) == 1, runs
+    assert stack.ledger(name_contains="question-answering-") == jobs
+    assert_answers_match_rows(_output(out, runs[0]), ROWS)
+    _figure("one local file, two spellings, default name", started, rows_in=ROWS,
+            rows_out=ROWS, jobs=len(jobs), reinvoked=0)  # fmt: skip
+
+
+def test_a_run_begun_under_the_path_spelled_name_keeps_its_folder(tmp_path, monkeypatch):
+    # A default name once followed the path as typed; a run begun then and resumed after
+    # must find its folder, not start again beside it.
+    from tasks.run import lifecycle
+    from tasks.run.identity import fingerprint_digest, fingerprint_of
+    from tasks.run.layout import resolve_layout
+    from tasks.run.params import BatchParams
+
+    monkeypatch.chdir(tmp_path)
+    _write_source(tmp_path / "questions.csv", "v1")
+    params = BatchParams(
+        source="questions.csv",
+        prompt_id="question_answering",
+        model_id=CLAUDE,
+        output_uri=str(tmp_path / "out"),
+    )
+    fingerprint = fingerprint_of(params)
+    now = lifecycle._default_layout(params, fingerprint)
+    assert now.run_name == lifecycle.default_run_name(params, fingerprint)
+    before = lifecycle._named(params, fingerprint_digest(fingerprint))
+    assert before != now.run_name
+    plan = Path(resolve_layout(params.output_uri, before).plan_uri)
+    plan.parent.mkdir(parents=True)
+    plan.write_text("{}")
+
+    assert lifecycle._default_layout(params, fingerprint).run_name == before
+    absolute = params.model_copy(update={"source": str(tmp_path / "questions.csv")})
+    assert lifecycle.default_run_name(absolute, fingerprint_of(absolute)) == now.run_name

@@ -69,7 +69,21 @@ def comparable(value: Any) -> Any:
 
 def fingerprint_digest(fingerprint: dict[str, Any]) -> str:
     """sha256 of the fingerprint without the modification times."""
-    text = json.dumps(comparable(fingerprint), sort_keys=True, separators=(",", ":"))
+    return _sha256_json(comparable(fingerprint))
+
+
+def name_digest(fingerprint: dict[str, Any]) -> str:
+    """The digest a default run name follows: a local source by its files' contents.
+
+    `data/x.csv` and its absolute path (another working folder, a deployment's path) named
+    two runs, and the second paid for the same answers again. S3 and hf:// sources keep the
+    fingerprint's digest, so their names are the ones they always had.
+    """
+    return _sha256_json(_answers_alike(fingerprint))
+
+
+def _sha256_json(value: Any) -> str:
+    text = json.dumps(value, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(text.encode()).hexdigest()
 
 
@@ -198,7 +212,7 @@ def _answers_alike(fingerprint: dict[str, Any]) -> dict[str, Any]:
     The path as typed decides no answer: a run started with `data/x.csv` and resumed with
     its absolute path, from another folder or through a symlink, was refused as a different
     run. Only local files are reduced (an S3 or hf:// URI names one thing); their order stays,
-    as it decides the record ids. The digest, and so the default run name, is not changed.
+    as it decides the record ids. The default run name follows this too (`name_digest`).
     """
     value = comparable(fingerprint)
     source = value.get("source") or {}

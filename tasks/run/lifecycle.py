@@ -31,6 +31,7 @@ from tasks.run.identity import (
     fingerprint_digest,
     fingerprint_of,
     has_run_files,
+    name_digest,
     read_identity,
 )
 from tasks.run.layout import (
@@ -55,17 +56,38 @@ if TYPE_CHECKING:
     from tasks.run.shard import RunContext, ShardResult
 
 
-def default_run_name(params: BatchParams, identity_digest: str) -> str:
-    """A name that follows the run's identity: the same inputs resume, changed inputs are new."""
+def default_run_name(params: BatchParams, fingerprint: dict[str, Any]) -> str:
+    """A name that follows the run's identity: the same inputs resume, changed inputs are new
+    (the same local file named another way is the same input: `name_digest`)."""
+    return expand_run_name(_named(params, name_digest(fingerprint)))
+
+
+def _named(params: BatchParams, digest: str) -> str:
     label = re.sub(r"[^a-zA-Z0-9]+", "-", params.prompt_id or "embed").strip("-")[:40]
-    return f"{label}-{identity_digest[:10]}"
+    return f"{label}-{digest[:10]}"
+
+
+def _default_layout(params: BatchParams, fingerprint: dict[str, Any]) -> RunLayout:
+    """The layout of the default run name, or of the name an earlier version gave the run.
+
+    Before `name_digest`, a local source's name followed its path as typed; a run begun then
+    and resumed now keeps its folder instead of starting again and paying twice.
+    """
+    layout = resolve_layout(
+        params.output_uri, default_run_name(params, fingerprint), params.kms_key_id
+    )
+    earlier = expand_run_name(_named(params, fingerprint_digest(fingerprint)))
+    if earlier == layout.run_name or has_run_files(layout):
+        return layout
+    before = resolve_layout(params.output_uri, earlier, params.kms_key_id)
+    return before if has_run_files(before) else layout
 
 
 def name_for_events(params: BatchParams) -> str:
     """The run name for a failure event, computed again (best effort: the source may be gone)."""
     if params.run_name:
         return expand_run_name(params.run_name)
-    return expand_run_name(default_run_name(params, fingerprint_digest(fingerprint_of(params))))
+    return _default_layout(params, fingerprint_of(params)).run_name
 
 
 @dataclass
@@ -125,8 +147,8 @@ def resolve_run(params: BatchParams, flow_run_id: Any = None) -> ResolvedRun:
         fingerprint = fingerprint_of(params, earlier.fingerprint if earlier else None)
     else:
         fingerprint = fingerprint_of(params)
-        run_name = expand_run_name(default_run_name(params, fingerprint_digest(fingerprint)))
-        layout = resolve_layout(params.output_uri, run_name, params.kms_key_id)
+        layout = _default_layout(params, fingerprint)
+        run_name = layout.run_name
     role_arn = resolve_role_arn(params.role_arn)
     claim = claim_run(layout, flow_run_id, logger)
     try:
