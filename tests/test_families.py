@@ -670,15 +670,45 @@ def test_llama4_body_uses_llama4_header_tokens():
 def test_cohere_v4_body_sends_embedding_types_and_output_dimension():
     body = body_of(
         "cohere.embed-v4:0",
-        overrides={"embedding_types": ["float"], "output_dimension": 512, "truncate": "END"},
+        overrides={"embedding_types": ["float"], "output_dimension": 512, "truncate": "RIGHT"},
     )
     assert body == {
         "texts": [PROMPT],
         "input_type": "search_document",
-        "truncate": "END",
+        "truncate": "RIGHT",
         "embedding_types": ["float"],
         "output_dimension": 512,
     }
+
+
+def test_cohere_v3_body_sends_truncate_start():
+    body = body_of("cohere.embed-english-v3", overrides={"truncate": "START"})
+    assert body == {"texts": [PROMPT], "input_type": "search_document", "truncate": "START"}
+
+
+@pytest.mark.parametrize(
+    ("model_id", "truncate", "accepted"),
+    [
+        ("cohere.embed-english-v3", "LEFT", "NONE, START, END"),
+        ("cohere.embed-multilingual-v3", "RIGHT", "NONE, START, END"),
+        ("cohere.embed-v4:0", "END", "NONE, LEFT, RIGHT"),
+        ("us.cohere.embed-v4:0", "START", "NONE, LEFT, RIGHT"),
+    ],
+)
+def test_cohere_truncate_of_the_other_embed_version_is_refused(model_id, truncate, accepted):
+    # AWS documents truncate NONE|START|END for Embed v3 and NONE|LEFT|RIGHT for Embed v4.
+    with pytest.raises(InvalidOptionsError) as exc:
+        body_of(model_id, overrides={"truncate": truncate})
+    message = str(exc.value)
+    assert f"truncate={truncate!r} is not accepted by {model_id.removeprefix('us.')}" in message
+    assert f"it takes {accepted}" in message
+
+
+def test_cohere_character_limit_is_embed_v3_only():
+    # v3 documents 2,048 characters a text; v4 documents a ~128k-token context.
+    assert mf.family_for("cohere.embed-english-v3").max_input_chars == 2048
+    assert mf.family_for("cohere.embed-v4:0").max_input_chars is None
+    assert mf.family_for("global.cohere.embed-v4:0").max_input_chars is None
 
 
 @pytest.mark.parametrize(

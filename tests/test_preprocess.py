@@ -257,6 +257,16 @@ def test_preprocess_record_over_model_limit_names_record_and_size(tmp_path):
     assert "R0000000004" in message and "2,048 characters" in message and "3,000" in message
 
 
+def test_preprocess_cohere_v4_sends_texts_over_the_v3_character_limit(tmp_path):
+    # Embed v4 reads up to ~128k tokens a text; the 2,048-character limit is Embed v3's.
+    texts = ["short"] * 4 + ["x" * 3000]
+    source = write_csv(tmp_path, pl.DataFrame({"input_text": texts}))
+    quotas = QuotaSettings(min_records_per_job=1)
+    plan = run(tmp_path, source, model_id="cohere.embed-v4:0", prompt_id=None, quotas=quotas)
+    lines = [line for s in plan.shards for line in read_lines(tmp_path / "run" / s.input_file)]
+    assert sorted(len(line["modelInput"]["texts"][0]) for line in lines) == [5, 5, 5, 5, 3000]
+
+
 def test_preprocess_record_over_file_limit_names_record_and_setting(tmp_path):
     texts = ["short"] * 4 + ["y" * 5000]
     quotas = QuotaSettings(min_records_per_job=1, max_file_bytes=2000)

@@ -8,6 +8,8 @@ import polars as pl
 from pydantic import Field
 
 from tasks.bedrock.families.base import ModelFamily, Options, _field, _one, _struct
+from tasks.bedrock.model_ids import base_model_id
+from tasks.errors import InvalidOptionsError
 from tasks.pipeline.columns import EMBEDDING, INPUT_TOKENS
 
 _FLOATS = pl.List(pl.List(pl.Float32))
@@ -19,6 +21,19 @@ _AS_LIST = pl.Struct({"embeddings": _FLOATS})
 _BY_TYPE = pl.Struct({"embeddings": pl.Struct({"float": _FLOATS})})
 _BY_TYPE_PATTERN = r'"embeddings"\s*:\s*\{'
 
+# v3 and v4 differ in two request facts. Embed v3: truncate "NONE|START|END", each text at most
+# 2,048 characters (docs.aws.amazon.com/bedrock/latest/userguide/model-parameters-embed-v3.html).
+# Embed v4: truncate "NONE | LEFT | RIGHT", context "up to ~128k tokens" with no character limit
+# (.../model-parameters-embed-v4.html). Both read 2026-12-08.
+_V4_PREFIX = "cohere.embed-v4"
+_V3_TRUNCATE = ("NONE", "START", "END")
+_V4_TRUNCATE = ("NONE", "LEFT", "RIGHT")
+_V3_MAX_CHARS = 2_048
+
+
+def _is_v4(model_id: str | None) -> bool:
+    return model_id is not None and base_model_id(model_id).startswith(_V4_PREFIX)
+
 
 class CohereOptions(Options):
     """Cohere Embed's request fields; only float vectors are parsed back."""
@@ -26,7 +41,9 @@ class CohereOptions(Options):
     input_type: Literal["search_document", "search_query", "classification", "clustering"] = (
         "search_document"
     )
-    truncate: Literal["NONE", "START", "END"] | None = None
+    truncate: Literal["NONE", "START", "END", "LEFT", "RIGHT"] | None = Field(
+        None, description="v3: NONE, START or END; v4: NONE, LEFT or RIGHT."
+    )
     embedding_types: list[Literal["float"]] | None = Field(
         None, description="Cohere's embedding_types; the parser reads the float vectors."
     )
@@ -36,13 +53,13 @@ class CohereOptions(Options):
 
 
 class CohereEmbed(ModelFamily):
-    """Cohere Embed (English and multilingual v3, v4): 2,048 characters at most per text."""
+    """Cohere Embed (English and multilingual v3, v4): 2,048 characters a text on v3."""
 
     name = "cohere-embed"
     prefixes = ("cohere.embed-",)
     is_embedding = True
     supports_system = False
-    max_input_chars = 2_048
+    max_input_chars = _V3_MAX_CHARS
     options_model = CohereOptions
     # Cohere's embed responses carry no token count; null is honest where an estimate would
     # mislead billing, so tokens are not required for a success.
@@ -50,6 +67,25 @@ class CohereEmbed(ModelFamily):
     embedding_dimensions = (256, 512, 1024, 1536)
     expected_shape = "embeddings[0] or embeddings.float[0]"
     output_dtype = _AS_LIST
+
+    def bind(self, model_id, rules=(), max_output_tokens=None):
+        bound = super().bind(model_id, rules, max_output_tokens)
+        if _is_v4(model_id):
+            bound.max_input_chars = None  # ~128k tokens, checked by Bedrock, not by characters
+        return bound
+
+    def check_options(self, options):
+        super().check_options(options)
+        if self.model_id is None or options.truncate is None:
+            return
+        allowed = _V4_TRUNCATE if _is_v4(self.model_id) else _V3_TRUNCATE
+        if options.truncate not in allowed:
+            msg = (
+                f"truncate={options.truncate!r} is not accepted by {self.model_id}: it takes "
+                f"{', '.join(allowed)} (Cohere Embed v3 takes NONE, START, END; v4 takes NONE, "
+                "LEFT, RIGHT). Change truncate in the template params or the overrides."
+            )
+            raise InvalidOptionsError(msg)
 
     def body_expr(self, prompt, system, options):
         return _struct(
