@@ -456,11 +456,16 @@ def _titan_outputs(ok: pl.DataFrame, spec: ModelSpec) -> pl.DataFrame:
         matrix = _embed_matrix(
             part[_HASH].to_numpy(), int(dims[0]), part["_norm"].to_numpy().astype(bool)
         )
+        vectors = pl.Series(matrix).arr.to_list()
+        # "embeddingsByType ... This field will always appear. Even if you don't specify
+        # embeddingTypes in your input, there will still be "float"" (AWS user guide,
+        # model-parameters-titan-embed-text.html, V2 Response, read 2026-12-08).
         parts.append(
             part.with_columns(
                 pl.struct(
-                    embedding=pl.Series(matrix).arr.to_list(),
+                    embedding=vectors,
                     inputTextTokenCount=pl.col(INPUT_TOKENS),
+                    embeddingsByType=pl.struct(float=vectors),
                 )
                 .struct.json_encode()
                 .alias(MODEL_OUTPUT),

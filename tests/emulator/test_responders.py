@@ -1,0 +1,34 @@
+"""Answer shapes the emulator writes, checked against the response fields AWS documents."""
+
+from __future__ import annotations
+
+import json
+
+import polars as pl
+
+from emulator.catalog import CATALOG
+from emulator.responders import MODEL_INPUT, MODEL_OUTPUT, RECORD_ID, respond
+
+
+def _answers(model_id: str, bodies: list[dict]) -> list[dict]:
+    frame = pl.DataFrame(
+        {
+            RECORD_ID: [f"R{i}" for i in range(len(bodies))],
+            MODEL_INPUT: [json.dumps(b) for b in bodies],
+        }
+    )
+    out = respond(frame, CATALOG[model_id]).sort(RECORD_ID)
+    return [json.loads(o) for o in out[MODEL_OUTPUT]]
+
+
+def test_titan_v2_answer_always_carries_embeddings_by_type_float():
+    # model-parameters-titan-embed-text.html, V2 Response: embedding, inputTextTokenCount and
+    # embeddingsByType, which "will always appear" with "float" even without embeddingTypes.
+    bodies = [{"inputText": "first text", "dimensions": 256}, {"inputText": "second, longer"}]
+    first, second = _answers("amazon.titan-embed-text-v2:0", bodies)
+    for answer, dims in ((first, 256), (second, 1024)):
+        assert list(answer) == ["embedding", "inputTextTokenCount", "embeddingsByType"]
+        assert list(answer["embeddingsByType"]) == ["float"]
+        assert answer["embeddingsByType"]["float"] == answer["embedding"]
+        assert len(answer["embedding"]) == dims
+    assert first["embedding"][:256] != second["embedding"][:256]
