@@ -55,7 +55,10 @@ _FIRST_TEXT = r'"(?:text|content)"\s*:\s*"((?:[^"\\]|\\.){0,60})'
 _TEXT_VALUE = r'"(?:text|content|system)"\s*:\s*"(?:[^"\\]|\\.)*"'
 _SURROGATE_PAIR = r"\\u[dD][89abAB][0-9a-fA-F]{2}\\u[dD][c-fC-F][0-9a-fA-F]{2}"
 _REASONING_ENABLED = r'"reasoningConfig"\s*:\s*\{[^}]*"enabled"'
-_NOVA_REASONING = '{"reasoningContent":{"reasoningText":{"text":"[emulated reasoning]"}}}'
+# Nova's reasoningContent "contains the reasoning text, which will always be [REDACTED] in the
+# response" (docs.aws.amazon.com/nova/latest/userguide/complete-request-schema-response.html,
+# read 2026-12-08).
+_NOVA_REASONING = '{"reasoningContent":{"reasoningText":{"text":"[REDACTED]"}}}'
 _COHERE_INPUT_TYPES = ["search_document", "search_query", "classification", "clustering"]
 
 

@@ -32,3 +32,17 @@ def test_titan_v2_answer_always_carries_embeddings_by_type_float():
         assert answer["embeddingsByType"]["float"] == answer["embedding"]
         assert len(answer["embedding"]) == dims
     assert first["embedding"][:256] != second["embedding"][:256]
+
+
+def test_nova2_reasoning_block_is_redacted_and_the_answer_follows_it():
+    # complete-request-schema-response.html: reasoningContent is "returned if reasoning was
+    # enabled" and its text "will always be [REDACTED] in the response".
+    body = {
+        "schemaVersion": "messages-v1",
+        "messages": [{"role": "user", "content": [{"text": "Name a prime above 10"}]}],
+        "inferenceConfig": {"maxTokens": 200, "reasoningConfig": {"type": "enabled"}},
+    }
+    (answer,) = _answers("amazon.nova-2-lite-v1:0", [body])
+    reasoning, text = answer["output"]["message"]["content"]
+    assert reasoning == {"reasoningContent": {"reasoningText": {"text": "[REDACTED]"}}}
+    assert "Reply to: Name a prime above 10" in text["text"]
