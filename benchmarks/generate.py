@@ -243,9 +243,10 @@ def titan_outputs(
 ) -> list[Path]:
     """Write Titan Text Embeddings v2 `.out` files (shuffled) for an embedding run.
 
-    Each line echoes its input line and answers `{"embedding": [...], "inputTextTokenCount": n}`,
-    the shape the emulator writes (`emulator/responders.py`, from the InvokeModel response of
-    the Titan v2 docs): unit vectors of float32 values, ~13 kB a line at 1,024 dimensions.
+    Each line echoes its input line and answers `{"embedding": [...], "inputTextTokenCount": n,
+    "embeddingsByType": {"float": [...]}}`, the shape of the Titan v2 docs' InvokeModel response
+    (the vector twice: "embeddingsByType ... will always appear") that the emulator writes:
+    unit vectors of float32 values, ~26 kB a line at 1,024 dimensions.
     """
     plan = RunPlan.load(run_dir)
     rng = np.random.default_rng(seed)
@@ -256,9 +257,11 @@ def titan_outputs(
         vectors = rng.standard_normal((n, dimensions), dtype=np.float32)
         vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
         line = pl.col("line")
+        embedding = pl.Series(vectors).arr.to_list()
         output = pl.struct(
-            embedding=pl.Series(vectors).arr.to_list(),
+            embedding=embedding,
             inputTextTokenCount=(line.str.len_bytes() // 6).cast(pl.Int64),
+            embeddingsByType=pl.struct(float=embedding),
         ).struct.json_encode()
         del vectors
         out = lines.select(
