@@ -1,7 +1,8 @@
 """Benchmark `bedrock-batch merge` on Titan Text Embeddings v2 outputs, the heaviest merge.
 
-An embedding job's output is ~13 kB a record at 1,024 dimensions (a 50k-record job writes
-~650 MB), nine times a text answer's, so this is where a merge's memory is decided. Settings
+An embedding job's output is ~26 kB a record at 1,024 dimensions (a 50k-record job writes
+~1.25 GB: the vector twice, `embedding` and `embeddingsByType.float`), so this is where a
+merge's memory is decided. Settings
 (BENCH_ prefix): BENCH_ROWS (default 100,000: two shards of 50k), BENCH_DIMENSIONS, BENCH_DIR,
 BENCH_RECORDS_PER_SHARD. The run and its outputs are made first if missing (not timed); the
 merge runs through the CLI, start-up included. Figures go to cli_merge_embeddings.csv.
