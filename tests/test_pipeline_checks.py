@@ -109,3 +109,23 @@ def test_a_finished_pipeline_whose_template_or_source_changed_is_refused(
     with pytest.raises(RunIdentityError, match=r"changed: source\)"):
         batch_pipeline(params)
     assert len(stack.ledger(name_contains="pipe-edit")) == jobs
+
+
+def test_the_same_source_file_named_another_way_is_the_same_pipeline(tmp_path, monkeypatch):
+    # Recorded with the file's absolute path, a re-run naming it from its folder was refused
+    # as "started with another definition (changed: source)". An edited file still is.
+    from tasks.errors import RunIdentityError
+    from tasks.pipeline.stages import check_definition
+
+    monkeypatch.chdir(tmp_path)
+    source = tmp_path / "simplecot.jsonl"
+    simplecot(20).write_ndjson(source)
+    base = str(tmp_path / "out" / "pipe")
+    check_definition(base, _stages(), str(source), restart=False)
+
+    for spelling in ("simplecot.jsonl", "./simplecot.jsonl", str(tmp_path / "." / source.name)):
+        check_definition(base, _stages(), spelling, restart=False)
+
+    simplecot(21).write_ndjson(source)
+    with pytest.raises(RunIdentityError, match=r"changed: source\)"):
+        check_definition(base, _stages(), "simplecot.jsonl", restart=False)

@@ -103,7 +103,7 @@ def check_definition(base: str, stages: list[Stage], source: str, restart: bool)
     and schema. With the prompt id and the source's name alone, a finished pipeline whose
     template or source file was edited returned its old summary as if nothing changed.
     """
-    from tasks.run.identity import comparable, source_fingerprint
+    from tasks.run.identity import answers_alike, comparable, source_fingerprint
 
     uri = storage.join(base, DEFINITION_FILE)
     recorded = json.loads(storage.read_bytes(uri)) if storage.exists(uri) else None
@@ -124,13 +124,15 @@ def check_definition(base: str, stages: list[Stage], source: str, restart: bool)
             recorded = current
             storage.write_bytes(uri, json.dumps(current, indent=1).encode())
     if recorded is not None and not restart:
-        if comparable(recorded) != comparable(current):
+        # The same local file named another way (`data/x.csv`, its absolute path) is the same
+        # source: compared by its files' contents, as a batch run's identity is.
+        if answers_alike(recorded) != answers_alike(current):
             changed = [
                 s.get("name", "?")
                 for s, r in zip(current["stages"], recorded["stages"] + [{}] * 9, strict=False)
                 if comparable(s) != comparable(r)
             ]
-            if comparable(recorded.get("source")) != comparable(current["source"]):
+            if answers_alike(recorded)["source"] != answers_alike(current)["source"]:
                 changed.insert(0, "source")
             msg = (
                 f"Pipeline run {base} was started with another definition (changed: "

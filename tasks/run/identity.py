@@ -79,7 +79,7 @@ def name_digest(fingerprint: dict[str, Any]) -> str:
     two runs, and the second paid for the same answers again. S3 and hf:// sources keep the
     fingerprint's digest, so their names are the ones they always had.
     """
-    return _sha256_json(_answers_alike(fingerprint))
+    return _sha256_json(answers_alike(fingerprint))
 
 
 def _sha256_json(value: Any) -> str:
@@ -206,7 +206,7 @@ def _file_change(before: dict, after: dict) -> str:
     return "; ".join(parts)
 
 
-def _answers_alike(fingerprint: dict[str, Any]) -> dict[str, Any]:
+def answers_alike(fingerprint: dict[str, Any]) -> dict[str, Any]:
     """The fingerprint with a local source reduced to its files' contents, in order.
 
     The path as typed decides no answer: a run started with `data/x.csv` and resumed with
@@ -253,7 +253,7 @@ def check_identity(layout: RunLayout, recorded: RunIdentity | None, current: Run
             raise RunIdentityError(changed_message(layout, changes))
         return
     if recorded.digest != current.digest:
-        if _answers_alike(recorded.fingerprint) == _answers_alike(current.fingerprint):
+        if answers_alike(recorded.fingerprint) == answers_alike(current.fingerprint):
             return  # the same local files, named another way (`data/x.csv`, `./data/x.csv`)
         changes = differences(recorded.fingerprint, current.fingerprint)
         raise RunIdentityError(changed_message(layout, changes or ["fingerprint"]))
