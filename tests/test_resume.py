@@ -146,10 +146,16 @@ def _interrupt_while_two_jobs_run(
     try:
         with log.open("w") as stderr:
             run = subprocess.Popen(command, env=env, stderr=stderr, start_new_session=True)
-            eventually(
-                lambda: [j["status"] for j in stack.ledger(run_name)].count("InProgress") == 2,
-                timeout=120,
-            )
+
+            def two_running() -> bool:
+                # A run that ended before its jobs ran fails the test now, with its stderr,
+                # instead of after the whole wait with no word of why.
+                if run.poll() is not None:
+                    msg = f"the run exited {run.returncode} before two jobs ran:\n"
+                    raise AssertionError(msg + log.read_text()[-3000:])
+                return [j["status"] for j in stack.ledger(run_name)].count("InProgress") == 2
+
+            eventually(two_running, timeout=120, what="two of the run's jobs InProgress")
             os.killpg(run.pid, signal.SIGINT)
             interrupted_at = time.monotonic()
             try:
