@@ -206,6 +206,12 @@ def test_ctrl_c_with_the_temporary_prefect_server_ends_the_run_in_seconds(stack,
     # dead server for minutes and never exited (killed after 120 s).
     command = _ctrl_c_command(_questions(tmp_path), tmp_path / "out", "sigint-temp", per_job=150)
     env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect"), EXPIRY_ENV: "3"}
+    # The temporary server starts on an empty home: imports and every database migration,
+    # ~5 s on an idle machine and over Prefect's 20 s default while the suite's first, slowest
+    # tests run side by side (the CLI then exited with "Timed out while attempting to connect
+    # to ephemeral Prefect API server"). A wait on that start-up only; a run that exits fails
+    # the test at once (two_running).
+    env["PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"] = "90"
     for name in ("PREFECT_API_URL", ENV):
         env.pop(name, None)
 
