@@ -26,11 +26,17 @@ from tasks.pipeline.columns import ERROR_CODE, RECORD_ID, RESPONSE_TEXT
 
 T = TypeVar("T")
 
+# How long a test waits on work Prefect's server does after an event (an automation's action,
+# an event made readable). A worker's test server can stop answering for ~60 s under load
+# (SQLite's 60-s busy timeout inside it, seen in full suite runs beside other work), and waits
+# of 20-30 s failed then; a working server answers in a second or two.
+PREFECT_SERVER_WAIT = 90
+
 
 def eventually(
     probe: Callable[[], T],
     *,
-    timeout: float = 30.0,
+    timeout: float = PREFECT_SERVER_WAIT,
     interval: float = 0.2,
     what: str = "the condition",
     fail: bool = True,
@@ -38,7 +44,8 @@ def eventually(
     """Call ``probe`` until it returns something truthy and return that value.
 
     Servers (Prefect's event persister, the emulator, moto) make results visible a little after
-    the call that caused them; tests wait for the result itself, bounded by ``timeout``. After
+    the call that caused them; tests wait for the result itself, bounded by ``timeout`` (by
+    default the longest a stalled Prefect test server was seen to take). After
     the deadline the last value is returned when ``fail`` is False (the caller asserts on it),
     else the test fails naming ``what`` it waited for.
     """

@@ -6,7 +6,7 @@ import uuid
 from datetime import timedelta
 
 import pytest
-from helpers import automations_removed_after, eventually
+from helpers import PREFECT_SERVER_WAIT, automations_removed_after, eventually
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId
 from prefect.client.schemas.objects import StateType
@@ -78,7 +78,7 @@ def test_run_finished_event_runs_summarize_with_the_output_uri(applied):
         lambda: [
             r for r in _flow_runs(deployment_id) if r.parameters.get("output_uri") == output_uri
         ],
-        timeout=30,
+        timeout=PREFECT_SERVER_WAIT,
         interval=0.25,
         fail=False,
     )
@@ -168,7 +168,7 @@ def test_run_finished_and_failed_events_send_notifications(webhook):
         emit_run_failed(run + "-x", "m", "the gate was closed")
         # Through the server's triggers and actions services, which a busy test server (four
         # workers on two cores) has held back for more than 45 s.
-        messages = eventually(both, timeout=90, what="both notifications")
+        messages = eventually(both, timeout=PREFECT_SERVER_WAIT, what="both notifications")
     finished = next(m for m in messages if output_uri in m.get("text", ""))
     assert run in finished["subject"] and "Records: 250 (ok 249, failed 1)" in finished["text"]
     failed = next(m for m in messages if "gate was closed" in m.get("text", ""))

@@ -6,7 +6,7 @@ import os
 import uuid
 
 import pytest
-from helpers import automations_removed_after, claude_jsonl, eventually
+from helpers import PREFECT_SERVER_WAIT, automations_removed_after, claude_jsonl, eventually
 from prefect import flow
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId
@@ -115,12 +115,12 @@ def test_stuck_job_alerts_once_fires_automation_and_resolves_once(stack):
     assert transitions(False) == []
     assert transitions(False) == []
 
-    stalled_events = _until(lambda: _alerts(alert_event_name(STALLED)), timeout=20)
+    stalled_events = _until(lambda: _alerts(alert_event_name(STALLED)), PREFECT_SERVER_WAIT)
     assert len(stalled_events) == 1
     assert stalled_events[0].payload["pending_records"] > 0
 
     # The automation's action happened: a flow run of the target deployment exists.
-    runs = _until(lambda: _flow_runs(deployment_id), timeout=30)
+    runs = _until(lambda: _flow_runs(deployment_id), PREFECT_SERVER_WAIT)
     assert len(runs) == 1
     assert runs[0].parameters == {"model_id": MODEL_ID}
 
@@ -129,7 +129,9 @@ def test_stuck_job_alerts_once_fires_automation_and_resolves_once(stack):
     resolved = _until(lambda: transitions(True), timeout=30)
     assert len(resolved) == 1
     assert transitions(True) == []
-    resolved_events = _until(lambda: _alerts(alert_event_name(STALLED, resolved=True)), timeout=20)
+    resolved_events = _until(
+        lambda: _alerts(alert_event_name(STALLED, resolved=True)), PREFECT_SERVER_WAIT
+    )
     assert len(resolved_events) == 1
     assert len(_alerts(alert_event_name(STALLED))) == 1
     status = client("bedrock").get_model_invocation_job(jobIdentifier=job_arn)["status"]
