@@ -416,3 +416,50 @@ def test_load_source_glob_with_an_empty_jsonl_names_it(tmp_path):
         load_source(str(tmp_path / "*.jsonl"))
     assert f"The file '{tmp_path / 'b.jsonl'}'" in str(exc.value)
     assert "is empty: remove it" in str(exc.value)
+
+
+def test_load_source_glob_refuses_a_common_type_that_drops_datetime_digits(tmp_path):
+    # datetime[ns] in one file and datetime[ms] in the other read as datetime[ms]: the
+    # nanoseconds of the first file's values were dropped without a word.
+    stamps = pl.Series(["2024-01-01 00:00:00.123456789"]).str.to_datetime(time_unit="ns")
+    pl.DataFrame({"topic": ["a"], "at": stamps}).write_parquet(tmp_path / "a.parquet")
+    pl.DataFrame({"topic": ["b"], "at": stamps.dt.cast_time_unit("ms")}).write_parquet(
+        tmp_path / "b.parquet"
+    )
+    with pytest.raises(SourceError) as exc:
+        load_source(str(tmp_path / "*.parquet"))
+    message = str(exc.value)
+    assert "type column 'at' differently" in message
+    assert "would become Datetime(time_unit='ms'" in message and "a.parquet" in message
+
+
+def test_load_source_glob_refuses_integers_a_float_column_would_round(tmp_path):
+    big = 2**53 + 1
+    (tmp_path / "a.jsonl").write_text(f'{{"topic": "a", "n": {big}}}\n')
+    (tmp_path / "b.jsonl").write_text('{"topic": "b", "n": 1.5}\n')
+    with pytest.raises(SourceError) as exc:
+        load_source(str(tmp_path / "*.jsonl"))
+    assert f"({big} in " in str(exc.value) and "would become Float64" in str(exc.value)
+
+
+def test_load_source_glob_keeps_integers_a_float_column_holds(tmp_path):
+    (tmp_path / "a.jsonl").write_text('{"topic": "a", "n": 3}\n')
+    (tmp_path / "b.jsonl").write_text('{"topic": "b", "n": 1.5}\n')
+    frame = load_source(str(tmp_path / "*.jsonl")).collect().sort("topic")
+    assert_frame_equal(frame, pl.DataFrame({"topic": ["a", "b"], "n": [3.0, 1.5]}))
+
+
+def test_load_source_glob_refuses_booleans_read_as_numbers(tmp_path):
+    pl.DataFrame({"topic": ["a"], "ok": [True]}).write_parquet(tmp_path / "a.parquet")
+    pl.DataFrame({"topic": ["b"], "ok": [0]}).write_parquet(tmp_path / "b.parquet")
+    with pytest.raises(SourceError, match="type column 'ok' differently"):
+        load_source(str(tmp_path / "*.parquet"))
+
+
+def test_load_source_glob_widens_types_that_hold_every_value(tmp_path):
+    pl.DataFrame({"topic": ["a"], "n": [1]}, schema_overrides={"n": pl.Int32}).write_parquet(
+        tmp_path / "a.parquet"
+    )
+    pl.DataFrame({"topic": ["b"], "n": [2**40]}).write_parquet(tmp_path / "b.parquet")
+    frame = load_source(str(tmp_path / "*.parquet")).collect()
+    assert frame.schema["n"] == pl.Int64 and frame["n"].to_list() == [1, 2**40]

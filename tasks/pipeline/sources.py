@@ -15,7 +15,8 @@ A file that cannot be read is named with its first bad line (``bad_lines``).
 
 Values reach the prompt and the output as the user wrote them: CSV columns are read as text
 (``00007`` stays ``00007``) unless ``csv_types="infer"``; JSONL types come from every line, so a
-key first seen late is kept; the files of a glob must have the same columns.
+key first seen late is kept; the files of a glob must have the same columns, and a column
+typed differently across them is refused where their common type would change a value.
 """
 
 from __future__ import annotations
@@ -263,10 +264,10 @@ def _scan_files(
     if len(files) == 1:
         return _scan(fmt, files, storage_options, csv_types)
     scans = [_scan(fmt, f, storage_options, csv_types) for f in files]
-    columns = []
+    schemas: list[pl.Schema] = []
     for file, scan in zip(files, scans, strict=True):
         try:
-            columns.append(scan.collect_schema().names())
+            schemas.append(scan.collect_schema())
         except pl.exceptions.PolarsError as exc:
             if _is_empty(file):  # Polars: "Cannot infer NDJSON types on empty reader"
                 msg = (
@@ -275,6 +276,7 @@ def _scan_files(
                 )
                 raise SourceError(msg) from None
             raise read_error(exc, source) from None
+    columns = [schema.names() for schema in schemas]
     first = set(columns[0])
     for file, names in zip(files[1:], columns[1:], strict=True):
         if set(names) != first:
@@ -289,8 +291,135 @@ def _scan_files(
                 "files with the same columns per run."
             )
             raise SourceError(msg)
-    # Columns matched by name; a column typed differently across files takes a common type.
-    return pl.concat(scans, how="diagonal_relaxed")
+    # Columns matched by name; a column typed differently across files takes a common type,
+    # as long as that type holds every file's values as they are.
+    combined = pl.concat(scans, how="diagonal_relaxed")
+    _check_common_types(files, scans, schemas, combined, source)
+    return combined
+
+
+_INT_BITS = {
+    pl.Int8: 8,
+    pl.Int16: 16,
+    pl.Int32: 32,
+    pl.Int64: 64,
+    pl.Int128: 128,
+    pl.UInt8: 8,
+    pl.UInt16: 16,
+    pl.UInt32: 32,
+    pl.UInt64: 64,
+}
+# Integers a float holds exactly: up to 2^mantissa bits.
+_FLOAT_MANTISSA = {pl.Float16: 11, pl.Float32: 24, pl.Float64: 53}
+# Decimal digits of the largest integer of each type.
+_INT_DIGITS = {8: 3, 16: 5, 32: 10, 64: 20, 128: 39}
+
+
+def _holds(src: pl.DataType, dst: pl.DataType) -> bool:
+    """Whether every value of type `src` is the same value once cast to `dst`.
+
+    Polars' common type of two files' columns may not be: an Int64 and a Float64 column make
+    a Float64 (9007199254740993 becomes 9007199254740992), datetime[ns] and datetime[ms] make
+    a datetime[ms] (the digits past the millisecond dropped), a Boolean and an Int64 an Int64.
+    Text holds any scalar as it prints.
+    """
+    if src == dst or src == pl.Null:
+        return True
+    if dst == pl.String:
+        return not src.is_nested()
+    if src.is_integer() and dst.is_integer():
+        bits, room = _INT_BITS[src.base_type()], _INT_BITS[dst.base_type()]
+        if src.is_unsigned_integer() and dst.is_signed_integer():
+            return room > bits
+        return src.is_signed_integer() == dst.is_signed_integer() and room >= bits
+    if src.is_integer() and dst.is_float():
+        return _INT_BITS[src.base_type()] <= _FLOAT_MANTISSA.get(dst.base_type(), 0)
+    if src.is_float() and dst.is_float():
+        return _FLOAT_MANTISSA.get(src.base_type(), 0) <= _FLOAT_MANTISSA.get(dst.base_type(), 0)
+    if isinstance(dst, pl.Decimal) and (src.is_integer() or isinstance(src, pl.Decimal)):
+        whole, scale = (
+            (src.precision - src.scale, src.scale)
+            if isinstance(src, pl.Decimal)
+            else (_INT_DIGITS[_INT_BITS[src.base_type()]], 0)
+        )
+        return dst.scale >= scale and dst.precision - dst.scale >= whole
+    if src == pl.Date and isinstance(dst, pl.Datetime):
+        # Nanoseconds reach back to 1677 only; a time zone moves midnight.
+        return dst.time_unit != "ns" and dst.time_zone is None
+    if isinstance(src, pl.List | pl.Array) and isinstance(dst, pl.List | pl.Array):
+        return _holds(src.inner, dst.inner)
+    if isinstance(src, pl.Struct) and isinstance(dst, pl.Struct):
+        fields = {f.name: f.dtype for f in dst.fields}
+        return all(f.name in fields and _holds(f.dtype, fields[f.name]) for f in src.fields)
+    return False
+
+
+def _check_common_types(
+    files: list[str],
+    scans: list[pl.LazyFrame],
+    schemas: list[pl.Schema],
+    combined: pl.LazyFrame,
+    source: str,
+) -> None:
+    """Refuse a glob whose files type a column so differently that reading them as one changes
+    values (or that no type holds them all), naming the column, the files and their types.
+
+    A cast that may lose values by its types alone (Int64 into Float64) is tried on the file's
+    values, read again for that column only: integers that fit pass, as they would in one file.
+    """
+    differing = [name for name in schemas[0] if len({str(schema[name]) for schema in schemas}) > 1]
+    if not differing:
+        return
+
+    def types_of(name: str) -> str:
+        by_type: dict[str, str] = {}
+        for file, schema in zip(files, schemas, strict=True):
+            by_type.setdefault(str(schema[name]), file)
+        return ", ".join(f"{dtype} in {file!r}" for dtype, file in by_type.items())
+
+    fix = (
+        "Write the files with one type for that column (or cast it to the type you want) and "
+        "run again."
+    )
+    try:
+        common = combined.collect_schema()
+    except pl.exceptions.PolarsError:
+        listed = "; ".join(f"column {n!r}: {types_of(n)}" for n in differing)
+        msg = (
+            f"The files of source {source!r} type columns in ways no one type holds "
+            f"({listed}). {fix}"
+        )
+        raise SourceError(msg) from None
+    for name in differing:
+        dst = common[name]
+        for file, scan, schema in zip(files, scans, schemas, strict=True):
+            src = schema[name]
+            if _holds(src, dst):
+                continue
+            if src == pl.Boolean:
+                changed = None  # true as 1 is another value whatever the rows hold
+            elif (changed := _first_changed(scan, name, src, dst, source)) is None:
+                continue
+            example = f" ({changed} in {file!r} would not stay as it is)" if changed else ""
+            msg = (
+                f"The files of source {source!r} type column {name!r} differently "
+                f"({types_of(name)}): read together it would become {dst}, which does not "
+                f"hold every {src} value as written{example}. {fix}"
+            )
+            raise SourceError(msg)
+
+
+def _first_changed(
+    scan: pl.LazyFrame, name: str, src: pl.DataType, dst: pl.DataType, source: str
+) -> str | None:
+    """The first value of column `name` that a cast to `dst` and back changes, or None."""
+    value = pl.col(name)
+    kept = value.cast(dst, strict=False).cast(src, strict=False).eq_missing(value)
+    try:
+        found = scan.select(value.filter(~kept).head(1)).collect(engine="streaming")
+    except pl.exceptions.PolarsError as exc:
+        raise read_error(exc, source) from None
+    return repr(found.item(0, 0)) if found.height else None
 
 
 def _is_empty(file: str) -> bool:
