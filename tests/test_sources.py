@@ -463,3 +463,12 @@ def test_load_source_glob_widens_types_that_hold_every_value(tmp_path):
     pl.DataFrame({"topic": ["b"], "n": [2**40]}).write_parquet(tmp_path / "b.parquet")
     frame = load_source(str(tmp_path / "*.parquet")).collect()
     assert frame.schema["n"] == pl.Int64 and frame["n"].to_list() == [1, 2**40]
+
+
+def test_load_source_glob_with_types_no_one_type_holds_names_the_column(tmp_path):
+    for name, zone in (("a", "UTC"), ("b", "Asia/Tokyo")):
+        at = pl.Series([None], dtype=pl.Datetime("us", zone))
+        pl.DataFrame({"topic": [name], "at": at}).write_parquet(tmp_path / f"{name}.parquet")
+    with pytest.raises(SourceError) as exc:
+        load_source(str(tmp_path))
+    assert "type columns in ways no one type holds (column 'at':" in str(exc.value)
