@@ -173,7 +173,9 @@ def test_slots_of_a_killed_run_free_within_the_lease(stack, tmp_path, own_prefec
     )
     freed = time.monotonic() - killed_at
     print(f"slots of the killed run free {freed:.1f} s after SIGKILL (lease 60 s)")
-    assert freed <= 60 + 15 + 15  # the lease, the repossessor's loop, slack
+    # The 60-s lease, the repossessor's pass (every 2 s on this server) and slack for a busy
+    # machine; with Prefect's 15-s pass it took 75-92 s under load.
+    assert freed <= 90
     assert server.active_slots(gate.run_gate_name("killed")) == 0
 
 
