@@ -10,6 +10,7 @@ import sys
 
 import polars as pl
 import pytest
+from prefect.settings import PREFECT_API_URL
 
 from flows.cli import main
 from tasks.pipeline.columns import ERROR_CODE, RESPONSE_TEXT
@@ -242,6 +243,9 @@ def test_run_failing_inside_the_flow_prints_one_error_line_and_no_traceback(tmp_
     source = tmp_path / "topics.csv"
     pl.DataFrame({"topic": [f"t{i}" for i in range(149)] + [""]}).write_csv(source)
     env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "BEDROCK_BATCH_"))}
+    # The worker's Prefect server: without it the CLI starts a temporary one on the shared
+    # ~/.prefect database, which another test's temporary server may be writing to.
+    env["PREFECT_API_URL"] = PREFECT_API_URL.value()
 
     done = subprocess.run(
         [sys.executable, "-m", "flows.cli", "run", "--source", str(source),
