@@ -77,6 +77,26 @@ def test_settled_attempts_latest_attempt_decides_and_counts_attempts(rows_file, 
     assert (stats.records, stats.succeeded, stats.failed) == (4, 2, 2)
 
 
+def test_settled_attempts_do_not_count_a_retry_the_cost_ceiling_held_back(rows_file):
+    # A held-back retry sent nothing: its records read attempts 2 after one try, and a shard
+    # held whole read 1 where nothing was ever sent.
+    held = ("CostCeilingReached", "Not sent: max_cost_usd")
+    first = AttemptOutput(1, [_lines(_ok("R1", "one"), _err("R2", 429))], job_id="j1")
+    kept_back = AttemptOutput(
+        2, [], record_ids=["R2", "R3", "R4"], served_by=C.SERVED_SKIPPED, job_error=held
+    )
+    whole = AttemptOutput(1, [], served_by=C.SERVED_SKIPPED, job_error=held)
+
+    retried = settle(rows_file, [first, kept_back], CLAUDE, "InvokeModel").frame
+    never_sent = settle(rows_file, [whole], CLAUDE, "InvokeModel").frame
+
+    assert retried[C.ATTEMPTS].to_list() == [1, 1, 1, 1]
+    assert retried[C.ERROR_CODE].to_list() == [None, *[held[0]] * 3]
+    assert retried[C.SERVED_BY].to_list() == ["batch", *[C.SERVED_SKIPPED] * 3]
+    assert never_sent[C.ATTEMPTS].to_list() == [0, 0, 0, 0]
+    assert never_sent[C.ERROR_CODE].unique().to_list() == [held[0]]
+
+
 def test_settled_attempts_failed_job_error_applies_to_its_records(rows_file, tmp_path):
     failed = AttemptOutput(1, [], job_id="j1", job_error=("Failed", "internal error"))
     dest = tmp_path / "part.parquet"

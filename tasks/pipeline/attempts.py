@@ -97,11 +97,11 @@ def outcomes(
     ids (null when unreadable) of output lines that match no record their attempt sent."""
     family = family_for(model_id, invocation_type)
     included = _included(rows, attempts)
-    latest = (
-        included.sort(_ATTEMPT)
-        .group_by(C.RECORD_ID)
-        .agg(pl.len().cast(pl.Int32).alias(C.ATTEMPTS), pl.all().last())
-    )
+    # `attempts` counts the tries that sent the record: an attempt the cost ceiling held back
+    # (served_by skipped) sent nothing. Counted, a record sent once and then held read
+    # attempts 2, and a shard held whole read 1 (rows skipped by on_missing read 0).
+    sent = (pl.col(C.SERVED_BY) != C.SERVED_SKIPPED).sum().cast(pl.Int32).alias(C.ATTEMPTS)
+    latest = included.sort(_ATTEMPT).group_by(C.RECORD_ID).agg(sent, pl.all().last())
     if lines is None:
         lines = _lines(attempts, family, output_schema)
     strays = lines.select(C.RECORD_ID, _ATTEMPT).join(
