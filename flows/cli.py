@@ -167,8 +167,10 @@ def start_local_stack(stack: ExitStack, output_uri: str | None = None) -> None:
     get_settings.cache_clear()  # the settings must see the stack's variables
     reset_clients()
     print(f"Local stack: Bedrock emulator {local.bedrock_url}, S3 {local.moto_url}")
-    if output_uri and output_uri.startswith("s3://"):
-        bucket = output_uri.removeprefix("s3://").split("/", 1)[0]
+    from tasks.aws import storage
+
+    if output_uri and storage.is_s3(output_uri):
+        bucket, _ = storage.split_s3(output_uri)
         if bucket and bucket != local.bucket:
             local.client("s3").create_bucket(Bucket=bucket)
             print(f"Local stack: bucket s3://{bucket} created for --output-uri")
