@@ -126,13 +126,14 @@ def check_definition(base: str, stages: list[Stage], source: str, restart: bool)
     if recorded is not None and not restart:
         # The same local file named another way (`data/x.csv`, its absolute path) is the same
         # source: compared by its files' contents, as a batch run's identity is.
-        if answers_alike(recorded) != answers_alike(current):
+        before, now = answers_alike(recorded), answers_alike(current)
+        if before != now:
             changed = [
                 s.get("name", "?")
                 for s, r in zip(current["stages"], recorded["stages"] + [{}] * 9, strict=False)
                 if comparable(s) != comparable(r)
             ]
-            if answers_alike(recorded)["source"] != answers_alike(current)["source"]:
+            if before["source"] != now["source"]:
                 changed.insert(0, "source")
             msg = (
                 f"Pipeline run {base} was started with another definition (changed: "
