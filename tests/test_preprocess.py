@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import json
 from pathlib import Path
 
@@ -542,7 +543,7 @@ def test_read_sample_keeps_a_prompt_with_a_line_separator_in_one_request(tmp_pat
 
 def _jsonl(path: Path, lines: list[str]) -> str:
     """JSONL as written by hand, so escapes reach the reader exactly as the test spells them."""
-    opener = __import__("gzip").open if path.name.endswith(".gz") else open
+    opener = gzip.open if path.name.endswith(".gz") else open
     with opener(path, "wt", encoding="utf-8") as handle:
         handle.write("".join(line + "\n" for line in lines))
     return str(path)
