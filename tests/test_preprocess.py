@@ -591,3 +591,43 @@ def test_plan_of_a_small_run_says_it_is_served_on_demand(tmp_path):
     batch = run(tmp_path, write_csv(tmp_path, topics(10), "big.csv"), "big", max_concurrent_jobs=2)
     assert batch.jobs_phrase() == "2 batch jobs"
     assert "on demand" not in format_plan(batch)
+
+
+@pytest.mark.parametrize("name", ["src.jsonl", "src.jsonl.gz", "src.csv"])
+def test_an_integer_a_float_column_would_round_is_refused_with_its_line(tmp_path, name):
+    # Beside decimals, a JSONL key (or a CSV column typed by csv_types="infer") reads as Float64,
+    # which holds integers exactly only up to 2^53: 9007199254740993 became 9007199254740992.0.
+    scores = ["1.5", "2", "3", "9007199254740993", "4.25"]
+    if name.endswith(".csv"):
+        lines = ["topic,score", *(f"topic {i},{s}" for i, s in enumerate(scores))]
+        (tmp_path / name).write_text("\n".join(lines) + "\n")
+        source, line = str(tmp_path / name), 5
+    else:
+        lines = [f'{{"topic": "topic {i}", "score": {s}}}' for i, s in enumerate(scores)]
+        source, line = _jsonl(tmp_path / name, lines), 4
+    options = {"csv_types": "infer"} if name.endswith(".csv") else {}
+    with pytest.raises(InputValidationError) as exc:
+        run(tmp_path, source, **options)
+    message = str(exc.value)
+    assert (
+        f"line {line} has the integer 9007199254740993 in 'score', which would be read as "
+        "9007199254740992.0" in message
+    ), message
+    assert "Write that column's values as strings" in message
+    assert not list((tmp_path / "run" / "input").glob("*"))
+
+
+def test_large_floats_and_exact_integers_beside_decimals_are_kept(tmp_path):
+    # Values of 2^53 and beyond that a float holds as written: no refusal, values unchanged.
+    scores = ["1.5", "9007199254740992", "1e20", "-123456789012345678901234.0", "18014398509481984"]
+    lines = [f'{{"topic": "topic {i}", "score": {s}}}' for i, s in enumerate(scores)]
+    plan = run(tmp_path, _jsonl(tmp_path / "src.jsonl", lines))
+    rows = pl.read_parquet(tmp_path / "run" / plan.shards[0].rows_file)
+    assert rows["score"].to_list() == [float(s) for s in scores]
+
+
+def test_a_large_integer_in_a_text_csv_column_is_kept_as_written(tmp_path):
+    (tmp_path / "src.csv").write_text("topic,score\nt0,1.5\nt1,9007199254740993\nt2,3\n")
+    plan = run(tmp_path, str(tmp_path / "src.csv"))
+    rows = pl.read_parquet(tmp_path / "run" / plan.shards[0].rows_file)
+    assert rows["score"].to_list() == ["1.5", "9007199254740993", "3"]

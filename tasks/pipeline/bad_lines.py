@@ -193,3 +193,74 @@ def _lone_surrogate(value: object, key: str) -> tuple[str, str] | None:
         if found:
             return found
     return None
+
+
+# 2^53 has 16 digits: an integer of fewer digits is exact in a Float64.
+_LONG_DIGITS = re.compile(rb"\d{16}")
+_INTEGER_TEXT = re.compile(r"[+-]?\d{16,}")
+
+
+def _inexact(value: int) -> bool:
+    """Whether a Float64 cannot hold `value` exactly."""
+    try:
+        return int(float(value)) != value
+    except OverflowError:
+        return True
+
+
+def first_inexact_integer(stream: BinaryIO, fmt: str, columns: list[str]) -> str | None:
+    """Where the first integer of `columns` that a Float64 cannot hold is, or None.
+
+    A JSONL key (or a CSV column read with ``csv_types="infer"``) holding decimals beside
+    integers is read as Float64, which holds integers exactly only up to 2^53: an id such as
+    9007199254740993 became 9007199254740992.0 in the prompt and the output. Run only when such
+    a column holds a value of that size, to tell a rounded integer from a large float.
+    """
+    buffered = stream if hasattr(stream, "peek") else io.BufferedReader(stream, 1 << 20)
+    with buffered:
+        if fmt == "jsonl":
+            return _inexact_json(buffered, columns)
+        if fmt == "csv":
+            return _inexact_csv(buffered, columns)
+    return None
+
+
+def _inexact_json(stream: BinaryIO, columns: list[str]) -> str | None:
+    for number, line in enumerate(stream, 1):
+        if not _LONG_DIGITS.search(line):
+            continue
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue  # not JSON: the reader refuses it with its own message
+        if not isinstance(record, dict):
+            continue
+        for column in columns:
+            value = record.get(column)
+            if type(value) is int and _inexact(value):
+                return _inexact_message(number, column, value)
+    return None
+
+
+def _inexact_csv(stream: BinaryIO, columns: list[str]) -> str | None:
+    csv.field_size_limit(max(csv.field_size_limit(), _FIELD_LIMIT))
+    with io.TextIOWrapper(stream, encoding="utf-8-sig", errors="replace", newline="") as handle:
+        reader = csv.reader(handle)
+        header = next(reader, [])
+        at = [(i, name) for i, name in enumerate(header) if name in columns]
+        start = reader.line_num + 1
+        for record in reader:
+            for i, column in at:
+                text = record[i].strip() if i < len(record) else ""
+                if _INTEGER_TEXT.fullmatch(text) and _inexact(int(text)):
+                    return _inexact_message(start, column, int(text))
+            start = reader.line_num + 1
+    return None
+
+
+def _inexact_message(line: int, column: str, value: int) -> str:
+    try:
+        read = repr(float(value))
+    except OverflowError:
+        read = "inf"
+    return f"line {line} has the integer {value} in {column!r}, which would be read as {read}"

@@ -32,6 +32,7 @@ from tasks.pipeline.sharding import cut_shards, even_bounds, shard_count
 from tasks.pipeline.sources import (
     CsvTypes,
     check_header,
+    check_integers_kept,
     check_lone_surrogates,
     file_format,
     load_source,
@@ -117,6 +118,9 @@ class _Work:
     max_bytes: int
     # A JSONL source's text columns, looked at for U+0000 until it is found (`_check_text`).
     nul_columns: list[str] = field(default_factory=list)
+    # Float columns of a JSONL or typed CSV source, looked at for integers they may have rounded
+    # until one of 2^53 or beyond is found (`_check_text`).
+    float_columns: list[str] = field(default_factory=list)
 
 
 def _sliceable(source: str) -> bool:
@@ -246,21 +250,35 @@ def _resolve(source: str, opts: PreprocessOptions, out_dir: Path) -> _Work:
         nul_columns=[n for n, t in schema.items() if t == pl.String]
         if source_format(source) == "jsonl"
         else [],
+        float_columns=[n for n, t in schema.items() if t in (pl.Float32, pl.Float64)]
+        if source_format(source) == "jsonl"
+        or (source_format(source) == "csv" and opts.csv_types == "infer")
+        else [],
     )
 
 
 def _check_text(w: _Work, frame: pl.DataFrame) -> None:
-    """Refuse a JSONL source whose text holds half a surrogate pair (Polars reads U+0000).
+    """Refuse a JSONL source whose text holds half a surrogate pair (Polars reads U+0000), and
+    a JSONL or typed CSV source whose float column rounded an integer written in it.
 
-    U+0000 in a shard's text is rare and costs a memchr per value to rule out; only then is the
-    source read again (`check_lone_surrogates`), once.
+    U+0000 in a shard's text, and a float of 2^53 or beyond, are rare and cost a comparison per
+    value to rule out; only then is the source read again (`check_lone_surrogates`,
+    `check_integers_kept`), once.
     """
-    if not w.nul_columns:
-        return
-    has_nul = pl.any_horizontal(pl.col(w.nul_columns).str.contains("\x00", literal=True).any())
-    if frame.select(has_nul).item():
-        w.nul_columns = []
-        check_lone_surrogates(w.source)
+    if w.nul_columns:
+        nul = pl.col(w.nul_columns).str.contains("\x00", literal=True).any()
+        if frame.select(pl.any_horizontal(nul)).item():
+            w.nul_columns = []
+            check_lone_surrogates(w.source)
+    if w.float_columns:
+        large = (pl.col(w.float_columns).abs() >= _EXACT_INTEGERS).any()
+        if frame.select(pl.any_horizontal(large)).item():
+            columns, w.float_columns = w.float_columns, []
+            check_integers_kept(w.source, columns)
+
+
+# Every integer of smaller magnitude is exact in a Float64; from here on floats skip integers.
+_EXACT_INTEGERS = float(2**53)
 
 
 class _Replan(Exception):

@@ -536,6 +536,27 @@ def check_lone_surrogates(source: str) -> None:
             raise InputValidationError(msg)
 
 
+def check_integers_kept(source: str, columns: list[str]) -> None:
+    """Refuse an integer that a float column of a JSONL or typed CSV source would round.
+
+    Called once a value of such a column is seen at 2^53 or beyond (`first_inexact_integer`).
+    """
+    from tasks.aws import storage
+
+    for file, fmt, where in _rereadable(source):
+        stream = _decompressed(storage.open_stream(file), file)
+        found = bad_lines.first_inexact_integer(stream, fmt, columns)
+        if found:
+            typed = ' or read the CSV with csv_types="text"' if fmt == "csv" else ""
+            msg = (
+                f"Source {source!r}: {where}{found}: the column also holds decimals, so it is "
+                "read as floats, which hold integers exactly only up to 2^53, and the value "
+                "would reach the prompt and the output changed. Write that column's values as "
+                f"strings{typed}, and run again."
+            )
+            raise InputValidationError(msg)
+
+
 def _rereadable(source: str) -> Iterator[tuple[str, str, str]]:
     """(file, format, "in <file>, " when the source names more than it) of each CSV or JSONL
     file Python can read again for an error's line (a .zst file it cannot: no zstd in 3.11)."""
