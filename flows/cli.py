@@ -577,6 +577,11 @@ def build_parser() -> argparse.ArgumentParser:
     prun.add_argument("--max-attempts", type=int)
     prun.add_argument("--role-arn")
     prun.add_argument("--restart", action="store_true", help="start the pipeline again")
+    prun.add_argument(
+        "--restart-from",
+        metavar="STAGE",
+        help="run this stage and the ones after it again; the stages before it are kept",
+    )
     prun.add_argument("--local-stack", action="store_true", help="start the local stack")
     prun.set_defaults(func=cmd_pipeline_run)
 

@@ -33,20 +33,38 @@ class PipelineParams(BaseModel):
     max_attempts: int = Field(3, ge=1, le=10, description="Tries per record (repairs included).")
     role_arn: str | None = Field(None, description="Bedrock service role.")
     restart: bool = Field(False, description="Start the pipeline (and each stage) again.")
+    restart_from: str | None = Field(
+        None,
+        description=(
+            "Run this stage and the ones after it again from scratch (their definitions may "
+            "have changed); the stages before it keep their answers and are not paid again."
+        ),
+    )
 
     @model_validator(mode="after")
     def _one_definition(self) -> PipelineParams:
         if bool(self.pipeline_id) == bool(self.stages):
             msg = "Give pipeline_id (a named pipeline) or stages, exactly one of them."
             raise ValueError(msg)
+        if self.restart and self.restart_from:
+            msg = "Give restart (every stage) or restart_from (a stage and the ones after it)."
+            raise ValueError(msg)
         return self
+
+    def restarts(self, index: int, stages: list[Stage]) -> bool:
+        """Whether stage `index` starts again from scratch."""
+        if self.restart_from is None:
+            return self.restart
+        return index >= [s.name for s in stages].index(self.restart_from)
 
     def resolved_stages(self) -> list[Stage]:
         """The stages to run."""
         return list(self.stages or get_pipeline(self.pipeline_id))
 
 
-def _stage_params(params: PipelineParams, stage: Stage, index: int) -> BatchParams:
+def _stage_params(
+    params: PipelineParams, stages: list[Stage], stage: Stage, index: int
+) -> BatchParams:
     layout = S.stage_layout(params.output_uri, params.run_name, stage)
     return BatchParams(
         source=params.source if index == 0 else layout.input_uri,
@@ -61,7 +79,7 @@ def _stage_params(params: PipelineParams, stage: Stage, index: int) -> BatchPara
         max_records_per_job=stage.max_records_per_job or params.max_records_per_job,
         max_attempts=params.max_attempts,
         role_arn=params.role_arn,
-        restart=params.restart,
+        restart=params.restarts(index, stages),
     )
 
 
@@ -71,9 +89,9 @@ def record_definition(params: PipelineParams, stages: list[Stage]) -> dict[str, 
     base = S.pipeline_dir(params.output_uri, params.run_name)
     # Every stage checked before the definition is recorded and stage 1 is paid.
     S.check_stages(stages, S.source_columns(params.source))
-    S.check_definition(base, stages, params.source, params.restart)
+    S.check_definition(base, stages, params.source, params.restart, params.restart_from)
     summary_uri = storage.join(base, S.SUMMARY_FILE)
-    if not params.restart and storage.exists(summary_uri):
+    if not params.restart and not params.restart_from and storage.exists(summary_uri):
         return json.loads(storage.read_bytes(summary_uri))
     return None
 
@@ -142,7 +160,8 @@ def batch_pipeline(params: PipelineParams) -> dict[str, Any]:
 
     Re-running with the same run name resumes at the stage that did not finish (finished
     stages report their output, nothing is paid twice); a finished pipeline reports its
-    summary; a changed definition is refused before anything is spent.
+    summary; a changed definition is refused before anything is spent, unless the changed
+    stages are run again (`restart_from`, or `restart` for all).
     """
     logger = get_run_logger()
     stages = params.resolved_stages()
@@ -179,7 +198,7 @@ def batch_pipeline(params: PipelineParams) -> dict[str, Any]:
             why = {"rows_in": 0, "rows_kept": 0, **extra, "emptied_by": emptied_by}
             reports.append(S.stage_report(stage, S.NOT_RUN, why))
             continue
-        stage_params = _stage_params(params, stage, index)
+        stage_params = _stage_params(params, stages, stage, index)
         summary = batch_inference.with_options(flow_run_name=stage_params.run_name)(stage_params)
         reports.append(S.stage_report(stage, summary, extra))
         logger.info("Stage %s: %s", stage.name, summary.get("counts"))

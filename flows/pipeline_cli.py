@@ -68,6 +68,7 @@ def run_pipeline(args: argparse.Namespace) -> int:
             "max_attempts": args.max_attempts,
             "role_arn": args.role_arn,
             "restart": args.restart or None,
+            "restart_from": args.restart_from,
         }
         params = PipelineParams(**{k: v for k, v in fields.items() if v is not None})
         interruptible()

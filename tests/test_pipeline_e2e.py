@@ -95,7 +95,7 @@ def test_pipeline_filters_across_shards_and_repairs_invalid_answers(stack, tmp_p
         batch_pipeline(changed)
 
 
-def _run(source: Path, out: Path, kill_at: str | None) -> subprocess.CompletedProcess:
+def _run(source: Path, out: Path, kill_at: str | None, *extra: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value(), EXPIRY_ENV: "3"}
     env.pop(ENV, None)
     if kill_at:  # armed only while stage 2 (grade) runs
@@ -104,7 +104,7 @@ def _run(source: Path, out: Path, kill_at: str | None) -> subprocess.CompletedPr
         sys.executable, "-m", "flows.cli", "pipeline", "run",
         "--pipeline-id", "answer_and_grade", "--source", str(source),
         "--output-uri", str(out), "--run-name", "pipe-kill",
-        "--max-concurrent-jobs", "3", "--max-records-per-job", "100",
+        "--max-concurrent-jobs", "3", "--max-records-per-job", "100", *extra,
     ]  # fmt: skip
     return subprocess.run(command, env=env, capture_output=True, text=True, timeout=400)
 
@@ -125,6 +125,71 @@ def test_pipeline_rerun_after_sigkill_in_stage_two_pays_no_job_twice(stack, tmp_
     assert sorted(j for j in jobs if "grade" in j) == [
         f"pipe-kill--grade-shard-0000{i}-a1" for i in range(3)
     ]
+
+
+def test_a_plain_rerun_after_a_restart_crashed_finishes_the_restart(stack, tmp_path):
+    # The restart left the old summary and joined output in place: the plain re-run after its
+    # crash reported the old pipeline as finished, and the restarted grade jobs in flight were
+    # never merged (paid, their answers nowhere).
+    stack.configure(records_per_second=200)
+    source, out = _source(tmp_path), tmp_path / "out3"
+    assert _run(source, out, kill_at=None).returncode == 0
+    crashed = _run(source, out, "polling", "--restart")
+    assert crashed.returncode == -signal.SIGKILL, crashed.stderr[-2000:]
+    finished = _run(source, out, kill_at=None)
+    assert finished.returncode == 0, finished.stderr[-3000:]
+
+    pipeline = out / "pipe-kill"
+    joined = pl.read_parquet(pipeline / "output" / "*.parquet")
+    assert joined.height == ROWS and joined["pipeline_row_id"].n_unique() == ROWS
+    # The joined output carries the restarted run's answers, not the first run's.
+    grade = pl.read_parquet(pipeline / "stages" / "grade" / "pipe-kill--grade" / "output")
+    restarted_jobs = set(grade["job_id"].drop_nulls())
+    assert set(joined["grade_job_id"].drop_nulls()) == restarted_jobs
+    first_jobs = [j for j in stack.ledger(name_contains="pipe-kill--grade")][:3]
+    assert not restarted_jobs & {j["jobName"] for j in first_jobs}
+    aside = [p.name for p in out.iterdir() if p.name.startswith("pipe-kill.replaced-")]
+    assert len(aside) == 1 and (out / aside[0] / "summary.json").exists()
+    jobs = [j["jobName"] for j in stack.ledger(name_contains="pipe-kill--")]
+    assert len(jobs) == len(set(jobs))  # no job created twice
+
+
+def test_restart_from_a_changed_stage_keeps_the_answers_before_it(stack, tmp_path):
+    params = PipelineParams(
+        source=str(_source(tmp_path)),
+        output_uri=str(tmp_path / "out"),
+        run_name="pipe-from",
+        stages=_stages(),
+        max_records_per_job=150,
+        max_concurrent_jobs=3,
+    )
+    first = batch_pipeline(params)
+    before = pl.read_parquet(tmp_path / "out" / "pipe-from" / "output" / "*.parquet")
+    answer_jobs = stack.ledger(name_contains="pipe-from--answer")
+
+    # Grade every answered row now: a plain re-run is refused and names the way out.
+    grade_all = _stages()[1].model_copy(update={"filter": "error_code IS NULL"})
+    changed = params.model_copy(update={"stages": [_stages()[0], grade_all]})
+    with pytest.raises(RunIdentityError, match="restart_from='grade'"):
+        batch_pipeline(changed)
+    # Keeping a stage that changed is refused too, before anything is spent.
+    answer_v2 = _stages()[0].model_copy(update={"max_records_per_job": 100})
+    with pytest.raises(RunIdentityError, match="changed: answer.*Restart from 'answer'"):
+        batch_pipeline(
+            params.model_copy(update={"stages": [answer_v2, grade_all], "restart_from": "grade"})
+        )
+
+    summary = batch_pipeline(changed.model_copy(update={"restart_from": "grade"}))
+
+    after = pl.read_parquet(tmp_path / "out" / "pipe-from" / "output" / "*.parquet")
+    assert stack.ledger(name_contains="pipe-from--answer") == answer_jobs  # not paid again
+    answers = ["pipeline_row_id", "answer_response_text", "answer_job_id"]
+    assert after.select(answers).equals(before.select(answers))
+    graded = after.filter(pl.col("grade_skipped").is_null())
+    assert graded.height == ROWS == summary["stages"][1]["counts"]["records"]
+    assert first["stages"][1]["counts"]["records"] == KEPT
+    assert set(graded["grade_job_id"]).isdisjoint(set(before["grade_job_id"].drop_nulls()))
+    assert batch_pipeline(changed) == summary  # finished: the new definition stands
 
 
 def test_small_stage_is_served_on_demand_and_an_empty_one_is_not_run(stack, tmp_path):

@@ -12,6 +12,7 @@ import json
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from typing import Any
 
 import polars as pl
@@ -23,7 +24,7 @@ from tasks.errors import PlanError, RunIdentityError
 from tasks.pipeline import columns as C
 from tasks.pipeline.sources import load_source
 from tasks.run import failpoints
-from tasks.run.layout import OUTPUT_DIR, PARQUET, expand_run_name
+from tasks.run.layout import OUTPUT_DIR, PARQUET, REPLACED_MARK, expand_run_name
 
 ROW_ID = "pipeline_row_id"
 SKIPPED_SUFFIX = "_skipped"
@@ -95,16 +96,27 @@ def _template_of(prompt_id: str) -> dict[str, Any]:
     return {"text": t.text, "system": t.system, "params": t.inference_params(), "schema": schema}
 
 
-def check_definition(base: str, stages: list[Stage], source: str, restart: bool) -> None:
+def check_definition(
+    base: str, stages: list[Stage], source: str, restart: bool, restart_from: str | None = None
+) -> None:
     """Record the pipeline's definition, or refuse a changed one before anything is spent.
 
     The definition holds what decides the answers: the source's content (as a batch run's
     identity has it), and each stage with its template's text, system prompt, parameters
     and schema. With the prompt id and the source's name alone, a finished pipeline whose
     template or source file was edited returned its old summary as if nothing changed.
+    ``restart_from`` lets the stages from that one on change (or be added) while the source
+    and the stages before it, whose answers are kept, must not.
     """
     from tasks.run.identity import answers_alike, comparable, source_fingerprint
 
+    names = [s.name for s in stages]
+    if restart_from is not None and restart_from not in names:
+        msg = (
+            f"restart_from={restart_from!r} is not a stage of this pipeline "
+            f"({', '.join(names)}); name the first stage to run again."
+        )
+        raise PlanError(msg)
     uri = storage.join(base, DEFINITION_FILE)
     recorded = json.loads(storage.read_bytes(uri)) if storage.exists(uri) else None
     known = (
@@ -127,22 +139,60 @@ def check_definition(base: str, stages: list[Stage], source: str, restart: bool)
         # The same local file named another way (`data/x.csv`, its absolute path) is the same
         # source: compared by its files' contents, as a batch run's identity is.
         before, now = answers_alike(recorded), answers_alike(current)
-        if before != now:
-            changed = [
-                s.get("name", "?")
-                for s, r in zip(current["stages"], recorded["stages"] + [{}] * 9, strict=False)
-                if comparable(s) != comparable(r)
-            ]
-            if before["source"] != now["source"]:
-                changed.insert(0, "source")
+        keep = len(stages) if restart_from is None else names.index(restart_from)
+        changed = [
+            s.get("name", "?")
+            for s, r in zip(now["stages"][:keep], before["stages"] + [{}] * keep, strict=False)
+            if comparable(s) != comparable(r)
+        ]
+        if before["source"] != now["source"]:
+            changed.insert(0, "source")
+        elif restart_from is None and len(before["stages"]) != len(now["stages"]):
+            changed = changed or ["stages"]
+        if changed and restart_from is not None:
             msg = (
-                f"Pipeline run {base} was started with another definition (changed: "
-                f"{', '.join(changed) or 'stages'}); nothing was submitted. Use a new run "
-                "name, or restart."
+                f"Pipeline run {base}: restart_from={restart_from!r} keeps the answers of the "
+                f"stages before it, but changed: {', '.join(changed)}; nothing was submitted. "
+                + (
+                    "Use a new run name, or restart."
+                    if changed[0] == "source"
+                    else f"Restart from {changed[0]!r}, or restart."
+                )
             )
             raise RunIdentityError(msg)
-        return
+        if changed:
+            msg = (
+                f"Pipeline run {base} was started with another definition (changed: "
+                f"{', '.join(changed)}); nothing was submitted. Use a new run name, "
+                + (
+                    "or restart."
+                    if changed[0] == "source"
+                    else f"restart_from={changed[0]!r} (keeps the stages before it), or restart."
+                )
+            )
+            raise RunIdentityError(msg)
+        if restart_from is None:
+            return
+    if recorded is not None:
+        _move_aside(base)
     storage.write_bytes(uri, json.dumps(current, indent=1).encode())
+
+
+def _move_aside(base: str) -> None:
+    """A restarted pipeline's joined output and summary go to a sibling folder, kept.
+
+    Left in place, a restart that crashed was reported as finished by the next plain re-run,
+    with the old summary and output, and the restarted stages' jobs in flight never merged.
+    The summary goes first: a crash between the two leaves a pipeline that resumes.
+    """
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S")
+    aside = base.rstrip("/") + REPLACED_MARK + stamp
+    summary = storage.join(base, SUMMARY_FILE)
+    tagged = storage.read_tagged(summary)
+    if tagged is not None:
+        storage.write_bytes(storage.join(aside, SUMMARY_FILE), tagged.data)
+        storage.delete_if_match(summary, tagged.tag)
+    storage.move_tree(storage.join(base, OUTPUT_DIR), storage.join(aside, OUTPUT_DIR))
 
 
 def check_stages(stages: list[Stage], source: list[str]) -> None:
