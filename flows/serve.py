@@ -14,24 +14,36 @@ BATCH_DEFAULTS = {
     }
 }
 
+PIPELINE_DEFAULTS = {
+    "params": {
+        "pipeline_id": "answer_and_grade",
+        "source": "data/simplecot.jsonl",
+        "output_uri": "out",
+        "run_name": "simplecot-answer-and-grade",
+    }
+}
+
 
 # Served deployments carry their own names: updating the deployments `prefect deploy` made
 # (same names) would drop their pull steps and keep path=None, and every served run then
 # failed with FileNotFoundError '.../None'. Both kinds live side by side.
 SERVED_SUFFIX = "-served"
 BATCH_DEPLOYMENT = "batch-inference" + SERVED_SUFFIX
+PIPELINE_DEPLOYMENT = "batch-pipeline" + SERVED_SUFFIX
 MONITOR_DEPLOYMENT = "bedrock-batch-monitor" + SERVED_SUFFIX
 SUMMARIZE_DEPLOYMENT = "summarize-run" + SERVED_SUFFIX
 
 
 def build_deployments(monitor_interval_minutes: float = 5.0) -> list:
-    """The runner deployments `serve_all` serves: batch-inference, the monitor, summarize-run.
+    """The runner deployments `serve_all` serves: batch-inference, batch-pipeline, the monitor
+    and summarize-run.
 
     The served summarize-run gets the run-finished trigger only when no deployed summarize-run
     already carries one, so a finished run is summarised once, not once per path.
     """
     from flows.batch_inference import batch_inference
     from flows.monitor import bedrock_batch_monitor
+    from flows.pipeline import batch_pipeline
     from flows.summarize import summarize_run
     from tasks.monitoring.automations import (
         summarize_deployment_trigger,
@@ -42,6 +54,7 @@ def build_deployments(monitor_interval_minutes: float = 5.0) -> list:
     own_trigger = owner is None or owner.endswith(SERVED_SUFFIX)
     return [
         batch_inference.to_deployment(name=BATCH_DEPLOYMENT, parameters=BATCH_DEFAULTS),
+        batch_pipeline.to_deployment(name=PIPELINE_DEPLOYMENT, parameters=PIPELINE_DEFAULTS),
         bedrock_batch_monitor.to_deployment(
             name=MONITOR_DEPLOYMENT, interval=timedelta(minutes=monitor_interval_minutes)
         ),

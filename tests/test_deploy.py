@@ -49,6 +49,7 @@ def test_deploy_all_creates_every_deployment(deployed):
             for name in (
                 "batch-inference/batch-inference",
                 "batch-inference/batch-inference-nightly",
+                "batch-pipeline/batch-pipeline",
                 "bedrock_batch_monitor/bedrock-batch-monitor",
                 "summarize-run/summarize-run",
             )
@@ -58,6 +59,14 @@ def test_deploy_all_creates_every_deployment(deployed):
     assert batch.work_pool_name == "bedrock-batch"
     nightly = names["batch-inference/batch-inference-nightly"]
     assert [s.active for s in nightly.schedules] == [False]
+    # The pipeline's defaults are a valid form: the UI's Run starts the bundled pipeline.
+    from flows.pipeline import PipelineParams
+
+    pipeline = names["batch-pipeline/batch-pipeline"]
+    params = PipelineParams(**pipeline.parameters["params"])
+    assert [s.name for s in params.resolved_stages()] == ["answer", "grade"]
+    assert Path(ROOT, params.source).exists()
+    assert pipeline.work_pool_name == "bedrock-batch"
     monitor = names["bedrock_batch_monitor/bedrock-batch-monitor"]
     assert monitor.schedules[0].active
     assert monitor.schedules[0].schedule.interval.total_seconds() == 300
