@@ -13,6 +13,7 @@ from flows.batch_inference import batch_inference
 from prompt_templates import prompt_id_to_template
 from tasks.bedrock import catalog
 from tasks.run.artifacts import (
+    MAX_TIMELINE_SAMPLES,
     NONE,
     WAITING,
     Bar,
@@ -334,3 +335,34 @@ def test_progress_a_refused_send_is_logged_and_the_figure_sent_again_later(caplo
     assert sent == [] and "10.0 %" in caplog.text
     progress.update("job-0", 200)
     assert sent == [20.0] and progress.shown == 20.0
+
+
+def test_job_board_timeline_stays_bounded_over_a_long_run():
+    """A run of days publishes on every poll; each publication is a new artifact row.
+
+    The timeline's SVG drew a point per publication ever made, so its size grew with the
+    run's age and the Prefect database with its square (a week at one poll a minute: ~10k
+    publications, ~640 kB per timeline at the end, gigabytes over the run).
+    """
+    markdowns: list[str] = []
+    attempt = _attempt(submitted_at=_at(0), counters={"processedRecordCount": 0})
+    store = _Store(RunState("r", {"shard-00000": ShardState("shard-00000", [attempt])}))
+    shards = [type("S", (), {"name": "shard-00000", "records": 1500})()]
+    board = JobBoard(
+        "r",
+        store,
+        shards,
+        3,
+        2,
+        min_interval=0,
+        table=lambda *_: None,
+        markdown=lambda text, key, _: markdowns.append(text),
+    )
+    for n in range(1, 3001):
+        attempt.counters["processedRecordCount"] = n % 1500
+        board.publish()
+    sizes = [len(text) for text in markdowns]
+
+    assert max(sizes[1500:]) <= max(sizes[:1500])  # no longer growing with the run's age
+    assert len(board.samples) <= 2 * MAX_TIMELINE_SAMPLES
+    assert board.samples[0].records == 0 and board.samples[-1].records == 3000 % 1500

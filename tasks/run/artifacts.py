@@ -45,6 +45,11 @@ STATUS_COLOURS = {
 }
 IN_FLIGHT_COLOUR = "#3b7dd8"
 BLOCKS = "▁▂▃▄▅▆▇█"
+# Samples of records and tokens the timeline keeps: about one per pixel of its 720-pixel plot.
+# A run publishes on each poll that moves a counter, for days; every publication is a new
+# artifact row, so a timeline drawing every sample ever taken grew with the run's age and the
+# Prefect database with its square.
+MAX_TIMELINE_SAMPLES = 720
 
 CostOf = Callable[[int, int], float | None]
 # A merged shard's actual cost in its merge stats (`run_shard`): batch and on demand apart.
@@ -222,6 +227,16 @@ class Sample:
 
 def _time(value: str | None) -> datetime | None:
     return datetime.fromisoformat(value) if value else None
+
+
+def thin(samples: Sequence[Sample]) -> list[Sample]:
+    """Every other sample, the first and the last always kept: half the points, same span.
+
+    The counts only grow, so the line through the kept points is the same picture at the
+    plot's resolution; halving when the list doubles keeps it bounded at O(1) a sample.
+    """
+    kept = list(samples[:-1:2])
+    return [*kept, samples[-1]] if samples else kept
 
 
 def job_bars(views: Sequence[ShardView]) -> list[Bar]:
@@ -496,6 +511,8 @@ class JobBoard:
         if not self.samples:
             self.samples.append(Sample(now, 0, 0))
         self.samples.append(Sample(now, records, tokens))
+        if len(self.samples) > 2 * MAX_TIMELINE_SAMPLES:
+            self.samples[:] = thin(self.samples)
 
     def changed(self) -> None:
         """A job moved: publish now or when the interval ends (sampled when published).
