@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -158,3 +159,72 @@ def test_a_bad_owner_expiry_is_one_line_naming_the_variable(tmp_path, monkeypatc
         claim_run(layout_for(str(tmp_path / "out"), "bad-expiry"), flow_run_id="f")
     assert str(exc.value).startswith(f"Invalid setting {EXPIRY_ENV}='1m': ")
     assert not (tmp_path / "out" / "bad-expiry" / "owner.json").exists()
+
+
+def test_a_heartbeat_whose_response_was_lost_keeps_the_claim(local_stack, tmp_path, monkeypatch):
+    """A refresh S3 applied but whose answer never came is retried by botocore; the retry's
+    If-Match names the old ETag and gets 412. The claim is still this process's own.
+
+    A run refreshes its claim every 15 s for days (~40,000 conditional PUTs a week), so one
+    lost response, a read timeout or a 500 after the write, is to be expected; it ended the
+    run with "lost its claim ... to another process" while no other process existed.
+    """
+    from botocore.endpoint import Endpoint
+    from botocore.exceptions import ReadTimeoutError
+
+    monkeypatch.setenv(EXPIRY_ENV, "1")
+    layout = layout_for(f"s3://{local_stack.bucket}/owner-tests/{tmp_path.name}", "lost-reply")
+    send = Endpoint._send
+    faulted, refreshed = threading.Event(), threading.Event()
+
+    def lose_one_reply(self, request):
+        response = send(self, request)
+        conditional = request.method == "PUT" and "If-Match" in request.headers
+        if conditional and faulted.is_set() and response.status_code == 200:
+            refreshed.set()
+        if conditional and not faulted.is_set() and response.status_code == 200:
+            faulted.set()  # S3 wrote it; the answer is lost on the way back
+            raise ReadTimeoutError(endpoint_url=request.url)
+        return response
+
+    claim = claim_run(layout, flow_run_id="only-owner")
+    try:
+        monkeypatch.setattr(Endpoint, "_send", lose_one_reply)
+        assert faulted.wait(10)
+
+        assert refreshed.wait(10), "the heartbeat stopped after the lost reply"
+        claim.check()
+    finally:
+        monkeypatch.setattr(Endpoint, "_send", send)
+        claim.release()
+    assert not storage.exists(layout.owner_uri)
+
+
+def test_a_claim_whose_creation_reply_was_lost_is_taken_at_once(local_stack, tmp_path, monkeypatch):
+    """The first write's answer lost, botocore's retry of If-None-Match gets 412: the claim
+    found is this process's own, not a live owner to watch for the whole expiry."""
+    from botocore.endpoint import Endpoint
+    from botocore.exceptions import ReadTimeoutError
+
+    monkeypatch.setenv(EXPIRY_ENV, "30")
+    layout = layout_for(f"s3://{local_stack.bucket}/owner-tests/{tmp_path.name}", "lost-create")
+    send = Endpoint._send
+    faulted = threading.Event()
+
+    def lose_one_reply(self, request):
+        response = send(self, request)
+        created = request.method == "PUT" and "If-None-Match" in request.headers
+        if created and not faulted.is_set() and response.status_code == 200:
+            faulted.set()
+            raise ReadTimeoutError(endpoint_url=request.url)
+        return response
+
+    monkeypatch.setattr(Endpoint, "_send", lose_one_reply)
+    started = time.monotonic()
+    claim = claim_run(layout, flow_run_id="only-owner")
+    waited = time.monotonic() - started
+    monkeypatch.setattr(Endpoint, "_send", send)
+    claim.release()
+
+    assert faulted.is_set()
+    assert waited < 10

@@ -94,6 +94,17 @@ def _owner_text(owner: dict[str, Any]) -> str:
     )
 
 
+def _own_write(uri: str, body: bytes) -> str | None:
+    """The claim's tag when it holds exactly ``body``, a write of ours whose answer was lost.
+
+    botocore retries a PUT whose response timed out or came back 5xx; when S3 had applied it,
+    the retry's If-Match names the old ETag and is refused (412), though the claim is ours.
+    The body carries this claim's id and a fresh ``heartbeat_at``: no other process writes it.
+    """
+    current = storage.read_tagged(uri)
+    return current.tag if current is not None and current.data == body else None
+
+
 class RunClaim:
     """The claim this process holds on a run; a thread refreshes it until release."""
 
@@ -116,6 +127,8 @@ class RunClaim:
                     return
                 try:
                     tag = storage.put_if_match(self.uri, body, self._tag)
+                    if tag is None:
+                        tag = _own_write(self.uri, body)
                 except Exception as exc:  # a transient store error must not end the heartbeat
                     log.warning("Could not refresh the claim %s (will retry): %s", self.uri, exc)
                     continue
@@ -179,6 +192,8 @@ def claim_run(
         current = storage.read_tagged(layout.owner_uri)
         if current is None:
             continue  # released between the two calls
+        if current.data == body:  # our own create, its answer lost and the retry refused
+            return RunClaim(layout.owner_uri, owner, current.tag, expiry)
         holder = json.loads(current.data)
         if seen is not None and current.tag != seen.tag:
             msg = (
