@@ -6,6 +6,7 @@ from typing import Any
 from uuid import UUID
 
 from prefect import flow, get_run_logger, runtime
+from prefect.futures import wait
 from prefect.task_runners import ThreadPoolTaskRunner
 from prefect.utilities.annotations import unmapped
 
@@ -177,7 +178,12 @@ def batch_inference(params: BatchParams) -> dict[str, Any]:
                     "job events, polling as the fallback" if events_active else "polling",
                 )
                 try:
-                    results = run_shard.map(unmapped(ctx), plan.shards).result()
+                    shards = run_shard.map(unmapped(ctx), plan.shards)
+                    # Every shard to its end before a failure is raised: Prefect's result()
+                    # raises at the first one, and the watcher closed below left the shards
+                    # still waiting on a job (hours on Bedrock) waiting for ever.
+                    wait(shards)
+                    results = shards.result()
                 except BaseException as exc:
                     if not isinstance(exc, Exception):  # Ctrl-C, SIGTERM: the process goes
                         _interrupted(runtime.flow_run.id, exc)

@@ -501,3 +501,38 @@ def test_a_shard_holds_no_job_output_while_its_retry_job_runs(stack, tmp_path, m
     assert sorted(job["recordCount"] for job in jobs) == [150, 300]
     runtime = stack.api_calls()["operations"]
     assert [runtime.get(name, {}).get("calls", 0) for name in ("InvokeModel", "Converse")] == [0, 0]
+
+
+def test_a_failed_shard_lets_the_jobs_in_flight_finish_and_merge(stack, tmp_path, monkeypatch):
+    """One shard failing (here its create refused past every retry) while another's job runs.
+
+    The flow raised at the first failure and closed the run's watcher under the shard still
+    waiting on its job: that wait never ended, the task runner waited for it at the flow's
+    exit, and the process hung for good (its job, hours long on Bedrock, ended unseen).
+    """
+    from tasks.settings import get_settings
+
+    monkeypatch.setenv("BEDROCK_BATCH_POLL_CREATE_BACKOFF_SECONDS", "0.001")  # ~5 s of retries
+    get_settings.cache_clear()
+    stack.set_faults(quota=1)  # the second create is refused while the first job runs
+    stack.configure(records_per_second=12.0)  # 100 records: ~8 s, past every create retry
+    params = _text_params(
+        tmp_path, "failed-shard", 200, max_concurrent_jobs=2, max_records_per_job=100
+    )
+    outcome: dict = {}
+
+    def run() -> None:
+        try:
+            batch_inference(params)
+        except Exception as exc:  # noqa: BLE001 - what the flow raised is the test's subject
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(90)
+    get_settings.cache_clear()
+
+    assert not thread.is_alive(), "the flow never returned after a shard failed"
+    assert "ServiceQuotaExceeded" in type(outcome.get("error")).__name__
+    parts = sorted((tmp_path / "out" / "failed-shard" / "output").glob("part-*.parquet"))
+    assert len(parts) == 1  # the job that ran was merged
