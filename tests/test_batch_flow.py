@@ -538,3 +538,28 @@ def test_a_failed_shard_lets_the_jobs_in_flight_finish_and_merge(stack, tmp_path
     assert "refused for good" in str(outcome.get("error"))
     parts = sorted((tmp_path / "out" / "failed-shard" / "output").glob("part-*.parquet"))
     assert [p.name for p in parts] == ["part-00000.parquet"]  # the job that ran was merged
+
+
+def test_a_quota_held_by_a_running_job_longer_than_the_backoff_is_waited_out(
+    stack, tmp_path, monkeypatch
+):
+    """Bedrock's quota below the gate, its one slot held by a job that outlasts the create
+    backoff (Bedrock jobs run for hours; the default backoff spends ~35 min): the second
+    shard's create failed with ServiceQuotaExceededException and so did the run."""
+    from tasks.settings import get_settings
+
+    monkeypatch.setenv("BEDROCK_BATCH_POLL_CREATE_BACKOFF_SECONDS", "0.0005")  # 2-3 s of retries
+    get_settings.cache_clear()
+    stack.set_faults(quota=1)
+    stack.configure(records_per_second=25.0)  # 100 records: ~4 s
+    params = _text_params(
+        tmp_path, "quota-held", 200, max_concurrent_jobs=2, max_records_per_job=100
+    )
+    try:
+        summary = batch_inference(params)
+    finally:
+        get_settings.cache_clear()
+
+    assert pl.read_parquet(summary["parts"]).height == 200
+    jobs = stack.ledger(name_contains="quota-held")
+    assert sorted(job["jobName"][-14:] for job in jobs) == ["shard-00000-a1", "shard-00001-a1"]

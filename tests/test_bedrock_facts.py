@@ -132,6 +132,24 @@ def test_create_gives_up_when_the_backoff_is_spent_and_never_retries_other_error
     assert fake.calls == 1
 
 
+def test_create_waits_out_a_full_quota_while_jobs_hold_it_past_the_backoff(bedrock):
+    """A quota held by jobs of hours (others' too) outlasts any fixed backoff: wait for them."""
+    fake = bedrock(*[_client_error(error_codes.QUOTA_EXCEEDED)] * 6)
+    asked = []
+
+    arn = submit.create_job(_REQUEST, [1.0, 2.0], _LOG, lambda: asked.append(1) or True)
+
+    assert arn.endswith("/7") and fake.calls == 7
+    assert len(asked) == 4  # asked only once the backoff was spent
+
+
+def test_create_gives_up_on_a_full_quota_that_no_job_holds(bedrock):
+    fake = bedrock(*[_client_error(error_codes.QUOTA_EXCEEDED)] * 6)
+    with pytest.raises(ClientError, match=error_codes.QUOTA_EXCEEDED):
+        submit.create_job(_REQUEST, [1.0, 2.0], _LOG, lambda: False)
+    assert fake.calls == 3
+
+
 def test_retryable_record_errors_are_transient_http_statuses():
     assert {"429", "500", "503"} <= error_codes.RETRYABLE_RECORD
     assert "400" not in error_codes.RETRYABLE_RECORD

@@ -7,11 +7,11 @@ import logging
 import random
 import re
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from tasks.aws.clients import client, error_code, job_summaries
-from tasks.bedrock.error_codes import RETRYABLE_CREATE
+from tasks.bedrock.error_codes import QUOTA_EXCEEDED, RETRYABLE_CREATE
 from tasks.bedrock.jobs import JOB_NAME_MAX_LENGTH, is_valid_job_name
 
 # Bedrock allows letters, digits, '-', '+' and '.' after the first character; '_' is not allowed.
@@ -109,13 +109,20 @@ def create_backoff(base_seconds: float) -> list[float]:
 
 
 def create_job(
-    request: JobRequest, backoff: Sequence[float], logger: logging.Logger | logging.LoggerAdapter
+    request: JobRequest,
+    backoff: Sequence[float],
+    logger: logging.Logger | logging.LoggerAdapter,
+    quota_held: Callable[[], bool] | None = None,
 ) -> str:
     """CreateModelInvocationJob, idempotent through the request's token.
 
     Throttling and a full job quota (RETRYABLE_CREATE) wait ``backoff`` seconds in turn (with
     up to 50 % jitter, so shards refused together do not come back together) and try again;
     the same token can never make a second job. Any other error is the shard's to handle.
+    A full quota is waited out at the longest backoff for as long as ``quota_held()`` says jobs
+    hold it: they end (a job lasts up to its timeout, 24-168 h), while the backoff's ~35 min
+    failed the shard whenever jobs outside the gate (another tool's, a quota below the
+    setting) filled the quota for longer.
     This runs inside the shard's task rather than as a task of its own: a task run per create
     cost the Prefect server a few writes per job for nothing a user reads.
 
@@ -131,17 +138,19 @@ def create_job(
         except Exception as exc:
             code = error_code(exc)
             delay = next(delays, None) if code in RETRYABLE_CREATE else None
+            if delay is None and code == QUOTA_EXCEEDED and backoff and quota_held is not None:
+                delay = backoff[-1] if quota_held() else None
             if delay is None:
                 raise
             tried += 1
             wait = delay * random.uniform(1.0, 1.5)
             logger.warning(
-                "Creating %s was refused (%s); trying again in %.1f s (retry %d of %d)",
+                "Creating %s was refused (%s); trying again in %.1f s (retry %d %s)",
                 request.job_name,
                 code,
                 wait,
                 tried,
-                len(backoff),
+                f"of {len(backoff)}" if tried <= len(backoff) else "while jobs hold the quota",
             )
             time.sleep(wait)
 

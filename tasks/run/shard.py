@@ -282,7 +282,13 @@ def _create(ctx: RunContext, shard: ShardPlan, attempt: JobAttempt, resumed: boo
         return existing
     _verify_input(ctx, attempt, shard)
     backoff = create_backoff(get_settings().poll.create_backoff_seconds)
-    return create_job(request, backoff, logger)
+
+    def quota_held() -> bool:
+        """Jobs of the model in flight hold the quota (ours or not); none stops at a loss."""
+        ctx.check_owner()
+        return bool(gate.in_flight_jobs(ctx.model_id))
+
+    return create_job(request, backoff, logger, quota_held)
 
 
 def _give_back_unused_slot(
