@@ -312,6 +312,28 @@ def test_batch_inference_emits_lifecycle_events(stack, tmp_path):
     assert any(i.startswith(JOB_RESOURCE_PREFIX) for i in job_ids)
 
 
+def test_job_merged_event_names_the_job_and_model_after_an_on_demand_tail(stack, tmp_path):
+    # Record errors leave each shard a tail under the job minimum, served on demand: the
+    # shard's latest attempt has no job ARN, and its merged event named the job "" once.
+    stack.set_faults(record_error_rate=0.1)
+    params = _text_params(tmp_path, "merged-tail", 200, max_records_per_job=100)
+
+    batch_inference(params)
+
+    resource = RUN_RESOURCE_PREFIX + "merged-tail"
+    merged = _wait_for_events(resource, {JOB_MERGED: 2})[JOB_MERGED]
+    jobs = {j["jobArn"]: j["jobName"] for j in stack.ledger(name_contains="merged-tail")}
+    assert len(merged) == 2
+    for event in merged:
+        assert event.payload["job_arn"] in jobs
+        assert jobs[event.payload["job_arn"]].endswith(f"{event.payload['shard']}-a1")
+        assert event.resource.get("bedrock.model-id") == CLAUDE
+        related = {r.id for r in event.related}
+        assert JOB_RESOURCE_PREFIX + event.payload["job_arn"].rsplit("/", 1)[-1] in related
+        assert "bedrock.model." + CLAUDE in related
+        assert JOB_RESOURCE_PREFIX not in related  # no job resource with an empty id
+
+
 def test_batch_inference_s3_source_and_output(stack, tmp_path):
     s3 = boto3.client("s3", endpoint_url=stack.moto_url)
     body = _topics(tmp_path, 150).read_bytes()

@@ -73,7 +73,9 @@ def _model_related(model_id: str | None) -> list[dict[str, str]]:
     ]
 
 
-def _job_related(job_arn: str, shard: str) -> list[dict[str, str]]:
+def _job_related(job_arn: str | None, shard: str) -> list[dict[str, str]]:
+    if not job_arn:  # a shard served on demand only: no job, and no `bedrock.batch.job.`
+        return []
     job_id = job_id_from_arn(job_arn)
     return [
         {
@@ -131,13 +133,30 @@ def emit_job_status(
     )
 
 
-def emit_job_merged(run_name: str, job_arn: str, shard: str, stats: dict, part_uri: str) -> None:
-    """A finished job's output was merged into a Parquet part."""
+def emit_job_merged(
+    run_name: str,
+    job_arn: str | None,
+    shard: str,
+    model_id: str,
+    stats: dict,
+    part_uri: str,
+) -> None:
+    """A finished job's output was merged into a Parquet part.
+
+    ``job_arn`` is the shard's latest batch job (None when it was served on demand only); the
+    model is on it like on the other job events, so automations can filter merges by model.
+    """
     _emit(
         JOB_MERGED,
-        run_resource(run_name),
-        {"job_arn": job_arn, "shard": shard, "stats": dict(stats), "part_uri": part_uri},
-        _job_related(job_arn, shard),
+        run_resource(run_name, model_id),
+        {
+            "job_arn": job_arn or "",
+            "shard": shard,
+            "model_id": model_id,
+            "stats": dict(stats),
+            "part_uri": part_uri,
+        },
+        _job_related(job_arn, shard) + _model_related(model_id),
     )
 
 

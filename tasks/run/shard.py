@@ -621,8 +621,15 @@ def run_shard(ctx: RunContext, shard: ShardPlan) -> ShardResult:
             ctx.cost_guard.settle(shard.name, state.merge_stats.get(COST_USD))
         ctx.progress.update(shard.name, shard.records)
         ctx.changed()
+        # The latest batch job: an on-demand tail after it has no ARN of its own.
+        job = next((a for a in reversed(state.attempts) if a.job_arn), None)
         events.emit_job_merged(
-            ctx.run_name, state.current.job_arn or "", shard.name, state.merge_stats, state.part_uri
+            ctx.run_name,
+            job.job_arn if job else None,
+            shard.name,
+            ctx.model_id,
+            state.merge_stats,
+            state.part_uri,
         )
     first, last = state.attempts[0], state.current
     return ShardResult(
