@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import threading
 from datetime import datetime, timezone
 from pathlib import Path
@@ -244,6 +245,31 @@ def test_batch_inference_failed_job_marks_its_rows(stack, tmp_path):
     assert failed[ATTEMPTS].unique().to_list() == [3]
     assert {job["status"] for job in summary["jobs"]} == {"Completed", "Failed"}
     assert len(stack.ledger(name_contains="failed-job-shard-00001")) == 3
+
+
+def test_records_still_failed_after_the_last_attempt_are_a_warning(stack, tmp_path):
+    # The run completes with these rows failed; at INFO among the job statuses the one line
+    # that says so was not there at all.
+    stack.set_faults(
+        fail_job_names_containing="gave-up-shard-00001", fail_message="Boom (emulated)"
+    )
+    params = _text_params(tmp_path, "gave-up", 200, max_records_per_job=100, max_attempts=2)
+
+    state = batch_inference(params, return_state=True)
+
+    flow_run_id = state.state_details.flow_run_id
+    log_filter = LogFilter(flow_run_id={"any_": [flow_run_id]}, level={"ge_": logging.WARNING})
+    with get_client(sync_client=True) as client:
+
+        def gave_up() -> list[str]:
+            logs = client.read_logs(log_filter=log_filter, limit=50)
+            return [log.message for log in logs if "after 2 attempts" in log.message]
+
+        said = eventually(gave_up, what="the warning reaching the server")
+    assert len(said) == 1
+    assert "100 records of shard-00001" in said[0]
+    assert "Failed ×100" in said[0]
+    assert "Boom (emulated)" in said[0]
 
 
 def test_batch_inference_rerun_of_finished_run_creates_no_job(stack, tmp_path):

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 from uuid import UUID
 
+import polars as pl
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
@@ -456,13 +457,14 @@ def _plan_retry(
     ctx: RunContext, shard: ShardPlan, state: ShardState, settled: Settled, logger
 ) -> JobAttempt | None:
     """The next attempt for records that failed for reasons not their own, if any is due."""
-    if len(state.attempts) >= ctx.max_attempts:
-        return None
     last = state.current
     if outcome(last.status).stopped and not ctx.retry_stopped:
         return None
     ids = retry_ids(settled.frame, retry_statuses(ctx.retry_stopped))
     if not ids:
+        return None
+    if len(state.attempts) >= ctx.max_attempts:
+        _warn_gave_up(shard, last, settled, ids, logger)
         return None
     minimum = get_settings().quotas.min_records_per_job
     how = C.SERVED_BATCH if len(ids) >= minimum else C.SERVED_ON_DEMAND
@@ -483,6 +485,30 @@ def _plan_retry(
     storage.write_bytes(ctx.job_uri(relative), lines, ctx.kms_key_id, digest)
     logger.info("Retrying %d records of %s (attempt %d, %s)", len(ids), shard.name, number, how)
     return _new_attempt(ctx, shard, state, relative, len(ids), how, digest)
+
+
+def _warn_gave_up(
+    shard: ShardPlan, last: JobAttempt, settled: Settled, ids: list[str], logger
+) -> None:
+    """Records that would be retried but are out of attempts: the run still completes, so this
+    is the line an operator must not miss among the INFO statuses."""
+    codes = (
+        settled.frame.filter(pl.col(C.RECORD_ID).is_in(ids)).get_column(C.ERROR_CODE).value_counts()
+    )
+    by_code = ", ".join(
+        f"{code} ×{n}" for code, n in sorted(codes.iter_rows(), key=lambda r: (-r[1], r[0]))
+    )
+    ended = f"{last.status}: {last.message}" if last.message else f"{last.status}"
+    logger.warning(
+        "%d records of %s still failed after %d attempts (max_attempts), and keep their errors "
+        "in the output: %s; the last attempt (%s) ended %s",
+        len(ids),
+        shard.name,
+        last.attempt,
+        by_code,
+        last.job_name or last.served_by,
+        ended,
+    )
 
 
 def _held_by_ceiling(
