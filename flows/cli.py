@@ -26,7 +26,9 @@ def _add_data_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--text-column", help="column to embed when there is no prompt")
     parser.add_argument("--id-column", help="your own unique id column")
     parser.add_argument("--invocation-type", choices=["InvokeModel", "Converse"])
-    parser.add_argument("--max-concurrent-jobs", type=int, help="jobs in flight (the gate)")
+    parser.add_argument(
+        "--max-concurrent-jobs", type=int, help="jobs of this run in flight (its gate)"
+    )
     parser.add_argument("--max-records-per-job", type=int)
     parser.add_argument("--on-missing", choices=["fail", "skip"])
     parser.add_argument(

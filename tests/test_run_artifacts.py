@@ -287,6 +287,15 @@ def test_parameter_schema_descriptions_have_no_html_like_text():
     assert not [t for t in texts if "<" in t or ">" in t]
 
 
+def test_max_concurrent_jobs_description_is_the_runs_limit_not_the_models():
+    # The run's own limit (bedrock-batch-run-<run>); the model's gate is the account quota.
+    text = _form()["definitions"]["BatchParams"]["properties"]["max_concurrent_jobs"]["description"]
+
+    assert "this run" in text
+    assert "for this model" not in text
+    assert "BEDROCK_BATCH_QUOTA_MAX_JOBS_PER_MODEL" in text
+
+
 def test_params_accept_a_model_id_the_catalog_does_not_know():
     params = BatchParams(source="x.csv", model_id="anthropic.claude-next-v9:0", output_uri="out")
     assert params.model_id == "anthropic.claude-next-v9:0"

@@ -122,7 +122,11 @@ class BatchParams(BaseModel):
         10,
         ge=1,
         le=MAX_CONCURRENT_JOBS,
-        description="Jobs in flight at once for this model (the gate).",
+        description=(
+            "Jobs of this run in flight at once (its gate, bedrock-batch-run-RUN_NAME). Each "
+            "job also takes a slot of the model's gate, shared by every run of the model and "
+            "sized by BEDROCK_BATCH_QUOTA_MAX_JOBS_PER_MODEL (the account's job quota)."
+        ),
     )
     max_records_per_job: int | None = Field(
         None, ge=1, description="Cap per job; default spreads the rows over the gate."
