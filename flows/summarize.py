@@ -89,12 +89,48 @@ def summarize_run(output_uri: str, run_name: str | None = None) -> dict[str, Any
             k: cost.get(k) for k in ("batch_usd", "on_demand_usd", "total_usd", "held_back_rows")
         }
     logger.info("Run %s: %s", run_name or output_uri, summary)
-    lines = [f"# Summary of {run_name or output_uri}", ""]
-    lines += [f"- **{key}**: {value}" for key, value in summary.items() if key != "columns"]
-    lines.append(f"- **columns**: {', '.join(f'`{c}`' for c in summary['columns'])}")
     create_markdown_artifact(
         key="bedrock-batch-run-summary",
-        markdown="\n".join(lines),
-        description=f"Summary of {run_name or output_uri}",
+        markdown=summary_markdown(summary, run_name or output_uri),
+        # The UI renders the description as markdown too.
+        description=f"Summary of `{run_name or output_uri}`",
     )
     return summary
+
+
+def _value(value: Any) -> str:
+    """A count with separators, a fraction to 2 places, anything else as code (kept literal)."""
+    if isinstance(value, bool) or value is None:
+        return f"`{value}`"
+    if isinstance(value, int):
+        return f"{value:,}"
+    if isinstance(value, float):
+        return f"{value:,.2f}"
+    return f"`{value}`"
+
+
+def summary_markdown(summary: dict[str, Any], title: str) -> str:
+    """The summary as markdown people read: paths and names in code spans (an underscore or
+    star in a folder name is not emphasis), money as dollars, nested counts one line each."""
+    from tasks.bedrock.prices import format_usd
+
+    lines = [f"# Summary of `{title}`", ""]
+    for key, value in summary.items():
+        if key == "columns":
+            continue
+        if key == "served_by":
+            for how, counts in value.items():
+                parts = ", ".join(f"{name} {_value(n)}" for name, n in counts.items())
+                lines.append(f"- **served by `{how}`**: {parts}")
+        elif key == "cost_usd":
+            money = [
+                f"{name.removesuffix('_usd')} {format_usd(v)}"
+                for name, v in value.items()
+                if name.endswith("_usd")
+            ]
+            held = value.get("held_back_rows")
+            lines.append(f"- **cost**: {', '.join(money)}; held back rows {_value(held)}")
+        else:
+            lines.append(f"- **{key}**: {_value(value)}")
+    lines.append(f"- **columns**: {', '.join(f'`{c}`' for c in summary['columns'])}")
+    return "\n".join(lines)

@@ -117,6 +117,45 @@ def test_summarize_run_counts_rows_errors_and_tokens(tmp_path):
     assert summary["output_tokens"] == 11
 
 
+def test_summarize_run_markdown_keeps_paths_literal_and_money_readable(tmp_path):
+    import json
+
+    import polars as pl
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter
+
+    # Underscores and stars in a folder name rendered as italics (`_scratch_` showed
+    # "scratch"), and the cost as Python reprs (0.06638749999999999).
+    out = tmp_path / "_scratch_" / "nightly_*v1*_" / "output"
+    out.mkdir(parents=True)
+    pl.DataFrame(
+        {
+            "record_id": ["a", "b"],
+            "input_tokens": [1500, 20],
+            "output_tokens": [700, 10],
+            "error_code": [None, None],
+            "served_by": ["batch", "on_demand"],
+        }
+    ).write_parquet(out / "part-00000.parquet")
+    cost = {"batch_usd": 0.06638749999999999, "on_demand_usd": 0.0054612, "total_usd": 0.0718487}
+    (out.parent / "summary.json").write_text(json.dumps({"cost": {**cost, "held_back_rows": 0}}))
+
+    state = summarize_run(str(out), return_state=True)
+
+    with get_client(sync_client=True) as client:
+        (artifact,) = client.read_artifacts(
+            artifact_filter=ArtifactFilter(flow_run_id={"any_": [state.state_details.flow_run_id]})
+        )
+    text = artifact.data
+    assert f"`{out}`" in text
+    assert f"Summary of `{out}`" in text
+    assert "0.06638749999999999" not in text and "$0.0664" in text
+    assert "$0.0718" in text
+    assert "{" not in text  # no dict reprs
+    assert "1,520" in text  # input tokens, with separators
+    assert artifact.description == f"Summary of `{out}`"  # rendered as markdown too
+
+
 @pytest.fixture
 def webhook():
     """A local HTTP endpoint that keeps every JSON body POSTed to it."""
