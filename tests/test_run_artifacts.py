@@ -203,7 +203,7 @@ def test_job_board_rate_limits_then_publishes_the_final_state_on_close():
         3,
         2,
         min_interval=3600,
-        table=lambda rows, key, _: tables.append(rows),
+        table=lambda rows, *_: tables.append(rows),
         markdown=lambda *_: None,
     )
     board.changed()
@@ -215,6 +215,28 @@ def test_job_board_rate_limits_then_publishes_the_final_state_on_close():
 
     assert len(tables) == 2 and tables[-1][0]["status"] == "Completed"
     assert board._timer is None
+
+
+def test_job_board_says_live_while_running_and_final_once_closed():
+    # After the run the table's page still said "Bedrock jobs (live)".
+    said: list[str] = []
+    store = _Store(RunState("r", {"shard-00000": ShardState("shard-00000", [_attempt()])}))
+    shards = [type("S", (), {"name": "shard-00000", "records": 1500})()]
+    board = JobBoard(
+        "r",
+        store,
+        shards,
+        3,
+        2,
+        min_interval=0,
+        table=lambda rows, key, run, description: said.append(description),
+        markdown=lambda *_: None,
+    )
+    board.changed()
+
+    board.close()
+
+    assert said == ["Bedrock jobs (live)", "Bedrock jobs (final)"]
 
 
 def test_progress_never_moves_back_under_concurrent_updates():

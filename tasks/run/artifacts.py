@@ -434,12 +434,12 @@ def timeline_markdown(
 # --- publishing -------------------------------------------------------------------------------
 
 
-def _publish_table(rows: list[dict[str, Any]], key: str, flow_run_id: UUID | None) -> None:
+def _publish_table(
+    rows: list[dict[str, Any]], key: str, flow_run_id: UUID | None, description: str
+) -> None:
     from prefect.artifacts import TableArtifact
 
-    TableArtifact(
-        key=key, table=rows, description="Bedrock jobs (live)", flow_run_id=flow_run_id
-    ).create()
+    TableArtifact(key=key, table=rows, description=description, flow_run_id=flow_run_id).create()
 
 
 def _publish_markdown(markdown: str, key: str, flow_run_id: UUID | None) -> None:
@@ -473,7 +473,7 @@ class JobBoard:
         flow_run_id: UUID | None = None,
         cost_of: CostOf | None = None,
         min_interval: float = 5.0,
-        table: Callable[[list[dict[str, Any]], str, UUID | None], None] = _publish_table,
+        table: Callable[[list[dict[str, Any]], str, UUID | None, str], None] = _publish_table,
         markdown: Callable[[str, str, UUID | None], None] = _publish_markdown,
     ) -> None:
         self.run_name = run_name
@@ -489,6 +489,7 @@ class JobBoard:
         self._lock = threading.Lock()
         self._last = float("-inf")
         self._timer: threading.Timer | None = None
+        self._closed = False  # the last publication says the table is final, not live
         self.samples: list[Sample] = []
         self.published = 0
 
@@ -547,6 +548,7 @@ class JobBoard:
             if self._timer is not None:
                 self._timer.cancel()
                 self._timer = None
+            self._closed = True
         self.publish()
 
     def publish(self) -> None:
@@ -563,7 +565,8 @@ class JobBoard:
         with self._lock:
             self._sample(views)
         rows = job_rows(views, self.max_attempts, self.cost_of)
-        self._table(rows, artifact_key(self.run_name, "jobs"), self.flow_run_id)
+        description = "Bedrock jobs (final)" if self._closed else "Bedrock jobs (live)"
+        self._table(rows, artifact_key(self.run_name, "jobs"), self.flow_run_id, description)
         now = datetime.now(timezone.utc)
         bars = job_bars(views)
         samples = list(self.samples)
