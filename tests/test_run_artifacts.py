@@ -181,6 +181,15 @@ def test_timeline_markdown_bars_follow_time_and_show_status():
     assert "| records |" in text and "400" in text
 
 
+def test_timeline_markdown_column_of_a_short_run_is_in_seconds():
+    # A 44 s run at 48 columns said "one column ≈ 0:00".
+    bars = [Bar("shard-00000", T0, T0 + timedelta(seconds=44), "Completed")]
+
+    text = timeline_markdown(bars, [], T0 + timedelta(seconds=44), gate_size=2)
+
+    assert text.splitlines()[0] == "Run time 0:00 → 0:44, one column ≈ 0.9 s."
+
+
 def test_svg_image_is_a_data_uri_markdown_image():
     markdown = svg_image("<svg/>")
     assert markdown.startswith("![timeline](data:image/svg+xml;base64,")

@@ -373,6 +373,11 @@ def timeline_svg(
     )
 
 
+def _step(seconds: float) -> str:
+    """One column's width: m:ss, or seconds under a minute (a 44 s run's 0.9 s read 0:00)."""
+    return f"{seconds:.1f} s" if seconds < 60 else _clock(seconds)
+
+
 def _cells(bar: Bar, start: datetime, span: float, now: datetime, width: int) -> str:
     first = int(width * (bar.start - start).total_seconds() / span)
     last = int(width * ((bar.end or now) - start).total_seconds() / span)
@@ -410,7 +415,7 @@ def timeline_markdown(
     """The same picture as text (no emoji: not every browser has the font), block bars per job."""
     start, span = _span(bars, samples, now)
     lines = [
-        f"Run time 0:00 → {_clock(span)}, one column ≈ {_clock(span / width)}.",
+        f"Run time 0:00 → {_clock(span)}, one column ≈ {_step(span / width)}.",
         "",
         "| job | submit → end | status |",
         "| --- | --- | --- |",
