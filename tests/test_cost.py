@@ -328,6 +328,20 @@ def test_tiny_costs_are_shown_with_their_digits():
     )
 
 
+def test_cost_line_row_counts_have_thousands_separators():
+    # Every other count of the summary has them; "(2909 rows)" stood out in the artifact.
+    cost = {
+        "batch_usd": 0.0663875, "on_demand_usd": 0.0054612, "total_usd": 0.0718487,
+        "batch_rows": 2909, "on_demand_rows": 91, "held_back_rows": 1200,
+        "held_back_shards": ["shard-00001"], "max_cost_usd": 0.07,
+    }  # fmt: skip
+
+    line = cost_markdown(cost)
+
+    assert "(2,909 rows)" in line and "(91 rows)" in line
+    assert "held back 1,200 rows of 1 shards" in line
+
+
 def test_run_stops_at_the_ceiling_and_reports_what_was_held_back(stack, tmp_path):
     # Retries (30% of records fail and go on demand, at twice the batch price) push the run
     # past an estimate that only covers one try per record.

@@ -422,13 +422,13 @@ def cost_markdown(cost: dict[str, Any]) -> str:
     """One line of the run's markdown artifact."""
     on_demand = format_usd(cost["on_demand_usd"])
     line = (
-        f"- Cost: {format_usd(cost['batch_usd'])} batch ({cost['batch_rows']} rows) + "
-        f"{on_demand} on demand at the full price ({cost['on_demand_rows']} rows) = "
+        f"- Cost: {format_usd(cost['batch_usd'])} batch ({cost['batch_rows']:,} rows) + "
+        f"{on_demand} on demand at the full price ({cost['on_demand_rows']:,} rows) = "
         f"{format_usd(cost['total_usd'])}"
     )
     if cost["held_back_rows"]:
         line += (
-            f"; max_cost_usd={cost['max_cost_usd']} held back {cost['held_back_rows']} rows of "
+            f"; max_cost_usd={cost['max_cost_usd']} held back {cost['held_back_rows']:,} rows of "
             f"{len(cost['held_back_shards'])} shards (error code {COST_CEILING_REACHED})"
         )
     return line
