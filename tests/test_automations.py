@@ -249,6 +249,36 @@ def test_the_run_finished_message_gives_the_cost_totals_not_every_job():
     assert "Cost" not in text and text.endswith("Output: out/r/output")
 
 
+def test_the_run_finished_message_gives_the_cost_in_dollars_and_cents(monkeypatch):
+    # A real run's sums are floats: the message read "Cost: $0.07184874999999999 (batch
+    # $0.06638749999999999, on demand $0.005461249999999999)".
+    import asyncio
+    from types import SimpleNamespace
+
+    from prefect.server.utilities.user_templates import render_user_template
+
+    from tasks.monitoring import events
+    from tasks.monitoring.automations import RUN_FINISHED_BODY
+
+    sent: list[dict] = []
+    monkeypatch.setattr(
+        events, "_emit", lambda name, resource, payload, related: sent.append(payload)
+    )
+    cost = {
+        "total_usd": 0.07184874999999999,
+        "batch_usd": 0.06638749999999999,
+        "on_demand_usd": 0.005461249999999999,
+    }
+    counts = {"records": 3000, "succeeded": 2500, "failed": 500}
+    events.emit_run_finished("r", "m", counts, {"input": 1, "output": 2}, "out/r/output", cost)
+
+    event = SimpleNamespace(payload=sent[0])
+    text = asyncio.run(render_user_template(RUN_FINISHED_BODY, {"event": event}))
+
+    assert "Cost: $0.0718 (batch $0.0664, on demand $0.0055)" in text
+    assert "999" not in text
+
+
 def test_a_summarize_deployment_that_is_not_flow_slash_name_is_one_line(capsys):
     from flows.cli import main
 

@@ -58,7 +58,9 @@ RUN_FINISHED_BODY = (
     "failed {{ event.payload.counts.failed }}).\n"
     "Tokens: {{ event.payload.tokens.input }} in, {{ event.payload.tokens.output }} out.\n"
     # The totals only: the cost payload lists every job, thousands of lines at scale.
-    "{% if event.payload.cost and event.payload.cost.total_usd is not none %}"
+    # cost_text is formatted by the flow; runs older than it have the floats only.
+    "{% if event.payload.cost_text %}Cost: {{ event.payload.cost_text }}\n"
+    "{% elif event.payload.cost and event.payload.cost.total_usd is not none %}"
     "Cost: ${{ event.payload.cost.total_usd }} (batch ${{ event.payload.cost.batch_usd }}, "
     "on demand ${{ event.payload.cost.on_demand_usd }})\n{% endif %}"
     "Output: {{ event.payload.output_uri }}"

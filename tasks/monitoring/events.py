@@ -11,6 +11,7 @@ from prefect.events import Event, emit_event
 from tasks.aws.submit import run_key_of
 from tasks.bedrock.jobs import job_id_from_arn
 from tasks.bedrock.model_ids import strip_arn
+from tasks.bedrock.prices import format_usd
 
 # Lifecycle of a batch run (emitted by flows/batch_inference.py).
 JOB_SUBMITTED = "bedrock.batch.job.submitted"
@@ -183,8 +184,20 @@ def emit_run_finished(
             "tokens": dict(tokens),
             "output_uri": output_uri,
             "cost": dict(cost or {}),
+            "cost_text": cost_text(cost),
         },
         _model_related(model_id),
+    )
+
+
+def cost_text(cost: dict | None) -> str | None:
+    """The cost as people read it, for notifications: the sums are floats (0.07184874999999999)
+    that a template would print whole; None when no price was known."""
+    if not cost or cost.get("total_usd") is None:
+        return None
+    return (
+        f"{format_usd(cost['total_usd'])} (batch {format_usd(cost.get('batch_usd'))}, "
+        f"on demand {format_usd(cost.get('on_demand_usd'))})"
     )
 
 
