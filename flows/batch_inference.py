@@ -28,7 +28,7 @@ from tasks.run.lifecycle import (
     resolve_run,
 )
 from tasks.run.params import MAX_CONCURRENT_JOBS, BatchParams, warn_if_unknown_model
-from tasks.run.progress import RunProgress
+from tasks.run.progress import RunProgress, merged_records
 from tasks.run.shard import RunContext, run_shard
 from tasks.run.stop import stop_run_jobs
 
@@ -142,7 +142,8 @@ def batch_inference(params: BatchParams) -> dict[str, Any]:
             role_arn=run.role_arn,
             gate_name=gate_name,
             store=run.store,
-            progress=RunProgress(plan.total_records),
+            # A resumed run's bar starts from the shards merged before (they are not run again).
+            progress=RunProgress(plan.total_records, merged_records(plan, run.store.state)),
             watcher=JobWatcher(key),
             timeout_hours=params.timeout_hours,
             kms_key_id=params.kms_key_id,

@@ -272,6 +272,37 @@ def test_records_still_failed_after_the_last_attempt_are_a_warning(stack, tmp_pa
     assert "Boom (emulated)" in said[0]
 
 
+def test_progress_of_a_resumed_run_counts_the_shards_merged_before(stack, tmp_path, monkeypatch):
+    # A resumed run's bar started at 0 % however many shards were merged before the crash,
+    # and moved only with the new jobs until it jumped to 100 % at the end.
+    from tasks.run import progress as progress_module
+
+    params = _text_params(tmp_path, "resumed-bar", 200, max_records_per_job=100)
+    merge = shard_module.merge_shard_output
+
+    def crash_one(ctx, shard, *args):
+        if shard.name == "shard-00001":
+            raise RuntimeError("crash while merging shard-00001")
+        return merge(ctx, shard, *args)
+
+    monkeypatch.setattr(shard_module, "merge_shard_output", crash_one)
+    with pytest.raises(RuntimeError, match="crash while merging"):
+        batch_inference(params)
+    monkeypatch.setattr(shard_module, "merge_shard_output", merge)
+    created: list[float] = []
+    real_create = progress_module.create_progress_artifact
+
+    def record_create(progress, **kwargs):
+        created.append(progress)
+        return real_create(progress=progress, **kwargs)
+
+    monkeypatch.setattr(progress_module, "create_progress_artifact", record_create)
+
+    batch_inference(params)
+
+    assert created == [50.0]  # shard-00000 of two was merged before the crash
+
+
 def test_batch_inference_rerun_of_finished_run_creates_no_job(stack, tmp_path):
     params = _text_params(tmp_path, "rerun", 150)
     first = batch_inference(params)

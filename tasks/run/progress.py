@@ -7,11 +7,24 @@ import logging
 import threading
 import time
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 from uuid import UUID
 
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
 
+if TYPE_CHECKING:
+    from tasks.pipeline.plan import RunPlan
+    from tasks.run.state import RunState
+
 log = logging.getLogger("bedrock_batch.progress")
+
+
+def merged_records(plan: RunPlan, state: RunState) -> int:
+    """Records of the plan's shards whose part was written before (a resumed run)."""
+    shards = state.shards
+    return sum(
+        s.records for s in plan.shards if s.name in shards and shards[s.name].part_uri is not None
+    )
 
 
 def _create(percent: float) -> UUID:
