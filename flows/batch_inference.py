@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 from uuid import UUID
 
@@ -27,6 +28,7 @@ from tasks.run.lifecycle import (
     release_run,
     resolve_run,
 )
+from tasks.run.owner import holder_of, owner_text
 from tasks.run.params import MAX_CONCURRENT_JOBS, BatchParams, warn_if_unknown_model
 from tasks.run.progress import RunProgress, merged_records
 from tasks.run.shard import RunContext, run_shard
@@ -75,6 +77,17 @@ def _stop_jobs(flow, flow_run, state) -> None:
         return
     reason = "crashed" if state.is_crashed() else "cancelled"
     run_dir = storage.join(params.output_uri, run_name)
+    holder = holder_of(run_dir)
+    if holder is not None and holder.get("flow_run_id") != str(flow_run.id):
+        # "Run" clicked twice: the second flow run, refused or still waiting for the claim,
+        # is cancelled; the jobs are the first one's, and stopping them cut its rows short.
+        logging.getLogger("bedrock_batch.stop").warning(
+            "Not stopping the jobs of run %s: %s holds it, not flow run %s",
+            run_name,
+            owner_text(holder),
+            flow_run.id,
+        )
+        return
     stop_run_jobs(run_dir, run_name, reason, params.kms_key_id)
 
 

@@ -205,7 +205,14 @@ def test_cancel_hook_stops_the_jobs_of_a_killed_flow_process(stack, tmp_path):
         "output_uri": str(tmp_path / "out"),
         "run_name": "cancelled",
     }
-    flow_run = FlowRun(flow_id=uuid.uuid4(), name="cancelled", parameters={"params": params})
+    # The hook gets the killed process's own flow run, the one its claim names.
+    owner = json.loads((tmp_path / "out" / "cancelled" / "owner.json").read_text())
+    flow_run = FlowRun(
+        id=owner["flow_run_id"],
+        flow_id=uuid.uuid4(),
+        name="cancelled",
+        parameters={"params": params},
+    )
 
     _stop_jobs(batch_inference, flow_run, Cancelled())
 

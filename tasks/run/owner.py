@@ -30,7 +30,7 @@ from typing import Any
 
 from tasks.aws import storage
 from tasks.errors import RunOwnedError
-from tasks.run.layout import RunLayout
+from tasks.run.layout import OWNER_FILE, RunLayout
 from tasks.run.state import now_iso
 from tasks.settings import OwnerSettings, read_now
 
@@ -87,7 +87,41 @@ def _gone_from_this_machine(holder: dict[str, Any]) -> bool:
     return now is None or now["start_ticks"] != theirs.get("start_ticks")
 
 
-def _owner_text(owner: dict[str, Any]) -> str:
+def holder_of(run_dir: str) -> dict[str, Any] | None:
+    """Who holds the run's claim now (its ``owner.json``); None when nobody does."""
+    current = storage.read_tagged(storage.join(run_dir, OWNER_FILE))
+    if current is None:
+        return None
+    try:
+        holder = json.loads(current.data)
+    except ValueError:
+        return None
+    if not isinstance(holder, dict):
+        return None
+    return {**holder, "refreshed_at": current.modified}
+
+
+def live_holder_elsewhere(run_dir: str) -> dict[str, Any] | None:
+    """The claim's holder when it is another process that looks alive, else None.
+
+    Alive: refreshed within its expiry by the store's clock, and, when it ran on this
+    machine, its process still there. A wrong "alive" only leaves its gate slots to expire
+    with their leases; a wrong "dead" would free slots a live run still hands to its shards.
+    """
+    holder = holder_of(run_dir)
+    if holder is None or (
+        holder.get("pid") == os.getpid() and holder.get("host") == socket.gethostname()
+    ):
+        return None
+    expiry = holder.get("expiry_seconds")
+    if not isinstance(expiry, (int, float)) or expiry <= 0:
+        expiry = expiry_seconds()
+    if time.time() - holder["refreshed_at"] > expiry or _gone_from_this_machine(holder):
+        return None
+    return holder
+
+
+def owner_text(owner: dict[str, Any]) -> str:
     return (
         f"flow run {owner.get('flow_run_id') or '(none)'} on host {owner.get('host')} "
         f"(pid {owner.get('pid')}) since {owner.get('since')}"
@@ -197,7 +231,7 @@ def claim_run(
         holder = json.loads(current.data)
         if seen is not None and current.tag != seen.tag:
             msg = (
-                f"Run {layout.run_name!r} is already running: {_owner_text(holder)} owns it "
+                f"Run {layout.run_name!r} is already running: {owner_text(holder)} owns it "
                 f"({layout.owner_uri}) and keeps its claim fresh. Wait for it to finish or stop "
                 f"it; a claim left unrefreshed for {expiry:.0f} s (a crashed owner) is taken over."
             )
@@ -213,7 +247,7 @@ def claim_run(
                 "Run %s is claimed by %s (refreshed %.0f s ago); watching it for %.0f s to see "
                 "whether that owner is alive",
                 layout.run_name,
-                _owner_text(holder),
+                owner_text(holder),
                 max(0.0, time.time() - current.modified),
                 expiry,
             )
@@ -226,7 +260,7 @@ def claim_run(
                     else f"its claim was not refreshed for {expiry:.0f} s"
                 )
                 logger.warning(
-                    "Took over run %s from %s: %s", layout.run_name, _owner_text(holder), why
+                    "Took over run %s from %s: %s", layout.run_name, owner_text(holder), why
                 )
                 return RunClaim(layout.owner_uri, owner, tag, expiry)
             continue  # someone else moved first: the next read tells who

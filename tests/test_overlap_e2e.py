@@ -1,0 +1,93 @@
+"""Overlapping runs as users make them: a second flow run of a live run cancelled, and
+`bedrock-batch stop` from another process while the run's own process still runs it."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+import polars as pl
+import pytest
+from helpers import assert_answers_match_rows, eventually
+from prefect.settings import PREFECT_API_URL
+
+from tasks.run.owner import EXPIRY_ENV
+
+pytestmark = pytest.mark.slow
+
+GATE_ENV = {
+    "BEDROCK_BATCH_GATE_RENEW_SECONDS": "1",
+    "BEDROCK_BATCH_GATE_WAIT_SECONDS": "0.5",
+    "BEDROCK_BATCH_POLL_LEASE_SECONDS": "60",
+    "BEDROCK_BATCH_POLL_INTERVAL_SECONDS": "0.5",
+    EXPIRY_ENV: "10",
+}
+
+
+def _params(tmp_path: Path, run_name: str, rows: int, model: str) -> dict:
+    source = tmp_path / f"{run_name}.csv"
+    # question_answering starts the prompt with the row's text: the emulator quotes it back.
+    pl.DataFrame({"source": [f"Q{i:04d} {run_name}" for i in range(rows)]}).write_csv(source)
+    return {
+        "source": str(source),
+        "prompt_id": "question_answering",
+        "model_id": model,
+        "output_uri": str(tmp_path / "out"),
+        "run_name": run_name,
+    }
+
+
+def _start(tmp_path: Path, params: dict, cap: int) -> subprocess.Popen:
+    env = {**os.environ, **GATE_ENV, "PREFECT_API_URL": PREFECT_API_URL.value()}
+    command = [
+        sys.executable, "-m", "flows.cli", "run",
+        "--source", params["source"], "--prompt-id", params["prompt_id"],
+        "--model-id", params["model_id"], "--output-uri", params["output_uri"],
+        "--run-name", params["run_name"], "--max-concurrent-jobs", str(cap),
+        "--max-records-per-job", "100",
+    ]  # fmt: skip
+    log = open(tmp_path / "run.log", "wb")  # noqa: SIM115 - closed with the process
+    return subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
+
+
+def _finish(process: subprocess.Popen, tmp_path: Path) -> None:
+    try:
+        code = process.wait(timeout=180)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        code = "timeout"
+    assert code == 0, (tmp_path / "run.log").read_text(errors="replace")[-4000:]
+
+
+def _in_progress(stack, run_name: str) -> int:
+    return sum(j["status"] == "InProgress" for j in stack.ledger(name_contains=run_name))
+
+
+def _output(tmp_path: Path, run_name: str) -> pl.DataFrame:
+    return pl.read_parquet(tmp_path / "out" / run_name / "output" / "*.parquet")
+
+
+def test_cancelling_a_second_flow_run_of_a_live_run_leaves_the_owners_jobs_running(stack, tmp_path):
+    """ "Run" clicked twice, the second flow run cancelled: its hook must not stop the first's."""
+    from prefect.client.schemas.objects import FlowRun
+    from prefect.states import Cancelled
+
+    from flows.batch_inference import _stop_jobs, batch_inference
+
+    model = "anthropic.claude-3-7-sonnet-20250219-v1:0"
+    stack.configure(records_per_second=5)  # 20 s a job: the cancel lands while they run
+    params = _params(tmp_path, "clicked-twice", 200, model)
+    run = _start(tmp_path, params, 2)
+    eventually(lambda: _in_progress(stack, "clicked-twice") == 2, timeout=120, what="two jobs")
+    duplicate = FlowRun(flow_id=uuid.uuid4(), name="clicked-twice", parameters={"params": params})
+
+    _stop_jobs(batch_inference, duplicate, Cancelled())
+
+    stack.configure(records_per_second=None)
+    _finish(run, tmp_path)
+    jobs = stack.ledger(name_contains="clicked-twice")
+    assert [j["status"] for j in jobs] == ["Completed", "Completed"]
+    assert_answers_match_rows(_output(tmp_path, "clicked-twice"), 200)
