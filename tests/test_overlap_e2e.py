@@ -11,9 +11,10 @@ from pathlib import Path
 
 import polars as pl
 import pytest
-from helpers import assert_answers_match_rows, eventually
+from helpers import assert_answers_match_rows, eventually, job_spans, peak_in_flight
 from prefect.settings import PREFECT_API_URL
 
+from tasks.run import gate
 from tasks.run.owner import EXPIRY_ENV
 
 pytestmark = pytest.mark.slow
@@ -91,3 +92,29 @@ def test_cancelling_a_second_flow_run_of_a_live_run_leaves_the_owners_jobs_runni
     jobs = stack.ledger(name_contains="clicked-twice")
     assert [j["status"] for j in jobs] == ["Completed", "Completed"]
     assert_answers_match_rows(_output(tmp_path, "clicked-twice"), 200)
+
+
+def test_stop_from_another_process_keeps_the_live_runs_gate(stack, tmp_path, capsys):
+    """`bedrock-batch stop` while the run's process runs it: the gate holds to the end."""
+    from flows.cli import main
+
+    model = "anthropic.claude-sonnet-4-20250514-v1:0"
+    stack.configure(records_per_second=5)
+    params = _params(tmp_path, "stopped-live", 600, model)
+    run = _start(tmp_path, params, 2)
+    eventually(lambda: _in_progress(stack, "stopped-live") == 2, timeout=120, what="two jobs")
+
+    code = main(["stop", "--run-name", "stopped-live", "--output-uri", params["output_uri"]])
+
+    assert code == 0
+    assert "2 jobs of stopped-live stopped" in capsys.readouterr().out
+    stack.configure(records_per_second=50)
+    _finish(run, tmp_path)
+    jobs = stack.ledger(name_contains="stopped-live")
+    assert len(jobs) == 6  # one job a shard: nothing sent twice
+    assert sorted(j["status"] for j in jobs) == ["Completed"] * 4 + ["Stopped"] * 2
+    peak = peak_in_flight(job_spans(stack, [j["jobArn"] for j in jobs]))
+    assert peak <= 2, f"{peak} jobs in flight at once; the run's cap is 2"
+    frame = _output(tmp_path, "stopped-live")
+    assert frame.height == 600 and frame["record_id"].n_unique() == 600
+    assert gate.active_slots(gate.run_gate_name("stopped-live")) == 0

@@ -16,6 +16,7 @@ from tasks.bedrock.statuses import STOPPED, STOPPING
 from tasks.errors import StopJobsError
 from tasks.pipeline import columns as C
 from tasks.run import gate
+from tasks.run.owner import live_holder_elsewhere, owner_text
 from tasks.run.state import JobAttempt, RunStateStore, has_state, now_iso
 
 log = logging.getLogger("bedrock_batch.stop")
@@ -98,10 +99,16 @@ def stop_run_jobs(
         The names of the jobs stopped.
     """
     store = _live_stores.get(run_dir)
+    owner = None
     if store is None:
         if not has_state(run_dir):
             return []
         store = RunStateStore(run_dir, run_name, kms_key_id)
+        # A live process running the run holds its jobs' slots and hands each one on to its
+        # next shard when it sees the job end: freed from here as well, that lease was gone
+        # from the server while a new job ran on it, and the gate let more jobs in than it
+        # allows (4 in flight under a cap of 2).
+        owner = live_holder_elsewhere(run_dir)
     stopped = []
     asked: list[tuple[str, JobAttempt]] = []
     refused: list[tuple[str, Exception]] = []
@@ -125,7 +132,16 @@ def stop_run_jobs(
                 log.warning("Stopped job %s of run %s (%s)", attempt.job_name, run_name, reason)
                 stopped.append(attempt.job_name)
     for shard_name, attempt in asked:
-        _free_slot(store, shard_name, attempt)
+        if owner is None:
+            _free_slot(store, shard_name, attempt)
+        else:
+            store.save(shard_name)
+    if owner is not None and asked:
+        log.info(
+            "Run %s is live in %s: it frees the stopped jobs' gate slots as it sees them end",
+            run_name,
+            owner_text(owner),
+        )
     if stopped:
         store.save()  # and the whole picture compacted in state.json, for people and tools
     if refused:
