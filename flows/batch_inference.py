@@ -17,6 +17,7 @@ from tasks.aws import storage
 from tasks.aws.job_events import job_events
 from tasks.aws.submit import run_key
 from tasks.aws.watcher import JobWatcher
+from tasks.errors import RunOwnedError
 from tasks.monitoring import events
 from tasks.run.artifacts import JobBoard, flow_run_name, rename_flow_run
 from tasks.run.cost import batch_cost_of, cost_guard, preflight_cost, run_price
@@ -50,9 +51,14 @@ def _interrupted(flow_run_id: UUID | str, exc: BaseException) -> None:
         _INTERRUPTED.add(str(flow_run_id))
 
 
+# Flow runs of this process refused because another live process owns their run ("Run"
+# clicked twice): the run itself is alive, so no `bedrock.batch.run.failed` names it.
+_REFUSED: set[str] = set()
+
+
 def _emit_failed(flow, flow_run, state) -> None:
     """Flow failure hook: a `bedrock.batch.run.failed` event automations can act on."""
-    if str(flow_run.id) in _INTERRUPTED:
+    if str(flow_run.id) in _INTERRUPTED | _REFUSED:
         return
     raw = flow_run.parameters.get("params") or {}
     try:
@@ -115,7 +121,11 @@ def batch_inference(params: BatchParams) -> dict[str, Any]:
     cap_malloc_arenas()  # before the shard threads start, each with a malloc arena otherwise
 
     # 1. Name and claim the run, check it is the run recorded before; nothing is spent yet.
-    run = resolve_run(params, runtime.flow_run.id)
+    try:
+        run = resolve_run(params, runtime.flow_run.id)
+    except RunOwnedError:
+        _REFUSED.add(str(runtime.flow_run.id))
+        raise
     try:
         run_name = run.layout.run_name
         rename_flow_run(runtime.flow_run.id, runtime.flow_run.name, run_name)

@@ -72,7 +72,7 @@ def _output(tmp_path: Path, run_name: str) -> pl.DataFrame:
 
 
 def test_cancelling_a_second_flow_run_of_a_live_run_leaves_the_owners_jobs_running(stack, tmp_path):
-    """ "Run" clicked twice, the second flow run cancelled: its hook must not stop the first's."""
+    """A second click of "Run" cancelled: its hook must not stop the first one's jobs."""
     from prefect.client.schemas.objects import FlowRun
     from prefect.states import Cancelled
 

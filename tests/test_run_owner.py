@@ -228,3 +228,31 @@ def test_a_claim_whose_creation_reply_was_lost_is_taken_at_once(local_stack, tmp
 
     assert faulted.is_set()
     assert waited < 10
+
+
+def test_a_flow_run_refused_for_a_live_owner_announces_no_run_failure(stack, tmp_path, monkeypatch):
+    """A second click of "Run" is refused; the run it names is alive, not failed."""
+    import polars as pl
+
+    from flows import batch_inference as flow_module
+    from tasks.run.params import BatchParams
+
+    monkeypatch.setenv(EXPIRY_ENV, "2")  # the owner's claim is refreshed every 0.5 s
+    source = tmp_path / "topics.csv"
+    pl.DataFrame({"topic": ["a", "b"]}).write_csv(source)
+    params = BatchParams(
+        source=str(source),
+        prompt_id="joke_about_topic",
+        model_id=CLAUDE,
+        output_uri=str(tmp_path / "out"),
+        run_name="clicked-twice",
+    )
+    announced: list[tuple] = []
+    monkeypatch.setattr(flow_module.events, "emit_run_failed", lambda *a: announced.append(a))
+    owner = claim_run(layout_for(params.output_uri, "clicked-twice"), flow_run_id="the-first")
+    try:
+        with pytest.raises(RunOwnedError, match="already running: flow run the-first"):
+            flow_module.batch_inference(params)
+    finally:
+        owner.release()
+    assert announced == []
