@@ -19,6 +19,7 @@ from tasks.aws.submit import run_key
 from tasks.aws.watcher import JobWatcher
 from tasks.errors import RunOwnedError
 from tasks.monitoring import events
+from tasks.run import gate
 from tasks.run.artifacts import JobBoard, flow_run_name, rename_flow_run
 from tasks.run.cost import batch_cost_of, cost_guard, preflight_cost, run_price
 from tasks.run.lifecycle import (
@@ -145,16 +146,16 @@ def batch_inference(params: BatchParams) -> dict[str, Any]:
         # 4. The model's gate (the account's quota) and this run's own, of max_concurrent_jobs;
         # a run with no job yet takes its first wave's slots now.
         started = any(shard.attempts for shard in run.store.state.shards.values())
+        key = run_key(run_name, run.layout.run_dir, run.identity.run_id)
         gate_name = open_gate(
             params.model_id,
             params.max_concurrent_jobs,
-            run_name,
+            gate.gate_run(run_name, key),
             new_shards=0 if started else sum(not s.on_demand for s in plan.shards),
             flow_run_id=runtime.flow_run.id,
         )
 
         # 5. Each shard: slot → job → watched → merge its Parquet part as soon as it finishes.
-        key = run_key(run_name, run.layout.run_dir, run.identity.run_id)
         ctx = RunContext(
             run_name=run_name,
             layout=run.layout,

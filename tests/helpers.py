@@ -212,3 +212,17 @@ def automations_removed_after() -> Iterator[None]:
             for automation in client.read_automations():
                 if automation.id not in before:
                     client.delete_automation(automation.id)
+
+
+def run_gate_of(output_uri: str, run_name: str) -> str:
+    """The run's own gate: named by its name and key (its name, folder and incarnation)."""
+    from tasks.aws.submit import run_key
+    from tasks.run import gate
+    from tasks.run.identity import read_identity
+    from tasks.run.layout import layout_for
+
+    layout = layout_for(output_uri, run_name)
+    identity = read_identity(layout)
+    assert identity is not None, f"no run.json in {layout.run_dir}"
+    key = run_key(run_name, layout.run_dir, identity.run_id)
+    return gate.run_gate_name(gate.gate_run(run_name, key))

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import polars as pl
 import pytest
-from helpers import eventually, job_spans, peak_in_flight
+from helpers import eventually, job_spans, peak_in_flight, run_gate_of
 from prefect.settings import PREFECT_API_URL
 
 from tasks.pipeline.columns import RECORD_ID
@@ -176,7 +176,7 @@ def test_slots_of_a_killed_run_free_within_the_lease(stack, tmp_path, own_prefec
     # The 60-s lease, the repossessor's pass (every 2 s on this server) and slack for a busy
     # machine; with Prefect's 15-s pass it took 75-92 s under load.
     assert freed <= 90
-    assert server.active_slots(gate.run_gate_name("killed")) == 0
+    assert server.active_slots(run_gate_of(str(tmp_path / "out"), "killed")) == 0
 
 
 def test_cancel_hook_stops_the_jobs_of_a_killed_flow_process(stack, tmp_path):
@@ -225,7 +225,7 @@ def test_cancel_hook_stops_the_jobs_of_a_killed_flow_process(stack, tmp_path):
     attempts = [a for shard in state["shards"].values() for a in shard["attempts"]]
     assert [a["stopped_by"] for a in attempts] == ["cancelled", "cancelled"]
     assert all(a["lease_id"] is None for a in attempts)
-    assert gate.active_slots(gate.run_gate_name("cancelled")) == 0
+    assert gate.active_slots(run_gate_of(str(tmp_path / "out"), "cancelled")) == 0
 
 
 def test_stop_command_stops_jobs_and_a_rerun_merges_them_without_paying_again(
@@ -254,7 +254,7 @@ def test_stop_command_stops_jobs_and_a_rerun_merges_them_without_paying_again(
         timeout=60,
         what="the jobs to be Stopped",
     )
-    assert gate.active_slots(gate.run_gate_name("stopped")) == 0
+    assert gate.active_slots(run_gate_of(str(tmp_path / "out"), "stopped")) == 0
 
     rerun = _start_run(tmp_path, "stopped", 200, 2, PREFECT_API_URL.value(), model)
     _finish(rerun, tmp_path, "stopped", 120)

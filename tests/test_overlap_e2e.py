@@ -11,7 +11,13 @@ from pathlib import Path
 
 import polars as pl
 import pytest
-from helpers import assert_answers_match_rows, eventually, job_spans, peak_in_flight
+from helpers import (
+    assert_answers_match_rows,
+    eventually,
+    job_spans,
+    peak_in_flight,
+    run_gate_of,
+)
 from prefect.settings import PREFECT_API_URL
 
 from tasks.run import gate
@@ -117,4 +123,31 @@ def test_stop_from_another_process_keeps_the_live_runs_gate(stack, tmp_path, cap
     assert peak <= 2, f"{peak} jobs in flight at once; the run's cap is 2"
     frame = _output(tmp_path, "stopped-live")
     assert frame.height == 600 and frame["record_id"].n_unique() == 600
-    assert gate.active_slots(gate.run_gate_name("stopped-live")) == 0
+    assert gate.active_slots(run_gate_of(params["output_uri"], "stopped-live")) == 0
+
+
+def test_one_run_name_in_two_output_folders_keeps_each_runs_own_cap(stack, tmp_path):
+    """Two teammates run "team-eval" at once, each in their own folder: two runs, two caps."""
+    model = "anthropic.claude-opus-4-20250514-v1:0"
+    stack.configure(records_per_second=5)  # 20 s a job: the second run starts amid the first
+    for folder in ("alice", "bob"):
+        (tmp_path / folder).mkdir()
+    alice = _params(tmp_path / "alice", "team-eval", 400, model)
+    bob = _params(tmp_path / "bob", "team-eval", 100, model)
+    first = _start(tmp_path / "alice", alice, 1)
+    eventually(lambda: _in_progress(stack, "team-eval") == 1, timeout=120, what="alice's job")
+    second = _start(tmp_path / "bob", bob, 3)
+    _finish(second, tmp_path / "bob")
+    stack.configure(records_per_second=50)
+    _finish(first, tmp_path / "alice")
+
+    jobs = stack.ledger(name_contains="team-eval")
+    by_run: dict[str, list[str]] = {}
+    for job in jobs:
+        by_run.setdefault(job["jobName"].split("-", 1)[0], []).append(job["jobArn"])
+    assert sorted(len(arns) for arns in by_run.values()) == [1, 4]  # one job a shard
+    alices = next(arns for arns in by_run.values() if len(arns) == 4)
+    peak = peak_in_flight(job_spans(stack, alices))
+    assert peak == 1, f"{peak} of alice's jobs in flight at once; her cap is 1"
+    assert_answers_match_rows(_output(tmp_path / "alice", "team-eval"), 400)
+    assert_answers_match_rows(_output(tmp_path / "bob", "team-eval"), 100)

@@ -100,8 +100,21 @@ def gate_name(model_id: str) -> str:
 
 
 def run_gate_name(run_name: str) -> str:
-    """The run's own limit: at most ``max_concurrent_jobs`` of its jobs in flight."""
+    """The run's own limit: at most ``max_concurrent_jobs`` of its jobs in flight.
+
+    ``run_name`` is the run as the gate knows it, ``gate_run`` of a run's name and key.
+    """
     return RUN_PREFIX + _slug(run_name)
+
+
+def gate_run(run_name: str, run_key: str) -> str:
+    """The run as its gate knows it: the name for people, the key (``run_key``) to tell runs apart.
+
+    By name alone, ``exp.1`` and ``exp_1``, or one name in two output folders (two teammates'
+    ``eval-{date}``), shared one limit: each run resized it to its own cap, and a run of cap 1
+    had 2 jobs in flight beside the other.
+    """
+    return f"{run_name}-{run_key}"
 
 
 def is_transient(exc: BaseException) -> bool:

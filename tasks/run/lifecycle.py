@@ -282,22 +282,24 @@ def _upload_run_files(plan: RunPlan, out_dir: Path, layout: RunLayout) -> None:
 def open_gate(
     model_id: str,
     max_concurrent_jobs: int,
-    run_name: str,
+    gate_run: str,
     new_shards: int = 0,
     flow_run_id: UUID | None = None,
 ) -> str:
     """Open the model's gate (the account's job quota) and size the run's own to its cap.
 
+    ``gate_run``: the run as its gate knows it (`gate.gate_run`, its name and key).
+
     ``new_shards``: shards of a run with no job yet, whose first wave takes its slots here,
     while the Prefect server is still quiet (`gate.take_ahead`).
     """
     logger = get_run_logger()
-    name, quota, run_gate = gate.ensure_gates(model_id, run_name, max_concurrent_jobs)
-    gate.abandon_waiters(model_id, run_name, abandoned=False)  # interrupted before, here
+    name, quota, run_gate = gate.ensure_gates(model_id, gate_run, max_concurrent_jobs)
+    gate.abandon_waiters(model_id, gate_run, abandoned=False)  # interrupted before, here
     in_use = gate.active_slots(name)
     ahead = gate.take_ahead(
         model_id,
-        run_name,
+        gate_run,
         min(new_shards, max_concurrent_jobs),
         get_settings().poll.lease_seconds,
         flow_run_id,

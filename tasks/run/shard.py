@@ -93,6 +93,11 @@ class RunContext:
     def run_dir(self) -> str:
         return self.layout.run_dir
 
+    @property
+    def gate_run(self) -> str:
+        """The run as its gate knows it (`gate.gate_run`): its own limit, not its name's."""
+        return gate.gate_run(self.run_name, self.run_key)
+
     def job_uri(self, relative: str) -> str:
         return self.layout.job_file(relative)
 
@@ -121,7 +126,7 @@ class RunContext:
         """
         self.interrupted.set()
         self.watcher.interrupt(RunInterrupted(f"Run {self.run_name} was interrupted."))
-        gate.abandon_waiters(self.model_id, self.run_name)
+        gate.abandon_waiters(self.model_id, self.gate_run)
 
 
 @dataclass
@@ -180,14 +185,14 @@ def _hold_slot(
         ctx.store.save(shard.name)
 
     slot = gate.HeldSlot(
-        attempt.job_name, ctx.model_id, ctx.run_name, None, ctx.flow_run_id, on_new_lease
+        attempt.job_name, ctx.model_id, ctx.gate_run, None, ctx.flow_run_id, on_new_lease
     )
     if attempt.lease_id and gate.renew_slot(attempt.lease_id, lease_seconds):
         logger.info(
             "Kept the gate slot %s held for %s before a restart", attempt.lease_id, attempt.job_name
         )
         slot.lease_id = attempt.lease_id
-        gate.kept_after_restart(attempt.lease_id, ctx.model_id, ctx.run_name)
+        gate.kept_after_restart(attempt.lease_id, ctx.model_id, ctx.gate_run)
         gate.KEEPER.hold(slot)
         return
     # A crash between create and saving the ARN leaves a running job known only by name.
@@ -211,7 +216,7 @@ def _hold_slot(
     slot.lease_id = str(
         gate.acquire_slot(
             ctx.model_id,
-            ctx.run_name,
+            ctx.gate_run,
             lease_seconds,
             ctx.flow_run_id,
             logger=logger,
@@ -353,7 +358,7 @@ def _release(ctx: RunContext, shard: ShardPlan, attempt: JobAttempt) -> None:
         attempt.lease_id = None
         ctx.store.save(shard.name)
     if lease_id:
-        gate.hand_over_or_release(lease_id, ctx.model_id, ctx.run_name)
+        gate.hand_over_or_release(lease_id, ctx.model_id, ctx.gate_run)
 
 
 def _verify_input(ctx: RunContext, attempt: JobAttempt, shard: ShardPlan) -> None:
