@@ -7,6 +7,7 @@ from typing import Any
 from uuid import UUID
 
 from prefect import flow, get_run_logger, runtime
+from prefect.client.orchestration import get_client
 from prefect.futures import wait
 from prefect.task_runners import ThreadPoolTaskRunner
 from prefect.utilities.annotations import unmapped
@@ -57,13 +58,32 @@ def _interrupted(flow_run_id: UUID | str, exc: BaseException) -> None:
 _REFUSED: set[str] = set()
 
 
+def _batch_run_name(flow_run, params: BatchParams) -> str | None:
+    """The batch run this flow run named when it resolved it: the flow run's name since then.
+
+    Computed again from the parameters, ``{date}`` became the hook's day (a nightly run
+    cancelled after midnight UTC stopped nothing of its own) and a default name followed a
+    source changed meanwhile. None while the server's name is still the provisional one: the
+    run was never resolved, so it has no job.
+    """
+    try:  # the hook's copy of a flow run in its own process predates the rename
+        with get_client(sync_client=True) as client:
+            name, read = client.read_flow_run(flow_run.id).name, True
+    except Exception:  # an unknown flow run or an unreachable server: the name it was given
+        name, read = flow_run.name, False
+    if params.run_name is None and name == flow_run_name(params):
+        return None if read else name_for_events(params)  # not knowing, the best guess
+    return name
+
+
 def _emit_failed(flow, flow_run, state) -> None:
     """Flow failure hook: a `bedrock.batch.run.failed` event automations can act on."""
     if str(flow_run.id) in _INTERRUPTED | _REFUSED:
         return
     raw = flow_run.parameters.get("params") or {}
     try:
-        run_name = name_for_events(BatchParams.model_validate(raw))
+        params = BatchParams.model_validate(raw)
+        run_name = _batch_run_name(flow_run, params) or name_for_events(params)
     except Exception:  # the parameters or the source themselves were the failure
         run_name = flow_run.name
     events.emit_run_failed(run_name, raw.get("model_id", ""), str(state.message))
@@ -79,8 +99,10 @@ def _stop_jobs(flow, flow_run, state) -> None:
     raw = flow_run.parameters.get("params") or {}
     try:
         params = BatchParams.model_validate(raw)
-        run_name = name_for_events(params)
+        run_name = _batch_run_name(flow_run, params)
     except Exception:  # the parameters or the source were the failure: nothing was created
+        return
+    if run_name is None:
         return
     reason = "crashed" if state.is_crashed() else "cancelled"
     run_dir = storage.join(params.output_uri, run_name)

@@ -151,3 +151,50 @@ def test_one_run_name_in_two_output_folders_keeps_each_runs_own_cap(stack, tmp_p
     assert peak == 1, f"{peak} of alice's jobs in flight at once; her cap is 1"
     assert_answers_match_rows(_output(tmp_path / "alice", "team-eval"), 400)
     assert_answers_match_rows(_output(tmp_path / "bob", "team-eval"), 100)
+
+
+def test_cancelling_a_dated_run_after_midnight_stops_its_own_jobs(stack, tmp_path, monkeypatch):
+    """The nightly `topics-nightly-{date}` cancelled the next day (UTC): its jobs, not today's."""
+    import json
+    import signal
+    from datetime import datetime, timedelta, timezone
+
+    from prefect.client.schemas.objects import FlowRun
+    from prefect.states import Cancelled
+
+    from flows.batch_inference import _stop_jobs, batch_inference
+    from tasks.run import layout as layout_module
+
+    model = "anthropic.claude-opus-4-1-20250805-v1:0"
+    stack.configure(records_per_second=2)
+    params = _params(tmp_path, "nightly-{date}", 200, model)
+    run = _start(tmp_path, params, 2)
+    eventually(lambda: _in_progress(stack, "-nightly-") == 2, timeout=120, what="two jobs")
+    run.send_signal(signal.SIGKILL)  # what the runner does to a cancelled run's process
+    run.wait()
+    (folder,) = (tmp_path / "out").iterdir()
+    owner = json.loads((folder / "owner.json").read_text())
+    flow_run = FlowRun(
+        id=owner["flow_run_id"],
+        flow_id=uuid.uuid4(),
+        name=folder.name,
+        parameters={"params": params},
+    )
+    tomorrow = datetime.now(timezone.utc) + timedelta(days=1)
+
+    class Tomorrow(datetime):
+        @classmethod
+        def now(cls, tz=None):
+            return tomorrow
+
+    monkeypatch.setattr(layout_module, "datetime", Tomorrow)
+
+    _stop_jobs(batch_inference, flow_run, Cancelled())
+
+    stack.configure(records_per_second=None)
+
+    def stopped() -> bool:
+        jobs = stack.ledger(name_contains=f"-{folder.name}-")
+        return len(jobs) == 2 and all(j["statusHistory"][-1] == "Stopped" for j in jobs)
+
+    eventually(stopped, timeout=60, what=f"the jobs of {folder.name} to be Stopped")
