@@ -343,9 +343,20 @@ def cmd_merge(args: argparse.Namespace) -> int:
     """Offline merge of Bedrock outputs downloaded under --outputs into the run folder."""
     import polars as pl
 
+    from tasks.errors import RunOwnedError
     from tasks.pipeline import columns as C
     from tasks.pipeline.merge import merge_offline
+    from tasks.run.owner import live_holder_elsewhere, owner_text
 
+    # A live run's parts are its merged answers; written over from outputs downloaded so far,
+    # one became MissingOutput rows and the run finished with them.
+    owner = live_holder_elsewhere(str(args.run_dir))
+    if owner is not None:
+        msg = (
+            f"{args.run_dir} is a live run's folder: {owner_text(owner)} runs it and merges its "
+            "jobs' outputs itself; merge once it has finished, or into a copy of the folder."
+        )
+        raise RunOwnedError(msg)
     with _progress("Merging outputs into Parquet") as advance:
         parts = merge_offline(Path(args.run_dir), Path(args.outputs), on_part=advance)
     print(f"Wrote {len(parts)} Parquet parts under {(Path(args.run_dir) / 'output').resolve()}")

@@ -319,6 +319,41 @@ def test_merge_with_missing_outputs_exits_non_zero_and_counts_rows(tmp_path, cap
     assert "125 of 250 rows have no output" in line and "--allow-missing" in line
 
 
+def test_merge_into_the_folder_of_a_live_run_is_refused_naming_its_owner(tmp_path, capsys):
+    """The parts a live run merged are its answers: an offline merge beside it replaced one
+    with MissingOutput rows, and the run then finished with them."""
+    import socket
+
+    from tasks.run.owner import _process
+
+    run_dir = tmp_path / "run"
+    assert not main(["preprocess", "--source", str(_topics_csv(tmp_path, 250)),
+                 "--prompt-id", "joke_about_topic", "--model-id", CLAUDE,
+                 "--out", str(run_dir), "--max-concurrent-jobs", "2"])  # fmt: skip
+    (tmp_path / "outputs" / "job0abc12345").mkdir(parents=True)
+    shard = sorted((run_dir / "input").glob("*.jsonl"))[0]
+    lines = shard.read_text().splitlines()
+    outputs = tmp_path / "outputs" / "job0abc12345" / f"{shard.name}.out"
+    outputs.write_text("\n".join(_answer(x) for x in lines) + "\n")
+    owner = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        claim = {"flow_run_id": "the-live-run", "host": socket.gethostname(), "pid": owner.pid,
+                 "process": _process(owner.pid), "since": "2026-12-07T12:00:00+00:00",
+                 "expiry_seconds": 60}  # fmt: skip
+        (run_dir / "owner.json").write_text(json.dumps(claim))
+        capsys.readouterr()
+
+        code = main(["merge", "--run-dir", str(run_dir), "--outputs", str(tmp_path / "outputs")])
+    finally:
+        owner.kill()
+        owner.wait()
+
+    assert code == 2
+    line = _one_error_line(capsys)
+    assert "the-live-run" in line and f"pid {owner.pid}" in line
+    assert not list((run_dir / "output").glob("part-*.parquet"))
+
+
 def test_local_forwards_port_pace_and_fault_options():
     from emulator.__main__ import build_config, parse_args
 
