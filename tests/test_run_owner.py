@@ -55,6 +55,19 @@ def test_claim_run_takes_over_a_claim_that_stopped_being_refreshed(layout):
     second.release()
 
 
+@pytest.mark.parametrize("garbage", [b"", b'{"claim_id": "ab', b"[1, 2]"])
+def test_claim_run_takes_over_an_unreadable_claim_after_the_expiry(layout, garbage):
+    # A claim emptied, cut or overwritten (a full disk, a sync tool) ended the run with a
+    # JSONDecodeError traceback; watched like a crashed owner's, it is taken over.
+    storage.write_bytes(layout.owner_uri, garbage)
+
+    claim = claim_run(layout, flow_run_id="after-damage")
+
+    holder = json.loads(storage.read_bytes(layout.owner_uri))
+    assert holder["flow_run_id"] == "after-damage"
+    claim.release()
+
+
 def test_claim_run_released_claim_is_free_at_once(layout):
     claim_run(layout, flow_run_id="one").release()
 

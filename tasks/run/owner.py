@@ -121,6 +121,19 @@ def live_holder_elsewhere(run_dir: str) -> dict[str, Any] | None:
     return holder
 
 
+def _holder(data: bytes) -> dict[str, Any]:
+    """The claim's owner; an unreadable claim (cut, emptied, overwritten) names nobody.
+
+    Such a claim is watched like any other: a live owner rewrites it and is seen, one that
+    stays unchanged for the expiry is taken over. Parsing it raised a JSON traceback instead.
+    """
+    try:
+        holder = json.loads(data)
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        holder = None
+    return holder if isinstance(holder, dict) else {"host": "(an unreadable claim)"}
+
+
 def owner_text(owner: dict[str, Any]) -> str:
     return (
         f"flow run {owner.get('flow_run_id') or '(none)'} on host {owner.get('host')} "
@@ -228,7 +241,7 @@ def claim_run(
             continue  # released between the two calls
         if current.data == body:  # our own create, its answer lost and the retry refused
             return RunClaim(layout.owner_uri, owner, current.tag, expiry)
-        holder = json.loads(current.data)
+        holder = _holder(current.data)
         if seen is not None and current.tag != seen.tag:
             msg = (
                 f"Run {layout.run_name!r} is already running: {owner_text(holder)} owns it "
