@@ -162,6 +162,14 @@ def resolve_run(params: BatchParams, flow_run_id: Any = None) -> ResolvedRun:
             storage.write_bytes(layout.identity_uri, current.to_json(), params.kms_key_id)
         identity = recorded or current
         store = RunStateStore(layout.run_dir, run_name, params.kms_key_id)
+        for where in store.lost.values():
+            logger.warning(
+                "Run state %s is unreadable and left out: what it held is rebuilt (a shard "
+                "starts again from its plan; its jobs are found by their names and adopted, "
+                "not paid again)",
+                where,
+            )
+        _forget_missing_parts(store, layout, logger)
         finished = None
         if store.state.finished_at and storage.exists(layout.summary_uri):
             finished = json.loads(storage.read_bytes(layout.summary_uri))
@@ -169,6 +177,26 @@ def resolve_run(params: BatchParams, flow_run_id: Any = None) -> ResolvedRun:
         claim.release()
         raise
     return ResolvedRun(layout, role_arn, store, finished, identity, claim)
+
+
+def _forget_missing_parts(store: RunStateStore, layout: RunLayout, logger) -> None:
+    """A shard recorded as merged whose part is gone is merged again from its jobs' outputs.
+
+    Without this a deleted part (a cleanup, a sync tool) was never written again, and a
+    finished run was reported finished with that shard's rows missing from its output.
+    """
+    present = {uri.rsplit("/", 1)[-1] for uri in storage.list_files(layout.output_dir, PARQUET)}
+    for shard in list(store.state.shards.values()):
+        if shard.part_uri is None or shard.part_uri.rsplit("/", 1)[-1] in present:
+            continue
+        logger.warning(
+            "The merged part %s of %s is missing; it is merged again from its jobs' outputs",
+            shard.part_uri,
+            shard.name,
+        )
+        shard.part_uri, shard.merge_stats = None, None
+        store.save(shard.name)
+        store.state.finished_at = None  # the run's end is done again once the part is back
 
 
 def release_run(run: ResolvedRun) -> None:

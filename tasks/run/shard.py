@@ -595,7 +595,8 @@ def run_shard(ctx: RunContext, shard: ShardPlan) -> ShardResult:
     """
     logger = get_run_logger()
     state = ctx.store.shard(shard.name)
-    resumed = bool(state.attempts)
+    # A shard whose state was unreadable may have made jobs: look them up before creating.
+    resumed = bool(state.attempts) or shard.name in ctx.store.lost
     if state.part_uri is None:
         how = C.SERVED_ON_DEMAND if shard.on_demand else C.SERVED_BATCH
         attempt = state.current or _new_attempt(

@@ -17,7 +17,7 @@ from typing import Any
 from tasks.aws import storage
 from tasks.bedrock.jobs import job_id_from_arn
 from tasks.bedrock.statuses import outcome
-from tasks.run.layout import shard_state_file, shard_state_prefix, state_file_in
+from tasks.run.layout import STATE_FILE, shard_state_file, shard_state_prefix, state_file_in
 
 
 def now_iso() -> str:
@@ -106,7 +106,8 @@ class RunStateStore:
         self._lock = threading.Lock()
         self._count_lock = threading.Lock()
         self._shard_locks: dict[str, threading.Lock] = {}
-        self.state = _load(run_dir, run_name)
+        # Unreadable files of the state, by shard name (or STATE_FILE): see `_load`.
+        self.state, self.lost = _load(run_dir, run_name)
 
     def shard(self, name: str) -> ShardState:
         with self._lock:
@@ -153,16 +154,53 @@ def _shard_from_dict(name: str, shard: dict[str, Any]) -> ShardState:
     )
 
 
-def _load(run_dir: str, run_name: str) -> RunState:
-    compacted = state_file_in(run_dir)
-    if storage.exists(compacted):
-        state = RunState.from_dict(json.loads(storage.read_bytes(compacted)))
+def _parsed(data: bytes) -> dict[str, Any] | str:
+    """The JSON object in ``data``, or why it is not one.
+
+    Every write of ours is whole (an S3 PUT, a local write-and-rename), so an empty or cut
+    file is damage from outside: a disk that filled, a sync tool, a hand edit.
+    """
+    try:
+        value = json.loads(data)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        reason = "empty" if not data.strip() else f"not JSON ({exc})"
     else:
-        state = RunState(run_name)
+        if isinstance(value, dict):
+            return value
+        reason = f"not a JSON object but {type(value).__name__}"
+    return f"{reason}, {len(data)} bytes"
+
+
+def _load(run_dir: str, run_name: str) -> tuple[RunState, dict[str, str]]:
+    """The run's state, and the unreadable files of it left out (name: why, URI).
+
+    The name is a shard's, or STATE_FILE for the compacted state (its shards are in their own
+    objects too; only ``finished_at`` is lost, and the run's end is done again).
+
+    Such a shard starts again from its plan, as if its object had been deleted: its jobs have
+    deterministic names and tokens, so the jobs it made are found and adopted (``lost`` makes
+    the shard look them up), their outputs merged again and nothing is paid twice.
+    """
+    compacted = state_file_in(run_dir)
+    state = RunState(run_name)
+    lost: dict[str, str] = {}
+    if storage.exists(compacted):
+        data = _parsed(storage.read_bytes(compacted))
+        if isinstance(data, str):
+            lost[STATE_FILE] = f"{compacted} ({data})"
+        else:
+            state = RunState.from_dict({"run_name": run_name, **data})
     uris = storage.list_files(shard_state_prefix(run_dir), ".json")
     # Many small objects: read them side by side (S3 answers each GET in tens of ms).
     with ThreadPoolExecutor(max_workers=16) as pool:
-        for data in pool.map(storage.read_bytes, uris):
-            shard = json.loads(data)
-            state.shards[shard["name"]] = _shard_from_dict(shard["name"], shard)
-    return state
+        for uri, raw in zip(uris, pool.map(storage.read_bytes, uris), strict=True):
+            shard = _parsed(raw)
+            name = uri.rsplit("/", 1)[-1].removesuffix(".json")
+            if isinstance(shard, dict) and shard.get("name") != name:
+                shard = f"the state of {shard.get('name')!r}, not of {name}"
+            if isinstance(shard, str):
+                state.shards.pop(name, None)  # an older copy from state.json is no better
+                lost[name] = f"{uri} ({shard})"
+                continue
+            state.shards[name] = _shard_from_dict(name, shard)
+    return state, lost

@@ -1,0 +1,93 @@
+"""A run folder damaged between two runs (files deleted, emptied or cut), then the same run again:
+it finishes with every row answered once and nothing paid twice, or stops naming the file."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import polars as pl
+import pytest
+from helpers import assert_answers_match_rows
+
+from flows.batch_inference import batch_inference
+from tasks.aws import storage
+from tasks.aws.clients import client
+from tasks.run.layout import RunLayout, layout_for, shard_state_file, state_file_in
+from tasks.run.params import BatchParams
+
+CLAUDE = "anthropic.claude-3-haiku-20240307-v1:0"
+ROWS = 300  # three shards of 100
+SHARD = "shard-00001"
+
+
+def _params(stack, tmp_path: Path, run_name: str, where: str, **overrides) -> BatchParams:
+    """question_answering over rows whose prompts start with their own text (Q0000 ...)."""
+    source = tmp_path / "questions.csv"
+    pl.DataFrame({"source": [f"Q{i:04d} what is {i} + 1?" for i in range(ROWS)]}).write_csv(source)
+    out = str(tmp_path / "out") if where == "local" else f"s3://{stack.bucket}/{tmp_path.name}"
+    return BatchParams(
+        source=str(source),
+        prompt_id="question_answering",
+        model_id=CLAUDE,
+        output_uri=out,
+        run_name=run_name,
+        max_records_per_job=100,
+        **overrides,
+    )
+
+
+def _finished(stack, tmp_path: Path, run_name: str, where: str) -> tuple[BatchParams, RunLayout]:
+    params = _params(stack, tmp_path, run_name, where)
+    batch_inference(params)
+    return params, layout_for(params.output_uri, params.run_name)
+
+
+def _remove(uri: str) -> None:
+    if storage.is_s3(uri):
+        bucket, key = storage.split_s3(uri)
+        client("s3").delete_object(Bucket=bucket, Key=key)
+    else:
+        Path(uri).unlink()
+
+
+def _output(layout: RunLayout) -> pl.DataFrame:
+    parts = storage.list_files(layout.output_dir, ".parquet")
+    frames = [pl.read_parquet(storage.read_bytes(uri)) for uri in parts]
+    return pl.concat(frames, how="diagonal_relaxed")
+
+
+def _jobs(stack, run_name: str) -> list[str]:
+    """The run's jobs by shard and attempt, from the emulator's ledger of created jobs."""
+    return sorted(job["jobName"].split("-", 1)[1] for job in stack.ledger(name_contains=run_name))
+
+
+def _first_jobs(run_name: str) -> list[str]:
+    return [f"{run_name}-shard-0000{i}-a1" for i in range(3)]
+
+
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_rerun_of_a_finished_run_whose_part_was_deleted_merges_it_again(stack, tmp_path, where):
+    # The re-run said "already finished" and returned, its output short of the part's rows.
+    params, layout = _finished(stack, tmp_path, f"part-gone-{where}", where)
+    _remove(layout.part_uri(1))
+
+    batch_inference(params)
+
+    assert_answers_match_rows(_output(layout), ROWS)
+    assert _jobs(stack, params.run_name) == _first_jobs(params.run_name)
+
+
+@pytest.mark.parametrize(("where", "cut"), [("local", "empty"), ("s3", "half")])
+def test_rerun_with_a_shard_state_emptied_or_cut_adopts_its_job(stack, tmp_path, where, cut):
+    # A disk that filled or a sync tool left state/shard-N.json empty or cut: the re-run
+    # ended with a JSONDecodeError traceback. The compacted state.json is cut too.
+    params, layout = _finished(stack, tmp_path, f"state-{cut}-{where}", where)
+    for uri in (shard_state_file(layout.run_dir, SHARD), state_file_in(layout.run_dir)):
+        data = storage.read_bytes(uri)
+        storage.write_bytes(uri, b"" if cut == "empty" else data[: len(data) // 2])
+    _remove(layout.part_uri(1))
+
+    batch_inference(params)
+
+    assert_answers_match_rows(_output(layout), ROWS)
+    assert _jobs(stack, params.run_name) == _first_jobs(params.run_name)
