@@ -197,6 +197,7 @@ def batch_inference(params: BatchParams) -> dict[str, Any]:
             flow_run_id=runtime.flow_run.id,
             max_attempts=params.max_attempts,
             retry_stopped=params.retry_stopped,
+            resend_lost_outputs=params.resend_lost_outputs,
             on_demand=params.on_demand,
             on_demand_rps=params.on_demand_rps,
             claim=run.claim,

@@ -83,6 +83,7 @@ def _params(args: argparse.Namespace):
         "on_demand": getattr(args, "on_demand", None),
         "max_attempts": getattr(args, "max_attempts", None),
         "retry_stopped": getattr(args, "retry_stopped", None) or None,
+        "resend_lost_outputs": getattr(args, "resend_lost_outputs", None) or None,
         "max_cost_usd": getattr(args, "max_cost_usd", None),
         "tags": dict(tag.split("=", 1) for tag in getattr(args, "tag", None) or []),
         "inference": inference,
@@ -501,6 +502,11 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--max-attempts", type=int, help="tries per record (default 3)")
     run.add_argument(
         "--retry-stopped", action="store_true", help="also resubmit the records of stopped jobs"
+    )
+    run.add_argument(
+        "--resend-lost-outputs",
+        action="store_true",
+        help="pay again for records whose job outputs were deleted or cut on S3",
     )
     run.add_argument(
         "--max-cost-usd",

@@ -71,6 +71,10 @@ class RunSettingsError(BedrockBatchError, ValueError):
     """A run parameter or setting is missing or invalid (named in the message)."""
 
 
+class OutputsLostError(BedrockBatchError):
+    """Bedrock's outputs of a finished job lack answers it processed (deleted or cut files)."""
+
+
 class JobLostError(BedrockBatchError):
     """Bedrock no longer answers for a job the run created."""
 

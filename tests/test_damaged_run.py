@@ -12,6 +12,7 @@ from helpers import assert_answers_match_rows
 from flows.batch_inference import batch_inference
 from tasks.aws import storage
 from tasks.aws.clients import client
+from tasks.errors import OutputsLostError
 from tasks.run.layout import RunLayout, layout_for, shard_state_file, state_file_in
 from tasks.run.params import BatchParams
 
@@ -91,3 +92,40 @@ def test_rerun_with_a_shard_state_emptied_or_cut_adopts_its_job(stack, tmp_path,
 
     assert_answers_match_rows(_output(layout), ROWS)
     assert _jobs(stack, params.run_name) == _first_jobs(params.run_name)
+
+
+def _delete_job_outputs(layout: RunLayout, shard: str) -> str:
+    """Delete a shard's `.jsonl.out` files (a lifecycle rule); the prefix they were under."""
+    prefix = layout.bedrock_output_prefix(shard)
+    outs = storage.list_files(prefix, ".jsonl.out")
+    assert outs
+    for uri in outs:
+        _remove(uri)
+    return prefix
+
+
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_rerun_whose_job_outputs_were_deleted_stops_before_paying_again(stack, tmp_path, where):
+    # The state of a shard was lost and its job's outputs deleted: the re-run adopted the job,
+    # found no answers and sent all 100 records again as a new job, paid twice, unsaid.
+    params, layout = _finished(stack, tmp_path, f"outs-gone-{where}", where)
+    _remove(shard_state_file(layout.run_dir, SHARD))
+    _remove(state_file_in(layout.run_dir))
+    _remove(layout.part_uri(1))
+    prefix = _delete_job_outputs(layout, SHARD)
+
+    with pytest.raises(OutputsLostError) as excinfo:
+        batch_inference(params)
+
+    message = str(excinfo.value)
+    assert prefix in message and "lack 100 of the 100 records" in message
+    assert "--resend-lost-outputs" in message
+    assert _jobs(stack, params.run_name) == _first_jobs(params.run_name)
+
+    resent = params.model_copy(update={"resend_lost_outputs": True})
+    batch_inference(resent)
+
+    assert_answers_match_rows(_output(layout), ROWS)
+    assert _jobs(stack, params.run_name) == sorted(
+        [*_first_jobs(params.run_name), f"{params.run_name}-{SHARD}-a2"]
+    )

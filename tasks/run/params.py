@@ -158,6 +158,14 @@ class BatchParams(BaseModel):
     retry_stopped: bool = Field(
         False, description="Also resubmit the records of jobs someone stopped."
     )
+    resend_lost_outputs: bool = Field(
+        False,
+        description=(
+            "Send again, and pay again, the records a finished job processed whose output "
+            "lines are gone from S3 (files deleted or cut); by default the run stops and "
+            "names them."
+        ),
+    )
     on_demand: bool = Field(
         True,
         description=(

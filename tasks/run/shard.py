@@ -34,7 +34,7 @@ from tasks.aws.submit import (
 )
 from tasks.aws.watcher import JobWatcher
 from tasks.bedrock.statuses import outcome, retry_statuses
-from tasks.errors import PlanError, RunInterrupted
+from tasks.errors import OutputsLostError, PlanError, RunInterrupted
 from tasks.monitoring import events
 from tasks.pipeline import columns as C
 from tasks.pipeline.attempts import SUPERSEDED, AttemptOutput, Settled, retry_ids, settle
@@ -73,6 +73,7 @@ class RunContext:
     flow_run_id: UUID | None = None
     max_attempts: int = 3
     retry_stopped: bool = False
+    resend_lost_outputs: bool = False
     on_demand: bool = True
     on_demand_rps: float = 5.0
     claim: RunClaim | None = None
@@ -471,6 +472,7 @@ def _plan_retry(
     if len(state.attempts) >= ctx.max_attempts:
         _warn_gave_up(shard, last, settled, ids, logger)
         return None
+    _check_outputs_kept(ctx, shard, last, settled, logger)
     minimum = get_settings().quotas.min_records_per_job
     how = C.SERVED_BATCH if len(ids) >= minimum else C.SERVED_ON_DEMAND
     if how == C.SERVED_ON_DEMAND and not ctx.on_demand:
@@ -514,6 +516,48 @@ def _warn_gave_up(
         last.job_name or last.served_by,
         ended,
     )
+
+
+def _check_outputs_kept(
+    ctx: RunContext, shard: ShardPlan, attempt: JobAttempt, settled: Settled, logger
+) -> None:
+    """Refuse to retry records a finished job answered but whose output lines are gone.
+
+    Bedrock's counters say how many records the job processed (botocore's bedrock model,
+    GetModelInvocationJobResponse.processedRecordCount: "The number of records that have been
+    processed"), success or error, each one output line; fewer lines than that mean files
+    deleted or cut after the job (a lifecycle rule, a cleanup): those answers were paid for,
+    and sending them again pays twice.
+    """
+    processed = attempt.counters.get("processedRecordCount")
+    if attempt.served_by != C.SERVED_BATCH or not attempt.job_id or processed is None:
+        return
+    frame = settled.frame
+    missing = frame.filter(
+        (pl.col(C.ERROR_CODE) == C.MISSING_OUTPUT) & (pl.col(C.ATTEMPTS) == attempt.attempt)
+    ).height
+    lost = missing - max(attempt.records - processed, 0)
+    if lost <= 0:
+        return
+    where = storage.join(ctx.output_prefix(shard), attempt.job_id) + "/"
+    if ctx.resend_lost_outputs:
+        logger.warning(
+            "%d records of %s that job %s processed have no output line in %s; they are sent "
+            "and paid again (resend_lost_outputs)",
+            lost,
+            shard.name,
+            attempt.job_name,
+            where,
+        )
+        return
+    msg = (
+        f"The outputs of job {attempt.job_name} ({shard.name}) in {where} lack {lost} of the "
+        f"{processed} records Bedrock processed: a .jsonl.out file there was deleted or cut "
+        "after the job. Nothing was sent again; those answers were paid for. Put the files back "
+        "(S3 versioning) and run again, or pass resend_lost_outputs=True "
+        "(`--resend-lost-outputs`) to send and pay for those records again."
+    )
+    raise OutputsLostError(msg)
 
 
 def _held_by_ceiling(
