@@ -3,6 +3,7 @@ it finishes with every row answered once and nothing paid twice, or stops naming
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import polars as pl
@@ -129,3 +130,20 @@ def test_rerun_whose_job_outputs_were_deleted_stops_before_paying_again(stack, t
     assert _jobs(stack, params.run_name) == sorted(
         [*_first_jobs(params.run_name), f"{params.run_name}-{SHARD}-a2"]
     )
+
+
+def test_rerun_of_a_run_folder_copied_to_another_output_uri_reads_its_jobs_outputs(stack, tmp_path):
+    # A local run folder copied elsewhere has a job prefix of its own: its shards looked for
+    # their jobs' outputs there, found none and took the paid answers for lost.
+    params, layout = _finished(stack, tmp_path, "copied", "local")
+    moved = tmp_path / "elsewhere"
+    shutil.copytree(layout.run_dir, moved / params.run_name)
+    params = params.model_copy(update={"output_uri": str(moved)})
+    copy = layout_for(params.output_uri, params.run_name)
+    assert copy.job_prefix != layout.job_prefix
+    _remove(copy.part_uri(1))  # merged again, from the outputs where its job wrote them
+
+    batch_inference(params)
+
+    assert_answers_match_rows(_output(copy), ROWS)
+    assert _jobs(stack, params.run_name) == _first_jobs(params.run_name)

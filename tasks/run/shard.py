@@ -22,7 +22,7 @@ from prefect.cache_policies import NO_CACHE
 
 from tasks.aws import storage
 from tasks.aws.on_demand import record_ids_of, select_lines, serve_on_demand
-from tasks.aws.poll import COUNTERS, wait_for_job
+from tasks.aws.poll import COUNTERS, describe_job, wait_for_job
 from tasks.aws.submit import (
     JobRequest,
     client_token_for,
@@ -405,6 +405,24 @@ def _run_on_demand(ctx: RunContext, shard: ShardPlan, attempt: JobAttempt) -> No
     ctx.store.save(shard.name)
 
 
+def _written_elsewhere(attempt: JobAttempt) -> list[str]:
+    """The job's output files where the job itself wrote them, when that is another prefix.
+
+    A run folder copied or moved to another output_uri (a local one: its job prefix follows
+    the folder) looked for its jobs' outputs under the new prefix, found none and took the
+    answers for lost. Bedrock says where it wrote (botocore's bedrock model:
+    GetModelInvocationJobResponse.outputDataConfig.s3OutputDataConfig.s3Uri, with the job's
+    outputs under ``<s3Uri>/<jobId>/``).
+    """
+    if not attempt.job_arn or not attempt.is_final:
+        return []
+    config = describe_job(attempt.job_arn).get("outputDataConfig", {})
+    uri = config.get("s3OutputDataConfig", {}).get("s3Uri")
+    if not uri:
+        return []
+    return storage.list_files(storage.join(uri, attempt.job_id), JSONL + OUT_SUFFIX)
+
+
 def _attempt_output(
     ctx: RunContext, shard: ShardPlan, attempt: JobAttempt, files: ExitStack
 ) -> AttemptOutput:
@@ -422,10 +440,8 @@ def _attempt_output(
         # Expired and Stopped jobs keep the outputs of the records they processed:
         # those are served and must not be paid for again.
         prefix = storage.join(ctx.output_prefix(shard), attempt.job_id)
-        outputs = [
-            files.enter_context(storage.local_copy(uri))
-            for uri in storage.list_files(prefix, JSONL + OUT_SUFFIX)
-        ]
+        uris = storage.list_files(prefix, JSONL + OUT_SUFFIX) or _written_elsewhere(attempt)
+        outputs = [files.enter_context(storage.local_copy(uri)) for uri in uris]
     if attempt.served_by != C.SERVED_ON_DEMAND and not outcome(attempt.status).mergeable:
         job_error = (attempt.status or "Unknown", attempt.message or "the job did not finish")
     ids = None
