@@ -123,7 +123,7 @@ class BatchParams(BaseModel):
         ge=1,
         le=MAX_CONCURRENT_JOBS,
         description=(
-            "Jobs of this run in flight at once (its gate, bedrock-batch-run-RUN_NAME). Each "
+            "Jobs of this run in flight at once (its gate, bedrock-batch-run-RUN_NAME-KEY). Each "
             "job also takes a slot of the model's gate, shared by every run of the model and "
             "sized by BEDROCK_BATCH_QUOTA_MAX_JOBS_PER_MODEL (the account's job quota)."
         ),
