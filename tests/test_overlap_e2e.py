@@ -129,7 +129,7 @@ def test_stop_from_another_process_keeps_the_live_runs_gate(stack, tmp_path, cap
 def test_one_run_name_in_two_output_folders_keeps_each_runs_own_cap(stack, tmp_path):
     """Two teammates run "team-eval" at once, each in their own folder: two runs, two caps."""
     model = "anthropic.claude-opus-4-20250514-v1:0"
-    stack.configure(records_per_second=5)  # 20 s a job: the second run starts amid the first
+    stack.configure(records_per_second=10)  # 10 s a job: the second run starts amid the first
     for folder in ("alice", "bob"):
         (tmp_path / folder).mkdir()
     alice = _params(tmp_path / "alice", "team-eval", 400, model)
