@@ -37,7 +37,7 @@ def test_stalled_when_pending_and_no_tokens_for_the_whole_window():
     condition = evaluate_stalled(series, NOW, 30)
     assert condition.active
     assert condition.since == NOW - timedelta(minutes=30)
-    assert condition.value == 100
+    assert condition.detail["pending_records"] == 100
 
 
 def test_stalled_not_yet_when_shorter_than_the_stall_minutes():
@@ -67,7 +67,7 @@ def test_stalled_clears_when_bedrock_stopped_publishing_pending():
     old = [(t - timedelta(minutes=40), v) for t, v in _series([100] * 31)]
     series = {PENDING_RECORDS: old, INPUT_TOKENS_PER_MINUTE: []}
     condition = evaluate_stalled(series, NOW, 30, period_seconds=60)
-    assert not condition.active and condition.value == 0.0
+    assert not condition.active and condition.detail["pending_records"] == 0.0
 
 
 def test_throughput_above_threshold_uses_the_window_average():
@@ -125,6 +125,43 @@ def test_transition_starts_once_then_stays_quiet_then_resolves_once():
 
     quiet, none_state = transition("m", evaluate_stalled(moving, NOW, 30), None, later)
     assert quiet is None and none_state is None
+
+
+def test_stalled_alert_compares_minutes_with_minutes():
+    series = {PENDING_RECORDS: _series([440] * 41), INPUT_TOKENS_PER_MINUTE: _series([0] * 41)}
+    start, _ = transition("m", evaluate_stalled(series, NOW, 30), None, NOW)
+    assert start is not None
+    payload = start.payload
+    assert (payload["value"], payload["threshold"], payload["unit"]) == (40.0, 30, "minutes")
+    assert payload["window_minutes"] == 30
+    assert payload["metrics"] == [
+        "NumberOfRecordsPendingProcessing",
+        "NumberOfInputTokensProcessedPerMinute",
+    ]
+    # What the stall notification prints stays in the payload.
+    assert payload["pending_records"] == 440 and payload["stalled_minutes"] == 40.0
+
+
+def test_backlog_alert_compares_a_fraction_with_a_fraction():
+    points = _series([400, 420, 440], minutes_apart=30)
+    start, _ = transition("m", evaluate_backlog(points, NOW, 60, 0.05, 3), None, NOW)
+    assert start is not None
+    payload = start.payload
+    assert (payload["value"], payload["threshold"], payload["unit"]) == (0.1, 0.05, "fraction")
+    assert payload["window_minutes"] == 60
+    assert payload["metrics"] == ["NumberOfRecordsPendingProcessing"]
+    assert (payload["first_pending_records"], payload["last_pending_records"]) == (400, 440)
+
+
+def test_throughput_alert_names_its_unit_metric_and_window():
+    points = _series([2_000_000] * 10)
+    condition = evaluate_throughput(THROUGHPUT_HIGH_INPUT, points, NOW, 360, 1_000_000)
+    start, _ = transition("m", condition, None, NOW)
+    assert start is not None
+    payload = start.payload
+    assert (payload["value"], payload["threshold"]) == (2_000_000, 1_000_000)
+    assert payload["unit"] == "tokens/minute" and payload["window_minutes"] == 360
+    assert payload["metrics"] == ["NumberOfInputTokensProcessedPerMinute"]
 
 
 def test_state_variable_name_is_a_valid_variable_name_and_unique_per_model():

@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from tasks.monitoring.cloudwatch import (
     INPUT_TOKENS_PER_MINUTE,
+    METRIC_NAMES,
     OUTPUT_TOKENS_PER_MINUTE,
     PENDING_RECORDS,
     ModelSeries,
@@ -27,6 +28,12 @@ BACKLOG_GROWING = "backlog-growing"
 RULES = (STALLED, THROUGHPUT_HIGH_INPUT, THROUGHPUT_HIGH_OUTPUT, BACKLOG_GROWING)
 
 STATE_TAG = "bedrock-batch-monitor"
+
+# The unit `value` and `threshold` share in each rule's events: one number against another
+# of the same kind, so an automation or a reader can compare them without knowing the rule.
+MINUTES = "minutes"
+TOKENS_PER_MINUTE = "tokens/minute"
+FRACTION = "fraction"
 
 
 class AlertThresholds(BaseModel):
@@ -79,6 +86,9 @@ class Condition:
     threshold: float | None = None
     since: datetime | None = None
     detail: dict[str, Any] = field(default_factory=dict)
+    unit: str = ""
+    metrics: list[str] = field(default_factory=list)
+    window_minutes: float | None = None
 
 
 @dataclass
@@ -116,14 +126,33 @@ def evaluate_stalled(
     """
     pending = {ts: value for ts, value in series.get(PENDING_RECORDS, []) if ts <= now}
     tokens = {ts: value for ts, value in series.get(INPUT_TOKENS_PER_MINUTE, []) if ts <= now}
-    threshold = stall_minutes
+
+    def condition(
+        active: bool, minutes: float | None, pending_now: float | None, since=None
+    ) -> Condition:
+        # value and threshold are both minutes; the records pending ride in the detail.
+        detail = {} if pending_now is None else {"pending_records": pending_now}
+        if minutes is not None:
+            detail["stalled_minutes"] = minutes
+        return Condition(
+            STALLED,
+            active,
+            minutes,
+            stall_minutes,
+            since,
+            detail,
+            MINUTES,
+            [METRIC_NAMES[PENDING_RECORDS], METRIC_NAMES[INPUT_TOKENS_PER_MINUTE]],
+            stall_minutes,
+        )
+
     if not pending:
-        return Condition(STALLED, False, None, threshold)
+        return condition(False, None, None)
     latest_ts = max(pending)
     latest = pending[latest_ts]
     if latest_ts < now - stale_after(period_seconds):
         # Bedrock stopped publishing: no job of the model is pending any more.
-        return Condition(STALLED, False, 0.0, threshold)
+        return condition(False, 0.0, 0.0)
     since: datetime | None = None
     for ts in sorted(set(pending) | set(tokens), reverse=True):
         if ts in pending and pending[ts] <= 0:
@@ -132,26 +161,24 @@ def evaluate_stalled(
             break
         since = ts
     if latest <= 0 or since is None:
-        return Condition(STALLED, False, latest, threshold)
-    stalled_minutes = (now - since).total_seconds() / 60.0
+        return condition(False, 0.0, latest)
+    stalled_minutes = round((now - since).total_seconds() / 60.0, 2)
     active = stalled_minutes >= stall_minutes
-    return Condition(
-        STALLED,
-        active,
-        latest,
-        threshold,
-        since if active else None,
-        {"stalled_minutes": round(stalled_minutes, 2), "pending_records": latest},
-    )
+    return condition(active, stalled_minutes, latest, since if active else None)
 
 
 def evaluate_throughput(
     rule: str, points: Series, now: datetime, window_minutes: float, threshold: float
 ) -> Condition:
     """Average tokens/min over the last `window_minutes` above `threshold`."""
+    metric = METRIC_NAMES[
+        INPUT_TOKENS_PER_MINUTE if rule == THROUGHPUT_HIGH_INPUT else OUTPUT_TOKENS_PER_MINUTE
+    ]
     inside = _window(points, now - timedelta(minutes=window_minutes), now)
     if not inside:
-        return Condition(rule, False, None, threshold)
+        return Condition(
+            rule, False, None, threshold, None, {}, TOKENS_PER_MINUTE, [metric], window_minutes
+        )
     average = sum(value for _, value in inside) / len(inside)
     return Condition(
         rule,
@@ -160,6 +187,9 @@ def evaluate_throughput(
         threshold,
         inside[0][0] if average > threshold else None,
         {"average_tokens_per_minute": average, "points": len(inside)},
+        TOKENS_PER_MINUTE,
+        [metric],
+        window_minutes,
     )
 
 
@@ -167,23 +197,26 @@ def evaluate_backlog(
     points: Series, now: datetime, window_minutes: float, growth_fraction: float, min_points: int
 ) -> Condition:
     """Pending records rose from the first to the last point of the window by > the fraction."""
+    shape = (FRACTION, [METRIC_NAMES[PENDING_RECORDS]], window_minutes)
     inside = _window(points, now - timedelta(minutes=window_minutes), now)
     if len(inside) < min_points:
-        return Condition(BACKLOG_GROWING, False, None, growth_fraction)
+        return Condition(BACKLOG_GROWING, False, None, growth_fraction, None, {}, *shape)
     first, last = inside[0][1], inside[-1][1]
     growth = (last - first) / first if first > 0 else (float("inf") if last > 0 else 0.0)
     active = last > first and growth > growth_fraction
+    shown = None if growth == float("inf") else round(growth, 4)
     return Condition(
         BACKLOG_GROWING,
         active,
-        last,
+        shown,
         growth_fraction,
         inside[0][0] if active else None,
         {
             "first_pending_records": first,
             "last_pending_records": last,
-            "growth_fraction": None if growth == float("inf") else round(growth, 4),
+            "growth_fraction": shown,
         },
+        *shape,
     )
 
 
@@ -240,6 +273,9 @@ def transition(
     payload = {
         "value": condition.value,
         "threshold": condition.threshold,
+        "unit": condition.unit,
+        "metrics": condition.metrics,
+        "window_minutes": condition.window_minutes,
         "evaluated_at": now.isoformat(),
         **condition.detail,
     }
