@@ -85,17 +85,40 @@ def test_throughput_ignores_points_outside_the_window():
 
 
 def test_backlog_growing_when_pending_rises_beyond_the_fraction():
-    condition = evaluate_backlog(_series([100, 120, 150]), NOW, 60, 0.1, 3)
+    condition = evaluate_backlog(_series([100, 120, 150]), NOW, 2, 0.1, 3)
     assert condition.active
     assert condition.detail["growth_fraction"] == 0.5
 
 
 def test_backlog_not_judged_with_too_few_points():
-    assert not evaluate_backlog(_series([100, 200]), NOW, 60, 0.1, 3).active
+    assert not evaluate_backlog(_series([100, 200]), NOW, 1, 0.1, 3).active
 
 
 def test_backlog_not_growing_when_draining():
-    assert not evaluate_backlog(_series([150, 120, 100]), NOW, 60, 0.1, 3).active
+    assert not evaluate_backlog(_series([150, 120, 100]), NOW, 2, 0.1, 3).active
+
+
+def test_backlog_not_judged_while_a_run_fills_it():
+    # A run started four minutes ago: each submitted job adds its records (as on the local
+    # stack, where this fired 4.7 s into a run: 98 → 181 pending against a 30 s window).
+    assert not evaluate_backlog(_series([0, 98, 181, 270, 350]), NOW, 60, 0.1, 3).active
+    assert not evaluate_backlog(_series([98, 181, 270, 350]), NOW, 60, 0.1, 3).active
+
+
+def test_backlog_not_judged_when_the_window_began_with_nothing_pending():
+    pending = [0] * 40 + [100] * 10 + [300] * 11
+    assert not evaluate_backlog(_series(pending), NOW, 60, 0.1, 3).active
+
+
+def test_backlog_not_judged_once_bedrock_stopped_publishing():
+    # Pending rose for an hour, then the series stopped ten minutes ago: nothing is pending.
+    rising = [(t - timedelta(minutes=10), v) for t, v in _series(list(range(100, 161)))]
+    assert not evaluate_backlog(rising, NOW, 60, 0.1, 3).active
+
+
+def test_backlog_growing_over_a_window_full_of_backlog():
+    condition = evaluate_backlog(_series(list(range(100, 161))), NOW, 60, 0.1, 3)
+    assert condition.active and condition.value == 0.6
 
 
 def test_evaluate_rules_skips_disabled_rules():
@@ -143,7 +166,7 @@ def test_stalled_alert_compares_minutes_with_minutes():
 
 
 def test_backlog_alert_compares_a_fraction_with_a_fraction():
-    points = _series([400, 420, 440], minutes_apart=30)
+    points = _series([400] * 30 + [420] * 30 + [440])
     start, _ = transition("m", evaluate_backlog(points, NOW, 60, 0.05, 3), None, NOW)
     assert start is not None
     payload = start.payload

@@ -194,27 +194,47 @@ def evaluate_throughput(
 
 
 def evaluate_backlog(
-    points: Series, now: datetime, window_minutes: float, growth_fraction: float, min_points: int
+    points: Series,
+    now: datetime,
+    window_minutes: float,
+    growth_fraction: float,
+    min_points: int,
+    period_seconds: int = 60,
 ) -> Condition:
-    """Pending records rose from the first to the last point of the window by > the fraction."""
+    """Pending records rose from the first to the last point of the window by > the fraction.
+
+    Judged only over a backlog that spans the whole window: records pending at its start and
+    at every point since, the latest point still fresh. A run that starts inside the window
+    fills its backlog as its jobs are submitted; that is the run starting, not a backlog
+    outgrowing the model, and it is judged once the window holds nothing but its backlog.
+    """
     shape = (FRACTION, [METRIC_NAMES[PENDING_RECORDS]], window_minutes)
-    inside = _window(points, now - timedelta(minutes=window_minutes), now)
-    if len(inside) < min_points:
-        return Condition(BACKLOG_GROWING, False, None, growth_fraction, None, {}, *shape)
+    start = now - timedelta(minutes=window_minutes)
+    inside = _window(points, start, now)
+    not_judged = Condition(BACKLOG_GROWING, False, None, growth_fraction, None, {}, *shape)
+    if len(inside) < min_points or inside[-1][0] < now - stale_after(period_seconds):
+        return not_judged
+    # Bedrock publishes while a model has records pending and stops when none is left: a
+    # window that starts late, or has a zero or a silence in it, holds a backlog's beginning.
+    slack = timedelta(seconds=2 * period_seconds)
+    silent = stale_after(period_seconds)
+    if inside[0][0] > start + slack or any(value <= 0 for _, value in inside):
+        return not_judged
+    if any(b[0] - a[0] > silent for a, b in zip(inside, inside[1:], strict=False)):
+        return not_judged
     first, last = inside[0][1], inside[-1][1]
-    growth = (last - first) / first if first > 0 else (float("inf") if last > 0 else 0.0)
-    active = last > first and growth > growth_fraction
-    shown = None if growth == float("inf") else round(growth, 4)
+    growth = round((last - first) / first, 4)
+    active = growth > growth_fraction
     return Condition(
         BACKLOG_GROWING,
         active,
-        shown,
+        growth,
         growth_fraction,
         inside[0][0] if active else None,
         {
             "first_pending_records": first,
             "last_pending_records": last,
-            "growth_fraction": shown,
+            "growth_fraction": growth,
         },
         *shape,
     )
@@ -246,6 +266,7 @@ def evaluate_rules(
             thresholds.backlog_window_minutes,
             thresholds.backlog_growth_fraction,
             thresholds.backlog_min_points,
+            period_seconds,
         ),
     ]
     return [c for c in conditions if c.rule not in thresholds.disabled_rules]
