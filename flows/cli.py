@@ -37,7 +37,7 @@ def _add_data_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-tokens", type=int)
     parser.add_argument("--temperature", type=float)
     parser.add_argument("--top-p", type=float)
-    parser.add_argument("--dimensions", type=int, help="embedding size (Titan v2)")
+    parser.add_argument("--dimensions", type=int, help="embedding size (Titan v2, Cohere Embed v4)")
     parser.add_argument(
         "--stop-sequence", action="append", help="text that ends generation, repeatable"
     )

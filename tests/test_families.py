@@ -830,3 +830,18 @@ def test_merge_length_cut_answer_is_kept_with_its_stop_reason(tmp_path):
         "max_tokens",
         None,
     )
+
+
+@pytest.mark.parametrize("model_id", ["cohere.embed-v4:0", "global.cohere.embed-v4:0"])
+def test_cohere_v4_dimensions_override_sets_output_dimension(model_id):
+    # The run's `dimensions` override (`--dimensions`) is Embed v4's output_dimension: the
+    # only way a run can ask v4 for 256, 512 or 1024 dimensions.
+    body = body_of(model_id, overrides={"dimensions": 512})
+    assert body == {"texts": [PROMPT], "input_type": "search_document", "output_dimension": 512}
+
+
+def test_cohere_v3_dimensions_are_refused():
+    # Embed v3 documents no output_dimension; its vectors are 1,024 long.
+    with pytest.raises(InvalidOptionsError) as exc:
+        body_of("cohere.embed-english-v3", overrides={"dimensions": 512})
+    assert "dimensions=512 is not accepted by cohere.embed-english-v3" in str(exc.value)

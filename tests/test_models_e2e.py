@@ -90,3 +90,22 @@ def test_embedding_model_dry_run_and_batch_run_parse_every_row(
     out = pl.read_parquet(summary["parts"])
     assert summary["counts"]["succeeded"] == ROWS and summary["counts"]["unparseable"] == 0
     assert out[EMBEDDING].list.len().unique().to_list() == [dims]
+
+
+def test_cohere_v4_run_with_dimensions_writes_vectors_of_that_length(stack, tmp_path):
+    # `dimensions` in the run's overrides (the CLI's --dimensions) is v4's output_dimension.
+    source = tmp_path / "reviews.jsonl"
+    pl.DataFrame({"input_text": [f"review {i}" for i in range(ROWS)]}).write_ndjson(source)
+    params = BatchParams(
+        source=str(source),
+        model_id="cohere.embed-v4:0",
+        output_uri=str(tmp_path / "out"),
+        run_name="e2e-cohere-v4-dims",
+        inference={"dimensions": 512},
+    )
+
+    summary = batch_inference(params)
+
+    out = pl.read_parquet(summary["parts"])
+    assert summary["counts"]["succeeded"] == ROWS
+    assert out[EMBEDDING].list.len().unique().to_list() == [512]

@@ -63,7 +63,9 @@ class InferenceOverrides(BaseModel):
     temperature: float | None = Field(None, ge=0, le=1, description="Sampling temperature.")
     top_p: float | None = Field(None, ge=0, le=1, description="Nucleus sampling mass.")
     stop_sequences: list[str] | None = Field(None, description="Texts that end generation.")
-    dimensions: int | None = Field(None, description="Embedding size (Titan v2: 256/512/1024).")
+    dimensions: int | None = Field(
+        None, description="Embedding size (Titan v2: 256/512/1024; Cohere Embed v4: 256 to 1536)."
+    )
     normalize: bool | None = Field(None, description="Unit-norm embeddings (Titan v2).")
     input_type: str | None = Field(None, description="Cohere Embed input_type.")
 

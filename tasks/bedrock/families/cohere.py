@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Literal
 
 import polars as pl
-from pydantic import Field
+from pydantic import AliasChoices, Field
 
 from tasks.bedrock.families.base import ModelFamily, Options, _field, _one, _struct
 from tasks.bedrock.model_ids import base_model_id
@@ -47,8 +47,12 @@ class CohereOptions(Options):
     embedding_types: list[Literal["float"]] | None = Field(
         None, description="Cohere's embedding_types; the parser reads the float vectors."
     )
+    # `dimensions` too: the run's override (and `--dimensions`) names the vector length so for
+    # every embedding model; without the alias Embed v4's length could not be chosen at all.
     output_dimension: Literal[256, 512, 1024, 1536] | None = Field(
-        None, description="Embed v4 only: the vector length (default 1536)."
+        None,
+        validation_alias=AliasChoices("output_dimension", "dimensions"),
+        description="Embed v4 only: the vector length (default 1536).",
     )
 
 
@@ -76,7 +80,18 @@ class CohereEmbed(ModelFamily):
 
     def check_options(self, options):
         super().check_options(options)
-        if self.model_id is None or options.truncate is None:
+        if self.model_id is None:
+            return
+        if options.output_dimension is not None and not _is_v4(self.model_id):
+            # Embed v3's request has no output_dimension (model-parameters-embed-v3.html lists
+            # texts, input_type, truncate, embedding_types); its vectors are 1,024 long.
+            msg = (
+                f"dimensions={options.output_dimension} is not accepted by {self.model_id}: "
+                "Cohere Embed v3 returns 1,024 dimensions and takes no output_dimension (Embed "
+                "v4 takes 256, 512, 1024 or 1536). Drop dimensions from the overrides."
+            )
+            raise InvalidOptionsError(msg)
+        if options.truncate is None:
             return
         allowed = _V4_TRUNCATE if _is_v4(self.model_id) else _V3_TRUNCATE
         if options.truncate not in allowed:
