@@ -453,11 +453,14 @@ def _titan_outputs(ok: pl.DataFrame, spec: ModelSpec) -> pl.DataFrame:
         .cast(pl.Int64, strict=False)
         .fill_null(spec.default_dimension),
         _norm=_path(mi, "$.normalize").fill_null("true") != "false",
+        # Seeded by the decoded text, not the body's JSON: a record retried on demand
+        # (botocore's spacing and escapes) gets the vector its batch line would have.
+        _text_hash=_path(mi, "$.inputText").fill_null("").hash(seed=7),
     )
     parts = []
     for dims, part in ok.group_by("_dims", maintain_order=True):
         matrix = _embed_matrix(
-            part[_HASH].to_numpy(), int(dims[0]), part["_norm"].to_numpy().astype(bool)
+            part["_text_hash"].to_numpy(), int(dims[0]), part["_norm"].to_numpy().astype(bool)
         )
         vectors = pl.Series(matrix).arr.to_list()
         # "embeddingsByType ... This field will always appear. Even if you don't specify
@@ -475,7 +478,7 @@ def _titan_outputs(ok: pl.DataFrame, spec: ModelSpec) -> pl.DataFrame:
                 pl.lit(0, dtype=pl.Int64).alias(OUTPUT_TOKENS),
             )
         )
-    return pl.concat(parts).drop("_dims", "_norm")
+    return pl.concat(parts).drop("_dims", "_norm", "_text_hash")
 
 
 def _cohere_outputs(ok: pl.DataFrame, spec: ModelSpec) -> pl.DataFrame:

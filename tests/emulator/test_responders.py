@@ -46,3 +46,21 @@ def test_nova2_reasoning_block_is_redacted_and_the_answer_follows_it():
     reasoning, text = answer["output"]["message"]["content"]
     assert reasoning == {"reasoningContent": {"reasoningText": {"text": "[REDACTED]"}}}
     assert "Reply to: Name a prime above 10" in text["text"]
+
+
+def test_titan_v2_same_text_gets_the_same_vector_however_its_body_is_encoded():
+    # A record retried on demand (botocore's json.dumps: spaces, \u escapes) must get the
+    # vector its batch line (Polars' compact JSON) would have: same text, same embedding.
+    body = {"inputText": "café 😀 中文", "dimensions": 256, "normalize": True}
+    frame = pl.DataFrame(
+        {
+            RECORD_ID: ["R0", "R1"],
+            MODEL_INPUT: [
+                json.dumps(body),
+                json.dumps(body, ensure_ascii=False, separators=(",", ":")),
+            ],
+        }
+    )
+    out = respond(frame, CATALOG["amazon.titan-embed-text-v2:0"]).sort(RECORD_ID)
+    spaced, compact = (json.loads(o) for o in out[MODEL_OUTPUT])
+    assert spaced["embedding"] == compact["embedding"]
