@@ -60,7 +60,14 @@ def write_run(root: Path, parts: dict[int, list[str]] | None = None) -> RunLayou
     return layout
 
 
-PLAN = SimpleNamespace(shards=[SimpleNamespace(records=PER_SHARD)] * SHARDS, skipped_records=1)
+PLAN = SimpleNamespace(
+    shards=[
+        SimpleNamespace(records=PER_SHARD, rows_file=rows_file(shard_name(i)))
+        for i in range(SHARDS)
+    ],
+    skipped_records=1,
+    skipped_file="rows/skipped.parquet",
+)
 
 
 @pytest.mark.parametrize("at_once", BATCHES, ids=["one batch", "shard by shard", "two a scan"])
@@ -110,6 +117,18 @@ def test_check_output_names_missing_duplicated_and_unexpected_ids(tmp_path, monk
     assert ids(0)[-1] in message and ids(SHARDS - 1)[0] in message
     assert f"1 duplicated ['{ids(1)[2]}']" in message
     assert "1 unexpected ['R9999999999']" in message
+
+
+def test_check_output_refuses_a_planned_shard_whose_rows_and_part_are_both_gone(tmp_path):
+    # Files were paired by listing rows/ and output/: a shard with neither file passed.
+    layout = write_run(tmp_path)
+    gone = rows_file(shard_name(3))
+    (tmp_path / gone).unlink()
+    (tmp_path / "output" / part_name(3)).unlink()
+    with pytest.raises(IncompleteOutputError) as caught:
+        summary.check_output(layout, PLAN)
+    assert f"rows files {gone} are gone" in str(caught.value)
+    assert f"{PER_SHARD} records were not checked" in str(caught.value)
 
 
 def test_check_output_without_parts_says_nothing_was_merged(tmp_path):

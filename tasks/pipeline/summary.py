@@ -44,6 +44,9 @@ def check_output(layout: RunLayout, plan: RunPlan) -> dict[str, Any]:
     """
     inputs = storage.list_files(layout.rows_dir, PARQUET)
     parts = storage.list_files(layout.output_dir, PARQUET)
+    # The plan, not the listing, says which shards there are: a shard whose rows file and
+    # part were both deleted left no file to pair, and the run passed without its records.
+    gone = _planned_rows_gone(layout, plan, set(inputs))
     if not parts:
         msg = f"No output parts under {layout.output_dir}; nothing was merged."
         raise IncompleteOutputError(msg)
@@ -58,13 +61,19 @@ def check_output(layout: RunLayout, plan: RunPlan) -> dict[str, Any]:
     for first in range(0, len(keys), per_batch):
         batch = {key: pairs[key] for key in keys[first : first + per_batch]}
         found.add(_check_batch(batch))
-    if found.missing or found.duplicated or found.unexpected:
+    if found.missing or found.duplicated or found.unexpected or gone:
         msg = (
             f"The output of {layout.run_dir} does not hold every input record exactly once: "
             f"{found.missing} missing {found.shown['missing']}, "
             f"{found.duplicated} duplicated {found.shown['duplicated']}, "
             f"{found.unexpected} unexpected {found.shown['unexpected']}."
         )
+        if gone:
+            msg += (
+                f" The plan's rows files {', '.join(gone)} are gone, so their "
+                f"{sum(gone.values())} records were not checked: run the same run again, "
+                "which rebuilds them from the source before anything is sent."
+            )
         raise IncompleteOutputError(msg)
     return {
         "records": found.records,
@@ -87,6 +96,14 @@ def check_output(layout: RunLayout, plan: RunPlan) -> dict[str, Any]:
 CHECK_RECORDS_AT_ONCE = 500_000
 CHECK_SHARDS_AT_ONCE = 256
 _FILE, _SHARD = "__file", "__shard"
+
+
+def _planned_rows_gone(layout: RunLayout, plan: RunPlan, present: set[str]) -> dict[str, int]:
+    """The rows files the plan lists that are not in the run folder, with their records."""
+    planned = [(s.rows_file, s.records) for s in plan.shards]
+    if plan.skipped_file:
+        planned.append((plan.skipped_file, plan.skipped_records))
+    return {name: n for name, n in planned if layout.run_file(name) not in present}
 
 
 def _shard_key(uri: str) -> str:
