@@ -3,6 +3,7 @@ it finishes with every row answered once and nothing paid twice, or stops naming
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 
@@ -13,7 +14,7 @@ from helpers import assert_answers_match_rows
 from flows.batch_inference import batch_inference
 from tasks.aws import storage
 from tasks.aws.clients import client
-from tasks.errors import OutputsLostError
+from tasks.errors import OutputsLostError, PlanError
 from tasks.run.layout import RunLayout, layout_for, shard_state_file, state_file_in
 from tasks.run.params import BatchParams
 
@@ -146,4 +147,44 @@ def test_rerun_of_a_run_folder_copied_to_another_output_uri_reads_its_jobs_outpu
     batch_inference(params)
 
     assert_answers_match_rows(_output(copy), ROWS)
+    assert _jobs(stack, params.run_name) == _first_jobs(params.run_name)
+
+
+@pytest.mark.parametrize(("where", "damage"), [("local", "deleted"), ("s3", "shard-0s")])
+def test_rerun_whose_rows_file_was_deleted_or_replaced_rebuilds_it_from_the_source(
+    stack, tmp_path, where, damage
+):
+    # A deleted rows/shard-N.parquet stopped the merge with "No such file or directory"; one
+    # replaced by shard-0's file made two jobs of 0 records, then failed with "100 duplicated".
+    params, layout = _finished(stack, tmp_path, f"rows-{damage}-{where}", where)
+    rows = layout.rows_uri(SHARD)
+    if damage == "deleted":
+        _remove(rows)
+    else:
+        storage.write_bytes(rows, storage.read_bytes(layout.rows_uri("shard-00000")))
+    _remove(layout.part_uri(1))
+
+    batch_inference(params)
+
+    assert_answers_match_rows(_output(layout), ROWS)
+    assert _jobs(stack, params.run_name) == _first_jobs(params.run_name)
+
+
+def test_rerun_whose_rows_file_cannot_be_rebuilt_stops_naming_it(stack, tmp_path):
+    # The source was edited in place with its size and time kept (the fingerprint trusts
+    # them): the rows rebuilt from it are not the rows the jobs read, and must not be used.
+    params, layout = _finished(stack, tmp_path, "rows-unprovable", "local")
+    source = Path(params.source)
+    stat = source.stat()
+    source.write_text(source.read_text().replace("Q0150", "X0150"))
+    os.utime(source, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    _remove(layout.rows_uri(SHARD))
+    _remove(layout.part_uri(1))
+
+    with pytest.raises(PlanError) as excinfo:
+        batch_inference(params)
+
+    message = str(excinfo.value)
+    assert layout.rows_uri(SHARD) in message and "nothing was sent" in message
+    assert "put the file back" in message
     assert _jobs(stack, params.run_name) == _first_jobs(params.run_name)

@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import numpy as np
+import polars as pl
+
 from tasks.errors import PlanError
 from tasks.files import write_bytes_atomic
+from tasks.pipeline.lines import record_id_expr
 from tasks.run.layout import PLAN_FILE
 
 
@@ -76,6 +81,26 @@ class RunPlan:
                 "the full price)"
             )
         return " and ".join(parts)
+
+    def shard_ids(self, skipped_ids: pl.Series | None = None) -> Iterator[pl.Series]:
+        """Each shard's record ids, in order: what its rows file and input JSONL must hold.
+
+        Preprocess cuts the source's rows without a missing value (all but ``skipped_ids``,
+        the ids of rows/skipped.parquet) into consecutive shards, and a record id is its row's
+        index in the source (`record_id_expr`), so the plan's counts give each shard's ids.
+        One shard's ids are made at a time: memory follows the shard, not the run.
+        """
+        skipped = np.zeros(0, dtype=np.int64)
+        if skipped_ids is not None and skipped_ids.len():
+            skipped = np.sort(skipped_ids.str.slice(1).cast(pl.Int64).to_numpy())
+        # The valid rows before each skipped row: valid position p is row p + #(those <= p).
+        before = skipped - np.arange(len(skipped))
+        first = 0
+        for shard in self.shards:
+            positions = np.arange(first, first + shard.records, dtype=np.int64)
+            rows = positions + np.searchsorted(before, positions, side="right")
+            first += shard.records
+            yield pl.select(record_id_expr(pl.Series(rows)).alias("ids")).to_series()
 
     def to_json(self) -> str:
         """The plan as JSON (with totals, for people and other tools)."""

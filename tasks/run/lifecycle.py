@@ -4,20 +4,23 @@ from __future__ import annotations
 
 import json
 import re
+import tempfile
 from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from uuid import UUID
 
+import polars as pl
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from prompt_templates import output_schema_for
 from tasks.aws import storage
-from tasks.aws.clients import use_credentials_block
+from tasks.aws.clients import polars_storage_options, use_credentials_block
 from tasks.errors import PlanError
 from tasks.monitoring import events
+from tasks.pipeline.columns import RECORD_ID
 from tasks.pipeline.merge import merge_skipped
 from tasks.pipeline.plan import RunPlan
 from tasks.pipeline.preprocess import preprocess_params
@@ -225,6 +228,7 @@ def prepare_run(params: BatchParams, run: ResolvedRun) -> RunPlan:
             )
             local = None if storage.is_s3(layout.run_dir) else Path(layout.run_dir)
             _check_inputs(plan, layout, local)
+            _check_rows(params, plan, layout, logger)
             return plan
         # A plan without the run's identity was left by a preprocess that did not finish.
     with storage.local_dir_for(layout.run_dir) as out_dir:
@@ -285,6 +289,80 @@ def _check_inputs(plan: RunPlan, layout: RunLayout, local: Path | None) -> None:
             "run may share this location: use a new run_name, or restart=True to start again."
         )
         raise PlanError(msg)
+
+
+def _check_rows(params: BatchParams, plan: RunPlan, layout: RunLayout, logger) -> None:
+    """Every shard's rows file holds that shard's records, or is rebuilt before any job.
+
+    The merge reads them once the jobs ran: a deleted one stopped it ("No such file") after
+    the jobs were paid, and one replaced by another shard's made jobs of 0 records, then
+    "100 duplicated". A shard's rows are the shard's slice of the source's preprocess: made
+    again, they are used only when their input lines are byte for byte the ones the plan
+    digested (and so the ones the jobs read), else the run stops naming the file.
+    """
+    damaged = _damaged_rows(plan, layout)
+    if not damaged:
+        return
+    uris = ", ".join(layout.run_file(name) for name in damaged)
+    logger.warning(
+        "Rows files %s are missing or hold other rows than their shard's; they are made again "
+        "from the source, which the run's fingerprint and the plan's digests still match",
+        uris,
+    )
+    with tempfile.TemporaryDirectory(prefix="bedrock-batch-rows-") as tmp:
+        out_dir = Path(tmp)
+        rebuilt = preprocess_params(params, out_dir)
+        if not _same_inputs(plan, rebuilt, out_dir):
+            msg = (
+                f"{uris} of run {layout.run_name!r} are missing or hold other rows, and the "
+                "source no longer gives the records this run sent (the input lines made from "
+                "it again differ from the plan's sha256), so they cannot be rebuilt; nothing "
+                "was sent: put the file back (a copy, S3 versioning) and run again, or pass "
+                "restart=True (`--restart`) to start the run again and pay for it again."
+            )
+            raise PlanError(msg)
+        for name in damaged:
+            storage.upload_file(out_dir / name, layout.run_file(name), layout.kms_key_id)
+
+
+def _damaged_rows(plan: RunPlan, layout: RunLayout) -> list[str]:
+    """The plan's rows files (relative names) that are gone, unreadable or not their shard's."""
+    present = set(storage.list_files(layout.rows_dir, PARQUET))
+    damaged, skipped = [], None
+    if plan.skipped_file:
+        skipped = _record_ids(layout.run_file(plan.skipped_file), present)
+        if skipped is None:
+            damaged.append(plan.skipped_file)
+    for shard, ids in zip(plan.shards, plan.shard_ids(skipped), strict=True):
+        found = _record_ids(layout.run_file(shard.rows_file), present)
+        # Without the skipped rows' ids a shard's ids are unknown; its count still tells.
+        known = skipped is not None or not plan.skipped_file
+        if found is None or (not found.equals(ids) if known else found.len() != shard.records):
+            damaged.append(shard.rows_file)
+    return damaged
+
+
+def _record_ids(uri: str, present: set[str]) -> pl.Series | None:
+    """The record ids of a rows file, or None when it is gone or unreadable."""
+    if uri not in present:
+        return None
+    options = polars_storage_options() if storage.is_s3(uri) else None
+    try:
+        scan = pl.scan_parquet(uri, storage_options=options)
+        return scan.select(pl.col(RECORD_ID).cast(pl.String)).collect().to_series()
+    except (OSError, pl.exceptions.PolarsError):
+        return None
+
+
+def _same_inputs(plan: RunPlan, rebuilt: RunPlan, out_dir: Path) -> bool:
+    """Whether a preprocess made again gave the planned shards: each input line the same."""
+    if len(rebuilt.shards) != len(plan.shards) or rebuilt.skipped_records != plan.skipped_records:
+        return False
+    return all(
+        (mine.name, mine.records, storage.sha256_file(out_dir / mine.input_file))
+        == (planned.name, planned.records, planned.sha256)
+        for mine, planned in zip(rebuilt.shards, plan.shards, strict=True)
+    )
 
 
 def _write_skipped_part(plan: RunPlan, out_dir: Path, params: BatchParams) -> None:
