@@ -168,7 +168,7 @@ def batch_inference(params: BatchParams) -> dict[str, Any]:
         # 4. The model's gate (the account's quota) and this run's own, of max_concurrent_jobs;
         # a run with no job yet takes its first wave's slots now.
         started = any(shard.attempts for shard in run.store.state.shards.values())
-        key = run_key(run_name, run.layout.run_dir, run.identity.run_id)
+        key = run.identity.run_key or run_key(run_name, run.layout.run_dir, run.identity.run_id)
         gate_name = open_gate(
             params.model_id,
             params.max_concurrent_jobs,

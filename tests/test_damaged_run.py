@@ -14,7 +14,8 @@ from helpers import assert_answers_match_rows
 from flows.batch_inference import batch_inference
 from tasks.aws import storage
 from tasks.aws.clients import client
-from tasks.errors import OutputsLostError, PlanError
+from tasks.errors import OutputsLostError, PlanError, RunIdentityError
+from tasks.run.identity import RunIdentity
 from tasks.run.layout import RunLayout, layout_for, shard_state_file, state_file_in
 from tasks.run.params import BatchParams
 
@@ -187,4 +188,37 @@ def test_rerun_whose_rows_file_cannot_be_rebuilt_stops_naming_it(stack, tmp_path
     message = str(excinfo.value)
     assert layout.rows_uri(SHARD) in message and "nothing was sent" in message
     assert "put the file back" in message
+    assert _jobs(stack, params.run_name) == _first_jobs(params.run_name)
+
+
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_rerun_whose_run_json_was_deleted_recovers_it_from_plan_and_state(stack, tmp_path, where):
+    # The re-run stopped with "no recorded identity (made by an older version)" and pointed
+    # at --restart, which pays for every shard again; plan and state still prove the run.
+    params, layout = _finished(stack, tmp_path, f"identity-gone-{where}", where)
+    key = stack.ledger(name_contains=params.run_name)[0]["jobName"].split("-", 1)[0]
+    _remove(layout.identity_uri)
+    _remove(layout.part_uri(1))
+
+    batch_inference(params)
+
+    assert_answers_match_rows(_output(layout), ROWS)
+    assert _jobs(stack, params.run_name) == _first_jobs(params.run_name)
+    assert RunIdentity.from_json(storage.read_bytes(layout.identity_uri)).run_key == key
+
+
+def test_rerun_whose_run_json_and_a_jobs_record_were_deleted_stops_naming_run_json(stack, tmp_path):
+    # Without its state a shard would look for its job under a new incarnation's name and pay
+    # again: run.json cannot be recovered, and the message names it and the way on.
+    params, layout = _finished(stack, tmp_path, "identity-and-state-gone", "local")
+    for uri in (layout.identity_uri, shard_state_file(layout.run_dir, SHARD)):
+        _remove(uri)
+    _remove(state_file_in(layout.run_dir))
+
+    with pytest.raises(RunIdentityError) as excinfo:
+        batch_inference(params)
+
+    message = str(excinfo.value)
+    assert layout.identity_uri in message and "nothing was sent" in message
+    assert f"-{SHARD}-a1" in message and "Put run.json back" in message
     assert _jobs(stack, params.run_name) == _first_jobs(params.run_name)

@@ -52,6 +52,26 @@ def run_key_of(job_name: str) -> str | None:
     return match.group(1) if match else None
 
 
+_JOB_NAME_TAIL = re.compile(r"-(shard-[0-9]+)-a([0-9]+)$")
+
+
+def jobs_named_for(run_name: str) -> list[str]:
+    """Names of the Bedrock jobs ``job_name_for`` gave ``run_name``, under any run key."""
+    probe_suffix = "-shard-00000-a1"
+    probe = job_name_for(run_name, "shard-00000", 1, "0" * DIGEST_CHARS)
+    base = probe[DIGEST_CHARS + 1 : -len(probe_suffix)]
+    names = []
+    listed = job_summaries(
+        client("bedrock").list_model_invocation_jobs, nameContains=base, maxResults=1000
+    )
+    for summary in listed:
+        name, key = summary["jobName"], run_key_of(summary["jobName"])
+        tail = _JOB_NAME_TAIL.search(name)
+        if key and tail and name == job_name_for(run_name, tail[1], int(tail[2]), key):
+            names.append(name)
+    return names
+
+
 def client_token_for(run_id: str, shard_name: str, attempt: int) -> str:
     """The idempotency token: a crashed-and-resumed create returns the job it already made.
 

@@ -38,6 +38,9 @@ class RunIdentity:
     fingerprint: dict[str, Any]
     run_id: str = field(default_factory=lambda: uuid.uuid4().hex)
     created_at: str | None = None
+    # Set when run.json was lost and made again: the run key its jobs' names carry, which the
+    # lost run_id gave and a new one would not (`recover_identity`).
+    run_key: str | None = None
 
     @property
     def digest(self) -> str:
@@ -50,12 +53,14 @@ class RunIdentity:
             "created_at": self.created_at,
             "fingerprint": self.fingerprint,
         }
+        if self.run_key:
+            body["run_key"] = self.run_key
         return json.dumps(body, indent=1, sort_keys=True).encode()
 
     @classmethod
     def from_json(cls, data: bytes) -> RunIdentity:
         body = json.loads(data)
-        return cls(body["fingerprint"], body["run_id"], body.get("created_at"))
+        return cls(body["fingerprint"], body["run_id"], body.get("created_at"), body.get("run_key"))
 
 
 def comparable(value: Any) -> Any:
@@ -245,12 +250,23 @@ def changed_message(layout: RunLayout, changes: list[str]) -> str:
     )
 
 
+def missing_identity_message(layout: RunLayout, reason: str) -> str:
+    """The refusal of a run folder without run.json that cannot be recovered, and the way on."""
+    return (
+        f"Run {layout.run_name!r} has files but no {layout.identity_uri} (deleted, or made by "
+        "a version before it), which records what the run is and the id its jobs' tokens "
+        f"derive from; nothing was sent. It cannot be recovered: {reason}. Put run.json back "
+        "(a copy, S3 versioning) and run again; restart=True (`bedrock-batch run --restart`) "
+        "moves the old run aside and pays for every shard again."
+    )
+
+
 def check_identity(layout: RunLayout, recorded: RunIdentity | None, current: RunIdentity) -> None:
     """Raise RunIdentityError unless ``current`` is the run recorded in ``layout``."""
     if recorded is None:
         if has_run_files(layout):
-            changes = ["the run has no recorded identity (made by an older version)"]
-            raise RunIdentityError(changed_message(layout, changes))
+            reason = "nothing tells that its plan and jobs are answers to these inputs"
+            raise RunIdentityError(missing_identity_message(layout, reason))
         return
     if recorded.digest != current.digest:
         if answers_alike(recorded.fingerprint) == answers_alike(current.fingerprint):

@@ -18,7 +18,8 @@ from prefect.cache_policies import NO_CACHE
 from prompt_templates import output_schema_for
 from tasks.aws import storage
 from tasks.aws.clients import polars_storage_options, use_credentials_block
-from tasks.errors import PlanError
+from tasks.aws.submit import jobs_named_for, run_key_of
+from tasks.errors import PlanError, RunIdentityError
 from tasks.monitoring import events
 from tasks.pipeline.columns import RECORD_ID
 from tasks.pipeline.merge import merge_skipped
@@ -34,6 +35,7 @@ from tasks.run.identity import (
     fingerprint_digest,
     fingerprint_of,
     has_run_files,
+    missing_identity_message,
     name_digest,
     read_identity,
 )
@@ -160,6 +162,8 @@ def resolve_run(params: BatchParams, flow_run_id: Any = None) -> ResolvedRun:
         if params.restart and (recorded is not None or has_run_files(layout)):
             _move_aside(layout, logger)
             recorded = None
+        if recorded is None and has_run_files(layout):
+            recorded = _recover_identity(layout, current, params.kms_key_id, logger)
         check_identity(layout, recorded, current)
         if recorded is None:
             storage.write_bytes(layout.identity_uri, current.to_json(), params.kms_key_id)
@@ -180,6 +184,53 @@ def resolve_run(params: BatchParams, flow_run_id: Any = None) -> ResolvedRun:
         claim.release()
         raise
     return ResolvedRun(layout, role_arn, store, finished, identity, claim)
+
+
+def _recover_identity(
+    layout: RunLayout, current: RunIdentity, kms_key_id: str | None, logger
+) -> RunIdentity:
+    """run.json made again when plan and state prove the run, else RunIdentityError.
+
+    The plan keeps the digest of the inputs it was made from, and each attempt is recorded
+    with its job's name and token before the job is created: with every job Bedrock has under
+    the run's names in the state, the lost run_id is needed for no job. The run key those
+    names carry is kept in the new run.json, so later attempts and the gate follow them.
+    """
+
+    def refuse(reason: str) -> RunIdentityError:
+        return RunIdentityError(missing_identity_message(layout, reason))
+
+    try:
+        plan = RunPlan.from_json(storage.read_bytes(layout.plan_uri).decode())
+    except Exception:  # gone or unreadable: the same answer, nothing proves the inputs
+        plan = None
+    if plan is None or plan.identity != current.digest:
+        raise refuse(f"{layout.plan_uri} is missing or was made from other inputs than these")
+    store = RunStateStore(layout.run_dir, layout.run_name, kms_key_id)
+    if store.lost:
+        raise refuse(f"the run's state {', '.join(store.lost.values())} is unreadable")
+    recorded = {a.job_name for s in store.state.shards.values() for a in s.attempts}
+    keys = {run_key_of(name) for name in recorded}
+    if len(keys) > 1 or None in keys:
+        raise refuse(f"its state's jobs carry several run keys ({', '.join(map(str, keys))})")
+    key = next(iter(keys), None)
+    unknown = [
+        name
+        for name in jobs_named_for(layout.run_name)
+        if name not in recorded and (key is None or run_key_of(name) == key)
+    ]
+    if unknown:
+        shown = ", ".join(sorted(unknown)[:5])
+        raise refuse(f"Bedrock has jobs of this run that its state does not record ({shown})")
+    identity = RunIdentity(current.fingerprint, created_at=now_iso(), run_key=key)
+    storage.write_bytes(layout.identity_uri, identity.to_json(), kms_key_id)
+    logger.warning(
+        "%s was missing; made again from %s and the state, which prove the run (its jobs keep "
+        "their names and are not paid again)",
+        layout.identity_uri,
+        layout.plan_uri,
+    )
+    return identity
 
 
 def _forget_missing_parts(store: RunStateStore, layout: RunLayout, logger) -> None:
