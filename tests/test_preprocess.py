@@ -631,3 +631,23 @@ def test_a_large_integer_in_a_text_csv_column_is_kept_as_written(tmp_path):
     plan = run(tmp_path, str(tmp_path / "src.csv"))
     rows = pl.read_parquet(tmp_path / "run" / plan.shards[0].rows_file)
     assert rows["score"].to_list() == ["1.5", "9007199254740993", "3"]
+
+
+def test_plan_shard_ids_are_the_ids_of_each_rows_file_with_rows_skipped(tmp_path):
+    # A resume checks each rows file against these ids (a deleted or swapped one is rebuilt):
+    # with skipped rows between and inside shards they must still be exact.
+    text = [None if i % 7 in (0, 3) else f"q{i}" for i in range(420)]
+    src = write_csv(tmp_path, pl.DataFrame({"source": text}))
+    plan = preprocess(
+        src,
+        model_id=CLAUDE,
+        prompt_id="question_answering",
+        on_missing="skip",
+        max_records_per_job=100,
+        out_dir=tmp_path / "out",
+    )
+    skipped = pl.read_parquet(tmp_path / "out" / plan.skipped_file)[C.RECORD_ID]
+    assert len(plan.shards) > 1 and skipped.len() == plan.skipped_records
+    for shard, ids in zip(plan.shards, plan.shard_ids(skipped), strict=True):
+        rows = pl.read_parquet(tmp_path / "out" / shard.rows_file)[C.RECORD_ID]
+        assert rows.to_list() == ids.to_list()
