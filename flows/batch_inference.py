@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 import logging
 from typing import Any
 from uuid import UUID
 
 from prefect import flow, get_run_logger, runtime
 from prefect.client.orchestration import get_client
-from prefect.futures import wait
+from prefect.futures import PrefectFutureList
 from prefect.task_runners import ThreadPoolTaskRunner
 from prefect.utilities.annotations import unmapped
 
@@ -74,6 +75,18 @@ def _batch_run_name(flow_run, params: BatchParams) -> str | None:
     if params.run_name is None and name == flow_run_name(params):
         return None if read else name_for_events(params)  # not knowing, the best guess
     return name
+
+
+def _wait_interruptibly(shards: PrefectFutureList) -> None:
+    """Wait until every shard has ended, waking each second so Ctrl-C reaches this thread.
+
+    A wait without a timeout is a lock acquire that only a signal landing on this very thread
+    breaks: the kernel may hand SIGINT to any of the run's threads, and the interrupted run
+    then waited on until a shard ended (a test SIGABRTed it after its 60 s).
+    """
+    pending = {future.wrapped_future for future in shards}
+    while pending:
+        _, pending = concurrent.futures.wait(pending, timeout=1.0)
 
 
 def _emit_failed(flow, flow_run, state) -> None:
@@ -230,7 +243,7 @@ def batch_inference(params: BatchParams) -> dict[str, Any]:
                     # Every shard to its end before a failure is raised: Prefect's result()
                     # raises at the first one, and the watcher closed below left the shards
                     # still waiting on a job (hours on Bedrock) waiting for ever.
-                    wait(shards)
+                    _wait_interruptibly(shards)
                     results = shards.result()
                 except BaseException as exc:
                     if not isinstance(exc, Exception):  # Ctrl-C, SIGTERM: the process goes
