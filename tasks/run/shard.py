@@ -545,13 +545,22 @@ def _check_outputs_kept(
     deleted or cut after the job (a lifecycle rule, a cleanup): those answers were paid for,
     and sending them again pays twice.
     """
-    processed = attempt.counters.get("processedRecordCount")
-    if attempt.served_by != C.SERVED_BATCH or not attempt.job_id or processed is None:
+    if attempt.served_by != C.SERVED_BATCH or not attempt.job_id or not attempt.job_arn:
         return
     frame = settled.frame
     missing = frame.filter(
         (pl.col(C.ERROR_CODE) == C.MISSING_OUTPUT) & (pl.col(C.ATTEMPTS) == attempt.attempt)
     ).height
+    if not missing:
+        return
+    processed = attempt.counters.get("processedRecordCount")
+    if processed is None:
+        # The end was seen without counters (a job state-change event carries none): ask.
+        job = describe_job(attempt.job_arn)
+        attempt.counters = {name: job[name] for name in COUNTERS if name in job}
+        processed = attempt.counters.get("processedRecordCount")
+        if processed is None:
+            return
     lost = missing - max(attempt.records - processed, 0)
     if lost <= 0:
         return
