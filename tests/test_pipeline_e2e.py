@@ -95,7 +95,9 @@ def test_pipeline_filters_across_shards_and_repairs_invalid_answers(stack, tmp_p
         batch_pipeline(changed)
 
 
-def _run(source: Path, out: Path, kill_at: str | None, *extra: str) -> subprocess.CompletedProcess:
+def _run(
+    source: Path, out: Path, kill_at: str | None, *extra: str, run_name: str = "pipe-kill"
+) -> subprocess.CompletedProcess:
     env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value(), EXPIRY_ENV: "3"}
     env.pop(ENV, None)
     if kill_at:  # armed only while stage 2 (grade) runs
@@ -103,7 +105,7 @@ def _run(source: Path, out: Path, kill_at: str | None, *extra: str) -> subproces
     command = [
         sys.executable, "-m", "flows.cli", "pipeline", "run",
         "--pipeline-id", "answer_and_grade", "--source", str(source),
-        "--output-uri", str(out), "--run-name", "pipe-kill",
+        "--output-uri", str(out), "--run-name", run_name,
         "--max-concurrent-jobs", "3", "--max-records-per-job", "100", *extra,
     ]  # fmt: skip
     return subprocess.run(command, env=env, capture_output=True, text=True, timeout=400)
@@ -137,30 +139,30 @@ def test_a_plain_rerun_after_a_restart_crashed_finishes_the_restart(stack, tmp_p
         pipeline_id="answer_and_grade",
         source=str(source),
         output_uri=str(out),
-        run_name="pipe-kill",
+        run_name="pipe-restart",
         max_concurrent_jobs=3,
         max_records_per_job=100,
     )  # as `_run` runs it
     batch_pipeline(params)
     first_grade = {
-        j["jobArn"].rsplit("/", 1)[-1] for j in stack.ledger(name_contains="pipe-kill--grade")
+        j["jobArn"].rsplit("/", 1)[-1] for j in stack.ledger(name_contains="pipe-restart--grade")
     }
-    crashed = _run(source, out, "polling", "--restart")
+    crashed = _run(source, out, "polling", "--restart", run_name="pipe-restart")
     assert crashed.returncode == -signal.SIGKILL, crashed.stderr[-2000:]
 
     batch_pipeline(params)
 
-    pipeline = out / "pipe-kill"
+    pipeline = out / "pipe-restart"
     joined = pl.read_parquet(pipeline / "output" / "*.parquet")
     assert joined.height == ROWS and joined["pipeline_row_id"].n_unique() == ROWS
     # The joined output carries the restarted run's answers, not the first run's.
-    grade = pl.read_parquet(pipeline / "stages" / "grade" / "pipe-kill--grade" / "output")
+    grade = pl.read_parquet(pipeline / "stages" / "grade" / "pipe-restart--grade" / "output")
     restarted_jobs = set(grade["job_id"].drop_nulls())
     assert restarted_jobs and set(joined["grade_job_id"].drop_nulls()) == restarted_jobs
     assert len(first_grade) == 3 and not restarted_jobs & first_grade
-    aside = [p.name for p in out.iterdir() if p.name.startswith("pipe-kill.replaced-")]
+    aside = [p.name for p in out.iterdir() if p.name.startswith("pipe-restart.replaced-")]
     assert len(aside) == 1 and (out / aside[0] / "summary.json").exists()
-    jobs = [j["jobName"] for j in stack.ledger(name_contains="pipe-kill--")]
+    jobs = [j["jobName"] for j in stack.ledger(name_contains="pipe-restart--")]
     assert len(jobs) == len(set(jobs))  # no job created twice
 
 
