@@ -134,6 +134,31 @@ def test_rerun_whose_job_outputs_were_deleted_stops_before_paying_again(stack, t
     )
 
 
+def test_outputs_lost_are_found_when_the_jobs_end_came_without_counters(
+    stack, tmp_path, monkeypatch
+):
+    # A job's end seen by its state-change event carries no counters: the check had no
+    # processedRecordCount, and the deleted outputs' records were sent and paid again.
+    from tasks.run import shard as shard_module
+
+    params, layout = _finished(stack, tmp_path, "outs-gone-event", "local")
+    _remove(shard_state_file(layout.run_dir, SHARD))
+    _remove(state_file_in(layout.run_dir))
+    _remove(layout.part_uri(1))
+    _delete_job_outputs(layout, SHARD)
+    watch = shard_module._watch
+
+    def seen_by_event(ctx, shard, attempt, *args):
+        watch(ctx, shard, attempt, *args)
+        attempt.counters = {}  # as on_change leaves them for an event's job
+
+    monkeypatch.setattr(shard_module, "_watch", seen_by_event)
+
+    with pytest.raises(OutputsLostError, match="lack 100 of the 100 records"):
+        batch_inference(params)
+    assert _jobs(stack, params.run_name) == _first_jobs(params.run_name)
+
+
 def test_rerun_of_a_run_folder_copied_to_another_output_uri_reads_its_jobs_outputs(stack, tmp_path):
     # A local run folder copied elsewhere has a job prefix of its own: its shards looked for
     # their jobs' outputs there, found none and took the paid answers for lost.
