@@ -86,18 +86,18 @@ def test_cancelling_a_second_flow_run_of_a_live_run_leaves_the_owners_jobs_runni
 
     model = "anthropic.claude-3-7-sonnet-20250219-v1:0"
     stack.configure(records_per_second=5)  # 20 s a job: the cancel lands while they run
-    params = _params(tmp_path, "clicked-twice", 200, model)
+    params = _params(tmp_path, "clicked-again", 200, model)
     run = _start(tmp_path, params, 2)
-    eventually(lambda: _in_progress(stack, "clicked-twice") == 2, timeout=120, what="two jobs")
-    duplicate = FlowRun(flow_id=uuid.uuid4(), name="clicked-twice", parameters={"params": params})
+    eventually(lambda: _in_progress(stack, "clicked-again") == 2, timeout=120, what="two jobs")
+    duplicate = FlowRun(flow_id=uuid.uuid4(), name="clicked-again", parameters={"params": params})
 
     _stop_jobs(batch_inference, duplicate, Cancelled())
 
     stack.configure(records_per_second=None)
     _finish(run, tmp_path)
-    jobs = stack.ledger(name_contains="clicked-twice")
+    jobs = stack.ledger(name_contains="clicked-again")
     assert [j["status"] for j in jobs] == ["Completed", "Completed"]
-    assert_answers_match_rows(_output(tmp_path, "clicked-twice"), 200)
+    assert_answers_match_rows(_output(tmp_path, "clicked-again"), 200)
 
 
 def test_stop_from_another_process_keeps_the_live_runs_gate(stack, tmp_path, capsys):

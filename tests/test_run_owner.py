@@ -258,11 +258,11 @@ def test_a_flow_run_refused_for_a_live_owner_announces_no_run_failure(stack, tmp
         prompt_id="joke_about_topic",
         model_id=CLAUDE,
         output_uri=str(tmp_path / "out"),
-        run_name="clicked-twice",
+        run_name="clicked-again",
     )
     announced: list[tuple] = []
     monkeypatch.setattr(flow_module.events, "emit_run_failed", lambda *a: announced.append(a))
-    owner = claim_run(layout_for(params.output_uri, "clicked-twice"), flow_run_id="the-first")
+    owner = claim_run(layout_for(params.output_uri, "clicked-again"), flow_run_id="the-first")
     try:
         with pytest.raises(RunOwnedError, match="already running: flow run the-first"):
             flow_module.batch_inference(params)
