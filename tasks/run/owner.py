@@ -90,15 +90,8 @@ def _gone_from_this_machine(holder: dict[str, Any]) -> bool:
 def holder_of(run_dir: str) -> dict[str, Any] | None:
     """Who holds the run's claim now (its ``owner.json``); None when nobody does."""
     current = storage.read_tagged(storage.join(run_dir, OWNER_FILE))
-    if current is None:
-        return None
-    try:
-        holder = json.loads(current.data)
-    except ValueError:
-        return None
-    if not isinstance(holder, dict):
-        return None
-    return {**holder, "refreshed_at": current.modified}
+    holder = None if current is None else _parsed_claim(current.data)
+    return None if holder is None else {**holder, "refreshed_at": current.modified}
 
 
 def live_holder_elsewhere(run_dir: str) -> dict[str, Any] | None:
@@ -121,17 +114,23 @@ def live_holder_elsewhere(run_dir: str) -> dict[str, Any] | None:
     return holder
 
 
+def _parsed_claim(data: bytes) -> dict[str, Any] | None:
+    """The claim's JSON object; None when it is unreadable (cut, emptied, overwritten)."""
+    try:
+        holder = json.loads(data)
+    except ValueError:  # JSONDecodeError and UnicodeDecodeError alike
+        return None
+    return holder if isinstance(holder, dict) else None
+
+
 def _holder(data: bytes) -> dict[str, Any]:
-    """The claim's owner; an unreadable claim (cut, emptied, overwritten) names nobody.
+    """The claim's owner; an unreadable claim names nobody.
 
     Such a claim is watched like any other: a live owner rewrites it and is seen, one that
     stays unchanged for the expiry is taken over. Parsing it raised a JSON traceback instead.
     """
-    try:
-        holder = json.loads(data)
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        holder = None
-    return holder if isinstance(holder, dict) else {"host": "(an unreadable claim)"}
+    holder = _parsed_claim(data)
+    return {"host": "(an unreadable claim)"} if holder is None else holder
 
 
 def owner_text(owner: dict[str, Any]) -> str:
