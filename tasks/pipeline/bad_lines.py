@@ -52,10 +52,20 @@ def inferred_type_hint(reason: str) -> str:
     )
 
 
+def _buffered(stream: BinaryIO) -> BinaryIO:
+    """A stream from S3 read into a buffer; a local file is buffered already."""
+    return stream if hasattr(stream, "peek") else io.BufferedReader(stream, 1 << 20)
+
+
+def _csv_text(stream: BinaryIO) -> io.TextIOWrapper:
+    """The CSV's text for Python's csv reader, its field limit raised to a value's size."""
+    csv.field_size_limit(max(csv.field_size_limit(), _FIELD_LIMIT))
+    return io.TextIOWrapper(stream, encoding="utf-8-sig", errors="replace", newline="")
+
+
 def first_bad_line(stream: BinaryIO, fmt: str) -> str | None:
     """What is wrong with the first unreadable line of a `fmt` stream, or None if none is."""
-    # A stream from S3 reads into a buffer; a local file is buffered already.
-    buffered = stream if hasattr(stream, "peek") else io.BufferedReader(stream, 1 << 20)
+    buffered = _buffered(stream)
     with buffered:
         if fmt == "csv":
             return _first_bad_csv_line(buffered)
@@ -66,8 +76,7 @@ def first_bad_line(stream: BinaryIO, fmt: str) -> str | None:
 
 def _first_bad_csv_line(stream: BinaryIO) -> str | None:
     # Records, not lines: a quoted value may span lines, so a record's first line is tracked.
-    csv.field_size_limit(max(csv.field_size_limit(), _FIELD_LIMIT))
-    with io.TextIOWrapper(stream, encoding="utf-8-sig", errors="replace", newline="") as handle:
+    with _csv_text(stream) as handle:
         reader = csv.reader(handle, strict=True)
         try:
             header = next(reader)
@@ -158,7 +167,7 @@ def first_lone_surrogate(stream: BinaryIO) -> str | None:
     reads it as U+0000. Run only when a JSONL source's text holds U+0000, to tell such a value
     from a genuine `\\u0000`.
     """
-    buffered = stream if hasattr(stream, "peek") else io.BufferedReader(stream, 1 << 20)
+    buffered = _buffered(stream)
     with buffered:
         for number, line in enumerate(buffered, 1):
             if not _SURROGATE_ESCAPE.search(line):
@@ -216,7 +225,7 @@ def first_inexact_integer(stream: BinaryIO, fmt: str, columns: list[str]) -> str
     9007199254740993 became 9007199254740992.0 in the prompt and the output. Run only when such
     a column holds a value of that size, to tell a rounded integer from a large float.
     """
-    buffered = stream if hasattr(stream, "peek") else io.BufferedReader(stream, 1 << 20)
+    buffered = _buffered(stream)
     with buffered:
         if fmt == "jsonl":
             return _inexact_json(buffered, columns)
@@ -243,8 +252,7 @@ def _inexact_json(stream: BinaryIO, columns: list[str]) -> str | None:
 
 
 def _inexact_csv(stream: BinaryIO, columns: list[str]) -> str | None:
-    csv.field_size_limit(max(csv.field_size_limit(), _FIELD_LIMIT))
-    with io.TextIOWrapper(stream, encoding="utf-8-sig", errors="replace", newline="") as handle:
+    with _csv_text(stream) as handle:
         reader = csv.reader(handle)
         header = next(reader, [])
         at = [(i, name) for i, name in enumerate(header) if name in columns]
