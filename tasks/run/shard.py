@@ -317,11 +317,16 @@ def _give_back_unused_slot(
         _release(ctx, shard, attempt)
 
 
+def _counters(job: dict[str, Any]) -> dict[str, int]:
+    """The record counters a Get or List of the job carried (a job event carries none)."""
+    return {name: job[name] for name in COUNTERS if name in job}
+
+
 def _watch(ctx: RunContext, shard: ShardPlan, attempt: JobAttempt, look_now: bool, logger) -> None:
     def on_change(job: dict[str, Any], previous: str | None) -> None:
         attempt.status = job["status"]
         attempt.message = job.get("message")
-        attempt.counters = {name: job[name] for name in COUNTERS if name in job}
+        attempt.counters = _counters(job)
         if attempt.is_final:
             attempt.ended_at = now_iso()
             # Its slot is handed on right after (_release): the state forgets the lease in this
@@ -557,7 +562,7 @@ def _check_outputs_kept(
     if processed is None:
         # The end was seen without counters (a job state-change event carries none): ask.
         job = describe_job(attempt.job_arn)
-        attempt.counters = {name: job[name] for name in COUNTERS if name in job}
+        attempt.counters = _counters(job)
         processed = attempt.counters.get("processedRecordCount")
         if processed is None:
             return
