@@ -12,7 +12,6 @@ import json
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
-from datetime import datetime, timezone
 from typing import Any
 
 import polars as pl
@@ -24,7 +23,13 @@ from tasks.errors import PlanError, RunIdentityError
 from tasks.pipeline import columns as C
 from tasks.pipeline.sources import load_source
 from tasks.run import failpoints
-from tasks.run.layout import OUTPUT_DIR, PARQUET, REPLACED_MARK, expand_run_name
+from tasks.run.layout import (
+    OUTPUT_DIR,
+    PARQUET,
+    REPLACED_MARK,
+    expand_run_name,
+    replaced_stamp,
+)
 
 ROW_ID = "pipeline_row_id"
 SKIPPED_SUFFIX = "_skipped"
@@ -185,8 +190,7 @@ def _move_aside(base: str) -> None:
     with the old summary and output, and the restarted stages' jobs in flight never merged.
     The summary goes first: a crash between the two leaves a pipeline that resumes.
     """
-    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S")
-    aside = base.rstrip("/") + REPLACED_MARK + stamp
+    aside = base.rstrip("/") + REPLACED_MARK + replaced_stamp()
     summary = storage.join(base, SUMMARY_FILE)
     tagged = storage.read_tagged(summary)
     if tagged is not None:

@@ -50,6 +50,13 @@ PARQUET = ".parquet"
 SKIPPED_FILE = SKIPPED + PARQUET
 SKIPPED_ROWS_FILE = f"{ROWS_DIR}/{SKIPPED_FILE}"
 REPLACED_MARK = ".replaced-"
+
+
+def replaced_stamp() -> str:
+    """When a restart moved something aside, as the ``REPLACED_MARK`` names show it (UTC)."""
+    return datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S")
+
+
 # The run segment of a layout that stands for every run under a prefix (IAM policies).
 ANY_RUN = "*"
 

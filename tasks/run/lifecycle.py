@@ -7,7 +7,6 @@ import re
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from uuid import UUID
@@ -49,6 +48,7 @@ from tasks.run.layout import (
     SKIPPED_FILE,
     RunLayout,
     expand_run_name,
+    replaced_stamp,
     resolve_layout,
     resolve_role_arn,
 )
@@ -122,7 +122,7 @@ def _move_aside(layout: RunLayout, logger) -> None:
             len(stopped),
             ", ".join(stopped),
         )
-    aside = layout.aside(datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S"))
+    aside = layout.aside(replaced_stamp())
     moved = storage.move_tree(layout.run_dir, aside.run_dir, keep=(OWNER_FILE,))
     if layout.job_prefix != layout.run_dir:
         moved += storage.move_tree(layout.job_prefix, aside.job_prefix)
