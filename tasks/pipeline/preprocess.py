@@ -233,6 +233,7 @@ def _resolve(source: str, opts: PreprocessOptions, out_dir: Path) -> _Work:
     answer = template.output_schema.fields if template.output_schema is not None else ()
     V.check_columns(schema, template.columns, opts.id_column, what, answer)
     out_dir.mkdir(parents=True, exist_ok=True)
+    fmt = source_format(source)  # a local glob is listed for it: once
     return _Work(
         source=source,
         opts=opts,
@@ -247,12 +248,9 @@ def _resolve(source: str, opts: PreprocessOptions, out_dir: Path) -> _Work:
         out_dir=out_dir,
         max_records=max_records,
         max_bytes=min(quotas.max_file_bytes, quotas.max_job_bytes),
-        nul_columns=[n for n, t in schema.items() if t == pl.String]
-        if source_format(source) == "jsonl"
-        else [],
+        nul_columns=[n for n, t in schema.items() if t == pl.String] if fmt == "jsonl" else [],
         float_columns=[n for n, t in schema.items() if t in (pl.Float32, pl.Float64)]
-        if source_format(source) == "jsonl"
-        or (source_format(source) == "csv" and opts.csv_types == "infer")
+        if fmt == "jsonl" or (fmt == "csv" and opts.csv_types == "infer")
         else [],
     )
 
