@@ -86,6 +86,7 @@ def bedrock_batch_monitor(
         "start": start.isoformat(),
         "end": now.isoformat(),
         "period_seconds": params.period_seconds,
+        "statistic": params.stat,
     }
 
     # 3. A metrics event per model, then the alert rules against the stored state.
@@ -97,7 +98,13 @@ def bedrock_batch_monitor(
         series = series_by_model[model_id]
         latest_by_model[model_id] = publish_model_metrics(model_id, series, window)
         changes, firing[model_id] = check_alerts(
-            model_id, series, thresholds, now, params.state_prefix, params.period_seconds
+            model_id,
+            series,
+            thresholds,
+            now,
+            params.state_prefix,
+            params.period_seconds,
+            params.stat,
         )
         transitions.extend(changes)
         for change in changes:

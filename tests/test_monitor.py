@@ -144,6 +144,9 @@ def test_monitor_alerts_once_while_stalled_and_resolves_once(cloudwatch):
     )
     assert [e.event for e in events] == names
     assert events[0].payload["pending_records"] == 50
+    # A value is read with a statistic over a period; the alert says which, as CloudWatch does.
+    assert events[0].payload["statistic"] == "Average"
+    assert events[0].payload["period_seconds"] == 60
     assert events[1].payload["started_at"] == events[0].payload["started_at"]
 
 
@@ -160,6 +163,7 @@ def test_monitor_emits_one_metrics_event_per_model(cloudwatch):
     assert sorted(e.resource.id for e in events) == sorted(f"bedrock.model.{m}" for m in models)
     assert all(e.payload[PENDING_RECORDS] == 8 for e in events)
     assert all(e.payload["period_seconds"] == 60 for e in events)
+    assert all(e.payload["statistic"] == "Average" for e in events)
 
 
 def test_monitor_latest_pending_is_zero_once_the_model_stops_publishing(cloudwatch):
@@ -184,6 +188,12 @@ def test_monitor_thresholds_come_from_parameters(cloudwatch):
     assert default["transitions"] == []
     assert [t["rule"] for t in low["transitions"]] == [THROUGHPUT_HIGH_INPUT]
     assert low["transitions"][0]["payload"]["threshold"] == 4_000
+    maximum = bedrock_batch_monitor(
+        base.model_copy(
+            update={"state_prefix": "t-max", "input_tokens_per_minute": 4_000, "stat": "Maximum"}
+        )
+    )
+    assert maximum["transitions"][0]["payload"]["statistic"] == "Maximum"
 
 
 def test_monitor_without_models_reads_every_model_from_list_metrics(cloudwatch):

@@ -277,7 +277,11 @@ def _iso(value: datetime | None) -> str | None:
 
 
 def transition(
-    model_id: str, condition: Condition, previous: dict[str, Any] | None, now: datetime
+    model_id: str,
+    condition: Condition,
+    previous: dict[str, Any] | None,
+    now: datetime,
+    reading: dict[str, Any] | None = None,
 ) -> tuple[Transition | None, dict[str, Any] | None]:
     """Compare a condition with its stored state: the event to emit (if any) and the new state.
 
@@ -286,6 +290,8 @@ def transition(
         condition: This run's outcome of the rule.
         previous: The stored state of the rule for the model; None when it was not firing.
         now: The evaluation time.
+        reading: How the series were read (CloudWatch statistic and period): a value means
+            little without them, so every event carries them.
 
     Returns:
         A start transition when the condition began, a resolved one when it ended, None while
@@ -297,6 +303,7 @@ def transition(
         "unit": condition.unit,
         "metrics": condition.metrics,
         "window_minutes": condition.window_minutes,
+        **(reading or {}),
         "evaluated_at": now.isoformat(),
         **condition.detail,
     }

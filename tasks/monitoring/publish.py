@@ -84,6 +84,7 @@ def check_alerts(
     now: datetime,
     prefix: str,
     period_seconds: int = 60,
+    stat: str = "Average",
 ) -> tuple[list[Transition], list[str]]:
     """Evaluate every rule for one model, emit start/resolved events, and store the new state.
 
@@ -94,15 +95,17 @@ def check_alerts(
         now: Evaluation time.
         prefix: Prefix of the state Variables.
         period_seconds: Period of the data points (a series silent for two is stale).
+        stat: The CloudWatch statistic the points were read with.
 
     Returns:
         The transitions emitted in this run, and the rules firing after it.
     """
     emitted: list[Transition] = []
     firing: list[str] = []
+    reading = {"statistic": stat, "period_seconds": period_seconds}
     for condition in evaluate_rules(series, thresholds, now, period_seconds):
         previous = load_alert_state.fn(prefix, model_id, condition.rule)
-        change, state = transition(model_id, condition, previous, now)
+        change, state = transition(model_id, condition, previous, now, reading)
         if change is not None:
             emit_alert(model_id, change.rule, change.resolved, change.payload)
             emitted.append(change)
