@@ -65,7 +65,8 @@ def bedrock_batch_monitor(
         params: Models, window, period, thresholds and the optional evaluation time.
 
     Returns:
-        The models read, their latest values and the alert transitions of this run.
+        The models read, their latest values, the alert transitions of this run, and the
+        models whose records wait only on jobs not yet started (queued, not stalled).
     """
     params = params or MonitorParameters()
     use_credentials_block(params.aws_credentials_block)
@@ -76,7 +77,7 @@ def bedrock_batch_monitor(
     model_ids = list(params.model_ids) or list_batch_model_ids()
     if not model_ids:
         logger.info("No model publishes AWS/Bedrock/Batch metrics yet; nothing to watch")
-        return {"models": [], "latest": {}, "transitions": []}
+        return {"models": [], "latest": {}, "transitions": [], "queued": {}}
 
     # 2. One GetMetricData reading (batched by the API limit) over the widest window needed.
     start = now - timedelta(minutes=_window_minutes(params))
@@ -93,11 +94,12 @@ def bedrock_batch_monitor(
     latest_by_model: dict[str, dict[str, float | None]] = {}
     transitions: list[Transition] = []
     firing: dict[str, list[str]] = {}
+    queued: dict[str, int] = {}
     thresholds = AlertThresholds(**params.model_dump(include=set(AlertThresholds.model_fields)))
     for model_id in model_ids:
         series = series_by_model[model_id]
         latest_by_model[model_id] = publish_model_metrics(model_id, series, window)
-        changes, firing[model_id] = check_alerts(
+        changes, firing[model_id], waiting = check_alerts(
             model_id,
             series,
             thresholds,
@@ -107,6 +109,8 @@ def bedrock_batch_monitor(
             params.stat,
         )
         transitions.extend(changes)
+        if waiting is not None:
+            queued[model_id] = waiting
         for change in changes:
             logger.warning(
                 "%s %s for %s: %s",
@@ -117,9 +121,10 @@ def bedrock_batch_monitor(
             )
 
     # 4. Something to look at in the UI.
-    publish_artifacts(series_by_model, latest_by_model, firing, window)
+    publish_artifacts(series_by_model, latest_by_model, firing, window, queued)
     return {
         "models": model_ids,
         "latest": latest_by_model,
         "transitions": [asdict(t) for t in transitions],
+        "queued": queued,
     }

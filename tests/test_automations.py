@@ -286,3 +286,30 @@ def test_a_summarize_deployment_that_is_not_flow_slash_name_is_one_line(capsys):
     err = capsys.readouterr().err
     assert code == 2 and "Traceback" not in err, err
     assert "--summarize-deployment 'nosuch' is not <flow name>/<deployment name>" in err
+
+
+def test_the_stalled_message_says_how_many_jobs_run_and_wait():
+    import asyncio
+    from types import SimpleNamespace
+
+    from prefect.server.utilities.user_templates import (
+        render_user_template,
+        validate_user_template,
+    )
+
+    from tasks.monitoring.automations import STALLED_BODY
+
+    validate_user_template(STALLED_BODY)
+    payload = {
+        "pending_records": 120,
+        "started_at": "2026-12-07T10:00:00+00:00",
+        "stalled_minutes": 31.5,
+        "jobs_in_progress": 1,
+        "jobs_waiting": 2,
+    }
+    event = SimpleNamespace(payload=payload, resource={"bedrock.model-id": "m"})
+    text = asyncio.run(render_user_template(STALLED_BODY, {"event": event}))
+    assert "(31.5 minutes), with 1 of its jobs in progress and 2 waiting to start.\n" in text
+    payload.update(jobs_in_progress=None, jobs_waiting=None)  # the jobs could not be listed
+    text = asyncio.run(render_user_template(STALLED_BODY, {"event": event}))
+    assert "(31.5 minutes).\n" in text and "None" not in text

@@ -40,6 +40,9 @@ def cloudwatch():
     host, port = server.get_host_and_port()
     saved = dict(os.environ)
     os.environ["AWS_ENDPOINT_URL_CLOUDWATCH"] = f"http://{host}:{port}"
+    # moto serves no batch jobs: listing them fails at once, so a suspected stall is judged
+    # by the metrics alone (the emulator's jobs are in test_monitor_e2e.py).
+    os.environ["AWS_ENDPOINT_URL_BEDROCK"] = f"http://{host}:{port}"
     for name, value in {
         "AWS_ACCESS_KEY_ID": "testing",
         "AWS_SECRET_ACCESS_KEY": "testing",
@@ -147,6 +150,9 @@ def test_monitor_alerts_once_while_stalled_and_resolves_once(cloudwatch):
     # A value is read with a statistic over a period; the alert says which, as CloudWatch does.
     assert events[0].payload["statistic"] == "Average"
     assert events[0].payload["period_seconds"] == 60
+    # The model's jobs could not be listed: the alert still fires, their counts unknown.
+    assert events[0].payload["jobs_in_progress"] is None
+    assert events[0].payload["jobs_waiting"] is None
     assert events[1].payload["started_at"] == events[0].payload["started_at"]
 
 

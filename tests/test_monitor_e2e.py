@@ -118,6 +118,9 @@ def test_stuck_job_alerts_once_fires_automation_and_resolves_once(stack):
     stalled_events = _until(lambda: _alerts(alert_event_name(STALLED)), PREFECT_SERVER_WAIT)
     assert len(stalled_events) == 1
     assert stalled_events[0].payload["pending_records"] > 0
+    # Bedrock is working on the job and gets nowhere: stalled, not queued.
+    assert stalled_events[0].payload["jobs_in_progress"] == 1
+    assert stalled_events[0].payload["jobs_waiting"] == 0
 
     # The automation's action happened: a flow run of the target deployment exists.
     runs = _until(lambda: _flow_runs(deployment_id), PREFECT_SERVER_WAIT)
@@ -136,3 +139,49 @@ def test_stuck_job_alerts_once_fires_automation_and_resolves_once(stack):
     assert len(_alerts(alert_event_name(STALLED))) == 1
     status = client("bedrock").get_model_invocation_job(jobIdentifier=job_arn)["status"]
     assert status in {"InProgress", "Completed"}
+
+
+def test_a_model_whose_jobs_all_wait_to_start_is_queued_not_stalled(stack):
+    """Records pending and no tokens while the only job sits Scheduled: no stalled alert."""
+    model_id = "anthropic.claude-opus-4-5-20251101-v1:0"  # no other test runs jobs on it
+    run_id = uuid.uuid4().hex[:8]
+    stack.configure(metrics_period_seconds=1, queue_delay_seconds=3600)
+    input_uri = _write_input(stack.bucket, f"monitor-queued/{run_id}")
+    job_arn = client("bedrock").create_model_invocation_job(
+        jobName=f"monitor-queued-{run_id}",
+        roleArn=os.environ["BEDROCK_BATCH_ROLE_ARN"],
+        modelId=model_id,
+        inputDataConfig={"s3InputDataConfig": {"s3Uri": input_uri, "s3InputFormat": "JSONL"}},
+        outputDataConfig={
+            "s3OutputDataConfig": {"s3Uri": f"s3://{stack.bucket}/monitor-queued/{run_id}/out/"}
+        },
+    )["jobArn"]
+    params = MonitorParameters(
+        model_ids=[model_id],
+        period_seconds=1,
+        lookback_minutes=1,
+        stall_minutes=3 / 60,
+        throughput_window_minutes=1,
+        backlog_window_minutes=1,
+        disabled_rules=["backlog-growing"],
+        state_prefix=f"e2e-queued-{run_id}",
+    )
+    try:
+        # The metrics alone say stalled (records pending, no tokens for the stall time); the
+        # monitor looks at the job, finds it waiting to start, and says queued instead.
+        result = _until(lambda: bedrock_batch_monitor(params)["queued"], timeout=40)
+        assert result == {model_id: 1}
+        assert client("bedrock").get_model_invocation_job(jobIdentifier=job_arn)["status"] == (
+            "Scheduled"
+        )
+        again = bedrock_batch_monitor(params)
+        assert again["transitions"] == [] and again["queued"] == {model_id: 1}
+        assert again["latest"][model_id]["pending_records"] == RECORDS
+    finally:
+        client("bedrock").stop_model_invocation_job(jobIdentifier=job_arn)
+    assert (
+        read_events(
+            names=[alert_event_name(STALLED)], resource_ids=[MODEL_RESOURCE_PREFIX + model_id]
+        )
+        == []
+    )

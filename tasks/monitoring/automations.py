@@ -45,7 +45,10 @@ STALLED_SUBJECT = "Bedrock batch stalled: {{ event.resource['bedrock.model-id'] 
 STALLED_BODY = (
     "Model {{ event.resource['bedrock.model-id'] }} has had "
     "{{ event.payload.pending_records }} records pending and no input tokens processed "
-    "since {{ event.payload.started_at }} ({{ event.payload.stalled_minutes }} minutes).\n"
+    "since {{ event.payload.started_at }} ({{ event.payload.stalled_minutes }} minutes)"
+    "{% if event.payload.jobs_in_progress is not none %}, with "
+    "{{ event.payload.jobs_in_progress }} of its jobs in progress and "
+    "{{ event.payload.jobs_waiting }} waiting to start{% endif %}.\n"
     "Check the model's batch jobs in the Bedrock console or with "
     "`aws bedrock list-model-invocation-jobs --status-equals InProgress`."
 )

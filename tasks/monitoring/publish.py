@@ -5,11 +5,13 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from prefect import task
+from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from tasks.monitoring.alerts import (
+    STALLED,
     AlertThresholds,
+    Condition,
     Transition,
     evaluate_rules,
     load_alert_state,
@@ -19,6 +21,7 @@ from tasks.monitoring.alerts import (
 )
 from tasks.monitoring.cloudwatch import METRIC_NAMES, ModelSeries
 from tasks.monitoring.events import emit_alert, emit_metrics
+from tasks.monitoring.jobs import IN_PROGRESS, WAITING_STATUSES, JobCounts, live_job_counts
 
 SPARK_BLOCKS = "▁▂▃▄▅▆▇█"
 
@@ -85,7 +88,8 @@ def check_alerts(
     prefix: str,
     period_seconds: int = 60,
     stat: str = "Average",
-) -> tuple[list[Transition], list[str]]:
+    job_counts: JobCounts = live_job_counts,
+) -> tuple[list[Transition], list[str], int | None]:
     """Evaluate every rule for one model, emit start/resolved events, and store the new state.
 
     Args:
@@ -96,14 +100,19 @@ def check_alerts(
         prefix: Prefix of the state Variables.
         period_seconds: Period of the data points (a series silent for two is stale).
         stat: The CloudWatch statistic the points were read with.
+        job_counts: The model's jobs per status, asked only while the metrics say stalled.
 
     Returns:
-        The transitions emitted in this run, and the rules firing after it.
+        The transitions emitted in this run, the rules firing after it, and the number of jobs
+        waiting to start when the model is queued rather than stalled (else None).
     """
     emitted: list[Transition] = []
     firing: list[str] = []
+    queued: int | None = None
     reading = {"statistic": stat, "period_seconds": period_seconds}
     for condition in evaluate_rules(series, thresholds, now, period_seconds):
+        if condition.rule == STALLED and condition.active:
+            queued = _tell_queued_from_stalled(model_id, condition, job_counts)
         previous = load_alert_state.fn(prefix, model_id, condition.rule)
         change, state = transition(model_id, condition, previous, now, reading)
         if change is not None:
@@ -113,7 +122,35 @@ def check_alerts(
             save_alert_state.fn(prefix, model_id, condition.rule, state)
         if state is not None:
             firing.append(condition.rule)
-    return emitted, firing
+    return emitted, firing, queued
+
+
+def _tell_queued_from_stalled(
+    model_id: str, condition: Condition, job_counts: JobCounts
+) -> int | None:
+    """A model whose jobs all wait to start is queued, not stalled: the alert does not fire.
+
+    The alert's payload says how many of the model's jobs are in progress and how many wait
+    (`null` when the jobs could not be listed, and the metrics alone decide). Returns the
+    number waiting when queued, else None.
+    """
+    counts = job_counts(model_id)
+    running = counts[IN_PROGRESS] if counts is not None else None
+    waiting = sum(counts[s] for s in WAITING_STATUSES) if counts is not None else None
+    condition.detail.update(jobs_in_progress=running, jobs_waiting=waiting)
+    if running == 0 and waiting:
+        condition.active = False
+        condition.since = None
+        get_run_logger().info(
+            "%s has had records pending and no input tokens for %s minutes, but none of its "
+            "jobs has started: %d wait to start (Submitted, Validating or Scheduled). Queued, "
+            "not stalled; no alert",
+            model_id,
+            condition.value,
+            waiting,
+        )
+        return waiting
+    return None
 
 
 def _fmt(value: float | None) -> str:
@@ -126,13 +163,22 @@ def publish_artifacts(
     latest_by_model: dict[str, dict[str, float | None]],
     firing: dict[str, list[str]],
     window: dict[str, Any],
+    queued: dict[str, int] | None = None,
 ) -> None:
     """A table of the latest values per model and a markdown chart of sparklines."""
+    queued = queued or {}
+
+    def alerts(model_id: str) -> str:
+        shown = list(firing.get(model_id, []))
+        if model_id in queued:
+            shown.append(f"none: queued, {queued[model_id]} job(s) waiting to start")
+        return ", ".join(shown) or "none"
+
     rows = [
         {
             "model_id": model_id,
             **{key: _fmt(value) for key, value in latest.items()},
-            "alerts": ", ".join(firing.get(model_id, [])) or "none",
+            "alerts": alerts(model_id),
         }
         for model_id, latest in latest_by_model.items()
     ]
