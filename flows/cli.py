@@ -99,9 +99,12 @@ def _show_output(summary: dict) -> None:
     output = absolute_location(summary["output_uri"])
     print(f"\nOutput: {output}/  ({len(summary['parts'])} Parquet files)")
     counts, tokens = summary["counts"], summary["tokens"]
+    from tasks.pipeline.tokens import fmt_tokens
+
     print(
-        f"Records: {counts['records']:,}  ok: {counts['succeeded']:,}  "
-        f"failed: {counts['failed']:,}  tokens in/out: {tokens['input']:,}/{tokens['output']:,}"
+        f"Records: {counts['records']:,}  ok: {counts['succeeded']:,}  failed: "
+        f"{counts['failed']:,}  tokens in/out: "
+        f"{fmt_tokens(tokens['input'])}/{fmt_tokens(tokens['output'])}"
     )
     if summary.get("cost"):
         from tasks.run.cost import cost_markdown

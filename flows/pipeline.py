@@ -112,6 +112,12 @@ def prepare_stage_input(
 
 
 @task(cache_policy=NO_CACHE)
+def _total(values) -> int | None:
+    """The sum of the stages' counts, None when one of them is unknown."""
+    values = list(values)
+    return None if any(v is None for v in values) else sum(values)
+
+
 def join_and_report(
     params: PipelineParams, stages: list[Stage], reports: list[dict[str, Any]]
 ) -> dict[str, Any]:
@@ -141,9 +147,9 @@ def join_and_report(
         "parts": joined["parts"],
         "rows": joined["rows"],
         "stages": reports,
+        # None when a stage's tokens are unknown (rows without counts nor manifests).
         "tokens": {
-            "input": sum(r["tokens"].get("input", 0) for r in reports),
-            "output": sum(r["tokens"].get("output", 0) for r in reports),
+            key: _total(r["tokens"].get(key, 0) for r in reports) for key in ("input", "output")
         },
         # Unrounded, as each stage's: a rounded total differed from the stages' sum.
         "cost_usd": None if any(c is None for c in costs) else sum(costs),

@@ -7,7 +7,7 @@ from contextlib import ExitStack
 
 
 def _count(value: int | None) -> str:
-    return "?" if value is None else f"{value:,}"
+    return "unknown" if value is None else f"{value:,}"
 
 
 def show_summary(summary: dict) -> None:

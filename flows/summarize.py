@@ -17,6 +17,7 @@ from tasks.pipeline.columns import (
     RESPONSE_TEXT,
     SERVED_BY,
 )
+from tasks.pipeline.tokens import uncounted_expr
 
 
 def _parquet_glob(output_uri: str) -> str:
@@ -39,35 +40,41 @@ def summarize_output(output_uri: str) -> dict[str, Any]:
     exprs = [pl.len().alias("rows")]
     if ERROR_CODE in names:
         exprs.append(pl.col(ERROR_CODE).is_not_null().sum().alias("errors"))
-    for column in (INPUT_TOKENS, OUTPUT_TOKENS):
-        if column in names:
-            exprs.append(pl.col(column).sum().alias(column))
+    exprs += _token_sums(names)
     if RESPONSE_TEXT in names:
         exprs.append(pl.col(RESPONSE_TEXT).str.len_chars().mean().alias("mean_response_chars"))
     stats = frame.select(exprs).collect().row(0, named=True)
     return {"output_uri": output_uri, "columns": names, **stats, **_served_by(frame, names)}
 
 
+def _token_sums(names: list[str]) -> list[pl.Expr]:
+    """Token sums of the rows; null (unknown) where answered rows carry no count (Cohere
+    Embed): their sum of nulls read 0. The run's summary.json has them from the manifests."""
+    unknown = uncounted_expr(names).any()
+    return [
+        pl.when(unknown).then(None).otherwise(pl.col(c).fill_null(0).sum()).alias(c)
+        for c in (INPUT_TOKENS, OUTPUT_TOKENS)
+        if c in names
+    ]
+
+
 def _served_by(frame: pl.LazyFrame, names: list[str]) -> dict[str, Any]:
     """Rows and tokens by how they were served: the on-demand tail costs the full price."""
     if SERVED_BY not in names:
         return {}
-    tokens = [
-        pl.col(c).fill_null(0).sum().alias(c) for c in (INPUT_TOKENS, OUTPUT_TOKENS) if c in names
-    ]
-    by = frame.group_by(SERVED_BY).agg(pl.len().alias("rows"), *tokens).collect()
+    by = frame.group_by(SERVED_BY).agg(pl.len().alias("rows"), *_token_sums(names)).collect()
     return {"served_by": {r.pop(SERVED_BY): r for r in by.sort(SERVED_BY).iter_rows(named=True)}}
 
 
-def _run_cost(output_uri: str) -> dict[str, Any] | None:
-    """The cost the batch run wrote into its summary.json (beside its output folder)."""
+def _run_summary(output_uri: str) -> dict[str, Any]:
+    """The summary.json the batch run wrote beside its output folder ({} when none)."""
     from tasks.aws import storage
 
     uri = output_uri.rstrip("/").rsplit("/", 1)[0] + "/summary.json"
     try:
-        return json.loads(storage.read_bytes(uri)).get("cost") if storage.exists(uri) else None
+        return json.loads(storage.read_bytes(uri)) if storage.exists(uri) else {}
     except (OSError, ValueError):
-        return None
+        return {}
 
 
 @flow(name="summarize-run")
@@ -83,7 +90,13 @@ def summarize_run(output_uri: str, run_name: str | None = None) -> dict[str, Any
     """
     logger = get_run_logger()
     summary = summarize_output(output_uri)
-    cost = _run_cost(output_uri)
+    run = _run_summary(output_uri)
+    cost = run.get("cost")
+    run_tokens = run.get("tokens") or {}
+    for column, key in ((INPUT_TOKENS, "input"), (OUTPUT_TOKENS, "output")):
+        # The run's own figure: where rows carry no counts, their jobs' manifests give them.
+        if column in summary and summary[column] is None and run_tokens.get(key) is not None:
+            summary[column] = run_tokens[key]
     if cost:
         summary["cost_usd"] = {
             k: cost.get(k) for k in ("batch_usd", "on_demand_usd", "total_usd", "held_back_rows")

@@ -19,10 +19,12 @@ from tasks.bedrock.families import family_for
 from tasks.errors import PlanError
 from tasks.files import write_parquet_atomic
 from tasks.pipeline import columns as C
+from tasks.pipeline import tokens
 from tasks.pipeline.attempts import AttemptOutput, Settled, settle
 from tasks.pipeline.outputs import result_schema
 from tasks.pipeline.plan import RunPlan
 from tasks.pipeline.structured import SCHEMA_REPAIRED, OutputSchema
+from tasks.pipeline.tokens import JobTokens
 from tasks.run.layout import (
     JSONL,
     OUT_SUFFIX,
@@ -45,8 +47,9 @@ class MergeStats:
     records: int
     succeeded: int
     failed: int
-    input_tokens: int
-    output_tokens: int
+    # None where no count exists: rows without tokens and no manifest of their job.
+    input_tokens: int | None
+    output_tokens: int | None
     # Output lines that reached no row (records the job did not carry, unreadable ids).
     stray_lines: int = 0
 
@@ -89,10 +92,15 @@ class MergeTurn:
         self.give_back()
 
 
-def write_part(frame: pl.DataFrame, dest: Path, stray_lines: int = 0) -> MergeStats:
-    """Write a merged part atomically and count what it holds (and the lines it could not)."""
+def write_part(
+    frame: pl.DataFrame, dest: Path, stray_lines: int = 0, job_tokens: JobTokens | None = None
+) -> MergeStats:
+    """Write a merged part atomically and count what it holds (and the lines it could not).
+
+    ``job_tokens``: the manifest totals of jobs whose rows carry no token counts.
+    """
     write_parquet_atomic(frame, dest)
-    return replace(_stats(frame), stray_lines=stray_lines)
+    return replace(_stats(frame, job_tokens), stray_lines=stray_lines)
 
 
 def settle_warnings(settled: Settled, where: str) -> list[str]:
@@ -124,20 +132,19 @@ def settle_warnings(settled: Settled, where: str) -> list[str]:
     return said
 
 
-def _stats(frame: pl.DataFrame) -> MergeStats:
-    has_output = C.OUTPUT_TOKENS in frame.columns
+def _stats(frame: pl.DataFrame, job_tokens: JobTokens | None = None) -> MergeStats:
     row = frame.select(
         pl.len().alias("records"),
         pl.col(C.ERROR_CODE).is_null().sum().alias("succeeded"),
-        pl.col(C.INPUT_TOKENS).sum().alias("input_tokens"),
-        (pl.col(C.OUTPUT_TOKENS).sum() if has_output else pl.lit(0)).alias("output_tokens"),
     ).row(0, named=True)
+    # Cohere Embed's rows carry no tokens: a sum of their nulls said 0 tokens.
+    tokens_in, tokens_out = tokens.totals(tokens.per_job(frame.lazy()).collect(), job_tokens)
     return MergeStats(
         records=row["records"],
         succeeded=row["succeeded"],
         failed=row["records"] - row["succeeded"],
-        input_tokens=int(row["input_tokens"] or 0),
-        output_tokens=int(row["output_tokens"] or 0),
+        input_tokens=tokens_in,
+        output_tokens=tokens_out,
     )
 
 

@@ -14,14 +14,17 @@ from tasks.aws import storage
 from tasks.aws.clients import polars_storage_options
 from tasks.bedrock.jobs import job_id_from_arn
 from tasks.errors import IncompleteOutputError
+from tasks.pipeline import tokens
 from tasks.pipeline.columns import (
     CONTENT_FILTERED,
     ERROR_CODE,
     INPUT_TOKENS,
+    JOB_ID,
     OUTPUT_TOKENS,
     RECORD_ID,
     UNPARSEABLE_OUTPUT,
 )
+from tasks.pipeline.tokens import fmt_tokens, job_tokens_of
 from tasks.run.artifacts import absolute_location
 from tasks.run.layout import PARQUET
 
@@ -75,6 +78,10 @@ def check_output(layout: RunLayout, plan: RunPlan) -> dict[str, Any]:
                 "which rebuilds them from the source before anything is sent."
             )
         raise IncompleteOutputError(msg)
+    usage = found.usage()
+    # Rows without token counts (Cohere Embed) leave these None here; `summary_artifacts`
+    # fills them from their jobs' manifests.
+    tokens_in, tokens_out = tokens.totals(usage, None)
     return {
         "records": found.records,
         "succeeded": found.records - found.failed,
@@ -83,8 +90,10 @@ def check_output(layout: RunLayout, plan: RunPlan) -> dict[str, Any]:
         "unparseable": found.unparseable,
         # Refusals and filtered answers (counted in failed too; not retried).
         "filtered": found.filtered,
-        "input_tokens": found.input_tokens,
-        "output_tokens": found.output_tokens,
+        "input_tokens": tokens_in,
+        "output_tokens": tokens_out,
+        # By job: the rows' tokens and how many answered rows had none.
+        "token_usage": usage,
         "parts": parts,
     }
 
@@ -96,6 +105,12 @@ def check_output(layout: RunLayout, plan: RunPlan) -> dict[str, Any]:
 CHECK_RECORDS_AT_ONCE = 500_000
 CHECK_SHARDS_AT_ONCE = 256
 _FILE, _SHARD = "__file", "__shard"
+_USAGE_SCHEMA = {
+    JOB_ID: pl.String,
+    INPUT_TOKENS: pl.Int64,
+    OUTPUT_TOKENS: pl.Int64,
+    tokens.UNCOUNTED: pl.Int64,
+}
 
 
 def _planned_rows_gone(layout: RunLayout, plan: RunPlan, present: set[str]) -> dict[str, int]:
@@ -122,8 +137,7 @@ class _Found:
     failed: int = 0
     unparseable: int = 0
     filtered: int = 0
-    input_tokens: int = 0
-    output_tokens: int = 0
+    by_job: list[pl.DataFrame] = field(default_factory=list)  # `tokens.per_job` frames
     missing: int = 0
     duplicated: int = 0
     unexpected: int = 0
@@ -132,18 +146,18 @@ class _Found:
     )
 
     def add(self, other: _Found) -> None:
-        for name in (
-            "records",
-            "failed",
-            "unparseable",
-            "filtered",
-            "input_tokens",
-            "output_tokens",
-        ):
+        for name in ("records", "failed", "unparseable", "filtered"):
             setattr(self, name, getattr(self, name) + getattr(other, name))
+        self.by_job.extend(other.by_job)
         for name in ("missing", "duplicated", "unexpected"):
             setattr(self, name, getattr(self, name) + getattr(other, name))
             self.shown[name] = (self.shown[name] + other.shown[name])[:SHOWN_IDS]
+
+    def usage(self) -> pl.DataFrame:
+        """Tokens by job over every batch (a job's rows are in one shard, so in one batch)."""
+        if not self.by_job:
+            return pl.DataFrame(schema=_USAGE_SCHEMA)
+        return pl.concat(self.by_job)
 
 
 def _tagged(uris: list[str], shard_of: dict[str, str]) -> pl.LazyFrame:
@@ -175,6 +189,7 @@ def _check_batch(batch: dict[str, tuple[list[str], list[str]]]) -> _Found:
             _SHARD: pl.String,
             RECORD_ID: pl.String,
             ERROR_CODE: pl.String,
+            JOB_ID: pl.String,
             INPUT_TOKENS: pl.Int64,
             OUTPUT_TOKENS: pl.Int64,
         }
@@ -183,10 +198,13 @@ def _check_batch(batch: dict[str, tuple[list[str], list[str]]]) -> _Found:
         out = _tagged(outs, shard_of)
         names = out.collect_schema().names()
         error = pl.col(ERROR_CODE) if ERROR_CODE in names else pl.lit(None, pl.String)
+        job = pl.col(JOB_ID) if JOB_ID in names else pl.lit(None, pl.String)
+        # Null stays null: a row without a count is not a row of 0 tokens.
         got = out.select(
             _SHARD,
             ids,
             error.cast(pl.String).alias(ERROR_CODE),
+            job.cast(pl.String).alias(JOB_ID),
             *(
                 pl.col(c).cast(pl.Int64) if c in names else pl.lit(0, pl.Int64).alias(c)
                 for c in (INPUT_TOKENS, OUTPUT_TOKENS)
@@ -203,8 +221,7 @@ def _check_batch(batch: dict[str, tuple[list[str], list[str]]]) -> _Found:
         failed=int(errors.is_not_null().sum()),
         unparseable=int((errors == UNPARSEABLE_OUTPUT).sum()),
         filtered=int((errors == CONTENT_FILTERED).sum()),
-        input_tokens=int(got.get_column(INPUT_TOKENS).sum() or 0),
-        output_tokens=int(got.get_column(OUTPUT_TOKENS).sum() or 0),
+        by_job=[tokens.per_job(got.lazy()).collect()],
         missing=len(missing),
         duplicated=len(dup),
         unexpected=len(extra),
@@ -223,6 +240,8 @@ def summary_artifacts(
     from tasks.run.cost import cost_markdown, cost_summary
 
     cost = cost_summary(ctx, results, check["parts"])
+    job_tokens = {job: pair for r in results for job, pair in job_tokens_of(r.stats).items()}
+    tokens_in, tokens_out = tokens.totals(check["token_usage"], job_tokens)
     part_cost = cost["parts"]
     rows = [
         {
@@ -232,8 +251,8 @@ def summary_artifacts(
             "records": r.records,
             "ok": r.stats.get("succeeded", 0),
             "failed": r.stats.get("failed", 0),
-            "input_tokens": r.stats.get("input_tokens", 0),
-            "output_tokens": r.stats.get("output_tokens", 0),
+            "input_tokens": r.stats.get("input_tokens"),
+            "output_tokens": r.stats.get("output_tokens"),
             "attempts": r.attempts,
             "stray_lines": r.stats.get("stray_lines", 0),
             "submitted": r.submitted_at,
@@ -267,7 +286,7 @@ def summary_artifacts(
             f" failed {check['failed']:,} (unparseable outputs: {check.get('unparseable', 0):,};"
             f" refused or filtered: {check.get('filtered', 0):,};"
             f" skipped before submit: {plan.skipped_records:,})",
-            f"- Tokens: {check['input_tokens']:,} in, {check['output_tokens']:,} out",
+            f"- Tokens: {fmt_tokens(tokens_in)} in, {fmt_tokens(tokens_out)} out",
             cost_markdown(cost),
             "- Every input record is in the output exactly once (checked).",
             *stray_note,
@@ -279,7 +298,8 @@ def summary_artifacts(
         "output_uri": output_dir,
         "parts": check["parts"],
         "counts": {k: check.get(k, 0) for k in ("records", "succeeded", "failed", "unparseable")},
-        "tokens": {"input": check["input_tokens"], "output": check["output_tokens"]},
+        # None (null) where neither the rows nor their jobs' manifests give a count.
+        "tokens": {"input": tokens_in, "output": tokens_out},
         "stray_output_lines": stray_total,
         "jobs": rows,
         "cost": cost,

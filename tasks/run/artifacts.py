@@ -129,6 +129,11 @@ def _shard_cost(view: ShardView, cost_of: CostOf | None) -> float | None:
     return cost_of(stats["input_tokens"], stats.get("output_tokens"))
 
 
+def _fmt_tokens(value: int | None, merge_stats: dict[str, Any] | None) -> str:
+    """A dash before the merge; "unknown" after it when neither rows nor manifest count them."""
+    return "unknown" if merge_stats and value is None else fmt_int(value)
+
+
 def shard_row(view: ShardView, max_attempts: int, cost_of: CostOf | None = None) -> dict[str, Any]:
     """One table row: where the shard's jobs are, what they processed and spent so far."""
     current = view.attempts[-1] if view.attempts else None
@@ -158,8 +163,8 @@ def shard_row(view: ShardView, max_attempts: int, cost_of: CostOf | None = None)
         "processed": fmt_int(processed),
         "ok": fmt_int(ok),
         "failed": fmt_int(failed),
-        "input tokens": fmt_int(tokens_in),
-        "output tokens": fmt_int(tokens_out),
+        "input tokens": _fmt_tokens(tokens_in, view.merge_stats),
+        "output tokens": _fmt_tokens(tokens_out, view.merge_stats),
         "cost so far (USD)": NONE if cost is None else format_usd(cost, sign=""),
         "served by": _served_by(view.attempts),
         "job ARN": job.job_arn if job else NONE,
@@ -509,8 +514,8 @@ class JobBoard:
             if v.attempts
         )
         tokens = sum(
-            (v.merge_stats or {}).get("input_tokens", 0)
-            + (v.merge_stats or {}).get("output_tokens", 0)
+            ((v.merge_stats or {}).get("input_tokens") or 0)
+            + ((v.merge_stats or {}).get("output_tokens") or 0)
             for v in views
         )
         now = datetime.now(timezone.utc)

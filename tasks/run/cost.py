@@ -17,9 +17,11 @@ from tasks.aws.clients import polars_storage_options
 from tasks.bedrock.prices import ModelPrice, ceil_usd, format_usd, price_for
 from tasks.errors import CostCeilingError
 from tasks.pipeline import columns as C
+from tasks.pipeline import tokens
 from tasks.pipeline.attempts import SUPERSEDED
 from tasks.pipeline.estimate import CostEstimate, estimate_from_dir
 from tasks.pipeline.plan import RunPlan
+from tasks.pipeline.tokens import JobTokens, job_tokens_of
 from tasks.settings import get_settings
 
 if TYPE_CHECKING:
@@ -31,7 +33,7 @@ ESTIMATE_FILE = "estimate.json"
 COST_CEILING_REACHED = "CostCeilingReached"
 _PART = "__part"
 _SUPERSEDED_ROWS = "superseded_rows"
-_UNCOUNTED = "__uncounted"
+_UNCOUNTED = tokens.UNCOUNTED
 
 
 def save_estimate(plan: RunPlan, out_dir: Path, layout: RunLayout, kms_key_id: str | None) -> None:
@@ -198,7 +200,9 @@ class CostGuard:
         for name, shard in state.shards.items():
             if shard.part_uri:
                 superseded = (shard.merge_stats or {}).get(SUPERSEDED)
-                self.settle(name, shard_actual(shard.part_uri, self.price, superseded))
+                job_tokens = job_tokens_of(shard.merge_stats)
+                actual = shard_actual(shard.part_uri, self.price, superseded, None, job_tokens)
+                self.settle(name, actual)
                 continue
             for attempt in shard.attempts:
                 on_demand = attempt.served_by == C.SERVED_ON_DEMAND
@@ -232,12 +236,15 @@ def token_usage(
     parts: list[str],
     superseded: dict[str, list[dict[str, Any]]] | None = None,
     part_rows: pl.DataFrame | None = None,
+    job_tokens: JobTokens | None = None,
 ) -> pl.DataFrame:
     """Tokens and rows of the output parts, by part, job and how they were served.
 
     ``superseded`` (by part URI) adds the tokens of paid answers a later attempt replaced
     (`Settled.superseded`): ``rows`` counts the part's rows, ``superseded_rows`` those answers.
     ``part_rows``: the one part's rows, still in memory at its merge, read instead of the file.
+    ``job_tokens``: manifest totals of jobs whose rows carry no token counts; a job without
+    counts nor manifest has null (unknown) tokens.
     """
     if not parts:
         return pl.DataFrame()
@@ -249,20 +256,18 @@ def token_usage(
             parts, storage_options=options, missing_columns="insert", include_file_paths=_PART
         )
     names = frame.collect_schema().names()
-    tokens = [
+    sums = [
         (pl.col(c) if c in names else pl.lit(0, pl.Int64)).fill_null(0).sum().alias(c)
         for c in (C.INPUT_TOKENS, C.OUTPUT_TOKENS)
     ]
     # Answered rows without a token count (Cohere Embed and Mistral report none): what they
-    # cost is unknown, not $0.
-    answered = pl.col(C.ERROR_CODE).is_null() if C.ERROR_CODE in names else pl.lit(True)
-    counted = pl.col(C.INPUT_TOKENS).is_not_null() if C.INPUT_TOKENS in names else pl.lit(False)
+    # cost is their job's manifest's (`tokens.with_manifests`), else unknown, not $0.
     keys = [_PART, C.JOB_ID, C.SERVED_BY]
     usage = frame.group_by(keys).agg(
         pl.len().cast(pl.Int64).alias("rows"),
-        *tokens,
+        *sums,
         pl.lit(0, pl.Int64).alias(_SUPERSEDED_ROWS),
-        (answered & ~counted).sum().cast(pl.Int64).alias(_UNCOUNTED),
+        tokens.uncounted_expr(names).sum().cast(pl.Int64).alias(_UNCOUNTED),
     )
     by_name = {Path(p).name: p for p in parts}
     extra = [
@@ -287,7 +292,8 @@ def token_usage(
             .group_by(keys)
             .agg(pl.all().sum())
         )
-    return usage.sort(_PART, C.SERVED_BY, C.JOB_ID, nulls_last=True).collect()
+    usage = usage.sort(_PART, C.SERVED_BY, C.JOB_ID, nulls_last=True).collect()
+    return tokens.with_manifests(usage, job_tokens)
 
 
 def _price_rows(usage: pl.DataFrame, price: ModelPrice | None) -> list[dict[str, Any]]:
@@ -311,6 +317,7 @@ def actual_cost(
     price: ModelPrice | None,
     superseded: dict[str, list[dict[str, Any]]] | None = None,
     part_rows: pl.DataFrame | None = None,
+    job_tokens: JobTokens | None = None,
 ) -> dict[str, Any]:
     """What the outputs cost, per job, per part and in all; batch and on demand apart.
 
@@ -318,7 +325,7 @@ def actual_cost(
     rows a batch job served and at the full on-demand price for the on-demand tail, plus
     (``superseded``, by part URI) the answers a later attempt of their record replaced.
     """
-    rows = _price_rows(token_usage(parts, superseded, part_rows), price)
+    rows = _price_rows(token_usage(parts, superseded, part_rows, job_tokens), price)
     by_part: dict[str, dict[str, Any]] = {}
     totals = {"batch_usd": 0.0, "on_demand_usd": 0.0, "on_demand_rows": 0, "batch_rows": 0}
     jobs = []
@@ -353,12 +360,13 @@ def shard_actual(
     price: ModelPrice | None,
     superseded: list[dict[str, Any]] | None = None,
     part_rows: pl.DataFrame | None = None,
+    job_tokens: JobTokens | None = None,
 ) -> float | None:
     """What one merged shard cost (for the guard), None when a price is unknown.
 
     ``part_rows``: the part's rows at its merge, so the part is not read back from storage.
     """
-    total = actual_cost([part_uri], price, {part_uri: superseded or []}, part_rows)
+    total = actual_cost([part_uri], price, {part_uri: superseded or []}, part_rows, job_tokens)
     return total["total_usd"]
 
 
@@ -399,7 +407,8 @@ def cost_summary(ctx: Any, results: list[Any], parts: list[str]) -> dict[str, An
     """The run's cost for summary.json and the event: actual (batch, on demand), held back."""
     price = run_price(ctx.model_id)
     superseded = {r.part_uri: r.stats.get(SUPERSEDED) or [] for r in results}
-    actual = actual_cost(parts, price, superseded)
+    job_tokens = {job: pair for r in results for job, pair in job_tokens_of(r.stats).items()}
+    actual = actual_cost(parts, price, superseded, job_tokens=job_tokens)
     guard = ctx.cost_guard
     held = {r.shard: r.held_back for r in results if r.held_back}
     return {

@@ -17,6 +17,7 @@ from typing import Any
 from uuid import UUID
 
 import polars as pl
+from botocore.exceptions import ClientError
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
@@ -33,6 +34,8 @@ from tasks.aws.submit import (
     job_name_for,
 )
 from tasks.aws.watcher import JobWatcher
+from tasks.bedrock.families import family_for
+from tasks.bedrock.manifest import MANIFEST_FILE, parse_manifest
 from tasks.bedrock.statuses import outcome, retry_statuses
 from tasks.errors import OutputsLostError, PlanError, RunInterrupted
 from tasks.monitoring import events
@@ -41,6 +44,7 @@ from tasks.pipeline.attempts import SUPERSEDED, AttemptOutput, Settled, retry_id
 from tasks.pipeline.merge import MergeTurn, settle_warnings, write_part
 from tasks.pipeline.plan import ShardPlan
 from tasks.pipeline.structured import OutputSchema
+from tasks.pipeline.tokens import JOB_TOKENS, JobTokens
 from tasks.run import gate
 from tasks.run.artifacts import COST_USD, JobBoard
 from tasks.run.failpoints import failpoint
@@ -428,6 +432,32 @@ def _written_elsewhere(attempt: JobAttempt) -> list[str]:
     return storage.list_files(storage.join(uri, attempt.job_id), JSONL + OUT_SUFFIX)
 
 
+def _read_manifest(ctx: RunContext, attempt: JobAttempt, uris: list[str]) -> None:
+    """Keep the job's manifest numbers on ``attempt`` when its rows carry no token counts.
+
+    One small GET a job, once: the manifest sits beside the job's ``.jsonl.out`` files
+    (`tasks.bedrock.manifest`). Families whose outputs count tokens do not need it.
+    """
+    if attempt.manifest is not None or not uris or not attempt.is_final:
+        return
+    if family_for(ctx.model_id, ctx.invocation_type).reports_tokens:
+        return
+    uri = storage.join(uris[0].rsplit("/", 1)[0], MANIFEST_FILE)
+    try:
+        attempt.manifest = parse_manifest(storage.read_bytes(uri))
+    except (ClientError, OSError) as exc:  # no manifest: the job's tokens stay unknown
+        get_run_logger().warning("No readable manifest at %s (%s): tokens unknown", uri, exc)
+
+
+def _job_tokens(attempts: list[JobAttempt]) -> JobTokens:
+    """The manifest totals of the attempts that have one, by job id."""
+    return {
+        a.job_id: (a.manifest["inputTokenCount"], a.manifest["outputTokenCount"])
+        for a in attempts
+        if a.job_id and a.manifest
+    }
+
+
 def _attempt_output(
     ctx: RunContext, shard: ShardPlan, attempt: JobAttempt, files: ExitStack
 ) -> AttemptOutput:
@@ -447,6 +477,7 @@ def _attempt_output(
         prefix = storage.join(ctx.output_prefix(shard), attempt.job_id)
         uris = storage.list_files(prefix, JSONL + OUT_SUFFIX) or _written_elsewhere(attempt)
         outputs = [files.enter_context(storage.local_copy(uri)) for uri in uris]
+        _read_manifest(ctx, attempt, uris)
     if attempt.served_by != C.SERVED_ON_DEMAND and not outcome(attempt.status).mergeable:
         job_error = (attempt.status or "Unknown", attempt.message or "the job did not finish")
     ids = None
@@ -632,7 +663,9 @@ def _held_by_ceiling(
     )
 
 
-def merge_shard_output(ctx: RunContext, shard: ShardPlan, settled: Settled) -> dict[str, Any]:
+def merge_shard_output(
+    ctx: RunContext, shard: ShardPlan, settled: Settled, job_tokens: JobTokens | None = None
+) -> dict[str, Any]:
     """Write the shard's Parquet part, right as the shard finishes.
 
     Inside the shard's task: one task run per shard (not four) keeps the Prefect server's
@@ -642,6 +675,7 @@ def merge_shard_output(ctx: RunContext, shard: ShardPlan, settled: Settled) -> d
         ctx: the run.
         shard: the shard.
         settled: every row of the shard with its final outcome (`_settle`).
+        job_tokens: manifest totals of its jobs whose rows carry no token counts.
 
     Returns:
         The merge statistics (records, succeeded, failed, tokens).
@@ -649,11 +683,14 @@ def merge_shard_output(ctx: RunContext, shard: ShardPlan, settled: Settled) -> d
     part = ctx.part_uri(shard)
     with storage.local_dir_for(ctx.layout.output_dir) as out_dir:
         dest = out_dir / part.rsplit("/", 1)[-1]
-        stats = write_part(settled.frame, dest, settled.stray_lines)
+        stats = write_part(settled.frame, dest, settled.stray_lines, job_tokens)
         if storage.is_s3(part):
             storage.upload_file(dest, part, ctx.kms_key_id)
     failpoint("merge")
-    return vars(stats).copy()
+    merged = vars(stats).copy()
+    if job_tokens:
+        merged[JOB_TOKENS] = {job: list(pair) for job, pair in job_tokens.items()}
+    return merged
 
 
 @task(task_run_name="shard-{shard.name}", cache_policy=NO_CACHE)
@@ -706,7 +743,8 @@ def run_shard(ctx: RunContext, shard: ShardPlan) -> ShardResult:
             assert settled is not None  # the loop ends only with the final outcomes settled
             for warning in settle_warnings(settled, shard.name):
                 logger.warning("%s", warning)
-            state.merge_stats = merge_shard_output(ctx, shard, settled)
+            job_tokens = _job_tokens(state.attempts)
+            state.merge_stats = merge_shard_output(ctx, shard, settled, job_tokens)
             superseded = settled.superseded
             price = ctx.cost_guard.price if ctx.cost_guard is not None else ctx.price
             if price is not None:
@@ -716,7 +754,7 @@ def run_shard(ctx: RunContext, shard: ShardPlan) -> ShardResult:
                 # on-demand tail at the batch price), the answers a repair replaced included;
                 # from the rows in memory, not the part read back.
                 state.merge_stats[COST_USD] = shard_actual(
-                    ctx.part_uri(shard), price, superseded, settled.frame
+                    ctx.part_uri(shard), price, superseded, settled.frame, job_tokens
                 )
             del settled  # let go of it with the turn
         state.merge_stats["held_back"] = held

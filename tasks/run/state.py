@@ -43,6 +43,9 @@ class JobAttempt:
     submitted_at: str | None = None
     ended_at: str | None = None
     counters: dict[str, int] = field(default_factory=dict)
+    # The job's manifest.json.out numbers, read once at its merge when its rows carry no
+    # token counts (`tasks.bedrock.manifest`); None until then, or when it was unreadable.
+    manifest: dict[str, int] | None = None
     # Set when the run stopped the job (flow run cancelled or crashed, `bedrock-batch stop`).
     stop_requested_at: str | None = None
     stopped_by: str | None = None

@@ -1,0 +1,128 @@
+"""A run's token figures where the rows carry no counts: the jobs' manifests, else unknown."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import polars as pl
+import pytest
+
+from flows.batch_inference import batch_inference
+from tasks.pipeline import tokens
+from tasks.pipeline.columns import INPUT_TOKENS, JOB_ID, SERVED_BY, SERVED_ON_DEMAND
+from tasks.pipeline.merge import write_part
+from tasks.run.params import BatchParams
+
+COHERE = "cohere.embed-english-v3"
+
+
+def _texts(tmp_path: Path, n: int) -> str:
+    path = tmp_path / "texts.jsonl"
+    rows = [{"input_text": f"review number {i}: " + "word " * (i % 7)} for i in range(n)]
+    pl.DataFrame(rows).write_ndjson(path)
+    return str(path)
+
+
+def _job_files(stack, run_name: str) -> dict[str, dict[str, bytes]]:
+    """Every batch job of the run: its id -> {file name: bytes} of what the emulator wrote."""
+    s3 = stack.client("s3")
+    files = {}
+    for job in stack.ledger(name_contains=run_name):
+        bucket, prefix = job["outputUri"].removeprefix("s3://").split("/", 1)
+        base = f"{prefix.rstrip('/')}/{job['jobId']}/"
+        listed = s3.list_objects_v2(Bucket=bucket, Prefix=base).get("Contents", [])
+        files[job["jobId"]] = {
+            o["Key"].removeprefix(base): s3.get_object(Bucket=bucket, Key=o["Key"])["Body"].read()
+            for o in listed
+        }
+    return files
+
+
+def test_cohere_run_takes_its_tokens_from_each_jobs_manifest(stack, tmp_path):
+    # Cohere Embed's outputs carry no token counts: the run said "tokens in/out: 0/0" (CLI,
+    # summary.json, events) though each job's manifest.json.out held what Bedrock charged.
+    params = BatchParams(
+        source=_texts(tmp_path, 200), model_id=COHERE, output_uri=str(tmp_path / "out"),
+        run_name="tokens-cohere", max_records_per_job=100,
+    )  # fmt: skip
+
+    summary = batch_inference(params)
+
+    jobs = _job_files(stack, "tokens-cohere")
+    manifests = {job: json.loads(f["manifest.json.out"]) for job, f in jobs.items()}
+    assert len(manifests) == 2
+    expected_in = sum(m["inputTokenCount"] for m in manifests.values())
+    assert expected_in > 0
+    assert summary["tokens"] == {
+        "input": expected_in,
+        "output": sum(m["outputTokenCount"] for m in manifests.values()),
+    }
+    # Each shard's and each job's figure is its own job's manifest.
+    by_job = {j["job"]: j for j in summary["jobs"]}
+    for job, manifest in manifests.items():
+        assert by_job[job]["input_tokens"] == manifest["inputTokenCount"]
+        assert by_job[job]["output_tokens"] == manifest["outputTokenCount"]
+    cost_jobs = {j["job_id"]: j for j in summary["cost"]["jobs"]}
+    assert {j: c["input_tokens"] for j, c in cost_jobs.items()} == {
+        j: m["inputTokenCount"] for j, m in manifests.items()
+    }
+    # Rows keep null tokens: the manifest is a job's total, not a row's count.
+    out = pl.read_parquet(summary["parts"])
+    assert out[INPUT_TOKENS].null_count() == out.height == 200
+    written = json.loads((tmp_path / "out" / "tokens-cohere" / "summary.json").read_text())
+    assert written["tokens"]["input"] == expected_in
+
+
+def test_cohere_rows_served_on_demand_have_unknown_tokens_not_zero(stack, tmp_path, capsys):
+    # Too few records for a batch job: served on demand, no manifest. 0 was a false figure.
+    from flows.cli import _show_output
+
+    params = BatchParams(
+        source=_texts(tmp_path, 5), model_id=COHERE, output_uri=str(tmp_path / "out"),
+        run_name="tokens-cohere-od",
+    )  # fmt: skip
+
+    summary = batch_inference(params)
+
+    out = pl.read_parquet(summary["parts"])
+    assert (out[SERVED_BY] == SERVED_ON_DEMAND).all()
+    assert summary["tokens"] == {"input": None, "output": None}
+    assert [j["input_tokens"] for j in summary["jobs"]] == [None]
+    assert [j["input_tokens"] for j in summary["cost"]["jobs"]] == [None]
+    _show_output(summary)
+    printed = capsys.readouterr().out
+    assert "tokens in/out: unknown/unknown" in printed
+
+
+def test_merge_stats_of_rows_without_counts_are_unknown_unless_their_job_has_a_manifest(
+    tmp_path,
+):
+    frame = pl.DataFrame(
+        {
+            "record_id": ["R0", "R1", "R2"],
+            INPUT_TOKENS: [None, None, None],
+            "error_code": [None, None, "ValidationError"],
+            JOB_ID: ["job1", "job1", "job1"],
+        },
+        schema_overrides={INPUT_TOKENS: pl.Int64},
+    )
+
+    unknown = write_part(frame, tmp_path / "a.parquet")
+    known = write_part(frame, tmp_path / "b.parquet", job_tokens={"job1": (41, 0)})
+
+    assert (unknown.input_tokens, unknown.output_tokens) == (None, None)
+    assert (known.input_tokens, known.output_tokens) == (41, 0)
+
+
+@pytest.mark.parametrize(
+    ("usage", "expected"),
+    [
+        ({JOB_ID: ["a", "b"], INPUT_TOKENS: [10, 0], tokens.UNCOUNTED: [0, 3]}, (15, 0)),
+        ({JOB_ID: ["a", None], INPUT_TOKENS: [10, 0], tokens.UNCOUNTED: [0, 3]}, (None, None)),
+        ({JOB_ID: ["a"], INPUT_TOKENS: [10], tokens.UNCOUNTED: [0]}, (10, 0)),
+    ],
+)
+def test_token_totals_use_a_manifest_only_for_jobs_whose_rows_have_none(usage, expected):
+    frame = pl.DataFrame(usage).with_columns(pl.lit(0, pl.Int64).alias("output_tokens"))
+    assert tokens.totals(frame, {"b": (5, 0), "a": (999, 9)}) == expected
