@@ -430,3 +430,49 @@ def test_stop_model_invocation_job_not_found(stack):
         client.stop_model_invocation_job(jobIdentifier="000000000000")
     assert err.value.response["Error"]["Code"] == "ResourceNotFoundException"
     assert "'000000000000'" in err.value.response["Error"]["Message"]
+
+
+@pytest.mark.parametrize(
+    ("model_id", "body"),
+    [
+        ("amazon.titan-embed-text-v2:0", lambda i: {"inputText": f"text {i} " * (i % 9)}),
+        (
+            "cohere.embed-english-v3",
+            lambda i: {"texts": [f"a {i} " * (i % 9)], "input_type": "search_document"},
+        ),
+    ],
+)
+def test_embedding_job_manifest_has_the_documented_fields_and_input_tokens_only(
+    stack, model_id, body
+):
+    # The manifest holds totalRecordCount, processedRecordCount, successRecordCount,
+    # errorRecordCount, inputTokenCount, outputTokenCount (user guide,
+    # batch-inference-results.html); embeddings are charged input tokens only (aws.amazon.com/
+    # bedrock/pricing: "For embeddings models, you are charged for every input token
+    # processed"), so outputTokenCount is 0. Cohere's outputs carry no count: the manifest is
+    # the job's only token figure, and a run reads it from there.
+    from emulator.catalog import CATALOG
+    from emulator.responders import count_tokens
+
+    name = unique("embed-manifest")
+    rows = records(100, body=body)
+    arn = create_job(stack, name, put_jsonl(stack, f"in/{name}.jsonl", rows), model_id=model_id)
+    assert wait_for(stack, arn)["status"] == "Completed"
+    files = read_output(stack, arn, f"out/{name}/")
+    manifest = json.loads(files["manifest.json.out"])
+    assert list(manifest) == [
+        "totalRecordCount", "processedRecordCount", "successRecordCount",
+        "errorRecordCount", "inputTokenCount", "outputTokenCount",
+    ]  # fmt: skip
+    assert manifest["totalRecordCount"] == manifest["successRecordCount"] == 100
+    assert manifest["outputTokenCount"] == 0
+    spec = CATALOG[model_id]
+    charged = sum(count_tokens(json.dumps(r["modelInput"]), spec, "InvokeModel")[0] for r in rows)
+    assert manifest["inputTokenCount"] == charged > 0
+    lines = output_records(files[f"{name}.jsonl.out"])
+    if model_id.startswith("amazon.titan"):
+        assert manifest["inputTokenCount"] == sum(
+            r["modelOutput"]["inputTextTokenCount"] for r in lines
+        )
+    else:
+        assert not any("usage" in r["modelOutput"] or "meta" in r["modelOutput"] for r in lines)
