@@ -446,8 +446,33 @@ def _embed_matrix(hashes: np.ndarray, dims: int, normalize: np.ndarray) -> np.nd
     return np.round(vectors * scale, 7).astype(np.float32)
 
 
+def _quantized(matrix: np.ndarray, kind: str) -> np.ndarray:
+    """One embedding type from float vectors: int8/uint8 scaled to their range; binary/ubinary
+    the sign bits packed 8 to a byte (Cohere's), read as signed or unsigned bytes.
+
+    Each vector on its own scale: a record's answer must not depend on its job-mates (a retry
+    on demand gets the one its batch line would have had)."""
+    if kind == "int8":
+        scale = np.maximum(np.abs(matrix).max(axis=1, keepdims=True), 1e-9)
+        return np.clip(np.round(matrix * 127 / scale), -128, 127).astype(np.int8)
+    if kind == "uint8":
+        return (_quantized(matrix, "int8").astype(np.int16) + 128).astype(np.uint8)
+    packed = np.packbits(matrix > 0, axis=1)
+    return packed.view(np.int8) if kind == "binary" else packed
+
+
+def _asked_types(frame: pl.DataFrame, key: str) -> pl.Series:
+    """Each request's embedding types (its `key` list), in the order asked; null: none."""
+    return (
+        frame.get_column(MODEL_INPUT)
+        .str.json_decode(pl.Struct({key: pl.List(pl.Utf8)}))
+        .struct.field(key)
+    )
+
+
 def _titan_outputs(ok: pl.DataFrame, spec: ModelSpec) -> pl.DataFrame:
     mi = pl.col(MODEL_INPUT)
+    ok = ok.with_columns(_asked_types(ok, "embeddingTypes").alias("_types"))
     ok = ok.with_columns(
         _dims=_path(mi, "$.dimensions")
         .cast(pl.Int64, strict=False)
@@ -458,42 +483,51 @@ def _titan_outputs(ok: pl.DataFrame, spec: ModelSpec) -> pl.DataFrame:
         _text_hash=_path(mi, "$.inputText").fill_null("").hash(seed=7),
     )
     parts = []
-    for dims, part in ok.group_by("_dims", maintain_order=True):
+    for (dims, types), part in ok.group_by(
+        "_dims", pl.col("_types").list.join(","), maintain_order=True
+    ):
         matrix = _embed_matrix(
-            part["_text_hash"].to_numpy(), int(dims[0]), part["_norm"].to_numpy().astype(bool)
+            part["_text_hash"].to_numpy(), int(dims), part["_norm"].to_numpy().astype(bool)
         )
         vectors = pl.Series(matrix).arr.to_list()
         # "embeddingsByType ... This field will always appear. Even if you don't specify
         # embeddingTypes in your input, there will still be "float"" (AWS user guide,
-        # model-parameters-titan-embed-text.html, V2 Response, read 2026-12-08).
+        # model-parameters-titan-embed-text.html, V2 Response, read 2026-12-08); with
+        # embeddingTypes it lists the asked ones, "binary": [int,..] (here 0 or 1 a dimension).
+        bits = pl.Series((matrix > 0).astype(np.uint8)).arr.to_list()
+        by_type = {
+            kind: vectors if kind == "float" else bits
+            for kind in (types.split(",") if types else ["float"])
+        }
         parts.append(
             part.with_columns(
                 pl.struct(
                     embedding=vectors,
                     inputTextTokenCount=pl.col(INPUT_TOKENS),
-                    embeddingsByType=pl.struct(float=vectors),
+                    embeddingsByType=pl.struct(**by_type),
                 )
                 .struct.json_encode()
                 .alias(MODEL_OUTPUT),
                 pl.lit(0, dtype=pl.Int64).alias(OUTPUT_TOKENS),
             )
         )
-    return pl.concat(parts).drop("_dims", "_norm", "_text_hash")
+    return pl.concat(parts).drop("_dims", "_norm", "_text_hash", "_types")
 
 
 def _cohere_outputs(ok: pl.DataFrame, spec: ModelSpec) -> pl.DataFrame:
-    # Embed v4, and v3 asked for embedding_types, answer embeddings keyed by type.
+    # Embed v4, and v3 asked for embedding_types, answer embeddings keyed by type: each asked
+    # type, and only those (model-parameters-embed-v3.html, -embed-v4.html, read 2026-12-07).
     by_type = "embed-v4" in spec.model_id
     request = pl.Struct({"texts": pl.List(pl.Utf8), "output_dimension": pl.Int64})
+    types = _asked_types(ok, "embedding_types")
+    others = sorted(set(types.explode().drop_nulls().to_list()) - {"float"})
     texts = (
         ok.select(
             pl.int_range(pl.len()).alias("_row"),
             pl.col(MODEL_INPUT).str.json_decode(request),
-            pl.col(MODEL_INPUT).str.contains('"embedding_types"', literal=True).alias("_typed"),
         )
         .select(
             "_row",
-            "_typed",
             pl.col(MODEL_INPUT)
             .struct.field("output_dimension")
             .fill_null(spec.default_dimension)
@@ -506,34 +540,45 @@ def _cohere_outputs(ok: pl.DataFrame, spec: ModelSpec) -> pl.DataFrame:
     vectors = []
     for (dims,), part in texts.group_by("_dims", maintain_order=True):
         matrix = _embed_matrix(part["_h"].to_numpy(), int(dims), np.ones(part.height, dtype=bool))
-        vectors.append(part.with_columns(pl.Series("_vec", matrix).arr.to_list()))
+        vectors.append(
+            part.with_columns(
+                pl.Series("float", matrix).arr.to_list(),
+                *(pl.Series(k, _quantized(matrix, k)).arr.to_list() for k in others),
+            )
+        )
     per_row = (
         pl.concat(vectors)
         .group_by("_row", maintain_order=True)
-        .agg(
-            pl.col("_text").alias("texts"),
-            pl.col("_vec").alias("embeddings"),
-            pl.col("_typed").first(),
-        )
+        .agg(pl.col("_text").alias("texts"), pl.col("float", *others))
         .sort("_row")
+        .with_columns(
+            types.alias("_types"),
+            (ok[_HASH] % 10**12).cast(pl.Utf8).str.zfill(12).alias("_id"),
+        )
     )
-    keyed = per_row["_typed"] | by_type
-    floats = pl.struct(
-        id=pl.concat_str(pl.lit("emulated-"), (pl.col(_HASH) % 10**12).cast(pl.Utf8).str.zfill(12)),
-        texts=per_row["texts"],
-        embeddings=per_row["embeddings"],
-        response_type=pl.lit("embeddings_floats"),
-    ).struct.json_encode()
-    typed = pl.struct(
-        id=pl.concat_str(pl.lit("emulated-"), (pl.col(_HASH) % 10**12).cast(pl.Utf8).str.zfill(12)),
-        texts=per_row["texts"],
-        embeddings=pl.struct(float=per_row["embeddings"]),
-        response_type=pl.lit("embeddings_by_type"),
-    ).struct.json_encode()
-    return ok.with_columns(
-        pl.when(pl.lit(keyed)).then(typed).otherwise(floats).alias(MODEL_OUTPUT),
-        pl.lit(0, dtype=pl.Int64).alias(OUTPUT_TOKENS),
-    )
+    ident = pl.concat_str(pl.lit("emulated-"), pl.col("_id"))
+    answers = []
+    for (asked,), part in per_row.group_by(
+        pl.col("_types").list.join(",").alias("_key"), maintain_order=True
+    ):
+        if asked is None and not by_type:
+            body = pl.struct(
+                id=ident,
+                texts="texts",
+                embeddings=pl.col("float"),
+                response_type=pl.lit("embeddings_floats"),
+            )
+        else:
+            kinds = asked.split(",") if asked else ["float"]
+            body = pl.struct(
+                id=ident,
+                texts="texts",
+                embeddings=pl.struct(*(pl.col(k) for k in dict.fromkeys(kinds))),
+                response_type=pl.lit("embeddings_by_type"),
+            )
+        answers.append(part.select("_row", body.struct.json_encode().alias(MODEL_OUTPUT)))
+    output = pl.concat(answers).sort("_row").get_column(MODEL_OUTPUT)
+    return ok.with_columns(output, pl.lit(0, dtype=pl.Int64).alias(OUTPUT_TOKENS))
 
 
 def count_tokens(model_input: str, spec: ModelSpec, invocation_type: str) -> tuple[int, str | None]:

@@ -215,6 +215,7 @@ def batch_inference(params: BatchParams) -> dict[str, Any]:
             on_demand_rps=params.on_demand_rps,
             claim=run.claim,
             output_schema=output_schema_for(params.prompt_id),
+            options=plan.options,
             board=JobBoard(
                 run_name,
                 run.store,

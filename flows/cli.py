@@ -47,6 +47,12 @@ def _add_data_args(parser: argparse.ArgumentParser) -> None:
         help="unit-norm embeddings (Titan v2)",
     )
     parser.add_argument("--input-type", help="Cohere Embed input_type (e.g. search_document)")
+    parser.add_argument(
+        "--embedding-type",
+        action="append",
+        help="embedding type to return, repeatable: float, int8, uint8, binary, ubinary (Cohere "
+        "Embed), float, binary (Titan v2); each lands in its own column",
+    )
 
 
 def _params(args: argparse.Namespace):
@@ -60,6 +66,7 @@ def _params(args: argparse.Namespace):
         stop_sequences=args.stop_sequence,
         normalize=args.normalize,
         input_type=args.input_type,
+        embedding_types=args.embedding_type,
     )
     fields = {
         "source": args.source,

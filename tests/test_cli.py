@@ -425,7 +425,11 @@ def test_every_run_parameter_has_a_flag():
     commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
     run = commands.choices["run"]
     flags = {s for action in [*run._actions, *parser._actions] for s in action.option_strings}
-    singular = {"tags": "--tag", "stop_sequences": "--stop-sequence"}
+    singular = {
+        "tags": "--tag",
+        "stop_sequences": "--stop-sequence",
+        "embedding_types": "--embedding-type",
+    }
     names = [n for n in BatchParams.model_fields if n != "inference"]
     names += list(InferenceOverrides.model_fields)
 

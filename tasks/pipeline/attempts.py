@@ -92,10 +92,13 @@ def outcomes(
     invocation_type: str,
     output_schema: OutputSchema | None = None,
     lines: pl.LazyFrame | None = None,
+    options: dict | None = None,
 ) -> tuple[pl.LazyFrame, pl.LazyFrame]:
     """Each input row with the result of the latest attempt that included it, and the record
-    ids (null when unreadable) of output lines that match no record their attempt sent."""
-    family = family_for(model_id, invocation_type)
+    ids (null when unreadable) of output lines that match no record their attempt sent.
+
+    ``options``: the plan's inference options (the embedding types the parser reads)."""
+    family = family_for(model_id, invocation_type, options)
     included = _included(rows, attempts)
     # `attempts` counts the tries that sent the record: an attempt the cost ceiling held back
     # (served_by skipped) sent nothing. Counted, a record sent once and then held read
@@ -207,6 +210,7 @@ def settle(
     model_id: str,
     invocation_type: str,
     output_schema: OutputSchema | None = None,
+    options: dict | None = None,
 ) -> Settled:
     """The shard's part as its attempts leave it: every row once, with its latest outcome.
 
@@ -215,10 +219,12 @@ def settle(
     lines that reached no row, for the merge's warning and the run's summary, and the paid
     answers a later attempt replaced (`_superseded`), for the cost.
     """
-    family = family_for(model_id, invocation_type)
+    family = family_for(model_id, invocation_type, options)
     rows = pl.scan_parquet(rows_file)
     lines = _lines(attempts, family, output_schema)
-    frame, strays = outcomes(rows, attempts, model_id, invocation_type, output_schema, lines)
+    frame, strays = outcomes(
+        rows, attempts, model_id, invocation_type, output_schema, lines, options
+    )
     frame = frame.collect(engine=JOIN_ENGINE)
     # Only the lines' ids: the projection reads no answer again.
     ids = strays.collect(engine=JOIN_ENGINE).get_column(C.RECORD_ID)

@@ -14,6 +14,13 @@ OUTPUT_TOKENS = "output_tokens"
 # Result of an embedding model: list[float32].
 EMBEDDING = "embedding"
 
+
+def embedding_column(embedding_type: str) -> str:
+    """The column of one embedding type: `embedding` for floats, `embedding_<type>` else
+    (`embedding_int8`, `embedding_uint8`, `embedding_binary`, `embedding_ubinary`)."""
+    return EMBEDDING if embedding_type == "float" else f"{EMBEDDING}_{embedding_type}"
+
+
 # Failure of a record (its own error, its job's error, or a skip by on_missing="skip").
 ERROR_CODE = "error_code"
 ERROR_MESSAGE = "error_message"

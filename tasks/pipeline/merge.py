@@ -157,6 +157,7 @@ def merge_shard(
     job_id: str | None = None,
     job_error: tuple[str, str] | None = None,
     output_schema: OutputSchema | None = None,
+    options: dict | None = None,
 ) -> MergeStats:
     """Write `dest` Parquet: every row of `rows_file` once, with its output or its error.
 
@@ -168,12 +169,14 @@ def merge_shard(
         dest: Parquet file to write (atomically: a temp file, then a rename).
         job_id: the Bedrock job id, written to the job_id column.
         job_error: (code, message) for rows without output, e.g. a Failed or Expired job.
+        output_schema: the template's output schema, if any.
+        options: the plan's inference options (the embedding types to read).
 
     Returns:
         Counts of records, successes, failures and tokens.
     """
     attempt = AttemptOutput(1, outputs, job_id=job_id, job_error=job_error)
-    settled = settle(rows_file, [attempt], model_id, invocation_type, output_schema)
+    settled = settle(rows_file, [attempt], model_id, invocation_type, output_schema, options)
     for warning in settle_warnings(settled, dest.stem):
         logger.warning("%s", warning)
     return write_part(settled.frame, dest, settled.stray_lines)
@@ -185,9 +188,10 @@ def merge_skipped(
     invocation_type: str,
     dest: Path,
     output_schema: OutputSchema | None = None,
+    options: dict | None = None,
 ) -> MergeStats:
     """Write the rows preprocess skipped (on_missing="skip") with the output's columns."""
-    family = family_for(model_id, invocation_type)
+    family = family_for(model_id, invocation_type, options)
     rows = pl.scan_parquet(rows_file)
     names = rows.collect_schema().names()
     schema = result_schema(family, output_schema)
@@ -337,6 +341,7 @@ def merge_offline(
                 dest,
                 job_id=job_ids.get(shard.index),
                 output_schema=output_schema_for(plan.prompt_id),
+                options=plan.options,
             )
             for shard, dest in zip(plan.shards, written, strict=True)
         ]
@@ -357,6 +362,7 @@ def merge_offline(
             plan.invocation_type,
             dest,
             output_schema_for(plan.prompt_id),
+            plan.options,
         )
         written.append(dest)
     return written

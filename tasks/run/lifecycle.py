@@ -429,6 +429,7 @@ def _write_skipped_part(plan: RunPlan, out_dir: Path, params: BatchParams) -> No
         params.invocation_type,
         out_dir / OUTPUT_DIR / SKIPPED_FILE,
         output_schema_for(params.prompt_id),
+        plan.options,
     )
 
 

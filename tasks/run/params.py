@@ -68,6 +68,14 @@ class InferenceOverrides(BaseModel):
     )
     normalize: bool | None = Field(None, description="Unit-norm embeddings (Titan v2).")
     input_type: str | None = Field(None, description="Cohere Embed input_type.")
+    embedding_types: list[str] | None = Field(
+        None,
+        description=(
+            "Embedding types to return (Cohere Embed: float, int8, uint8, binary, ubinary; "
+            "Titan v2: float, binary); each lands in its own column: embedding (floats), "
+            "embedding_int8, embedding_uint8, embedding_binary, embedding_ubinary."
+        ),
+    )
 
     def as_dict(self) -> dict:
         """Only the fields that were set."""

@@ -83,6 +83,8 @@ class RunContext:
     claim: RunClaim | None = None
     # The template's output schema: answers are validated into typed columns, and repaired.
     output_schema: OutputSchema | None = None
+    # The plan's inference options: the parser reads the embedding types they ask for.
+    options: dict[str, Any] = field(default_factory=dict)
     board: JobBoard | None = None  # the live job table and timeline in the UI
     interrupted: threading.Event = field(default_factory=threading.Event)
 
@@ -508,7 +510,9 @@ def _settle(
         if kept_back is not None:
             outputs.append(kept_back)
         rows = files.enter_context(storage.local_copy(ctx.rows_uri(shard)))
-        return settle(rows, outputs, ctx.model_id, ctx.invocation_type, ctx.output_schema)
+        return settle(
+            rows, outputs, ctx.model_id, ctx.invocation_type, ctx.output_schema, ctx.options
+        )
 
 
 def _plan_retry(

@@ -113,13 +113,20 @@ def _unknown(model_id: str) -> UnknownModelError:
     return UnknownModelError(msg)
 
 
-def family_for(model_id: str, invocation_type: str = "InvokeModel") -> ModelFamily:
+def family_for(
+    model_id: str, invocation_type: str = "InvokeModel", options: dict | None = None
+) -> ModelFamily:
     """The family that builds bodies for `model_id` and `invocation_type`.
 
     A catalog model gets its catalog family (bound to it, so per-model parameter rules hold);
     with Converse, any catalog text model gets the Converse family. Ids not in the catalog fall
-    back to the registered families' id prefixes.
+    back to the registered families' id prefixes. ``options`` (a plan's) configure what the
+    parser reads: the embedding types a run asked for.
     """
+    return _family_for(model_id, invocation_type).configured(options)
+
+
+def _family_for(model_id: str, invocation_type: str) -> ModelFamily:
     if invocation_type not in INVOCATION_TYPES:
         msg = f"invocation_type {invocation_type!r} is not one of {', '.join(INVOCATION_TYPES)}."
         raise InvalidOptionsError(msg)

@@ -14,7 +14,7 @@ from tasks.bedrock.families.converse import (
     MESSAGES_SHAPE,
     parse_messages_output,
 )
-from tasks.pipeline.columns import EMBEDDING, INPUT_TOKENS
+from tasks.pipeline.columns import INPUT_TOKENS, embedding_column
 
 
 class NovaOptions(TextOptions):
@@ -59,10 +59,22 @@ class AmazonNova(ModelFamily):
 
 
 class TitanOptions(Options):
-    """Titan v2's output size and normalisation."""
+    """Titan v2's output size, normalisation and embedding types."""
 
     dimensions: Literal[256, 512, 1024] = 1024
     normalize: bool = True
+    embedding_types: list[Literal["float", "binary"]] | None = Field(
+        None,
+        min_length=1,
+        validation_alias=AliasChoices("embedding_types", "embeddingTypes"),
+        description="Titan v2's embeddingTypes: float, binary or both (default float).",
+    )
+
+
+# embeddingTypes "accepts a list containing 'float', 'binary', or both"; the answer's
+# embeddingsByType holds each asked type, "binary": [int,..] (model-parameters-titan-embed-
+# text.html, V2 Request and Response, read 2026-12-07). Binary values are 0 or 1: UInt8.
+_TITAN_DTYPES: dict[str, pl.DataType] = {"float": pl.Float32(), "binary": pl.UInt8()}
 
 
 class TitanEmbedV2(ModelFamily):
@@ -75,14 +87,34 @@ class TitanEmbedV2(ModelFamily):
     max_input_chars = 50_000
     options_model = TitanOptions
     embedding_dimensions = (256, 512, 1024)
-    expected_shape = "embedding[], inputTextTokenCount"
-    output_dtype = pl.Struct({"embedding": pl.List(pl.Float32), "inputTextTokenCount": pl.Int64})
+    expected_shape = "embedding[] or embeddingsByType.<type>[], inputTextTokenCount"
+    output_dtype = pl.Struct(
+        {
+            "embedding": pl.List(pl.Float32),
+            "inputTextTokenCount": pl.Int64,
+            "embeddingsByType": pl.Struct({k: pl.List(v) for k, v in _TITAN_DTYPES.items()}),
+        }
+    )
+    embedding_dtypes = _TITAN_DTYPES
 
     def body_expr(self, prompt, system, options):
-        return _struct(inputText=prompt, dimensions=options.dimensions, normalize=options.normalize)
+        return _struct(
+            inputText=prompt,
+            dimensions=options.dimensions,
+            normalize=options.normalize,
+            embeddingTypes=options.embedding_types,
+        )
 
     def parse_exprs(self, output):
+        by_type = _field(output, "embeddingsByType")
         return [
-            _field(output, "embedding").alias(EMBEDDING),
+            *(
+                (
+                    pl.coalesce(_field(output, "embedding"), by_type.struct.field(kind))
+                    if kind == "float"
+                    else by_type.struct.field(kind)
+                ).alias(embedding_column(kind))
+                for kind in self.output_types
+            ),
             _field(output, "inputTextTokenCount").alias(INPUT_TOKENS),
         ]

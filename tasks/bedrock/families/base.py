@@ -16,6 +16,7 @@ from tasks.pipeline.columns import (
     OUTPUT_TOKENS,
     RESPONSE_TEXT,
     STOP_REASON,
+    embedding_column,
 )
 
 INVOCATION_TYPES = ("InvokeModel", "Converse")
@@ -124,6 +125,10 @@ class ModelFamily:
     # Stop reasons that mean the model refused or a content filter stopped the answer: such a
     # record is a ContentFiltered error (its text, if any, kept), not a success.
     filtered_stop_reasons: ClassVar[tuple[str, ...]] = ()
+    # Embedding types a model can answer with, and each one's Polars element dtype.
+    embedding_dtypes: ClassVar[dict[str, pl.DataType]] = {"float": pl.Float32()}
+    # The types a run asked for (`configured`); empty: the default, floats only.
+    embedding_types: tuple[str, ...] = ()
     # Set on the copy `bind` makes for one catalog model.
     model_id: str | None = None
     rules: tuple[str, ...] = ()
@@ -138,10 +143,29 @@ class ModelFamily:
         bound.max_output_tokens = max_output_tokens
         return bound
 
+    def configured(self, options: dict[str, Any] | None) -> ModelFamily:
+        """A copy parsing what a run's options (the plan's) ask for: its embedding types."""
+        asked = tuple((options or {}).get("embedding_types") or ())
+        if not self.is_embedding or not asked:
+            return self
+        configured = copy.copy(self)
+        configured.embedding_types = asked
+        return configured
+
+    @property
+    def output_types(self) -> tuple[str, ...]:
+        """The embedding types the parser reads into columns (floats when none was asked)."""
+        return self.embedding_types or ("float",)
+
     @property
     def result_schema(self) -> dict[str, pl.DataType]:
         """Names and dtypes of the result columns this family's parser produces."""
-        return dict(EMBEDDING_RESULT_SCHEMA if self.is_embedding else TEXT_RESULT_SCHEMA)
+        if not self.is_embedding:
+            return dict(TEXT_RESULT_SCHEMA)
+        vectors = {
+            embedding_column(t): pl.List(self.embedding_dtypes[t]) for t in self.output_types
+        }
+        return {**vectors, INPUT_TOKENS: pl.Int64()}
 
     def options(
         self, template_params: dict[str, Any] | None = None, overrides: dict[str, Any] | None = None
@@ -238,7 +262,8 @@ class ModelFamily:
     def required_columns(self) -> tuple[str, ...]:
         """Result columns a success must have non-null."""
         if self.is_embedding:
-            return (EMBEDDING, INPUT_TOKENS) if self.reports_tokens else (EMBEDDING,)
+            vectors = tuple(embedding_column(t) for t in self.output_types)
+            return (*vectors, INPUT_TOKENS) if self.reports_tokens else vectors
         if self.reports_tokens:
             return (RESPONSE_TEXT, INPUT_TOKENS, OUTPUT_TOKENS)
         return (RESPONSE_TEXT,)
@@ -253,12 +278,14 @@ class ModelFamily:
             )
             for name in self.required_columns
         ]
-        if self.is_embedding:
-            length = pl.col(EMBEDDING).list.len()
-            allowed = self.embedding_dimensions
+        for kind in self.output_types if self.is_embedding else ():
+            column = embedding_column(kind)
+            length = pl.col(column).list.len()
+            # Binary types pack bits: their length is not the vector's dimensions.
+            allowed = self.embedding_dimensions if kind in ("float", "int8", "uint8") else ()
             bad = length == 0 if not allowed else ~length.is_in(list(allowed))
             expected = ", ".join(str(d) for d in allowed) or "at least 1"
-            checks.append((bad, f"The embedding has the wrong length (expected {expected})."))
+            checks.append((bad, f"The {column} has the wrong length (expected {expected})."))
         expr = pl.lit(None, dtype=pl.String)
         for bad, message in reversed(checks):
             expr = pl.when(bad).then(pl.lit(message)).otherwise(expr)

@@ -10,7 +10,7 @@ from pydantic import AliasChoices, Field
 from tasks.bedrock.families.base import ModelFamily, Options, _field, _one, _struct
 from tasks.bedrock.model_ids import base_model_id
 from tasks.errors import InvalidOptionsError
-from tasks.pipeline.columns import EMBEDDING, INPUT_TOKENS
+from tasks.pipeline.columns import INPUT_TOKENS, embedding_column
 
 _FLOATS = pl.List(pl.List(pl.Float32))
 # v3 without embedding_types answers {"embeddings": [[...]], "response_type":
@@ -18,8 +18,19 @@ _FLOATS = pl.List(pl.List(pl.Float32))
 # [[...]]}, "response_type": "embeddings_by_type"} (Bedrock model parameters for Cohere Embed
 # v3 and v4, read 2026-11-22).
 _AS_LIST = pl.Struct({"embeddings": _FLOATS})
-_BY_TYPE = pl.Struct({"embeddings": pl.Struct({"float": _FLOATS})})
 _BY_TYPE_PATTERN = r'"embeddings"\s*:\s*\{'
+# embedding_types: "float" (default), "int8" (signed int8 embeddings), "uint8" (unsigned int8),
+# "binary" (signed binary), "ubinary" (unsigned binary); the answer keys each asked type's
+# vectors by its name (model-parameters-embed-v3.html, model-parameters-embed-v4.html, read
+# 2026-12-07). Signed ones are Int8, unsigned ones UInt8: a float column held them as floats.
+EMBEDDING_DTYPES: dict[str, pl.DataType] = {
+    "float": pl.Float32(),
+    "int8": pl.Int8(),
+    "uint8": pl.UInt8(),
+    "binary": pl.Int8(),
+    "ubinary": pl.UInt8(),
+}
+EmbeddingType = Literal["float", "int8", "uint8", "binary", "ubinary"]
 
 # v3 and v4 differ in two request facts. Embed v3: truncate "NONE|START|END", each text at most
 # 2,048 characters (docs.aws.amazon.com/bedrock/latest/userguide/model-parameters-embed-v3.html).
@@ -36,7 +47,7 @@ def _is_v4(model_id: str | None) -> bool:
 
 
 class CohereOptions(Options):
-    """Cohere Embed's request fields; only float vectors are parsed back."""
+    """Cohere Embed's request fields; every asked embedding type is parsed into its column."""
 
     input_type: Literal["search_document", "search_query", "classification", "clustering"] = (
         "search_document"
@@ -44,8 +55,13 @@ class CohereOptions(Options):
     truncate: Literal["NONE", "START", "END", "LEFT", "RIGHT"] | None = Field(
         None, description="v3: NONE, START or END; v4: NONE, LEFT or RIGHT."
     )
-    embedding_types: list[Literal["float"]] | None = Field(
-        None, description="Cohere's embedding_types; the parser reads the float vectors."
+    embedding_types: list[EmbeddingType] | None = Field(
+        None,
+        min_length=1,
+        description=(
+            "Cohere's embedding_types: float, int8, uint8, binary, ubinary; each one asked "
+            "lands in its own column (embedding, embedding_int8, ...)."
+        ),
     )
     # `dimensions` too: the run's override (and `--dimensions`) names the vector length so for
     # every embedding model; without the alias Embed v4's length could not be chosen at all.
@@ -69,8 +85,9 @@ class CohereEmbed(ModelFamily):
     # mislead billing, so tokens are not required for a success.
     reports_tokens = False
     embedding_dimensions = (256, 512, 1024, 1536)
-    expected_shape = "embeddings[0] or embeddings.float[0]"
+    expected_shape = "embeddings[0] or embeddings.<type>[0]"
     output_dtype = _AS_LIST
+    embedding_dtypes = EMBEDDING_DTYPES
 
     def bind(self, model_id, rules=(), max_output_tokens=None):
         bound = super().bind(model_id, rules, max_output_tokens)
@@ -112,19 +129,38 @@ class CohereEmbed(ModelFamily):
         )
 
     def parse_exprs(self, output):
+        # The float vectors under "embeddings" (`output_dtype`'s shape), the other asked
+        # types beside them under their own names (`decode_raw`).
         return [
-            _field(output, "embeddings").list.first().alias(EMBEDDING),
+            *(
+                _field(output, "embeddings" if kind == "float" else kind)
+                .list.first()
+                .alias(embedding_column(kind))
+                for kind in self.output_types
+            ),
             pl.lit(None, dtype=pl.Int64).alias(INPUT_TOKENS),
         ]
 
     def decode_raw(self, raw):
         # Two shapes in one column: each row is decoded with the dtype of its own shape, and
-        # both end up as the float list of lists `parse_exprs` reads.
+        # both end up as {"embeddings": floats, <type>: ...} (lists of lists), which
+        # `parse_exprs` reads.
         by_type = raw.str.contains(_BY_TYPE_PATTERN)
         as_list = pl.when(~by_type).then(raw).str.json_decode(_AS_LIST)
-        keyed = pl.when(by_type).then(raw).str.json_decode(_BY_TYPE)
-        return pl.struct(
-            pl.coalesce(_field(as_list, "embeddings"), _field(keyed, "embeddings", "float")).alias(
-                "embeddings"
-            )
+        keyed_dtype = pl.Struct(
+            {
+                "embeddings": pl.Struct(
+                    {k: pl.List(pl.List(EMBEDDING_DTYPES[k])) for k in self.output_types}
+                )
+            }
         )
+        keyed = pl.when(by_type).then(raw).str.json_decode(keyed_dtype)
+        vectors = [
+            (
+                pl.coalesce(_field(as_list, "embeddings"), _field(keyed, "embeddings", kind))
+                if kind == "float"
+                else _field(keyed, "embeddings", kind)
+            ).alias("embeddings" if kind == "float" else kind)
+            for kind in self.output_types
+        ]
+        return pl.struct(vectors)
