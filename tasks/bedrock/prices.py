@@ -132,6 +132,14 @@ PRICES: dict[str, ModelPrice] = {
         _p("amazon.nova-pro-v1:0", 0.8, 3.2, 0.4, 1.6),
         _p("amazon.nova-premier-v1:0", 2.5, 12.5, 1.25, 6.25),
         _p("amazon.nova-2-lite-v1:0", None, None),
+        # Embeddings: no transcription of the page's embedding table was found (searched
+        # 2026-12-07; only unsourced per-project constants and one calculator site, for Embed
+        # v4 alone), so these stay unknown and a run's cost says "unknown", not a guess. Its
+        # tokens are still right (each job's manifest). The page charges embeddings "for every
+        # input token processed" (no output price); a batch price it does not publish stays
+        # None rather than the on-demand one: its old wording said batch "is the same as
+        # pricing for On-Demand mode", its tables now list about half for select models only.
+        # Give the prices with BEDROCK_BATCH_PRICES_FILE or the Prefect Variable.
         _p("amazon.titan-embed-text-v2:0", None, None),
         _p("cohere.embed-english-v3", None, None),
         _p("cohere.embed-multilingual-v3", None, None),
