@@ -25,8 +25,10 @@ from .exceptions import (
 from .responders import (
     CONVERSE,
     ERROR_MESSAGE,
+    INPUT_TOKENS,
     INVOKE_MODEL,
     MODEL_OUTPUT,
+    OUTPUT_TOKENS,
     count_tokens,
     respond,
 )
@@ -79,6 +81,27 @@ def _decoded_body(raw) -> str:
         msg = "The provided input.invokeModel.body must be a JSON object"
         raise ValidationException(msg)
     return text
+
+
+# Bedrock's InvokeModel answers carry the invocation's token counts in these headers, also
+# for models whose bodies count none (Cohere Embed). botocore's bedrock-runtime model does
+# not list them (InvokeModelResponse: body, contentType, performanceConfigLatency,
+# serviceTier), so clients read them from ResponseMetadata.HTTPHeaders, as AWS's own sample
+# does for Cohere Embed v4 (aws-samples/sample-amazon-bedrock-global-cris,
+# simple_cohere_embed_example.py: input count only, "embedding models only consume input
+# tokens") and Cohere's SDK does for both counts (cohere-ai/cohere-python
+# src/cohere/aws_client.py `map_token_counts`, PR #537); read 2026-12-09. No public embedding
+# response was found to show an output count, so embedding models send the input one alone.
+INPUT_TOKEN_HEADER = "X-Amzn-Bedrock-Input-Token-Count"
+OUTPUT_TOKEN_HEADER = "X-Amzn-Bedrock-Output-Token-Count"
+
+
+def _token_headers(row: dict) -> dict[str, str]:
+    """The token-count headers of one InvokeModel answer (`_runtime`'s row)."""
+    headers = {INPUT_TOKEN_HEADER: str(row[INPUT_TOKENS])}
+    if not row["embedding"]:
+        headers[OUTPUT_TOKEN_HEADER] = str(row[OUTPUT_TOKENS])
+    return headers
 
 
 class ApiCalls:
@@ -260,7 +283,7 @@ class BedrockResponses:
 
     # -- bedrock-runtime ----------------------------------------------------------------
 
-    def _runtime(self, model_id: str, model_input: dict, invocation_type: str) -> str:
+    def _runtime(self, model_id: str, model_input: dict, invocation_type: str) -> dict:
         self._latency()
         self.state.check_throttle("invoke")
         spec = lookup(model_id)
@@ -277,19 +300,24 @@ class BedrockResponses:
         row = respond(frame, spec, invocation_type).row(0, named=True)
         if row[ERROR_MESSAGE] is not None:
             raise ValidationException(row[ERROR_MESSAGE])
-        return row[MODEL_OUTPUT]
+        return {**row, "embedding": spec.embedding}
 
     @counted("InvokeModel")
     def invoke_model(self, request: Request, model_id: str) -> Response:
         body = _body(request)
-        output = self._runtime(model_id, body, INVOKE_MODEL)
-        return Response(output, status=200, content_type="application/json")
+        row = self._runtime(model_id, body, INVOKE_MODEL)
+        return Response(
+            row[MODEL_OUTPUT],
+            status=200,
+            content_type="application/json",
+            headers=_token_headers(row),
+        )
 
     @counted("Converse")
     def converse(self, request: Request, model_id: str) -> Response:
         body = _body(request)
         body.pop("modelId", None)
-        output = self._runtime(model_id, body, CONVERSE)
+        output = self._runtime(model_id, body, CONVERSE)[MODEL_OUTPUT]
         return Response(output, status=200, content_type="application/json")
 
     @counted("CountTokens")

@@ -107,3 +107,29 @@ def test_converse_embedding_model_is_refused(stack):
             messages=[{"role": "user", "content": [{"text": "x"}]}],
         )
     assert "doesn't support the model" in err.value.response["Error"]["Message"]
+
+
+def _headers(stack, model_id, body) -> tuple[dict, dict]:
+    client = stack.client("bedrock-runtime")
+    response = client.invoke_model(modelId=model_id, body=json.dumps(body))
+    return json.loads(response["body"].read()), response["ResponseMetadata"]["HTTPHeaders"]
+
+
+def test_invoke_model_cohere_embed_sends_its_input_tokens_in_a_header(stack):
+    from emulator.catalog import lookup
+    from emulator.responders import count_tokens
+
+    body = {"texts": ["hola mundo, otra vez"], "input_type": "search_query"}
+    out, headers = _headers(stack, "cohere.embed-multilingual-v3", body)
+    charged, _ = count_tokens(
+        json.dumps(body), lookup("cohere.embed-multilingual-v3"), "InvokeModel"
+    )
+    assert "meta" not in out and "usage" not in out  # the body counts nothing
+    assert headers["x-amzn-bedrock-input-token-count"] == str(charged)
+    assert "x-amzn-bedrock-output-token-count" not in headers
+
+
+def test_invoke_model_text_model_headers_match_its_body_usage(stack):
+    out, headers = _headers(stack, "anthropic.claude-3-haiku-20240307-v1:0", anthropic_body(2))
+    assert headers["x-amzn-bedrock-input-token-count"] == str(out["usage"]["input_tokens"])
+    assert headers["x-amzn-bedrock-output-token-count"] == str(out["usage"]["output_tokens"])
