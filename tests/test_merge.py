@@ -463,3 +463,55 @@ def test_merge_offline_removes_parts_an_earlier_plan_left(tmp_path):
     merge_offline(run_dir, outputs)
     assert not stale.exists()
     assert pl.read_parquet(run_dir / "output" / "*.parquet").height == 3
+
+
+COHERE = "cohere.embed-english-v3"
+
+
+def cohere_line(record_id: str, counts: dict | None = None) -> str:
+    """A Cohere Embed answer, as an on-demand tail keeps it (with its header counts)."""
+    line = {
+        "recordId": record_id,
+        "modelInput": {"texts": ["x"], "input_type": "search_document"},
+        "modelOutput": {"embeddings": [[0.5] * 1024], "response_type": "embeddings_floats"},
+    }
+    if counts is not None:
+        line[outputs.HEADER_TOKENS] = counts
+    return json.dumps(line)
+
+
+def test_merge_shard_takes_an_answer_s_header_tokens_where_its_body_has_none(rows_file, tmp_path):
+    # On-demand Cohere answers kept null tokens: their counts come in InvokeModel's headers.
+    stats, out = merge(
+        rows_file,
+        [cohere_line("R0", {"input": 12}), cohere_line("R1", {"input": 7, "output": 0})],
+        tmp_path,
+        model_id=COHERE,
+    )
+    assert out[C.INPUT_TOKENS].to_list() == [12, 7, None]
+    assert (stats.input_tokens, stats.output_tokens) == (19, 0)
+
+
+def test_merge_shard_without_header_tokens_leaves_cohere_tokens_unknown(rows_file, tmp_path):
+    stats, out = merge(
+        rows_file, [cohere_line("R0"), cohere_line("R1"), cohere_line("R2")], tmp_path, COHERE
+    )
+    assert out[C.INPUT_TOKENS].null_count() == 3
+    assert (stats.input_tokens, stats.output_tokens) == (None, None)
+
+
+def test_merge_shard_body_tokens_win_over_header_tokens(rows_file, tmp_path):
+    line = json.loads(claude_ok("R0", "hi", tokens=(10, 2)))
+    line[outputs.HEADER_TOKENS] = {"input": 99, "output": 98}
+    failed = json.loads(error_line("R1"))
+    failed[outputs.HEADER_TOKENS] = {"input": 5}
+    _, out = merge(rows_file, [json.dumps(line), json.dumps(failed)], tmp_path)
+    assert out[C.INPUT_TOKENS].to_list()[:2] == [10, None]
+    assert out[C.OUTPUT_TOKENS].to_list()[:2] == [2, None]
+
+
+def test_merge_shard_header_tokens_survive_the_lenient_parse(rows_file, tmp_path):
+    # One line that is not JSON sends the file to the lenient plan (JSON paths).
+    lines = [cohere_line("R0", {"input": 12}), '{"recordId": "R1", "modelOutput": {']
+    _, out = merge(rows_file, lines, tmp_path, model_id=COHERE)
+    assert out[C.INPUT_TOKENS].to_list()[0] == 12

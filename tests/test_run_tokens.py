@@ -10,7 +10,14 @@ import pytest
 
 from flows.batch_inference import batch_inference
 from tasks.pipeline import tokens
-from tasks.pipeline.columns import INPUT_TOKENS, JOB_ID, SERVED_BY, SERVED_ON_DEMAND
+from tasks.pipeline.columns import (
+    ERROR_CODE,
+    INPUT_TOKENS,
+    JOB_ID,
+    RECORD_ID,
+    SERVED_BY,
+    SERVED_ON_DEMAND,
+)
 from tasks.pipeline.merge import write_part
 from tasks.run.params import BatchParams
 
@@ -74,8 +81,11 @@ def test_cohere_run_takes_its_tokens_from_each_jobs_manifest(stack, tmp_path):
     assert written["tokens"]["input"] == expected_in
 
 
-def test_cohere_rows_served_on_demand_have_unknown_tokens_not_zero(stack, tmp_path, capsys):
-    # Too few records for a batch job: served on demand, no manifest. 0 was a false figure.
+def test_cohere_rows_served_on_demand_take_their_tokens_from_invoke_model_headers(
+    stack, tmp_path, capsys
+):
+    # Too few records for a batch job: served on demand, no manifest. Their bodies count no
+    # tokens; the InvokeModel answers' headers do (it said "unknown", and 0 before that).
     from flows.cli import _show_output
 
     params = BatchParams(
@@ -87,12 +97,73 @@ def test_cohere_rows_served_on_demand_have_unknown_tokens_not_zero(stack, tmp_pa
 
     out = pl.read_parquet(summary["parts"])
     assert (out[SERVED_BY] == SERVED_ON_DEMAND).all()
-    assert summary["tokens"] == {"input": None, "output": None}
-    assert [j["input_tokens"] for j in summary["jobs"]] == [None]
-    assert [j["input_tokens"] for j in summary["cost"]["jobs"]] == [None]
+    sent = {}
+    for shard in (tmp_path / "out" / "tokens-cohere-od" / "input").glob("shard-*.jsonl"):
+        for line in shard.read_text().splitlines():
+            record = json.loads(line)
+            sent[record["recordId"]] = record["modelInput"]
+    expected = {rid: _emulator_input_tokens(body) for rid, body in sent.items()}
+    assert dict(out.select(RECORD_ID, INPUT_TOKENS).iter_rows()) == expected
+    total = sum(expected.values())
+    assert summary["tokens"] == {"input": total, "output": 0}
+    assert [j["input_tokens"] for j in summary["jobs"]] == [total]
+    assert [j["input_tokens"] for j in summary["cost"]["jobs"]] == [total]
     _show_output(summary)
-    printed = capsys.readouterr().out
-    assert "tokens in/out: unknown/unknown" in printed
+    assert f"tokens in/out: {total:,}/0" in capsys.readouterr().out
+
+
+def _emulator_input_tokens(model_input: dict) -> int:
+    """What the emulator charges for one request body (its batch jobs and InvokeModel alike)."""
+    from emulator.catalog import lookup
+    from emulator.responders import count_tokens
+
+    counted, problem = count_tokens(json.dumps(model_input), lookup(COHERE), "InvokeModel")
+    assert problem is None
+    return counted
+
+
+def test_cohere_run_with_an_on_demand_tail_knows_its_tokens_and_cost(stack, tmp_path, environment):
+    # The tail's rows (records a batch job failed, served through InvokeModel) kept null
+    # tokens, so the whole run's tokens and cost said "unknown"; Bedrock sends their counts
+    # in the InvokeModel response's X-Amzn-Bedrock-Input-Token-Count header.
+    prices = tmp_path / "prices.json"
+    rates = {"batch_input": 0.05, "on_demand_input": 0.1, "source": "test"}
+    prices.write_text(json.dumps({COHERE: rates}))
+    environment({"BEDROCK_BATCH_PRICES_FILE": str(prices)})
+    stack.set_faults(record_error_rate=0.1, seed=3)
+    params = BatchParams(
+        source=_texts(tmp_path, 200), model_id=COHERE, output_uri=str(tmp_path / "out"),
+        run_name="tokens-cohere-tail", max_records_per_job=100, on_demand_rps=100,
+    )  # fmt: skip
+
+    summary = batch_inference(params)
+
+    out = pl.read_parquet(summary["parts"])
+    tail = out.filter(pl.col(SERVED_BY) == SERVED_ON_DEMAND)
+    assert 0 < tail.height < 60 and out[ERROR_CODE].null_count() == 200
+    sent = {}
+    for shard in (tmp_path / "out" / "tokens-cohere-tail" / "input").glob("shard-*.jsonl"):
+        for line in shard.read_text().splitlines():
+            record = json.loads(line)
+            sent[record["recordId"]] = record["modelInput"]
+    assert len(sent) == 200
+    # Each tail row's tokens are what the emulator counted for the body it was sent.
+    by_row = dict(tail.select(RECORD_ID, INPUT_TOKENS).iter_rows())
+    assert by_row == {k: _emulator_input_tokens(sent[k]) for k in by_row}
+    manifests = [
+        json.loads(f["manifest.json.out"]) for f in _job_files(stack, "tokens-cohere-tail").values()
+    ]
+    assert len(manifests) == 2
+    batch_in = sum(m["inputTokenCount"] for m in manifests)
+    tail_in = sum(by_row.values())
+    assert summary["tokens"] == {
+        "input": batch_in + tail_in,
+        "output": sum(m["outputTokenCount"] for m in manifests),
+    }
+    cost = summary["cost"]
+    assert cost["batch_usd"] == pytest.approx(batch_in * 0.05 / 1e6)
+    assert cost["on_demand_usd"] == pytest.approx(tail_in * 0.1 / 1e6)
+    assert cost["total_usd"] == pytest.approx(cost["batch_usd"] + cost["on_demand_usd"])
 
 
 def test_merge_stats_of_rows_without_counts_are_unknown_unless_their_job_has_a_manifest(

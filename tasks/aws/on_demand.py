@@ -17,9 +17,12 @@ from prefect.exceptions import ObjectAlreadyExists
 from tasks.aws.clients import client, error_code
 from tasks.bedrock.error_codes import RETRYABLE_RUNTIME
 from tasks.files import LINE, scan_lines
+from tasks.pipeline.outputs import HEADER_TOKENS
 from tasks.run.gate import gate_name
 
 _TRIES = 5
+_INPUT_HEADER = "x-amzn-bedrock-input-token-count"
+_OUTPUT_HEADER = "x-amzn-bedrock-output-token-count"
 
 
 def read_jsonl_lines(data: bytes) -> pl.DataFrame:
@@ -63,18 +66,39 @@ def ensure_rate_limit(model_id: str, requests_per_second: float) -> str:
     return name
 
 
-def _invoke(model_id: str, invocation_type: str, model_input: dict) -> dict:
+def header_tokens(response: dict) -> dict[str, int]:
+    """The token counts an InvokeModel answer carries in its headers (those it has).
+
+    Bedrock sends ``X-Amzn-Bedrock-Input-Token-Count`` (and, for text models,
+    ``X-Amzn-Bedrock-Output-Token-Count``) on InvokeModel answers, Cohere Embed's included,
+    whose bodies count no tokens. botocore's model does not map them (InvokeModelResponse has
+    body, contentType, performanceConfigLatency, serviceTier), so they are read from
+    ResponseMetadata.HTTPHeaders, whose names botocore lowercases (AWS's sample
+    aws-samples/sample-amazon-bedrock-global-cris simple_cohere_embed_example.py; Cohere's SDK,
+    cohere-ai/cohere-python src/cohere/aws_client.py `map_token_counts`; read 2026-12-09).
+    """
+    headers = response.get("ResponseMetadata", {}).get("HTTPHeaders", {})
+    counts = {}
+    for key, header in (("input", _INPUT_HEADER), ("output", _OUTPUT_HEADER)):
+        value = str(headers.get(header, "")).strip()
+        if value.isdigit():
+            counts[key] = int(value)
+    return counts
+
+
+def _invoke(model_id: str, invocation_type: str, model_input: dict) -> tuple[dict, dict]:
+    """(the model's answer, the token counts of its headers)."""
     runtime = client("bedrock-runtime")
     if invocation_type == "Converse":
         response = runtime.converse(modelId=model_id, **model_input)
-        return {k: response[k] for k in ("output", "stopReason", "usage") if k in response}
+        return {k: response[k] for k in ("output", "stopReason", "usage") if k in response}, {}
     response = runtime.invoke_model(
         modelId=model_id,
         body=json.dumps(model_input),
         contentType="application/json",
         accept="application/json",
     )
-    return json.loads(response["body"].read())
+    return json.loads(response["body"].read()), header_tokens(response)
 
 
 def _serve_line(model_id: str, invocation_type: str, limit: str, line: str) -> dict:
@@ -84,7 +108,10 @@ def _serve_line(model_id: str, invocation_type: str, limit: str, line: str) -> d
         if attempt:
             rate_limit(limit, strict=True)
         try:
-            out["modelOutput"] = _invoke(model_id, invocation_type, record["modelInput"])
+            out["modelOutput"], counts = _invoke(model_id, invocation_type, record["modelInput"])
+            if counts:
+                # Beside the answer, not in it: the parse takes them where the body has none.
+                out[HEADER_TOKENS] = counts
             return out
         except ClientError as exc:
             code = error_code(exc)

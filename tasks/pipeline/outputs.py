@@ -25,6 +25,13 @@ _OK = "__ok"
 MATCHED = "__matched"
 # How many lines of one attempt's outputs named the line's record id (1 but for repeats).
 REPEATS = "__repeats"
+# An on-demand answer's line keeps the token counts of its InvokeModel response's headers
+# here, {"input": n, "output": m} (`tasks.aws.on_demand.header_tokens`): the row's tokens where
+# the modelOutput counts none (Cohere Embed). Batch output lines have no such key.
+HEADER_TOKENS = "headerTokenCounts"
+_HEADER_DTYPE = pl.Struct({"input": pl.Int64, "output": pl.Int64})
+_HEADER_IN = "__header_in"
+_HEADER_OUT = "__header_out"
 
 
 def result_schema(family: ModelFamily, output_schema: OutputSchema | None = None) -> dict:
@@ -49,7 +56,7 @@ _DECODED = "__decoded"
 _HAS_OUTPUT = "__has_output"
 # recordId and error of a line; modelOutput is taken as raw text by a JSON path, and the
 # echoed modelInput is skipped by the dtype.
-_TOP_DTYPE = pl.Struct({"recordId": pl.String, "error": ERROR_DTYPE})
+_TOP_DTYPE = pl.Struct({"recordId": pl.String, "error": ERROR_DTYPE, HEADER_TOKENS: _HEADER_DTYPE})
 _RECORD_ID_PATTERN = r'"recordId"\s*:\s*"([^"\\]*)"'
 
 
@@ -121,7 +128,12 @@ def _strict_lines(
     line = pl.col(_SHORT)
     if type(family).decode_raw is ModelFamily.decode_raw:
         dtype = pl.Struct(
-            {"recordId": pl.String, "modelOutput": family.output_dtype, "error": ERROR_DTYPE}
+            {
+                "recordId": pl.String,
+                "modelOutput": family.output_dtype,
+                "error": ERROR_DTYPE,
+                HEADER_TOKENS: _HEADER_DTYPE,
+            }
         )
         decoded = pl.col("__top").struct.field("modelOutput")
         top = lines.select(
@@ -136,12 +148,15 @@ def _strict_lines(
             _tool_input(line, family, structured),
         )
     error = pl.col("__top").struct.field("error")
+    counts = pl.col("__top").struct.field(HEADER_TOKENS)
     return (
         top.select(
             "__n",
             pl.col("__top").struct.field("recordId"),
             error.struct.field("errorCode").alias("__code"),
             error.struct.field("errorMessage").alias("__msg"),
+            counts.struct.field("input").alias(_HEADER_IN),
+            counts.struct.field("output").alias(_HEADER_OUT),
             decoded.alias(_DECODED),
             _TOOL,
         )
@@ -189,6 +204,12 @@ def _lenient_lines(
         pl.coalesce(record_id, line.str.extract(_RECORD_ID_PATTERN, 1)).alias("recordId"),
         line.str.json_path_match("$.error.errorCode").alias("__code"),
         line.str.json_path_match("$.error.errorMessage").alias("__msg"),
+        *(
+            line.str.json_path_match(f"$.{HEADER_TOKENS}.{key}")
+            .cast(pl.Int64, strict=False)
+            .alias(name)
+            for key, name in (("input", _HEADER_IN), ("output", _HEADER_OUT))
+        ),
         line.str.json_path_match("$.modelOutput").alias(_RAW),
         record_id.is_not_null().alias(_LINE_OK),
         pl.when(record_id.is_null()).then(line).alias(LINE),
@@ -267,9 +288,17 @@ def parse_outputs(
     filtered = answered & stop.is_in(list(family.filtered_stop_reasons)).fill_null(False)
     ok = answered & pl.col(_PROBLEM).is_null() & ~filtered
     unparseable = answered | ~pl.col(_LINE_OK)
+    header = {C.INPUT_TOKENS: _HEADER_IN, C.OUTPUT_TOKENS: _HEADER_OUT}
     parsed = frame.lazy().select(
         pl.col("recordId").alias(C.RECORD_ID),
-        *[pl.col(name) for name in family.result_schema],
+        *[
+            # An answer's header counts stand in where its body counts no tokens; an error
+            # line's stay out (they are the failed call's, if any).
+            pl.coalesce(name, pl.when(answered).then(pl.col(header[name]))).alias(name)
+            if name in header
+            else pl.col(name)
+            for name in family.result_schema
+        ],
         pl.when(ok)
         .then(None)
         .when(filtered)
