@@ -356,7 +356,8 @@ def cmd_merge(args: argparse.Namespace) -> int:
 
     from tasks.errors import RunOwnedError
     from tasks.pipeline import columns as C
-    from tasks.pipeline.merge import merge_offline
+    from tasks.pipeline.merge import merge_offline_run
+    from tasks.pipeline.tokens import fmt_tokens
     from tasks.run.owner import live_holder_elsewhere, owner_text
 
     # A live run's parts are its merged answers; written over from outputs downloaded so far,
@@ -369,8 +370,11 @@ def cmd_merge(args: argparse.Namespace) -> int:
         )
         raise RunOwnedError(msg)
     with _progress("Merging outputs into Parquet") as advance:
-        parts = merge_offline(Path(args.run_dir), Path(args.outputs), on_part=advance)
+        merged = merge_offline_run(Path(args.run_dir), Path(args.outputs), on_part=advance)
+    parts = merged.parts
     print(f"Wrote {len(parts)} Parquet parts under {(Path(args.run_dir) / 'output').resolve()}")
+    tokens_in, tokens_out = merged.tokens
+    print(f"tokens in/out: {fmt_tokens(tokens_in)}/{fmt_tokens(tokens_out)}")
     counts = (
         pl.scan_parquet(parts, missing_columns="insert")
         .select(

@@ -166,6 +166,43 @@ def test_cohere_run_with_an_on_demand_tail_knows_its_tokens_and_cost(stack, tmp_
     assert cost["total_usd"] == pytest.approx(cost["batch_usd"] + cost["on_demand_usd"])
 
 
+def test_offline_merge_of_a_cohere_run_takes_each_jobs_manifest(stack, tmp_path, capsys):
+    # `bedrock-batch merge` read no manifest: a Cohere run's figures were None.
+    from flows.cli import main
+    from tasks.pipeline.merge import merge_offline_run
+
+    params = BatchParams(
+        source=_texts(tmp_path, 200), model_id=COHERE, output_uri=str(tmp_path / "out"),
+        run_name="tokens-cohere-offline", max_records_per_job=100,
+    )  # fmt: skip
+    batch_inference(params)
+    downloaded = tmp_path / "downloaded"
+    manifests = {}
+    for job, files in _job_files(stack, "tokens-cohere-offline").items():
+        (downloaded / job).mkdir(parents=True)
+        for name, data in files.items():
+            (downloaded / job / name).write_bytes(data)
+        manifests[job] = json.loads(files["manifest.json.out"])
+    assert len(manifests) == 2
+    run_dir = tmp_path / "out" / "tokens-cohere-offline"
+
+    merged = merge_offline_run(run_dir, downloaded)
+
+    for part, stats in zip(merged.parts, merged.stats, strict=True):
+        (job,) = pl.read_parquet(part)[JOB_ID].unique().to_list()
+        assert (stats.input_tokens, stats.output_tokens) == (
+            manifests[job]["inputTokenCount"],
+            manifests[job]["outputTokenCount"],
+        )
+    total_in = sum(m["inputTokenCount"] for m in manifests.values())
+    assert merged.tokens == (total_in, sum(m["outputTokenCount"] for m in manifests.values()))
+    assert main(["merge", "--run-dir", str(run_dir), "--outputs", str(downloaded)]) == 0
+    assert f"tokens in/out: {total_in:,}/0" in capsys.readouterr().out
+    # A job whose manifest was not downloaded: its tokens, and so the run's, are unknown.
+    (downloaded / next(iter(manifests)) / "manifest.json.out").unlink()
+    assert merge_offline_run(run_dir, downloaded).tokens == (None, None)
+
+
 def test_merge_stats_of_rows_without_counts_are_unknown_unless_their_job_has_a_manifest(
     tmp_path,
 ):

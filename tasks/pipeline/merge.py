@@ -16,6 +16,7 @@ import polars as pl
 
 from prompt_templates import output_schema_for
 from tasks.bedrock.families import family_for
+from tasks.bedrock.manifest import MANIFEST_FILE, parse_manifest
 from tasks.errors import PlanError
 from tasks.files import write_parquet_atomic
 from tasks.pipeline import columns as C
@@ -158,6 +159,7 @@ def merge_shard(
     job_error: tuple[str, str] | None = None,
     output_schema: OutputSchema | None = None,
     options: dict | None = None,
+    job_tokens: JobTokens | None = None,
 ) -> MergeStats:
     """Write `dest` Parquet: every row of `rows_file` once, with its output or its error.
 
@@ -171,6 +173,7 @@ def merge_shard(
         job_error: (code, message) for rows without output, e.g. a Failed or Expired job.
         output_schema: the template's output schema, if any.
         options: the plan's inference options (the embedding types to read).
+        job_tokens: the manifest totals of jobs whose rows carry no token counts.
 
     Returns:
         Counts of records, successes, failures and tokens.
@@ -179,7 +182,7 @@ def merge_shard(
     settled = settle(rows_file, [attempt], model_id, invocation_type, output_schema, options)
     for warning in settle_warnings(settled, dest.stem):
         logger.warning("%s", warning)
-    return write_part(settled.frame, dest, settled.stray_lines)
+    return write_part(settled.frame, dest, settled.stray_lines, job_tokens)
 
 
 def merge_skipped(
@@ -270,19 +273,65 @@ def _check_echo(input_file: Path, output_file: Path) -> None:
             raise PlanError(msg)
 
 
+@dataclass(frozen=True)
+class OfflineMerge:
+    """What an offline merge wrote: its parts, and each part's counts in the same order."""
+
+    parts: list[Path]
+    stats: list[MergeStats]
+
+    @property
+    def tokens(self) -> tuple[int | None, int | None]:
+        """(input, output) tokens of every part; None where any part's are unknown."""
+        ins = [s.input_tokens for s in self.stats]
+        outs = [s.output_tokens for s in self.stats]
+        if None in ins or None in outs:
+            return None, None
+        return sum(ins), sum(outs)  # type: ignore[arg-type]
+
+
+def _manifest_tokens(job_dir: Path, job_id: str) -> JobTokens:
+    """The job's manifest totals, when its downloaded ``manifest.json.out`` is readable.
+
+    As the flow does (`tasks.run.shard._read_manifest`): one read a job, for families whose
+    rows count no tokens; a missing or unreadable manifest leaves the job's tokens unknown.
+    """
+    path = job_dir / MANIFEST_FILE
+    try:
+        manifest = parse_manifest(path.read_bytes())
+    except OSError:
+        manifest = None
+    if manifest is None:
+        logger.warning("No readable manifest at %s: the tokens of job %s are unknown", path, job_id)
+        return {}
+    return {job_id: (manifest["inputTokenCount"], manifest["outputTokenCount"])}
+
+
 def merge_offline(
     run_dir: Path, outputs_dir: Path, on_part: Callable[[int, int], None] | None = None
 ) -> list[Path]:
     """Merge the `*.jsonl.out` files under `outputs_dir` onto the shards of `run_dir`.
 
+    The Parquet files written (see `merge_offline_run`).
+    """
+    return merge_offline_run(run_dir, outputs_dir, on_part).parts
+
+
+def merge_offline_run(
+    run_dir: Path, outputs_dir: Path, on_part: Callable[[int, int], None] | None = None
+) -> OfflineMerge:
+    """Merge the `*.jsonl.out` files under `outputs_dir` onto the shards of `run_dir`.
+
     Outputs are found at any depth (Bedrock writes `<jobId>/<input file>.out`) and matched to
     shards by input file name; the job id is the folder they sit in. A shard without output
     gets MissingOutput errors, so every input row is in `run_dir/output/`. ``on_part`` is
-    called with (parts done, parts in all) as each part is written, for progress.
+    called with (parts done, parts in all) as each part is written, for progress. For a
+    family whose outputs count no tokens (Cohere Embed), each job's tokens are those of the
+    ``manifest.json.out`` Bedrock wrote beside its outputs, when it was downloaded too.
 
     Returns:
-        The Parquet files written: `output/part-NNNNN.parquet` per shard, plus
-        `output/skipped.parquet` when preprocess skipped rows.
+        The Parquet files written (`output/part-NNNNN.parquet` per shard, plus
+        `output/skipped.parquet` when preprocess skipped rows) and their counts.
     """
     run_dir, outputs_dir = Path(run_dir), Path(outputs_dir)
     plan = RunPlan.load(run_dir)
@@ -329,6 +378,11 @@ def merge_offline(
     # One shard's plan does not keep every core busy (decoding, joining and writing Parquet
     # are partly serial), so shards are merged side by side; memory grows with the workers,
     # not with the number of shards.
+    reports_tokens = family_for(plan.model_id, plan.invocation_type).reports_tokens
+    manifests: dict[int, JobTokens] = {}
+    if not reports_tokens:
+        for index, job_id in job_ids.items():
+            manifests[index] = _manifest_tokens(found[index][0].parent, job_id)
     workers = get_settings().merge.workers
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="merge") as pool:
         merges = [
@@ -342,12 +396,14 @@ def merge_offline(
                 job_id=job_ids.get(shard.index),
                 output_schema=output_schema_for(plan.prompt_id),
                 options=plan.options,
+                job_tokens=manifests.get(shard.index),
             )
             for shard, dest in zip(plan.shards, written, strict=True)
         ]
+        stats: list[MergeStats] = []
         try:
             for done, merge in enumerate(merges, start=1):
-                merge.result()
+                stats.append(merge.result())
                 if on_part:
                     on_part(done, len(merges))
         except BaseException:
@@ -356,7 +412,7 @@ def merge_offline(
             raise
     if plan.skipped_file:
         dest = run_dir / OUTPUT_DIR / SKIPPED_FILE
-        merge_skipped(
+        skipped = merge_skipped(
             run_dir / plan.skipped_file,
             plan.model_id,
             plan.invocation_type,
@@ -365,4 +421,5 @@ def merge_offline(
             plan.options,
         )
         written.append(dest)
-    return written
+        stats.append(skipped)
+    return OfflineMerge(written, stats)
