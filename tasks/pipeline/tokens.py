@@ -2,7 +2,8 @@
 
 Some families' outputs carry no token counts (Cohere Embed, the older Mistral text models):
 their rows keep null tokens, and a job's tokens are the totals Bedrock wrote in its manifest
-(`tasks.bedrock.manifest`). Rows served without a manifest (on demand) leave them unknown.
+(`tasks.bedrock.manifest`). Rows served on demand take InvokeModel's header counts
+(`tasks.aws.on_demand.header_tokens`); without those they stay unknown.
 """
 
 from __future__ import annotations
