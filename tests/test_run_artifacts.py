@@ -406,3 +406,17 @@ def test_job_board_timeline_stays_bounded_over_a_long_run():
     assert max(sizes[1500:]) <= max(sizes[:1500])  # no longer growing with the run's age
     assert len(board.samples) <= 2 * MAX_TIMELINE_SAMPLES
     assert board.samples[0].records == 0 and board.samples[-1].records == 3000 % 1500
+
+
+def test_job_rows_total_tokens_are_unknown_when_a_shards_tokens_are():
+    # A Cohere shard whose manifest could not be read has no token count: the total row
+    # summed "unknown" as a number and the whole job table failed to publish.
+    counted = {"succeeded": 1, "failed": 0, "input_tokens": 40, "output_tokens": 0}
+    uncounted = {"succeeded": 1, "failed": 0, "input_tokens": None, "output_tokens": None}
+    views = [
+        ShardView("shard-00000", 1, (), counted, merged=True),
+        ShardView("shard-00001", 1, (), uncounted, merged=True),
+    ]
+    rows = job_rows(views, 3)
+    assert [r["input tokens"] for r in rows] == ["40", "unknown", "unknown"]
+    assert rows[-1]["ok"] == "2"

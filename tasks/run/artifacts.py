@@ -34,6 +34,7 @@ CONSOLE_URL = (
     "#/batch-inference/details?arn={arn}"
 )
 NONE = "—"
+UNKNOWN = "unknown"  # counted by nobody: neither the rows nor a manifest
 WAITING = "waiting for a slot"
 # Final status → colour of its bar (in flight: blue).
 STATUS_COLOURS = {
@@ -131,7 +132,7 @@ def _shard_cost(view: ShardView, cost_of: CostOf | None) -> float | None:
 
 def _fmt_tokens(value: int | None, merge_stats: dict[str, Any] | None) -> str:
     """A dash before the merge; "unknown" after it when neither rows nor manifest count them."""
-    return "unknown" if merge_stats and value is None else fmt_int(value)
+    return UNKNOWN if merge_stats and value is None else fmt_int(value)
 
 
 def shard_row(view: ShardView, max_attempts: int, cost_of: CostOf | None = None) -> dict[str, Any]:
@@ -182,6 +183,8 @@ def job_rows(
 
     def total(column: str) -> str:
         values = [r[column] for r in rows if r[column] != NONE]
+        if UNKNOWN in values:  # a shard whose tokens nobody counted: the sum is not known
+            return UNKNOWN
         return fmt_int(sum(int(v.replace(",", "")) for v in values)) if values else NONE
 
     # Summed unrounded: the rows' 4-decimal figures added up to $0.0070 for a $0.00692 run.
