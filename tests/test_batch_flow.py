@@ -507,11 +507,11 @@ def test_jobs_that_end_together_merge_one_turn_at_a_time(stack, tmp_path, enviro
             changed.notify_all()
         return read_outputs(ctx, shard, attempt, files)
 
-    def merge(ctx, shard, outputs):
+    def merge(ctx, shard, *args):
         with changed:  # a job that ended meanwhile has this long to read its outputs too
             changed.wait_for(lambda: len(holding) > 1, timeout=2)
         try:
-            return merge_output(ctx, shard, outputs)
+            return merge_output(ctx, shard, *args)
         finally:
             with changed:
                 holding.discard(shard.name)
