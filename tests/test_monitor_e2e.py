@@ -40,6 +40,32 @@ def _write_input(bucket: str, prefix: str) -> str:
     return f"s3://{bucket}/{key}"
 
 
+def _create_job(bucket: str, model_id: str, job_name: str) -> str:
+    """A real batch job through plain boto3 against the emulator; its ARN."""
+    input_uri = _write_input(bucket, job_name)
+    return client("bedrock").create_model_invocation_job(
+        jobName=job_name,
+        roleArn=os.environ["BEDROCK_BATCH_ROLE_ARN"],
+        modelId=model_id,
+        inputDataConfig={"s3InputDataConfig": {"s3Uri": input_uri, "s3InputFormat": "JSONL"}},
+        outputDataConfig={"s3OutputDataConfig": {"s3Uri": f"s3://{bucket}/{job_name}/out/"}},
+    )["jobArn"]
+
+
+def _seconds_params(model_id: str, state_prefix: str, **more) -> MonitorParameters:
+    """Seconds instead of minutes: 1 s points, stalled after 3 s without input tokens."""
+    return MonitorParameters(
+        model_ids=[model_id],
+        period_seconds=1,
+        lookback_minutes=1,
+        stall_minutes=3 / 60,
+        throughput_window_minutes=1,
+        backlog_window_minutes=1,
+        state_prefix=state_prefix,
+        **more,
+    )
+
+
 def _flow_runs(deployment_id):
     with get_client(sync_client=True) as prefect_client:
         return prefect_client.read_flow_runs(
@@ -81,27 +107,8 @@ def test_stuck_job_alerts_once_fires_automation_and_resolves_once(stack):
     )
 
     # A real batch job through plain boto3 against the emulator; it sticks at half way.
-    input_uri = _write_input(stack.bucket, f"monitor-e2e/{run_id}")
-    job_arn = client("bedrock").create_model_invocation_job(
-        jobName=job_name,
-        roleArn=os.environ["BEDROCK_BATCH_ROLE_ARN"],
-        modelId=MODEL_ID,
-        inputDataConfig={"s3InputDataConfig": {"s3Uri": input_uri, "s3InputFormat": "JSONL"}},
-        outputDataConfig={
-            "s3OutputDataConfig": {"s3Uri": f"s3://{stack.bucket}/monitor-e2e/{run_id}/out/"}
-        },
-    )["jobArn"]
-
-    # Seconds instead of minutes: 1 s points, stalled after 3 s without input tokens.
-    params = MonitorParameters(
-        model_ids=[MODEL_ID],
-        period_seconds=1,
-        lookback_minutes=1,
-        stall_minutes=3 / 60,
-        throughput_window_minutes=1,
-        backlog_window_minutes=1,
-        state_prefix=f"e2e-{run_id}",
-    )
+    job_arn = _create_job(stack.bucket, MODEL_ID, job_name)
+    params = _seconds_params(MODEL_ID, f"e2e-{run_id}")
 
     def transitions(resolved: bool) -> list:
         result = bedrock_batch_monitor(params)
@@ -146,26 +153,8 @@ def test_a_model_whose_jobs_all_wait_to_start_is_queued_not_stalled(stack):
     model_id = "anthropic.claude-opus-4-5-20251101-v1:0"  # no other test runs jobs on it
     run_id = uuid.uuid4().hex[:8]
     stack.configure(metrics_period_seconds=1, queue_delay_seconds=3600)
-    input_uri = _write_input(stack.bucket, f"monitor-queued/{run_id}")
-    job_arn = client("bedrock").create_model_invocation_job(
-        jobName=f"monitor-queued-{run_id}",
-        roleArn=os.environ["BEDROCK_BATCH_ROLE_ARN"],
-        modelId=model_id,
-        inputDataConfig={"s3InputDataConfig": {"s3Uri": input_uri, "s3InputFormat": "JSONL"}},
-        outputDataConfig={
-            "s3OutputDataConfig": {"s3Uri": f"s3://{stack.bucket}/monitor-queued/{run_id}/out/"}
-        },
-    )["jobArn"]
-    params = MonitorParameters(
-        model_ids=[model_id],
-        period_seconds=1,
-        lookback_minutes=1,
-        stall_minutes=3 / 60,
-        throughput_window_minutes=1,
-        backlog_window_minutes=1,
-        disabled_rules=["backlog-growing"],
-        state_prefix=f"e2e-queued-{run_id}",
-    )
+    job_arn = _create_job(stack.bucket, model_id, f"monitor-queued-{run_id}")
+    params = _seconds_params(model_id, f"e2e-queued-{run_id}", disabled_rules=["backlog-growing"])
     try:
         # The metrics alone say stalled (records pending, no tokens for the stall time); the
         # monitor looks at the job, finds it waiting to start, and says queued instead.
