@@ -6,10 +6,12 @@ import json
 
 import polars as pl
 import pytest
+from pydantic import BaseModel
 
 from tasks.pipeline import columns as C
 from tasks.pipeline.attempts import AttemptOutput, retry_ids, settle
 from tasks.pipeline.merge import write_part
+from tasks.pipeline.structured import SCHEMA_REPAIRED, SCHEMA_VALIDATION_ERROR, OutputSchema
 
 CLAUDE = "anthropic.claude-3-haiku-20240307-v1:0"
 
@@ -95,6 +97,52 @@ def test_settled_attempts_do_not_count_a_retry_the_cost_ceiling_held_back(rows_f
     assert retried[C.SERVED_BY].to_list() == ["batch", *[C.SERVED_SKIPPED] * 3]
     assert never_sent[C.ATTEMPTS].to_list() == [0, 0, 0, 0]
     assert never_sent[C.ERROR_CODE].unique().to_list() == [held[0]]
+
+
+class _Grade(BaseModel):
+    """A structured answer: the rows get a typed `correct` column."""
+
+    correct: bool
+
+
+GRADE = OutputSchema.from_model(_Grade, name="record_grade")
+
+
+def test_settled_repair_held_by_the_ceiling_keeps_the_paid_answer(rows_file):
+    # R2's answer broke the schema, was paid for, and its repair was held back: the row lost
+    # the answer (no text, no tokens, served_by skipped) and the cost counted it only aside.
+    held = ("CostCeilingReached", "Not sent: max_cost_usd=0.01 would be passed (attempt 2).")
+    first = AttemptOutput(
+        1,
+        [_lines(_ok("R1", '{"correct": true}'), _ok("R2", "no JSON here"), _err("R3", 429))],
+        job_id="j1",
+    )
+    kept_back = AttemptOutput(
+        2, [], record_ids=["R2", "R3", "R4"], served_by=C.SERVED_SKIPPED, job_error=held
+    )
+
+    settled = settle(rows_file, [first, kept_back], CLAUDE, "InvokeModel", GRADE)
+
+    row = settled.frame.row(1, named=True)
+    assert (row[C.RESPONSE_TEXT], row[C.INPUT_TOKENS], row[C.OUTPUT_TOKENS]) == (
+        "no JSON here",
+        3,
+        2,
+    )
+    assert (row[C.JOB_ID], row[C.SERVED_BY], row[C.ATTEMPTS]) == ("j1", C.SERVED_BATCH, 1)
+    assert row[C.ERROR_CODE] == held[0] and row["correct"] is None
+    assert row[C.ERROR_MESSAGE].startswith(held[1])
+    assert "attempt 1" in row[C.ERROR_MESSAGE] and SCHEMA_VALIDATION_ERROR in row[C.ERROR_MESSAGE]
+    assert "does not fit output schema" in row[C.ERROR_MESSAGE]
+    assert row[SCHEMA_REPAIRED] is False
+    # Rows whose held retry had no paid answer before are as they were: nothing to keep.
+    rest = settled.frame.filter(pl.col(C.RECORD_ID).is_in(["R3", "R4"]))
+    assert rest[C.ERROR_CODE].to_list() == [held[0]] * 2
+    assert rest[C.ERROR_MESSAGE].to_list() == [held[1]] * 2
+    assert rest[C.SERVED_BY].to_list() == [C.SERVED_SKIPPED] * 2
+    assert rest[C.INPUT_TOKENS].null_count() == 2
+    # The kept answer is in the part, so it is not counted again as replaced.
+    assert settled.superseded == []
 
 
 def test_settled_attempts_failed_job_error_applies_to_its_records(rows_file, tmp_path):

@@ -229,6 +229,46 @@ def test_answers_a_repair_replaced_are_counted_in_the_cost(stack, tmp_path):
     assert cost["total_usd"] == pytest.approx(cost["batch_usd"] + cost["on_demand_usd"])
 
 
+def test_a_repair_held_back_by_the_ceiling_keeps_the_answer_it_paid_for(stack, tmp_path):
+    # The answers that broke the schema were paid for; their repair (on demand) would pass
+    # max_cost_usd and was held back: the rows lost those answers (no text, no tokens,
+    # served_by skipped) and the summary's tokens left them out.
+    stack.set_faults(schema_error_rate=0.3, schema_error_job_names_containing="-a1")
+    source = tmp_path / "graded.parquet"
+    simplecot(100).with_columns(pl.lit("Answer: B").alias("answer_response_text")).write_parquet(
+        source
+    )
+    fields = dict(
+        source=str(source), prompt_id="grade_answer", model_id=CLAUDE,
+        output_uri=str(tmp_path / "out"), run_name="repair-held", max_records_per_job=100,
+    )  # fmt: skip
+    plan = preprocess_params(BatchParams(**fields), tmp_path / "probe")
+    high = estimate_from_dir(plan, tmp_path / "probe", stack.client("bedrock-runtime")).cost_high
+
+    # One job's upper bound fits; that job's repair on top of it does not.
+    summary = batch_inference(BatchParams(**fields, max_cost_usd=round(high * 1.01, 8)))
+
+    out = pl.read_parquet(summary["parts"])
+    held = out.filter(pl.col(ERROR_CODE) == COST_CEILING_REACHED)
+    assert held.height == summary["cost"]["held_back_rows"] > 0
+    assert held["response_text"].null_count() == 0
+    assert held[INPUT_TOKENS].null_count() == held[OUTPUT_TOKENS].null_count() == 0
+    assert held[SERVED_BY].unique().to_list() == ["batch"]
+    assert held["job_id"].null_count() == 0 and held["attempts"].unique().to_list() == [1]
+    assert held["correct"].null_count() == held.height
+    messages = held["error_message"]
+    assert messages.str.starts_with("Not sent: max_cost_usd=").all()
+    assert messages.str.contains("failed validation (SchemaValidationError)", literal=True).all()
+    assert messages.str.contains("does not fit output schema").all()
+    # What the run reports is what its one job was paid for, counted once.
+    assert [job["jobName"].rsplit("-", 1)[-1] for job in stack.ledger("repair-held")] == ["a1"]
+    tokens_in, tokens_out = _manifest_tokens(stack, "repair-held")
+    assert (summary["tokens"]["input"], summary["tokens"]["output"]) == (tokens_in, tokens_out)
+    price = prices.price_for(CLAUDE)
+    assert summary["cost"]["batch_usd"] == pytest.approx(price.cost(tokens_in, tokens_out, "batch"))
+    assert summary["cost"]["on_demand_usd"] == 0
+
+
 def test_job_table_prices_the_on_demand_tail_at_its_own_price(stack, tmp_path):
     # The live job table priced a merged shard's tokens all at the batch price: a shard whose
     # tail went on demand showed $0.0028 where the summary said $0.0040.

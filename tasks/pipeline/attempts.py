@@ -23,6 +23,7 @@ from tasks.pipeline.structured import SCHEMA_REPAIRED, SCHEMA_VALIDATION_ERROR, 
 RETRYABLE_RECORD_ERRORS = RETRYABLE_RECORD | {C.MISSING_OUTPUT, SCHEMA_VALIDATION_ERROR}
 
 _ATTEMPT = "__attempt"
+_HELD = "__held"  # the record's latest attempt was held back by the cost ceiling
 # The merge stats' key for the paid answers a later attempt replaced (`Settled.superseded`).
 SUPERSEDED = "superseded"
 # Record ids of stray lines named in a warning.
@@ -103,8 +104,30 @@ def outcomes(
     # `attempts` counts the tries that sent the record: an attempt the cost ceiling held back
     # (served_by skipped) sent nothing. Counted, a record sent once and then held read
     # attempts 2, and a shard held whole read 1 (rows skipped by on_missing read 0).
-    sent = (pl.col(C.SERVED_BY) != C.SERVED_SKIPPED).sum().cast(pl.Int32).alias(C.ATTEMPTS)
-    latest = included.sort(_ATTEMPT).group_by(C.RECORD_ID).agg(sent, pl.all().last())
+    was_sent = pl.col(C.SERVED_BY) != C.SERVED_SKIPPED
+    sent = was_sent.sum().cast(pl.Int32).alias(C.ATTEMPTS)
+    # A repair the ceiling held back leaves the row with the answer it already paid for.
+    keep_paid = (
+        output_schema is not None
+        and len(attempts) > 1
+        and any(a.served_by == C.SERVED_SKIPPED for a in attempts)
+    )
+    before = (
+        [
+            pl.col(c).filter(was_sent).last().alias(f"__sent{c}")
+            for c in (_ATTEMPT, C.JOB_ID, C.SERVED_BY)
+        ]
+        if keep_paid
+        else []
+    )
+    latest = included.sort(_ATTEMPT).group_by(C.RECORD_ID).agg(sent, *before, pl.all().last())
+    if keep_paid:
+        # A held record's row looks for its line in the latest attempt that sent it.
+        held = (pl.col(C.SERVED_BY) == C.SERVED_SKIPPED) & pl.col(f"__sent{_ATTEMPT}").is_not_null()
+        latest = latest.with_columns(
+            held.alias(_HELD),
+            pl.when(held).then(pl.col(f"__sent{_ATTEMPT}")).otherwise(_ATTEMPT).alias(_ATTEMPT),
+        )
     if lines is None:
         lines = _lines(attempts, family, output_schema)
     strays = lines.select(C.RECORD_ID, _ATTEMPT).join(
@@ -138,6 +161,8 @@ def outcomes(
             .alias(C.ERROR_MESSAGE),
         )
     )
+    if keep_paid:
+        frame = _keep_paid_answers(frame, lines.collect_schema().names(), schema)
     if output_schema is not None:
         frame = frame.with_columns(
             (pl.col("__failed_before").fill_null(False) & pl.col(C.ERROR_CODE).is_null()).alias(
@@ -148,6 +173,43 @@ def outcomes(
         *input_columns,
         *[pl.col(name).cast(dtype) for name, dtype in schema.items()],
     ), strays.select(C.RECORD_ID)
+
+
+def _keep_paid_answers(frame: pl.LazyFrame, line_columns: list[str], schema: dict) -> pl.LazyFrame:
+    """Rows whose repair the ceiling held back keep the answer that failed the schema.
+
+    That answer was paid for (its line has tokens): the row keeps its text, tokens, job and
+    `served_by`, and its error says both that the repair was held back (the code, counted with
+    the held-back rows) and why the answer failed validation. A held record whose earlier line
+    was an error (throttled, ...) had no answer to keep and shows only the hold, as before.
+    """
+    held = pl.col(_HELD).fill_null(False)
+    kept = held & pl.col(MATCHED).fill_null(False)
+    kept = kept & (pl.col(C.ERROR_CODE) == SCHEMA_VALIDATION_ERROR)
+    status = {C.ERROR_CODE, C.ERROR_MESSAGE, C.JOB_ID, C.SERVED_BY, C.ATTEMPTS}
+    from_line = [c for c in schema if c in line_columns and c not in status]
+    note = pl.concat_str(
+        pl.lit(" Kept the paid answer of attempt "),
+        pl.col(_ATTEMPT).cast(pl.String),
+        pl.lit(f", which failed validation ({SCHEMA_VALIDATION_ERROR}): "),
+        pl.col("__line_message").fill_null(""),
+    )
+    return frame.with_columns(pl.col(C.ERROR_MESSAGE).alias("__line_message")).with_columns(
+        # The same columns as before for a held record with nothing to keep.
+        *[pl.when(held & ~kept).then(None).otherwise(pl.col(c)).alias(c) for c in from_line],
+        pl.when(held).then(pl.col("__code")).otherwise(C.ERROR_CODE).alias(C.ERROR_CODE),
+        pl.when(kept)
+        .then(pl.concat_str(pl.col("__message"), note))
+        .when(held)
+        .then(pl.col("__message"))
+        .otherwise(C.ERROR_MESSAGE)
+        .alias(C.ERROR_MESSAGE),
+        pl.when(kept).then(pl.col(f"__sent{C.JOB_ID}")).otherwise(C.JOB_ID).alias(C.JOB_ID),
+        pl.when(kept)
+        .then(pl.col(f"__sent{C.SERVED_BY}"))
+        .otherwise(C.SERVED_BY)
+        .alias(C.SERVED_BY),
+    )
 
 
 def _lines(
@@ -177,8 +239,11 @@ def _superseded(
     tokens = [c for c in (C.INPUT_TOKENS, C.OUTPUT_TOKENS) if c in names]
     if C.INPUT_TOKENS not in tokens:
         return []  # a family that reports no tokens: its cost is unknown anyway
+    # Replaced by a later attempt that sent the record: one the ceiling held back replaced
+    # nothing, and the answer before it is still in the part (`_keep_paid_answers`).
     latest = (
         _included(rows, attempts)
+        .filter(pl.col(C.SERVED_BY) != C.SERVED_SKIPPED)
         .group_by(C.RECORD_ID)
         .agg(pl.col(_ATTEMPT).max().alias("__latest"))
     )
