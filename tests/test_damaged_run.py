@@ -81,6 +81,33 @@ def test_rerun_of_a_finished_run_whose_part_was_deleted_merges_it_again(stack, t
     assert _jobs(stack, params.run_name) == _first_jobs(params.run_name)
 
 
+class _Killed(Exception):
+    """Stands for a kill of the process, in process: nothing after it is written."""
+
+
+def test_rerun_killed_before_merging_a_deleted_part_again_merges_it_next_time(
+    stack, tmp_path, monkeypatch
+):
+    # The re-run that merges a deleted part again was killed before writing it: the next
+    # re-run read the run as finished, returned the old summary and left the part missing.
+    from tasks.run import shard as shard_module
+
+    params, layout = _finished(stack, tmp_path, "part-gone-killed", "local")
+    _remove(layout.part_uri(1))
+
+    def killed(*args) -> None:
+        raise _Killed
+
+    with monkeypatch.context() as patched:
+        patched.setattr(shard_module, "merge_shard_output", killed)
+        with pytest.raises(_Killed):
+            batch_inference(params)
+    batch_inference(params)
+
+    assert_answers_match_rows(_output(layout), ROWS)
+    assert _jobs(stack, params.run_name) == _first_jobs(params.run_name)
+
+
 @pytest.mark.parametrize(("where", "cut"), [("local", "empty"), ("s3", "half")])
 def test_rerun_with_a_shard_state_emptied_or_cut_adopts_its_job(stack, tmp_path, where, cut):
     # A disk that filled or a sync tool left state/shard-N.json empty or cut: the re-run

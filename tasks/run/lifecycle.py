@@ -241,6 +241,7 @@ def _forget_missing_parts(store: RunStateStore, layout: RunLayout, logger) -> No
     finished run was reported finished with that shard's rows missing from its output.
     """
     present = {uri.rsplit("/", 1)[-1] for uri in storage.list_files(layout.output_dir, PARQUET)}
+    forgot = False
     for shard in list(store.state.shards.values()):
         if shard.part_uri is None or shard.part_uri.rsplit("/", 1)[-1] in present:
             continue
@@ -251,7 +252,14 @@ def _forget_missing_parts(store: RunStateStore, layout: RunLayout, logger) -> No
         )
         shard.part_uri, shard.merge_stats = None, None
         store.save(shard.name)
-        store.state.finished_at = None  # the run's end is done again once the part is back
+        forgot = True
+    if forgot and store.state.finished_at:
+        # The run's end is done again once the part is back. Written now: a re-run killed
+        # before it merged the part left state.json saying finished, and the next re-run
+        # returned the old summary with the part still missing (its shard no longer listed
+        # as merged, so not forgotten again).
+        store.state.finished_at = None
+        store.save()
 
 
 def release_run(run: ResolvedRun) -> None:
