@@ -507,3 +507,59 @@ def test_a_resumed_run_counts_the_tail_and_the_job_a_crash_may_have_left_paid(tm
     guard.settle("s3", 0.05)
     assert guard.spent == pytest.approx(0.05)
     assert guard.admit("s6", 60, on_demand=False)  # s3's 0.12 reserved became 0.05 spent
+
+
+class _Killed(Exception):
+    """Stands for the SIGKILL of a failpoint, in process: nothing after it is written."""
+
+
+def test_a_held_retry_admitted_then_killed_is_counted_by_the_resumed_guard(
+    stack, tmp_path, monkeypatch
+):
+    # A retry held back kept its CostCeilingReached status after a later run admitted it: killed
+    # between its job's create and the ARN's save, the next run's guard skipped it as held
+    # and admitted other jobs as if that paid job cost nothing.
+    from tasks.run import shard as shard_module
+    from tasks.run.cost import cost_guard, load_estimate
+    from tasks.run.layout import layout_for
+    from tasks.run.state import RunStateStore
+
+    stack.set_faults(fail_job_names_containing="held-then-run-shard-00001-a1")
+    source = tmp_path / "q.csv"
+    pl.DataFrame({"source": [f"Q{i:04d} what is {i} + 1?" for i in range(300)]}).write_csv(source)
+    fields = dict(
+        source=str(source), prompt_id="question_answering", model_id=CLAUDE,
+        output_uri=str(tmp_path / "out"), run_name="held-then-run", max_records_per_job=100,
+        max_concurrent_jobs=1, inference=InferenceOverrides(max_tokens=20),
+    )  # fmt: skip
+    plan = preprocess_params(BatchParams(**fields), tmp_path / "probe")
+    high = estimate_from_dir(plan, tmp_path / "probe", stack.client("bedrock-runtime")).cost_high
+    # Shard 1's first job fails; its retry (all 100 records again) passes the ceiling.
+    batch_inference(BatchParams(**fields, max_cost_usd=round(high * 1.01, 8)))
+    layout = layout_for(fields["output_uri"], "held-then-run")
+    Path(layout.part_uri(1)).unlink()  # merged again by the next run, which raises the ceiling
+    failpoint = shard_module.failpoint
+
+    def killed(point: str) -> None:
+        if point == "after-create":
+            raise _Killed(point)
+        failpoint(point)
+
+    monkeypatch.setattr(shard_module, "failpoint", killed)
+    raised = BatchParams(**fields, max_cost_usd=round(high * 10, 8))
+    with pytest.raises(_Killed):
+        batch_inference(raised)
+
+    state = RunStateStore(layout.run_dir, "held-then-run").state
+    retry = state.shards["shard-00001"].attempts[-1]
+    assert (retry.attempt, retry.job_arn, retry.status) == (2, None, None)
+    guard = cost_guard(raised, load_estimate(plan, layout), state)
+    one_job = guard.upper_bound("shard-00001", 100, on_demand=False)
+    # Its failed first job and the retry that may run: both reserved until the shard merges.
+    assert guard._reserved["shard-00001"] == pytest.approx(2 * one_job)
+
+    monkeypatch.setattr(shard_module, "failpoint", failpoint)
+    summary = batch_inference(raised)  # adopts the job it created, pays for it once
+    assert summary["counts"]["succeeded"] == 300
+    names = [j["jobName"].rsplit("-", 2)[-2:] for j in stack.ledger("held-then-run")]
+    assert sorted(names) == [["00000", "a1"], ["00001", "a1"], ["00001", "a2"], ["00002", "a1"]]

@@ -47,6 +47,7 @@ from tasks.pipeline.structured import OutputSchema
 from tasks.pipeline.tokens import JOB_TOKENS, JobTokens
 from tasks.run import gate
 from tasks.run.artifacts import COST_USD, JobBoard
+from tasks.run.cost import COST_CEILING_REACHED
 from tasks.run.failpoints import failpoint
 from tasks.run.layout import JSONL, OUT_SUFFIX, RunLayout, input_file
 from tasks.run.owner import RunClaim
@@ -644,9 +645,12 @@ def _held_by_ceiling(
     if not on_demand and attempt.lease_id and find_job(attempt.job_name, attempt.client_token):
         return None
     if guard.admit(shard.name, attempt.records, on_demand, attempt.attempt):
+        if attempt.status == COST_CEILING_REACHED:
+            # Held by an earlier run, admitted now: left marked held, a crash after its job's
+            # create (or mid-tail) had the next run's guard skip it as never sent.
+            attempt.status = attempt.message = attempt.ended_at = None
+            ctx.store.save(shard.name)
         return None
-    from tasks.run.cost import COST_CEILING_REACHED
-
     message = (
         f"Not sent: max_cost_usd={guard.ceiling} would be passed by this "
         f"{'on-demand tail' if on_demand else 'batch job'} (attempt {attempt.attempt})."
