@@ -186,6 +186,45 @@ def test_outputs_lost_are_found_when_the_jobs_end_came_without_counters(
     assert _jobs(stack, params.run_name) == _first_jobs(params.run_name)
 
 
+def test_outputs_lost_of_a_retry_the_ceiling_held_then_admitted_stop_before_paying_again(
+    stack, tmp_path, monkeypatch
+):
+    # The lost-outputs check counts a job's missing lines by the rows' `attempts`, which leaves
+    # out a retry the ceiling held back: a held retry that a later run admits keeps its number
+    # and is counted once it is sent, so its deleted outputs are found, not sent again.
+    from tasks.pipeline.estimate import estimate_from_dir
+    from tasks.pipeline.preprocess import preprocess_params
+    from tasks.run import shard as shard_module
+    from tasks.run.params import InferenceOverrides
+
+    stack.set_faults(fail_job_names_containing=f"held-lost-{SHARD}-a1")
+    params = _params(
+        stack, tmp_path, "held-lost", "local", max_concurrent_jobs=1,
+        inference=InferenceOverrides(max_tokens=20),
+    )  # fmt: skip
+    plan = preprocess_params(params, tmp_path / "probe")
+    high = estimate_from_dir(plan, tmp_path / "probe", stack.client("bedrock-runtime")).cost_high
+    held = params.model_copy(update={"max_cost_usd": round(high * 1.01, 8)})
+    assert batch_inference(held)["cost"]["held_back_shards"] == [SHARD]
+    layout = layout_for(params.output_uri, params.run_name)
+    _remove(layout.part_uri(1))
+    watch = shard_module._watch
+
+    def outputs_deleted_after_the_job(ctx, shard, attempt, *args):
+        watch(ctx, shard, attempt, *args)
+        if attempt.attempt == 2:
+            _delete_job_outputs(layout, SHARD)
+
+    monkeypatch.setattr(shard_module, "_watch", outputs_deleted_after_the_job)
+    admitted = params.model_copy(update={"max_cost_usd": round(high * 10, 8)})
+
+    with pytest.raises(OutputsLostError, match="lack 100 of the 100 records"):
+        batch_inference(admitted)
+    assert _jobs(stack, params.run_name) == sorted(
+        [*_first_jobs(params.run_name), f"{params.run_name}-{SHARD}-a2"]
+    )
+
+
 def test_rerun_of_a_run_folder_copied_to_another_output_uri_reads_its_jobs_outputs(stack, tmp_path):
     # A local run folder copied elsewhere has a job prefix of its own: its shards looked for
     # their jobs' outputs there, found none and took the paid answers for lost.
