@@ -145,6 +145,40 @@ def test_settled_repair_held_by_the_ceiling_keeps_the_paid_answer(rows_file):
     assert settled.superseded == []
 
 
+def test_settled_repair_that_came_back_without_an_answer_keeps_the_paid_answer(rows_file):
+    # The last attempt answered R2 with a throttling error and had no line for R4: the rows
+    # showed only those, and the answers that failed the schema, paid for, were gone. R3's
+    # repair was answered (a refusal, paid too): that answer stays and the first one is
+    # counted as replaced.
+    first = AttemptOutput(
+        1,
+        [_lines(_ok("R1", '{"correct": true}'), *[_ok(r, "no JSON") for r in ("R2", "R3", "R4")])],
+        job_id="j1",
+    )
+    refusal = _ok("R3", "I can't")
+    refusal["modelOutput"]["stop_reason"] = "refusal"
+    repair = AttemptOutput(
+        2, [_lines(_err("R2", 429), refusal)], record_ids=["R2", "R3", "R4"], job_id="j2"
+    )
+
+    settled = settle(rows_file, [first, repair], CLAUDE, "InvokeModel", GRADE)
+
+    frame = settled.frame
+    assert frame[C.ERROR_CODE].to_list() == [None, "429", "ContentFiltered", C.MISSING_OUTPUT]
+    assert frame[C.RESPONSE_TEXT].to_list() == [
+        '{"correct": true}',
+        "no JSON",
+        "I can't",
+        "no JSON",
+    ]
+    assert frame[C.JOB_ID].to_list() == ["j1", "j1", "j2", "j1"]
+    assert frame[C.ATTEMPTS].to_list() == [1, 2, 2, 2]
+    kept = frame.filter(pl.col(C.RECORD_ID).is_in(["R2", "R4"]))[C.ERROR_MESSAGE]
+    assert kept[0].startswith("x Kept the paid answer of attempt 1, which failed validation")
+    assert kept[1].startswith("No output line for this record (attempt 2, job j2). Kept the")
+    assert [(s["attempt"], s["rows"]) for s in settled.superseded] == [(1, 1)]
+
+
 def test_settled_attempts_failed_job_error_applies_to_its_records(rows_file, tmp_path):
     failed = AttemptOutput(1, [], job_id="j1", job_error=("Failed", "internal error"))
     dest = tmp_path / "part.parquet"

@@ -253,3 +253,51 @@ def test_output_schema_clashing_with_output_columns_is_refused():
     schema = OutputSchema("x", {"type": "object", "properties": {"error_code": {"type": "string"}}})
     with pytest.raises(TemplateError, match="clash with output columns"):
         PromptTemplate(text="{a}", output_schema=schema).check("t")
+
+
+def test_answer_whose_repair_came_back_without_one_is_kept_in_its_row(stack, tmp_path):
+    # Every answer of the first job broke the schema (paid for); the repair job failed and
+    # max_attempts ended there: the rows showed only the job's failure, the answers gone.
+    from data.make_samples import simplecot
+    from flows.batch_inference import batch_inference
+    from tasks.bedrock import prices
+    from tasks.run.params import BatchParams
+
+    stack.set_faults(
+        schema_error_rate=1.0,
+        schema_error_job_names_containing="-a1",
+        fail_job_names_containing="repair-failed-shard-00000-a2",
+    )
+    source = tmp_path / "graded.parquet"
+    simplecot(100).with_columns(pl.lit("Answer: B").alias("answer_response_text")).write_parquet(
+        source
+    )
+    params = BatchParams(
+        source=str(source), prompt_id="grade_answer", model_id=CLAUDE, max_attempts=2,
+        output_uri=str(tmp_path / "out"), run_name="repair-failed", max_records_per_job=100,
+    )  # fmt: skip
+
+    summary = batch_inference(params)
+
+    out = pl.read_parquet(summary["parts"])
+    first, repair = stack.ledger("repair-failed")
+    assert (first["status"], repair["status"]) == ("Completed", "Failed")
+    assert out[C.ERROR_CODE].unique().to_list() == ["Failed"]
+    assert out[C.RESPONSE_TEXT].null_count() == out[C.INPUT_TOKENS].null_count() == 0
+    assert out[C.JOB_ID].unique().to_list() == [first["jobId"]]
+    assert out[C.SERVED_BY].unique().to_list() == ["batch"]
+    assert out[C.ATTEMPTS].unique().to_list() == [2]
+    assert out["correct"].null_count() == 100 and not out["schema_repaired"].any()
+    messages = out[C.ERROR_MESSAGE]
+    kept = "Kept the paid answer of attempt 1, which failed validation (SchemaValidationError)"
+    assert messages.str.contains(kept, literal=True).all()
+    assert messages.str.contains("does not fit output schema", literal=True).all()
+    # Its tokens are counted once: in the row, not again as an answer a later one replaced.
+    s3 = stack.client("s3")
+    bucket, prefix = first["outputUri"].removeprefix("s3://").split("/", 1)
+    key = f"{prefix.rstrip('/')}/{first['jobId']}/manifest.json.out"
+    manifest = json.loads(s3.get_object(Bucket=bucket, Key=key)["Body"].read())
+    paid = (manifest["inputTokenCount"], manifest["outputTokenCount"])
+    assert (summary["tokens"]["input"], summary["tokens"]["output"]) == paid
+    price = prices.price_for(CLAUDE)
+    assert summary["cost"]["batch_usd"] == pytest.approx(price.cost(*paid, "batch"))

@@ -23,7 +23,8 @@ from tasks.pipeline.structured import SCHEMA_REPAIRED, SCHEMA_VALIDATION_ERROR, 
 RETRYABLE_RECORD_ERRORS = RETRYABLE_RECORD | {C.MISSING_OUTPUT, SCHEMA_VALIDATION_ERROR}
 
 _ATTEMPT = "__attempt"
-_HELD = "__held"  # the record's latest attempt was held back by the cost ceiling
+_PAID = "__paid"  # the latest attempt whose answer, paid for, failed the output schema
+_KEPT = "__kept"  # the row falls back on that answer: the repair after it brought none
 # The merge stats' key for the paid answers a later attempt replaced (`Settled.superseded`).
 SUPERSEDED = "superseded"
 # Record ids of stray lines named in a warning.
@@ -101,35 +102,9 @@ def outcomes(
     ``options``: the plan's inference options (the embedding types the parser reads)."""
     family = family_for(model_id, invocation_type, options)
     included = _included(rows, attempts)
-    # `attempts` counts the tries that sent the record: an attempt the cost ceiling held back
-    # (served_by skipped) sent nothing. Counted, a record sent once and then held read
-    # attempts 2, and a shard held whole read 1 (rows skipped by on_missing read 0).
-    was_sent = pl.col(C.SERVED_BY) != C.SERVED_SKIPPED
-    sent = was_sent.sum().cast(pl.Int32).alias(C.ATTEMPTS)
-    # A repair the ceiling held back leaves the row with the answer it already paid for.
-    keep_paid = (
-        output_schema is not None
-        and len(attempts) > 1
-        and any(a.served_by == C.SERVED_SKIPPED for a in attempts)
-    )
-    before = (
-        [
-            pl.col(c).filter(was_sent).last().alias(f"__sent{c}")
-            for c in (_ATTEMPT, C.JOB_ID, C.SERVED_BY)
-        ]
-        if keep_paid
-        else []
-    )
-    latest = included.sort(_ATTEMPT).group_by(C.RECORD_ID).agg(sent, *before, pl.all().last())
-    if keep_paid:
-        # A held record's row looks for its line in the latest attempt that sent it.
-        held = (pl.col(C.SERVED_BY) == C.SERVED_SKIPPED) & pl.col(f"__sent{_ATTEMPT}").is_not_null()
-        latest = latest.with_columns(
-            held.alias(_HELD),
-            pl.when(held).then(pl.col(f"__sent{_ATTEMPT}")).otherwise(_ATTEMPT).alias(_ATTEMPT),
-        )
     if lines is None:
         lines = _lines(attempts, family, output_schema)
+    latest = _row_attempts(included, attempts, lines, output_schema)
     strays = lines.select(C.RECORD_ID, _ATTEMPT).join(
         included.select(C.RECORD_ID, _ATTEMPT), on=[C.RECORD_ID, _ATTEMPT], how="anti"
     )
@@ -161,8 +136,8 @@ def outcomes(
             .alias(C.ERROR_MESSAGE),
         )
     )
-    if keep_paid:
-        frame = _keep_paid_answers(frame, lines.collect_schema().names(), schema)
+    if _keeps_paid(output_schema, attempts):
+        frame = _keep_paid_answers(frame)
     if output_schema is not None:
         frame = frame.with_columns(
             (pl.col("__failed_before").fill_null(False) & pl.col(C.ERROR_CODE).is_null()).alias(
@@ -175,40 +150,100 @@ def outcomes(
     ), strays.select(C.RECORD_ID)
 
 
-def _keep_paid_answers(frame: pl.LazyFrame, line_columns: list[str], schema: dict) -> pl.LazyFrame:
-    """Rows whose repair the ceiling held back keep the answer that failed the schema.
+def _keeps_paid(output_schema: OutputSchema | None, attempts: list[AttemptOutput]) -> bool:
+    """Whether a row may fall back on an earlier answer: a repair is only asked of a schema."""
+    return output_schema is not None and len(attempts) > 1
 
-    That answer was paid for (its line has tokens): the row keeps its text, tokens, job and
-    `served_by`, and its error says both that the repair was held back (the code, counted with
-    the held-back rows) and why the answer failed validation. A held record whose earlier line
-    was an error (throttled, ...) had no answer to keep and shows only the hold, as before.
+
+def _row_attempts(
+    included: pl.LazyFrame,
+    attempts: list[AttemptOutput],
+    lines: pl.LazyFrame,
+    output_schema: OutputSchema | None,
+) -> pl.LazyFrame:
+    """Per record: the attempt whose line its row takes (the latest that included it), with
+    that attempt's job, how it was served, its default error and the tries that sent it.
+
+    An answer that failed the schema was paid for, then asked again (a repair). When that
+    repair brought no answer back (its job failed or expired, the record was throttled or had
+    no line, or the cost ceiling held the repair back) and no attempt is left, the row takes the
+    latest such answer instead (`_KEPT`), so nothing paid for is dropped; the error of the
+    latest attempt stays the row's error (`_keep_paid_answers`).
     """
-    held = pl.col(_HELD).fill_null(False)
-    kept = held & pl.col(MATCHED).fill_null(False)
-    kept = kept & (pl.col(C.ERROR_CODE) == SCHEMA_VALIDATION_ERROR)
-    status = {C.ERROR_CODE, C.ERROR_MESSAGE, C.JOB_ID, C.SERVED_BY, C.ATTEMPTS}
-    from_line = [c for c in schema if c in line_columns and c not in status]
+    # `attempts` counts the tries that sent the record: an attempt the cost ceiling held back
+    # (served_by skipped) sent nothing. Counted, a record sent once and then held read
+    # attempts 2, and a shard held whole read 1 (rows skipped by on_missing read 0).
+    sent = (pl.col(C.SERVED_BY) != C.SERVED_SKIPPED).sum().cast(pl.Int32).alias(C.ATTEMPTS)
+    latest = included.sort(_ATTEMPT).group_by(C.RECORD_ID).agg(sent, pl.all().last())
+    if not _keeps_paid(output_schema, attempts):
+        return latest
+    names = lines.collect_schema().names()
+    answer = [c for c in (C.RESPONSE_TEXT, C.RAW_OUTPUT, C.INPUT_TOKENS) if c in names]
+    answered = pl.any_horizontal([pl.col(c).is_not_null() for c in answer])
+    # The latest attempt's own line: its error, and whether it carries an answer.
+    final = lines.select(
+        C.RECORD_ID,
+        _ATTEMPT,
+        answered.alias("__answered"),
+        pl.col(C.ERROR_CODE).alias("__final_code"),
+        pl.col(C.ERROR_MESSAGE).alias("__final_message"),
+    )
+    # The latest answer that failed the schema, among the attempts that sent the record.
+    paid = (
+        lines.filter(pl.col(C.ERROR_CODE) == SCHEMA_VALIDATION_ERROR)
+        .select(C.RECORD_ID, _ATTEMPT)
+        .join(included.select(C.RECORD_ID, _ATTEMPT), on=[C.RECORD_ID, _ATTEMPT], how="semi")
+        .group_by(C.RECORD_ID)
+        .agg(pl.col(_ATTEMPT).max().alias(_PAID))
+    )
+    by_attempt = pl.LazyFrame(
+        {
+            _PAID: [a.number for a in attempts],
+            "__paid_job": [a.job_id for a in attempts],
+            "__paid_by": [a.served_by for a in attempts],
+        },
+        schema={_PAID: pl.Int32, "__paid_job": pl.String, "__paid_by": pl.String},
+    )
+    latest = (
+        latest.join(final, on=[C.RECORD_ID, _ATTEMPT], how="left")
+        .join(paid, on=C.RECORD_ID, how="left")
+        .join(by_attempt, on=_PAID, how="left")
+    )
+    kept = pl.col(_PAID) < pl.col(_ATTEMPT)
+    kept = (kept & ~pl.col("__answered").fill_null(False)).fill_null(False)
+    return latest.with_columns(
+        kept.alias(_KEPT),
+        pl.when(kept).then(_PAID).otherwise(_ATTEMPT).alias(_ATTEMPT),
+        # The latest attempt's error: its line's, else its default (no line, job error, held).
+        pl.coalesce("__final_code", "__code").alias("__code"),
+        pl.when(pl.col("__final_code").is_not_null())
+        .then(pl.col("__final_message"))
+        .otherwise(pl.col("__message"))
+        .alias("__message"),
+    )
+
+
+def _keep_paid_answers(frame: pl.LazyFrame) -> pl.LazyFrame:
+    """Rows that fell back on a paid answer (`_row_attempts`) keep it with both reasons.
+
+    The row keeps that answer's text, tokens, job and `served_by`; its error code is the
+    latest attempt's (CostCeilingReached for a held repair, so it counts with the held-back
+    rows; Failed, a throttling code, MissingOutput...), and its message adds why the kept answer
+    failed validation.
+    """
+    kept = pl.col(_KEPT).fill_null(False)
     note = pl.concat_str(
+        pl.col("__message"),
         pl.lit(" Kept the paid answer of attempt "),
         pl.col(_ATTEMPT).cast(pl.String),
         pl.lit(f", which failed validation ({SCHEMA_VALIDATION_ERROR}): "),
-        pl.col("__line_message").fill_null(""),
+        pl.col(C.ERROR_MESSAGE).fill_null(""),
     )
-    return frame.with_columns(pl.col(C.ERROR_MESSAGE).alias("__line_message")).with_columns(
-        # The same columns as before for a held record with nothing to keep.
-        *[pl.when(held & ~kept).then(None).otherwise(pl.col(c)).alias(c) for c in from_line],
-        pl.when(held).then(pl.col("__code")).otherwise(C.ERROR_CODE).alias(C.ERROR_CODE),
-        pl.when(kept)
-        .then(pl.concat_str(pl.col("__message"), note))
-        .when(held)
-        .then(pl.col("__message"))
-        .otherwise(C.ERROR_MESSAGE)
-        .alias(C.ERROR_MESSAGE),
-        pl.when(kept).then(pl.col(f"__sent{C.JOB_ID}")).otherwise(C.JOB_ID).alias(C.JOB_ID),
-        pl.when(kept)
-        .then(pl.col(f"__sent{C.SERVED_BY}"))
-        .otherwise(C.SERVED_BY)
-        .alias(C.SERVED_BY),
+    return frame.with_columns(
+        pl.when(kept).then(pl.col("__code")).otherwise(C.ERROR_CODE).alias(C.ERROR_CODE),
+        pl.when(kept).then(note).otherwise(C.ERROR_MESSAGE).alias(C.ERROR_MESSAGE),
+        pl.when(kept).then(pl.col("__paid_job")).otherwise(C.JOB_ID).alias(C.JOB_ID),
+        pl.when(kept).then(pl.col("__paid_by")).otherwise(C.SERVED_BY).alias(C.SERVED_BY),
     )
 
 
@@ -227,7 +262,10 @@ def _lines(
 
 
 def _superseded(
-    rows: pl.LazyFrame, attempts: list[AttemptOutput], lines: pl.LazyFrame
+    rows: pl.LazyFrame,
+    attempts: list[AttemptOutput],
+    lines: pl.LazyFrame,
+    output_schema: OutputSchema | None = None,
 ) -> list[dict]:
     """Tokens of the answers a later attempt of the same record replaced, by attempt.
 
@@ -239,13 +277,10 @@ def _superseded(
     tokens = [c for c in (C.INPUT_TOKENS, C.OUTPUT_TOKENS) if c in names]
     if C.INPUT_TOKENS not in tokens:
         return []  # a family that reports no tokens: its cost is unknown anyway
-    # Replaced by a later attempt that sent the record: one the ceiling held back replaced
-    # nothing, and the answer before it is still in the part (`_keep_paid_answers`).
-    latest = (
-        _included(rows, attempts)
-        .filter(pl.col(C.SERVED_BY) != C.SERVED_SKIPPED)
-        .group_by(C.RECORD_ID)
-        .agg(pl.col(_ATTEMPT).max().alias("__latest"))
+    # Replaced: answered before the attempt whose line the row took. A paid answer the row
+    # fell back on (`_row_attempts`) is in the part, and not counted here again.
+    latest = _row_attempts(_included(rows, attempts), attempts, lines, output_schema).select(
+        C.RECORD_ID, pl.col(_ATTEMPT).alias("__latest")
     )
     by_attempt = {a.number: a for a in attempts}
     usage = (
@@ -304,7 +339,7 @@ def settle(
         unreadable_ids=ids.null_count(),
         repeated=len(repeated),
         repeated_examples=tuple(repeated.head(STRAY_EXAMPLES).to_list()),
-        superseded=_superseded(rows, attempts, lines) if len(attempts) > 1 else [],
+        superseded=_superseded(rows, attempts, lines, output_schema) if len(attempts) > 1 else [],
     )
 
 
