@@ -225,6 +225,31 @@ def test_outputs_lost_of_a_retry_the_ceiling_held_then_admitted_stop_before_payi
     )
 
 
+def test_rerun_whose_on_demand_answers_were_deleted_stops_before_paying_again(stack, tmp_path):
+    # The kept answers of a shard's on-demand tail were deleted with its part: the re-run
+    # merged the tail's records as MissingOutput and served them on demand again, paid twice
+    # and unsaid (the lost-outputs check looked at batch jobs only).
+    from tasks.run.state import RunStateStore
+
+    stack.set_faults(record_error_rate=0.3, seed=5, record_error_job_names_containing="-a1")
+    params = _params(stack, tmp_path, "tail-gone", "local", on_demand_rps=200)
+    batch_inference(params)
+    layout = layout_for(params.output_uri, params.run_name)
+    tail = RunStateStore(layout.run_dir, params.run_name).state.shards[SHARD].attempts[-1]
+    assert (tail.attempt, tail.served_by, tail.status) == (2, "on_demand", "Completed")
+    prefix = layout.on_demand_prefix(tail.job_name)
+    for uri in storage.list_files(prefix, ".jsonl.out"):
+        _remove(uri)
+    _remove(layout.part_uri(1))
+
+    with pytest.raises(OutputsLostError) as excinfo:
+        batch_inference(params)
+
+    message = str(excinfo.value)
+    assert prefix in message and f"lack {tail.records} of the {tail.records} records" in message
+    assert len(RunStateStore(layout.run_dir, params.run_name).state.shards[SHARD].attempts) == 2
+
+
 def test_rerun_of_a_run_folder_copied_to_another_output_uri_reads_its_jobs_outputs(stack, tmp_path):
     # A local run folder copied elsewhere has a job prefix of its own: its shards looked for
     # their jobs' outputs there, found none and took the paid answers for lost.

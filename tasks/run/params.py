@@ -171,9 +171,9 @@ class BatchParams(BaseModel):
     resend_lost_outputs: bool = Field(
         False,
         description=(
-            "Send again, and pay again, the records a finished job processed whose output "
-            "lines are gone from S3 (files deleted or cut); by default the run stops and "
-            "names them."
+            "Send again, and pay again, the records a finished job (or on-demand tail) "
+            "answered whose output lines are gone (files deleted or cut); by default the run "
+            "stops and names them."
         ),
     )
     on_demand: bool = Field(

@@ -584,9 +584,14 @@ def _check_outputs_kept(
     GetModelInvocationJobResponse.processedRecordCount: "The number of records that have been
     processed"), success or error, each one output line; fewer lines than that mean files
     deleted or cut after the job (a lifecycle rule, a cleanup): those answers were paid for,
-    and sending them again pays twice.
+    and sending them again pays twice. A finished on-demand tail kept one line for every
+    record it served (an answer or its error), in the run folder.
     """
-    if attempt.served_by != C.SERVED_BATCH or not attempt.job_id or not attempt.job_arn:
+    on_demand = attempt.served_by == C.SERVED_ON_DEMAND
+    if on_demand:
+        if attempt.status != "Completed":
+            return
+    elif attempt.served_by != C.SERVED_BATCH or not attempt.job_id or not attempt.job_arn:
         return
     frame = settled.frame
     missing = frame.filter(
@@ -594,7 +599,7 @@ def _check_outputs_kept(
     ).height
     if not missing:
         return
-    processed = attempt.counters.get("processedRecordCount")
+    processed = attempt.records if on_demand else attempt.counters.get("processedRecordCount")
     if processed is None:
         # The end was seen without counters (a job state-change event carries none): ask.
         job = describe_job(attempt.job_arn)
@@ -605,10 +610,17 @@ def _check_outputs_kept(
     lost = missing - max(attempt.records - processed, 0)
     if lost <= 0:
         return
-    where = storage.join(ctx.output_prefix(shard), attempt.job_id) + "/"
+    if on_demand:
+        where = ctx.layout.on_demand_prefix(attempt.job_name)
+        what = f"kept answers of the on-demand tail {attempt.job_name}"
+        how = f"{processed} records it served"
+    else:
+        where = storage.join(ctx.output_prefix(shard), attempt.job_id) + "/"
+        what = f"outputs of job {attempt.job_name}"
+        how = f"{processed} records Bedrock processed"
     if ctx.resend_lost_outputs:
         logger.warning(
-            "%d records of %s that job %s processed have no output line in %s; they are sent "
+            "%d records of %s that %s answered have no output line in %s; they are sent "
             "and paid again (resend_lost_outputs)",
             lost,
             shard.name,
@@ -617,11 +629,11 @@ def _check_outputs_kept(
         )
         return
     msg = (
-        f"The outputs of job {attempt.job_name} ({shard.name}) in {where} lack {lost} of the "
-        f"{processed} records Bedrock processed: a .jsonl.out file there was deleted or cut "
-        "after the job. Nothing was sent again; those answers were paid for. Put the files back "
-        "(S3 versioning) and run again, or pass resend_lost_outputs=True "
-        "(`--resend-lost-outputs`) to send and pay for those records again."
+        f"The {what} ({shard.name}) in {where} lack {lost} of the {how}: a .jsonl.out file "
+        "there was deleted or cut after they were answered. Nothing was sent again; those "
+        "answers were paid for. Put the files back (S3 versioning) and run again, or pass "
+        "resend_lost_outputs=True (`--resend-lost-outputs`) to send and pay for those records "
+        "again."
     )
     raise OutputsLostError(msg)
 
