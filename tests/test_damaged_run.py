@@ -250,6 +250,33 @@ def test_rerun_whose_on_demand_answers_were_deleted_stops_before_paying_again(st
     assert len(RunStateStore(layout.run_dir, params.run_name).state.shards[SHARD].attempts) == 2
 
 
+def test_rerun_whose_first_jobs_outputs_were_deleted_under_a_retry_stops_before_paying_again(
+    stack, tmp_path
+):
+    # The check looked at the shard's last attempt only: with the first job's outputs deleted
+    # and an on-demand tail after it, the re-run served the first job's answered records on
+    # demand again, paid twice and unsaid.
+    from tasks.run.state import RunStateStore
+
+    stack.set_faults(record_error_rate=0.3, seed=5, record_error_job_names_containing="-a1")
+    params = _params(stack, tmp_path, "first-gone", "local", on_demand_rps=200)
+    batch_inference(params)
+    layout = layout_for(params.output_uri, params.run_name)
+    attempts = RunStateStore(layout.run_dir, params.run_name).state.shards[SHARD].attempts
+    assert [a.served_by for a in attempts] == ["batch", "on_demand"]
+    prefix = _delete_job_outputs(layout, SHARD)  # the first job's; the tail's are kept
+    _remove(layout.part_uri(1))
+
+    with pytest.raises(OutputsLostError) as excinfo:
+        batch_inference(params)
+
+    answered = 100 - attempts[1].records
+    assert prefix in str(excinfo.value)
+    assert f"lack {answered} of the 100 records" in str(excinfo.value)
+    assert len(RunStateStore(layout.run_dir, params.run_name).state.shards[SHARD].attempts) == 2
+    assert _jobs(stack, params.run_name) == _first_jobs(params.run_name)
+
+
 def test_rerun_of_a_run_folder_copied_to_another_output_uri_reads_its_jobs_outputs(stack, tmp_path):
     # A local run folder copied elsewhere has a job prefix of its own: its shards looked for
     # their jobs' outputs there, found none and took the paid answers for lost.

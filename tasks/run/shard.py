@@ -529,7 +529,9 @@ def _plan_retry(
     if len(state.attempts) >= ctx.max_attempts:
         _warn_gave_up(shard, last, settled, ids, logger)
         return None
-    _check_outputs_kept(ctx, shard, last, settled, logger)
+    # Every attempt's: the lines of an earlier one can go too (the part deleted, merged again).
+    for attempt in state.attempts:
+        _check_outputs_kept(ctx, shard, attempt, settled, logger, retried=attempt is not last)
     minimum = get_settings().quotas.min_records_per_job
     how = C.SERVED_BATCH if len(ids) >= minimum else C.SERVED_ON_DEMAND
     if how == C.SERVED_ON_DEMAND and not ctx.on_demand:
@@ -576,7 +578,12 @@ def _warn_gave_up(
 
 
 def _check_outputs_kept(
-    ctx: RunContext, shard: ShardPlan, attempt: JobAttempt, settled: Settled, logger
+    ctx: RunContext,
+    shard: ShardPlan,
+    attempt: JobAttempt,
+    settled: Settled,
+    logger,
+    retried: bool = False,
 ) -> None:
     """Refuse to retry records a finished job answered but whose output lines are gone.
 
@@ -585,7 +592,8 @@ def _check_outputs_kept(
     processed"), success or error, each one output line; fewer lines than that mean files
     deleted or cut after the job (a lifecycle rule, a cleanup): those answers were paid for,
     and sending them again pays twice. A finished on-demand tail kept one line for every
-    record it served (an answer or its error), in the run folder.
+    record it served (an answer or its error), in the run folder. An attempt already
+    ``retried`` sent on every record it left without a line: one still without is lost.
     """
     on_demand = attempt.served_by == C.SERVED_ON_DEMAND
     if on_demand:
@@ -607,7 +615,7 @@ def _check_outputs_kept(
         processed = attempt.counters.get("processedRecordCount")
         if processed is None:
             return
-    lost = missing - max(attempt.records - processed, 0)
+    lost = missing if retried else missing - max(attempt.records - processed, 0)
     if lost <= 0:
         return
     if on_demand:
