@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import polars as pl
 import pytest
@@ -509,6 +510,44 @@ def test_a_resumed_run_counts_the_tail_and_the_job_a_crash_may_have_left_paid(tm
     assert guard.admit("s6", 60, on_demand=False)  # s3's 0.12 reserved became 0.05 spent
 
 
+def _held_retry(stack, tmp_path: Path, run_name: str) -> tuple[dict, Any, float]:
+    """A finished run of three shards whose shard 1 retry (its first job failed, all 100
+    records again) was held back by max_cost_usd; its fields, plan and estimated upper bound."""
+    stack.set_faults(fail_job_names_containing=f"{run_name}-shard-00001-a1")
+    source = tmp_path / "q.csv"
+    pl.DataFrame({"source": [f"Q{i:04d} what is {i} + 1?" for i in range(300)]}).write_csv(source)
+    fields = dict(
+        source=str(source), prompt_id="question_answering", model_id=CLAUDE,
+        output_uri=str(tmp_path / "out"), run_name=run_name, max_records_per_job=100,
+        max_concurrent_jobs=1, inference=InferenceOverrides(max_tokens=20),
+    )  # fmt: skip
+    plan = preprocess_params(BatchParams(**fields), tmp_path / "probe")
+    high = estimate_from_dir(plan, tmp_path / "probe", stack.client("bedrock-runtime")).cost_high
+    summary = batch_inference(BatchParams(**fields, max_cost_usd=round(high * 1.01, 8)))
+    assert summary["cost"]["held_back_shards"] == ["shard-00001"]
+    return fields, plan, high
+
+
+def _job_names(stack, run_name: str) -> list[str]:
+    return sorted(j["jobName"].split(f"{run_name}-", 1)[1] for j in stack.ledger(run_name))
+
+
+def test_a_finished_run_rerun_with_a_higher_ceiling_sends_only_what_it_held_back(stack, tmp_path):
+    # The re-run returned the old summary with the held rows: the one way left to finish them,
+    # restart, paid for every answered record again.
+    fields, _, high = _held_retry(stack, tmp_path, "held-raised")
+    first = ["shard-00000-a1", "shard-00001-a1", "shard-00002-a1"]
+    same = batch_inference(BatchParams(**fields, max_cost_usd=round(high * 1.01, 8)))
+    assert same["cost"]["held_back_rows"] == 100 and _job_names(stack, "held-raised") == first
+
+    summary = batch_inference(BatchParams(**fields, max_cost_usd=round(high * 10, 8)))
+
+    assert summary["counts"]["succeeded"] == 300 and summary["cost"]["held_back_rows"] == 0
+    assert _job_names(stack, "held-raised") == sorted([*first, "shard-00001-a2"])
+    again = batch_inference(BatchParams(**fields, max_cost_usd=round(high * 10, 8)))
+    assert again == summary and len(stack.ledger("held-raised")) == 4
+
+
 class _Killed(Exception):
     """Stands for the SIGKILL of a failpoint, in process: nothing after it is written."""
 
@@ -524,18 +563,7 @@ def test_a_held_retry_admitted_then_killed_is_counted_by_the_resumed_guard(
     from tasks.run.layout import layout_for
     from tasks.run.state import RunStateStore
 
-    stack.set_faults(fail_job_names_containing="held-then-run-shard-00001-a1")
-    source = tmp_path / "q.csv"
-    pl.DataFrame({"source": [f"Q{i:04d} what is {i} + 1?" for i in range(300)]}).write_csv(source)
-    fields = dict(
-        source=str(source), prompt_id="question_answering", model_id=CLAUDE,
-        output_uri=str(tmp_path / "out"), run_name="held-then-run", max_records_per_job=100,
-        max_concurrent_jobs=1, inference=InferenceOverrides(max_tokens=20),
-    )  # fmt: skip
-    plan = preprocess_params(BatchParams(**fields), tmp_path / "probe")
-    high = estimate_from_dir(plan, tmp_path / "probe", stack.client("bedrock-runtime")).cost_high
-    # Shard 1's first job fails; its retry (all 100 records again) passes the ceiling.
-    batch_inference(BatchParams(**fields, max_cost_usd=round(high * 1.01, 8)))
+    fields, plan, high = _held_retry(stack, tmp_path, "held-then-run")
     layout = layout_for(fields["output_uri"], "held-then-run")
     Path(layout.part_uri(1)).unlink()  # merged again by the next run, which raises the ceiling
     failpoint = shard_module.failpoint

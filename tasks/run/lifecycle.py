@@ -27,7 +27,7 @@ from tasks.pipeline.plan import RunPlan
 from tasks.pipeline.preprocess import preprocess_params
 from tasks.pipeline.summary import check_output, summary_artifacts
 from tasks.run import gate
-from tasks.run.cost import save_estimate
+from tasks.run.cost import COST_CEILING_REACHED, save_estimate
 from tasks.run.failpoints import failpoint
 from tasks.run.identity import (
     RunIdentity,
@@ -181,6 +181,8 @@ def resolve_run(params: BatchParams, flow_run_id: Any = None) -> ResolvedRun:
         finished = None
         if store.state.finished_at and storage.exists(layout.summary_uri):
             finished = json.loads(storage.read_bytes(layout.summary_uri))
+            if _send_what_was_held(store, finished, params.max_cost_usd, logger):
+                finished = None
     except BaseException:
         claim.release()
         raise
@@ -260,6 +262,43 @@ def _forget_missing_parts(store: RunStateStore, layout: RunLayout, logger) -> No
         # as merged, so not forgotten again).
         store.state.finished_at = None
         store.save()
+
+
+def _send_what_was_held(
+    store: RunStateStore, summary: dict[str, Any], ceiling: float | None, logger
+) -> bool:
+    """A finished run re-run with a higher max_cost_usd (or none) sends what it held back.
+
+    Only the attempts the ceiling held are sent, decided again by the new ceiling; every
+    answer the run has is kept. Without this the re-run returned the old summary, and the
+    way left to finish the held rows, `restart`, paid for every answered record again.
+    """
+    cost = summary.get("cost") or {}
+    old = cost.get("max_cost_usd")
+    if not cost.get("held_back_rows") or old is None or (ceiling is not None and ceiling <= old):
+        return False
+    held = [
+        shard
+        for shard in store.state.shards.values()
+        if shard.current is not None and shard.current.status == COST_CEILING_REACHED
+    ]
+    for shard in held:
+        shard.part_uri, shard.merge_stats = None, None
+        store.save(shard.name)
+    if not held:
+        return False
+    logger.warning(
+        "Run %s finished with %s rows of %d shards held back by max_cost_usd=%s; with "
+        "max_cost_usd=%s they are sent now (answered rows are kept, not paid again)",
+        store.state.run_name,
+        f"{cost['held_back_rows']:,}",
+        len(held),
+        old,
+        ceiling,
+    )
+    store.state.finished_at = None
+    store.save()
+    return True
 
 
 def release_run(run: ResolvedRun) -> None:
