@@ -230,6 +230,33 @@ def test_answers_a_repair_replaced_are_counted_in_the_cost(stack, tmp_path):
     assert cost["total_usd"] == pytest.approx(cost["batch_usd"] + cost["on_demand_usd"])
 
 
+def test_tokens_of_answers_a_repair_replaced_are_counted_in_the_run_figures(stack, tmp_path):
+    # The cost counted the answers a schema repair replaced, the tokens did not: the CLI line
+    # and summary.json said 16,327/2,588 where the jobs' manifests and the on-demand repairs
+    # came to 21,303/2,857, and each shard's job-table row left them out too.
+    stack.set_faults(schema_error_rate=0.3, schema_error_job_names_containing="-a1")
+    source = tmp_path / "graded.parquet"
+    simplecot(200).with_columns(pl.lit("Answer: B").alias("answer_response_text")).write_parquet(
+        source
+    )
+    params = BatchParams(
+        source=str(source), prompt_id="grade_answer", model_id=CLAUDE,
+        output_uri=str(tmp_path / "out"), run_name="tokens-repaired", max_records_per_job=100,
+        on_demand_rps=200,
+    )  # fmt: skip
+
+    summary = batch_inference(params)
+
+    out = pl.read_parquet(summary["parts"])
+    tail = out.filter(pl.col(SERVED_BY) == SERVED_ON_DEMAND)
+    assert tail.height > 0 and tail["attempts"].min() > 1  # repairs of paid batch answers
+    batch_in, batch_out = _manifest_tokens(stack, "tokens-repaired")
+    paid = (batch_in + int(tail[INPUT_TOKENS].sum()), batch_out + int(tail[OUTPUT_TOKENS].sum()))
+    assert (summary["tokens"]["input"], summary["tokens"]["output"]) == paid
+    by_job = [(j["input_tokens"], j["output_tokens"]) for j in summary["jobs"]]
+    assert (sum(i for i, _ in by_job), sum(o for _, o in by_job)) == paid
+
+
 def test_a_repair_held_back_by_the_ceiling_keeps_the_answer_it_paid_for(stack, tmp_path):
     # The answers that broke the schema were paid for; their repair (on demand) would pass
     # max_cost_usd and was held back: the rows lost those answers (no text, no tokens,

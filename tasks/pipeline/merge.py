@@ -11,6 +11,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import polars as pl
 
@@ -94,14 +95,20 @@ class MergeTurn:
 
 
 def write_part(
-    frame: pl.DataFrame, dest: Path, stray_lines: int = 0, job_tokens: JobTokens | None = None
+    frame: pl.DataFrame,
+    dest: Path,
+    stray_lines: int = 0,
+    job_tokens: JobTokens | None = None,
+    replaced: list[dict[str, Any]] | None = None,
 ) -> MergeStats:
     """Write a merged part atomically and count what it holds (and the lines it could not).
 
     ``job_tokens``: the manifest totals of jobs whose rows carry no token counts.
+    ``replaced``: paid answers a later attempt replaced (`Settled.superseded`), whose tokens
+    count too.
     """
     write_parquet_atomic(frame, dest)
-    return replace(_stats(frame, job_tokens), stray_lines=stray_lines)
+    return replace(_stats(frame, job_tokens, replaced), stray_lines=stray_lines)
 
 
 def settle_warnings(settled: Settled, where: str) -> list[str]:
@@ -133,13 +140,18 @@ def settle_warnings(settled: Settled, where: str) -> list[str]:
     return said
 
 
-def _stats(frame: pl.DataFrame, job_tokens: JobTokens | None = None) -> MergeStats:
+def _stats(
+    frame: pl.DataFrame,
+    job_tokens: JobTokens | None = None,
+    replaced: list[dict[str, Any]] | None = None,
+) -> MergeStats:
     row = frame.select(
         pl.len().alias("records"),
         pl.col(C.ERROR_CODE).is_null().sum().alias("succeeded"),
     ).row(0, named=True)
     # Cohere Embed's rows carry no tokens: a sum of their nulls said 0 tokens.
-    tokens_in, tokens_out = tokens.totals(tokens.per_job(frame.lazy()).collect(), job_tokens)
+    usage = tokens.with_replaced(tokens.per_job(frame.lazy()).collect(), replaced)
+    tokens_in, tokens_out = tokens.totals(usage, job_tokens)
     return MergeStats(
         records=row["records"],
         succeeded=row["succeeded"],

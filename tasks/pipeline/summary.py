@@ -15,6 +15,7 @@ from tasks.aws.clients import polars_storage_options
 from tasks.bedrock.jobs import job_id_from_arn
 from tasks.errors import IncompleteOutputError
 from tasks.pipeline import tokens
+from tasks.pipeline.attempts import SUPERSEDED
 from tasks.pipeline.columns import (
     CONTENT_FILTERED,
     ERROR_CODE,
@@ -241,7 +242,10 @@ def summary_artifacts(
 
     cost = cost_summary(ctx, results, check["parts"])
     job_tokens = {job: pair for r in results for job, pair in job_tokens_of(r.stats).items()}
-    tokens_in, tokens_out = tokens.totals(check["token_usage"], job_tokens)
+    # The paid answers a schema repair replaced count as the cost counts them.
+    replaced = [s for r in results for s in r.stats.get(SUPERSEDED) or []]
+    usage = tokens.with_replaced(check["token_usage"], replaced)
+    tokens_in, tokens_out = tokens.totals(usage, job_tokens)
     part_cost = cost["parts"]
     rows = [
         {

@@ -43,6 +43,33 @@ def per_job(frame: pl.LazyFrame, keys: tuple[str, ...] = (C.JOB_ID,)) -> pl.Lazy
     )
 
 
+def with_replaced(usage: pl.DataFrame, replaced: list[dict[str, Any]] | None) -> pl.DataFrame:
+    """`per_job` rows (by job alone) plus the tokens of paid answers a later attempt replaced.
+
+    A schema repair re-asks a record Bedrock already answered and charged for; the part keeps
+    the repair alone, so the replaced answers (`tasks.pipeline.attempts.SUPERSEDED`) are added
+    to their job's tokens, as the cost adds them (`tasks.run.cost.token_usage`).
+    """
+    if not replaced:
+        return usage
+    extra = pl.DataFrame(
+        {
+            C.JOB_ID: [r.get(C.JOB_ID) for r in replaced],
+            C.INPUT_TOKENS: [int(r.get(C.INPUT_TOKENS) or 0) for r in replaced],
+            C.OUTPUT_TOKENS: [int(r.get(C.OUTPUT_TOKENS) or 0) for r in replaced],
+            UNCOUNTED: [0] * len(replaced),
+        },
+        schema={
+            C.JOB_ID: pl.String,
+            C.INPUT_TOKENS: pl.Int64,
+            C.OUTPUT_TOKENS: pl.Int64,
+            UNCOUNTED: pl.Int64,
+        },
+    )
+    both = pl.concat([usage.select(extra.columns), extra], how="vertical_relaxed")
+    return both.group_by(C.JOB_ID, maintain_order=True).agg(pl.all().sum())
+
+
 def with_manifests(usage: pl.DataFrame, job_tokens: JobTokens | None) -> pl.DataFrame:
     """`per_job` rows whose answers had no counts take their job's manifest totals; those
     still without any get null tokens (unknown) and keep their uncounted rows."""

@@ -711,7 +711,7 @@ def merge_shard_output(
     part = ctx.part_uri(shard)
     with storage.local_dir_for(ctx.layout.output_dir) as out_dir:
         dest = out_dir / part.rsplit("/", 1)[-1]
-        stats = write_part(settled.frame, dest, settled.stray_lines, job_tokens)
+        stats = write_part(settled.frame, dest, settled.stray_lines, job_tokens, settled.superseded)
         if storage.is_s3(part):
             storage.upload_file(dest, part, ctx.kms_key_id)
     failpoint("merge")
