@@ -321,3 +321,21 @@ def test_watcher_follows_emulator_jobs_through_get_and_list_throttling(stack, mo
     assert {r["status"] for r in results.values()} == {"Completed"}
     assert all(r["successRecordCount"] == 100 for r in results.values())
     assert watcher.calls["throttled"] > 0  # it was throttled, and no shard saw it
+
+
+def test_a_status_from_an_event_does_not_carry_the_last_polls_counters():
+    # A poll saw the job InProgress with 0 processed; its end came by an event, which carries
+    # no counters: the Completed job read as 0 processed, and the check for deleted outputs took
+    # its 100 missing lines for records never processed and sent them again (a CI run).
+    from tasks.aws.watcher import Watch
+
+    watch = Watch("arn:job/x", "rk-job")
+    polled = {"jobArn": "arn:job/x", "status": "InProgress", "totalRecordCount": 100}
+    watch.offer({**polled, "processedRecordCount": 0, "successRecordCount": 0})
+    watch.offer({"jobArn": "arn:job/x", "status": "Completed"})
+    assert watch.latest["status"] == "Completed"
+    assert "processedRecordCount" not in watch.latest  # unknown, asked for when needed
+    assert "successRecordCount" not in watch.latest and "totalRecordCount" not in watch.latest
+    # A poll's description of the same status keeps its own counters.
+    watch.offer({**polled, "status": "Completed", "processedRecordCount": 100})
+    assert watch.latest["processedRecordCount"] == 100 and watch.latest["totalRecordCount"] == 100

@@ -68,7 +68,15 @@ class Watch:
                 return  # a late, out-of-order report of an earlier status
             if self.latest is not None and _key(self.latest) == _key(job):
                 return
-            self.latest = {**(self.latest or {}), **job}
+            merged = {**(self.latest or {}), **job}
+            if self.latest is not None and job.get("status") != self.latest.get("status"):
+                # The counters belong to the description that carried them: an event's new
+                # status carries none, and the last poll's describe the job before it (a
+                # Completed job read as 0 records processed, its deleted outputs as unsent).
+                for name in COUNTERS:
+                    if name not in job:
+                        merged.pop(name, None)
+            self.latest = merged
         self.changed.set()
 
     def fail(self, error: Exception) -> None:
