@@ -268,9 +268,12 @@ def _temporary_server_apart() -> None:
     Prefect starts it as a child in the terminal's process group, so Ctrl-C killed it with
     the run: the interrupted run then failed to record its state, retried the dead server for
     minutes and never exited. In a session of its own the server outlives the interrupt; the
-    run ends in seconds and stops it on exit, as Prefect does (atexit).
+    run ends in seconds and stops it on exit, as Prefect does (atexit). A run that cannot
+    stop it (SIGKILL, the OOM killer) left it running for good, 220 MB and a port each: on
+    Linux the kernel sends it SIGTERM when the run's process dies (`PR_SET_PDEATHSIG`).
     """
     import subprocess
+    import threading
     from types import SimpleNamespace
 
     from prefect.server.api import server
@@ -282,8 +285,12 @@ def _temporary_server_apart() -> None:
     if temporary.running:
         return
 
+    # From the main thread only: the signal comes when the forking thread ends.
+    main = threading.current_thread() is threading.main_thread()
+    ends_with_us = _parent_death_signal() if main else None
+
     def apart(*args, **kwargs):
-        return subprocess.Popen(*args, **kwargs, start_new_session=True)
+        return subprocess.Popen(*args, **kwargs, start_new_session=True, preexec_fn=ends_with_us)
 
     # Only the server module's view of subprocess changes, and only for this start.
     server.subprocess = SimpleNamespace(Popen=apart)
@@ -291,6 +298,28 @@ def _temporary_server_apart() -> None:
         temporary.start()
     finally:
         server.subprocess = subprocess
+
+
+def _parent_death_signal() -> Callable[[], None] | None:
+    """A `preexec_fn` that has the kernel SIGTERM the child when this process dies (Linux).
+
+    prctl(2) PR_SET_PDEATHSIG: the signal comes when the thread that forked the child ends,
+    which for the CLI's main thread is the process. None elsewhere: the child is then stopped
+    only by the run's own exit, as Prefect does.
+    """
+    if not sys.platform.startswith("linux"):
+        return None
+    import ctypes
+    import ctypes.util
+    import signal
+
+    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+    pr_set_pdeathsig = 1  # <linux/prctl.h>
+
+    def ends_with_parent() -> None:
+        libc.prctl(pr_set_pdeathsig, signal.SIGTERM)
+
+    return ends_with_parent
 
 
 def quiet_tracebacks() -> None:

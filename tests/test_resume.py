@@ -253,3 +253,44 @@ def test_ctrl_c_with_the_temporary_prefect_server_ends_the_run_in_seconds(stack,
     assert left_after < 30, left_after
     assert "Connection refused" not in stderr
     assert [j["status"] for j in stack.ledger("sigint-temp")] == ["InProgress"] * 2
+
+
+def _running(pid: int) -> bool:
+    """Whether ``pid`` runs (a zombie nobody reaped has ended)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, IndexError):
+        return False
+    return state != "Z"
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="prctl(PR_SET_PDEATHSIG)")
+def test_a_killed_run_takes_its_temporary_prefect_server_with_it(tmp_path):
+    # A CLI run SIGKILLed (or killed by the OOM killer) left Prefect's temporary server, in a
+    # session of its own, running for good: eleven of them, 220 MB each, after one afternoon.
+    script = (
+        "import time\n"
+        "from flows.cli import _temporary_server_apart\n"
+        "from prefect.server.api.server import SubprocessASGIServer\n"
+        "_temporary_server_apart()\n"
+        "print(SubprocessASGIServer().server_process.pid, flush=True)\n"
+        "time.sleep(600)\n"
+    )
+    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect")}
+    env["PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"] = "90"  # see the Ctrl-C test
+    env.pop("PREFECT_API_URL", None)
+    run = subprocess.Popen(
+        [sys.executable, "-c", script], env=env, stdout=subprocess.PIPE, text=True
+    )
+    server_pid = None
+    try:
+        server_pid = int(run.stdout.readline())
+        assert _running(server_pid)
+        run.kill()
+        run.wait(timeout=10)
+        gone = eventually(lambda: not _running(server_pid), timeout=30, fail=False)
+        assert gone, f"the temporary server {server_pid} outlived its killed run"
+    finally:
+        run.kill()
+        if server_pid and _running(server_pid):
+            os.kill(server_pid, signal.SIGKILL)
