@@ -116,7 +116,8 @@ def test_stuck_job_alerts_once_fires_automation_and_resolves_once(stack):
             t for t in result["transitions"] if t["rule"] == STALLED and t["resolved"] == resolved
         ]
 
-    started = _until(lambda: transitions(False), timeout=40)
+    # Each try runs the monitor flow on the worker's Prefect server, which can stall ~60 s.
+    started = _until(lambda: transitions(False), timeout=PREFECT_SERVER_WAIT)
     assert len(started) == 1
     # The condition goes on: more runs, no second alert.
     assert transitions(False) == []
@@ -136,7 +137,7 @@ def test_stuck_job_alerts_once_fires_automation_and_resolves_once(stack):
 
     # The job moves again → exactly one resolved event.
     stack.set_faults(stuck_job_names_containing=None)
-    resolved = _until(lambda: transitions(True), timeout=30)
+    resolved = _until(lambda: transitions(True), timeout=PREFECT_SERVER_WAIT)
     assert len(resolved) == 1
     assert transitions(True) == []
     resolved_events = _until(
@@ -158,7 +159,9 @@ def test_a_model_whose_jobs_all_wait_to_start_is_queued_not_stalled(stack):
     try:
         # The metrics alone say stalled (records pending, no tokens for the stall time); the
         # monitor looks at the job, finds it waiting to start, and says queued instead.
-        result = _until(lambda: bedrock_batch_monitor(params)["queued"], timeout=40)
+        result = _until(
+            lambda: bedrock_batch_monitor(params)["queued"], timeout=PREFECT_SERVER_WAIT
+        )
         assert result == {model_id: 1}
         assert client("bedrock").get_model_invocation_job(jobIdentifier=job_arn)["status"] == (
             "Scheduled"
