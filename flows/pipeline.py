@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from typing import Any
 
 import polars as pl
@@ -111,13 +112,13 @@ def prepare_stage_input(
     )
 
 
-@task(cache_policy=NO_CACHE)
-def _total(values) -> int | None:
+def _total(values: Iterable[int | None]) -> int | None:
     """The sum of the stages' counts, None when one of them is unknown."""
     values = list(values)
     return None if any(v is None for v in values) else sum(values)
 
 
+@task(cache_policy=NO_CACHE)
 def join_and_report(
     params: PipelineParams, stages: list[Stage], reports: list[dict[str, Any]]
 ) -> dict[str, Any]:

@@ -129,3 +129,15 @@ def test_the_same_source_file_named_another_way_is_the_same_pipeline(tmp_path, m
     simplecot(21).write_ndjson(source)
     with pytest.raises(RunIdentityError, match=r"changed: source\)"):
         check_definition(base, _stages(), "simplecot.jsonl", restart=False)
+
+
+def test_the_join_is_a_task_and_the_stage_totals_are_unknown_when_one_is():
+    # A helper slid between the decorator and the join made the sum the Prefect task: the
+    # pipeline's join vanished from the UI and each total became two task runs.
+    from prefect import Task
+
+    from flows.pipeline import _total, join_and_report
+
+    assert isinstance(join_and_report, Task) and not isinstance(_total, Task)
+    assert _total(iter([3, 4])) == 7
+    assert _total([3, None]) is None  # a Cohere stage's unknown tokens: the total too
