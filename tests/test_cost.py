@@ -203,10 +203,8 @@ def _manifest_tokens(stack, name_contains: str) -> tuple[int, int]:
     return tokens_in, tokens_out
 
 
-def test_answers_a_repair_replaced_are_counted_in_the_cost(stack, tmp_path):
-    # Answers that break the schema are paid for, then asked again: the part keeps only the
-    # repaired answer, and the cost left the first one out (batch $0.00247 for two jobs whose
-    # manifests said $0.00366).
+def _repaired_run(stack, tmp_path, run_name: str) -> tuple[dict, pl.DataFrame]:
+    """A graded run whose first jobs' answers break the schema 30% of the time: repaired."""
     stack.set_faults(schema_error_rate=0.3, schema_error_job_names_containing="-a1")
     source = tmp_path / "graded.parquet"
     simplecot(200).with_columns(pl.lit("Answer: B").alias("answer_response_text")).write_parquet(
@@ -214,13 +212,18 @@ def test_answers_a_repair_replaced_are_counted_in_the_cost(stack, tmp_path):
     )
     params = BatchParams(
         source=str(source), prompt_id="grade_answer", model_id=CLAUDE,
-        output_uri=str(tmp_path / "out"), run_name="cost-repaired", max_records_per_job=100,
+        output_uri=str(tmp_path / "out"), run_name=run_name, max_records_per_job=100,
         on_demand_rps=200,
     )  # fmt: skip
-
     summary = batch_inference(params)
+    return summary, pl.read_parquet(summary["parts"])
 
-    out = pl.read_parquet(summary["parts"])
+
+def test_answers_a_repair_replaced_are_counted_in_the_cost(stack, tmp_path):
+    # Answers that break the schema are paid for, then asked again: the part keeps only the
+    # repaired answer, and the cost left the first one out (batch $0.00247 for two jobs whose
+    # manifests said $0.00366).
+    summary, out = _repaired_run(stack, tmp_path, "cost-repaired")
     assert out.filter(pl.col("attempts") > 1).height > 0  # some answers were repaired
     price = prices.price_for(CLAUDE)
     tokens_in, tokens_out = _manifest_tokens(stack, "cost-repaired")
@@ -234,20 +237,7 @@ def test_tokens_of_answers_a_repair_replaced_are_counted_in_the_run_figures(stac
     # The cost counted the answers a schema repair replaced, the tokens did not: the CLI line
     # and summary.json said 16,327/2,588 where the jobs' manifests and the on-demand repairs
     # came to 21,303/2,857, and each shard's job-table row left them out too.
-    stack.set_faults(schema_error_rate=0.3, schema_error_job_names_containing="-a1")
-    source = tmp_path / "graded.parquet"
-    simplecot(200).with_columns(pl.lit("Answer: B").alias("answer_response_text")).write_parquet(
-        source
-    )
-    params = BatchParams(
-        source=str(source), prompt_id="grade_answer", model_id=CLAUDE,
-        output_uri=str(tmp_path / "out"), run_name="tokens-repaired", max_records_per_job=100,
-        on_demand_rps=200,
-    )  # fmt: skip
-
-    summary = batch_inference(params)
-
-    out = pl.read_parquet(summary["parts"])
+    summary, out = _repaired_run(stack, tmp_path, "tokens-repaired")
     tail = out.filter(pl.col(SERVED_BY) == SERVED_ON_DEMAND)
     assert tail.height > 0 and tail["attempts"].min() > 1  # repairs of paid batch answers
     batch_in, batch_out = _manifest_tokens(stack, "tokens-repaired")
