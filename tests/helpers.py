@@ -226,3 +226,14 @@ def run_gate_of(output_uri: str, run_name: str) -> str:
     assert identity is not None, f"no run.json in {layout.run_dir}"
     key = run_key(run_name, layout.run_dir, identity.run_id)
     return gate.run_gate_name(gate.gate_run(run_name, key))
+
+
+def graded_source(tmp_path: Path, rows: int) -> Path:
+    """`grade_answer` input: SimpleCoT rows with an answer to grade, as a Parquet file."""
+    from data.make_samples import simplecot
+
+    source = tmp_path / "graded.parquet"
+    simplecot(rows).with_columns(pl.lit("Answer: B").alias("answer_response_text")).write_parquet(
+        source
+    )
+    return source

@@ -8,9 +8,8 @@ from typing import Any
 
 import polars as pl
 import pytest
-from helpers import assert_answers_match_rows
+from helpers import assert_answers_match_rows, graded_source
 
-from data.make_samples import simplecot
 from flows.batch_inference import batch_inference
 from flows.cli import main as cli_main
 from tasks.bedrock import catalog, prices
@@ -206,10 +205,7 @@ def _manifest_tokens(stack, name_contains: str) -> tuple[int, int]:
 def _repaired_run(stack, tmp_path, run_name: str) -> tuple[dict, pl.DataFrame]:
     """A graded run whose first jobs' answers break the schema 30% of the time: repaired."""
     stack.set_faults(schema_error_rate=0.3, schema_error_job_names_containing="-a1")
-    source = tmp_path / "graded.parquet"
-    simplecot(200).with_columns(pl.lit("Answer: B").alias("answer_response_text")).write_parquet(
-        source
-    )
+    source = graded_source(tmp_path, 200)
     params = BatchParams(
         source=str(source), prompt_id="grade_answer", model_id=CLAUDE,
         output_uri=str(tmp_path / "out"), run_name=run_name, max_records_per_job=100,
@@ -252,10 +248,7 @@ def test_a_repair_held_back_by_the_ceiling_keeps_the_answer_it_paid_for(stack, t
     # max_cost_usd and was held back: the rows lost those answers (no text, no tokens,
     # served_by skipped) and the summary's tokens left them out.
     stack.set_faults(schema_error_rate=0.3, schema_error_job_names_containing="-a1")
-    source = tmp_path / "graded.parquet"
-    simplecot(100).with_columns(pl.lit("Answer: B").alias("answer_response_text")).write_parquet(
-        source
-    )
+    source = graded_source(tmp_path, 100)
     fields = dict(
         source=str(source), prompt_id="grade_answer", model_id=CLAUDE,
         output_uri=str(tmp_path / "out"), run_name="repair-held", max_records_per_job=100,

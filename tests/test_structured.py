@@ -258,7 +258,8 @@ def test_output_schema_clashing_with_output_columns_is_refused():
 def test_answer_whose_repair_came_back_without_one_is_kept_in_its_row(stack, tmp_path):
     # Every answer of the first job broke the schema (paid for); the repair job failed and
     # max_attempts ended there: the rows showed only the job's failure, the answers gone.
-    from data.make_samples import simplecot
+    from helpers import graded_source
+
     from flows.batch_inference import batch_inference
     from tasks.bedrock import prices
     from tasks.run.params import BatchParams
@@ -268,10 +269,7 @@ def test_answer_whose_repair_came_back_without_one_is_kept_in_its_row(stack, tmp
         schema_error_job_names_containing="-a1",
         fail_job_names_containing="repair-failed-shard-00000-a2",
     )
-    source = tmp_path / "graded.parquet"
-    simplecot(100).with_columns(pl.lit("Answer: B").alias("answer_response_text")).write_parquet(
-        source
-    )
+    source = graded_source(tmp_path, 100)
     params = BatchParams(
         source=str(source), prompt_id="grade_answer", model_id=CLAUDE, max_attempts=2,
         output_uri=str(tmp_path / "out"), run_name="repair-failed", max_records_per_job=100,
