@@ -89,18 +89,15 @@ def with_manifests(usage: pl.DataFrame, job_tokens: JobTokens | None) -> pl.Data
     return (
         usage.join(table, on=C.JOB_ID, how="left", maintain_order="left")
         .with_columns(
-            pl.when(uncounted & found)
-            .then(pl.col("__m_in"))
-            .when(uncounted)
-            .then(None)
-            .otherwise(pl.col(C.INPUT_TOKENS))
-            .alias(C.INPUT_TOKENS),
-            pl.when(uncounted & found)
-            .then(pl.col("__m_out"))
-            .when(uncounted)
-            .then(None)
-            .otherwise(pl.col(C.OUTPUT_TOKENS))
-            .alias(C.OUTPUT_TOKENS),
+            *(
+                pl.when(uncounted & found)
+                .then(pl.col(manifest))
+                .when(uncounted)
+                .then(None)
+                .otherwise(pl.col(column))
+                .alias(column)
+                for column, manifest in ((C.INPUT_TOKENS, "__m_in"), (C.OUTPUT_TOKENS, "__m_out"))
+            ),
             pl.when(uncounted & found).then(0).otherwise(pl.col(UNCOUNTED)).alias(UNCOUNTED),
         )
         .drop("__m_in", "__m_out")
