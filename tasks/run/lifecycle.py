@@ -53,7 +53,7 @@ from tasks.run.layout import (
     resolve_role_arn,
 )
 from tasks.run.owner import RunClaim, claim_run
-from tasks.run.state import RunStateStore, now_iso
+from tasks.run.state import RunStateStore, ShardState, now_iso
 from tasks.run.stop import stop_run_jobs
 from tasks.settings import get_settings
 
@@ -243,23 +243,31 @@ def _forget_missing_parts(store: RunStateStore, layout: RunLayout, logger) -> No
     finished run was reported finished with that shard's rows missing from its output.
     """
     present = {uri.rsplit("/", 1)[-1] for uri in storage.list_files(layout.output_dir, PARQUET)}
-    forgot = False
-    for shard in list(store.state.shards.values()):
-        if shard.part_uri is None or shard.part_uri.rsplit("/", 1)[-1] in present:
-            continue
+    gone = [
+        shard
+        for shard in store.state.shards.values()
+        if shard.part_uri is not None and shard.part_uri.rsplit("/", 1)[-1] not in present
+    ]
+    for shard in gone:
         logger.warning(
             "The merged part %s of %s is missing; it is merged again from its jobs' outputs",
             shard.part_uri,
             shard.name,
         )
+    _merge_again(store, gone)
+
+
+def _merge_again(store: RunStateStore, shards: list[ShardState]) -> None:
+    """Forget the merge of ``shards`` and the run's end: both are done again.
+
+    Written at once: a re-run killed before it merged them left state.json saying finished,
+    and the next re-run returned the old summary with their parts still missing (the shards
+    no longer listed as merged, so not found again).
+    """
+    for shard in shards:
         shard.part_uri, shard.merge_stats = None, None
         store.save(shard.name)
-        forgot = True
-    if forgot and store.state.finished_at:
-        # The run's end is done again once the part is back. Written now: a re-run killed
-        # before it merged the part left state.json saying finished, and the next re-run
-        # returned the old summary with the part still missing (its shard no longer listed
-        # as merged, so not forgotten again).
+    if shards and store.state.finished_at:
         store.state.finished_at = None
         store.save()
 
@@ -282,9 +290,6 @@ def _send_what_was_held(
         for shard in store.state.shards.values()
         if shard.current is not None and shard.current.status == COST_CEILING_REACHED
     ]
-    for shard in held:
-        shard.part_uri, shard.merge_stats = None, None
-        store.save(shard.name)
     if not held:
         return False
     logger.warning(
@@ -296,8 +301,7 @@ def _send_what_was_held(
         old,
         ceiling,
     )
-    store.state.finished_at = None
-    store.save()
+    _merge_again(store, held)
     return True
 
 
