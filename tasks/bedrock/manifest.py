@@ -45,3 +45,8 @@ def parse_manifest(data: bytes) -> dict[str, int] | None:
     if any(k not in numbers or numbers[k] < 0 for k in TOKEN_FIELDS):
         return None
     return numbers
+
+
+def token_totals(manifest: dict[str, int]) -> tuple[int, int]:
+    """(input, output) tokens Bedrock counted for the job (a `parse_manifest` result)."""
+    return manifest["inputTokenCount"], manifest["outputTokenCount"]

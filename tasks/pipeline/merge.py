@@ -17,7 +17,7 @@ import polars as pl
 
 from prompt_templates import output_schema_for
 from tasks.bedrock.families import family_for
-from tasks.bedrock.manifest import MANIFEST_FILE, parse_manifest
+from tasks.bedrock.manifest import MANIFEST_FILE, parse_manifest, token_totals
 from tasks.errors import PlanError
 from tasks.files import write_parquet_atomic
 from tasks.pipeline import columns as C
@@ -316,7 +316,7 @@ def _manifest_tokens(job_dir: Path, job_id: str) -> JobTokens:
     if manifest is None:
         logger.warning("No readable manifest at %s: the tokens of job %s are unknown", path, job_id)
         return {}
-    return {job_id: (manifest["inputTokenCount"], manifest["outputTokenCount"])}
+    return {job_id: token_totals(manifest)}
 
 
 def merge_offline(

@@ -35,7 +35,7 @@ from tasks.aws.submit import (
 )
 from tasks.aws.watcher import JobWatcher
 from tasks.bedrock.families import family_for
-from tasks.bedrock.manifest import MANIFEST_FILE, parse_manifest
+from tasks.bedrock.manifest import MANIFEST_FILE, parse_manifest, token_totals
 from tasks.bedrock.statuses import outcome, retry_statuses
 from tasks.errors import OutputsLostError, PlanError, RunInterrupted
 from tasks.monitoring import events
@@ -454,11 +454,7 @@ def _read_manifest(ctx: RunContext, attempt: JobAttempt, uris: list[str]) -> Non
 
 def _job_tokens(attempts: list[JobAttempt]) -> JobTokens:
     """The manifest totals of the attempts that have one, by job id."""
-    return {
-        a.job_id: (a.manifest["inputTokenCount"], a.manifest["outputTokenCount"])
-        for a in attempts
-        if a.job_id and a.manifest
-    }
+    return {a.job_id: token_totals(a.manifest) for a in attempts if a.job_id and a.manifest}
 
 
 def _attempt_output(
