@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import threading
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -117,6 +118,23 @@ def test_offline_commands_do_not_import_botocore():
     )
     out = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    ).stdout
+    assert out.strip() == "[]"
+
+
+def test_a_run_against_a_prefect_server_does_not_import_prefects_own_server():
+    """Prefect's server modules cost a CLI run ~2 s of CPU; only the temporary server needs
+    them, so a run with PREFECT_API_URL set does not import them."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, flows.cli; flows.cli.interruptible();"
+        "print(sorted(m for m in sys.modules if m.startswith('prefect.server')))"
+    )
+    env = {**os.environ, "PREFECT_API_URL": "http://127.0.0.1:9/api"}
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env
     ).stdout
     assert out.strip() == "[]"
 
