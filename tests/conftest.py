@@ -36,10 +36,14 @@ def prefect_server():
 # `local_stack` below only adds what this project needs on top.
 pytest_plugins = ["emulator.pytest_plugin"]
 
-# The project's poll back-off in tenths of a second: the emulator answers at once.
-POLL_TEST_ENV = {
+# The project's poll back-off in tenths of a second: the emulator answers at once. The cost
+# estimate's CountTokens sample is 20 records, not 200: the suite makes ~200 runs, and 200
+# calls cost a run ~0.85 s of CPU (the CLI and the emulator); the tests of the sample itself
+# set their own size.
+TEST_ENV = {
     "BEDROCK_BATCH_POLL_CREATE_BACKOFF_SECONDS": "0.1",
     "BEDROCK_BATCH_POLL_MAX_INTERVAL_SECONDS": "1",
+    "BEDROCK_BATCH_COST_SAMPLE_RECORDS": "20",
 }
 
 
@@ -49,8 +53,8 @@ def local_stack(bedrock_local_stack):
     from tasks.aws.clients import reset_clients
     from tasks.settings import get_settings
 
-    saved = {name: os.environ.get(name) for name in POLL_TEST_ENV}
-    os.environ.update(POLL_TEST_ENV)
+    saved = {name: os.environ.get(name) for name in TEST_ENV}
+    os.environ.update(TEST_ENV)
     get_settings.cache_clear()
     reset_clients()
     try:
