@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
@@ -154,8 +155,8 @@ def test_a_slot_this_process_frees_is_taken_at_once_by_few_asks(gate_settings, m
     model = _model("refill")
     gate.ensure_gates(model, "refill-run", 1)
     first = gate.acquire_slot(model, "refill-run", 60)
-    callers: list[threading.Thread] = []  # of each Prefect client the gate opens from now on
-    _count_calls(monkeypatch, "get_client", callers)
+    callers: list[threading.Thread] = []  # of each Prefect call the gate makes from now on
+    _count_calls(monkeypatch, "_prefect", callers)
     taken, waiters = _start_waiters(model, "refill-run", 8)
     # This test's threads only: an earlier test's run may give back slots meanwhile.
     ours = [threading.current_thread(), *waiters]
@@ -406,15 +407,17 @@ def _failing_first(monkeypatch, failures: list[Exception]) -> list[Exception]:
     Only in the test's own thread: a slot keeper or give-back timer left by an earlier test
     must not take one of the failures meant for the call under test.
     """
-    real = gate.get_client
+    real = gate._prefect
     test_thread = threading.get_ident()
 
-    def client(*args, **kwargs):
+    @contextlib.contextmanager
+    def client():
         if failures and threading.get_ident() == test_thread:
             raise failures.pop(0)
-        return real(*args, **kwargs)
+        with real() as working:
+            yield working
 
-    monkeypatch.setattr(gate, "get_client", client)
+    monkeypatch.setattr(gate, "_prefect", client)
     return failures
 
 
@@ -769,3 +772,49 @@ def test_keeper_renews_many_leases_side_by_side(monkeypatch):
     assert sorted(renewed) == sorted(slot.lease_id for slot in slots)
     assert at_once["most"] == gate.RENEW_WORKERS
     assert all(slot.lease_id is not None for slot in slots)
+
+
+def test_gate_calls_of_many_threads_share_one_prefect_client(gate_settings, monkeypatch, stack):
+    # A new Prefect client costs ~20 ms of CPU (httpx builds an SSL context); the gate made
+    # one for every ask, renewal, recount and release.
+    monkeypatch.setattr(gate, "_gate_clients", [], raising=False)
+    made = _count_calls(monkeypatch, "get_client")
+    model = _model("one-client")
+    model_gate, _, run_gate = gate.ensure_gates(model, "one-client", 4)
+
+    def take_and_give_back() -> None:
+        slot = gate.acquire_slot(model, "one-client", 60)
+        gate.release_slot(slot)
+
+    threads = [threading.Thread(target=take_and_give_back) for _ in range(6)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    counts = {name: gate.active_slots(name) for name in (model_gate, run_gate)}
+
+    assert counts == {model_gate: 0, run_gate: 0}
+    assert len(made) == 1
+
+
+def test_the_gates_prefect_client_follows_the_settings_and_is_not_the_flow_runs():
+    from prefect import flow
+    from prefect.context import SyncClientContext
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    with gate._prefect() as first:
+        pass
+    with temporary_settings({PREFECT_API_URL: "http://127.0.0.1:9/api"}), gate._prefect() as other:
+        assert str(other.api_url).startswith("http://127.0.0.1:9/api")
+    with gate._prefect() as again:
+        assert again is first and again is not other
+
+    @flow
+    def inside() -> bool:
+        # The flow run's client closes with the run; the gate's must outlive it.
+        with gate._prefect() as client:
+            return client is not SyncClientContext.get().client
+
+    assert inside() is True
+    with gate._prefect() as after:
+        assert after.api_healthcheck() is None  # still open after the flow run ended

@@ -131,7 +131,17 @@ def _describe(exc: BaseException) -> str:
     return type(exc).__name__
 
 
-_no_retry_settings: list[tuple[Any, Any]] = []  # (the settings, their copy without retries)
+@dataclass(frozen=True)
+class _GateClient:
+    """The gate's Prefect client for one settings object, and the copy it calls under."""
+
+    settings: Any  # the caller's settings (compared by identity)
+    no_retry: Any  # their copy with PREFECT_CLIENT_MAX_RETRIES 0
+    client: SyncPrefectClient
+
+
+_gate_clients: list[_GateClient] = []  # the last few settings' clients, newest last
+_gate_clients_lock = threading.Lock()
 
 
 @contextmanager
@@ -141,17 +151,29 @@ def _prefect() -> Iterator[SyncPrefectClient]:
     Prefect's client answers a 503 (its server's SQLite busy under a run's writes) by sleeping
     2, 4, 8 ... s; while the gate's one asker sleeps, every shard of the process waiting for a
     slot waits with it. The gate's loops retry after FIRST_RETRY_SECONDS instead, and log it.
+
+    One client serves every call under the same settings, from any thread (httpx's client is
+    thread-safe; the keeper already shared one among its renewals): a new client costs ~20 ms
+    of CPU, httpx building its SSL context, which the process paid on every ask, renewal,
+    recount and release. It is the gate's own, never the flow run's (that one closes with the
+    run), and stays open for the process; a call that meets a connection a restarted server
+    dropped gets a transport error, which the callers retry.
     """
     context = get_settings_context()
-    cached = next((c for b, c in _no_retry_settings if b is context.settings), None)
-    if cached is None:  # a copy of the settings costs ~30 ms: made once per settings
-        cached = context.settings.copy_with_update(updates={PREFECT_CLIENT_MAX_RETRIES: 0})
-        _no_retry_settings[:] = [(context.settings, cached)]
-    with (
-        SettingsContext(profile=context.profile, settings=cached),
-        get_client(sync_client=True) as client,
-    ):
-        yield client
+    with _gate_clients_lock:
+        entry = next((e for e in _gate_clients if e.settings is context.settings), None)
+        if entry is None:  # a copy of the settings costs ~30 ms: made once per settings
+            no_retry = context.settings.copy_with_update(updates={PREFECT_CLIENT_MAX_RETRIES: 0})
+            with SettingsContext(profile=context.profile, settings=no_retry):
+                # httpx_settings={}: a client of the gate's own, not the flow run's.
+                made = get_client(httpx_settings={}, sync_client=True)
+            made.__enter__()
+            entry = _GateClient(context.settings, no_retry, made)
+            # Older ones are left to the collector: another thread may be in a call with one.
+            _gate_clients[:] = [*_gate_clients[-3:], entry]
+    # The retry count is read at each request, so each call runs under the copy.
+    with SettingsContext(profile=context.profile, settings=entry.no_retry):
+        yield entry.client
 
 
 def _retry_delay(failures: int) -> float:
