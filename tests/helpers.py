@@ -136,6 +136,12 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+# One client for the helpers' calls to a server: httpx builds an SSL context (~20 ms of CPU)
+# for every client, and `httpx.get` is a client a call, made every 0.2 s while a test waits.
+# No kept connections: a restarted server must not meet one its old process dropped.
+_HTTP = httpx.Client(limits=httpx.Limits(max_keepalive_connections=0))
+
+
 class PrefectServer:
     """`prefect server start` in a subprocess: own home, sqlite DB and port; in-memory leases.
 
@@ -173,7 +179,7 @@ class PrefectServer:
     def _healthy(self) -> bool:
         assert self.process and self.process.poll() is None, "the Prefect server exited"
         try:
-            return httpx.get(self.url + "/health", timeout=2).status_code == 200
+            return _HTTP.get(self.url + "/health", timeout=2).status_code == 200
         except httpx.HTTPError:
             return False
 
@@ -187,7 +193,7 @@ class PrefectServer:
                 self.process.wait()
 
     def active_slots(self, name: str) -> int:
-        response = httpx.get(f"{self.url}/v2/concurrency_limits/{name}", timeout=10)
+        response = _HTTP.get(f"{self.url}/v2/concurrency_limits/{name}", timeout=10)
         response.raise_for_status()
         return response.json()["active_slots"]
 
