@@ -74,6 +74,13 @@ _SHORT = "__short"
 _HEAD = r'^\{"recordId":"[^"\\]*"$'
 
 
+# Polars up to 2.1 gives `str.find` offsets in bytes; 2.2 in characters, "the same unit as
+# `slice`" (its docstring). Asked once: a byte offset cut as characters (or the reverse) lands
+# inside a multi-byte character or the echo, and every line with non-ASCII text in its echo
+# went to the lenient plan (seen on 2.2.0 with "é 😀": `invalid utf8`).
+_FIND_COUNTS_BYTES = pl.select(pl.lit("é,").str.find(",", literal=True)).item() == 2
+
+
 def _without_model_input(line: pl.Expr) -> pl.Expr:
     """The line without its echoed modelInput, when it can be cut out safely; else the line.
 
@@ -85,18 +92,19 @@ def _without_model_input(line: pl.Expr) -> pl.Expr:
     cut leaves unbalanced braces, the strict decode fails and the lenient plan reads the whole
     lines. Other shapes (spaces, key orders) are decoded whole.
     """
-    raw = line.cast(pl.Binary)
     start = line.str.find(',"modelInput":', literal=True)
     end = pl.coalesce(
         line.str.find(',"modelOutput":', literal=True),
         line.str.find(',"error":{"errorCode":', literal=True),
     )
-    # Byte offsets (str.find counts bytes; str.slice counts characters), cut at ASCII commas.
-    head = raw.bin.slice(0, start).cast(pl.String)
+    if _FIND_COUNTS_BYTES:  # cut the bytes: no walk over the characters before the offset
+        raw = line.cast(pl.Binary)
+        head = raw.bin.slice(0, start).cast(pl.String)
+        tail = raw.bin.slice(end).cast(pl.String)
+    else:
+        head, tail = line.str.slice(0, start), line.str.slice(end)
     cut = start.is_not_null() & (end > start) & head.str.contains(_HEAD)
-    return (
-        pl.when(cut).then(pl.concat_str([head, raw.bin.slice(end).cast(pl.String)])).otherwise(line)
-    )
+    return pl.when(cut).then(pl.concat_str([head, tail])).otherwise(line)
 
 
 def _tool_input(line: pl.Expr, family: ModelFamily, structured: bool) -> pl.Expr:
