@@ -639,6 +639,12 @@ def build_parser() -> argparse.ArgumentParser:
     prun.add_argument("--max-records-per-job", type=int)
     prun.add_argument("--max-attempts", type=int)
     prun.add_argument("--role-arn")
+    prun.add_argument(
+        "--max-cost-usd",
+        type=float,
+        help="cost ceiling for all stages together: each stage runs under what the ones "
+        "before it left; a re-run with a higher one goes on where it stopped",
+    )
     prun.add_argument("--restart", action="store_true", help="start the pipeline again")
     prun.add_argument(
         "--restart-from",

@@ -15,7 +15,10 @@ from flows.batch_inference import batch_inference
 from pipelines import Stage, get_pipeline
 from prompt_templates import output_schema_for
 from tasks.aws import storage
+from tasks.bedrock.prices import ceil_usd, format_usd
+from tasks.errors import CostCeilingError
 from tasks.pipeline import stages as S
+from tasks.run.cost import run_price
 from tasks.run.params import BatchParams
 
 
@@ -33,6 +36,16 @@ class PipelineParams(BaseModel):
     max_records_per_job: int | None = Field(None, ge=1, description="Cap per job, every stage.")
     max_attempts: int = Field(3, ge=1, le=10, description="Tries per record (repairs included).")
     role_arn: str | None = Field(None, description="Bedrock service role.")
+    max_cost_usd: float | None = Field(
+        None,
+        gt=0,
+        description=(
+            "Cost ceiling in USD for all stages together. Each stage runs under what the "
+            "stages before it left (its run refuses before any job when its estimate may pass "
+            "that); the pipeline stops after a stage that held rows back at it. A re-run with "
+            "a higher ceiling goes on where it stopped, paying nothing twice."
+        ),
+    )
     restart: bool = Field(False, description="Start the pipeline (and each stage) again.")
     restart_from: str | None = Field(
         None,
@@ -64,7 +77,11 @@ class PipelineParams(BaseModel):
 
 
 def _stage_params(
-    params: PipelineParams, stages: list[Stage], stage: Stage, index: int
+    params: PipelineParams,
+    stages: list[Stage],
+    stage: Stage,
+    index: int,
+    max_cost_usd: float | None = None,
 ) -> BatchParams:
     layout = S.stage_layout(params.output_uri, params.run_name, stage)
     return BatchParams(
@@ -81,7 +98,108 @@ def _stage_params(
         max_attempts=params.max_attempts,
         role_arn=params.role_arn,
         restart=params.restarts(index, stages),
+        max_cost_usd=max_cost_usd,
     )
+
+
+def _spent(reports: list[dict[str, Any]]) -> float | None:
+    """What the stages run so far cost, None when one of their costs is unknown."""
+    return _total(r["cost_usd"] for r in reports)
+
+
+def _spent_by_stage(reports: list[dict[str, Any]]) -> str:
+    return ", ".join(f"{r['stage']} {format_usd(r['cost_usd'])}" for r in reports)
+
+
+def stage_ceiling(ceiling: float | None, stage: str, reports: list[dict[str, Any]]) -> float | None:
+    """What the pipeline's ``ceiling`` leaves for ``stage``: less what the stages before cost.
+
+    A later stage's cost cannot be known before the stages it reads have answered (its rows
+    and prompts are theirs), so the ceiling is kept stage by stage: each run under the rest.
+    """
+    if ceiling is None:
+        return None
+    spent = _spent(reports)
+    if spent is None:
+        msg = (
+            f"The cost of the stages before {stage} is unknown ({_spent_by_stage(reports)}), "
+            f"so the pipeline cannot be kept under max_cost_usd={ceiling}; nothing of stage "
+            f"{stage} was submitted. Give their models' prices in BEDROCK_BATCH_PRICES_FILE "
+            "or run it without max_cost_usd."
+        )
+        raise CostCeilingError(msg)
+    left = ceiling - spent
+    if left <= 0:
+        msg = (
+            f"The stages before {stage} spent {format_usd(spent)} ({_spent_by_stage(reports)}), "
+            f"all of the pipeline's max_cost_usd={ceiling}; nothing of stage {stage} was "
+            "submitted. Raise max_cost_usd and run the same pipeline again: the stages before "
+            "it are kept, not paid again."
+        )
+        raise CostCeilingError(msg)
+    return left
+
+
+def over_ceiling(
+    ceiling: float, stage: str, reports: list[dict[str, Any]], refused: CostCeilingError
+) -> CostCeilingError:
+    """The stage's refusal in the pipeline's terms: the whole ceiling it would need."""
+    high = refused.upper_bound_usd
+    if high is None:
+        return CostCeilingError(f"Stage {stage}: {refused}")
+    spent = _spent(reports) or 0.0
+    after = (
+        f"the {format_usd(ceiling - spent)} the pipeline's max_cost_usd={ceiling} leaves after "
+        f"the stages before it ({_spent_by_stage(reports)})"
+        if reports
+        else f"the pipeline's max_cost_usd={ceiling}"
+    )
+    msg = (
+        f"Stage {stage} may cost up to {format_usd(high)}, more than {after}; nothing of "
+        f"stage {stage} was submitted. Raise max_cost_usd to at least "
+        f"{ceil_usd(spent + high)}, lower the stage's max_tokens or send fewer rows, and run "
+        "the same pipeline again"
+        + (": the stages before it are kept, not paid again." if reports else ".")
+    )
+    return CostCeilingError(msg, upper_bound_usd=spent + high)
+
+
+def held_back(ceiling: float | None, stage: str, summary: dict[str, Any]) -> None:
+    """Stop the pipeline after a stage whose run held rows back at the ceiling.
+
+    The stages after it read its every answer: run on part of them, they would need running
+    again (and paying again) once the held rows are answered.
+    """
+    cost = summary.get("cost") or {}
+    rows = cost.get("held_back_rows") or 0
+    if not rows:
+        return
+    msg = (
+        f"Stage {stage} held back {rows:,} rows at the pipeline's max_cost_usd={ceiling} "
+        f"(it cost {format_usd(cost.get('total_usd'))}); the stages after it were not run, as "
+        "they read its every answer. Raise max_cost_usd and run the same pipeline again: the "
+        "held rows are sent and the pipeline goes on; nothing answered is paid again."
+    )
+    raise CostCeilingError(msg)
+
+
+def _check_prices(ceiling: float | None, stages: list[Stage]) -> None:
+    """A ceiling needs every stage's price, known before stage 1 is paid."""
+    if ceiling is None:
+        return
+    prices = {s.name: run_price(s.model_id) for s in stages}
+    unknown = [
+        f"{s.name} ({s.model_id})"
+        for s in stages
+        if prices[s.name] is None or prices[s.name].per_million("batch")[0] is None
+    ]
+    if unknown:
+        msg = (
+            f"max_cost_usd={ceiling} is set but the price of stage {', '.join(unknown)} is "
+            "unknown, so the pipeline cannot be kept under it; nothing was submitted. Set the "
+            "price in BEDROCK_BATCH_PRICES_FILE or the Prefect Variable bedrock-batch-prices."
+        )
+        raise CostCeilingError(msg)
 
 
 @task(cache_policy=NO_CACHE)
@@ -90,6 +208,7 @@ def record_definition(params: PipelineParams, stages: list[Stage]) -> dict[str, 
     base = S.pipeline_dir(params.output_uri, params.run_name)
     # Every stage checked before the definition is recorded and stage 1 is paid.
     S.check_stages(stages, S.source_columns(params.source))
+    _check_prices(params.max_cost_usd, stages)
     S.check_definition(base, stages, params.source, params.restart, params.restart_from)
     summary_uri = storage.join(base, S.SUMMARY_FILE)
     if not params.restart and not params.restart_from and storage.exists(summary_uri):
@@ -112,8 +231,8 @@ def prepare_stage_input(
     )
 
 
-def _total(values: Iterable[int | None]) -> int | None:
-    """The sum of the stages' counts, None when one of them is unknown."""
+def _total(values: Iterable[float | None]) -> float | None:
+    """The sum of the stages' counts or costs, None when one of them is unknown."""
     values = list(values)
     return None if any(v is None for v in values) else sum(values)
 
@@ -141,7 +260,6 @@ def join_and_report(
             "correct": int(graded.sum()),
             "accuracy": round(float(graded.mean()), 4) if graded.len() else None,
         }
-    costs = [r["cost_usd"] for r in reports]
     summary = {
         "run_name": params.run_name,
         "output_uri": storage.join(S.pipeline_dir(params.output_uri, params.run_name), "output"),
@@ -153,7 +271,8 @@ def join_and_report(
             key: _total(r["tokens"].get(key, 0) for r in reports) for key in ("input", "output")
         },
         # Unrounded, as each stage's: a rounded total differed from the stages' sum.
-        "cost_usd": None if any(c is None for c in costs) else sum(costs),
+        "cost_usd": _spent(reports),
+        "max_cost_usd": params.max_cost_usd,
         "accuracy": accuracy,
     }
     base = S.pipeline_dir(params.output_uri, params.run_name)
@@ -205,8 +324,16 @@ def batch_pipeline(params: PipelineParams) -> dict[str, Any]:
             why = {"rows_in": 0, "rows_kept": 0, **extra, "emptied_by": emptied_by}
             reports.append(S.stage_report(stage, S.NOT_RUN, why))
             continue
-        stage_params = _stage_params(params, stages, stage, index)
-        summary = batch_inference.with_options(flow_run_name=stage_params.run_name)(stage_params)
+        ceiling = stage_ceiling(params.max_cost_usd, stage.name, reports)
+        stage_params = _stage_params(params, stages, stage, index, ceiling)
+        run_stage = batch_inference.with_options(flow_run_name=stage_params.run_name)
+        try:
+            summary = run_stage(stage_params)
+        except CostCeilingError as refused:
+            if params.max_cost_usd is None:
+                raise
+            raise over_ceiling(params.max_cost_usd, stage.name, reports, refused) from None
+        held_back(params.max_cost_usd, stage.name, summary)
         reports.append(S.stage_report(stage, summary, extra))
         logger.info("Stage %s: %s", stage.name, summary.get("counts"))
 

@@ -37,9 +37,11 @@ def show_summary(summary: dict) -> None:
             f"cost {format_usd(s.get('cost_usd'))}"
         )
     total = summary["tokens"]
+    ceiling = summary.get("max_cost_usd")
     print(
         f"  total tokens in/out: {_count(total['input'])}/{_count(total['output'])}; "
         f"cost {format_usd(summary['cost_usd'])}"
+        + (f" (max_cost_usd {format_usd(ceiling)})" if ceiling is not None else "")
     )
     if summary.get("accuracy"):
         a = summary["accuracy"]
@@ -67,6 +69,7 @@ def run_pipeline(args: argparse.Namespace) -> int:
             "max_records_per_job": args.max_records_per_job,
             "max_attempts": args.max_attempts,
             "role_arn": args.role_arn,
+            "max_cost_usd": args.max_cost_usd,
             "restart": args.restart or None,
             "restart_from": args.restart_from,
         }

@@ -92,7 +92,15 @@ class RunOwnedError(BedrockBatchError):
 
 
 class CostCeilingError(BedrockBatchError):
-    """The run's estimated cost is over its max_cost_usd; nothing was submitted."""
+    """The run's estimated cost is over its max_cost_usd; nothing was submitted.
+
+    ``upper_bound_usd``: the estimate's upper bound that passed the ceiling (None when the
+    price is unknown), so a pipeline can say what its whole ceiling would need to be.
+    """
+
+    def __init__(self, message: str, upper_bound_usd: float | None = None) -> None:
+        super().__init__(message)
+        self.upper_bound_usd = upper_bound_usd
 
 
 class StopJobsError(BedrockBatchError):

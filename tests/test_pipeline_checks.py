@@ -7,10 +7,11 @@ import pytest
 from data.make_samples import simplecot
 from flows.pipeline import PipelineParams, batch_pipeline
 from pipelines import NOVA_LITE, Stage
-from tasks.errors import PlanError, TemplateError, UnknownModelError
+from tasks.errors import CostCeilingError, PlanError, TemplateError, UnknownModelError
 from tasks.pipeline.stages import check_stages
 
 CLAUDE = "anthropic.claude-3-haiku-20240307-v1:0"
+TITAN_EMBED = "amazon.titan-embed-text-v2:0"  # no price in the catalog (tasks.bedrock.prices)
 SOURCE = ["source", "target", "rationale", "task", "type"]  # simplecot's columns
 
 
@@ -141,3 +142,55 @@ def test_the_join_is_a_task_and_the_stage_totals_are_unknown_when_one_is():
     assert isinstance(join_and_report, Task) and not isinstance(_total, Task)
     assert _total(iter([3, 4])) == 7
     assert _total([3, None]) is None  # a Cohere stage's unknown tokens: the total too
+
+
+def test_a_ceiling_is_kept_stage_by_stage_from_what_the_stages_before_cost():
+    from flows.pipeline import over_ceiling, stage_ceiling
+
+    assert stage_ceiling(None, "answer", []) is None
+    assert stage_ceiling(0.05, "answer", []) == 0.05
+    ran = [{"stage": "answer", "cost_usd": 0.002}]
+    assert stage_ceiling(0.05, "grade", ran) == pytest.approx(0.048)
+    with pytest.raises(CostCeilingError, match=r"spent \$0.0500 \(answer \$0.0500\), all of"):
+        stage_ceiling(0.05, "grade", [{"stage": "answer", "cost_usd": 0.05}])
+    # A stage whose cost is unknown (no price, no token counts) leaves nothing to keep under.
+    with pytest.raises(CostCeilingError, match=r"before grade is unknown \(answer unknown\)"):
+        stage_ceiling(0.05, "grade", [{"stage": "answer", "cost_usd": None}])
+
+    # The stage's refusal names the ceiling the whole pipeline needs: spent + its upper bound.
+    refused = CostCeilingError("over", upper_bound_usd=0.0613)
+    said = over_ceiling(0.03, "grade", ran, refused)
+    assert said.upper_bound_usd == pytest.approx(0.0633)
+    assert "more than the $0.0280 the pipeline's max_cost_usd=0.03 leaves" in str(said)
+    assert "at least 0.0633," in str(said)
+    first = over_ceiling(0.01, "answer", [], CostCeilingError("over", upper_bound_usd=0.0151))
+    assert "more than the pipeline's max_cost_usd=0.01; nothing of stage answer" in str(first)
+
+
+def test_a_stage_that_held_rows_back_stops_the_pipeline():
+    # The stages after it read its every answer: run on part of them they would be run (and
+    # paid) again once the held rows are answered.
+    from flows.pipeline import held_back
+
+    held_back(0.05, "answer", {"cost": {"held_back_rows": 0, "total_usd": 0.01}})
+    held_back(None, "answer", {"not_run": True})
+    with pytest.raises(CostCeilingError, match="Stage answer held back 1,200 rows at"):
+        held_back(0.05, "answer", {"cost": {"held_back_rows": 1200, "total_usd": 0.049}})
+
+
+def test_a_ceiling_over_a_stage_without_a_price_is_refused_before_stage_one(stack, tmp_path):
+    source = tmp_path / "simplecot.jsonl"
+    simplecot(120).write_ndjson(source)
+    params = PipelineParams(
+        source=str(source),
+        output_uri=str(tmp_path / "out"),
+        run_name="pipe-unpriced",
+        stages=_stages(model_id=TITAN_EMBED),
+        max_cost_usd=1.0,
+    )
+    with pytest.raises(
+        CostCeilingError, match=rf"price of stage grade \({TITAN_EMBED}\) is unknown"
+    ):
+        batch_pipeline(params)
+    assert stack.ledger(name_contains="pipe-unpriced") == []
+    assert not (tmp_path / "out" / "pipe-unpriced" / "pipeline.json").exists()

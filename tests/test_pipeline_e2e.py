@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -280,3 +281,44 @@ def test_stages_after_an_emptied_one_say_which_filter_emptied_them(stack, tmp_pa
     assert capsys.readouterr().out == printed
     assert stack.ledger(name_contains="pipe-empty--grade") == []
     assert stack.ledger(name_contains="pipe-empty--regrade") == []
+
+
+def test_a_ceiling_stops_before_the_stage_it_cannot_pay_and_a_higher_one_goes_on(stack, tmp_path):
+    # The answers cost a few tenths of a cent; grading them may cost up to ~6 cents. Under a
+    # 3-cent ceiling for the pipeline, stage 1 runs and stage 2 is refused before its first
+    # job, with the ceiling the whole pipeline needs; the same pipeline with it goes on.
+    source, out = _source(tmp_path), tmp_path / "out"
+    refused = _run(source, out, None, "--max-cost-usd", "0.03", run_name="pipe-ceiling")
+
+    assert refused.returncode == 2, refused.stderr[-3000:]
+    said = refused.stderr.strip().splitlines()[-1]
+    assert said.startswith("error: Stage grade may cost up to $"), said
+    assert "the pipeline's max_cost_usd=0.03 leaves after the stages before it (answer $" in said
+    answered = stack.ledger(name_contains="pipe-ceiling--answer")
+    assert len(answered) == 3
+    assert stack.ledger(name_contains="pipe-ceiling--grade") == []
+    needed = float(re.search(r"at least ([0-9.]+),", said)[1])
+    assert needed > 0.03
+
+    params = PipelineParams(
+        pipeline_id="answer_and_grade",
+        source=str(source),
+        output_uri=str(out),
+        run_name="pipe-ceiling",
+        max_records_per_job=100,
+        max_concurrent_jobs=3,
+        max_cost_usd=needed,
+    )
+    summary = batch_pipeline(params)
+
+    joined = pl.read_parquet(out / "pipe-ceiling" / "output" / "*.parquet")
+    assert joined.height == ROWS and joined["pipeline_row_id"].n_unique() == ROWS
+    assert summary["max_cost_usd"] == needed
+    assert 0 < summary["cost_usd"] <= needed
+    assert summary["cost_usd"] == pytest.approx(sum(s["cost_usd"] for s in summary["stages"]))
+    # Stage 1 was not paid again; stage 2 ran once over its rows.
+    assert stack.ledger(name_contains="pipe-ceiling--answer") == answered
+    graded = stack.ledger(name_contains="pipe-ceiling--grade")
+    assert graded and all(job["jobName"].endswith("-a1") for job in graded)
+    answer, grade = summary["stages"]
+    assert grade["counts"]["records"] == grade["rows_kept"] == answer["counts"]["succeeded"]

@@ -128,7 +128,7 @@ def preflight_cost(params: BatchParams, plan: RunPlan, layout: RunLayout) -> Cos
                 f"was submitted. Raise max_cost_usd to at least {ceil_usd(high)}, lower max_tokens "
                 f"(now {max_tokens}) or send fewer records."
             )
-            raise CostCeilingError(msg)
+            raise CostCeilingError(msg, upper_bound_usd=high)
     return estimate
 
 
