@@ -17,7 +17,7 @@ from data.make_samples import simplecot
 from flows.pipeline import PipelineParams, batch_pipeline
 from flows.pipeline_cli import show_summary
 from pipelines import NOVA_LITE, Stage
-from tasks.errors import RunIdentityError
+from tasks.errors import CostCeilingError, RunIdentityError
 from tasks.pipeline.stages import KILL_STAGE_ENV
 from tasks.run.failpoints import ENV
 from tasks.run.owner import EXPIRY_ENV
@@ -322,3 +322,44 @@ def test_a_ceiling_stops_before_the_stage_it_cannot_pay_and_a_higher_one_goes_on
     assert graded and all(job["jobName"].endswith("-a1") for job in graded)
     answer, grade = summary["stages"]
     assert grade["counts"]["records"] == grade["rows_kept"] == answer["counts"]["succeeded"]
+
+
+def test_a_stage_that_held_rows_back_stops_the_pipeline_until_a_higher_ceiling(stack, tmp_path):
+    # Every first job of stage 1 fails; the first retry decided meets the three jobs' upper
+    # bounds still reserved, so a ceiling just over the stage's estimate holds it back. The
+    # grading, which reads every answer, must not run on part of them.
+    source, out = _source(tmp_path), tmp_path / "out"
+    params = PipelineParams(
+        pipeline_id="answer_and_grade",
+        source=str(source),
+        output_uri=str(out),
+        run_name="pipe-held",
+        max_records_per_job=100,
+        max_concurrent_jobs=3,
+        max_cost_usd=0.0001,
+    )
+    with pytest.raises(CostCeilingError, match="Stage answer may cost up to") as first:
+        batch_pipeline(params)
+    assert stack.ledger(name_contains="pipe-held") == []
+    stage_high = first.value.upper_bound_usd
+    stack.set_faults(fail_jobs=1.0, fail_job_names_containing="pipe-held--answer-")
+
+    ceiling = round(stage_high * 1.01, 6)
+    with pytest.raises(CostCeilingError, match=r"Stage answer held back [0-9,]+ rows at"):
+        batch_pipeline(params.model_copy(update={"max_cost_usd": ceiling}))
+    assert stack.ledger(name_contains="pipe-held--grade") == []
+    assert not (out / "pipe-held" / "summary.json").exists()
+    failed = {j["jobName"] for j in stack.ledger(name_contains="pipe-held--answer")}
+
+    stack.reset_faults()
+    summary = batch_pipeline(params.model_copy(update={"max_cost_usd": 1.0}))
+
+    joined = pl.read_parquet(out / "pipe-held" / "output" / "*.parquet")
+    assert joined.height == ROWS and joined["pipeline_row_id"].n_unique() == ROWS
+    answer, grade = summary["stages"]
+    assert answer["counts"]["succeeded"] > 0
+    assert grade["counts"]["records"] == answer["counts"]["succeeded"]
+    assert joined["answer_error_code"].drop_nulls().to_list().count("CostCeilingReached") == 0
+    jobs = [j["jobName"] for j in stack.ledger(name_contains="pipe-held--")]
+    assert len(jobs) == len(set(jobs))  # no job created twice
+    assert failed < set(jobs)  # the failed jobs were not made again; the held ones were sent
