@@ -4,20 +4,25 @@ from __future__ import annotations
 
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Any
 
 import polars as pl
 import pytest
 
 from tasks.errors import IncompleteOutputError
 from tasks.pipeline import summary
+from tasks.pipeline.attempts import SUPERSEDED
 from tasks.pipeline.columns import (
     CONTENT_FILTERED,
     ERROR_CODE,
     INPUT_TOKENS,
+    JOB_ID,
     OUTPUT_TOKENS,
     RECORD_ID,
+    SERVED_BY,
     UNPARSEABLE_OUTPUT,
 )
+from tasks.pipeline.tokens import JOB_TOKENS
 from tasks.run.layout import RunLayout, part_name, rows_file, shard_name
 
 SHARDS, PER_SHARD = 5, 4
@@ -171,3 +176,113 @@ def test_summary_artifacts_report_output_lines_that_reached_no_row(tmp_path, mon
     note = Artifact.get("bedrock-batch-strays-output").data
     assert "Output lines that match no record of their shard: 3, ignored (in shard-00000;" in note
     assert "refused or filtered: 1;" in note
+
+
+CLAUDE = "anthropic.claude-3-haiku-20240307-v1:0"
+MANIFEST = (55, 7)
+# A paid batch answer of shard 0 a schema repair replaced (`Settled.superseded`).
+REPLACED = {
+    "attempt": 1,
+    JOB_ID: "j0",
+    SERVED_BY: "batch",
+    "rows": 1,
+    INPUT_TOKENS: 10,
+    OUTPUT_TOKENS: 3,
+}
+
+
+def _paid_run(root: Path, manifest: bool = True) -> tuple[RunLayout, list[Any]]:
+    """`write_run` with jobs: shard i's job j<i> counts 10 in and 3 out a row but for its
+    failed record 1; shard 0's record 3 was answered on demand after a schema repair replaced
+    its paid batch answer; shard 1's job counts no tokens (Cohere Embed), with a manifest or
+    without."""
+    from tasks.run.shard import ShardResult
+
+    layout = write_run(root)
+    results = []
+    for i in range(SHARDS):
+        path = root / "output" / part_name(i)
+        tokens_in, tokens_out = [10, None, 10, 10], [3, None, 3, 3]
+        jobs, served = [f"j{i}"] * PER_SHARD, ["batch"] * PER_SHARD
+        stats: dict[str, Any] = {}
+        if i == 0:
+            jobs[3], served[3], tokens_in[3], tokens_out[3] = None, "on_demand", 20, 6
+            stats[SUPERSEDED] = [REPLACED]
+        if i == 1:
+            tokens_in, tokens_out = [None] * PER_SHARD, [None] * PER_SHARD
+            stats[JOB_TOKENS] = {"j1": list(MANIFEST)} if manifest else {}
+        pl.read_parquet(path).with_columns(
+            pl.Series(INPUT_TOKENS, tokens_in, pl.Int64),
+            pl.Series(OUTPUT_TOKENS, tokens_out, pl.Int64),
+            pl.Series(JOB_ID, jobs, pl.String),
+            pl.Series(SERVED_BY, served),
+        ).write_parquet(path)
+        results.append(
+            ShardResult(
+                shard_name(i), PER_SHARD, None, "Completed", str(path), stats, 1, None, None
+            )
+        )
+    return layout, results
+
+
+def _ctx(run_name: str, layout: RunLayout) -> SimpleNamespace:
+    return SimpleNamespace(
+        run_name=run_name,
+        layout=layout,
+        model_id=CLAUDE,
+        invocation_type="InvokeModel",
+        cost_guard=None,
+        store=SimpleNamespace(writes=0, bytes_written=0),
+        watcher=SimpleNamespace(calls={}, events_active=False),
+    )
+
+
+def test_run_end_reads_each_output_part_once(tmp_path, monkeypatch):
+    # The exactly-once check read every part, then the cost read them all again.
+    layout, results = _paid_run(tmp_path)
+    read: list[str] = []
+
+    def counting(real):
+        def reader(source, *args, **kwargs):
+            read.extend(str(s) for s in (source if isinstance(source, list) else [source]))
+            return real(source, *args, **kwargs)
+
+        return reader
+
+    for name in ("scan_parquet", "read_parquet"):
+        monkeypatch.setattr(pl, name, counting(getattr(pl, name)))
+
+    check = summary.check_output(layout, PLAN)
+    out = summary.summary_artifacts(_ctx("read-once", layout), PLAN, results, check)
+
+    assert sorted(p for p in read if Path(p).parent.name == "output") == sorted(check["parts"])
+    assert out["cost"]["total_usd"] > 0 and out["tokens"]["input"] > 0
+
+
+@pytest.mark.parametrize("manifest", [True, False], ids=["manifest", "no manifest"])
+def test_run_end_cost_and_tokens_are_those_of_its_parts_read_again(tmp_path, manifest):
+    # The run's end prices the usage its check collected: the same figures as reading the
+    # parts again, with the answers a repair replaced and the manifest of a job without counts.
+    from tasks.run.cost import actual_cost, run_price
+
+    layout, results = _paid_run(tmp_path, manifest)
+    check = summary.check_output(layout, PLAN)
+
+    out = summary.summary_artifacts(_ctx("priced", layout), PLAN, results, check)
+
+    superseded = {r.part_uri: r.stats.get(SUPERSEDED, []) for r in results}
+    job_tokens = {"j1": MANIFEST} if manifest else {}
+    again = actual_cost(check["parts"], run_price(CLAUDE), superseded, job_tokens=job_tokens)
+    cost = out["cost"]
+    assert cost["jobs"] == again["jobs"]
+    assert cost["parts"] == {Path(p).name: v for p, v in again["parts"].items()}
+    for key in ("batch_usd", "on_demand_usd", "total_usd", "batch_rows", "on_demand_rows"):
+        assert cost[key] == again[key], key
+    assert (cost["batch_rows"], cost["on_demand_rows"]) == (SHARDS * PER_SHARD - 1, 1)
+    assert [j["superseded_rows"] for j in cost["jobs"] if j["job_id"] == "j0"] == [1]
+    # Shard 0: 2 counted batch rows, the on-demand one and the replaced answer; shard 1: its
+    # manifest, else unknown; shards 2-4: 3 counted rows each.
+    expected = (20 + 20 + 10 + MANIFEST[0] + 90, 6 + 6 + 3 + MANIFEST[1] + 27)
+    tokens_in, tokens_out = expected if manifest else (None, None)
+    assert out["tokens"] == {"input": tokens_in, "output": tokens_out}
+    assert (cost["total_usd"] is None) == (not manifest)

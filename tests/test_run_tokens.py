@@ -217,7 +217,8 @@ def test_merge_stats_of_rows_without_counts_are_unknown_unless_their_job_has_a_m
     )
 
     unknown = write_part(frame, tmp_path / "a.parquet")
-    known = write_part(frame, tmp_path / "b.parquet", job_tokens={"job1": (41, 0)})
+    manifests = tokens.with_manifests(tokens.tally(frame.lazy()).collect(), {"job1": (41, 0)})
+    known = write_part(frame, tmp_path / "b.parquet", usage=manifests)
 
     assert (unknown.input_tokens, unknown.output_tokens) == (None, None)
     assert (known.input_tokens, known.output_tokens) == (41, 0)

@@ -11,7 +11,6 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
 
 import polars as pl
 
@@ -95,20 +94,18 @@ class MergeTurn:
 
 
 def write_part(
-    frame: pl.DataFrame,
-    dest: Path,
-    stray_lines: int = 0,
-    job_tokens: JobTokens | None = None,
-    replaced: list[dict[str, Any]] | None = None,
+    frame: pl.DataFrame, dest: Path, stray_lines: int = 0, usage: pl.DataFrame | None = None
 ) -> MergeStats:
     """Write a merged part atomically and count what it holds (and the lines it could not).
 
-    ``job_tokens``: the manifest totals of jobs whose rows carry no token counts.
-    ``replaced``: paid answers a later attempt replaced (`Settled.superseded`), whose tokens
-    count too.
+    ``usage``: the part's tokens as the run counts them (`tokens.tally`, with the manifest
+    totals of jobs whose rows carry no counts and the paid answers a later attempt replaced);
+    a shard's merge prices the same table. By default the rows' own counts.
     """
     write_parquet_atomic(frame, dest)
-    return replace(_stats(frame, job_tokens, replaced), stray_lines=stray_lines)
+    if usage is None:
+        usage = tokens.tally(frame.lazy()).collect()
+    return replace(_stats(frame, usage), stray_lines=stray_lines)
 
 
 def settle_warnings(settled: Settled, where: str) -> list[str]:
@@ -140,18 +137,13 @@ def settle_warnings(settled: Settled, where: str) -> list[str]:
     return said
 
 
-def _stats(
-    frame: pl.DataFrame,
-    job_tokens: JobTokens | None = None,
-    replaced: list[dict[str, Any]] | None = None,
-) -> MergeStats:
+def _stats(frame: pl.DataFrame, usage: pl.DataFrame) -> MergeStats:
     row = frame.select(
         pl.len().alias("records"),
         pl.col(C.ERROR_CODE).is_null().sum().alias("succeeded"),
     ).row(0, named=True)
     # Cohere Embed's rows carry no tokens: a sum of their nulls said 0 tokens.
-    usage = tokens.with_replaced(tokens.per_job(frame.lazy()).collect(), replaced)
-    tokens_in, tokens_out = tokens.totals(usage, job_tokens)
+    tokens_in, tokens_out = tokens.totals(usage)
     return MergeStats(
         records=row["records"],
         succeeded=row["succeeded"],
@@ -194,7 +186,8 @@ def merge_shard(
     settled = settle(rows_file, [attempt], model_id, invocation_type, output_schema, options)
     for warning in settle_warnings(settled, dest.stem):
         logger.warning("%s", warning)
-    return write_part(settled.frame, dest, settled.stray_lines, job_tokens)
+    usage = tokens.with_manifests(tokens.tally(settled.frame.lazy()).collect(), job_tokens)
+    return write_part(settled.frame, dest, settled.stray_lines, usage)
 
 
 def merge_skipped(

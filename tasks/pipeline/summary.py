@@ -15,7 +15,6 @@ from tasks.aws.clients import polars_storage_options
 from tasks.bedrock.jobs import job_id_from_arn
 from tasks.errors import IncompleteOutputError
 from tasks.pipeline import tokens
-from tasks.pipeline.attempts import SUPERSEDED
 from tasks.pipeline.columns import (
     CONTENT_FILTERED,
     ERROR_CODE,
@@ -23,9 +22,10 @@ from tasks.pipeline.columns import (
     JOB_ID,
     OUTPUT_TOKENS,
     RECORD_ID,
+    SERVED_BY,
     UNPARSEABLE_OUTPUT,
 )
-from tasks.pipeline.tokens import fmt_tokens, job_tokens_of
+from tasks.pipeline.tokens import fmt_tokens
 from tasks.run.artifacts import absolute_location
 from tasks.run.layout import PARQUET
 
@@ -45,6 +45,10 @@ def check_output(layout: RunLayout, plan: RunPlan) -> dict[str, Any]:
     part is caught too. Shards are read in batches of about CHECK_RECORDS_AT_ONCE records
     (CHECK_SHARDS_AT_ONCE shards at most): a 100M-row run is checked in the memory of a few
     shards, not of 100M ids at once, and small shards still share a scan.
+
+    The same reading collects the parts' token usage (`tokens.tally` by `tokens.BY_PART`),
+    one row a job and part a batch, which the run's cost is priced from: the parts are read
+    once at the run's end.
     """
     inputs = storage.list_files(layout.rows_dir, PARQUET)
     parts = storage.list_files(layout.output_dir, PARQUET)
@@ -93,7 +97,7 @@ def check_output(layout: RunLayout, plan: RunPlan) -> dict[str, Any]:
         "filtered": found.filtered,
         "input_tokens": tokens_in,
         "output_tokens": tokens_out,
-        # By job: the rows' tokens and how many answered rows had none.
+        # By part, job and how it was served: rows, tokens, answered rows without counts.
         "token_usage": usage,
         "parts": parts,
     }
@@ -106,12 +110,6 @@ def check_output(layout: RunLayout, plan: RunPlan) -> dict[str, Any]:
 CHECK_RECORDS_AT_ONCE = 500_000
 CHECK_SHARDS_AT_ONCE = 256
 _FILE, _SHARD = "__file", "__shard"
-_USAGE_SCHEMA = {
-    JOB_ID: pl.String,
-    INPUT_TOKENS: pl.Int64,
-    OUTPUT_TOKENS: pl.Int64,
-    tokens.UNCOUNTED: pl.Int64,
-}
 
 
 def _planned_rows_gone(layout: RunLayout, plan: RunPlan, present: set[str]) -> dict[str, int]:
@@ -138,7 +136,7 @@ class _Found:
     failed: int = 0
     unparseable: int = 0
     filtered: int = 0
-    by_job: list[pl.DataFrame] = field(default_factory=list)  # `tokens.per_job` frames
+    usages: list[pl.DataFrame] = field(default_factory=list)  # `tokens.tally` frames
     missing: int = 0
     duplicated: int = 0
     unexpected: int = 0
@@ -149,16 +147,14 @@ class _Found:
     def add(self, other: _Found) -> None:
         for name in ("records", "failed", "unparseable", "filtered"):
             setattr(self, name, getattr(self, name) + getattr(other, name))
-        self.by_job.extend(other.by_job)
+        self.usages.extend(other.usages)
         for name in ("missing", "duplicated", "unexpected"):
             setattr(self, name, getattr(self, name) + getattr(other, name))
             self.shown[name] = (self.shown[name] + other.shown[name])[:SHOWN_IDS]
 
     def usage(self) -> pl.DataFrame:
-        """Tokens by job over every batch (a job's rows are in one shard, so in one batch)."""
-        if not self.by_job:
-            return pl.DataFrame(schema=_USAGE_SCHEMA)
-        return pl.concat(self.by_job)
+        """The usage over every batch (a part is read in one batch, so its rows are whole)."""
+        return pl.concat(self.usages)
 
 
 def _tagged(uris: list[str], shard_of: dict[str, str]) -> pl.LazyFrame:
@@ -176,6 +172,26 @@ def _tagged(uris: list[str], shard_of: dict[str, str]) -> pl.LazyFrame:
     return scan.join(keys.lazy(), on=_FILE, how="left")
 
 
+# What the check reads of each output row besides its shard, id and part: its outcome, and
+# what the cost is priced by (`tokens.tally` by `tokens.BY_PART`).
+_READ = {
+    ERROR_CODE: pl.String,
+    JOB_ID: pl.String,
+    SERVED_BY: pl.String,
+    INPUT_TOKENS: pl.Int64,
+    OUTPUT_TOKENS: pl.Int64,
+}
+# A part without the column: no error, job, served_by nor input count (unknown, as the cost
+# takes it); 0 output tokens (an embedding family's parts have no such column).
+_ABSENT = {OUTPUT_TOKENS: 0}
+
+
+def _usage(got: pl.DataFrame) -> pl.DataFrame:
+    """A batch's rows as a `tokens.tally` table by part, job and how they were served."""
+    usage = tokens.tally(got.lazy(), tokens.BY_PART).collect()
+    return usage.with_columns(pl.col(tokens.PART).cast(pl.String))
+
+
 def _check_batch(batch: dict[str, tuple[list[str], list[str]]]) -> _Found:
     """Each shard's rows against its own part, for a batch of shards (either file may lack)."""
     shard_of = {uri: key for key, (rows, outs) in batch.items() for uri in (*rows, *outs)}
@@ -186,30 +202,21 @@ def _check_batch(batch: dict[str, tuple[list[str], list[str]]]) -> _Found:
     if rows:
         expected = _tagged(rows, shard_of).select(_SHARD, ids).collect()
     got = pl.DataFrame(
-        schema={
-            _SHARD: pl.String,
-            RECORD_ID: pl.String,
-            ERROR_CODE: pl.String,
-            JOB_ID: pl.String,
-            INPUT_TOKENS: pl.Int64,
-            OUTPUT_TOKENS: pl.Int64,
-        }
+        schema={_SHARD: pl.String, RECORD_ID: pl.String, **_READ, tokens.PART: pl.Categorical}
     )
     if outs:
         out = _tagged(outs, shard_of)
         names = out.collect_schema().names()
-        error = pl.col(ERROR_CODE) if ERROR_CODE in names else pl.lit(None, pl.String)
-        job = pl.col(JOB_ID) if JOB_ID in names else pl.lit(None, pl.String)
-        # Null stays null: a row without a count is not a row of 0 tokens.
+        # Null stays null: a row without a count is not a row of 0 tokens (`tokens.tally`).
         got = out.select(
             _SHARD,
             ids,
-            error.cast(pl.String).alias(ERROR_CODE),
-            job.cast(pl.String).alias(JOB_ID),
             *(
-                pl.col(c).cast(pl.Int64) if c in names else pl.lit(0, pl.Int64).alias(c)
-                for c in (INPUT_TOKENS, OUTPUT_TOKENS)
+                (pl.col(c) if c in names else pl.lit(_ABSENT.get(c))).cast(dtype).alias(c)
+                for c, dtype in _READ.items()
             ),
+            # Categorical: a part's path once, not once a row.
+            pl.col(_FILE).cast(pl.Categorical).alias(tokens.PART),
         ).collect()
     on = [_SHARD, RECORD_ID]
     dup = got.group_by(RECORD_ID).len().filter(pl.col("len") > 1).get_column(RECORD_ID).sort()
@@ -222,7 +229,7 @@ def _check_batch(batch: dict[str, tuple[list[str], list[str]]]) -> _Found:
         failed=int(errors.is_not_null().sum()),
         unparseable=int((errors == UNPARSEABLE_OUTPUT).sum()),
         filtered=int((errors == CONTENT_FILTERED).sum()),
-        by_job=[tokens.per_job(got.lazy()).collect()],
+        usages=[_usage(got)],
         missing=len(missing),
         duplicated=len(dup),
         unexpected=len(extra),
@@ -238,14 +245,13 @@ def summary_artifacts(
     ctx: RunContext, plan: RunPlan, results: list[ShardResult], check: dict[str, Any]
 ) -> dict[str, Any]:
     """A table of jobs and a markdown note of where the output is; returns the summary."""
-    from tasks.run.cost import cost_markdown, cost_summary
+    from tasks.run.cost import cost_markdown, cost_summary, run_usage
 
-    cost = cost_summary(ctx, results, check["parts"])
-    job_tokens = {job: pair for r in results for job, pair in job_tokens_of(r.stats).items()}
-    # The paid answers a schema repair replaced count as the cost counts them.
-    replaced = [s for r in results for s in r.stats.get(SUPERSEDED) or []]
-    usage = tokens.with_replaced(check["token_usage"], replaced)
-    tokens_in, tokens_out = tokens.totals(usage, job_tokens)
+    # One table for the cost and the tokens: the check's rows, the paid answers a schema
+    # repair replaced and the manifests of jobs whose rows carry no counts.
+    usage = run_usage(check["token_usage"], check["parts"], results)
+    cost = cost_summary(ctx, results, usage)
+    tokens_in, tokens_out = tokens.totals(usage)
     part_cost = cost["parts"]
     rows = [
         {

@@ -8,6 +8,7 @@ their rows keep null tokens, and a job's tokens are the totals Bedrock wrote in 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import polars as pl
@@ -16,7 +17,14 @@ from tasks.pipeline import columns as C
 
 # The merge stats' key for the manifest totals of the shard's jobs: {job_id: [in, out]}.
 JOB_TOKENS = "job_tokens"
+# A usage table's columns beside its keys (`tally`): the rows, their token sums, the paid
+# answers a later attempt replaced (`with_replaced`) and the answered rows without counts.
+ROWS = "rows"
+SUPERSEDED_ROWS = "superseded_rows"
 UNCOUNTED = "__uncounted"
+# The part file a row is in: with the job and how it was served, the keys a cost is priced by.
+PART = "__part"
+BY_PART = (PART, C.JOB_ID, C.SERVED_BY)
 
 JobTokens = dict[str, tuple[int, int]]
 
@@ -28,50 +36,61 @@ def uncounted_expr(names: list[str]) -> pl.Expr:
     return answered & ~counted
 
 
-def per_job(frame: pl.LazyFrame, keys: tuple[str, ...] = (C.JOB_ID,)) -> pl.LazyFrame:
-    """Rows' tokens summed by ``keys`` (a job at least), with how many answered rows had none."""
+def tally(frame: pl.LazyFrame, keys: Sequence[str] = (C.JOB_ID,)) -> pl.LazyFrame:
+    """The usage table of rows: by ``keys``, their count, token sums and uncounted answers.
+
+    A key the frame lacks is null (a part without `served_by`). A null count adds 0 to the
+    sum and 1 to the uncounted answers, which say the sum is not the whole (`with_manifests`).
+    """
     names = frame.collect_schema().names()
-    tokens = [
+    absent = [pl.lit(None, pl.String).alias(k) for k in keys if k not in names]
+    sums = [
         (pl.col(c) if c in names else pl.lit(0, pl.Int64)).fill_null(0).sum().alias(c)
         for c in (C.INPUT_TOKENS, C.OUTPUT_TOKENS)
     ]
-    job = [] if C.JOB_ID in names else [pl.lit(None, pl.String).alias(C.JOB_ID)]
     return (
-        frame.with_columns(*job)
+        frame.with_columns(*absent)
         .group_by(list(keys))
-        .agg(*tokens, uncounted_expr(names).sum().cast(pl.Int64).alias(UNCOUNTED))
+        .agg(
+            pl.len().cast(pl.Int64).alias(ROWS),
+            *sums,
+            pl.lit(0, pl.Int64).alias(SUPERSEDED_ROWS),
+            uncounted_expr(names).sum().cast(pl.Int64).alias(UNCOUNTED),
+        )
     )
 
 
-def with_replaced(usage: pl.DataFrame, replaced: list[dict[str, Any]] | None) -> pl.DataFrame:
-    """`per_job` rows (by job alone) plus the tokens of paid answers a later attempt replaced.
+def with_replaced(
+    usage: pl.DataFrame,
+    replaced: list[dict[str, Any]] | None,
+    keys: Sequence[str] = (C.JOB_ID,),
+) -> pl.DataFrame:
+    """A `tally` table plus the tokens of paid answers a later attempt replaced, by ``keys``.
 
     A schema repair re-asks a record Bedrock already answered and charged for; the part keeps
-    the repair alone, so the replaced answers (`tasks.pipeline.attempts.SUPERSEDED`) are added
-    to their job's tokens, as the cost adds them (`tasks.run.cost.token_usage`).
+    the repair alone, so the replaced answers (`tasks.pipeline.attempts.SUPERSEDED`, each
+    with its job, how it was served, its rows and tokens) are added to their key's tokens and
+    to its ``superseded_rows``, not to its ``rows``.
     """
     if not replaced:
         return usage
+    numbers = {
+        ROWS: [0] * len(replaced),
+        C.INPUT_TOKENS: [int(r.get(C.INPUT_TOKENS) or 0) for r in replaced],
+        C.OUTPUT_TOKENS: [int(r.get(C.OUTPUT_TOKENS) or 0) for r in replaced],
+        SUPERSEDED_ROWS: [int(r.get("rows") or 0) for r in replaced],
+        UNCOUNTED: [0] * len(replaced),
+    }
     extra = pl.DataFrame(
-        {
-            C.JOB_ID: [r.get(C.JOB_ID) for r in replaced],
-            C.INPUT_TOKENS: [int(r.get(C.INPUT_TOKENS) or 0) for r in replaced],
-            C.OUTPUT_TOKENS: [int(r.get(C.OUTPUT_TOKENS) or 0) for r in replaced],
-            UNCOUNTED: [0] * len(replaced),
-        },
-        schema={
-            C.JOB_ID: pl.String,
-            C.INPUT_TOKENS: pl.Int64,
-            C.OUTPUT_TOKENS: pl.Int64,
-            UNCOUNTED: pl.Int64,
-        },
+        {**{k: [r.get(k) for r in replaced] for k in keys}, **numbers},
+        schema={**{k: usage.schema[k] for k in keys}, **dict.fromkeys(numbers, pl.Int64)},
     )
     both = pl.concat([usage.select(extra.columns), extra], how="vertical_relaxed")
-    return both.group_by(C.JOB_ID, maintain_order=True).agg(pl.all().sum())
+    return both.group_by(list(keys), maintain_order=True).agg(pl.all().sum())
 
 
 def with_manifests(usage: pl.DataFrame, job_tokens: JobTokens | None) -> pl.DataFrame:
-    """`per_job` rows whose answers had no counts take their job's manifest totals; those
+    """`tally` rows whose answers had no counts take their job's manifest totals; those
     still without any get null tokens (unknown) and keep their uncounted rows."""
     known = job_tokens or {}
     if not usage.height:
@@ -104,8 +123,14 @@ def with_manifests(usage: pl.DataFrame, job_tokens: JobTokens | None) -> pl.Data
     )
 
 
-def totals(usage: pl.DataFrame, job_tokens: JobTokens | None) -> tuple[int | None, int | None]:
-    """(input, output) tokens over `per_job` rows; None when any of them is unknown."""
+def totals(
+    usage: pl.DataFrame, job_tokens: JobTokens | None = None
+) -> tuple[int | None, int | None]:
+    """(input, output) tokens over a `tally` table; None when any of its rows' are unknown.
+
+    ``job_tokens`` resolves the rows without counts first (`with_manifests`); a table the
+    cost already resolved needs none, and keeps unknown what stayed unknown.
+    """
     resolved = with_manifests(usage, job_tokens)
     if not resolved.height:
         return 0, 0

@@ -31,9 +31,6 @@ if TYPE_CHECKING:
 
 ESTIMATE_FILE = "estimate.json"
 COST_CEILING_REACHED = "CostCeilingReached"
-_PART = "__part"
-_SUPERSEDED_ROWS = "superseded_rows"
-_UNCOUNTED = tokens.UNCOUNTED
 
 
 def save_estimate(plan: RunPlan, out_dir: Path, layout: RunLayout, kms_key_id: str | None) -> None:
@@ -201,7 +198,7 @@ class CostGuard:
             if shard.part_uri:
                 superseded = (shard.merge_stats or {}).get(SUPERSEDED)
                 job_tokens = job_tokens_of(shard.merge_stats)
-                actual = shard_actual(shard.part_uri, self.price, superseded, None, job_tokens)
+                actual = shard_actual(shard.part_uri, self.price, superseded, job_tokens)
                 self.settle(name, actual)
                 continue
             for attempt in shard.attempts:
@@ -240,59 +237,44 @@ def token_usage(
 ) -> pl.DataFrame:
     """Tokens and rows of the output parts, by part, job and how they were served.
 
-    ``superseded`` (by part URI) adds the tokens of paid answers a later attempt replaced
-    (`Settled.superseded`): ``rows`` counts the part's rows, ``superseded_rows`` those answers.
-    ``part_rows``: the one part's rows, still in memory at its merge, read instead of the file.
-    ``job_tokens``: manifest totals of jobs whose rows carry no token counts; a job without
-    counts nor manifest has null (unknown) tokens.
+    Read from the parts, or from ``part_rows``: the one part's rows, still in memory at its
+    merge. Resolved by `resolve_usage` (``superseded`` by part URI, ``job_tokens``).
     """
     if not parts:
         return pl.DataFrame()
     if part_rows is not None:
-        frame = part_rows.lazy().with_columns(pl.lit(parts[0]).alias(_PART))
+        frame = part_rows.lazy().with_columns(pl.lit(parts[0]).alias(tokens.PART))
     else:
         options = polars_storage_options() if storage.is_s3(parts[0]) else None
         frame = pl.scan_parquet(
-            parts, storage_options=options, missing_columns="insert", include_file_paths=_PART
+            parts, storage_options=options, missing_columns="insert", include_file_paths=tokens.PART
         )
-    names = frame.collect_schema().names()
-    sums = [
-        (pl.col(c) if c in names else pl.lit(0, pl.Int64)).fill_null(0).sum().alias(c)
-        for c in (C.INPUT_TOKENS, C.OUTPUT_TOKENS)
-    ]
-    # Answered rows without a token count (Cohere Embed and Mistral report none): what they
-    # cost is their job's manifest's (`tokens.with_manifests`), else unknown, not $0.
-    keys = [_PART, C.JOB_ID, C.SERVED_BY]
-    usage = frame.group_by(keys).agg(
-        pl.len().cast(pl.Int64).alias("rows"),
-        *sums,
-        pl.lit(0, pl.Int64).alias(_SUPERSEDED_ROWS),
-        tokens.uncounted_expr(names).sum().cast(pl.Int64).alias(_UNCOUNTED),
-    )
+    usage = tokens.tally(frame, tokens.BY_PART).collect()
+    return resolve_usage(usage, parts, superseded, job_tokens)
+
+
+def resolve_usage(
+    usage: pl.DataFrame,
+    parts: list[str],
+    superseded: dict[str, list[dict[str, Any]]] | None = None,
+    job_tokens: JobTokens | None = None,
+) -> pl.DataFrame:
+    """A `tokens.tally` table of ``parts`` (by `tokens.BY_PART`) as the run pays for it.
+
+    ``superseded`` (by part URI, matched to ``parts`` by file name) adds the tokens of paid
+    answers a later attempt replaced (`Settled.superseded`) to ``superseded_rows``. Answered
+    rows without a token count (Cohere Embed and Mistral report none) cost their job's
+    manifest's (``job_tokens``, `tokens.with_manifests`), else unknown, not $0.
+    """
     by_name = {Path(p).name: p for p in parts}
-    extra = [
-        {
-            _PART: by_name[Path(part).name],
-            C.JOB_ID: s.get(C.JOB_ID),
-            C.SERVED_BY: s.get(C.SERVED_BY),
-            "rows": 0,
-            C.INPUT_TOKENS: s.get(C.INPUT_TOKENS) or 0,
-            C.OUTPUT_TOKENS: s.get(C.OUTPUT_TOKENS) or 0,
-            _SUPERSEDED_ROWS: s.get("rows") or 0,
-            _UNCOUNTED: 0,
-        }
+    replaced = [
+        {**s, tokens.PART: by_name[Path(part).name]}
         for part, entries in (superseded or {}).items()
         if Path(part).name in by_name
         for s in entries
     ]
-    if extra:
-        schema = usage.collect_schema()
-        usage = (
-            pl.concat([usage, pl.LazyFrame(extra, schema=schema)])
-            .group_by(keys)
-            .agg(pl.all().sum())
-        )
-    usage = usage.sort(_PART, C.SERVED_BY, C.JOB_ID, nulls_last=True).collect()
+    usage = tokens.with_replaced(usage, replaced, tokens.BY_PART)
+    usage = usage.sort(tokens.PART, C.SERVED_BY, C.JOB_ID, nulls_last=True)
     return tokens.with_manifests(usage, job_tokens)
 
 
@@ -302,7 +284,7 @@ def _price_rows(usage: pl.DataFrame, price: ModelPrice | None) -> list[dict[str,
         served = r[C.SERVED_BY]
         mode = "on_demand" if served == C.SERVED_ON_DEMAND else "batch"
         cost = None
-        if served in (C.SERVED_BATCH, C.SERVED_ON_DEMAND) and r[_UNCOUNTED]:
+        if served in (C.SERVED_BATCH, C.SERVED_ON_DEMAND) and r[tokens.UNCOUNTED]:
             cost = None
         elif served in (C.SERVED_BATCH, C.SERVED_ON_DEMAND) and price is not None:
             cost = price.cost(r[C.INPUT_TOKENS], r[C.OUTPUT_TOKENS], mode)
@@ -312,34 +294,27 @@ def _price_rows(usage: pl.DataFrame, price: ModelPrice | None) -> list[dict[str,
     return rows
 
 
-def actual_cost(
-    parts: list[str],
-    price: ModelPrice | None,
-    superseded: dict[str, list[dict[str, Any]]] | None = None,
-    part_rows: pl.DataFrame | None = None,
-    job_tokens: JobTokens | None = None,
-) -> dict[str, Any]:
-    """What the outputs cost, per job, per part and in all; batch and on demand apart.
+def price_usage(usage: pl.DataFrame, price: ModelPrice | None) -> dict[str, Any]:
+    """What a resolved usage table (`resolve_usage`) cost, per job, per part and in all.
 
-    Costs come from the token counts of the output rows, priced at the batch price for
-    rows a batch job served and at the full on-demand price for the on-demand tail, plus
-    (``superseded``, by part URI) the answers a later attempt of their record replaced.
+    Rows a batch job served are priced at the batch price, the on-demand tail at the full
+    on-demand price, each apart; skipped rows cost nothing. The run's end prices the table
+    its exactly-once check collected, a shard's merge the one of its rows in memory.
     """
-    rows = _price_rows(token_usage(parts, superseded, part_rows, job_tokens), price)
     by_part: dict[str, dict[str, Any]] = {}
     totals = {"batch_usd": 0.0, "on_demand_usd": 0.0, "on_demand_rows": 0, "batch_rows": 0}
     jobs = []
-    for r in rows:
-        part = by_part.setdefault(r[_PART], {"batch_usd": 0.0, "on_demand_usd": 0.0})
+    for r in _price_rows(usage, price):
+        part = by_part.setdefault(r[tokens.PART], {"batch_usd": 0.0, "on_demand_usd": 0.0})
         key = "on_demand" if r[C.SERVED_BY] == C.SERVED_ON_DEMAND else "batch"
         if r[C.SERVED_BY] in (C.SERVED_BATCH, C.SERVED_ON_DEMAND):
-            totals[f"{key}_rows"] += r["rows"]
+            totals[f"{key}_rows"] += r[tokens.ROWS]
             jobs.append(
                 {
                     "job_id": r[C.JOB_ID],
                     "served_by": r[C.SERVED_BY],
-                    "rows": r["rows"],
-                    "superseded_rows": r[_SUPERSEDED_ROWS],
+                    "rows": r[tokens.ROWS],
+                    "superseded_rows": r[tokens.SUPERSEDED_ROWS],
                     "input_tokens": r[C.INPUT_TOKENS],
                     "output_tokens": r[C.OUTPUT_TOKENS],
                     "cost_usd": r["cost_usd"],
@@ -355,18 +330,25 @@ def actual_cost(
     return {"jobs": jobs, "parts": by_part, **totals}
 
 
+def actual_cost(
+    parts: list[str],
+    price: ModelPrice | None,
+    superseded: dict[str, list[dict[str, Any]]] | None = None,
+    part_rows: pl.DataFrame | None = None,
+    job_tokens: JobTokens | None = None,
+) -> dict[str, Any]:
+    """What the output parts cost (`price_usage`), read from them (see `token_usage`)."""
+    return price_usage(token_usage(parts, superseded, part_rows, job_tokens), price)
+
+
 def shard_actual(
     part_uri: str,
     price: ModelPrice | None,
     superseded: list[dict[str, Any]] | None = None,
-    part_rows: pl.DataFrame | None = None,
     job_tokens: JobTokens | None = None,
 ) -> float | None:
-    """What one merged shard cost (for the guard), None when a price is unknown.
-
-    ``part_rows``: the part's rows at its merge, so the part is not read back from storage.
-    """
-    total = actual_cost([part_uri], price, {part_uri: superseded or []}, part_rows, job_tokens)
+    """What one merged shard cost, read from its part (a resumed guard), None when unknown."""
+    total = actual_cost([part_uri], price, {part_uri: superseded or []}, job_tokens=job_tokens)
     return total["total_usd"]
 
 
@@ -403,12 +385,21 @@ def cost_guard(
     return guard
 
 
-def cost_summary(ctx: Any, results: list[Any], parts: list[str]) -> dict[str, Any]:
-    """The run's cost for summary.json and the event: actual (batch, on demand), held back."""
-    price = run_price(ctx.model_id)
+def run_usage(usage: pl.DataFrame, parts: list[str], results: list[Any]) -> pl.DataFrame:
+    """The usage table the exactly-once check collected (`check_output`), resolved with what
+    the shards' merges recorded: the answers a repair replaced and the jobs' manifests."""
     superseded = {r.part_uri: r.stats.get(SUPERSEDED) or [] for r in results}
     job_tokens = {job: pair for r in results for job, pair in job_tokens_of(r.stats).items()}
-    actual = actual_cost(parts, price, superseded, job_tokens=job_tokens)
+    return resolve_usage(usage, parts, superseded, job_tokens)
+
+
+def cost_summary(ctx: Any, results: list[Any], usage: pl.DataFrame) -> dict[str, Any]:
+    """The run's cost for summary.json and the event: actual (batch, on demand), held back.
+
+    ``usage``: the run's resolved usage table (`run_usage`).
+    """
+    price = run_price(ctx.model_id)
+    actual = price_usage(usage, price)
     guard = ctx.cost_guard
     held = {r.shard: r.held_back for r in results if r.held_back}
     return {

@@ -47,7 +47,7 @@ from tasks.pipeline.structured import OutputSchema
 from tasks.pipeline.tokens import JOB_TOKENS, JobTokens
 from tasks.run import gate
 from tasks.run.artifacts import COST_USD, JobBoard
-from tasks.run.cost import COST_CEILING_REACHED
+from tasks.run.cost import COST_CEILING_REACHED, price_usage, token_usage
 from tasks.run.failpoints import failpoint
 from tasks.run.layout import JSONL, OUT_SUFFIX, RunLayout, input_file
 from tasks.run.owner import RunClaim
@@ -688,7 +688,11 @@ def _held_by_ceiling(
 
 
 def merge_shard_output(
-    ctx: RunContext, shard: ShardPlan, settled: Settled, job_tokens: JobTokens | None = None
+    ctx: RunContext,
+    shard: ShardPlan,
+    settled: Settled,
+    usage: pl.DataFrame,
+    job_tokens: JobTokens | None = None,
 ) -> dict[str, Any]:
     """Write the shard's Parquet part, right as the shard finishes.
 
@@ -699,6 +703,7 @@ def merge_shard_output(
         ctx: the run.
         shard: the shard.
         settled: every row of the shard with its final outcome (`_settle`).
+        usage: the rows' tokens as the run counts them (`tasks.run.cost.token_usage`).
         job_tokens: manifest totals of its jobs whose rows carry no token counts.
 
     Returns:
@@ -707,7 +712,7 @@ def merge_shard_output(
     part = ctx.part_uri(shard)
     with storage.local_dir_for(ctx.layout.output_dir) as out_dir:
         dest = out_dir / part.rsplit("/", 1)[-1]
-        stats = write_part(settled.frame, dest, settled.stray_lines, job_tokens, settled.superseded)
+        stats = write_part(settled.frame, dest, settled.stray_lines, usage)
         if storage.is_s3(part):
             storage.upload_file(dest, part, ctx.kms_key_id)
     failpoint("merge")
@@ -768,18 +773,17 @@ def run_shard(ctx: RunContext, shard: ShardPlan) -> ShardResult:
             for warning in settle_warnings(settled, shard.name):
                 logger.warning("%s", warning)
             job_tokens = _job_tokens(state.attempts)
-            state.merge_stats = merge_shard_output(ctx, shard, settled, job_tokens)
             superseded = settled.superseded
+            part = ctx.part_uri(shard)
+            # From the rows in memory, not the part read back: one table for the merge
+            # stats' tokens and the shard's cost, the answers a repair replaced included.
+            usage = token_usage([part], {part: superseded}, settled.frame, job_tokens)
+            state.merge_stats = merge_shard_output(ctx, shard, settled, usage, job_tokens)
             price = ctx.cost_guard.price if ctx.cost_guard is not None else ctx.price
             if price is not None:
-                from tasks.run.cost import shard_actual
-
                 # Each row at the price of how it was served (the job table priced the
-                # on-demand tail at the batch price), the answers a repair replaced included;
-                # from the rows in memory, not the part read back.
-                state.merge_stats[COST_USD] = shard_actual(
-                    ctx.part_uri(shard), price, superseded, settled.frame, job_tokens
-                )
+                # on-demand tail at the batch price).
+                state.merge_stats[COST_USD] = price_usage(usage, price)["total_usd"]
             del settled  # let go of it with the turn
         state.merge_stats["held_back"] = held
         state.merge_stats[SUPERSEDED] = superseded
