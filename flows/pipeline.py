@@ -287,7 +287,9 @@ def batch_pipeline(params: PipelineParams) -> dict[str, Any]:
     Re-running with the same run name resumes at the stage that did not finish (finished
     stages report their output, nothing is paid twice); a finished pipeline reports its
     summary; a changed definition is refused before anything is spent, unless the changed
-    stages are run again (`restart_from`, or `restart` for all).
+    stages are run again (`restart_from`, or `restart` for all). With ``max_cost_usd`` each
+    stage runs under what the stages before it left (`stage_ceiling`), and a stage refused by
+    it, or holding rows back at it, stops the pipeline there until a re-run raises it.
     """
     logger = get_run_logger()
     stages = params.resolved_stages()
