@@ -62,20 +62,37 @@ def test_a_source_that_holds_pipeline_columns_is_refused():
     assert "'pipeline_row_id', 'answer_response_text'" in str(exc.value)
 
 
-def test_a_bad_stage_two_stops_the_pipeline_before_any_job(stack, tmp_path):
+@pytest.mark.parametrize(
+    ("grade", "extra", "error", "words"),
+    [
+        ({"filter": "eror_code IS NULL"}, {}, PlanError, "eror_code"),
+        # A ceiling needs every stage's price; stage 2's is checked before stage 1 is paid.
+        (
+            {"model_id": TITAN_EMBED},
+            {"max_cost_usd": 1.0},
+            CostCeilingError,
+            rf"price of stage grade \({TITAN_EMBED}\) is unknown",
+        ),
+    ],
+    ids=["typo in a filter", "unpriced model under a ceiling"],
+)
+def test_a_bad_stage_two_stops_the_pipeline_before_any_job(
+    stack, tmp_path, grade, extra, error, words
+):
     source = tmp_path / "simplecot.jsonl"
     simplecot(120).write_ndjson(source)
     params = PipelineParams(
         source=str(source),
         output_uri=str(tmp_path / "out"),
-        run_name="pipe-typo",
-        stages=_stages(filter="eror_code IS NULL"),
+        run_name="pipe-refused",
+        stages=_stages(**grade),
+        **extra,
     )
-    with pytest.raises(PlanError, match="eror_code"):
+    with pytest.raises(error, match=words):
         batch_pipeline(params)
-    assert stack.ledger(name_contains="pipe-typo") == []
+    assert stack.ledger(name_contains="pipe-refused") == []
     # Not recorded: the corrected pipeline runs under the same name without a restart.
-    assert not (tmp_path / "out" / "pipe-typo" / "pipeline.json").exists()
+    assert not (tmp_path / "out" / "pipe-refused" / "pipeline.json").exists()
 
 
 @pytest.mark.slow
@@ -176,21 +193,3 @@ def test_a_stage_that_held_rows_back_stops_the_pipeline():
     held_back(None, "answer", {"not_run": True})
     with pytest.raises(CostCeilingError, match="Stage answer held back 1,200 rows at"):
         held_back(0.05, "answer", {"cost": {"held_back_rows": 1200, "total_usd": 0.049}})
-
-
-def test_a_ceiling_over_a_stage_without_a_price_is_refused_before_stage_one(stack, tmp_path):
-    source = tmp_path / "simplecot.jsonl"
-    simplecot(120).write_ndjson(source)
-    params = PipelineParams(
-        source=str(source),
-        output_uri=str(tmp_path / "out"),
-        run_name="pipe-unpriced",
-        stages=_stages(model_id=TITAN_EMBED),
-        max_cost_usd=1.0,
-    )
-    with pytest.raises(
-        CostCeilingError, match=rf"price of stage grade \({TITAN_EMBED}\) is unknown"
-    ):
-        batch_pipeline(params)
-    assert stack.ledger(name_contains="pipe-unpriced") == []
-    assert not (tmp_path / "out" / "pipe-unpriced" / "pipeline.json").exists()

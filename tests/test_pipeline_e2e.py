@@ -112,6 +112,19 @@ def _run(
     return subprocess.run(command, env=env, capture_output=True, text=True, timeout=400)
 
 
+def _params(source: Path, out: Path, run_name: str, **fields) -> PipelineParams:
+    """The named pipeline's parameters as `_run` runs it from the command line."""
+    return PipelineParams(
+        pipeline_id="answer_and_grade",
+        source=str(source),
+        output_uri=str(out),
+        run_name=run_name,
+        max_concurrent_jobs=3,
+        max_records_per_job=100,
+        **fields,
+    )
+
+
 def test_pipeline_rerun_after_sigkill_in_stage_two_pays_no_job_twice(stack, tmp_path):
     stack.configure(records_per_second=200)
     source = _source(tmp_path)
@@ -136,14 +149,7 @@ def test_a_plain_rerun_after_a_restart_crashed_finishes_the_restart(stack, tmp_p
     # never merged (paid, their answers nowhere).
     stack.configure(records_per_second=200)
     source, out = _source(tmp_path), tmp_path / "out3"
-    params = PipelineParams(
-        pipeline_id="answer_and_grade",
-        source=str(source),
-        output_uri=str(out),
-        run_name="pipe-restart",
-        max_concurrent_jobs=3,
-        max_records_per_job=100,
-    )  # as `_run` runs it
+    params = _params(source, out, "pipe-restart")
     batch_pipeline(params)
     first_grade = {
         j["jobArn"].rsplit("/", 1)[-1] for j in stack.ledger(name_contains="pipe-restart--grade")
@@ -300,15 +306,7 @@ def test_a_ceiling_stops_before_the_stage_it_cannot_pay_and_a_higher_one_goes_on
     needed = float(re.search(r"at least ([0-9.]+),", said)[1])
     assert needed > 0.03
 
-    params = PipelineParams(
-        pipeline_id="answer_and_grade",
-        source=str(source),
-        output_uri=str(out),
-        run_name="pipe-ceiling",
-        max_records_per_job=100,
-        max_concurrent_jobs=3,
-        max_cost_usd=needed,
-    )
+    params = _params(source, out, "pipe-ceiling", max_cost_usd=needed)
     summary = batch_pipeline(params)
 
     joined = pl.read_parquet(out / "pipe-ceiling" / "output" / "*.parquet")
@@ -329,15 +327,7 @@ def test_a_stage_that_held_rows_back_stops_the_pipeline_until_a_higher_ceiling(s
     # bounds still reserved, so a ceiling just over the stage's estimate holds it back. The
     # grading, which reads every answer, must not run on part of them.
     source, out = _source(tmp_path), tmp_path / "out"
-    params = PipelineParams(
-        pipeline_id="answer_and_grade",
-        source=str(source),
-        output_uri=str(out),
-        run_name="pipe-held",
-        max_records_per_job=100,
-        max_concurrent_jobs=3,
-        max_cost_usd=0.0001,
-    )
+    params = _params(source, out, "pipe-held", max_cost_usd=0.0001)
     with pytest.raises(CostCeilingError, match="Stage answer may cost up to") as first:
         batch_pipeline(params)
     assert stack.ledger(name_contains="pipe-held") == []
