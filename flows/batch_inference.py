@@ -176,7 +176,7 @@ def batch_inference(params: BatchParams) -> dict[str, Any]:
         plan = prepare_run(params, run)
 
         # 3. Estimate the cost; a run whose upper bound passes max_cost_usd stops here.
-        estimate = preflight_cost(params, plan, run.layout)
+        estimate = preflight_cost(params, plan, run.layout, run.store.state.jobs_created)
 
         # 4. The model's gate (the account's quota) and this run's own, of max_concurrent_jobs;
         # a run with no job yet takes its first wave's slots now.

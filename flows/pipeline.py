@@ -21,6 +21,11 @@ from tasks.pipeline import stages as S
 from tasks.run.cost import run_price
 from tasks.run.params import BatchParams
 
+# A stage's ceiling when the stages before it spent the pipeline's: no job fits under it, but
+# the stage still runs, so a finished one reports itself and another is refused by its own
+# estimate, which gives the figure to name.
+NOTHING_LEFT_USD = 1e-9
+
 
 class PipelineParams(BaseModel):
     """One pipeline run: a named pipeline, or stages given here (the UI form can define them)."""
@@ -116,6 +121,8 @@ def stage_ceiling(ceiling: float | None, stage: str, reports: list[dict[str, Any
 
     A later stage's cost cannot be known before the stages it reads have answered (its rows
     and prompts are theirs), so the ceiling is kept stage by stage: each run under the rest.
+    With nothing left (a re-run under a lower ceiling) the stage runs under `NOTHING_LEFT_USD`:
+    refused here, it named no figure, and a stage that had finished was refused too.
     """
     if ceiling is None:
         return None
@@ -128,57 +135,81 @@ def stage_ceiling(ceiling: float | None, stage: str, reports: list[dict[str, Any
             "or run it without max_cost_usd."
         )
         raise CostCeilingError(msg)
-    left = ceiling - spent
-    if left <= 0:
-        msg = (
-            f"The stages before {stage} spent {format_usd(spent)} ({_spent_by_stage(reports)}), "
-            f"all of the pipeline's max_cost_usd={ceiling}; nothing of stage {stage} was "
-            "submitted. Raise max_cost_usd and run the same pipeline again: the stages before "
-            "it are kept, not paid again."
-        )
-        raise CostCeilingError(msg)
-    return left
+    return max(ceiling - spent, NOTHING_LEFT_USD)
 
 
 def over_ceiling(
-    ceiling: float, stage: str, reports: list[dict[str, Any]], refused: CostCeilingError
+    ceiling: float,
+    stage: str,
+    reports: list[dict[str, Any]],
+    refused: CostCeilingError,
+    later: list[str] | None = None,
 ) -> CostCeilingError:
-    """The stage's refusal in the pipeline's terms: the whole ceiling it would need."""
+    """The stage's refusal in the pipeline's terms: the whole ceiling it would need.
+
+    ``later``: the stages after it, priced only when reached. What the stage's run knew (its
+    upper bound, its price basis, the jobs a resumed run created before) comes on ``refused``.
+    """
     high = refused.upper_bound_usd
     if high is None:
         return CostCeilingError(f"Stage {stage}: {refused}")
     spent = _spent(reports) or 0.0
     after = (
-        f"the {format_usd(ceiling - spent)} the pipeline's max_cost_usd={ceiling} leaves after "
-        f"the stages before it ({_spent_by_stage(reports)})"
+        f"the {format_usd(max(ceiling - spent, 0.0))} the pipeline's max_cost_usd={ceiling} "
+        f"leaves after the stages before it ({_spent_by_stage(reports)})"
         if reports
         else f"the pipeline's max_cost_usd={ceiling}"
     )
+    on_demand = " at the on-demand price (fewer rows than a batch job's minimum)"
+    price = on_demand if refused.on_demand else ""
+    sent = refused.jobs_created
+    submitted = (
+        f"nothing more of stage {stage} was submitted (the {sent} jobs it sent before it "
+        "stopped are kept for its next run, not sent again)"
+        if sent
+        else f"nothing of stage {stage} was submitted"
+    )
+    rest = (
+        f" for stage {stage} ({_names(later)} after it {'is' if len(later) == 1 else 'are'} "
+        "priced when reached)"
+        if later
+        else ""
+    )
     msg = (
-        f"Stage {stage} may cost up to {format_usd(high)}, more than {after}; nothing of "
-        f"stage {stage} was submitted. Raise max_cost_usd to at least "
-        f"{ceil_usd(spent + high)}, lower the stage's max_tokens or send fewer rows, and run "
-        "the same pipeline again"
+        f"Stage {stage} may cost up to {format_usd(high)}{price}, more than {after}; "
+        f"{submitted}. Raise max_cost_usd to at least {ceil_usd(spent + high)}{rest}, lower the "
+        "stage's max_tokens or send fewer rows, and run the same pipeline again"
         + (": the stages before it are kept, not paid again." if reports else ".")
     )
     return CostCeilingError(msg, upper_bound_usd=spent + high)
 
 
-def held_back(ceiling: float | None, stage: str, summary: dict[str, Any]) -> None:
+def _names(stages: list[str]) -> str:
+    return f"stage{'s' * (len(stages) > 1)} {', '.join(stages)}"
+
+
+def held_back(ceiling: float | None, stage: str, summary: dict[str, Any], later: list[str]) -> None:
     """Stop the pipeline after a stage whose run held rows back at the ceiling.
 
-    The stages after it read its every answer: run on part of them, they would need running
-    again (and paying again) once the held rows are answered.
+    The stages after it (``later``) read its every answer: run on part of them, they would
+    need running again (and paying again) once the held rows are answered; the joined output
+    of a last stage would lack them.
     """
     cost = summary.get("cost") or {}
     rows = cost.get("held_back_rows") or 0
     if not rows:
         return
+    stopped = (
+        f"{_names(later)} after it {'was' if len(later) == 1 else 'were'} not run, as "
+        f"{'it reads' if len(later) == 1 else 'they read'} its every answer"
+        if later
+        else "the pipeline's output was not joined, as it would lack them"
+    )
     msg = (
         f"Stage {stage} held back {rows:,} rows at the pipeline's max_cost_usd={ceiling} "
-        f"(it cost {format_usd(cost.get('total_usd'))}); the stages after it were not run, as "
-        "they read its every answer. Raise max_cost_usd and run the same pipeline again: the "
-        "held rows are sent and the pipeline goes on; nothing answered is paid again."
+        f"(it cost {format_usd(cost.get('total_usd'))}); {stopped}. Raise max_cost_usd and run "
+        "the same pipeline again: the held rows are sent and the pipeline goes on; nothing "
+        "answered is paid again."
     )
     raise CostCeilingError(msg)
 
@@ -329,13 +360,14 @@ def batch_pipeline(params: PipelineParams) -> dict[str, Any]:
         ceiling = stage_ceiling(params.max_cost_usd, stage.name, reports)
         stage_params = _stage_params(params, stages, stage, index, ceiling)
         run_stage = batch_inference.with_options(flow_run_name=stage_params.run_name)
+        later = [s.name for s in stages[index + 1 :]]
         try:
             summary = run_stage(stage_params)
         except CostCeilingError as refused:
             if params.max_cost_usd is None:
                 raise
-            raise over_ceiling(params.max_cost_usd, stage.name, reports, refused) from None
-        held_back(params.max_cost_usd, stage.name, summary)
+            raise over_ceiling(params.max_cost_usd, stage.name, reports, refused, later) from None
+        held_back(params.max_cost_usd, stage.name, summary, later)
         reports.append(S.stage_report(stage, summary, extra))
         logger.info("Stage %s: %s", stage.name, summary.get("counts"))
 

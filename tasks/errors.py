@@ -92,15 +92,25 @@ class RunOwnedError(BedrockBatchError):
 
 
 class CostCeilingError(BedrockBatchError):
-    """The run's estimated cost is over its max_cost_usd; nothing was submitted.
+    """The run's estimated cost is over its max_cost_usd; nothing (more) was submitted.
 
-    ``upper_bound_usd``: the estimate's upper bound that passed the ceiling (None when the
-    price is unknown), so a pipeline can say what its whole ceiling would need to be.
+    What a pipeline needs to say it in its own terms: ``upper_bound_usd``, the estimate's
+    upper bound that passed the ceiling (None when the price is unknown); ``on_demand``, the
+    estimate is at the on-demand price (fewer rows than a batch job's minimum);
+    ``jobs_created``, the jobs a resumed run had created before, which go on.
     """
 
-    def __init__(self, message: str, upper_bound_usd: float | None = None) -> None:
+    def __init__(
+        self,
+        message: str,
+        upper_bound_usd: float | None = None,
+        on_demand: bool = False,
+        jobs_created: int = 0,
+    ) -> None:
         super().__init__(message)
         self.upper_bound_usd = upper_bound_usd
+        self.on_demand = on_demand
+        self.jobs_created = jobs_created
 
 
 class StopJobsError(BedrockBatchError):

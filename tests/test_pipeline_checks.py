@@ -168,8 +168,12 @@ def test_a_ceiling_is_kept_stage_by_stage_from_what_the_stages_before_cost():
     assert stage_ceiling(0.05, "answer", []) == 0.05
     ran = [{"stage": "answer", "cost_usd": 0.002}]
     assert stage_ceiling(0.05, "grade", ran) == pytest.approx(0.048)
-    with pytest.raises(CostCeilingError, match=r"spent \$0.0500 \(answer \$0.0500\), all of"):
-        stage_ceiling(0.05, "grade", [{"stage": "answer", "cost_usd": 0.05}])
+    # Nothing left (a re-run with a lower ceiling): the stage still runs, under a ceiling no
+    # job fits, so a finished one reports itself and any other is refused by its own
+    # estimate, which names the ceiling it needs. A refusal here named no figure, and refused
+    # a stage that had finished before the pipeline's join (nothing left to pay).
+    assert 0 < stage_ceiling(0.05, "grade", [{"stage": "answer", "cost_usd": 0.05}]) < 1e-6
+    assert 0 < stage_ceiling(0.001, "grade", ran) < 1e-6
     # A stage whose cost is unknown (no price, no token counts) leaves nothing to keep under.
     with pytest.raises(CostCeilingError, match=r"before grade is unknown \(answer unknown\)"):
         stage_ceiling(0.05, "grade", [{"stage": "answer", "cost_usd": None}])
@@ -180,8 +184,24 @@ def test_a_ceiling_is_kept_stage_by_stage_from_what_the_stages_before_cost():
     assert said.upper_bound_usd == pytest.approx(0.0633)
     assert "more than the $0.0280 the pipeline's max_cost_usd=0.03 leaves" in str(said)
     assert "at least 0.0633," in str(said)
-    first = over_ceiling(0.01, "answer", [], CostCeilingError("over", upper_bound_usd=0.0151))
+    assert "nothing of stage grade was submitted" in str(said)
+    lower = over_ceiling(0.001, "grade", ran, refused)
+    assert "more than the $0.0000 the pipeline's max_cost_usd=0.001 leaves" in str(lower)
+    assert "at least 0.0633," in str(lower)
+    # A stage resumed after a crash had sent jobs: they are kept, not "nothing submitted".
+    after_crash = CostCeilingError("over", upper_bound_usd=0.0613, jobs_created=3)
+    resumed = str(over_ceiling(0.03, "grade", ran, after_crash))
+    assert "nothing more of stage grade was submitted (the 3 jobs it sent" in resumed
+    # The figure is the on-demand one for a stage too small for a batch job, said so; for a
+    # stage with stages after it, the figure is what it needs, theirs are priced when reached.
+    on_demand = CostCeilingError("over", upper_bound_usd=0.0613, on_demand=True)
+    small = str(over_ceiling(0.03, "grade", ran, on_demand))
+    assert "may cost up to $0.0613 at the on-demand price (fewer rows than" in small
+    first = over_ceiling(
+        0.01, "answer", [], CostCeilingError("over", upper_bound_usd=0.0151), later=["grade"]
+    )
     assert "more than the pipeline's max_cost_usd=0.01; nothing of stage answer" in str(first)
+    assert "at least 0.0151 for stage answer (stage grade after it is priced" in str(first)
 
 
 def test_a_stage_that_held_rows_back_stops_the_pipeline():
@@ -189,7 +209,13 @@ def test_a_stage_that_held_rows_back_stops_the_pipeline():
     # paid) again once the held rows are answered.
     from flows.pipeline import held_back
 
-    held_back(0.05, "answer", {"cost": {"held_back_rows": 0, "total_usd": 0.01}})
-    held_back(None, "answer", {"not_run": True})
-    with pytest.raises(CostCeilingError, match="Stage answer held back 1,200 rows at"):
-        held_back(0.05, "answer", {"cost": {"held_back_rows": 1200, "total_usd": 0.049}})
+    held_back(0.05, "answer", {"cost": {"held_back_rows": 0, "total_usd": 0.01}}, ["grade"])
+    held_back(None, "answer", {"not_run": True}, ["grade"])
+    summary = {"cost": {"held_back_rows": 1200, "total_usd": 0.049}}
+    with pytest.raises(CostCeilingError, match="Stage answer held back 1,200 rows at") as held:
+        held_back(0.05, "answer", summary, ["grade"])
+    assert "stage grade after it was not run, as it reads its every answer" in str(held.value)
+    # The last stage: no stage after it, but the joined output would lack the held rows.
+    with pytest.raises(CostCeilingError, match="the pipeline's output was not joined") as last:
+        held_back(0.05, "grade", summary, [])
+    assert "after it" not in str(last.value)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -21,6 +22,7 @@ from tasks.errors import CostCeilingError, RunIdentityError
 from tasks.pipeline.stages import KILL_STAGE_ENV
 from tasks.run.failpoints import ENV
 from tasks.run.owner import EXPIRY_ENV
+from tasks.run.params import InferenceOverrides
 
 pytestmark = pytest.mark.slow
 
@@ -127,20 +129,38 @@ def _params(source: Path, out: Path, run_name: str, **fields) -> PipelineParams:
 
 def test_pipeline_rerun_after_sigkill_in_stage_two_pays_no_job_twice(stack, tmp_path):
     stack.configure(records_per_second=200)
-    source = _source(tmp_path)
-    # Stage 1 finishes; stage 2's process dies while its first job is seen running.
-    crashed = _run(source, tmp_path / "out2", kill_at="polling")
+    source, out = _source(tmp_path), tmp_path / "out2"
+    # Stage 1 finishes; stage 2's process dies while its first job is seen running, under a
+    # ceiling for the whole pipeline.
+    crashed = _run(source, out, "polling", "--max-cost-usd", "0.1")
     assert crashed.returncode == -signal.SIGKILL, crashed.stderr[-2000:]
-    finished = _run(source, tmp_path / "out2", kill_at=None)
+    # A re-run under a ceiling too low for stage 2 is refused; the jobs stage 2 sent before the
+    # crash are kept (the refusal said "nothing of stage grade was submitted").
+    low = _params(source, out, "pipe-kill", max_cost_usd=0.03)
+    sent = r"nothing more of stage grade was submitted \(the [123] jobs it sent before"
+    with pytest.raises(CostCeilingError, match=sent) as refused:
+        batch_pipeline(low)
+    needed = re.search(r"at least ([0-9.]+),", str(refused.value))[1]
+
+    finished = _run(source, out, None, "--max-cost-usd", needed)
+
     assert finished.returncode == 0, finished.stderr[-3000:]
     assert "accuracy (grade_correct)" in finished.stdout
-    out = pl.read_parquet(tmp_path / "out2" / "pipe-kill" / "output" / "*.parquet")
-    assert out.height == ROWS and out["pipeline_row_id"].n_unique() == ROWS
+    pipeline = out / "pipe-kill"
+    joined = pl.read_parquet(pipeline / "output" / "*.parquet")
+    assert joined.height == ROWS and joined["pipeline_row_id"].n_unique() == ROWS
     jobs = [j["jobName"].split("-", 1)[1] for j in stack.ledger(name_contains="pipe-kill--")]
     assert len(jobs) == len(set(jobs))  # one job per shard attempt, never two
     assert sorted(j for j in jobs if "grade" in j) == [
         f"pipe-kill--grade-shard-0000{i}-a1" for i in range(3)
     ]
+    # Stage 2 resumed under what stage 1 left; what it had sent is counted by its own run.
+    summary = json.loads((pipeline / "summary.json").read_text())
+    grade_run = json.loads((pipeline / "stages/grade/pipe-kill--grade/summary.json").read_text())
+    answer_cost = summary["stages"][0]["cost_usd"]
+    assert grade_run["cost"]["max_cost_usd"] == pytest.approx(float(needed) - answer_cost)
+    assert grade_run["cost"]["held_back_rows"] == 0
+    assert summary["cost_usd"] <= float(needed)
 
 
 def test_a_plain_rerun_after_a_restart_crashed_finishes_the_restart(stack, tmp_path):
@@ -222,16 +242,24 @@ def test_small_stage_is_served_on_demand_and_an_empty_one_is_not_run(stack, tmp_
             "carry": ["source", "target", "answer_response_text"],
         }
     )
+    # Under a ceiling stage 1 passes (short answers: its upper bound is small) and stage 2 may
+    # cost more than is left at the on-demand price, not at the batch one: the refusal says so.
+    answer = _stages()[0].model_copy(update={"inference": InferenceOverrides(max_tokens=100)})
     params = PipelineParams(
         source=str(_source(tmp_path)),
         output_uri=str(tmp_path / "out"),
         run_name="pipe-small",
-        stages=[_stages()[0], _stages()[1].model_copy(update={"filter": small}), regrade],
+        stages=[answer, _stages()[1].model_copy(update={"filter": small}), regrade],
         max_records_per_job=150,
         max_concurrent_jobs=3,
+        max_cost_usd=0.01,
     )
+    on_demand = r"Stage grade may cost up to \$[0-9.]+ at the on-demand price \(fewer rows"
+    with pytest.raises(CostCeilingError, match=on_demand) as refused:
+        batch_pipeline(params)
+    needed = float(re.search(r"at least ([0-9.]+) for stage grade \(", str(refused.value))[1])
 
-    summary = batch_pipeline(params)
+    summary = batch_pipeline(params.model_copy(update={"max_cost_usd": needed}))
 
     out = pl.read_parquet(tmp_path / "out" / "pipe-small" / "output" / "*.parquet")
     assert out.height == ROWS and out["pipeline_row_id"].n_unique() == ROWS
@@ -245,7 +273,7 @@ def test_small_stage_is_served_on_demand_and_an_empty_one_is_not_run(stack, tmp_
     assert len(stack.ledger(name_contains="pipe-small--answer")) == 2
     regraded = summary["stages"][2]
     assert regraded["not_run"] and regraded["counts"]["records"] == 0
-    assert regraded["cost_usd"] == 0.0 and summary["cost_usd"] is not None
+    assert regraded["cost_usd"] == 0.0 and 0 < summary["cost_usd"] <= needed
     assert out["regrade_skipped"].to_list() == ["filtered out before stage regrade (false)"] * ROWS
     assert stack.ledger(name_contains="pipe-small--regrade") == []
 
@@ -305,6 +333,11 @@ def test_a_ceiling_stops_before_the_stage_it_cannot_pay_and_a_higher_one_goes_on
     assert stack.ledger(name_contains="pipe-ceiling--grade") == []
     needed = float(re.search(r"at least ([0-9.]+),", said)[1])
     assert needed > 0.03
+    # Under what stage 1 cost, nothing is left for stage 2: the refusal still names the figure.
+    spent = _params(source, out, "pipe-ceiling", max_cost_usd=0.001)
+    with pytest.raises(CostCeilingError, match=rf"more than the \$0.0000 .*at least {needed},"):
+        batch_pipeline(spent)
+    assert stack.ledger(name_contains="pipe-ceiling--grade") == []
 
     params = _params(source, out, "pipe-ceiling", max_cost_usd=needed)
     summary = batch_pipeline(params)
@@ -320,6 +353,11 @@ def test_a_ceiling_stops_before_the_stage_it_cannot_pay_and_a_higher_one_goes_on
     assert graded and all(job["jobName"].endswith("-a1") for job in graded)
     answer, grade = summary["stages"]
     assert grade["counts"]["records"] == grade["rows_kept"] == answer["counts"]["succeeded"]
+    # Killed before its join, the pipeline is joined by a re-run under any ceiling: its stages
+    # finished, nothing is left to pay (it was refused: "the stages before grade spent ...").
+    (out / "pipe-ceiling" / "summary.json").unlink()
+    assert batch_pipeline(spent) == {**summary, "max_cost_usd": 0.001}
+    assert stack.ledger(name_contains="pipe-ceiling--") == answered + graded
 
 
 def test_a_stage_that_held_rows_back_stops_the_pipeline_until_a_higher_ceiling(stack, tmp_path):

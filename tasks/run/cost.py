@@ -31,6 +31,8 @@ if TYPE_CHECKING:
 
 ESTIMATE_FILE = "estimate.json"
 COST_CEILING_REACHED = "CostCeilingReached"
+# The price an estimate of a run under a batch job's minimum is at (`_price_basis`).
+ON_DEMAND_BASIS = "the on-demand price"
 
 
 def save_estimate(plan: RunPlan, out_dir: Path, layout: RunLayout, kms_key_id: str | None) -> None:
@@ -55,13 +57,17 @@ def load_estimate(plan: RunPlan, layout: RunLayout) -> CostEstimate:
 
 
 @task(cache_policy=NO_CACHE)
-def preflight_cost(params: BatchParams, plan: RunPlan, layout: RunLayout) -> CostEstimate:
+def preflight_cost(
+    params: BatchParams, plan: RunPlan, layout: RunLayout, jobs_created: int = 0
+) -> CostEstimate:
     """Show the estimate as an artifact, and refuse the run when it may pass max_cost_usd.
 
     Args:
         params: the run's parameters (``max_cost_usd``).
         plan: its shards.
         layout: where the run keeps its estimate.
+        jobs_created: the jobs a resumed run created before (`RunState.jobs_created`): they
+            go on whatever the ceiling, so a refusal says nothing more was submitted.
 
     Returns:
         The estimate, for the guard that keeps the run under the ceiling.
@@ -108,31 +114,38 @@ def preflight_cost(params: BatchParams, plan: RunPlan, layout: RunLayout) -> Cos
     ceiling = params.max_cost_usd
     if ceiling is not None:
         high = estimate.cost_high
+        facts = {"on_demand": basis == ON_DEMAND_BASIS, "jobs_created": jobs_created}
+        sent = (
+            f"nothing more was submitted (the {jobs_created} jobs it created before go on, "
+            "kept for its next run)"
+            if jobs_created
+            else "nothing was submitted"
+        )
         if high is None:
             msg = (
                 f"max_cost_usd={ceiling} is set but {basis} of {params.model_id} is "
-                "unknown, so the run cannot be kept under it; nothing was submitted. Set the "
-                "price in BEDROCK_BATCH_PRICES_FILE or the Prefect Variable bedrock-batch-prices."
+                f"unknown, so the run cannot be kept under it; {sent}. Set the price in "
+                "BEDROCK_BATCH_PRICES_FILE or the Prefect Variable bedrock-batch-prices."
             )
-            raise CostCeilingError(msg)
+            raise CostCeilingError(msg, **facts)
         if high > ceiling:
             max_tokens = plan.options.get("max_tokens")
             low = format_usd(estimate.cost_low)
             msg = (
                 f"The estimated cost of run {layout.run_name} is {low} – {format_usd(high)} at "
                 f"{basis} ({estimate.input_tokens:,} input tokens, up to "
-                f"{estimate.output_max:,} output tokens), over max_cost_usd={ceiling}; nothing "
-                f"was submitted. Raise max_cost_usd to at least {ceil_usd(high)}, lower max_tokens "
+                f"{estimate.output_max:,} output tokens), over max_cost_usd={ceiling}; {sent}. "
+                f"Raise max_cost_usd to at least {ceil_usd(high)}, lower max_tokens "
                 f"(now {max_tokens}) or send fewer records."
             )
-            raise CostCeilingError(msg, upper_bound_usd=high)
+            raise CostCeilingError(msg, upper_bound_usd=high, **facts)
     return estimate
 
 
 def _price_basis(estimate: CostEstimate) -> str:
     """Which price the estimate is at: a run under a job's minimum is served on demand."""
     if estimate.shards and all(s.on_demand for s in estimate.shards):
-        return "the on-demand price"
+        return ON_DEMAND_BASIS
     return "the batch price"
 
 

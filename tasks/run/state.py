@@ -89,6 +89,11 @@ class RunState:
         }
         return cls(data["run_name"], shards, data.get("finished_at"))
 
+    @property
+    def jobs_created(self) -> int:
+        """Batch jobs the run has created on Bedrock (they run on whatever becomes of us)."""
+        return sum(a.job_arn is not None for s in self.shards.values() for a in s.attempts)
+
 
 class RunStateStore:
     """Thread-safe holder of a run's state that writes each change through, shard by shard.
