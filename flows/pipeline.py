@@ -121,8 +121,9 @@ def stage_ceiling(ceiling: float | None, stage: str, reports: list[dict[str, Any
 
     A later stage's cost cannot be known before the stages it reads have answered (its rows
     and prompts are theirs), so the ceiling is kept stage by stage: each run under the rest.
-    With nothing left (a re-run under a lower ceiling) the stage runs under `NOTHING_LEFT_USD`:
-    refused here, it named no figure, and a stage that had finished was refused too.
+    With nothing left (a re-run under a lower ceiling) the stage still runs, under
+    `NOTHING_LEFT_USD`: a stage that finished reports itself (a pipeline killed before its
+    join is joined), another is refused by its own estimate, which names the figure.
     """
     if ceiling is None:
         return None
