@@ -139,10 +139,11 @@ def _ctrl_c_command(source: Path, out: Path, run_name: str, per_job: int) -> lis
 
 def _interrupt_while_two_jobs_run(
     stack, command: list[str], env: dict[str, str], run_name: str, log: Path
-) -> tuple[int, float]:
+) -> tuple[int, float, list[dict]]:
     """Run ``command`` in a session of its own (a terminal's foreground group, which Ctrl-C
     signals whole), SIGINT it once two of its jobs are InProgress (held there by a fault), and
-    return its exit code and the seconds it took to go (killed after 60 s)."""
+    return its exit code, the seconds it took to go (killed after 60 s) and its jobs as the
+    run left them: read before the fault is lifted, after which they go on and may complete."""
     stack.set_faults(stuck_job_names_containing=run_name, stuck_after_fraction=0.5)
     # A run that does not go prints every thread's stack on SIGABRT, into its stderr.
     env = {**env, "PYTHONFAULTHANDLER": "1"}
@@ -165,7 +166,8 @@ def _interrupt_while_two_jobs_run(
                 run.wait(timeout=60)
             except subprocess.TimeoutExpired:
                 _abort_with_stacks(run)
-            return run.returncode, time.monotonic() - interrupted_at
+            gone_after = time.monotonic() - interrupted_at
+            return run.returncode, gone_after, stack.ledger(run_name)
     finally:
         stack.set_faults(stuck_job_names_containing=None)
 
@@ -207,7 +209,7 @@ def test_ctrl_c_while_jobs_run_leaves_them_running_and_the_same_command_resumes(
     env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value(), EXPIRY_ENV: "3"}
     env.pop(ENV, None)
 
-    code, left_after = _interrupt_while_two_jobs_run(
+    code, left_after, jobs = _interrupt_while_two_jobs_run(
         stack, command, env, "ctrl-c", tmp_path / "stderr.txt"
     )
 
@@ -218,7 +220,6 @@ def test_ctrl_c_while_jobs_run_leaves_them_running_and_the_same_command_resumes(
     errors = [line for line in stderr.splitlines() if line.startswith("error:")]
     assert errors[-1].startswith("error: interrupted; jobs already submitted"), stderr[-3000:]
     # Not stopped by a crash hook; the third shard, waiting for a gate slot, made no job.
-    jobs = stack.ledger("ctrl-c")
     assert [j["status"] for j in jobs] == ["InProgress"] * 2
 
     finished = subprocess.run(command, env=env, capture_output=True, text=True, timeout=240)
@@ -244,7 +245,7 @@ def test_ctrl_c_with_the_temporary_prefect_server_ends_the_run_in_seconds(stack,
     for name in ("PREFECT_API_URL", ENV):
         env.pop(name, None)
 
-    code, left_after = _interrupt_while_two_jobs_run(
+    code, left_after, jobs = _interrupt_while_two_jobs_run(
         stack, command, env, "sigint-temp", tmp_path / "stderr.txt"
     )
 
@@ -252,7 +253,7 @@ def test_ctrl_c_with_the_temporary_prefect_server_ends_the_run_in_seconds(stack,
     assert code == 130, stderr[-8000:]
     assert left_after < 30, left_after
     assert "Connection refused" not in stderr
-    assert [j["status"] for j in stack.ledger("sigint-temp")] == ["InProgress"] * 2
+    assert [j["status"] for j in jobs] == ["InProgress"] * 2
 
 
 def _running(pid: int) -> bool:
