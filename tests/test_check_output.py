@@ -10,7 +10,7 @@ import polars as pl
 import pytest
 
 from tasks.errors import IncompleteOutputError
-from tasks.pipeline import summary
+from tasks.pipeline import summary, tokens
 from tasks.pipeline.attempts import SUPERSEDED
 from tasks.pipeline.columns import (
     CONTENT_FILTERED,
@@ -91,8 +91,7 @@ def test_check_output_counts_every_shard_once_in_one_batch_or_many(tmp_path, mon
     assert check["succeeded"] == records - check["failed"]
     assert check["unparseable"] == 1
     assert check["filtered"] == 1
-    assert check["input_tokens"] == 10 * SHARDS * PER_SHARD
-    assert check["output_tokens"] == 3 * SHARDS * PER_SHARD
+    assert tokens.totals(check["token_usage"]) == (10 * SHARDS * PER_SHARD, 3 * SHARDS * PER_SHARD)
     assert len(check["parts"]) == SHARDS + 1
 
 

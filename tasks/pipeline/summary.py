@@ -83,10 +83,6 @@ def check_output(layout: RunLayout, plan: RunPlan) -> dict[str, Any]:
                 "which rebuilds them from the source before anything is sent."
             )
         raise IncompleteOutputError(msg)
-    usage = found.usage()
-    # Rows without token counts (Cohere Embed) leave these None here; `summary_artifacts`
-    # fills them from their jobs' manifests.
-    tokens_in, tokens_out = tokens.totals(usage, None)
     return {
         "records": found.records,
         "succeeded": found.records - found.failed,
@@ -95,10 +91,9 @@ def check_output(layout: RunLayout, plan: RunPlan) -> dict[str, Any]:
         "unparseable": found.unparseable,
         # Refusals and filtered answers (counted in failed too; not retried).
         "filtered": found.filtered,
-        "input_tokens": tokens_in,
-        "output_tokens": tokens_out,
-        # By part, job and how it was served: rows, tokens, answered rows without counts.
-        "token_usage": usage,
+        # By part, job and how it was served: rows, tokens, answered rows without counts. The
+        # run's token totals come from it once resolved (`summary_artifacts`).
+        "token_usage": found.usage(),
         "parts": parts,
     }
 

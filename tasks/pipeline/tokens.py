@@ -61,9 +61,7 @@ def tally(frame: pl.LazyFrame, keys: Sequence[str] = (C.JOB_ID,)) -> pl.LazyFram
 
 
 def with_replaced(
-    usage: pl.DataFrame,
-    replaced: list[dict[str, Any]] | None,
-    keys: Sequence[str] = (C.JOB_ID,),
+    usage: pl.DataFrame, replaced: list[dict[str, Any]] | None, keys: Sequence[str]
 ) -> pl.DataFrame:
     """A `tally` table plus the tokens of paid answers a later attempt replaced, by ``keys``.
 
