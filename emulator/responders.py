@@ -19,7 +19,7 @@ from .catalog import (
     TITAN_EMBED,
     ModelSpec,
 )
-from .structured import ANSWER, FAULT, TOOL_NAME, TRUNCATED, add_answers
+from .structured import ANSWER, FAULT, QUOTE, TOOL_NAME, TRUNCATED, add_answers
 
 # Columns of the frames the runner hands in and gets back.
 RECORD_ID = "recordId"
@@ -51,7 +51,16 @@ _POOL = (
     "shapes statuses quotas and output layout faithful to amazon bedrock batch inference "
     "so a pipeline can be dry run end to end before any money is spent on real jobs "
 ) * 4
-_FIRST_TEXT = r'"(?:text|content)"\s*:\s*"((?:[^"\\]|\\.){0,60})'
+# The user's turn of a chat body: its first text block (Anthropic, Nova, Converse) or its
+# content string (OpenAI-style messages, whose system prompt is a turn of its own).
+_USER_TURN = "$.messages[?(@.role == 'user')]"
+# The user's turn inside a raw chat prompt: what comes before it and after it.
+_PROMPT_TURNS = (
+    ("user<|end_header_id|>\n\n", "<|eot_id|>"),  # Llama 3
+    ("user<|header_end|>\n\n", "<|eot|>"),  # Llama 4
+    ("[INST] ", " [/INST]"),  # Mistral: holds the system prompt too (it has no system role)
+)
+QUOTE_CHARS = 40
 _TEXT_VALUE = r'"(?:text|content|system)"\s*:\s*"(?:[^"\\]|\\.)*"'
 _SURROGATE_PAIR = r"\\u[dD][89abAB][0-9a-fA-F]{2}\\u[dD][c-fC-F][0-9a-fA-F]{2}"
 _REASONING_ENABLED = r'"reasoningConfig"\s*:\s*\{[^}]*"enabled"'
@@ -224,27 +233,45 @@ def input_token_count(spec: ModelSpec, invocation_type: str) -> pl.Expr:
     if invocation_type == CONVERSE or spec.family in (ANTHROPIC, NOVA, MISTRAL_CHAT, *OPENAI_CHAT):
         chars = _content_chars(mi)
     else:
-        counted, _ = _prompt_text(spec, invocation_type)
-        chars = counted.fill_null("").str.len_chars()
+        chars = _prompt_text(spec, invocation_type).fill_null("").str.len_chars()
     return (chars // 4 + 8).cast(pl.Int64)
 
 
-def _prompt_text(spec: ModelSpec, invocation_type: str) -> tuple[pl.Expr, pl.Expr]:
-    """(text that counts as input, snippet quoted in the reply)."""
+def _prompt_text(spec: ModelSpec, invocation_type: str) -> pl.Expr:
+    """The text of a prompt or embedding body that counts as its input."""
+    if spec.family == TITAN_EMBED:
+        return _path(pl.col(MODEL_INPUT), "$.inputText")
+    if spec.family == COHERE_EMBED:
+        return _path(pl.col(MODEL_INPUT), "$.texts")
+    return _path(pl.col(MODEL_INPUT), "$.prompt")
+
+
+def _user_text(spec: ModelSpec, invocation_type: str) -> pl.Expr:
+    """The user's own prompt in a text body, without the system prompt or chat markup."""
     mi = pl.col(MODEL_INPUT)
     if invocation_type == CONVERSE or spec.family in (ANTHROPIC, NOVA, MISTRAL_CHAT, *OPENAI_CHAT):
-        # Each JSON-path lookup re-parses the body, so the chat families quote the first text
-        # value found by a regex: one parse fewer each.
-        snippet = mi.str.extract(_FIRST_TEXT, 1).str.replace_all(r"\\(.)", "$1")
-        return mi, snippet
-    if spec.family == TITAN_EMBED:
-        text = _path(mi, "$.inputText")
-        return text, text
-    if spec.family == COHERE_EMBED:
-        text = _path(mi, "$.texts")
-        return text, text
-    text = _path(mi, "$.prompt")
-    return text, text
+        blocks = mi.str.json_path_match(_USER_TURN + ".content[0].text")
+        return pl.coalesce(blocks, mi.str.json_path_match(_USER_TURN + ".content"))
+    prompt = _prompt_text(spec, invocation_type)
+    turns = [
+        prompt.str.splitn(before, 2)
+        .struct.field("field_1")
+        .str.splitn(after, 2)
+        .struct.field("field_0")
+        for before, after in _PROMPT_TURNS
+    ]
+    return pl.coalesce(*turns, prompt)
+
+
+def quote(text: pl.Expr) -> pl.Expr:
+    """How a reply quotes its prompt: whole, or its first and last 40 characters.
+
+    Both ends, so an answer names its own prompt whether a template puts the row's values
+    first or last (tests check each answer against the prompt of its own row).
+    """
+    whole = text.fill_null("")
+    ends = pl.concat_str(whole.str.head(QUOTE_CHARS), pl.lit(" ... "), whole.str.tail(QUOTE_CHARS))
+    return pl.when(whole.str.len_chars() <= 2 * QUOTE_CHARS).then(whole).otherwise(ends)
 
 
 def _max_tokens_path(spec: ModelSpec, invocation_type: str) -> str:
@@ -317,11 +344,10 @@ def _text_output(spec: ModelSpec, invocation_type: str) -> pl.Expr:
     limit = _max_tokens(spec, invocation_type)
     out_tok = pl.min_horizontal(wanted, limit)
     truncated = wanted > limit
-    _, snippet = _prompt_text(spec, invocation_type)
     body_chars = (out_tok * 4).cast(pl.Int64)
     text = pl.concat_str(
         pl.lit(f"[emulated {spec.short_name}] Reply to: "),
-        snippet.fill_null("").str.slice(0, 40),
+        pl.col(QUOTE),
         pl.lit(" | "),
         pl.lit(_POOL).str.slice((h % 300).cast(pl.Int64), body_chars),
     )
@@ -635,7 +661,11 @@ def respond(
     elif ok.height and spec.family == COHERE_EMBED and invocation_type == INVOKE_MODEL:
         ok = _cohere_outputs(ok, spec)
     else:
-        ok = ok.with_row_index("__i")
+        ok = (
+            ok.with_row_index("__i")
+            .with_columns(_user_text(spec, invocation_type).alias(QUOTE))
+            .with_columns(quote(pl.col(QUOTE)))
+        )
         if schema_faults is not None:
             ok = ok.join(schema_faults, on=RECORD_ID, how="left", maintain_order="left")
         tool_ok = spec.family == ANTHROPIC and invocation_type == INVOKE_MODEL

@@ -1,7 +1,8 @@
 """Structured answers: a forced tool call or a JSON-only instruction answered in its shape.
 
 The answer is synthesized from the request's JSON schema, deterministically from each record's
-hash: booleans, numbers, strings, enums, arrays and objects, every required field set. The
+hash: booleans, numbers, strings, enums, arrays and objects, every required field set. Free
+strings quote the prompt, as text replies do, so each answer names the prompt it answers. The
 `schema_error` fault corrupts a share of them (wrong type, missing field, cut JSON, prose).
 """
 
@@ -14,10 +15,12 @@ import polars as pl
 TOOL_NAME = "_tool_name"
 ANSWER = "_answer_json"
 FAULT = "_schema_fault"
+QUOTE = "_quote"  # the reply's quote of the user's prompt (responders.quote)
 # Fault kinds (0: none).
 WRONG_TYPE, MISSING_FIELD, TRUNCATED, PROSE = 1, 2, 3, 4
 
 _TOOL_SCHEMA = "$.tools[0].input_schema"
+_CONSTRAINED = {"maxLength", "minLength", "pattern", "format", "const"}
 _TOOL_CHOICE = "$.tool_choice.name"
 # The JSON-only instruction of tasks.pipeline.structured, as it reads inside the encoded body.
 _INSTRUCTION = r"matching this JSON schema: (\{.*?\})\\nDo not wrap it in prose"
@@ -47,7 +50,10 @@ def _value(node: dict, name: str, h: pl.Expr, salt: int, wrong: bool) -> pl.Expr
         return pl.concat_list([item])
     if kinds == "object":
         return _object(node, h, salt + 1, False)
-    return pl.concat_str(pl.lit(f"emulated {name} "), (mixed % 10_000).cast(pl.String))
+    value = pl.concat_str(pl.lit(f"emulated {name} "), (mixed % 10_000).cast(pl.String))
+    if _CONSTRAINED.intersection(node):  # a quote could break the string's own rules
+        return value
+    return pl.concat_str(value, pl.lit(" re: "), pl.col(QUOTE))
 
 
 def _object(schema: dict, h: pl.Expr, salt: int, wrong: bool) -> pl.Expr:

@@ -64,3 +64,63 @@ def test_titan_v2_same_text_gets_the_same_vector_however_its_body_is_encoded():
     out = respond(frame, CATALOG["amazon.titan-embed-text-v2:0"]).sort(RECORD_ID)
     spaced, compact = (json.loads(o) for o in out[MODEL_OUTPUT])
     assert spaced["embedding"] == compact["embedding"]
+
+
+LONG = 'Q17: how many "apples"?\nA crate holds 34 and another 56; café. Count them all, please.'
+QUOTED = LONG[:40] + " ... " + LONG[-40:]
+
+
+def test_a_reply_quotes_the_users_prompt_not_the_system_prompt():
+    # Tests tell each answer's row by this quote: a system prompt shared by every row (Nova,
+    # OpenAI-style messages, Llama's header) must not be what is quoted.
+    system = "You answer questions carefully and briefly."
+    nova = {
+        "schemaVersion": "messages-v1",
+        "system": [{"text": system}],
+        "messages": [{"role": "user", "content": [{"text": LONG}]}],
+    }
+    (answer,) = _answers("amazon.nova-lite-v1:0", [nova])
+    assert answer["output"]["message"]["content"][0]["text"].startswith(
+        f"[emulated amazon.nova-lite] Reply to: {QUOTED} | "
+    )
+    chat = {"messages": [{"role": "system", "content": system}, {"role": "user", "content": LONG}]}
+    (answer,) = _answers("openai.gpt-oss-20b-1:0", [chat])
+    assert f"Reply to: {QUOTED} | " in answer["choices"][0]["message"]["content"]
+    llama = (
+        "<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\n"
+        f"{system}<|eot_id|><|start_header_id|>user<|end_header_id|>\n\n{LONG}<|eot_id|>"
+        "<|start_header_id|>assistant<|end_header_id|>\n\n"
+    )
+    (answer,) = _answers("meta.llama3-1-8b-instruct-v1:0", [{"prompt": llama}])
+    assert f"Reply to: {QUOTED} | " in answer["generation"]
+    short = {"messages": [{"role": "user", "content": "Name a prime"}], "max_tokens": 50}
+    (answer,) = _answers("openai.gpt-oss-20b-1:0", [short])
+    assert "Reply to: Name a prime | " in answer["choices"][0]["message"]["content"]
+
+
+def test_a_structured_answer_quotes_the_prompt_in_free_strings_only():
+    # A quote in a string with rules of its own (maxLength, pattern, ...) could break them.
+    schema = {
+        "type": "object",
+        "properties": {
+            "reason": {"type": "string"},
+            "code": {"type": "string", "maxLength": 30},
+            "correct": {"type": "boolean"},
+        },
+        "required": ["reason", "code", "correct"],
+    }
+    body = {
+        "anthropic_version": "bedrock-2023-05-31",
+        "max_tokens": 300,
+        "system": "You grade answers.",
+        "messages": [{"role": "user", "content": [{"type": "text", "text": LONG}]}],
+        "tools": [{"name": "record", "description": "d", "input_schema": schema}],
+        "tool_choice": {"type": "tool", "name": "record"},
+    }
+    (answer,) = _answers("anthropic.claude-3-haiku-20240307-v1:0", [body])
+    (call,) = answer["content"]
+    assert call["type"] == "tool_use"
+    given = call["input"]
+    assert given["reason"].endswith(f" re: {QUOTED}")
+    assert given["code"].startswith("emulated code ") and " re: " not in given["code"]
+    assert len(given["code"]) <= 30 and isinstance(given["correct"], bool)
