@@ -22,6 +22,8 @@ from typing import TypeVar
 import httpx
 import polars as pl
 
+from emulator.responders import quote
+from prompt_templates import get_template
 from tasks.pipeline.columns import ERROR_CODE, RECORD_ID, RESPONSE_TEXT
 
 T = TypeVar("T")
@@ -115,19 +117,41 @@ def peak_in_flight(spans: list[tuple[datetime, datetime]]) -> int:
     return peak
 
 
-def assert_answers_match_rows(frame: pl.DataFrame, rows: int) -> None:
-    """Every row once, answered, and the answer to its own prompt.
+def prompts_of(frame: pl.DataFrame, prompt_id: str) -> pl.Series:
+    """Each row's user prompt, the template's text filled by Python's own ``str.format``."""
+    text = get_template(prompt_id).text
+    return pl.Series([text.format(**row) for row in frame.iter_rows(named=True)])
 
-    The emulator's reply quotes the first 40 characters of the prompt's first text, so the
-    rows' ``source`` must start the prompt and be shorter (the question_answering template).
+
+def assert_each_answer_quotes_its_prompt(
+    answers: pl.Series, prompts: pl.Series, before: str = "Reply to: ", after: str = " | "
+) -> None:
+    """Each answer quotes the prompt of its own row, as the emulator quotes one.
+
+    A text reply reads ``Reply to: <quote> | ...``; a structured answer's free strings end
+    ``re: <quote>`` (``after=""``). The quotes must differ row to row, so that an answer
+    that landed on another row cannot pass.
     """
+    assert answers.len() == prompts.len()
+    quotes = prompts.to_frame("prompt").select(quote(pl.col("prompt"))).to_series()
+    assert quotes.n_unique() == quotes.len(), "the prompts' quotes do not tell the rows apart"
+    expected = before + quotes + after
+    found = (
+        answers.str.ends_with(expected)
+        if not after
+        else answers.str.contains(expected, literal=True)
+    )
+    wrong = pl.DataFrame({"answer": answers, "expected": expected}).filter(~found.fill_null(False))
+    assert wrong.is_empty(), wrong.head(3).rows()
+
+
+def assert_answers_match_rows(frame: pl.DataFrame, rows: int) -> None:
+    """Every row once, answered, and the answer to its own prompt (question_answering)."""
     assert frame.height == rows
     assert frame[RECORD_ID].n_unique() == rows
     assert frame[ERROR_CODE].null_count() == rows
-    quoted = frame.select(
-        pl.col(RESPONSE_TEXT).str.contains("Reply to: " + pl.col("source"), literal=True)
-    )
-    assert quoted.to_series().all(), frame.select("source", RESPONSE_TEXT).head(3)
+    prompts = prompts_of(frame.select("source"), "question_answering")
+    assert_each_answer_quotes_its_prompt(frame[RESPONSE_TEXT], prompts)
 
 
 def _free_port() -> int:

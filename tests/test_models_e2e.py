@@ -66,6 +66,10 @@ def test_text_model_dry_run_and_batch_run_parse_every_row(
     assert summary["counts"] == {"records": ROWS, "succeeded": ROWS, "failed": 0, "unparseable": 0}
     assert out[ERROR_CODE].null_count() == ROWS
     assert out[RESPONSE_TEXT].str.starts_with("[emulated").all()
+    # Each row's answer is to its own prompt: the emulator's reply quotes the prompt's end
+    # (the system prompt, and Llama's or Mistral's chat markup, left out).
+    own_end = pl.concat_str(pl.lit(" "), pl.col("topic"), pl.lit(". Reply with the joke only. | "))
+    assert out.select(pl.col(RESPONSE_TEXT).str.contains(own_end, literal=True).all()).item()
     # Mistral's responses carry no token counts; every other family reports them.
     assert summary["tokens"]["input"] > 0 or model_id.startswith("mistral.")
 

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import polars as pl
 import pytest
+from helpers import assert_each_answer_quotes_its_prompt, prompts_of
 from prefect.settings import PREFECT_API_URL
 
 from data.make_samples import simplecot
@@ -52,6 +53,23 @@ def _source(tmp_path: Path) -> Path:
     return path
 
 
+def _assert_each_answer_is_its_rows(joined: pl.DataFrame) -> None:
+    """Every row once, and each stage's answer on it the answer to the prompt its values make.
+
+    Stage 2's prompt holds stage 1's answer, so a stage-1 answer on the wrong row, or a
+    grade joined to another row, fails here.
+    """
+    assert joined["pipeline_row_id"].n_unique() == joined.height == ROWS
+    answered = joined.filter(pl.col("answer_error_code").is_null())
+    assert answered.height > 0
+    prompts = prompts_of(answered, "answer_with_rationale")
+    assert_each_answer_quotes_its_prompt(answered["answer_response_text"], prompts)
+    graded = joined.filter(pl.col("grade_skipped").is_null() & pl.col("grade_error_code").is_null())
+    assert graded.height > 0
+    prompts = prompts_of(graded, "grade_answer")
+    assert_each_answer_quotes_its_prompt(graded["grade_reason"], prompts, before=" re: ", after="")
+
+
 def test_pipeline_filters_across_shards_and_repairs_invalid_answers(stack, tmp_path):
     # A fifth of the first grading jobs' answers break the schema; retry jobs answer cleanly.
     stack.set_faults(schema_error_rate=0.2, schema_error_job_names_containing="-a1")
@@ -66,7 +84,7 @@ def test_pipeline_filters_across_shards_and_repairs_invalid_answers(stack, tmp_p
     summary = batch_pipeline(params)
 
     out = pl.read_parquet(tmp_path / "out" / "pipe-repair" / "output" / "*.parquet")
-    assert out.height == ROWS and out["pipeline_row_id"].n_unique() == ROWS
+    _assert_each_answer_is_its_rows(out)
     grade = summary["stages"][1]
     assert grade["rows_kept"] == KEPT == grade["counts"]["records"]
     grade_input = pl.read_parquet(
@@ -148,7 +166,7 @@ def test_pipeline_rerun_after_sigkill_in_stage_two_pays_no_job_twice(stack, tmp_
     assert "accuracy (grade_correct)" in finished.stdout
     pipeline = out / "pipe-kill"
     joined = pl.read_parquet(pipeline / "output" / "*.parquet")
-    assert joined.height == ROWS and joined["pipeline_row_id"].n_unique() == ROWS
+    _assert_each_answer_is_its_rows(joined)
     jobs = [j["jobName"].split("-", 1)[1] for j in stack.ledger(name_contains="pipe-kill--")]
     assert len(jobs) == len(set(jobs))  # one job per shard attempt, never two
     assert sorted(j for j in jobs if "grade" in j) == [
@@ -181,7 +199,7 @@ def test_a_plain_rerun_after_a_restart_crashed_finishes_the_restart(stack, tmp_p
 
     pipeline = out / "pipe-restart"
     joined = pl.read_parquet(pipeline / "output" / "*.parquet")
-    assert joined.height == ROWS and joined["pipeline_row_id"].n_unique() == ROWS
+    _assert_each_answer_is_its_rows(joined)
     # The joined output carries the restarted run's answers, not the first run's.
     grade = pl.read_parquet(pipeline / "stages" / "grade" / "pipe-restart--grade" / "output")
     restarted_jobs = set(grade["job_id"].drop_nulls())
@@ -221,6 +239,7 @@ def test_restart_from_a_changed_stage_keeps_the_answers_before_it(stack, tmp_pat
     summary = batch_pipeline(changed.model_copy(update={"restart_from": "grade"}))
 
     after = pl.read_parquet(tmp_path / "out" / "pipe-from" / "output" / "*.parquet")
+    _assert_each_answer_is_its_rows(after)
     assert stack.ledger(name_contains="pipe-from--answer") == answer_jobs  # not paid again
     answers = ["pipeline_row_id", "answer_response_text", "answer_job_id"]
     assert after.select(answers).equals(before.select(answers))
@@ -262,7 +281,7 @@ def test_small_stage_is_served_on_demand_and_an_empty_one_is_not_run(stack, tmp_
     summary = batch_pipeline(params.model_copy(update={"max_cost_usd": needed}))
 
     out = pl.read_parquet(tmp_path / "out" / "pipe-small" / "output" / "*.parquet")
-    assert out.height == ROWS and out["pipeline_row_id"].n_unique() == ROWS
+    _assert_each_answer_is_its_rows(out)
     sevens = out["source"].str.contains(r"^Q\d*7:")
     graded = out.filter(sevens)
     assert graded.height == ROWS // 10 == summary["stages"][1]["counts"]["records"]
@@ -343,7 +362,7 @@ def test_a_ceiling_stops_before_the_stage_it_cannot_pay_and_a_higher_one_goes_on
     summary = batch_pipeline(params)
 
     joined = pl.read_parquet(out / "pipe-ceiling" / "output" / "*.parquet")
-    assert joined.height == ROWS and joined["pipeline_row_id"].n_unique() == ROWS
+    _assert_each_answer_is_its_rows(joined)
     assert summary["max_cost_usd"] == needed
     assert 0 < summary["cost_usd"] <= needed
     assert summary["cost_usd"] == pytest.approx(sum(s["cost_usd"] for s in summary["stages"]))
@@ -383,7 +402,7 @@ def test_a_stage_that_held_rows_back_stops_the_pipeline_until_a_higher_ceiling(s
     summary = batch_pipeline(params.model_copy(update={"max_cost_usd": 1.0}))
 
     joined = pl.read_parquet(out / "pipe-held" / "output" / "*.parquet")
-    assert joined.height == ROWS and joined["pipeline_row_id"].n_unique() == ROWS
+    _assert_each_answer_is_its_rows(joined)
     answer, grade = summary["stages"]
     assert answer["counts"]["succeeded"] > 0
     assert grade["counts"]["records"] == answer["counts"]["succeeded"]
