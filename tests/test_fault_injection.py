@@ -7,9 +7,10 @@ from collections import Counter
 import boto3
 import polars as pl
 import pytest
+from helpers import assert_each_answer_quotes_its_prompt, prompts_of
 
 from flows.batch_inference import batch_inference
-from tasks.pipeline.columns import ATTEMPTS, ERROR_CODE, RECORD_ID
+from tasks.pipeline.columns import ATTEMPTS, ERROR_CODE, RECORD_ID, RESPONSE_TEXT
 from tasks.run.params import BatchParams
 
 # Real subprocesses, SIGKILLs or a fault matrix: `pytest -m "not slow"` skips them.
@@ -52,6 +53,8 @@ def test_batch_inference_under_fault_is_complete_and_pays_once(stack, tmp_path, 
     assert out[RECORD_ID].n_unique() == ROWS
     # Every fault here is transient: retries serve every record.
     assert out[ERROR_CODE].null_count() == ROWS, out[ERROR_CODE].value_counts()
+    # ... each with the answer to its own prompt, whichever attempt or path served it.
+    assert_each_answer_quotes_its_prompt(out[RESPONSE_TEXT], prompts_of(out, "joke_about_topic"))
     jobs = stack.ledger(name_contains=run_name)
     assert max(Counter(job["jobName"] for job in jobs).values()) == 1
     first_attempts = [job for job in jobs if job["jobName"].endswith("-a1")]
