@@ -156,6 +156,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             quiet_tracebacks()
         interruptible()
         summary = batch_inference(params)
+        stop_temporary_server()
         _show_output(summary)
     return 0
 
@@ -262,6 +263,10 @@ def interruptible() -> None:
     _temporary_server_apart()
 
 
+# The temporary Prefect server this process started, if any (`stop_temporary_server`).
+_STARTED: list = []
+
+
 def _temporary_server_apart() -> None:
     """Without PREFECT_API_URL, start Prefect's temporary server out of Ctrl-C's reach.
 
@@ -299,6 +304,26 @@ def _temporary_server_apart() -> None:
         temporary.start()
     finally:
         server.subprocess = subprocess
+    _STARTED.append(temporary)
+
+
+def stop_temporary_server() -> None:
+    """Stop the temporary Prefect server this process started, once its run has ended.
+
+    Prefect stops it on exit, and its "Stopping temporary server" line then came after the
+    run's report or its `error:` line, which must be the last thing a user reads. Logs and
+    events still queued are sent first, so the early stop loses none; Prefect's own stop on
+    exit then does nothing more.
+    """
+    if not _STARTED:
+        return
+    from prefect.events.worker import EventsWorker
+    from prefect.logging.handlers import APILogWorker
+
+    for worker in (APILogWorker, EventsWorker):
+        worker.drain_all(timeout=5)
+    while _STARTED:
+        _STARTED.pop().stop()
 
 
 def _parent_death_signal() -> Callable[[], None] | None:
@@ -732,6 +757,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         if debug:
             traceback.print_exc()
+        stop_temporary_server()
         # Whatever was written is whole (parts and state are written atomically).
         print(
             f"error: interrupted; {_resume_hint(args)}",
@@ -744,6 +770,7 @@ def main(argv: list[str] | None = None) -> int:
             raise
         if debug:
             traceback.print_exc()
+        stop_temporary_server()
         print(f"error: {message}", file=sys.stderr)
         return 2
 

@@ -50,7 +50,12 @@ def show_summary(summary: dict) -> None:
 
 def run_pipeline(args: argparse.Namespace) -> int:
     """Build the parameters, run the pipeline flow, print its summary."""
-    from flows.cli import interruptible, quiet_tracebacks, start_local_stack
+    from flows.cli import (
+        interruptible,
+        quiet_tracebacks,
+        start_local_stack,
+        stop_temporary_server,
+    )
 
     with ExitStack() as stack:
         if args.local_stack:
@@ -75,5 +80,7 @@ def run_pipeline(args: argparse.Namespace) -> int:
         }
         params = PipelineParams(**{k: v for k, v in fields.items() if v is not None})
         interruptible()
-        show_summary(batch_pipeline(params))
+        summary = batch_pipeline(params)
+        stop_temporary_server()
+        show_summary(summary)
     return 0

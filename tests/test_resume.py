@@ -253,6 +253,10 @@ def test_ctrl_c_with_the_temporary_prefect_server_ends_the_run_in_seconds(stack,
     assert code == 130, stderr[-8000:]
     assert left_after < 30, left_after
     assert "Connection refused" not in stderr
+    # The error line is the last a user reads: Prefect's "Stopping temporary server" line,
+    # which it logs on exit, came after it.
+    assert "Stopping temporary server" in stderr
+    assert stderr.strip().splitlines()[-1].startswith("error: interrupted; "), stderr[-2000:]
     assert [j["status"] for j in jobs] == ["InProgress"] * 2
 
 
