@@ -18,7 +18,7 @@ from tasks.aws import storage
 from tasks.bedrock.prices import ceil_usd, format_usd
 from tasks.errors import CostCeilingError
 from tasks.pipeline import stages as S
-from tasks.run.cost import run_price
+from tasks.run.cost import CEILING_SOURCE, run_price
 from tasks.run.params import BatchParams
 
 # A stage's ceiling when the stages before it spent the pipeline's: no job fits under it, but
@@ -362,12 +362,21 @@ def batch_pipeline(params: PipelineParams) -> dict[str, Any]:
         stage_params = _stage_params(params, stages, stage, index, ceiling)
         run_stage = batch_inference.with_options(flow_run_name=stage_params.run_name)
         later = [s.name for s in stages[index + 1 :]]
+        source = (
+            f"what pipeline {params.run_name}'s max_cost_usd={params.max_cost_usd} leaves for "
+            f"stage {stage.name}"
+            if ceiling is not None
+            else None
+        )
+        token = CEILING_SOURCE.set(source)
         try:
             summary = run_stage(stage_params)
         except CostCeilingError as refused:
             if params.max_cost_usd is None:
                 raise
             raise over_ceiling(params.max_cost_usd, stage.name, reports, refused, later) from None
+        finally:
+            CEILING_SOURCE.reset(token)
         held_back(params.max_cost_usd, stage.name, summary, later)
         reports.append(S.stage_report(stage, summary, extra))
         logger.info("Stage %s: %s", stage.name, summary.get("counts"))

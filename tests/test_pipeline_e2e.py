@@ -347,6 +347,13 @@ def test_a_ceiling_stops_before_the_stage_it_cannot_pay_and_a_higher_one_goes_on
     said = refused.stderr.strip().splitlines()[-1]
     assert said.startswith("error: Stage grade may cost up to $"), said
     assert "the pipeline's max_cost_usd=0.03 leaves after the stages before it (answer $" in said
+    # The stage's own refusal, logged by Prefect above it (and shown on the stage's flow run
+    # in the UI), named the stage's figure as the one to raise the ceiling to: a user who
+    # took it was refused again. The figure to set is the pipeline's alone.
+    stage_said = "what pipeline pipe-ceiling's max_cost_usd=0.03 leaves for stage grade"
+    assert stage_said in refused.stderr and said.startswith("error: ")
+    figures = set(re.findall(r"Raise max_cost_usd to at least ([0-9.]+)", refused.stderr))
+    assert figures == {re.search(r"at least ([0-9.]+),", said)[1]}
     answered = stack.ledger(name_contains="pipe-ceiling--answer")
     assert len(answered) == 3
     assert stack.ledger(name_contains="pipe-ceiling--grade") == []

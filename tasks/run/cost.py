@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import threading
+from contextvars import ContextVar
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -33,6 +34,10 @@ ESTIMATE_FILE = "estimate.json"
 COST_CEILING_REACHED = "CostCeilingReached"
 # The price an estimate of a run under a batch job's minimum is at (`_price_basis`).
 ON_DEMAND_BASIS = "the on-demand price"
+# Where a run's max_cost_usd came from, when a pipeline runs it as a stage under what its own
+# ceiling leaves (flows.pipeline). A refusal then says so and leaves the figure to raise to
+# the pipeline's refusal: the run's own figure is not the one the user sets.
+CEILING_SOURCE: ContextVar[str | None] = ContextVar("ceiling_source", default=None)
 
 
 def save_estimate(plan: RunPlan, out_dir: Path, layout: RunLayout, kms_key_id: str | None) -> None:
@@ -131,12 +136,18 @@ def preflight_cost(
         if high > ceiling:
             max_tokens = plan.options.get("max_tokens")
             low = format_usd(estimate.cost_low)
+            source = CEILING_SOURCE.get()
+            over = f"max_cost_usd={ceiling}" + (f", {source}" if source else "")
+            advice = (
+                "The pipeline's refusal names the max_cost_usd it needs."
+                if source
+                else f"Raise max_cost_usd to at least {ceil_usd(high)}, lower max_tokens "
+                f"(now {max_tokens}) or send fewer records."
+            )
             msg = (
                 f"The estimated cost of run {layout.run_name} is {low} – {format_usd(high)} at "
                 f"{basis} ({estimate.input_tokens:,} input tokens, up to "
-                f"{estimate.output_max:,} output tokens), over max_cost_usd={ceiling}; {sent}. "
-                f"Raise max_cost_usd to at least {ceil_usd(high)}, lower max_tokens "
-                f"(now {max_tokens}) or send fewer records."
+                f"{estimate.output_max:,} output tokens), over {over}; {sent}. {advice}"
             )
             raise CostCeilingError(msg, upper_bound_usd=high, **facts)
     return estimate
