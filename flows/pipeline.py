@@ -18,7 +18,7 @@ from tasks.aws import storage
 from tasks.bedrock.prices import ceil_usd, format_usd
 from tasks.errors import CostCeilingError
 from tasks.pipeline import stages as S
-from tasks.run.cost import CEILING_SOURCE, run_price
+from tasks.run.cost import CEILING_SOURCE, ceiling_to_send_held, run_price
 from tasks.run.params import BatchParams
 
 # A stage's ceiling when the stages before it spent the pipeline's: no job fits under it, but
@@ -189,12 +189,18 @@ def _names(stages: list[str]) -> str:
     return f"stage{'s' * (len(stages) > 1)} {', '.join(stages)}"
 
 
-def held_back(ceiling: float | None, stage: str, summary: dict[str, Any], later: list[str]) -> None:
+def held_back(
+    ceiling: float | None,
+    stage: str,
+    summary: dict[str, Any],
+    later: list[str],
+    reports: list[dict[str, Any]],
+) -> None:
     """Stop the pipeline after a stage whose run held rows back at the ceiling.
 
     The stages after it (``later``) read its every answer: run on part of them, they would
     need running again (and paying again) once the held rows are answered; the joined output
-    of a last stage would lack them.
+    of a last stage would lack them. ``reports``: the stages before it.
     """
     cost = summary.get("cost") or {}
     rows = cost.get("held_back_rows") or 0
@@ -206,10 +212,14 @@ def held_back(ceiling: float | None, stage: str, summary: dict[str, Any], later:
         if later
         else "the pipeline's output was not joined, as it would lack them"
     )
+    spent = _spent(reports)
+    needed = None if spent is None else ceiling_to_send_held(cost, spent)
+    rest = f" for stage {stage} ({_names(later)} priced when reached)" if later else ""
+    raise_to = f"Raise max_cost_usd to at least {needed}{rest}" if needed else "Raise max_cost_usd"
     msg = (
         f"Stage {stage} held back {rows:,} rows at the pipeline's max_cost_usd={ceiling} "
-        f"(it cost {format_usd(cost.get('total_usd'))}); {stopped}. Raise max_cost_usd and run "
-        "the same pipeline again: the held rows are sent and the pipeline goes on; nothing "
+        f"(it cost {format_usd(cost.get('total_usd'))}); {stopped}. {raise_to} and run the "
+        "same pipeline again: the held rows are sent and the pipeline goes on; nothing "
         "answered is paid again."
     )
     raise CostCeilingError(msg)
@@ -363,7 +373,7 @@ def batch_pipeline(params: PipelineParams) -> dict[str, Any]:
         run_stage = batch_inference.with_options(flow_run_name=stage_params.run_name)
         later = [s.name for s in stages[index + 1 :]]
         source = (
-            f"what pipeline {params.run_name}'s max_cost_usd={params.max_cost_usd} leaves for "
+            f"that pipeline {params.run_name}'s max_cost_usd={params.max_cost_usd} leaves for "
             f"stage {stage.name}"
             if ceiling is not None
             else None
@@ -377,7 +387,7 @@ def batch_pipeline(params: PipelineParams) -> dict[str, Any]:
             raise over_ceiling(params.max_cost_usd, stage.name, reports, refused, later) from None
         finally:
             CEILING_SOURCE.reset(token)
-        held_back(params.max_cost_usd, stage.name, summary, later)
+        held_back(params.max_cost_usd, stage.name, summary, later, reports)
         reports.append(S.stage_report(stage, summary, extra))
         logger.info("Stage %s: %s", stage.name, summary.get("counts"))
 

@@ -7,6 +7,7 @@ import pytest
 from data.make_samples import simplecot
 from flows.pipeline import PipelineParams, batch_pipeline
 from pipelines import NOVA_LITE, Stage
+from tasks.bedrock.prices import ceil_usd
 from tasks.errors import CostCeilingError, PlanError, TemplateError, UnknownModelError
 from tasks.pipeline.stages import check_stages
 
@@ -209,13 +210,34 @@ def test_a_stage_that_held_rows_back_stops_the_pipeline():
     # paid) again once the held rows are answered.
     from flows.pipeline import held_back
 
-    held_back(0.05, "answer", {"cost": {"held_back_rows": 0, "total_usd": 0.01}}, ["grade"])
-    held_back(None, "answer", {"not_run": True}, ["grade"])
-    summary = {"cost": {"held_back_rows": 1200, "total_usd": 0.049}}
+    held_back(0.05, "answer", {"cost": {"held_back_rows": 0, "total_usd": 0.01}}, ["grade"], [])
+    held_back(None, "answer", {"not_run": True}, ["grade"], [])
+    cost = {"held_back_rows": 1200, "total_usd": 0.049, "max_cost_usd": 0.05}
+    summary = {"cost": {**cost, "held_back_usd": 0.0213}}
     with pytest.raises(CostCeilingError, match="Stage answer held back 1,200 rows at") as held:
-        held_back(0.05, "answer", summary, ["grade"])
+        held_back(0.05, "answer", summary, ["grade"], [])
     assert "stage grade after it was not run, as it reads its every answer" in str(held.value)
-    # The last stage: no stage after it, but the joined output would lack the held rows.
+    # What it cost plus the most the held rows may cost: the ceiling that sends them.
+    assert "Raise max_cost_usd to at least 0.0703 for stage answer (stage grade" in str(held.value)
+    # The last stage: no stage after it, but the joined output would lack the held rows; the
+    # stages before it count in the figure.
     with pytest.raises(CostCeilingError, match="the pipeline's output was not joined") as last:
-        held_back(0.05, "grade", summary, [])
+        held_back(0.06, "grade", summary, [], [{"stage": "answer", "cost_usd": 0.01}])
     assert "after it" not in str(last.value)
+    needed = ceil_usd(0.01 + 0.049 + 0.0213)  # 0.0804: the float sum is just over 0.0803
+    assert f"Raise max_cost_usd to at least {needed} and run" in str(last.value)
+    # A bound unknown (an old run's summary): no figure rather than a wrong one.
+    with pytest.raises(CostCeilingError, match=r"answer\. Raise max_cost_usd and run the same"):
+        held_back(0.05, "answer", {"cost": cost}, ["grade"], [])
+
+
+def test_the_ceiling_that_sends_held_rows_is_over_the_one_that_held_them():
+    # A re-run sends held rows only under a higher ceiling than the one that held them, even
+    # when what they may cost would fit under it (the run reserved more while it ran).
+    from tasks.run.cost import ceiling_to_send_held
+
+    cost = {"held_back_usd": 0.001, "total_usd": 0.002, "max_cost_usd": 0.025}
+    assert ceiling_to_send_held(cost) == "0.0251"
+    assert ceiling_to_send_held({**cost, "max_cost_usd": 0.02512345}) == "0.0252"
+    assert ceiling_to_send_held({**cost, "held_back_usd": 0.03}) == "0.0320"
+    assert ceiling_to_send_held({**cost, "held_back_usd": None}) is None

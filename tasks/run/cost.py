@@ -32,6 +32,7 @@ if TYPE_CHECKING:
 
 ESTIMATE_FILE = "estimate.json"
 COST_CEILING_REACHED = "CostCeilingReached"
+HELD_BACK_USD = "held_back_usd"  # the most the rows a ceiling held back may cost to send
 # The price an estimate of a run under a batch job's minimum is at (`_price_basis`).
 ON_DEMAND_BASIS = "the on-demand price"
 # Where a run's max_cost_usd came from, when a pipeline runs it as a stage under what its own
@@ -137,7 +138,7 @@ def preflight_cost(
             max_tokens = plan.options.get("max_tokens")
             low = format_usd(estimate.cost_low)
             source = CEILING_SOURCE.get()
-            over = f"max_cost_usd={ceiling}" + (f", {source}" if source else "")
+            over = f"the {format_usd(ceiling)} {source}" if source else f"max_cost_usd={ceiling}"
             advice = (
                 "The pipeline's refusal names the max_cost_usd it needs."
                 if source
@@ -216,7 +217,9 @@ class CostGuard:
         crash), a job that may have been created just before it (its slot held, no ARN saved)
         and on-demand tails (answers may be kept). Without this, the retries of a resumed run
         were admitted as if nothing had been spent. Those that may not have started are
-        decided again by their `admit`.
+        decided again by their `admit`. Attempts a forgotten merge priced (`paid_usd`: held
+        rows sent now, a lost part) count at that price: their upper bounds asked a ceiling
+        far over what was spent to send the held rows.
         """
         for name, shard in state.shards.items():
             if shard.part_uri:
@@ -225,7 +228,11 @@ class CostGuard:
                 actual = shard_actual(shard.part_uri, self.price, superseded, job_tokens)
                 self.settle(name, actual)
                 continue
-            for attempt in shard.attempts:
+            paid = shard.paid_attempts if shard.paid_usd is not None else 0
+            if paid:
+                with self._lock:
+                    self._reserved[name] = self._reserved.get(name, 0.0) + shard.paid_usd
+            for attempt in shard.attempts[paid:]:
                 on_demand = attempt.served_by == C.SERVED_ON_DEMAND
                 created = attempt.job_arn is not None and not on_demand
                 maybe = attempt.status != COST_CEILING_REACHED and (
@@ -426,6 +433,8 @@ def cost_summary(ctx: Any, results: list[Any], usage: pl.DataFrame) -> dict[str,
     actual = price_usage(usage, price)
     guard = ctx.cost_guard
     held = {r.shard: r.held_back for r in results if r.held_back}
+    bounds = [r.held_back_usd for r in results if r.held_back]
+    held_usd = None if None in bounds else sum(bounds)
     return {
         "currency": "USD",
         "batch_usd": actual["batch_usd"],
@@ -436,6 +445,7 @@ def cost_summary(ctx: Any, results: list[Any], usage: pl.DataFrame) -> dict[str,
         "max_cost_usd": guard.ceiling if guard else None,
         "held_back_rows": sum(held.values()),
         "held_back_shards": sorted(held),
+        HELD_BACK_USD: held_usd,
         "price": {k: getattr(price, k) for k in ("source", "read")} if price else None,
         "jobs": actual["jobs"],
         "parts": {Path(k).name: v for k, v in actual["parts"].items()},
@@ -455,4 +465,29 @@ def cost_markdown(cost: dict[str, Any]) -> str:
             f"; max_cost_usd={cost['max_cost_usd']} held back {cost['held_back_rows']:,} rows of "
             f"{len(cost['held_back_shards'])} shards (error code {COST_CEILING_REACHED})"
         )
+        needed = ceiling_to_send_held(cost)
+        if needed is not None and CEILING_SOURCE.get() is None:  # a stage's: the pipeline's
+            line += f": the same run with max_cost_usd={needed} sends them"
     return line
+
+
+def ceiling_to_send_held(cost: dict[str, Any], spent_before: float = 0.0) -> str | None:
+    """The least max_cost_usd a re-run needs to send what the ceiling held back.
+
+    The re-run's guard counts what the run cost (its shards priced by their merges, see
+    `CostGuard.resume`) plus the upper bound of each held attempt, and only a ceiling over
+    the one that held them sends them (`lifecycle._send_what_was_held`). ``spent_before``:
+    what a pipeline's stages before this one cost. None when a price or a bound is unknown.
+    """
+    held, total, old = cost.get(HELD_BACK_USD), cost.get("total_usd"), cost.get("max_cost_usd")
+    if held is None or total is None or old is None:
+        return None
+    needed = spent_before + total + held
+    above = spent_before + old
+    if needed > above:
+        return ceil_usd(needed)
+    figure = ceil_usd(above)
+    if float(figure) <= above:  # the old ceiling itself: one unit of the figure's last digit
+        unit = 10 ** -len(figure.partition(".")[2])
+        figure = ceil_usd(float(figure) + unit)
+    return figure

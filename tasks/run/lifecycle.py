@@ -27,6 +27,7 @@ from tasks.pipeline.plan import RunPlan
 from tasks.pipeline.preprocess import preprocess_params
 from tasks.pipeline.summary import check_output, summary_artifacts
 from tasks.run import gate
+from tasks.run.artifacts import COST_USD
 from tasks.run.cost import COST_CEILING_REACHED, save_estimate
 from tasks.run.failpoints import failpoint
 from tasks.run.identity import (
@@ -265,6 +266,10 @@ def _merge_again(store: RunStateStore, shards: list[ShardState]) -> None:
     no longer listed as merged, so not found again).
     """
     for shard in shards:
+        if shard.merge_stats is not None:  # not forgotten already (a lost part, then held)
+            # Its attempts that ended (all but a held one) cost what the merge said.
+            shard.paid_usd = shard.merge_stats.get(COST_USD)
+            shard.paid_attempts = sum(a.status != COST_CEILING_REACHED for a in shard.attempts)
         shard.part_uri, shard.merge_stats = None, None
         store.save(shard.name)
     if shards and store.state.finished_at:

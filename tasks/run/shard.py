@@ -9,6 +9,7 @@ minimum, else through bedrock-runtime on demand.
 from __future__ import annotations
 
 import logging
+import math
 import threading
 from contextlib import ExitStack
 from dataclasses import dataclass, field
@@ -47,7 +48,7 @@ from tasks.pipeline.structured import OutputSchema
 from tasks.pipeline.tokens import JOB_TOKENS, JobTokens
 from tasks.run import gate
 from tasks.run.artifacts import COST_USD, JobBoard
-from tasks.run.cost import COST_CEILING_REACHED, price_usage, token_usage
+from tasks.run.cost import COST_CEILING_REACHED, HELD_BACK_USD, price_usage, token_usage
 from tasks.run.failpoints import failpoint
 from tasks.run.layout import JSONL, OUT_SUFFIX, RunLayout, input_file
 from tasks.run.owner import RunClaim
@@ -151,6 +152,7 @@ class ShardResult:
     submitted_at: str | None
     ended_at: str | None
     held_back: int = 0  # records the cost ceiling kept from being sent
+    held_back_usd: float | None = None  # the most sending them may cost (None: unknown)
 
 
 def _request(ctx: RunContext, shard: ShardPlan, attempt: JobAttempt) -> JobRequest:
@@ -743,7 +745,7 @@ def run_shard(ctx: RunContext, shard: ShardPlan) -> ShardResult:
             ctx, shard, state, shard.input_file, shard.records, how
         )
         settled: Settled | None = None  # the rows with their outcomes so far
-        held = 0
+        held, held_usd = 0, 0.0
         # A shard's parsed outputs are in memory from their reading to the part's write, a few
         # shards at a time; a shard whose retry job runs (maybe for hours) holds none and reads
         # the outputs again after. They are parsed once a reading, for the retry decision and
@@ -755,6 +757,9 @@ def run_shard(ctx: RunContext, shard: ShardPlan) -> ShardResult:
                     turn.take()
                     settled = _settle(ctx, shard, state.attempts[:-1], kept_back)
                     held = attempt.records
+                    on_demand = attempt.served_by == C.SERVED_ON_DEMAND
+                    bound = ctx.cost_guard.upper_bound(shard.name, held, on_demand)
+                    held_usd = bound if math.isfinite(bound) else None
                     break
                 if attempt.served_by == C.SERVED_ON_DEMAND:
                     if not attempt.is_final:
@@ -786,8 +791,10 @@ def run_shard(ctx: RunContext, shard: ShardPlan) -> ShardResult:
                 state.merge_stats[COST_USD] = price_usage(usage, price)["total_usd"]
             del settled  # let go of it with the turn
         state.merge_stats["held_back"] = held
+        state.merge_stats[HELD_BACK_USD] = held_usd
         state.merge_stats[SUPERSEDED] = superseded
         state.part_uri = ctx.part_uri(shard)
+        state.paid_usd, state.paid_attempts = None, 0  # the merge has priced every attempt
         ctx.store.save(shard.name)
         if ctx.cost_guard is not None:
             ctx.cost_guard.settle(shard.name, state.merge_stats.get(COST_USD))
@@ -815,4 +822,5 @@ def run_shard(ctx: RunContext, shard: ShardPlan) -> ShardResult:
         submitted_at=first.submitted_at,
         ended_at=last.ended_at,
         held_back=(state.merge_stats or {}).get("held_back", 0),
+        held_back_usd=(state.merge_stats or {}).get(HELD_BACK_USD),
     )

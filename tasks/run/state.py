@@ -68,6 +68,11 @@ class ShardState:
     attempts: list[JobAttempt] = field(default_factory=list)
     part_uri: str | None = None
     merge_stats: dict[str, Any] | None = None
+    # A merge forgotten to be done again (held rows sent, a lost part): what its first
+    # `paid_attempts` attempts cost by that merge, so a re-run's cost guard counts them at it,
+    # not at their upper bound. None when the price was unknown.
+    paid_usd: float | None = None
+    paid_attempts: int = 0
 
     @property
     def current(self) -> JobAttempt | None:
@@ -159,6 +164,8 @@ def _shard_from_dict(name: str, shard: dict[str, Any]) -> ShardState:
         attempts=[JobAttempt(**a) for a in shard["attempts"]],
         part_uri=shard.get("part_uri"),
         merge_stats=shard.get("merge_stats"),
+        paid_usd=shard.get("paid_usd"),
+        paid_attempts=shard.get("paid_attempts", 0),
     )
 
 
