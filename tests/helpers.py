@@ -117,6 +117,22 @@ def peak_in_flight(spans: list[tuple[datetime, datetime]]) -> int:
     return peak
 
 
+def job_output_lines(stack, run_name: str) -> dict[str, dict]:
+    """recordId -> the output line (modelInput echoed, modelOutput) the run's jobs wrote."""
+    s3 = stack.client("s3")
+    lines = {}
+    for job in stack.ledger(name_contains=run_name):
+        bucket, prefix = job["outputUri"].removeprefix("s3://").split("/", 1)
+        base = f"{prefix.rstrip('/')}/{job['jobId']}/"
+        for obj in s3.list_objects_v2(Bucket=bucket, Prefix=base).get("Contents", []):
+            if obj["Key"].endswith(".jsonl.out"):
+                body = s3.get_object(Bucket=bucket, Key=obj["Key"])["Body"].read().decode()
+                for line in body.splitlines():
+                    record = json.loads(line)
+                    lines[record["recordId"]] = record
+    return lines
+
+
 def prompts_of(frame: pl.DataFrame, prompt_id: str) -> pl.Series:
     """Each row's user prompt, the template's text filled by Python's own ``str.format``."""
     text = get_template(prompt_id).text

@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import json
-
 import polars as pl
 import pytest
+from helpers import job_output_lines
 
 from flows.batch_inference import batch_inference
 from tasks.bedrock.families import family_for
@@ -22,22 +21,6 @@ def _source(tmp_path) -> str:
         path
     )
     return str(path)
-
-
-def _job_outputs(stack, run_name: str) -> dict[str, dict]:
-    """recordId -> modelOutput of every line the emulator wrote for the run's jobs."""
-    s3 = stack.client("s3")
-    answers = {}
-    for job in stack.ledger(name_contains=run_name):
-        bucket, prefix = job["outputUri"].removeprefix("s3://").split("/", 1)
-        base = f"{prefix.rstrip('/')}/{job['jobId']}/"
-        for obj in s3.list_objects_v2(Bucket=bucket, Prefix=base).get("Contents", []):
-            if obj["Key"].endswith(".jsonl.out"):
-                body = s3.get_object(Bucket=bucket, Key=obj["Key"])["Body"].read().decode()
-                for line in body.splitlines():
-                    record = json.loads(line)
-                    answers[record["recordId"]] = record["modelOutput"]
-    return answers
 
 
 def _run(tmp_path, model_id: str, run_name: str, types: list[str]) -> pl.DataFrame:
@@ -58,9 +41,11 @@ def test_cohere_int8_and_ubinary_land_in_integer_columns_as_the_job_wrote_them(s
     assert out.schema["embedding_int8"] == pl.List(pl.Int8)
     assert out.schema["embedding_ubinary"] == pl.List(pl.UInt8)
     assert EMBEDDING not in out.columns  # floats were not asked for
-    written = _job_outputs(stack, "types-cohere")
+    written = job_output_lines(stack, "types-cohere")
     for row in out.iter_rows(named=True):
-        embeddings = written[row[RECORD_ID]]["embeddings"]
+        line = written[row[RECORD_ID]]
+        assert line["modelInput"]["texts"] == [row["input_text"]]  # the row's own text
+        embeddings = line["modelOutput"]["embeddings"]
         assert row["embedding_int8"] == embeddings["int8"][0]
         assert row["embedding_ubinary"] == embeddings["ubinary"][0]
     assert out[ERROR_CODE].null_count() == ROWS
@@ -71,9 +56,11 @@ def test_titan_float_and_binary_land_in_their_columns_as_the_job_wrote_them(stac
 
     assert out.schema[EMBEDDING] == pl.List(pl.Float32)
     assert out.schema["embedding_binary"] == pl.List(pl.UInt8)
-    written = _job_outputs(stack, "types-titan")
+    written = job_output_lines(stack, "types-titan")
     for row in out.iter_rows(named=True):
-        by_type = written[row[RECORD_ID]]["embeddingsByType"]
+        line = written[row[RECORD_ID]]
+        assert line["modelInput"]["inputText"] == row["input_text"]  # the row's own text
+        by_type = line["modelOutput"]["embeddingsByType"]
         assert row["embedding_binary"] == by_type["binary"]
         assert row[EMBEDDING] == pytest.approx(by_type["float"], rel=1e-6)
 

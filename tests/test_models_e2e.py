@@ -7,9 +7,10 @@ from pathlib import Path
 
 import polars as pl
 import pytest
+from helpers import job_output_lines
 
 from flows.batch_inference import batch_inference
-from tasks.pipeline.columns import EMBEDDING, ERROR_CODE, RESPONSE_TEXT
+from tasks.pipeline.columns import EMBEDDING, ERROR_CODE, RECORD_ID, RESPONSE_TEXT
 from tasks.run.lifecycle import preprocess_params
 from tasks.run.params import BatchParams
 
@@ -94,6 +95,14 @@ def test_embedding_model_dry_run_and_batch_run_parse_every_row(
     out = pl.read_parquet(summary["parts"])
     assert summary["counts"]["succeeded"] == ROWS and summary["counts"]["unparseable"] == 0
     assert out[EMBEDDING].list.len().unique().to_list() == [dims]
+    # Each row's vector is the one its own text was given (Bedrock echoes the request body).
+    written = job_output_lines(stack, _name(model_id))
+    for row in out.iter_rows(named=True):
+        line = written[row[RECORD_ID]]
+        body, answer = line["modelInput"], line["modelOutput"]
+        assert body.get("inputText", (body.get("texts") or [None])[0]) == row["input_text"]
+        vector = answer.get("embedding") or answer["embeddings"]["float"][0]
+        assert row[EMBEDDING] == pytest.approx(vector, rel=1e-6)
 
 
 def test_cohere_v4_run_with_dimensions_writes_vectors_of_that_length(stack, tmp_path):
