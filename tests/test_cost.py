@@ -565,6 +565,27 @@ def test_a_finished_run_rerun_with_a_higher_ceiling_sends_only_what_it_held_back
     assert again == summary and len(stack.ledger("held-raised")) == 4
 
 
+def test_a_lost_part_does_not_keep_a_higher_ceiling_from_sending_what_was_held(stack, tmp_path):
+    # Another shard's part deleted: merging it again forgot the run's end, and the re-run no
+    # longer saw a finished run to send the held rows of, so the figure it named held them again.
+    from tasks.run.layout import layout_for
+
+    fields, _, high = _held_retry(stack, tmp_path, "lost-beside-held")
+    first = batch_inference(BatchParams(**fields, max_cost_usd=round(high * 1.01, 8)))
+    said = re.search(r"max_cost_usd=([0-9.]+) sends them", cost_markdown(first["cost"]))
+    assert said
+    Path(layout_for(fields["output_uri"], "lost-beside-held").part_uri(0)).unlink()
+
+    summary = batch_inference(BatchParams(**fields, max_cost_usd=float(said[1])))
+
+    assert summary["cost"]["held_back_rows"] == 0 and summary["counts"]["succeeded"] == 300
+    assert summary["cost"]["total_usd"] <= float(said[1])
+    assert _job_names(stack, "lost-beside-held") == [
+        "shard-00000-a1", "shard-00001-a1", "shard-00001-a2", "shard-00002-a1"
+    ]  # fmt: skip
+    assert pl.read_parquet(summary["parts"]).height == 300
+
+
 class _Killed(Exception):
     """Stands for the SIGKILL of a failpoint, in process: nothing after it is written."""
 

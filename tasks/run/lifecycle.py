@@ -178,11 +178,15 @@ def resolve_run(params: BatchParams, flow_run_id: Any = None) -> ResolvedRun:
                 "not paid again)",
                 where,
             )
+        # Read before a lost part is forgotten, which forgets the run's end too: the rows it
+        # held back are still sent under a higher ceiling (the figure it named says so).
+        ended = store.state.finished_at is not None and storage.exists(layout.summary_uri)
         _forget_missing_parts(store, layout, logger)
         finished = None
-        if store.state.finished_at and storage.exists(layout.summary_uri):
+        if ended:
             finished = json.loads(storage.read_bytes(layout.summary_uri))
-            if _send_what_was_held(store, finished, params.max_cost_usd, logger):
+            sent = _send_what_was_held(store, finished, params.max_cost_usd, logger)
+            if sent or not store.state.finished_at:
                 finished = None
     except BaseException:
         claim.release()
