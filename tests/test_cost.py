@@ -521,6 +521,30 @@ def test_a_resumed_run_counts_the_tail_and_the_job_a_crash_may_have_left_paid(tm
     assert guard.admit("s6", 60, on_demand=False)  # s3's 0.12 reserved became 0.05 spent
 
 
+def test_held_attempts_sent_again_keep_their_share_from_other_shards_retries():
+    # A re-run under the figure its run named (what it cost plus the held attempts' bounds)
+    # reserved a held attempt only when its shard's task started: with more held shards than
+    # task threads, the retry of a held attempt sent first took the share of one not started,
+    # which was held again under the figure that was to send it.
+    from tasks.run.cost import CostGuard, run_price
+    from tasks.run.state import JobAttempt, RunState, ShardState
+
+    def forgotten(n: int) -> ShardState:
+        attempts = [
+            JobAttempt(1, f"run-shard-{n}-a1", f"t{n}", records=100, job_arn=f"a{n}"),
+            JobAttempt(2, f"run-shard-{n}-a2", f"u{n}", records=100),
+        ]
+        attempts[0].status, attempts[1].status = "Failed", COST_CEILING_REACHED
+        return ShardState(f"s{n}", attempts, paid_usd=0.0, paid_attempts=1)
+
+    state = RunState("run", shards={"s1": forgotten(1), "s2": forgotten(2)})
+    guard = CostGuard(0.20, _PerRecord(0.001), run_price(CLAUDE))  # both held jobs, $0.10 each
+    guard.resume(state)
+    assert guard.admit("s1", 100, on_demand=False, attempt=2)
+    assert not guard.admit("s1", 10, on_demand=False, attempt=3)  # s2's share is not free
+    assert guard.admit("s2", 100, on_demand=False, attempt=2)
+
+
 def _held_retry(stack, tmp_path: Path, run_name: str) -> tuple[dict, Any, float]:
     """A finished run of three shards whose shard 1 retry (its first job failed, all 100
     records again) was held back by max_cost_usd; its fields, plan and estimated upper bound."""

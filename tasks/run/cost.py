@@ -217,9 +217,13 @@ class CostGuard:
         crash), a job that may have been created just before it (its slot held, no ARN saved)
         and on-demand tails (answers may be kept). Without this, the retries of a resumed run
         were admitted as if nothing had been spent. Those that may not have started are
-        decided again by their `admit`. Attempts a forgotten merge priced (`paid_usd`: held
-        rows sent now, a lost part) count at that price: their upper bounds asked a ceiling
-        far over what was spent to send the held rows.
+        decided again by their `admit`, and so are held attempts whose shard's merge was
+        forgotten (a higher ceiling sends them): reserved from the start, the retries of the
+        held rows sent first cannot take the share of those whose shard has not started (more
+        shards than task threads), which the named figure (`ceiling_to_send_held`) counted.
+        Attempts a forgotten merge priced (`paid_usd`: held rows sent now, a lost part) count
+        at that price: their upper bounds asked a ceiling far over what was spent to send the
+        held rows.
         """
         for name, shard in state.shards.items():
             if shard.part_uri:
@@ -235,8 +239,10 @@ class CostGuard:
             for attempt in shard.attempts[paid:]:
                 on_demand = attempt.served_by == C.SERVED_ON_DEMAND
                 created = attempt.job_arn is not None and not on_demand
-                maybe = attempt.status != COST_CEILING_REACHED and (
-                    on_demand or (attempt.job_arn is None and attempt.lease_id is not None)
+                # Held, its shard not merged: sent again now if its admit fits.
+                held = attempt.status == COST_CEILING_REACHED
+                maybe = (
+                    held or on_demand or (attempt.job_arn is None and attempt.lease_id is not None)
                 )
                 if not (created or maybe):
                     continue
