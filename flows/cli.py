@@ -150,6 +150,12 @@ def cmd_run(args: argparse.Namespace) -> int:
     with ExitStack() as stack:
         if args.local_stack:
             start_local_stack(stack, params.output_uri)
+            from tasks.run.layout import layout_for
+            from tasks.run.lifecycle import name_for_events
+
+            args.run_name = name_for_events(params)  # the default follows the inputs
+            args.output_uri = params.output_uri
+            refuse_runs_of_an_ended_stack(layout_for(params.output_uri, args.run_name).run_dir)
         from flows.batch_inference import batch_inference
 
         if not args.debug:
@@ -188,6 +194,32 @@ def start_local_stack(stack: ExitStack, output_uri: str | None = None) -> None:
         if bucket and bucket != local.bucket:
             local.client("s3").create_bucket(Bucket=bucket)
             print(f"Local stack: bucket s3://{bucket} created for --output-uri")
+
+
+def refuse_runs_of_an_ended_stack(folder: str) -> None:
+    """Refuse, before a new --local-stack starts, a run an earlier one left unfinished there.
+
+    The local stack lives as long as its command, and its Bedrock jobs and S3 files (the jobs'
+    input and output) end with it: the same command again failed on the run's first job with
+    ResourceNotFoundException (GetModelInvocationJob; with --restart, StopModelInvocationJob).
+    """
+    from tasks.aws import storage
+    from tasks.errors import RunSettingsError
+    from tasks.run.layout import IDENTITY_FILE
+    from tasks.run.state import RunStateStore
+
+    if storage.is_s3(folder) or not Path(folder).is_dir():
+        return  # an s3:// output lived in the stack's own S3, gone with it
+    for identity in sorted(Path(folder).glob(f"**/{IDENTITY_FILE}")):
+        run_dir = identity.parent
+        state = RunStateStore(str(run_dir), run_dir.name).state
+        if state.jobs_created and not state.finished_at:
+            msg = (
+                f"run {run_dir.name} in {run_dir} was interrupted on an earlier --local-stack, "
+                "whose jobs and files ended with its command: it cannot be resumed on a new "
+                f"one. Remove {folder} (or pass another --run-name) and run the command again."
+            )
+            raise RunSettingsError(msg)
 
 
 def cmd_pipeline_run(args: argparse.Namespace) -> int:
@@ -726,8 +758,26 @@ _RESUME_HINT = {
 }
 
 
+def _local_stack_folder(args: argparse.Namespace) -> str:
+    """The folder a --local-stack run or pipeline wrote, to remove before running it again."""
+    from tasks.aws import storage
+    from tasks.run.layout import expand_run_name
+
+    if not args.run_name:
+        return f"its folder in {args.output_uri}"
+    return storage.join(args.output_uri, expand_run_name(args.run_name))
+
+
 def _resume_hint(args: argparse.Namespace) -> str:
     """What to do after Ctrl-C; for a run, the whole `stop` command (it needs --output-uri)."""
+    if getattr(args, "local_stack", False):
+        ended = "the local stack ended with this command, and the run's jobs with it"
+        if "://" in (args.output_uri or ""):  # its files too: the same command starts over
+            return f"{ended}; the same command starts it over."
+        return (
+            f"{ended}: it cannot be resumed. Remove {_local_stack_folder(args)} (or pass "
+            "another --run-name) and run the command again."
+        )
     if args.command != "run":
         return _RESUME_HINT.get(args.command, _RESUME_DEFAULT)
     run_name = args.run_name or "<the run name the flow run is named after>"

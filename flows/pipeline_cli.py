@@ -53,10 +53,14 @@ def run_pipeline(args: argparse.Namespace) -> int:
     from flows.cli import (
         interruptible,
         quiet_tracebacks,
+        refuse_runs_of_an_ended_stack,
         start_local_stack,
         stop_temporary_server,
     )
+    from tasks.pipeline.stages import pipeline_dir
 
+    if args.local_stack:
+        refuse_runs_of_an_ended_stack(pipeline_dir(args.output_uri, args.run_name))
     with ExitStack() as stack:
         if args.local_stack:
             start_local_stack(stack, args.output_uri)

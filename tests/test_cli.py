@@ -578,3 +578,61 @@ def test_pipeline_summary_prints_costs_in_dollars_and_unknown_when_unpriced(caps
     assert "tokens 40,557/3,877; cost $0.0075" in printed
     assert "total tokens in/out: 81,114/7,754; cost $0.0075" in printed
     assert "None" not in printed and "0.00749" not in printed
+
+
+def _interrupted_on_a_local_stack(run_dir) -> None:
+    """The files a run interrupted on a --local-stack left: a job created, the run unfinished."""
+    from tasks.run.layout import IDENTITY_FILE
+    from tasks.run.state import JobAttempt, RunStateStore
+
+    run_dir.mkdir(parents=True)
+    (run_dir / IDENTITY_FILE).write_text("{}")
+    store = RunStateStore(str(run_dir), run_dir.name)
+    arn = "arn:aws:bedrock:us-east-1:123456789012:model-invocation-job/gone"
+    attempt = JobAttempt(1, f"k-{run_dir.name}-shard-00000-a1", "t", records=100, job_arn=arn)
+    store.shard("shard-00000").attempts.append(attempt)
+    store.save("shard-00000")
+
+
+@pytest.mark.parametrize("command", ["run", "pipeline"])
+def test_a_run_interrupted_on_an_earlier_local_stack_is_refused_naming_its_folder(
+    tmp_path, command
+):
+    # The local stack's jobs and S3 files end with its command: the same command again failed
+    # on the run's first job with ResourceNotFoundException, and --restart did too.
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "BEDROCK_BATCH_"))}
+    env["PREFECT_API_URL"] = PREFECT_API_URL.value()  # see the test above
+    out = tmp_path / "out"
+    source = tmp_path / "topics.csv"
+    pl.DataFrame({"topic": [f"t{i}" for i in range(100)]}).write_csv(source)
+    if command == "run":
+        _interrupted_on_a_local_stack(out / "jokes")
+        args = ["run", "--source", str(source), "--prompt-id", "joke_about_topic"]
+        folder = out / "jokes"
+    else:
+        _interrupted_on_a_local_stack(out / "jokes" / "stages" / "answer" / "jokes--answer")
+        args = ["pipeline", "run", "--pipeline-id", "answer_and_grade", "--source", str(source)]
+        folder = out / "jokes"
+
+    done = subprocess.run(
+        [sys.executable, "-m", "flows.cli", *args, "--output-uri", str(out),
+         "--run-name", "jokes", "--local-stack"],
+        capture_output=True, text=True, env=env, timeout=300, check=False,
+    )  # fmt: skip
+
+    assert done.returncode == 2, done.stderr[-2000:]
+    said = done.stderr.strip().splitlines()
+    assert len(said) == 1 and said[0].startswith("error: run jokes"), said
+    assert "was interrupted on an earlier --local-stack" in said[0]
+    assert f"Remove {folder} (or pass another --run-name)" in said[0]
+
+
+def test_ctrl_c_on_a_local_stack_does_not_say_resume():
+    from flows.cli import _resume_hint
+
+    args = argparse.Namespace(command="run", local_stack=True, output_uri="out", run_name="r")
+    assert "cannot be resumed. Remove out/r (or pass another --run-name)" in _resume_hint(args)
+    on_s3 = argparse.Namespace(**{**vars(args), "output_uri": "s3://b/runs"})
+    assert _resume_hint(on_s3).endswith("the same command starts it over.")
+    args.local_stack = False
+    assert "Run the same command again to resume" in _resume_hint(args)
