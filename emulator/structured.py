@@ -20,10 +20,11 @@ QUOTE = "_quote"  # the reply's quote of the user's prompt (responders.quote)
 WRONG_TYPE, MISSING_FIELD, TRUNCATED, PROSE = 1, 2, 3, 4
 
 _TOOL_SCHEMA = "$.tools[0].input_schema"
-_CONSTRAINED = {"maxLength", "minLength", "pattern", "format", "const"}
 _TOOL_CHOICE = "$.tool_choice.name"
 # The JSON-only instruction of tasks.pipeline.structured, as it reads inside the encoded body.
 _INSTRUCTION = r"matching this JSON schema: (\{.*?\})\\nDo not wrap it in prose"
+# String keywords a quote of the prompt could break (a free string quotes it).
+_CONSTRAINED = {"maxLength", "minLength", "pattern", "format", "const"}
 
 
 def _value(node: dict, name: str, h: pl.Expr, salt: int, wrong: bool) -> pl.Expr:

@@ -197,7 +197,7 @@ def start_local_stack(stack: ExitStack, output_uri: str | None = None) -> None:
 
 
 def refuse_runs_of_an_ended_stack(folder: str) -> None:
-    """Refuse, before a new --local-stack starts, a run an earlier one left unfinished there.
+    """Refuse, on a new --local-stack, a run in ``folder`` an earlier one left unfinished.
 
     The local stack lives as long as its command, and its Bedrock jobs and S3 files (the jobs'
     input and output) end with it: the same command again failed on the run's first job with
