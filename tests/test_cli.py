@@ -627,6 +627,28 @@ def test_a_run_interrupted_on_an_earlier_local_stack_is_refused_naming_its_folde
     assert f"Remove {folder} (or pass another --run-name)" in said[0]
 
 
+def test_a_finished_run_or_one_without_jobs_on_an_earlier_local_stack_is_not_refused(tmp_path):
+    # A finished run reports itself from its folder; one stopped before its first job has
+    # nothing on the old stack to lose.
+    from flows.cli import refuse_runs_of_an_ended_stack
+    from tasks.errors import RunSettingsError
+    from tasks.run.state import RunStateStore
+
+    _interrupted_on_a_local_stack(tmp_path / "done")
+    store = RunStateStore(str(tmp_path / "done"), "done")
+    store.state.finished_at = "2026-12-07T00:00:00+00:00"
+    store.save()
+    (tmp_path / "early").mkdir()
+    (tmp_path / "early" / "run.json").write_text("{}")
+
+    refuse_runs_of_an_ended_stack(str(tmp_path))
+    refuse_runs_of_an_ended_stack(str(tmp_path / "missing"))
+    store.state.finished_at = None
+    store.save()
+    with pytest.raises(RunSettingsError, match="run done in .* was interrupted on an earlier"):
+        refuse_runs_of_an_ended_stack(str(tmp_path))
+
+
 def test_ctrl_c_on_a_local_stack_does_not_say_resume():
     from flows.cli import _resume_hint
 
