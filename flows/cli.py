@@ -153,9 +153,13 @@ def cmd_run(args: argparse.Namespace) -> int:
             from tasks.run.layout import layout_for
             from tasks.run.lifecycle import name_for_events
 
-            args.run_name = name_for_events(params)  # the default follows the inputs
             args.output_uri = params.output_uri
-            refuse_runs_of_an_ended_stack(layout_for(params.output_uri, args.run_name).run_dir)
+            # The default name follows the inputs (a local source is hashed for it): named
+            # here only when an earlier stack left a run to refuse, not on every start.
+            if params.run_name or runs_of_an_ended_stack(params.output_uri, "*"):
+                args.run_name = name_for_events(params)
+                run_dir = layout_for(params.output_uri, args.run_name).run_dir
+                refuse_runs_of_an_ended_stack(run_dir)
         from flows.batch_inference import batch_inference
 
         if not args.debug:
@@ -196,6 +200,22 @@ def start_local_stack(stack: ExitStack, output_uri: str | None = None) -> None:
             print(f"Local stack: bucket s3://{bucket} created for --output-uri")
 
 
+def runs_of_an_ended_stack(folder: str, depth: str = "**") -> list[Path]:
+    """The runs in ``folder`` (``depth``: its glob) left unfinished with jobs on Bedrock."""
+    from tasks.aws import storage
+    from tasks.run.layout import IDENTITY_FILE
+    from tasks.run.state import RunStateStore
+
+    if storage.is_s3(folder) or not Path(folder).is_dir():
+        return []  # an s3:// output lived in the stack's own S3, gone with it
+    left = []
+    for identity in sorted(Path(folder).glob(f"{depth}/{IDENTITY_FILE}")):
+        state = RunStateStore(str(identity.parent), identity.parent.name).state
+        if state.jobs_created and not state.finished_at:
+            left.append(identity.parent)
+    return left
+
+
 def refuse_runs_of_an_ended_stack(folder: str) -> None:
     """Refuse, on a new --local-stack, a run in ``folder`` an earlier one left unfinished.
 
@@ -203,23 +223,15 @@ def refuse_runs_of_an_ended_stack(folder: str) -> None:
     input and output) end with it: the same command again failed on the run's first job with
     ResourceNotFoundException (GetModelInvocationJob; with --restart, StopModelInvocationJob).
     """
-    from tasks.aws import storage
     from tasks.errors import RunSettingsError
-    from tasks.run.layout import IDENTITY_FILE
-    from tasks.run.state import RunStateStore
 
-    if storage.is_s3(folder) or not Path(folder).is_dir():
-        return  # an s3:// output lived in the stack's own S3, gone with it
-    for identity in sorted(Path(folder).glob(f"**/{IDENTITY_FILE}")):
-        run_dir = identity.parent
-        state = RunStateStore(str(run_dir), run_dir.name).state
-        if state.jobs_created and not state.finished_at:
-            msg = (
-                f"run {run_dir.name} in {run_dir} was interrupted on an earlier --local-stack, "
-                "whose jobs and files ended with its command: it cannot be resumed on a new "
-                f"one. Remove {folder} (or pass another --run-name) and run the command again."
-            )
-            raise RunSettingsError(msg)
+    for run_dir in runs_of_an_ended_stack(folder)[:1]:
+        msg = (
+            f"run {run_dir.name} in {run_dir} was interrupted on an earlier --local-stack, "
+            "whose jobs and files ended with its command: it cannot be resumed on a new "
+            f"one. Remove {folder} (or pass another --run-name) and run the command again."
+        )
+        raise RunSettingsError(msg)
 
 
 def cmd_pipeline_run(args: argparse.Namespace) -> int:
@@ -764,7 +776,7 @@ def _local_stack_folder(args: argparse.Namespace) -> str:
     from tasks.run.layout import expand_run_name
 
     if not args.run_name:
-        return f"its folder in {args.output_uri}"
+        return f"its folder in {args.output_uri}, named as the flow run is,"
     return storage.join(args.output_uri, expand_run_name(args.run_name))
 
 

@@ -630,7 +630,7 @@ def test_a_run_interrupted_on_an_earlier_local_stack_is_refused_naming_its_folde
 def test_a_finished_run_or_one_without_jobs_on_an_earlier_local_stack_is_not_refused(tmp_path):
     # A finished run reports itself from its folder; one stopped before its first job has
     # nothing on the old stack to lose.
-    from flows.cli import refuse_runs_of_an_ended_stack
+    from flows.cli import refuse_runs_of_an_ended_stack, runs_of_an_ended_stack
     from tasks.errors import RunSettingsError
     from tasks.run.state import RunStateStore
 
@@ -647,6 +647,10 @@ def test_a_finished_run_or_one_without_jobs_on_an_earlier_local_stack_is_not_ref
     store.save()
     with pytest.raises(RunSettingsError, match="run done in .* was interrupted on an earlier"):
         refuse_runs_of_an_ended_stack(str(tmp_path))
+    # A run of the default name is named (its source hashed) only when one is left: the runs
+    # directly in the output folder, not a pipeline's stages deeper down.
+    assert runs_of_an_ended_stack(str(tmp_path), "*") == [tmp_path / "done"]
+    assert runs_of_an_ended_stack(str(tmp_path.parent), "*") == []
 
 
 def test_ctrl_c_on_a_local_stack_does_not_say_resume():
