@@ -170,12 +170,7 @@ def over_ceiling(
         if sent
         else f"nothing of stage {stage} was submitted"
     )
-    rest = (
-        f" for stage {stage} ({_names(later)} after it {'is' if len(later) == 1 else 'are'} "
-        "priced when reached)"
-        if later
-        else ""
-    )
+    rest = _priced_later(stage, later)
     msg = (
         f"Stage {stage} may cost up to {format_usd(high)}{price}, more than {after}; "
         f"{submitted}. Raise max_cost_usd to at least {ceil_usd(spent + high)}{rest}, lower the "
@@ -187,6 +182,14 @@ def over_ceiling(
 
 def _names(stages: list[str]) -> str:
     return f"stage{'s' * (len(stages) > 1)} {', '.join(stages)}"
+
+
+def _priced_later(stage: str, later: list[str] | None) -> str:
+    """What a stage's figure leaves out: the stages after it, priced only when reached."""
+    if not later:
+        return ""
+    verb = "is" if len(later) == 1 else "are"
+    return f" for stage {stage} ({_names(later)} after it {verb} priced when reached)"
 
 
 def held_back(
@@ -214,7 +217,7 @@ def held_back(
     )
     spent = _spent(reports)
     needed = None if spent is None else ceiling_to_send_held(cost, spent)
-    rest = f" for stage {stage} ({_names(later)} priced when reached)" if later else ""
+    rest = _priced_later(stage, later)
     raise_to = f"Raise max_cost_usd to at least {needed}{rest}" if needed else "Raise max_cost_usd"
     msg = (
         f"Stage {stage} held back {rows:,} rows at the pipeline's max_cost_usd={ceiling} "
